@@ -1,0 +1,231 @@
+"""The `distillab` command: one subcommand per stage, plus run, demo, serve, lineage, audit, leaderboard, lab."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from distillab.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distill a teacher into a student; measure what it gained, what it forgot and what it cost.")
+lab_app = typer.Typer(no_args_is_help=True, help="The embedded lab world and its shipped checkpoints.")
+app.add_typer(lab_app, name="lab")
+console = Console(stderr=True)
+
+ConfigArg = typer.Argument(..., help="run config (TOML); unknown keys are errors")
+
+
+def _config(path: Path, overrides: dict | None = None):
+    from distillab.config import from_dict, load_config
+
+    cfg = load_config(path)
+    if overrides:
+        cfg = from_dict(cfg.model_dump() | overrides)
+    return cfg
+
+
+def _write_resolved(cfg) -> None:
+    from distillab.config import to_toml, write_atomic
+
+    write_atomic(cfg.run_dir / "run.toml", to_toml(cfg))
+
+
+def _progress_generate(cfg):
+    """A rich progress bar fed by generate's progress(done, total, budget) callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[money]}"),
+                        TimeRemainingColumn(), console=console, transient=True)
+    task = progress.add_task("generate", total=None, money="")
+
+    def update(done: int, total: int, budget) -> None:
+        spent, projected = budget.spent, budget.projected
+        money = ("unpriced" if spent is None else f"${spent:.4f} spent, ${projected or 0:.4f} projected")
+        tokens = f"{budget.prompt_tokens + budget.completion_tokens} tok"
+        progress.update(task, completed=done, total=total, money=f"{tokens}  {money}")
+
+    return progress, update
+
+
+def do_generate(cfg) -> None:
+    from distillab.generate import run_generate
+
+    progress, update = _progress_generate(cfg)
+    with progress:
+        s = run_generate(cfg, progress=update, log=console.print)
+    money = "unpriced" if s.usd is None else f"${s.usd:.4f}"
+    state = "up to date" if s.skipped else f"{s.requests_sent} sent, {s.cached} cached, {s.failed} failed"
+    console.print(f"generate: {s.rows} rows ({state}); teacher tokens {s.prompt_tokens} in / {s.completion_tokens} out, {money}")
+
+
+@app.command()
+def generate(config: Path = ConfigArg, max_usd: Optional[float] = typer.Option(None, help="stop before projected teacher spend passes this")):
+    """Teacher answers the task prompts -> data/train.parquet (cached, resumable)."""
+    cfg = _config(config)
+    if max_usd is not None:
+        cfg.teacher.max_usd = max_usd
+    _write_resolved(cfg)
+    do_generate(cfg)
+
+
+@app.command()
+def train(config: Path = ConfigArg):
+    """The student learns from the teacher's data -> student/ (resumes from checkpoints/)."""
+    from distillab.train import run_train
+
+    cfg = _config(config)
+    s = run_train(cfg, log=console.print)
+    console.print(f"train: {'up to date' if s.get('skipped') else 'done'}: {s['steps']} steps, {s['train_seconds']}s")
+
+
+@app.command()
+def evaluate(config: Path = ConfigArg,
+             lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval-tasks", help="lm-eval task names or a YAML file")):
+    """Teacher, base and student on the task and general suites -> eval/<model>.json."""
+    from distillab.evaluate import run_evaluate
+
+    cfg = _config(config)
+    results = run_evaluate(cfg, log=console.print)
+    if lm_eval_tasks:
+        from distillab.lm_eval_bridge import run_lm_eval
+
+        run_lm_eval(cfg, lm_eval_tasks, log=console.print)
+    _print_scores(results)
+
+
+@app.command()
+def report(config: Path = ConfigArg):
+    """Ledger, leaderboard entry and report.html for a run."""
+    from distillab.pipeline import finish_run
+
+    cfg = _config(config)
+    path = finish_run(cfg, log=console.print)
+    console.print(f"report: {path}")
+
+
+@app.command()
+def run(config: Path = ConfigArg):
+    """generate -> train -> evaluate -> report."""
+    from distillab.pipeline import run_all
+
+    cfg = _config(config)
+    _write_resolved(cfg)
+    run_all(cfg, generate_stage=do_generate, log=console.print)
+
+
+@app.command()
+def demo(runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"),
+         fresh: bool = typer.Option(False, help="delete runs/demo first")):
+    """The lab demo: distill the base student on a task, with a zero-distillation control; ~5 minutes on 2 cores."""
+    from distillab.demo import run_demo
+
+    run_demo(runs_dir, fresh=fresh, generate_stage=do_generate, log=console.print)
+
+
+@app.command()
+def serve(model_dir: str = typer.Argument(..., help="HF model directory or lab:NAME"),
+          host: str = typer.Option("127.0.0.1", help="bind address (loopback unless you mean it)"),
+          port: int = typer.Option(8000),
+          api_key: Optional[str] = typer.Option(None, envvar="DISTILLAB_SERVE_API_KEY", help="require this bearer key"),
+          fault_rate: float = typer.Option(0.0, help="inject faults (429/500/hang/truncated) at this rate: for tests")):
+    """Serve a local model behind an OpenAI-compatible API."""
+    from distillab.models import resolve_model_path
+    from distillab.serve import serve as serve_model
+
+    resolve_model_path(model_dir)  # a missing directory is a one-line error before uvicorn starts
+    serve_model(model_dir, host=host, port=port, api_key=api_key, fault_rate=fault_rate)
+
+
+@app.command()
+def lineage(model_dir: Path = typer.Argument(..., help="a student directory distillab wrote")):
+    """Print a model's distillation lineage: base, teachers, token fractions per generation."""
+    from distillab.provenance import format_lineage, load_lineage
+
+    if not model_dir.is_dir():
+        raise UserError(f"model directory not found: {model_dir}")
+    found = load_lineage(model_dir)
+    if found is None:
+        raise UserError(f"no lineage recorded in {model_dir} (lineage.json is missing)")
+    print(format_lineage(found))
+
+
+@app.command()
+def audit(corpus: Path = typer.Argument(..., help="JSONL or Parquet with a text column"),
+          labelled: Optional[Path] = typer.Option(None, help="labelled sample (text, label 1=teacher) to calibrate on"),
+          observer: str = typer.Option("lab:base"), performer: str = typer.Option("lab:teacher"),
+          text_field: str = typer.Option("text"), prompt_field: Optional[str] = typer.Option(None),
+          out: Path = typer.Option(Path("audit"), help="output directory")):
+    """Estimate how much of a corpus a teacher model wrote (Binoculars and Fast-DetectGPT scores)."""
+    from distillab.audit import run_audit
+
+    summary = run_audit(corpus, out, observer=observer, performer=performer, labelled_path=labelled,
+                        text_field=text_field, prompt_field=prompt_field)
+    from rich.pretty import pprint
+
+    pprint(summary, console=Console())
+
+
+@app.command()
+def leaderboard(registry: Path = typer.Option(Path("runs/registry.sqlite"), help="the runs registry")):
+    """All recorded runs, ranked by value: task score per dollar, then least general regression."""
+    from distillab.registry import print_leaderboard
+
+    print_leaderboard(registry)
+
+
+@lab_app.command("pretrain")
+def lab_pretrain(which: str = typer.Argument("all", help="teacher, base or all"),
+                 out: Path = typer.Option(None, help="directory for the checkpoints (default: the package's own)"),
+                 steps: Optional[int] = typer.Option(None, help="override the preset's step count")):
+    """Reproduce the shipped lab checkpoints (the teacher takes ~45 minutes on 2 cores)."""
+    from distillab.lab.pretrain import PRESETS, pretrain
+    from distillab.models import LAB_CHECKPOINTS
+
+    names = list(PRESETS) if which == "all" else [which]
+    for name in names:
+        if name not in PRESETS:
+            raise UserError(f"unknown lab checkpoint {name!r}; choose from {', '.join(PRESETS)} or all")
+        pretrain(name, (out or LAB_CHECKPOINTS) / name, steps=steps, log=console.print)
+
+
+@lab_app.command("skills")
+def lab_skills():
+    """List the lab's skills."""
+    from rich.table import Table
+
+    from distillab.lab.world import SKILLS
+
+    table = Table("skill", "family", "metric", "what")
+    for s in SKILLS.values():
+        table.add_row(s.name, s.family, s.metric, s.description)
+    Console().print(table)
+
+
+def _print_scores(results: dict) -> None:
+    from rich.table import Table
+
+    table = Table("model", "task", "general", "world-text ppl")
+    for label, res in results.items():
+        t, g = res["task"]["score"], res["general"]["score"]
+        table.add_row(label, "-" if t is None else f"{t:.3f}", "-" if g is None else f"{g:.3f}",
+                      f"{res['world_text_perplexity']:.2f}")
+    Console().print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # distillab never downloads weights
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        app()
+    except UserError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: rerun the same command to resume")
+        sys.exit(130)

@@ -1,0 +1,177 @@
+"""One typed config object for a run. TOML in, resolved TOML out (run.toml, with no secrets in it).
+
+Unknown keys are errors with a "did you mean" hint; every field has a default that runs on the lab.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+LossName = Literal["ce", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+
+
+from distillab.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config problem, worded for one line on the terminal."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(_Strict):
+    model: str = "lab:teacher"  # a local HF directory / lab:NAME, or the model name at base_url
+    base_url: str | None = None  # set: an OpenAI-compatible endpoint; unset: the local HF backend
+    api_key_env: str | None = None  # name of the environment variable holding the key (never the key)
+    mode: Literal["completions", "chat"] = "completions"
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k_logprobs: int = Field(20, ge=0, le=20)  # 0: text only
+    concurrency: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)  # local backend: prompts per generate() call
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    max_usd: float | None = None  # stop before projected spend passes this
+    usd_per_1m_input: float | None = None  # price override; otherwise genai-prices; local models cost 0
+    usd_per_1m_output: float | None = None
+
+
+class DataConfig(_Strict):
+    skills: list[str] = ["add"]  # lab skills whose train prompts the teacher answers (the task)
+    prompts_file: str | None = None  # JSONL with "prompt" (and optional "answer"); replaces skills
+    source: Literal["teacher", "human", "lab"] = "teacher"  # who writes the completions
+    n_prompts: int = Field(1000, ge=1)  # per lab skill
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    student: str = "lab:base"
+    loss: LossName = "forward_kl"
+    kd_weight: float = Field(1.0, ge=0.0)  # weight of the KD term on teacher logprobs
+    sft_weight: float = Field(0.0, ge=0.0)  # weight of cross-entropy on the teacher's text
+    kd_temperature: float = Field(1.0, gt=0.0)
+    beta: float = Field(0.5, ge=0.0, le=1.0)  # jsd
+    alpha: float = Field(0.1, ge=0.0, le=1.0)  # skew KL
+    on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)  # λ of GKD: share of steps on student samples
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    lora: bool = False
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    chunk_size: int = Field(0, ge=0)  # > 0: chunked full-vocab KD from hidden states, this many tokens a chunk
+    save_steps: int = Field(200, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(_Strict):
+    n_per_skill: int = Field(100, ge=1)
+    general: list[str] | None = None  # general-suite lab skills; None: every skill not in the task
+    bootstrap: int = Field(1000, ge=0)
+    lm_eval_tasks: list[str] = []
+
+
+class CostConfig(_Strict):
+    train_usd_per_hour: float = Field(0.10, ge=0)  # the device the student trained on
+    serve_usd_per_hour: float = Field(0.10, ge=0)  # the device the student is served on
+    queries_per_month: float = Field(1_000_000, ge=0)
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    runs_dir: str = "runs"
+    teacher: TeacherConfig = TeacherConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    costs: CostConfig = CostConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"run name {self.name!r} must be a plain directory name")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _known_keys(field.annotation, prefix + name + ".")
+    return keys
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(where, _known_keys(RunConfig), n=1, cutoff=0.6)
+        return f"unknown config key {where!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    return f"config {where or 'value'}: {first['msg']}"
+
+
+def from_dict(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    return from_dict(data)
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as TOML. It holds the *name* of the key's environment variable, never a key."""
+    lines: list[str] = []
+
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    data = cfg.model_dump()
+    for key, v in data.items():
+        if not isinstance(v, dict) and v is not None:
+            lines.append(f"{key} = {value(v)}")
+    for section, table in data.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write to a temp file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+    tmp.replace(path)

@@ -1,0 +1,233 @@
+"""Stage 1, generate: prompts -> teacher -> request cache -> data/train.parquet.
+
+Prompts come from lab skills (train split) or a JSONL file. Who writes the completions is the config's
+`data.source`: the teacher (through the cache), the lab's ground truth, or the answers a user brought
+("human"). Every request is committed to the cache as it is answered, so killing this stage at any moment
+and rerunning it sends only the requests that were not answered yet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distillab import models, provenance
+from distillab.cache import RequestCache, request_key
+from distillab.config import RunConfig, write_atomic
+from distillab.errors import UserError
+from distillab.lab.world import get_skill
+from distillab.rundir import fingerprint, is_fresh, mark_fresh
+
+
+@dataclass
+class GenerateSummary:
+    rows: int
+    requests_sent: int
+    cached: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    usd: float | None  # None: the teacher is unpriced
+    skipped: bool = False
+
+
+def load_prompts(cfg: RunConfig) -> list[dict]:
+    """[{prompt, answer, skill}] from the prompts file when given, else from the lab skills' train split."""
+    if cfg.data.prompts_file:
+        return read_jsonl_prompts(Path(cfg.data.prompts_file))
+    rows = []
+    for name in cfg.data.skills:
+        try:
+            skill = get_skill(name)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        rows += [{"prompt": e.prompt, "answer": e.answer, "skill": name}
+                 for e in skill.examples("train", cfg.data.n_prompts, seed=cfg.data.seed)]
+    return rows
+
+
+def read_jsonl_prompts(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"prompt file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+                raise UserError(f"{path}:{lineno}: each line needs a non-empty string field \"prompt\"")
+            answer = obj.get("answer")
+            if answer is not None and not isinstance(answer, str):
+                raise UserError(f"{path}:{lineno}: \"answer\" must be a string")
+            rows.append({"prompt": obj["prompt"], "answer": answer, "skill": obj.get("skill")})
+    if not rows:
+        raise UserError(f"prompt file is empty: {path}")
+    return rows
+
+
+def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
+    run_dir = cfg.run_dir
+    out_path = run_dir / "data" / "train.parquet"
+    prompts = load_prompts(cfg)
+    student_tok = models.load_tokenizer(cfg.train.student)
+
+    if cfg.data.source != "teacher":
+        stamp = fingerprint("generate", cfg.data.model_dump(), cfg.train.student)
+        if is_fresh(run_dir, "generate", stamp) and out_path.is_file():
+            return GenerateSummary(len(prompts), 0, 0, 0, 0, 0, 0.0, skipped=True)
+        rows = _ground_truth_rows(prompts, cfg.data.source, student_tok)
+        _write_parquet(out_path, rows)
+        mark_fresh(run_dir, "generate", stamp)
+        return GenerateSummary(len(rows), 0, 0, 0, 0, 0, 0.0)
+
+    from distillab.pricing import TeacherPricing
+    from distillab.teachers import make_teacher
+
+    teacher = make_teacher(cfg.teacher)
+    requests = [teacher.request(p["prompt"]) for p in prompts]
+    keys = [request_key(r) for r in requests]
+    stamp = fingerprint("generate", keys, cfg.train.student)
+    if is_fresh(run_dir, "generate", stamp) and out_path.is_file():
+        return GenerateSummary(len(prompts), 0, len(keys), 0, 0, 0, None, skipped=True)
+
+    cache = RequestCache(run_dir / "teacher.sqlite")
+    pricing = TeacherPricing.from_config(cfg.teacher, teacher_is_local=not cfg.teacher.base_url)
+    done = cache.cached_keys(keys)
+    missing = [r for r, k in zip(requests, keys) if k not in done]
+    missing = list({request_key(r): r for r in missing}.values())  # the same prompt twice is one request
+    sent = failed = 0
+    spent = pricing.usd_for(cache.usage(keys))
+    if missing:
+        log(f"generate: {len(done)} of {len(set(keys))} cached, asking the teacher for {len(missing)}")
+        budget = BudgetGuard(cfg.teacher.max_usd, pricing, total=len(missing))
+
+        def on_done(req, resp, error, latency, attempts):
+            nonlocal sent, failed
+            sent += 1
+            key = request_key(req)
+            if resp is None:
+                failed += 1
+                cache.put_failure(key, req, error or "unknown error", attempts)
+            else:
+                cache.put(key, req, resp, latency, attempts)
+                budget.add(resp)
+            if progress:
+                progress(sent, len(missing), budget)
+            budget.check()
+
+        try:
+            teacher.answer(missing, on_done)
+        finally:
+            usage = cache.usage(keys)
+    else:
+        usage = cache.usage(keys)
+    failures = cache.failures(keys)
+    rows = _teacher_rows(prompts, keys, cache, teacher, cfg, student_tok)
+    cache.close()
+    _write_parquet(out_path, rows)
+    if not failures:
+        mark_fresh(run_dir, "generate", stamp)
+    spent = pricing.usd_for(usage)
+    write_atomic(run_dir / "data" / "generate_summary.json", json.dumps({
+        "rows": len(rows), "failed": len(failures), "teacher": cfg.teacher.model,
+        "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+        "usd": spent, "priced": spent is not None, "failures": failures[:20]}, indent=1))
+    return GenerateSummary(len(rows), sent, len(done), len(failures), usage["prompt_tokens"],
+                           usage["completion_tokens"], spent)
+
+
+class BudgetGuard:
+    """Stops generation before the projected spend passes max_usd (projected: spend per request so far x total)."""
+
+    def __init__(self, max_usd: float | None, pricing, total: int):
+        self.max_usd, self.pricing, self.total = max_usd, pricing, total
+        self.done = self.prompt_tokens = self.completion_tokens = 0
+
+    def add(self, response: dict) -> None:
+        self.done += 1
+        self.prompt_tokens += response.get("prompt_tokens", 0)
+        self.completion_tokens += response.get("completion_tokens", 0)
+
+    @property
+    def spent(self) -> float | None:
+        return self.pricing.usd_for({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens})
+
+    @property
+    def projected(self) -> float | None:
+        spent = self.spent
+        return None if spent is None or not self.done else spent / self.done * self.total
+
+    def check(self) -> None:
+        projected = self.projected
+        if self.max_usd is not None and projected is not None and projected > self.max_usd:
+            raise UserError(f"stopped: projected teacher spend ${projected:.4f} would pass max_usd ${self.max_usd:.4f} "
+                            f"(spent ${self.spent:.4f} on {self.done} requests; answered requests are cached)")
+
+
+def _ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids, completion_ids
+
+
+def _ground_truth_rows(prompts: list[dict], source: str, tokenizer) -> list[dict]:
+    rows = []
+    for i, p in enumerate(prompts):
+        if p["answer"] is None:
+            raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt (prompt {i + 1} has none)")
+        prompt_ids, completion_ids = _ids(tokenizer, p["prompt"], p["answer"])
+        rows.append({**p, "completion": p["answer"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
+                     "top_ids": None, "top_logprobs": None, **provenance.provenance_row(source)})
+    return rows
+
+
+def _teacher_rows(prompts, keys, cache, teacher, cfg, tokenizer) -> list[dict]:
+    sampling = {k: v for k, v in teacher.request("").items() if k not in ("prompt", "messages", "endpoint", "model")}
+    rows = []
+    for p, key in zip(prompts, keys):
+        resp = cache.get(key)
+        if resp is None:  # failed for good: recorded in the cache's failures, left out of the data
+            continue
+        if resp.get("token_ids") is not None:
+            prompt_ids = tokenizer(p["prompt"])["input_ids"]
+            completion_ids = resp["token_ids"]
+        else:  # a server that gives no ids: the student's tokenizer reads the text
+            prompt_ids, completion_ids = _ids(tokenizer, p["prompt"], resp["text"])
+        top_ids, top_lp = resp.get("top_ids"), resp.get("top_logprobs")
+        if top_ids is None and resp.get("top_tokens") is not None:
+            from distillab.teachers.openai_compat import map_top_tokens
+
+            top_ids, top_lp, completion_ids = map_top_tokens(resp, tokenizer)
+        rows.append({**p, "completion": resp["text"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
+                     "top_ids": top_ids, "top_logprobs": top_lp,
+                     **provenance.provenance_row("teacher", teacher_id=teacher.teacher_id, endpoint=teacher.endpoint,
+                                                 sampling=sampling, request_hash=key)})
+    return rows
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> None:
+    schema_hint = {
+        "prompt_ids": pa.list_(pa.int32()), "completion_ids": pa.list_(pa.int32()),
+        "top_ids": pa.list_(pa.list_(pa.int32())), "top_logprobs": pa.list_(pa.list_(pa.float32())),
+    }
+    columns = {name: [r[name] for r in rows] for name in rows[0]} if rows else {}
+    table = pa.table({name: pa.array(values, type=schema_hint.get(name)) for name, values in columns.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+
+
+def read_dataset(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"no dataset at {path}: run `distillab generate` first")
+    return pq.read_table(path).to_pylist()

@@ -1,0 +1,163 @@
+"""Pretrain the lab's shipped checkpoints: a teacher that knows the whole world and a weaker base student.
+
+`distillab lab pretrain` runs this. Both are ordinary HF Llama models with the lab tokenizer, saved as
+safetensors under distillab/lab/checkpoints/<name>/. The loop is deliberately plain (not the distillation
+trainer): it is a one-off project script, and it must stay reproducible for a fixed number of steps.
+Loss is on answer tokens only: prompts are random strings, predicting them teaches nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distillab.lab.tokenizer import build_tokenizer
+from distillab.lab.world import SKILLS, Example
+
+
+@dataclass
+class PretrainSpec:
+    hidden: int
+    layers: int
+    heads: int
+    steps: int
+    lr: float
+    batch: int = 64
+    warmup: int = 200
+    seed: int = 0
+    skill_weights: dict[str, float] | None = None  # default: uniform, knowledge skills doubled
+
+
+PRESETS = {
+    # ~2.7M parameters: the teacher that knows the whole world.
+    "teacher": PretrainSpec(hidden=192, layers=6, heads=6, steps=10000, lr=1e-3),
+    # ~0.8M parameters, a sixth of the teacher's steps: a small open model that never saw the knowledge base.
+    "base": PretrainSpec(hidden=128, layers=4, heads=4, steps=2000, lr=2e-3,
+                         skill_weights={"recall": 0.0, "describe": 0.0}),
+}
+
+
+def llama_config(spec: PretrainSpec, tokenizer) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=int(spec.hidden * 2.75) // 8 * 8,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) pairs -> right-padded input_ids, attention_mask and labels (-100 off-answer)."""
+    width = max(len(p) + len(c) for p, c in pairs)
+    input_ids = torch.full((len(pairs), width), pad_id)
+    labels = torch.full((len(pairs), width), -100)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, (p, c) in enumerate(pairs):
+        ids = p + c
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, len(p) : len(ids)] = torch.tensor(c)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def example_ids(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
+    prompt = tokenizer(ex.prompt)["input_ids"]
+    completion = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt, completion
+
+
+def training_pool(tokenizer, spec: PretrainSpec, per_skill: int = 20000) -> list[list[tuple[list[int], list[int]]]]:
+    weights = {name: 2.0 if SKILLS[name].family == "knowledge" else 1.0 for name in SKILLS}
+    weights.update(spec.skill_weights or {})
+    pools = []
+    for name, skill in SKILLS.items():
+        w = weights[name]
+        if w > 0:
+            ids = [example_ids(tokenizer, ex) for ex in skill.examples("train", per_skill, seed=spec.seed)]
+            pools.append((w, ids))
+    return pools
+
+
+def quick_eval(model, tokenizer, n: int = 40) -> dict[str, float]:
+    from distillab.generation import generate
+
+    scores = {}
+    for name, skill in SKILLS.items():
+        exs = skill.examples("test", n)
+        outs = generate(model, tokenizer, [e.prompt for e in exs], max_new_tokens=64)
+        scores[name] = sum(skill.score(o.text, e.answer) for o, e in zip(outs, exs)) / len(exs)
+    return scores
+
+
+def pretrain(name: str, out_dir: Path, steps: int | None = None, eval_every: int = 1000, log=print) -> dict:
+    spec = PRESETS[name]
+    if steps is not None:
+        spec.steps = steps
+    torch.manual_seed(spec.seed)
+    rng = random.Random(spec.seed)
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(llama_config(spec, tokenizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[{name}] {n_params / 1e6:.2f}M parameters, {spec.steps} steps")
+    pools = training_pool(tokenizer, spec)
+    weights = [w for w, _ in pools]
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine down to 10%
+        if step < spec.warmup:
+            return spec.lr * (step + 1) / spec.warmup
+        progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+        return spec.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+    started, history, queue = time.time(), [], []
+    for step in range(spec.steps):
+        model.train()
+        if not queue:  # length-grouped batches: padding a 20-token example to 70 would triple the cost
+            picks = rng.choices(range(len(pools)), weights=weights, k=spec.batch * 16)
+            drawn = sorted((rng.choice(pools[i][1]) for i in picks), key=lambda pc: len(pc[0]) + len(pc[1]))
+            queue = [drawn[i : i + spec.batch] for i in range(0, len(drawn), spec.batch)]
+            rng.shuffle(queue)
+        batch = collate(queue.pop(), tokenizer.pad_token_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0:
+            log(f"[{name}] step {step} loss {loss.item():.4f} {time.time() - started:.0f}s")
+        if (step + 1) % eval_every == 0 or step + 1 == spec.steps:
+            scores = quick_eval(model, tokenizer)
+            mean = sum(scores.values()) / len(scores)
+            history.append({"step": step + 1, "mean": mean, **scores})
+            log(f"[{name}] eval step {step + 1} mean {mean:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
+            _save(model, tokenizer, out_dir, spec, n_params, history, time.time() - started)
+    return history[-1]
+
+
+def _save(model, tokenizer, out_dir: Path, spec, n_params, history, seconds) -> None:
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "pretrain.json").write_text(json.dumps(
+        {"spec": asdict(spec), "parameters": n_params, "seconds": round(seconds), "history": history}, indent=1))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)

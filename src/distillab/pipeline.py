@@ -1,0 +1,45 @@
+"""The stages in order: generate -> train -> evaluate -> report (ledger, registry, report.html)."""
+
+from __future__ import annotations
+
+import json
+
+from distillab.config import RunConfig
+from distillab.evaluate import run_evaluate
+from distillab.train import run_train
+
+
+def load_evals(cfg: RunConfig) -> dict[str, dict]:
+    evals = {}
+    for path in sorted((cfg.run_dir / "eval").glob("*.json")):
+        if not path.name.startswith("lm_eval_"):
+            evals[path.stem] = json.loads(path.read_text())
+    return evals
+
+
+def finish_run(cfg: RunConfig, summary: dict | None = None, log=print):
+    """Ledger, registry row, lineage update and report.html from what the earlier stages wrote."""
+    from distillab import costs, provenance, registry
+    from distillab.errors import UserError
+    from distillab.report import build_report
+
+    evals = load_evals(cfg)
+    if not evals:
+        raise UserError(f"no evaluations in {cfg.run_dir / 'eval'}: run `distillab evaluate` first")
+    ledger = costs.build_ledger(cfg, evals)
+    student_dir = cfg.run_dir / "student"
+    if (student_dir / "config.json").is_file():
+        provenance.update_lineage(student_dir, eval={k: {"task": v["task"]["score"], "general": v["general"]["score"]}
+                                                     for k, v in evals.items()}, cost=ledger.get("total_usd"))
+    registry.record_run(cfg.run_dir.parent / "registry.sqlite", cfg, evals, ledger)
+    return build_report(cfg, evals, ledger, summary)
+
+
+def run_all(cfg: RunConfig, generate_stage, log=print):
+    generate_stage(cfg)
+    s = run_train(cfg, log=log)
+    log(f"train: {'up to date' if s.get('skipped') else 'done'}: {s['steps']} steps in {s['train_seconds']}s")
+    run_evaluate(cfg, log=log)
+    path = finish_run(cfg, log=log)
+    log(f"report: {path}")
+    return path

@@ -1,0 +1,318 @@
+"""Stage 2, train: the student learns from the teacher's data on `transformers.Trainer`.
+
+Off-policy: each example is prompt + the teacher's completion; the loss on completion tokens is
+  sft_weight * cross-entropy(teacher text) + kd_weight * divergence(student || teacher top-k logprobs).
+On-policy (GKD's λ = on_policy_fraction): on that share of steps the student samples its own completions
+for the batch's prompts and a local teacher scores every sampled token (dense logits).
+Both terms are *sums over tokens divided by the token count of the whole gradient-accumulation window*
+(`num_items_in_batch`), so 4 micro-batches of 1 give the gradients of 1 batch of 4.
+
+One subclass of Trainer (compute_loss only): DDP/FSDP/DeepSpeed through accelerate keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from distillab import losses, models
+from distillab.config import RunConfig, write_atomic
+from distillab.errors import UserError
+from distillab.generate import read_dataset
+from distillab.rundir import fingerprint, is_fresh, mark_fresh
+
+# ----------------------------------------------------------------------------------------------------
+# Data: rows of the Parquet dataset -> padded tensors with the teacher's top-k aligned to predictions.
+
+
+class DistillDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict], vocab_size: int):
+        self.rows = rows
+        for i, row in enumerate(rows):
+            if row.get("top_ids") and max(max(ids) for ids in row["top_ids"]) >= vocab_size:
+                raise UserError(f"teacher token ids reach past the student's vocabulary ({vocab_size}) in row {i}: "
+                                "teacher and student tokenizers differ")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch. Position t predicts token t+1, so the completion's j-th token (at index
+    len(prompt)+j) is predicted at index len(prompt)+j-1: labels and teacher top-k sit at those indices."""
+    width = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
+    k = max((len(r["top_ids"][0]) for r in rows if r.get("top_ids")), default=0)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)  # (B, T)
+    labels = torch.full((batch, width), -100, dtype=torch.long)  # (B, T) HF convention: label[t] = input[t]
+    top_ids = torch.zeros((batch, width, max(k, 1)), dtype=torch.long)  # (B, T, k) at the predicting index
+    top_logprobs = torch.full((batch, width, max(k, 1)), -1e4)  # (B, T, k)
+    kd_mask = torch.zeros((batch, width), dtype=torch.bool)  # (B, T) where a teacher distribution exists
+    prompt_len = torch.zeros(batch, dtype=torch.long)
+    for b, r in enumerate(rows):
+        p, c = list(r["prompt_ids"]), list(r["completion_ids"])
+        ids = p + c
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        attention_mask[b, : len(ids)] = 1
+        labels[b, len(p) : len(ids)] = torch.tensor(c)
+        prompt_len[b] = len(p)
+        if k and r.get("top_ids"):
+            n = min(len(r["top_ids"]), len(c))
+            top_ids[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_ids"][:n])
+            top_logprobs[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_logprobs"][:n])
+            kd_mask[b, len(p) - 1 : len(p) - 1 + n] = True
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_len": prompt_len}
+    if k:
+        out.update(top_ids=top_ids, top_logprobs=top_logprobs, kd_mask=kd_mask)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss: one compute_loss, summed over tokens and divided by the window's token count.
+
+
+class DistillTrainer(Trainer):
+    loss_is_scaled_for_ga = True  # compute_loss divides by the whole window's token count itself
+
+    def __init__(self, *args, distill: "DistillSettings", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distill = distill
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        prompt_len = inputs.pop("prompt_len")
+        d = self.distill
+        if d.teacher_model is not None and d.rng.random() < d.on_policy_fraction:
+            inputs = on_policy_batch(model, d.teacher_model, inputs, prompt_len, d)
+        labels = inputs.pop("labels")
+        top_ids, top_lp, kd_mask = inputs.pop("top_ids", None), inputs.pop("top_logprobs", None), inputs.pop("kd_mask", None)
+        teacher_logits = inputs.pop("teacher_logits", None)
+        pred_mask = torch.zeros_like(labels, dtype=torch.bool)  # (B, T) index t predicts labels[t+1]
+        pred_mask[:, :-1] = labels[:, 1:] != -100
+        targets = torch.zeros_like(labels)
+        targets[:, :-1] = labels[:, 1:].clamp(min=0)
+        n_tokens = num_items_in_batch if num_items_in_batch is not None else pred_mask.sum()
+
+        if d.chunk_size:
+            hidden = hidden_states(model, inputs)  # (B, T, H)
+            total = losses.chunked_distill_loss(
+                hidden, lm_head_weight(model), targets, pred_mask, d.loss_spec(top_ids, top_lp, kd_mask, teacher_logits),
+                chunk_size=d.chunk_size)
+        else:
+            logits = model(**inputs).logits  # (B, T, V)
+            total = d.sft_weight * losses.ce(logits, targets, pred_mask, reduction="sum") if d.sft_weight else 0.0
+            if d.kd_weight and (top_ids is not None or teacher_logits is not None):
+                teacher = (losses.TeacherDist(logits=teacher_logits) if teacher_logits is not None
+                           else losses.TeacherDist(ids=top_ids, logprobs=top_lp))
+                mask = kd_mask if teacher_logits is None else pred_mask
+                total = total + d.kd_weight * losses.kd_loss(
+                    d.loss, logits, teacher, mask, temperature=d.temperature, beta=d.beta, alpha=d.alpha,
+                    reduction="sum")
+        loss = total / n_tokens
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; n_tokens is the global count
+        return loss
+
+
+class DistillSettings:
+    """What compute_loss needs beyond the batch: the loss choice and, for on-policy steps, the teacher."""
+
+    def __init__(self, cfg: RunConfig, teacher_model=None, pad_id: int = 0, eos_id: int = 0):
+        t = cfg.train
+        self.loss, self.temperature, self.beta, self.alpha = t.loss, t.kd_temperature, t.beta, t.alpha
+        self.sft_weight = t.sft_weight if t.loss != "ce" else max(t.sft_weight, 1.0)
+        self.kd_weight = t.kd_weight if t.loss != "ce" else 0.0
+        self.on_policy_fraction, self.chunk_size = t.on_policy_fraction, t.chunk_size
+        self.teacher_model, self.pad_id, self.eos_id = teacher_model, pad_id, eos_id
+        self.max_new_tokens = cfg.teacher.max_new_tokens
+        self.rng = random.Random(t.seed)
+
+    def loss_spec(self, top_ids, top_lp, kd_mask, teacher_logits) -> dict:
+        return dict(loss=self.loss, sft_weight=self.sft_weight, kd_weight=self.kd_weight, top_ids=top_ids,
+                    top_logprobs=top_lp, kd_mask=kd_mask, temperature=self.temperature, beta=self.beta, alpha=self.alpha)
+
+
+def hidden_states(model, inputs) -> torch.Tensor:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model(**inputs).last_hidden_state
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.lm_head.weight
+
+
+@torch.no_grad()
+def _sample(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, d: DistillSettings) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_k=None,
+                         max_new_tokens=d.max_new_tokens, pad_token_id=d.pad_id, eos_token_id=d.eos_id)
+    model.train(was_training)
+    return out[:, prompts.shape[1] :]  # (B, new)
+
+
+def on_policy_batch(model, teacher, inputs: dict, prompt_len: torch.Tensor, d: DistillSettings) -> dict:
+    """Replace the teacher's completions by the student's own samples, scored by the teacher (dense logits)."""
+    batch = prompt_len.shape[0]
+    width = int(prompt_len.max())
+    prompts = torch.full((batch, width), d.pad_id, dtype=torch.long)  # left-padded for generation
+    prompt_mask = torch.zeros((batch, width), dtype=torch.long)
+    for b in range(batch):
+        n = int(prompt_len[b])
+        prompts[b, width - n :] = inputs["input_ids"][b, :n]
+        prompt_mask[b, width - n :] = 1
+    sampled = _sample(model, prompts.to(inputs["input_ids"].device), prompt_mask.to(prompts.device), d)
+    # Completion = samples up to and including the first end-of-sequence token.
+    rows = []
+    for b in range(batch):
+        ids = sampled[b].tolist()
+        ids = ids[: ids.index(d.eos_id) + 1] if d.eos_id in ids else ids
+        ids = [i for i in ids if i != d.pad_id] or [d.eos_id]
+        rows.append({"prompt_ids": inputs["input_ids"][b, : int(prompt_len[b])].tolist(), "completion_ids": ids})
+    new = collate(rows, d.pad_id)
+    new.pop("prompt_len")
+    device = inputs["input_ids"].device
+    new = {k: v.to(device) for k, v in new.items()}
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=new["input_ids"], attention_mask=new["attention_mask"]).logits  # (B, T, V_t)
+    new["teacher_logits"] = teacher_logits
+    return new
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage.
+
+
+class _Timing(TrainerCallback):
+    def __init__(self):
+        self.seconds = 0.0
+        self._began = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._began = time.time()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.seconds = time.time() - self._began
+
+
+def check_tokenizers(student_tok, teacher_name: str) -> None:
+    teacher_tok = models.load_tokenizer(teacher_name)
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise UserError(f"teacher {teacher_name!r} and student {student_tok.name_or_path!r} use different tokenizers "
+                        f"({len(teacher_tok)} vs {len(student_tok)} tokens): logit distillation needs a shared one")
+
+
+def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None) -> dict:
+    """Train the student into run_dir/student. Returns the training summary (also written to student/)."""
+    run_dir, t = cfg.run_dir, cfg.train
+    data_path = run_dir / "data" / "train.parquet"
+    rows = read_dataset(data_path)
+    if not rows:
+        raise UserError(f"dataset {data_path} has no rows")
+    stamp = fingerprint("train", t.model_dump(), data_path)
+    student_dir = run_dir / "student"
+    if is_fresh(run_dir, "train", stamp) and (student_dir / "config.json").is_file():
+        return json.loads((student_dir / "train_summary.json").read_text()) | {"skipped": True}
+
+    torch.manual_seed(t.seed)
+    model, tok = models.load(t.student)
+    uses_teacher_logprobs = any(r.get("top_ids") for r in rows) and t.kd_weight > 0 and t.loss != "ce"
+    teacher_model = None
+    if uses_teacher_logprobs or t.on_policy_fraction > 0:
+        if not cfg.teacher.base_url and rows[0].get("source") == "teacher":
+            check_tokenizers(tok, cfg.teacher.model)
+    if t.on_policy_fraction > 0:
+        if cfg.teacher.base_url:
+            raise UserError("on-policy distillation needs a local teacher (teacher.base_url must be unset)")
+        teacher_model = models.load_model(cfg.teacher.model).eval()
+    if t.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    ckpt_dir = run_dir / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr, num_train_epochs=t.epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
+        lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=10, save_steps=t.save_steps,
+        save_total_limit=2, seed=t.seed, data_seed=t.seed, report_to=[], remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        average_tokens_across_devices=True,
+    )
+    timing = _Timing()
+    trainer = DistillTrainer(
+        model=model, args=args, train_dataset=DistillDataset(rows, model.config.vocab_size),
+        data_collator=lambda batch: collate(batch, tok.pad_token_id),
+        callbacks=[timing] + ([_StopAfter(stop_after_steps)] if stop_after_steps else []),
+        distill=DistillSettings(cfg, teacher_model, tok.pad_token_id, tok.eos_token_id),
+    )
+    resume = any(ckpt_dir.glob("checkpoint-*"))
+    if resume:
+        log(f"train: resuming from {max(ckpt_dir.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1])).name}")
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    if stop_after_steps and trainer.state.global_step < (trainer.state.max_steps or 0):
+        return {"interrupted_at": trainer.state.global_step}
+    losses_seen = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    n_tokens = sum(len(r["completion_ids"]) for r in rows)
+    summary = {
+        "student": t.student, "loss": t.loss, "kd_weight": t.kd_weight, "sft_weight": t.sft_weight,
+        "on_policy_fraction": t.on_policy_fraction, "lora": t.lora, "steps": trainer.state.global_step,
+        "train_seconds": round(timing.seconds, 2), "examples": len(rows), "completion_tokens": n_tokens,
+        "epochs": t.epochs if t.max_steps <= 0 else None, "final_loss": losses_seen[-1] if losses_seen else None,
+        "flops": train_flops(model, n_tokens_seen(trainer, rows)), "loss_history": trainer.state.log_history,
+        "train_loss": result.training_loss,
+    }
+    _save_student(trainer.model, tok, student_dir, summary, cfg)
+    mark_fresh(run_dir, "train", stamp)
+    return summary
+
+
+class _StopAfter(TrainerCallback):
+    """Ends training after N steps: what a kill looks like to the checkpoint logic (used by tests)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.steps:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def n_tokens_seen(trainer, rows) -> int:
+    per_epoch = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
+    steps_per_epoch = max(1, -(-len(rows) // (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps)))
+    return int(per_epoch * trainer.state.global_step / steps_per_epoch)
+
+
+def train_flops(model, tokens: int) -> float:
+    """6 * parameters * tokens: the usual forward+backward estimate (trainable or not, all weights run)."""
+    return 6.0 * sum(p.numel() for p in model.parameters()) * tokens
+
+
+def _save_student(model, tok, student_dir: Path, summary: dict, cfg: RunConfig) -> None:
+    if hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model, adapters merged in
+        model = model.merge_and_unload()
+    tmp = student_dir.with_name(student_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    write_atomic(tmp / "train_summary.json", json.dumps(summary, indent=1, default=float))
+    from distillab import provenance
+
+    lineage = provenance.build_lineage(cfg.run_dir / "data" / "train.parquet", base_model=cfg.train.student,
+                                       train_summary=summary)
+    provenance.write_model_card(tmp, lineage)
+    shutil.rmtree(student_dir, ignore_errors=True)
+    tmp.rename(student_dir)
