@@ -103,21 +103,29 @@ class DistillTrainer(Trainer):
         targets[:, :-1] = labels[:, 1:].clamp(min=0)
         n_tokens = num_items_in_batch if num_items_in_batch is not None else pred_mask.sum()
 
-        if d.chunk_size:
-            hidden = hidden_states(model, inputs)  # (B, T, H)
-            total = losses.chunked_distill_loss(
-                hidden, lm_head_weight(model), targets, pred_mask, d.loss_spec(top_ids, top_lp, kd_mask, teacher_logits),
-                chunk_size=d.chunk_size)
+        teacher = None
+        if d.kd_weight and teacher_logits is not None:
+            teacher, kd_positions = losses.TeacherDist(logits=teacher_logits), pred_mask
+        elif d.kd_weight and top_ids is not None:
+            teacher, kd_positions = losses.TeacherDist(ids=top_ids, logprobs=top_lp), kd_mask
+        total = 0.0
+        if d.chunk_size:  # never materialise (B, T, V): losses straight from hidden states, a chunk at a time
+            hidden, weight = hidden_states(model, inputs), lm_head_weight(model)  # (B, T, H), (V, H)
+            if d.sft_weight:
+                total = d.sft_weight * losses.chunked_kd_loss("ce", hidden, weight, targets, pred_mask,
+                                                              chunk_size=d.chunk_size, reduction="sum")[0]
+            if teacher is not None:
+                total = total + d.kd_weight * losses.chunked_kd_loss(
+                    d.loss, hidden, weight, teacher, kd_positions, chunk_size=d.chunk_size,
+                    temperature=d.temperature, beta=d.beta, alpha=d.alpha, reduction="sum")[0]
         else:
             logits = model(**inputs).logits  # (B, T, V)
-            total = d.sft_weight * losses.ce(logits, targets, pred_mask, reduction="sum") if d.sft_weight else 0.0
-            if d.kd_weight and (top_ids is not None or teacher_logits is not None):
-                teacher = (losses.TeacherDist(logits=teacher_logits) if teacher_logits is not None
-                           else losses.TeacherDist(ids=top_ids, logprobs=top_lp))
-                mask = kd_mask if teacher_logits is None else pred_mask
+            if d.sft_weight:
+                total = d.sft_weight * losses.ce(logits, targets, pred_mask, reduction="sum")[0]
+            if teacher is not None:
                 total = total + d.kd_weight * losses.kd_loss(
-                    d.loss, logits, teacher, mask, temperature=d.temperature, beta=d.beta, alpha=d.alpha,
-                    reduction="sum")
+                    d.loss, logits, teacher, kd_positions, temperature=d.temperature, beta=d.beta, alpha=d.alpha,
+                    reduction="sum")[0]
         loss = total / n_tokens
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; n_tokens is the global count
@@ -136,10 +144,6 @@ class DistillSettings:
         self.teacher_model, self.pad_id, self.eos_id = teacher_model, pad_id, eos_id
         self.max_new_tokens = cfg.teacher.max_new_tokens
         self.rng = random.Random(t.seed)
-
-    def loss_spec(self, top_ids, top_lp, kd_mask, teacher_logits) -> dict:
-        return dict(loss=self.loss, sft_weight=self.sft_weight, kd_weight=self.kd_weight, top_ids=top_ids,
-                    top_logprobs=top_lp, kd_mask=kd_mask, temperature=self.temperature, beta=self.beta, alpha=self.alpha)
 
 
 def hidden_states(model, inputs) -> torch.Tensor:
@@ -269,7 +273,7 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None) ->
         "student": t.student, "loss": t.loss, "kd_weight": t.kd_weight, "sft_weight": t.sft_weight,
         "on_policy_fraction": t.on_policy_fraction, "lora": t.lora, "steps": trainer.state.global_step,
         "train_seconds": round(timing.seconds, 2), "examples": len(rows), "completion_tokens": n_tokens,
-        "epochs": t.epochs if t.max_steps <= 0 else None, "final_loss": losses_seen[-1] if losses_seen else None,
+        "epochs": round(float(trainer.state.epoch or 0), 3), "final_loss": losses_seen[-1] if losses_seen else None,
         "flops": train_flops(model, n_tokens_seen(trainer, rows)), "loss_history": trainer.state.log_history,
         "train_loss": result.training_loss,
     }

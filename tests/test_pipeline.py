@@ -1,0 +1,92 @@
+"""Every stage on tiny random models, in-process: outputs exist, reruns do no work, the student changed."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distillab.config import from_dict
+from distillab.evaluate import run_evaluate
+from distillab.generate import run_generate
+from distillab.train import run_train
+
+
+def tiny_config(tmp_path, teacher, student, **train):
+    return from_dict({
+        "name": "tiny", "runs_dir": str(tmp_path / "runs"),
+        "teacher": {"model": str(teacher), "max_new_tokens": 6, "top_k_logprobs": 5, "batch_size": 8},
+        "data": {"skills": ["add"], "n_prompts": 12},
+        "train": {"student": str(student), "max_steps": 3, "batch_size": 4, "sft_weight": 1.0, "save_steps": 2,
+                  "lr": 1e-2, **train},
+        "eval": {"n_per_skill": 4, "general": ["upper"], "bootstrap": 20},
+    })
+
+
+def test_generate_writes_dataset_and_rerun_sends_nothing(tmp_path, tiny_teacher, tiny_student):
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_student)
+    first = run_generate(cfg, log=lambda *_: None)
+    assert first.requests_sent == 12 and first.rows == 12 and not first.skipped
+    rows = pq.read_table(cfg.run_dir / "data" / "train.parquet").to_pylist()
+    assert len(rows) == 12
+    row = rows[0]
+    assert row["source"] == "teacher" and row["teacher_id"] == str(tiny_teacher) and len(row["request_hash"]) == 64
+    assert len(row["top_ids"]) == len(row["top_logprobs"]) >= 1 and len(row["top_ids"][0]) == 5
+    assert row["completion_ids"][: len(row["top_ids"])] and row["prompt_ids"][0] == 1  # starts with <bos>
+    # the recorded top-1 logprob is the max of the k stored, and all are log-probabilities
+    assert all(max(lp) == lp[0] and lp[0] <= 0 for lp in row["top_logprobs"])
+    second = run_generate(cfg, log=lambda *_: None)
+    assert second.skipped and second.requests_sent == 0
+    # a changed sampling parameter is a new request: the cache does not answer it
+    cfg.teacher.max_new_tokens = 5
+    third = run_generate(cfg, log=lambda *_: None)
+    assert third.requests_sent == 12
+
+
+def test_train_changes_parameters_and_rerun_is_a_no_op(tmp_path, tiny_teacher, tiny_student):
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_student)
+    run_generate(cfg, log=lambda *_: None)
+    summary = run_train(cfg, log=lambda *_: None)
+    assert summary["steps"] == 3
+    before = load_file(str(tiny_student / "model.safetensors"))
+    after = load_file(str(cfg.run_dir / "student" / "model.safetensors"))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before)  # every tensor moved
+    assert (cfg.run_dir / "student" / "README.md").is_file()
+    again = run_train(cfg, log=lambda *_: None)
+    assert again.get("skipped")
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd", "tvd"])
+def test_train_other_losses_and_chunked(tmp_path, tiny_teacher, tiny_student, loss):
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_student, loss=loss, chunk_size=7, max_steps=2)
+    run_generate(cfg, log=lambda *_: None)
+    assert run_train(cfg, log=lambda *_: None)["steps"] == 2
+
+
+def test_on_policy_and_lora(tmp_path, tiny_teacher, tiny_student):
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_student, on_policy_fraction=1.0, lora=True, max_steps=2)
+    run_generate(cfg, log=lambda *_: None)
+    run_train(cfg, log=lambda *_: None)
+    before = load_file(str(tiny_student / "model.safetensors"))
+    after = load_file(str(cfg.run_dir / "student" / "model.safetensors"))
+    assert set(before) == set(after)  # LoRA merged back into a plain model
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_evaluate_writes_every_model_and_reruns_are_cached(tmp_path, tiny_teacher, tiny_student):
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_student)
+    run_generate(cfg, log=lambda *_: None)
+    run_train(cfg, log=lambda *_: None)
+    seen = []
+    results = run_evaluate(cfg, log=seen.append)
+    assert set(results) == {"teacher", "base", "distilled"} and len(seen) == 3
+    res = json.loads((cfg.run_dir / "eval" / "distilled.json").read_text())
+    assert set(res["skills"]) == {"add", "upper"} and 0 <= res["task"]["score"] <= 1
+    assert res["world_text_perplexity"] > 1
+    seen.clear()
+    run_evaluate(cfg, log=seen.append)
+    assert seen == []  # nothing re-evaluated
