@@ -246,21 +246,9 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None) ->
         model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     ckpt_dir = run_dir / "checkpoints"
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr, num_train_epochs=t.epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
-        lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=10, save_steps=t.save_steps,
-        save_total_limit=2, seed=t.seed, data_seed=t.seed, report_to=[], remove_unused_columns=False,
-        dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-        average_tokens_across_devices=True,
-    )
     timing = _Timing()
-    trainer = DistillTrainer(
-        model=model, args=args, train_dataset=DistillDataset(rows, model.config.vocab_size),
-        data_collator=lambda batch: collate(batch, tok.pad_token_id),
-        callbacks=[timing] + ([_StopAfter(stop_after_steps)] if stop_after_steps else []),
-        distill=DistillSettings(cfg, teacher_model, tok.pad_token_id, tok.eos_token_id),
-    )
+    callbacks = [timing] + ([_StopAfter(stop_after_steps)] if stop_after_steps else [])
+    trainer = build_trainer(cfg, rows, model, tok, ckpt_dir, teacher_model, callbacks)
     resume = any(ckpt_dir.glob("checkpoint-*"))
     if resume:
         log(f"train: resuming from {max(ckpt_dir.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1])).name}")
@@ -280,6 +268,24 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None) ->
     _save_student(trainer.model, tok, student_dir, summary, cfg)
     mark_fresh(run_dir, "train", stamp)
     return summary
+
+
+def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path, teacher_model=None,
+                  callbacks=(), optimizers=(None, None)) -> DistillTrainer:
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr, num_train_epochs=t.epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
+        lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=1, save_steps=t.save_steps,
+        save_total_limit=2, seed=t.seed, data_seed=t.seed, report_to=[], remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        average_tokens_across_devices=True,
+    )
+    return DistillTrainer(
+        model=model, args=args, train_dataset=DistillDataset(rows, model.config.vocab_size),
+        data_collator=lambda batch: collate(batch, tok.pad_token_id), callbacks=list(callbacks),
+        optimizers=optimizers, distill=DistillSettings(cfg, teacher_model, tok.pad_token_id, tok.eos_token_id),
+    )
 
 
 class _StopAfter(TrainerCallback):
