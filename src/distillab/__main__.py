@@ -1,0 +1,3 @@
+from distillab.cli import main
+
+main()

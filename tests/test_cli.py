@@ -1,0 +1,67 @@
+"""Bad input: one line on stderr, a non-zero exit, no traceback, nothing half written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def distillab(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "distillab", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def write_config(tmp_path, extra: str = "", prompts: str | None = None, student: str = "lab:base"):
+    lines = ['name = "bad"', f'runs_dir = "{tmp_path / "runs"}"', extra]
+    if prompts is not None:
+        lines += ["[data]", f'prompts_file = "{prompts}"']
+    lines += ["[train]", f'student = "{student}"']
+    path = tmp_path / "run.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1+1=\\n"}\n{"prompt": oops}\n')
+    result = distillab("generate", str(write_config(tmp_path, prompts=str(prompts))), cwd=tmp_path)
+    assert_one_line_error(result, "p.jsonl:2", "malformed JSON")
+    assert not (tmp_path / "runs" / "bad" / "data").exists()
+
+
+def test_empty_prompt_file(tmp_path):
+    prompts = tmp_path / "empty.jsonl"
+    prompts.write_text("\n")
+    result = distillab("generate", str(write_config(tmp_path, prompts=str(prompts))), cwd=tmp_path)
+    assert_one_line_error(result, "empty")
+
+
+def test_unknown_config_key_suggests(tmp_path):
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace("[train]", "[train]\nlerning_rate = 3\nlr = 1e-3"))
+    result = distillab("train", str(config), cwd=tmp_path)
+    assert_one_line_error(result, "train.lerning_rate")
+    config.write_text(config.read_text().replace("lerning_rate = 3", "los = 'jsd'"))
+    result = distillab("train", str(config), cwd=tmp_path)
+    assert_one_line_error(result, "train.los", "did you mean 'train.loss'")
+
+
+def test_missing_model_directory(tmp_path):
+    result = distillab("generate", str(write_config(tmp_path, student=str(tmp_path / "nowhere"))), cwd=tmp_path)
+    assert_one_line_error(result, "model directory not found", "nowhere")
+
+
+@pytest.mark.parametrize("args", [["serve", "/no/such/model"], ["lineage", "/no/such/dir"], ["run", "/no/such.toml"]])
+def test_other_missing_paths(tmp_path, args):
+    assert_one_line_error(distillab(*args, cwd=tmp_path))
