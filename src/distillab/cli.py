@@ -64,6 +64,22 @@ def do_generate(cfg) -> None:
     console.print(f"generate: {s.rows} rows ({state}); teacher tokens {s.prompt_tokens} in / {s.completion_tokens} out, {money}")
 
 
+def do_train(cfg) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from distillab.train import run_train
+
+    progress = Progress(TextColumn(f"train {cfg.name}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console, transient=True)
+    task = progress.add_task("train", total=None, loss="-")
+    with progress:
+        s = run_train(cfg, log=console.print,
+                      progress=lambda step, total, loss: progress.update(task, completed=step, total=total, loss=f"{loss:.4f}"))
+    console.print(f"train {cfg.name}: {'up to date' if s.get('skipped') else 'done'}: {s['steps']} steps, "
+                  f"{s['train_seconds']}s, final loss {s['final_loss']:.4f}")
+    return s
+
+
 @app.command()
 def generate(config: Path = ConfigArg, max_usd: Optional[float] = typer.Option(None, help="stop before projected teacher spend passes this")):
     """Teacher answers the task prompts -> data/train.parquet (cached, resumable)."""
@@ -77,11 +93,7 @@ def generate(config: Path = ConfigArg, max_usd: Optional[float] = typer.Option(N
 @app.command()
 def train(config: Path = ConfigArg):
     """The student learns from the teacher's data -> student/ (resumes from checkpoints/)."""
-    from distillab.train import run_train
-
-    cfg = _config(config)
-    s = run_train(cfg, log=console.print)
-    console.print(f"train: {'up to date' if s.get('skipped') else 'done'}: {s['steps']} steps, {s['train_seconds']}s")
+    do_train(_config(config))
 
 
 @app.command()
@@ -116,7 +128,7 @@ def run(config: Path = ConfigArg):
 
     cfg = _config(config)
     _write_resolved(cfg)
-    run_all(cfg, generate_stage=do_generate, log=console.print)
+    run_all(cfg, generate_stage=do_generate, train_stage=do_train, log=console.print)
 
 
 @app.command()
@@ -125,7 +137,7 @@ def demo(runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"
     """The lab demo: distill the base student on a task, with a zero-distillation control; ~5 minutes on 2 cores."""
     from distillab.demo import run_demo
 
-    run_demo(runs_dir, fresh=fresh, generate_stage=do_generate, log=console.print)
+    run_demo(runs_dir, fresh=fresh, generate_stage=do_generate, train_stage=do_train, log=console.print)
 
 
 @app.command()
@@ -173,7 +185,7 @@ def audit(corpus: Path = typer.Argument(..., help="JSONL or Parquet with a text 
 
 @app.command()
 def leaderboard(registry: Path = typer.Option(Path("runs/registry.sqlite"), help="the runs registry")):
-    """All recorded runs, ranked by value: task score per dollar, then least general regression."""
+    """All recorded runs, ranked by value: task score net of general-skill loss, per distillation dollar."""
     from distillab.registry import print_leaderboard
 
     print_leaderboard(registry)
@@ -221,6 +233,10 @@ def _print_scores(results: dict) -> None:
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # distillab never downloads weights
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard load/save bars; our own bars say what is happening
+    hf_logging.set_verbosity_error()
     try:
         app()
     except UserError as err:

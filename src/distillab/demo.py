@@ -42,16 +42,18 @@ def control_config(cfg: RunConfig) -> RunConfig:
     return from_dict(data)
 
 
-def run_demo(runs_dir: Path, fresh: bool = False, generate_stage=None, log=print) -> dict:
+def run_demo(runs_dir: Path, fresh: bool = False, generate_stage=None, train_stage=None, log=print) -> dict:
     began = time.time()
     cfg = demo_config(runs_dir)
     if fresh:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    (generate_stage or (lambda c: run_generate(c, log=log)))(cfg)
-    run_train(cfg, log=log)
+    generate_stage = generate_stage or (lambda c: run_generate(c, log=log))
+    train_stage = train_stage or (lambda c: run_train(c, log=log))
+    generate_stage(cfg)
+    train_stage(cfg)
     control = control_config(cfg)
-    run_generate(control, log=log)
-    run_train(control, log=log)
+    generate_stage(control)
+    train_stage(control)
     evals = run_evaluate(cfg, extra_models={"zero_distill": str(control.run_dir / "student")}, log=log)
     summary = demo_summary(evals, time.time() - began)
     from distillab.pipeline import finish_run

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import random
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distillab import models
 from distillab.config import RunConfig, write_atomic
+from distillab.errors import UserError
 from distillab.generation import generate
-from distillab.lab.world import SKILLS, get_skill, world_text
+from distillab.lab.world import SKILLS, get_skill, word_f1, world_text
 from distillab.rundir import fingerprint, is_fresh, mark_fresh
 
 
@@ -58,18 +60,20 @@ def bootstrap_ci(per_skill: dict[str, list[float]], n_boot: int, seed: int = 0, 
     """Percentile bootstrap of the mean-of-skill-means: each skill's examples resampled with replacement."""
     if n_boot <= 0 or not per_skill:
         return [float("nan"), float("nan")]
-    rng = random.Random(seed)
-    stats = []
-    for _ in range(n_boot):
-        means = []
-        for scores in per_skill.values():
-            resampled = [scores[rng.randrange(len(scores))] for _ in scores]
-            means.append(sum(resampled) / len(resampled))
-        stats.append(sum(means) / len(means))
-    stats.sort()
+    rng = np.random.default_rng(seed)
+    stats = np.zeros(n_boot)  # (n_boot,) sum over skills of each resample's skill mean
+    for scores in per_skill.values():
+        values = np.asarray(scores, dtype=float)
+        # Resample in slices of at most ~4M draws, so a big suite never allocates n_boot x n at once.
+        step = max(1, 4_000_000 // len(values))
+        for start in range(0, n_boot, step):
+            rows = min(step, n_boot - start)
+            idx = rng.integers(0, len(values), size=(rows, len(values)))  # (rows, n)
+            stats[start : start + rows] += values[idx].mean(axis=1)
+    stats = np.sort(stats / len(per_skill))
     lo = stats[int((1 - level) / 2 * n_boot)]
     hi = stats[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
-    return [lo, hi]
+    return [float(lo), float(hi)]
 
 
 def suite_result(per_skill: dict[str, list[float]], n_boot: int) -> dict:
@@ -127,3 +131,163 @@ def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log
         mark_fresh(run_dir, f"evaluate:{label}", stamp)
         results[label] = res
     return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scorers for a user's task suite. Text scorers map (prediction, reference) to [0, 1]; multiple choice
+# needs the model itself, since it compares the log-likelihood of each choice after the prompt.
+
+
+def score_exact(prediction: str, answer: str) -> float:
+    """Equal after trimming surrounding whitespace (what the lab's exact scorer does)."""
+    return float(prediction.strip() == answer.strip())
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def normalize_text(text: str) -> str:
+    """SQuAD-style: lower case, punctuation and articles removed, whitespace collapsed."""
+    text = _PUNCTUATION.sub(" ", text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def score_normalized_exact(prediction: str, answer: str) -> float:
+    return float(normalize_text(prediction) == normalize_text(answer))
+
+
+def score_regex(prediction: str, pattern: str) -> float:
+    """The reference is a regular expression the whole trimmed prediction must match (use .* to search)."""
+    return float(re.fullmatch(pattern, prediction.strip(), flags=re.DOTALL) is not None)
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?")
+
+
+def extract_number(text: str) -> float | None:
+    """The last number in the text (worked answers end with the result); thousands commas allowed."""
+    found = _NUMBER.findall(text)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def score_numeric(prediction: str, answer: str, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> float:
+    """1 when the prediction's last number is within tolerance of the reference number."""
+    got, want = extract_number(prediction), extract_number(answer)
+    if got is None or want is None:
+        return 0.0
+    return float(math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol))
+
+
+TEXT_SCORERS = {"exact": score_exact, "normalized_exact": score_normalized_exact, "regex": score_regex,
+                "numeric": score_numeric, "word_f1": word_f1}
+
+
+@torch.no_grad()
+def choice_loglikelihoods(model, tok, prompt: str, choices: list[str]) -> list[float]:
+    """Sum of log p(choice tokens | prompt) for each choice, in one right-padded batch.
+
+    Prompt and choice are tokenized apart and joined (as lm-evaluation-harness does), so every choice is
+    scored after the same context tokens.
+    """
+    model.eval()
+    context = tok(prompt)["input_ids"]
+    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
+    if any(not c for c in conts):
+        raise UserError("a multiple-choice option tokenizes to nothing")
+    width = len(context) + max(len(c) for c in conts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(choices), width), pad, dtype=torch.long)  # (C, T)
+    mask = torch.zeros((len(choices), width), dtype=torch.long)  # (C, T)
+    for i, c in enumerate(conts):
+        ids[i, : len(context) + len(c)] = torch.tensor(context + c)
+        mask[i, : len(context) + len(c)] = 1
+    device = next(model.parameters()).device
+    logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)  # (C, T, V)
+    out = []
+    for i, c in enumerate(conts):
+        positions = torch.arange(len(context) - 1, len(context) - 1 + len(c), device=device)  # predict each choice token
+        out.append(float(logprobs[i, positions, torch.tensor(c, device=device)].sum()))
+    return out
+
+
+def score_multiple_choice(model, tok, prompt: str, choices: list[str], answer_index: int) -> float:
+    """1 when the reference choice has the highest log-likelihood (ties go to the first, as argmax does)."""
+    lls = choice_loglikelihoods(model, tok, prompt, choices)
+    return float(max(range(len(lls)), key=lls.__getitem__) == answer_index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A user task suite: JSONL, one example a line.
+#   {"prompt": "...", "answer": "...", "scorer": "exact"}            generated, then scored as text
+#     scorer: exact (default) | normalized_exact | regex (answer is the pattern) | numeric | word_f1;
+#     numeric also reads optional "rel_tol" / "abs_tol".
+#   {"prompt": "...", "choices": ["...", "..."], "answer": 1 or "the right choice"}   multiple choice
+#   optional "skill": groups examples; each skill counts once in the suite score (default "task").
+
+
+def _check_example(obj, where: str) -> dict:
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+        raise UserError(f"{where}: each line needs a non-empty string \"prompt\"")
+    ex = {"prompt": obj["prompt"], "skill": str(obj.get("skill") or "task")}
+    if "choices" in obj:
+        choices, answer = obj["choices"], obj.get("answer")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise UserError(f"{where}: \"choices\" must be a list of at least two non-empty strings")
+        if isinstance(answer, str) and answer in choices:
+            answer = choices.index(answer)
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise UserError(f"{where}: \"answer\" must be a choice's index or one of the choices")
+        return ex | {"scorer": "multiple_choice", "choices": choices, "answer": answer}
+    scorer = obj.get("scorer", "exact")
+    if scorer not in TEXT_SCORERS:
+        raise UserError(f"{where}: unknown scorer {scorer!r}; choose from {', '.join(TEXT_SCORERS)} (or give \"choices\")")
+    if not isinstance(obj.get("answer"), str):
+        raise UserError(f"{where}: \"answer\" must be a string")
+    if scorer == "regex":
+        try:
+            re.compile(obj["answer"])
+        except re.error as err:
+            raise UserError(f"{where}: bad regular expression: {err}") from None
+    if scorer == "numeric" and extract_number(obj["answer"]) is None:
+        raise UserError(f"{where}: numeric scorer needs a number in \"answer\"")
+    tolerances = {k: float(obj[k]) for k in ("rel_tol", "abs_tol") if k in obj}
+    return ex | {"scorer": scorer, "answer": obj["answer"], **tolerances}
+
+
+def load_task_suite(path: str | Path) -> list[dict]:
+    """Read and check a task-suite JSONL; a bad line is a one-line UserError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"task suite file not found: {path}")
+    examples = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+        examples.append(_check_example(obj, f"{path}:{lineno}"))
+    if not examples:
+        raise UserError(f"task suite file is empty: {path}")
+    return examples
+
+
+def score_task_suite(model, tok, examples: list[dict], max_new_tokens: int) -> dict[str, list[float]]:
+    """Per-skill example scores, in the shape evaluate_model's per_skill uses (so suite_result applies)."""
+    scores: list[float | None] = [None] * len(examples)
+    generated = [i for i, ex in enumerate(examples) if ex["scorer"] != "multiple_choice"]
+    if generated:
+        outs = generate(model, tok, [examples[i]["prompt"] for i in generated], max_new_tokens=max_new_tokens)
+        for i, out in zip(generated, outs):
+            ex = examples[i]
+            tolerances = {k: ex[k] for k in ("rel_tol", "abs_tol") if k in ex}
+            scores[i] = TEXT_SCORERS[ex["scorer"]](out.text, ex["answer"], **tolerances)
+    for i, ex in enumerate(examples):
+        if ex["scorer"] == "multiple_choice":
+            scores[i] = score_multiple_choice(model, tok, ex["prompt"], ex["choices"], ex["answer"])
+    per_skill: dict[str, list[float]] = {}
+    for ex, score in zip(examples, scores):
+        per_skill.setdefault(ex["skill"], []).append(score)
+    return per_skill

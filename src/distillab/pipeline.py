@@ -6,7 +6,6 @@ import json
 
 from distillab.config import RunConfig
 from distillab.evaluate import run_evaluate
-from distillab.train import run_train
 
 
 def load_evals(cfg: RunConfig) -> dict[str, dict]:
@@ -30,15 +29,15 @@ def finish_run(cfg: RunConfig, summary: dict | None = None, log=print):
     student_dir = cfg.run_dir / "student"
     if (student_dir / "config.json").is_file():
         provenance.update_lineage(student_dir, eval={k: {"task": v["task"]["score"], "general": v["general"]["score"]}
-                                                     for k, v in evals.items()}, cost=ledger.get("total_usd"))
+                                                     for k, v in evals.items()},
+                                   cost={"total_usd": ledger.get("total_usd"), "break_even": ledger.get("break_even")})
     registry.record_run(cfg.run_dir.parent / "registry.sqlite", cfg, evals, ledger)
     return build_report(cfg, evals, ledger, summary)
 
 
-def run_all(cfg: RunConfig, generate_stage, log=print):
+def run_all(cfg: RunConfig, generate_stage, train_stage, log=print):
     generate_stage(cfg)
-    s = run_train(cfg, log=log)
-    log(f"train: {'up to date' if s.get('skipped') else 'done'}: {s['steps']} steps in {s['train_seconds']}s")
+    train_stage(cfg)
     run_evaluate(cfg, log=log)
     path = finish_run(cfg, log=log)
     log(f"report: {path}")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from distillab import losses, models
 from distillab.config import RunConfig, write_atomic
@@ -199,9 +199,16 @@ def on_policy_batch(model, teacher, inputs: dict, prompt_len: torch.Tensor, d: D
 
 
 class _Timing(TrainerCallback):
-    def __init__(self):
+    """Wall time of the training loop, and progress(step, max_steps, loss) for a progress bar."""
+
+    def __init__(self, progress=None):
         self.seconds = 0.0
         self._began = None
+        self.progress = progress
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.progress and logs and "loss" in logs:
+            self.progress(state.global_step, state.max_steps, float(logs["loss"]))
 
     def on_train_begin(self, args, state, control, **kw):
         self._began = time.time()
@@ -217,7 +224,7 @@ def check_tokenizers(student_tok, teacher_name: str) -> None:
                         f"({len(teacher_tok)} vs {len(student_tok)} tokens): logit distillation needs a shared one")
 
 
-def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None) -> dict:
+def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, progress=None) -> dict:
     """Train the student into run_dir/student. Returns the training summary (also written to student/)."""
     run_dir, t = cfg.run_dir, cfg.train
     data_path = run_dir / "data" / "train.parquet"
@@ -246,7 +253,7 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None) ->
         model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     ckpt_dir = run_dir / "checkpoints"
-    timing = _Timing()
+    timing = _Timing(progress)
     callbacks = [timing] + ([_StopAfter(stop_after_steps)] if stop_after_steps else [])
     trainer = build_trainer(cfg, rows, model, tok, ckpt_dir, teacher_model, callbacks)
     resume = any(ckpt_dir.glob("checkpoint-*"))
@@ -281,11 +288,13 @@ def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         average_tokens_across_devices=True,
     )
-    return DistillTrainer(
+    trainer = DistillTrainer(
         model=model, args=args, train_dataset=DistillDataset(rows, model.config.vocab_size),
         data_collator=lambda batch: collate(batch, tok.pad_token_id), callbacks=list(callbacks),
         optimizers=optimizers, distill=DistillSettings(cfg, teacher_model, tok.pad_token_id, tok.eos_token_id),
     )
+    trainer.remove_callback(PrinterCallback)  # a dict per step on stdout; the CLI draws its own progress bar
+    return trainer
 
 
 class _StopAfter(TrainerCallback):

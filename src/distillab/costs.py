@@ -1,0 +1,321 @@
+"""The cost ledger of a run: what distilling cost, what serving the student costs, and when it pays off.
+
+run_dir/ledger.json holds four parts:
+
+  teacher_generation  the teacher's tokens and dollars for the dataset. The price status comes from
+                      distillab.pricing: priced (genai-prices) | override (config) | local (no API bill) |
+                      unpriced (nobody knows: usd is null, never a silent $0) | not_used (ground-truth data).
+  training            the FLOP estimate and the measured wall seconds x costs.train_usd_per_hour.
+  serving             the student's measured tokens/s here (batched greedy generation on the task's prompts)
+                      and costs.serve_usd_per_hour -> $ per 1M tokens, beside the teacher API's $ per 1M
+                      output tokens.
+  break_even          after how many served queries distilling (one-off teacher $ + training $ + serving $
+                      per query) is cheaper than calling the teacher API per query.
+
+Break-even arithmetic. With one-off cost C, API cost a per query and student cost s per query, distilling
+is cheaper after N queries when C + N*s < N*a, i.e. N > C / (a - s). The ledger gives the smallest such N,
+floor(C / (a - s)) + 1; "immediately" when C is 0 and a > s; "never" when a <= s.
+
+A local teacher has no API price, yet "would distilling beat an API?" is still the question, so the
+break-even prices the teacher's tokens at NOTIONAL_API_PRICE and says so (price_basis = "notional").
+Tokens per query are the dataset's means: the teacher's billed tokens per request when it was called
+(what an API charges), else the dataset's token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+from distillab.config import RunConfig, write_atomic
+
+LEDGER_FORMAT = "distillab-ledger/1"
+
+# A local teacher is priced as if it were a small hosted API model, so the break-even is still shown.
+# These are gpt-4o-mini's 2024 list prices: a cheap, common tier, i.e. a conservative stand-in
+# (a frontier teacher costs 10-100x more, which makes distilling pay off sooner).
+NOTIONAL_API_PRICE = {"usd_per_1m_input": 0.15, "usd_per_1m_output": 0.60,
+                      "like": "a small hosted API model (gpt-4o-mini's 2024 list price)"}
+
+THROUGHPUT_PROMPTS = 32  # one batch of the task's prompts
+THROUGHPUT_SECONDS = 2.0  # timed generation, after one warm-up batch
+
+
+def build_ledger(cfg: RunConfig, evals: dict[str, dict]) -> dict:
+    """Assemble the run's ledger from its summaries and a throughput measurement; write ledger.json."""
+    run_dir = cfg.run_dir
+    pricing = teacher_pricing(cfg)
+    tokens = tokens_per_query(run_dir)
+    teacher = teacher_generation(cfg, pricing)
+    training = training_cost(cfg)
+    throughput = measure_throughput(run_dir / "student", serving_prompts(cfg), cfg.teacher.max_new_tokens)
+    serving = serving_cost(cfg, pricing, throughput)
+    basis = api_price_basis(pricing)
+    be = break_even_section(cfg, teacher, training, serving, basis, tokens)
+    ledger = {
+        "format": LEDGER_FORMAT,
+        "run": cfg.name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "teacher_generation": teacher,
+        "training": training,
+        "serving": serving,
+        "break_even": be,
+        "quality": quality_given_up(evals),
+        "total_usd": _sum_or_none(teacher["usd"], training["usd"]),  # actual one-off spend of this run
+        "notes": _notes(teacher, basis, throughput),
+    }
+    write_atomic(run_dir / "ledger.json", json.dumps(ledger, indent=1))
+    return ledger
+
+
+# ----------------------------------------------------------------------------------------------------
+# Break-even arithmetic: pure functions, tested by hand.
+
+
+def api_usd_per_query(prompt_tokens: float, completion_tokens: float, usd_per_1m_input: float,
+                      usd_per_1m_output: float) -> float:
+    return (prompt_tokens * usd_per_1m_input + completion_tokens * usd_per_1m_output) / 1e6
+
+
+def student_usd_per_query(completion_tokens: float, tokens_per_s: float, usd_per_hour: float) -> float:
+    """Device time to write the answer, at the measured throughput (its prompts' prefill included)."""
+    return completion_tokens / tokens_per_s * usd_per_hour / 3600
+
+
+def usd_per_1m_tokens(tokens_per_s: float, usd_per_hour: float) -> float:
+    return usd_per_hour / (tokens_per_s * 3600) * 1e6
+
+
+def break_even(one_off_usd: float, api_per_query: float, student_per_query: float) -> dict:
+    """{status: pays_off | immediately | never, queries}: the smallest N with one_off + N*s < N*a."""
+    saving = api_per_query - student_per_query
+    if saving <= 0:
+        return {"status": "never", "queries": None, "saving_per_query_usd": saving}
+    if one_off_usd <= 0:
+        return {"status": "immediately", "queries": 0, "saving_per_query_usd": saving}
+    return {"status": "pays_off", "queries": math.floor(one_off_usd / saving) + 1, "saving_per_query_usd": saving}
+
+
+def human_count(n: float) -> str:
+    """41234 -> '41k', 1_234_567 -> '1.2M': numbers for sentences."""
+    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= size:
+            value = n / size
+            return f"{value:.1f}{suffix}" if value < 10 else f"{value:.0f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _duration(months: float) -> str:
+    if months >= 24:
+        return f"about {months / 12:.0f} years"
+    if months >= 1:
+        return f"about {months:.1f} months"
+    days = round(months * 30.44)
+    return f"about {days} day{'s' if days != 1 else ''}" if days >= 1 else "within a day"
+
+
+def break_even_phrase(be: dict) -> str:
+    """The clause the report's verdict and the terminal summary use."""
+    notional = ["at a notional teacher API price"] if be.get("price_basis") == "notional" else []
+    status = be.get("status")
+    if status == "pays_off":
+        months, traffic = be.get("months"), be.get("queries_per_month")
+        when = [f"{_duration(months)} at {human_count(traffic)} queries a month"] if months is not None else []
+        return f"it pays off after {human_count(be['queries'])} queries" + _aside(when + notional)
+    if status == "immediately":
+        return "it pays off from the first query" + _aside(notional)
+    if status == "never":
+        return "it never pays off: serving the student costs more per query than the teacher API" + _aside(notional)
+    return f"its break-even is unknown ({be.get('reason', 'missing costs')})"
+
+
+def _aside(parts: list[str]) -> str:
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The parts of the ledger.
+
+
+def teacher_pricing(cfg: RunConfig):
+    from distillab.pricing import TeacherPricing
+
+    with warnings.catch_warnings():
+        # The ledger records "unpriced" explicitly; generate already warned once.
+        warnings.simplefilter("ignore")
+        return TeacherPricing.from_config(cfg.teacher, teacher_is_local=not cfg.teacher.base_url)
+
+
+def api_price_basis(pricing) -> dict:
+    """The teacher-API price the break-even uses, and where it came from."""
+    if pricing.status in ("priced", "override"):
+        return {"basis": pricing.status, "usd_per_1m_input": pricing.usd_per_1m_input,
+                "usd_per_1m_output": pricing.usd_per_1m_output, "description": pricing.describe()}
+    if pricing.status == "local":
+        return {"basis": "notional", "usd_per_1m_input": NOTIONAL_API_PRICE["usd_per_1m_input"],
+                "usd_per_1m_output": NOTIONAL_API_PRICE["usd_per_1m_output"],
+                "description": f"{pricing.model} is local; priced like {NOTIONAL_API_PRICE['like']}"}
+    return {"basis": "unpriced", "usd_per_1m_input": None, "usd_per_1m_output": None,
+            "description": pricing.describe()}
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def teacher_generation(cfg: RunConfig, pricing) -> dict:
+    summary = _read_json(cfg.run_dir / "data" / "generate_summary.json")
+    base = {"model": cfg.teacher.model, "data_source": cfg.data.source, "pricing": pricing.to_dict()}
+    if summary is None:
+        # Ground-truth data calls no teacher; a teacher run without a summary has unknown spend.
+        if cfg.data.source != "teacher":
+            return base | {"price_status": "not_used", "prompt_tokens": 0, "completion_tokens": 0, "rows": None,
+                           "usd": 0.0}
+        return base | {"price_status": "missing", "prompt_tokens": None, "completion_tokens": None, "rows": None,
+                       "usd": None}
+    usd = summary.get("usd")
+    status = pricing.status if usd is not None else "unpriced"
+    return base | {"price_status": status, "prompt_tokens": summary.get("prompt_tokens"),
+                   "completion_tokens": summary.get("completion_tokens"), "rows": summary.get("rows"), "usd": usd}
+
+
+def training_cost(cfg: RunConfig) -> dict:
+    summary = _read_json(cfg.run_dir / "student" / "train_summary.json") or {}
+    seconds = summary.get("train_seconds")
+    rate = cfg.costs.train_usd_per_hour
+    return {"flops": summary.get("flops"), "train_seconds": seconds, "steps": summary.get("steps"),
+            "usd_per_hour": rate, "usd": None if seconds is None else seconds / 3600 * rate}
+
+
+def tokens_per_query(run_dir: Path) -> dict:
+    """Mean prompt and completion tokens per query: teacher-billed when it was called, else the dataset's."""
+    summary = _read_json(run_dir / "data" / "generate_summary.json")
+    if summary and summary.get("rows"):
+        return {"prompt": summary["prompt_tokens"] / summary["rows"],
+                "completion": summary["completion_tokens"] / summary["rows"], "from": "teacher usage"}
+    data = run_dir / "data" / "train.parquet"
+    if data.is_file():
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(data, columns=["prompt_ids", "completion_ids"])
+        if table.num_rows:
+            return {"prompt": pc.mean(pc.list_value_length(table["prompt_ids"])).as_py(),
+                    "completion": pc.mean(pc.list_value_length(table["completion_ids"])).as_py(),
+                    "from": "dataset"}
+    return {"prompt": None, "completion": None, "from": "unknown"}
+
+
+def serving_prompts(cfg: RunConfig) -> list[str]:
+    """The task's own prompts (what will be served), else lab test prompts of the task skills."""
+    data = cfg.run_dir / "data" / "train.parquet"
+    if data.is_file():
+        import pyarrow.parquet as pq
+
+        prompts = pq.read_table(data, columns=["prompt"]).column("prompt").to_pylist()[:THROUGHPUT_PROMPTS]
+        if prompts:
+            return prompts
+    from distillab.lab.world import get_skill
+
+    skills = cfg.data.skills or ["add"]
+    per_skill = max(1, THROUGHPUT_PROMPTS // len(skills))
+    return [e.prompt for s in skills for e in get_skill(s).examples("test", per_skill)][:THROUGHPUT_PROMPTS]
+
+
+def measure_throughput(model_dir: Path | str, prompts: list[str], max_new_tokens: int,
+                       seconds: float = THROUGHPUT_SECONDS) -> dict:
+    """Completion tokens per second of batched greedy generation (one warm-up batch, then timed batches).
+
+    Only tokens up to the end-of-sequence count: padding steps of finished rows serve nobody.
+    """
+    from distillab import models
+    from distillab.errors import UserError
+    from distillab.generation import generate
+
+    try:
+        model, tok = models.load(model_dir)
+    except UserError as err:
+        return {"tokens_per_s": None, "reason": str(err)}
+    generate(model, tok, prompts, max_new_tokens=max_new_tokens)  # warm-up: allocations, kernels
+    tokens, began, batches = 0, time.perf_counter(), 0
+    while batches < 1 or (time.perf_counter() - began < seconds and batches < 20):
+        tokens += sum(len(g.token_ids) for g in generate(model, tok, prompts, max_new_tokens=max_new_tokens))
+        batches += 1
+    elapsed = time.perf_counter() - began
+    device = str(next(model.parameters()).device)
+    return {"tokens_per_s": tokens / elapsed if tokens else None, "tokens": tokens, "seconds": round(elapsed, 3),
+            "batch_size": len(prompts), "batches": batches, "device": device,
+            "reason": None if tokens else "the student wrote no tokens"}
+
+
+def serving_cost(cfg: RunConfig, pricing, throughput: dict) -> dict:
+    rate = cfg.costs.serve_usd_per_hour
+    tps = throughput.get("tokens_per_s")
+    basis = api_price_basis(pricing)
+    return {"student_tokens_per_s": tps, "throughput": throughput, "usd_per_hour": rate,
+            "student_usd_per_1m_tokens": usd_per_1m_tokens(tps, rate) if tps else None,
+            "teacher_api_usd_per_1m_output": basis["usd_per_1m_output"],
+            "teacher_api_usd_per_1m_input": basis["usd_per_1m_input"],
+            "teacher_price_basis": basis["basis"], "teacher_price_description": basis["description"]}
+
+
+def break_even_section(cfg: RunConfig, teacher: dict, training: dict, serving: dict, basis: dict,
+                       tokens: dict) -> dict:
+    """Break-even on one price basis: the one-off teacher $ is priced like the per-query API calls."""
+    out = {"price_basis": basis["basis"], "tokens_per_query": tokens, "queries_per_month": cfg.costs.queries_per_month}
+    missing = [name for name, value in (
+        ("teacher API price", basis["usd_per_1m_output"]), ("student throughput", serving["student_tokens_per_s"]),
+        ("training time", training["usd"]), ("tokens per query", tokens["completion"]),
+        ("teacher tokens", teacher["completion_tokens"])) if value is None]
+    if missing:
+        return out | {"status": "unknown", "queries": None, "reason": "no " + ", no ".join(missing)}
+    # Notional basis: the dataset's teacher tokens cost what the notional API would have charged.
+    teacher_usd = (teacher["usd"] if basis["basis"] != "notional" else
+                   api_usd_per_query(teacher["prompt_tokens"], teacher["completion_tokens"],
+                                     basis["usd_per_1m_input"], basis["usd_per_1m_output"]))
+    one_off = teacher_usd + training["usd"]
+    api = api_usd_per_query(tokens["prompt"], tokens["completion"], basis["usd_per_1m_input"], basis["usd_per_1m_output"])
+    student = student_usd_per_query(tokens["completion"], serving["student_tokens_per_s"], serving["usd_per_hour"])
+    result = break_even(one_off, api, student)
+    months = (result["queries"] / cfg.costs.queries_per_month
+              if result["queries"] is not None and cfg.costs.queries_per_month > 0 else None)
+    return out | result | {"one_off_usd": one_off, "teacher_usd": teacher_usd, "training_usd": training["usd"],
+                           "api_usd_per_query": api, "student_usd_per_query": student, "months": months}
+
+
+def _suite_score(evals: dict, label: str, suite: str) -> float | None:
+    return ((evals.get(label) or {}).get(suite) or {}).get("score")
+
+
+def quality_given_up(evals: dict[str, dict]) -> dict:
+    """Per suite: teacher, base and distilled scores; what distilling gave up vs the teacher and vs base."""
+    out = {}
+    for suite in ("task", "general"):
+        t, b, d = (_suite_score(evals, label, suite) for label in ("teacher", "base", "distilled"))
+        out[suite] = {"teacher": t, "base": b, "distilled": d,
+                      "given_up_vs_teacher": None if None in (t, d) else t - d,
+                      "change_vs_base": None if None in (b, d) else d - b}
+    return out
+
+
+def _sum_or_none(*values: float | None) -> float | None:
+    return None if any(v is None for v in values) else float(sum(values))
+
+
+def _notes(teacher: dict, basis: dict, throughput: dict) -> list[str]:
+    notes = []
+    if teacher["price_status"] == "unpriced":
+        notes.append("teacher is UNPRICED: its spend is unknown (not $0); set teacher.usd_per_1m_input/output")
+    if teacher["price_status"] == "local":
+        notes.append("local teacher: no API bill; its generation compute is not costed")
+    if basis["basis"] == "notional":
+        notes.append(f"break-even uses a NOTIONAL teacher API price: {basis['description']}")
+    if throughput.get("tokens_per_s") is None:
+        notes.append(f"student throughput not measured: {throughput.get('reason')}")
+    else:
+        notes.append(f"student throughput measured on {throughput['device']} here, batch of {throughput['batch_size']}")
+    return notes

@@ -1,0 +1,232 @@
+"""Real benchmarks through lm-evaluation-harness: `distillab evaluate CONFIG --lm-eval-tasks SPEC`.
+
+Each model of the run (the distilled student, the base, and the teacher when it is local) is loaded by
+distillab's own loader (local directories, safetensors only) and handed to lm-eval's HFLM, so lm-eval never
+downloads weights. Results go to eval/lm_eval_<label>.json.
+
+SPEC is a comma-separated list of:
+  path/to/task.yaml   a local task file (its directory joins the include path, so `include:` siblings work);
+  path/to/dir/        an include path: task names below are looked up there too;
+  name                a task, group or tag: from the include paths, $DISTILLAB_LM_EVAL_INCLUDE (os.pathsep
+                      separated directories) or lm-eval's own registry.
+Everything runs offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set, so a built-in task whose dataset is
+not cached fails with a one-line error. Relative paths inside a local task YAML (e.g. `data_files` of a
+`dataset_path: json` task) resolve against the YAML's own directory, not the working directory: tasks are
+built with that directory as the working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import time
+from pathlib import Path
+
+from distillab import models
+from distillab.config import RunConfig, write_atomic
+from distillab.errors import UserError
+from distillab.rundir import fingerprint, is_fresh, mark_fresh
+
+INCLUDE_ENV = "DISTILLAB_LM_EVAL_INCLUDE"
+
+
+def run_lm_eval(cfg: RunConfig, tasks: str, log=print, limit: int | None = None, batch_size: int = 16) -> dict:
+    """Evaluate the run's models on lm-eval tasks; returns {label: result} as written to eval/lm_eval_<label>.json.
+
+    tasks: the SPEC above; empty means cfg.eval.lm_eval_tasks. limit: at most this many documents per task.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    specs = [s.strip() for s in (tasks or ",".join(cfg.eval.lm_eval_tasks)).split(",") if s.strip()]
+    if not specs:
+        raise UserError("no lm-eval tasks given: pass --lm-eval-tasks NAMES|YAML or set eval.lm_eval_tasks")
+    task_manager = _task_manager(specs)
+    names = resolve_task_names(task_manager, specs)
+    results = {}
+    for label, model_name in run_models(cfg).items():
+        path = models.resolve_model_path(model_name) if _exists(model_name) else None
+        if path is None:
+            log(f"lm-eval: skipping {label}: no model at {model_name}")
+            continue
+        out = cfg.run_dir / "eval" / f"lm_eval_{label}.json"
+        stamp = fingerprint("lm_eval", names, limit, *sorted(path.glob("*.safetensors")),
+                            *_task_files(task_manager, names))
+        if is_fresh(cfg.run_dir, f"lm_eval:{label}", stamp) and out.is_file():
+            results[label] = json.loads(out.read_text())
+            continue
+        log(f"lm-eval: {label} ({model_name}) on {', '.join(names)}")
+        result = evaluate_model(model_name, task_manager, names, limit=limit, batch_size=batch_size)
+        result["label"] = label
+        write_atomic(out, json.dumps(result, indent=1, default=str))
+        mark_fresh(cfg.run_dir, f"lm_eval:{label}", stamp)
+        results[label] = result
+    return results
+
+
+def run_models(cfg: RunConfig) -> dict[str, str]:
+    """The run's models by label; a remote teacher is left out (lm-eval here scores local weights only)."""
+    named = {"teacher": cfg.teacher.model, "base": cfg.train.student, "distilled": str(cfg.run_dir / "student")}
+    if cfg.teacher.base_url:
+        named.pop("teacher")
+    return named
+
+
+def _exists(model_name: str) -> bool:
+    try:
+        models.resolve_model_path(model_name)
+    except UserError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks: a TaskManager that knows the local YAMLs, and the names the SPEC stands for.
+
+
+def _lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("lm-eval is not installed: pip install lm-eval") from None
+    return TaskManager
+
+
+def _is_yaml(spec: str) -> bool:
+    return spec.endswith((".yaml", ".yml"))
+
+
+def include_paths(specs: list[str]) -> list[Path]:
+    paths = [Path(p) for p in os.environ.get(INCLUDE_ENV, "").split(os.pathsep) if p]
+    for spec in specs:
+        p = Path(spec).expanduser()
+        if _is_yaml(spec):
+            if not p.is_file():
+                raise UserError(f"lm-eval task file not found: {p}")
+            paths.append(p.parent)
+        elif p.is_dir():
+            paths.append(p)
+    for p in paths:
+        if not p.is_dir():
+            raise UserError(f"lm-eval include path is not a directory: {p}")
+    return list(dict.fromkeys(p.resolve() for p in paths))
+
+
+def _task_manager(specs: list[str]):
+    """A TaskManager over the include paths; lm-eval's ~15k built-in tasks (7 s to index) only when needed."""
+    TaskManager = _lm_eval()
+    paths = [str(p) for p in include_paths(specs)]
+    names = [s for s in specs if not _is_yaml(s) and not Path(s).expanduser().is_dir()]
+    if paths:
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if all(n in local.task_index for n in names):
+            return local
+    return TaskManager(include_path=paths or None)
+
+
+def resolve_task_names(task_manager, specs: list[str]) -> list[str]:
+    """Registered names for the SPEC items: a YAML file stands for the tasks it defines."""
+    names: list[str] = []
+    for spec in specs:
+        if _is_yaml(spec):
+            target = Path(spec).expanduser().resolve()
+            found = [n for n, e in task_manager.task_index.items()
+                     if e.yaml_path is not None and Path(e.yaml_path).resolve() == target]
+            if not found:
+                raise UserError(f"{spec}: lm-eval found no task in this file (it needs a `task:` or `group:` key)")
+            names += found
+        elif Path(spec).expanduser().is_dir():
+            continue  # an include path only
+        elif spec in task_manager.task_index:
+            names.append(spec)
+        else:
+            hint = difflib.get_close_matches(spec, task_manager.all_tasks, n=1)
+            raise UserError(f"unknown lm-eval task {spec!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") +
+                            f"; give a task YAML path or add its directory to ${INCLUDE_ENV}")
+    if not names:
+        raise UserError("the lm-eval task list names no task (only include directories)")
+    return list(dict.fromkeys(names))
+
+
+def _yaml_dir(task_manager, name: str) -> Path | None:
+    entry = task_manager.task_index.get(name)
+    return Path(entry.yaml_path).parent if entry is not None and entry.yaml_path is not None else None
+
+
+def _task_files(task_manager, names: list[str]) -> list[Path]:
+    """Files beside each local task YAML (the YAML and its data): part of the freshness stamp."""
+    import lm_eval
+
+    builtin = Path(lm_eval.__file__).parent
+    files: set[Path] = set()
+    for name in names:
+        folder = _yaml_dir(task_manager, name)
+        if folder is not None and builtin not in folder.resolve().parents:
+            files.update(p for p in folder.iterdir() if p.is_file())
+    return sorted(files)
+
+
+def load_tasks(task_manager, names: list[str]) -> list:
+    """Build Task/Group objects, each with its YAML's directory as the working directory (see module doc)."""
+    objects = []
+    for name in names:
+        folder = _yaml_dir(task_manager, name)
+        try:
+            with contextlib.chdir(folder) if folder is not None else contextlib.nullcontext():
+                loaded = task_manager.load([name])
+        except Exception as err:  # lm-eval and datasets raise many types; the user needs one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"lm-eval task {name!r} failed to load (offline): {first}") from None
+        objects += _top_level(loaded)
+    return objects
+
+
+def _top_level(loaded: dict) -> list:
+    """Groups that are nobody's child, else the tasks: handing lm-eval both would count tasks twice."""
+    groups = loaded.get("groups") or {}
+    if not groups:
+        return list(loaded["tasks"].values())
+    children = {c for kids in (loaded.get("group_map") or {}).values() for c in kids}
+    return [g for name, g in groups.items() if name not in children]
+
+
+# ----------------------------------------------------------------------------------------------------
+# One model.
+
+
+def evaluate_model(model_name: str | Path, task_manager, names: list[str], limit: int | None = None,
+                   batch_size: int = 16) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    tasks = load_tasks(task_manager, names)
+    model, tok = models.load(model_name)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(next(model.parameters()).device))
+    began = time.time()
+    raw = simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, limit=limit, log_samples=False,
+                          bootstrap_iters=1000)
+    return {
+        "model": str(model_name),
+        "tasks": names,
+        "scores": flat_scores(raw["results"]),
+        "results": raw["results"],
+        "groups": raw.get("groups"),
+        "versions": raw.get("versions"),
+        "n-shot": raw.get("n-shot"),
+        "n-samples": raw.get("n-samples"),
+        "higher_is_better": raw.get("higher_is_better"),
+        "lm_eval_version": raw.get("lm_eval_version"),
+        "limit": limit,
+        "eval_seconds": round(time.time() - began, 2),
+    }
+
+
+def flat_scores(results: dict) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} with lm-eval's ",none" filter suffix dropped (other filters keep theirs)."""
+    out = {}
+    for task, metrics in results.items():
+        out[task] = {k.removesuffix(",none"): v for k, v in metrics.items()
+                     if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out

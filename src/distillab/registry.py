@@ -1,0 +1,210 @@
+"""The runs registry: every run in one SQLite table, and the leaderboard ranked by value.
+
+One row per run directory (its absolute path is the key): recording the same run again updates its row and
+keeps its first-recorded time. `config_hash` hashes the config without `name` and `runs_dir`, so repeats
+of one experiment share a hash.
+
+Ranking rule (`rank_runs`). A run's *net task score* is the distilled student's task score minus the
+general-suite points it lost against the base model (gains are not credited; an unknown base counts as no
+loss; floored at 0), and its *value* is net task score per dollar of distillation (teacher generation $ +
+training $); runs rank by value, highest first. A $0 run has unbounded value and ranks above every paid run,
+a run whose cost is unknown (unpriced teacher) ranks below every priced run, and inside each group and on
+equal values the higher net score, then the smaller general loss, then the name decides. Tokens consumed
+never enter the rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+from distillab.errors import UserError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_dir TEXT PRIMARY KEY,        -- absolute path: one row per run directory
+    name TEXT NOT NULL,
+    config_hash TEXT NOT NULL,       -- config without name/runs_dir
+    config_json TEXT NOT NULL,
+    created_at TEXT NOT NULL,        -- first recorded
+    updated_at TEXT NOT NULL,        -- last recorded
+    scores_json TEXT NOT NULL,       -- {label: {task, general, task_ci, general_ci}} for every evaluated model
+    distilled_task REAL, distilled_general REAL, base_task REAL, base_general REAL,
+    teacher_task REAL, teacher_general REAL,
+    teacher_usd REAL, train_usd REAL, total_usd REAL,  -- total = teacher generation + training; NULL: unknown
+    price_status TEXT,
+    teacher_tokens INTEGER,
+    break_even_status TEXT, break_even_queries INTEGER,
+    lineage_json TEXT                -- a summary: base model, teachers, effective token fractions
+)
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30)  # concurrent runs finishing together wait, not fail
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(SCHEMA)
+    return conn
+
+
+def config_hash(cfg) -> str:
+    data = {k: v for k, v in cfg.model_dump().items() if k not in ("name", "runs_dir")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _score(evals: dict, label: str, suite: str) -> float | None:
+    return ((evals.get(label) or {}).get(suite) or {}).get("score")
+
+
+def _scores(evals: dict) -> dict:
+    return {label: {"task": _score(evals, label, "task"), "general": _score(evals, label, "general"),
+                    "task_ci": (res.get("task") or {}).get("ci"), "general_ci": (res.get("general") or {}).get("ci")}
+            for label, res in evals.items()}
+
+
+def lineage_summary(run_dir: Path) -> dict | None:
+    """The few lineage facts worth a leaderboard column, read generically from student/lineage.json."""
+    path = run_dir / "student" / "lineage.json"
+    if not path.is_file():
+        return None
+    lineage = json.loads(path.read_text())
+    return {"base_model": lineage.get("base_model"), "root_model": lineage.get("root_model"),
+            "teachers": lineage.get("teachers"), "generations": len(lineage.get("generations") or []),
+            "effective_fractions": lineage.get("effective_fractions")}
+
+
+def record_run(registry_path: Path, cfg, evals: dict, ledger: dict) -> None:
+    """Insert the run, or update its row when this run directory was recorded before."""
+    run_dir = Path(cfg.run_dir).resolve()
+    teacher = ledger.get("teacher_generation") or {}
+    be = ledger.get("break_even") or {}
+    tokens = None if teacher.get("prompt_tokens") is None else teacher["prompt_tokens"] + (teacher.get("completion_tokens") or 0)
+    now = _now()
+    row = {
+        "run_dir": str(run_dir), "name": cfg.name, "config_hash": config_hash(cfg),
+        "config_json": json.dumps(cfg.model_dump(), sort_keys=True, default=str), "created_at": now, "updated_at": now,
+        "scores_json": json.dumps(_scores(evals)),
+        "distilled_task": _score(evals, "distilled", "task"), "distilled_general": _score(evals, "distilled", "general"),
+        "base_task": _score(evals, "base", "task"), "base_general": _score(evals, "base", "general"),
+        "teacher_task": _score(evals, "teacher", "task"), "teacher_general": _score(evals, "teacher", "general"),
+        "teacher_usd": teacher.get("usd"), "train_usd": (ledger.get("training") or {}).get("usd"),
+        "total_usd": ledger.get("total_usd"), "price_status": teacher.get("price_status"), "teacher_tokens": tokens,
+        "break_even_status": be.get("status"), "break_even_queries": be.get("queries"),
+        "lineage_json": json.dumps(lineage_summary(run_dir)),
+    }
+    columns = list(row)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in ("run_dir", "created_at"))
+    conn = _connect(Path(registry_path))
+    try:
+        with conn:
+            conn.execute(f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+                         f"ON CONFLICT(run_dir) DO UPDATE SET {updates}", [row[c] for c in columns])
+    finally:
+        conn.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ranking (the rule is in the module docstring).
+
+
+def value_of(run: dict) -> dict:
+    """The numbers the rank is made of: general loss, net task score, value (per $), and the cost group."""
+    task, gen, base_gen = run.get("distilled_task"), run.get("distilled_general"), run.get("base_general")
+    general_loss = max(0.0, base_gen - gen) if None not in (gen, base_gen) else 0.0
+    net = max(0.0, (task or 0.0) - general_loss)
+    usd = run.get("total_usd")
+    if usd is None:
+        group, value = 2, None  # unknown cost: below every priced run
+    elif usd <= 0:
+        group, value = 0, math.inf  # free: above every paid run
+    else:
+        group, value = 1, net / usd
+    return {"general_loss": general_loss, "net_score": net, "value": value, "cost_group": group}
+
+
+def _rank_key(run: dict) -> tuple:
+    v = run["rank_numbers"]
+    return (v["cost_group"], -(v["value"] if v["value"] is not None and v["cost_group"] == 1 else 0.0),
+            -v["net_score"], v["general_loss"], run["name"])
+
+
+def read_runs(registry_path: Path) -> list[dict]:
+    registry_path = Path(registry_path)
+    if not registry_path.is_file():
+        raise UserError(f"no registry at {registry_path}: finish a run first (`distillab run CONFIG`)")
+    conn = _connect(registry_path)
+    try:
+        rows = [dict(r) for r in conn.execute("SELECT * FROM runs")]
+    finally:
+        conn.close()
+    for r in rows:
+        r["scores"] = json.loads(r.pop("scores_json"))
+        r["lineage"] = json.loads(r.pop("lineage_json") or "null")
+    return rows
+
+
+def rank_runs(registry_path: Path) -> list[dict]:
+    """Every recorded run, best value first, each with rank (1-based) and rank_numbers (see value_of)."""
+    runs = read_runs(registry_path)
+    for run in runs:
+        run["rank_numbers"] = value_of(run)
+    runs.sort(key=_rank_key)
+    for i, run in enumerate(runs, 1):
+        run["rank"] = i
+    return runs
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _fmt_value(v: dict) -> str:
+    if v["cost_group"] == 0:
+        return "free"
+    if v["cost_group"] == 2:
+        return "unpriced"
+    return f"{v['value']:.3g}/$"
+
+
+def leaderboard_table(runs: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="distillab leaderboard: net task score per $ (general loss subtracted)", title_justify="left",
+                  caption="net = task - general points lost (lost) vs base; value = net / (teacher $ + training $);"
+                          " free runs first, unpriced last", caption_justify="left")
+    longest = max((len(r["name"]) for r in runs), default=3)
+    for col in ("#", "run", "task", "gen", "lost", "net", "cost $", "value", "pays off"):
+        table.add_column(col, justify="left" if col in ("run", "pays off") else "right",
+                         no_wrap=col != "run", min_width=min(longest, 16) if col == "run" else None)
+    for run in runs:
+        v = run["rank_numbers"]
+        be = run["break_even_status"] or "-"
+        if be == "pays_off" and run["break_even_queries"] is not None:
+            from distillab.costs import human_count
+
+            be = f"{human_count(run['break_even_queries'])} q"
+        table.add_row(str(run["rank"]), run["name"], _fmt(run["distilled_task"]), _fmt(run["distilled_general"]),
+                      _fmt(v["general_loss"]), _fmt(v["net_score"]),
+                      "unpriced" if run["total_usd"] is None else f"{run['total_usd']:.3g}", _fmt_value(v), be)
+    return table
+
+
+def print_leaderboard(registry_path: Path) -> None:
+    from rich.console import Console
+
+    runs = rank_runs(registry_path)
+    console = Console()
+    if not runs:
+        console.print(f"no runs recorded in {registry_path}")
+        return
+    console.print(leaderboard_table(runs))

@@ -1,0 +1,42 @@
+"""The run's report: report.html (html.py) and the summary the CLI prints at the end of a run.
+
+    build_report(cfg, evals, ledger, summary) -> Path   run_dir/report.html, self-contained and offline
+    terminal_summary(evals, ledger) -> rich renderable   verdict, scores with intervals, the money lines
+"""
+
+from __future__ import annotations
+
+from distillab.report.html import build_report, ordered_labels, pct, verdict
+
+__all__ = ["build_report", "terminal_summary", "verdict"]
+
+
+def terminal_summary(evals: dict[str, dict], ledger: dict):
+    """What a finished run prints: the verdict sentence, a scores table and the cost lines."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from distillab.report.html import ledger_rows
+
+    table = Table("model", "task % [95% CI]", "general % [95% CI]", "world-text ppl", title="scores",
+                  title_justify="left")
+    for label in ordered_labels(evals):
+        res = evals[label]
+        ppl = res.get("world_text_perplexity")
+        table.add_row(label, _with_ci(res.get("task")), _with_ci(res.get("general")),
+                      "-" if ppl is None else f"{ppl:.2f}")
+    costs = Table.grid(padding=(0, 2))
+    wanted = ("teacher generation $", "training", "distillation total $", "student serving", "teacher API", "break-even")
+    for item, value in ledger_rows(ledger):
+        if item in wanted:
+            costs.add_row(Text(item, style="bold"), Text(value))
+    notes = [Text(f"note: {n}", style="yellow") for n in ledger.get("notes") or [] if "NOTIONAL" in n or "UNPRICED" in n]
+    return Group(Text(verdict(evals, ledger), style="bold"), table, costs, *notes)
+
+
+def _with_ci(res: dict | None) -> str:
+    if not res or res.get("score") is None:
+        return "-"
+    ci = res.get("ci") or [None, None]
+    return f"{pct(res['score'])} [{pct(ci[0])}, {pct(ci[1])}]"

@@ -1,0 +1,402 @@
+"""run_dir/report.html: one self-contained page that works offline.
+
+No CDN, no JavaScript, no external files: the CSS is inline (page.html) and every plot is matplotlib's SVG
+text pasted into the page. Sections, top to bottom: the verdict sentence, scores with 95% intervals for
+every evaluated model, task-vs-general scatter, cost-vs-quality Pareto, per-skill change vs base, the
+cost ledger, the lineage, and the run summary.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+from pathlib import Path
+from string import Template
+
+from distillab.config import RunConfig, write_atomic
+from distillab.costs import break_even_phrase, human_count
+from distillab.evaluate import gap_closed
+
+MODEL_ORDER = ("teacher", "base", "distilled", "zero_distill")  # the rest follow in the evals' own order
+COLORS = {"teacher": "#3467d6", "base": "#8a8f98", "distilled": "#d9531e", "zero_distill": "#2a9d5b"}
+EXTRA_COLORS = ["#9b59b6", "#c49a00", "#17a2b8", "#e83e8c"]
+
+
+def build_report(cfg: RunConfig, evals: dict[str, dict], ledger: dict, summary: dict | None = None) -> Path:
+    """Write run_dir/report.html (atomically) and return its path."""
+    lineage_path = cfg.run_dir / "student" / "lineage.json"
+    lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else None
+    page = render_page(cfg.name, evals, ledger, lineage, summary, task_skills(cfg, evals))
+    out = cfg.run_dir / "report.html"
+    write_atomic(out, page)
+    return out
+
+
+def render_page(name: str, evals: dict[str, dict], ledger: dict, lineage: dict | None,
+                summary: dict | None, task: set[str] = frozenset()) -> str:
+    labels = ordered_labels(evals)
+    sections = [
+        f"<h1>distillab report: {_e(name)}</h1>",
+        f"<div class='meta'>ledger written {_e(ledger.get('created_at', '?'))}</div>",
+        f"<p class='verdict' id='verdict'>{_e(verdict(evals, ledger))}</p>",
+        "<h2>Scores</h2>", scores_table(evals, labels),
+        "<h2>Plots</h2><div class='plots'>",
+        _figure("task-general", task_general_svg(evals, labels),
+                "Task vs general score of every model (95% bootstrap intervals as bars)."),
+        _figure("pareto", *pareto_svg(evals, ledger, labels)),
+        _figure("skills", skill_delta_svg(evals, labels, task),
+                "Per-skill change vs base in points: red bars are skills the model lost, (task) marks the task."),
+        "</div>",
+        "<h2>Per-skill scores</h2>", skills_table(evals, labels),
+        "<h2>Cost ledger</h2>", ledger_section(ledger),
+        "<h2>Lineage</h2>", lineage_section(lineage),
+    ]
+    if summary:
+        sections += ["<h2>Run summary</h2>", generic_html(summary)]
+    template = Template((Path(__file__).parent / "page.html").read_text())
+    return template.safe_substitute(title=_e(f"distillab: {name}"), body="\n".join(sections))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Numbers and words.
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def score_of(evals: dict, label: str, suite: str) -> float | None:
+    return ((evals.get(label) or {}).get(suite) or {}).get("score")
+
+
+def ordered_labels(evals: dict) -> list[str]:
+    return [m for m in MODEL_ORDER if m in evals] + [m for m in evals if m not in MODEL_ORDER]
+
+
+def color_of(label: str, labels: list[str]) -> str:
+    extras = [m for m in labels if m not in COLORS]
+    return COLORS.get(label) or EXTRA_COLORS[extras.index(label) % len(EXTRA_COLORS)]
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def verdict(evals: dict[str, dict], ledger: dict) -> str:
+    """One sentence: task gap closed, general points lost or gained, and when distilling pays off."""
+    clauses = []
+    d_task, b_task, t_task = (score_of(evals, m, "task") for m in ("distilled", "base", "teacher"))
+    closed = gap_closed(d_task, b_task, t_task)
+    if closed is not None:
+        clauses.append(f"closed {100 * closed:.0f}% of the task gap")
+    elif d_task is not None:
+        clauses.append(f"scored {pct(d_task)}% on the task")
+    d_gen, b_gen = score_of(evals, "distilled", "general"), score_of(evals, "base", "general")
+    if None not in (d_gen, b_gen):
+        points = 100 * (d_gen - b_gen)
+        if abs(points) < 0.5:
+            clauses.append("kept its general skill")
+        else:
+            clauses.append(f"{'lost' if points < 0 else 'gained'} {abs(points):.0f} points of general skill")
+    head = "Distilled student " + (" and ".join(clauses) if clauses else "has no scores")
+    be = ledger.get("break_even")
+    return head + (f"; {break_even_phrase(be)}." if be else ".")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables.
+
+
+def _score_cell(res: dict | None) -> str:
+    if not res or res.get("score") is None:
+        return "<td class='num'>-</td>"
+    ci = res.get("ci") or [None, None]
+    return f"<td class='num'>{pct(res['score'])} <span class='ci'>[{pct(ci[0])}, {pct(ci[1])}]</span></td>"
+
+
+def _signed_cell(x: float | None, spec: str = "+.0%") -> str:
+    if x is None:
+        return "<td class='num'>-</td>"
+    cls = "neg" if x < 0 else "pos"
+    return f"<td class='num {cls}'>{format(x, spec)}</td>"
+
+
+def scores_table(evals: dict, labels: list[str]) -> str:
+    head = ("<tr><th>model</th><th>parameters</th><th>task % [95% CI]</th><th>general % [95% CI]</th>"
+            "<th>world-text ppl</th><th>task gap closed</th><th>general gap closed</th></tr>")
+    rows = []
+    for m in labels:
+        res = evals[m]
+        gaps = ["<td class='num'>-</td>"] * 2
+        if m not in ("teacher", "base"):
+            gaps = [_signed_cell(gap_closed(score_of(evals, m, s), score_of(evals, "base", s),
+                                            score_of(evals, "teacher", s))) for s in ("task", "general")]
+        ppl = res.get("world_text_perplexity")
+        params = res.get("parameters")
+        rows.append(f"<tr><td>{_e(m)}</td><td class='num'>{'-' if params is None else f'{params:,}'}</td>"
+                    f"{_score_cell(res.get('task'))}{_score_cell(res.get('general'))}"
+                    f"<td class='num'>{'-' if ppl is None else f'{ppl:.2f}'}</td>{''.join(gaps)}</tr>")
+    return f"<table id='scores'>{head}{''.join(rows)}</table>"
+
+
+def skill_names(evals: dict) -> list[str]:
+    names: dict[str, None] = {}
+    for res in evals.values():
+        names.update(dict.fromkeys(res.get("skills") or {}))
+    return list(names)
+
+
+def task_skills(cfg: RunConfig | None, evals: dict) -> set[str]:
+    """The task suite's skills: from an eval file's "suites" key when it has one, else from the config."""
+    for res in evals.values():
+        if isinstance(res.get("suites"), dict):
+            return set(res["suites"].get("task") or [])
+    if cfg is None:
+        return set()
+    from distillab.evaluate import suites
+
+    return set(suites(cfg)[0])
+
+
+def skills_table(evals: dict, labels: list[str]) -> str:
+    names = skill_names(evals)
+    if not names:
+        return "<p>No per-skill scores.</p>"
+    head = "<tr><th>skill</th>" + "".join(f"<th>{_e(m)}</th>" for m in labels) + "</tr>"
+    rows = []
+    for s in names:
+        cells = "".join(f"<td class='num'>{pct(((evals[m].get('skills') or {}).get(s) or {}).get('score'))}</td>"
+                        for m in labels)
+        rows.append(f"<tr><td>{_e(s)}</td>{cells}</tr>")
+    return f"<table id='skills'>{head}{''.join(rows)}</table>"
+
+
+def _money(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "unknown"
+    return f"${x:,.{digits}f}" if abs(x) < 1000 else f"${x:,.0f}"
+
+
+def ledger_rows(ledger: dict) -> list[tuple[str, str]]:
+    """The ledger in plain words, one (item, value) row each."""
+    t, tr, sv, be = (ledger.get(k) or {} for k in ("teacher_generation", "training", "serving", "break_even"))
+    status = t.get("price_status", "?")
+    teacher_usd = "UNPRICED (unknown, not $0)" if status == "unpriced" else _money(t.get("usd"))
+    rows = [
+        ("teacher", f"{t.get('model', '?')} ({(t.get('pricing') or {}).get('description', status)})"),
+        ("teacher tokens", f"{t.get('prompt_tokens', '-')} in / {t.get('completion_tokens', '-')} out"),
+        ("teacher generation $", f"{teacher_usd} [{status}]"),
+        ("training", f"{_sci(tr.get('flops'))} FLOPs (estimate), {tr.get('steps', '-')} steps, "
+                     f"{tr.get('train_seconds', '-')} s x ${tr.get('usd_per_hour', 0):g}/h = {_money(tr.get('usd'))}"),
+        ("distillation total $", _money(ledger.get("total_usd"))),
+        ("student serving", f"{_num(sv.get('student_tokens_per_s'))} tokens/s here at ${sv.get('usd_per_hour', 0):g}/h "
+                            f"= {_money(sv.get('student_usd_per_1m_tokens'))} per 1M tokens"),
+        ("teacher API", f"{_money(sv.get('teacher_api_usd_per_1m_output'))} per 1M output tokens "
+                        f"[{sv.get('teacher_price_basis', '?')}]: {sv.get('teacher_price_description', '')}"),
+    ]
+    if be:
+        per_query = (f"one-off {_money(be.get('one_off_usd'))} (teacher data {_money(be.get('teacher_usd'))} + training "
+                     f"{_money(be.get('training_usd'))}); per query: teacher API {_money_small(be.get('api_usd_per_query'))}"
+                     f" vs student {_money_small(be.get('student_usd_per_query'))} [{be.get('price_basis', '?')} price]")
+        rows += [("break-even", break_even_phrase(be)), ("break-even inputs", per_query)]
+    return rows
+
+
+def _money_small(x: float | None) -> str:
+    """Three significant digits without an exponent: per-query dollars are tiny."""
+    if x is None:
+        return "unknown"
+    if x == 0:
+        return "$0"
+    return f"${x:.{max(2, 2 - math.floor(math.log10(abs(x))))}f}"
+
+
+def _sci(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def ledger_section(ledger: dict) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in ledger_rows(ledger))
+    notes = "".join(f"<li><span class='note'>{_e(n)}</span></li>" for n in ledger.get("notes") or [])
+    raw = _e(json.dumps(ledger, indent=1, default=str))
+    return (f"<table id='ledger'>{rows}</table>" + (f"<ul class='notes'>{notes}</ul>" if notes else "")
+            + f"<details><summary>ledger.json</summary><pre>{raw}</pre></details>")
+
+
+def lineage_section(lineage: dict | None) -> str:
+    if not lineage:
+        return "<p>No lineage recorded (student/lineage.json is absent).</p>"
+    return generic_html(lineage)
+
+
+def generic_html(value, depth: int = 0) -> str:
+    """Any JSON value as nested tables; long lists fold into <details> so the page stays readable."""
+    if isinstance(value, dict):
+        if not value:
+            return "<span class='ci'>{}</span>"
+        rows = "".join(f"<tr><td>{_e(k)}</td><td>{generic_html(v, depth + 1)}</td></tr>" for k, v in value.items())
+        return f"<table class='generic'>{rows}</table>"
+    if isinstance(value, list):
+        if all(not isinstance(v, (dict, list)) for v in value) and len(value) <= 20:
+            return _e(", ".join(_scalar(v) for v in value)) or "<span class='ci'>[]</span>"
+        inner = "".join(f"<div>{generic_html(v, depth + 1)}</div>" for v in value[:200])
+        more = f"<div class='ci'>... {len(value) - 200} more</div>" if len(value) > 200 else ""
+        return f"<details><summary>{len(value)} items</summary>{inner}{more}</details>"
+    return _e(_scalar(value))
+
+
+def _scalar(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "null" if v is None else str(v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plots: matplotlib Figure objects (no pyplot state), returned as inline SVG text.
+
+
+def _new_figure(width: float = 6.2, height: float = 4.4):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def svg_text(fig, salt: str) -> str:
+    """The <svg> element alone. A fixed hash salt per plot keeps ids stable and distinct across plots."""
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": f"distillab-{salt}", "svg.fonttype": "path"}):
+        fig.savefig(buf, format="svg")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _figure(name: str, svg: str | None, caption: str) -> str:
+    body = svg if svg else "<p class='note'>not enough data for this plot</p>"
+    return f"<figure class='plot' id='plot-{name}'>{body}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _ci_err(res: dict, suite: str) -> list[list[float]] | None:
+    s = (res.get(suite) or {})
+    ci = s.get("ci")
+    if s.get("score") is None or not ci or any(c is None or math.isnan(c) for c in ci):
+        return None
+    return [[100 * max(0.0, s["score"] - ci[0])], [100 * max(0.0, ci[1] - s["score"])]]
+
+
+def task_general_svg(evals: dict, labels: list[str]) -> str | None:
+    points = [m for m in labels if None not in (score_of(evals, m, "task"), score_of(evals, m, "general"))]
+    if not points:
+        return None
+    fig, ax = _new_figure()
+    for m in points:
+        x, y = 100 * score_of(evals, m, "general"), 100 * score_of(evals, m, "task")
+        ax.errorbar(x, y, xerr=_ci_err(evals[m], "general"), yerr=_ci_err(evals[m], "task"), fmt="o", ms=8,
+                    color=color_of(m, labels), capsize=3, label=m)
+        ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=9)
+    ax.set_xlabel("general suite score (%)")
+    ax.set_ylabel("task suite score (%)")
+    ax.set_title("What the task gained, what general skill kept")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return svg_text(fig, "task-general")
+
+
+def model_costs(evals: dict, ledger: dict, labels: list[str]) -> tuple[dict[str, float], str]:
+    """$ of serving one month of queries with each model, one-off costs included; and the caption."""
+    be = ledger.get("break_even") or {}
+    q = be.get("queries_per_month")
+    api, student = be.get("api_usd_per_query"), be.get("student_usd_per_query")
+    if None in (q, api, student):
+        return {}, f"cost-vs-quality needs the break-even prices ({be.get('reason', 'missing')})"
+    one_off, training = be.get("one_off_usd") or 0.0, be.get("training_usd") or 0.0
+    costs = {}
+    for m in labels:
+        if m == "teacher":
+            costs[m] = api * q
+        elif m == "base":
+            costs[m] = student * q  # same architecture as the student: same serving cost, nothing trained
+        elif m == "distilled":
+            costs[m] = one_off + student * q
+        else:
+            costs[m] = training + student * q  # a control trained with the same compute on its own data
+    notional = " The teacher is priced at a NOTIONAL API price." if be.get("price_basis") == "notional" else ""
+    caption = (f"Task score vs $ for {human_count(q)} queries (one month at the configured traffic): teacher = API "
+               f"calls; base = serving only; distilled = teacher data + training + serving; other models = training"
+               f" + serving. The line is the Pareto frontier (no model is both cheaper and better).{notional}")
+    return costs, caption
+
+
+def pareto_frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Points no other point beats on both cost (lower) and score (higher), cheapest first."""
+    frontier, best = [], -math.inf
+    for cost, score, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if score > best:
+            frontier.append((cost, score, name))
+            best = score
+    return frontier
+
+
+def pareto_svg(evals: dict, ledger: dict, labels: list[str]) -> tuple[str | None, str]:
+    costs, caption = model_costs(evals, ledger, labels)
+    points = [(costs[m], 100 * score_of(evals, m, "task"), m) for m in labels
+              if m in costs and score_of(evals, m, "task") is not None]
+    if not points:
+        return None, caption
+    fig, ax = _new_figure()
+    for cost, score, m in points:
+        ax.scatter([cost], [score], s=70, color=color_of(m, labels), zorder=3, label=m)
+        ax.annotate(m, (cost, score), textcoords="offset points", xytext=(7, 6), fontsize=9)
+    frontier = pareto_frontier(points)
+    ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="#333", lw=1.2, alpha=0.7,
+            zorder=2, label="Pareto frontier")
+    positive = [p[0] for p in points if p[0] > 0]
+    if len(positive) == len(points) and max(positive) / min(positive) > 100:
+        ax.set_xscale("log")
+    ax.set_xlabel("$ per month of queries")
+    ax.set_ylabel("task suite score (%)")
+    ax.set_title("Cost vs quality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return svg_text(fig, "pareto"), caption
+
+
+def skill_delta_svg(evals: dict, labels: list[str], task: set[str] = frozenset()) -> str | None:
+    names = skill_names(evals)
+    movers = [m for m in labels if m not in ("teacher", "base")]
+    if "base" not in evals or not names or not movers:
+        return None
+
+    def skill_score(m: str, s: str) -> float | None:
+        return ((evals[m].get("skills") or {}).get(s) or {}).get("score")
+
+    from matplotlib.patches import Patch
+
+    fig, ax = _new_figure(height=max(3.0, 0.42 * len(names) * max(1, len(movers)) ** 0.5 + 1.2))
+    height = 0.8 / len(movers)
+    hatches = ["", "///", "...", "xxx", "\\\\\\"]  # the distilled student solid, other models hatched
+    legend = []
+    for j, m in enumerate(movers):
+        deltas = [(100 * (skill_score(m, s) - skill_score("base", s))
+                   if None not in (skill_score(m, s), skill_score("base", s)) else 0.0) for s in names]
+        ys = [i + (j - (len(movers) - 1) / 2) * height for i in range(len(names))]
+        hatch = hatches[j % len(hatches)]
+        ax.barh(ys, deltas, height=height * 0.92, color=["#d64541" if d < 0 else "#3a9d5d" for d in deltas],
+                edgecolor="white" if hatch else "none", hatch=hatch, linewidth=0)
+        legend.append(Patch(facecolor="#9aa0a8", edgecolor="white", hatch=hatch, label=m))
+    ax.axvline(0, color="#333", lw=0.8)
+    ax.set_yticks(range(len(names)), [s + (" (task)" if s in task else "") for s in names], fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("change vs base (points): red = lost, green = gained")
+    ax.set_title("Per-skill change vs base")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(handles=legend, fontsize=8, loc="best")
+    return svg_text(fig, "skills")

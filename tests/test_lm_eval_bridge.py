@@ -1,0 +1,119 @@
+"""The lm-eval bridge, offline: a local multiple-choice task (YAML + JSONL in tmp) on tiny local models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from distillab import models
+from distillab.config import RunConfig
+from distillab.errors import UserError
+from distillab.evaluate import score_multiple_choice
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install lm-eval")
+
+from distillab.lm_eval_bridge import flat_scores, resolve_task_names, run_lm_eval  # noqa: E402
+
+DOCS = [
+    {"question": "upper abc", "choices": ["ABC", "XYZ"], "label": 0},
+    {"question": "reverse abc", "choices": ["abc", "cba"], "label": 1},
+    {"question": "12+7=", "choices": ["19", "91", "7"], "label": 0},
+    {"question": "upper dog", "choices": ["CAT", "DOG"], "label": 1},
+    {"question": "sort cab", "choices": ["abc", "cab"], "label": 0},
+]
+
+# target_delimiter "" so a choice follows the prompt's newline directly, as distillab's own scorer does.
+TASK_YAML = """\
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: tiny_mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}\\n"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+@pytest.fixture
+def task_yaml(tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "tiny_mc.jsonl").write_text("\n".join(json.dumps(d) for d in DOCS) + "\n")
+    (folder / "tiny_mc.yaml").write_text(TASK_YAML)
+    return folder / "tiny_mc.yaml"
+
+
+def tiny_model(path):
+    """An untrained 2-layer Llama with the lab tokenizer: a second local model, built in-process."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = models.load_tokenizer("lab:base")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def our_accuracy(model_name) -> float:
+    model, tok = models.load(model_name)
+    return sum(score_multiple_choice(model, tok, d["question"] + "\n", d["choices"], d["label"]) for d in DOCS) / len(DOCS)
+
+
+@pytest.mark.slow
+def test_lm_eval_on_run_models_offline(tmp_path, task_yaml, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    cfg = RunConfig.model_validate({"name": "r", "runs_dir": str(tmp_path / "runs"),
+                                    "teacher": {"model": tiny_model(tmp_path / "teacher")}})
+    shutil.copytree(models.resolve_model_path("lab:base"), cfg.run_dir / "student")  # stands in for the student
+    logs = []
+    results = run_lm_eval(cfg, str(task_yaml), log=logs.append)  # cwd is not the YAML's directory
+    assert set(results) == {"teacher", "base", "distilled"}
+    for label, model_name in [("teacher", cfg.teacher.model), ("base", "lab:base")]:
+        saved = json.loads((cfg.run_dir / "eval" / f"lm_eval_{label}.json").read_text())
+        assert saved["tasks"] == ["tiny_mc"] and saved["n-samples"]["tiny_mc"]["effective"] == len(DOCS)
+        acc = saved["scores"]["tiny_mc"]["acc"]
+        assert acc == pytest.approx(our_accuracy(model_name))  # lm-eval agrees with distillab's own MC scorer
+    assert results["distilled"]["scores"] == results["base"]["scores"]  # same weights, same answers
+    # A rerun with nothing changed reads the saved results and evaluates nothing.
+    logs.clear()
+    again = run_lm_eval(cfg, str(task_yaml), log=logs.append)
+    assert logs == [] and again["base"]["scores"] == results["base"]["scores"]
+
+
+def test_task_names_from_include_path(task_yaml):
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(task_yaml.parent), include_defaults=False)
+    assert resolve_task_names(tm, [str(task_yaml)]) == ["tiny_mc"]
+    assert resolve_task_names(tm, [str(task_yaml.parent), "tiny_mc"]) == ["tiny_mc"]
+    with pytest.raises(UserError, match="unknown lm-eval task 'tiny_mx' \\(did you mean 'tiny_mc'\\?\\)"):
+        resolve_task_names(tm, ["tiny_mx"])
+
+
+def test_bad_specs_are_one_line_errors(tmp_path):
+    cfg = RunConfig(name="r", runs_dir=str(tmp_path))
+    with pytest.raises(UserError, match="task file not found"):
+        run_lm_eval(cfg, str(tmp_path / "missing.yaml"))
+    with pytest.raises(UserError, match="no lm-eval tasks given"):
+        run_lm_eval(cfg, "")
+
+
+def test_flat_scores_drop_the_default_filter():
+    raw = {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A", "exact_match,strict": 1.0}}
+    assert flat_scores(raw) == {"t": {"acc": 0.5, "exact_match,strict": 1.0}}

@@ -1,0 +1,170 @@
+"""report.html: built from synthetic evals and ledger, then opened in headless Chromium (offline).
+
+The browser test needs `pip install playwright` and Debian's chromium (`apt-get install -y chromium`);
+it never runs `playwright install`. It is skipped, saying why, when either is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from distillab.config import RunConfig
+from distillab.evaluate import bootstrap_ci
+from distillab.report import build_report, terminal_summary, verdict
+from distillab.report.html import pareto_frontier
+
+CHROMIUM = "/usr/bin/chromium"
+SKILLS = {"add": True, "reverse": False, "upper": False, "recall": False}  # name -> in the task suite
+
+
+def fake_eval(label: str, rates: dict[str, float], seed: int) -> dict:
+    rng = random.Random(seed)
+    per_skill = {s: [float(rng.random() < p) for _ in range(50)] for s, p in rates.items()}
+    task = {s: v for s, v in per_skill.items() if SKILLS[s]}
+    general = {s: v for s, v in per_skill.items() if not SKILLS[s]}
+
+    def suite(d):
+        return {"score": sum(sum(v) / len(v) for v in d.values()) / len(d), "ci": bootstrap_ci(d, 200)}
+
+    return {"model": label, "label": label, "parameters": 1_100_000,
+            "skills": {s: {"score": sum(v) / len(v), "n": len(v), "ci": bootstrap_ci({s: v}, 200), "scores": v}
+                       for s, v in per_skill.items()},
+            "task": suite(task), "general": suite(general), "world_text_perplexity": 3.2, "eval_seconds": 1.0}
+
+
+def fake_evals() -> dict[str, dict]:
+    return {
+        "teacher": fake_eval("teacher", {"add": 0.9, "reverse": 0.95, "upper": 0.9, "recall": 0.8}, 1),
+        "base": fake_eval("base", {"add": 0.1, "reverse": 0.7, "upper": 0.8, "recall": 0.3}, 2),
+        "distilled": fake_eval("distilled", {"add": 0.8, "reverse": 0.5, "upper": 0.75, "recall": 0.1}, 3),
+        "zero_distill": fake_eval("zero_distill", {"add": 0.6, "reverse": 0.6, "upper": 0.7, "recall": 0.2}, 4),
+    }
+
+
+def fake_ledger() -> dict:
+    return {
+        "format": "distillab-ledger/1", "run": "demo", "created_at": "2026-01-01T00:00:00Z",
+        "teacher_generation": {"model": "lab:teacher", "data_source": "teacher", "price_status": "local",
+                               "prompt_tokens": 9000, "completion_tokens": 3000, "rows": 1000, "usd": 0.0,
+                               "pricing": {"description": "lab:teacher: local teacher, no API cost"}},
+        "training": {"flops": 1.3e14, "train_seconds": 300.0, "steps": 200, "usd_per_hour": 0.1, "usd": 300 / 3600 * 0.1},
+        "serving": {"student_tokens_per_s": 1500.0, "usd_per_hour": 0.1, "student_usd_per_1m_tokens": 0.0185,
+                    "teacher_api_usd_per_1m_output": 0.6, "teacher_api_usd_per_1m_input": 0.15,
+                    "teacher_price_basis": "notional", "teacher_price_description": "notional: priced like a small API"},
+        "break_even": {"price_basis": "notional", "status": "pays_off", "queries": 41_234, "months": 0.04123,
+                       "queries_per_month": 1_000_000, "one_off_usd": 0.01, "training_usd": 0.0083,
+                       "api_usd_per_query": 3.15e-6, "student_usd_per_query": 5.6e-8},
+        "quality": {}, "total_usd": 0.0083,
+        "notes": ["break-even uses a NOTIONAL teacher API price: notional: priced like a small API"],
+    }
+
+
+def fake_lineage() -> dict:
+    return {"format": "distillab-lineage/1", "model": "student", "base_model": "lab:base", "teachers": ["lab:teacher"],
+            "generations": [{"generation": 1, "token_fractions": {"teacher:lab:teacher": 1.0},
+                             "train": {"loss_history": [{"loss": 1.0 / (i + 1), "step": i} for i in range(60)]}}],
+            "effective_fractions": {"teacher:lab:teacher": 1.0}, "eval": None, "cost": None}
+
+
+@pytest.fixture
+def report_path(tmp_path) -> Path:
+    cfg = RunConfig(name="demo", runs_dir=str(tmp_path))
+    (cfg.run_dir / "student").mkdir(parents=True)
+    (cfg.run_dir / "student" / "lineage.json").write_text(json.dumps(fake_lineage()))
+    return build_report(cfg, fake_evals(), fake_ledger(), {"stages": {"generate": "done"}})
+
+
+def test_page_is_self_contained(report_path):
+    page = report_path.read_text()
+    assert page.count("<svg") == 3
+    for external in ("http://", "https://", "<script", "<link", "src="):
+        # matplotlib's SVG carries namespace URIs (xmlns="http://www.w3.org/...") which load nothing.
+        rest = page.replace('"http://www.w3.org/2000/svg"', "").replace('"http://www.w3.org/1999/xlink"', "")
+        rest = rest.replace("http://purl.org/dc", "").replace("http://creativecommons.org/ns#", "")
+        rest = rest.replace("http://www.w3.org/1999/02/22-rdf-syntax-ns#", "").replace("https://matplotlib.org/", "")
+        assert external not in rest, external
+    for label in fake_evals():
+        assert f"<td>{label}</td>" in page  # every model in the scores table
+    assert "pays off after 41k queries" in page and "NOTIONAL" in page and "about 1 day" in page
+    assert "loss_history" in page  # the lineage, shown generically
+
+
+def test_verdict_sentence():
+    evals, ledger = fake_evals(), fake_ledger()
+    text = verdict(evals, ledger)
+    t, b, d = (evals[m]["task"]["score"] for m in ("teacher", "base", "distilled"))
+    gb, gd = evals["base"]["general"]["score"], evals["distilled"]["general"]["score"]
+    assert text.startswith(f"Distilled student closed {100 * (d - b) / (t - b):.0f}% of the task gap")
+    assert f"lost {100 * (gb - gd):.0f} points of general skill" in text
+    assert "it pays off after 41k queries" in text and "notional" in text
+    never = verdict(evals, ledger | {"break_even": {"status": "never", "price_basis": "priced"}})
+    assert "never pays off" in never
+    unknown = verdict(evals, ledger | {"break_even": {"status": "unknown", "reason": "no teacher API price"}})
+    assert "unknown (no teacher API price)" in unknown
+
+
+def test_terminal_summary_renders():
+    console = Console(file=io.StringIO(), width=140)
+    console.print(terminal_summary(fake_evals(), fake_ledger()))
+    out = console.file.getvalue()
+    assert "Distilled student closed" in out and "zero_distill" in out and "break-even" in out
+
+
+def test_pareto_frontier():
+    points = [(1.0, 50.0, "a"), (2.0, 40.0, "b"), (3.0, 80.0, "c"), (0.5, 10.0, "d"), (3.0, 70.0, "e")]
+    assert [p[2] for p in pareto_frontier(points)] == ["d", "a", "c"]
+
+
+def _playwright():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install playwright (no `playwright install` needed)")
+    if not Path(CHROMIUM).is_file() and not shutil.which("chromium"):
+        pytest.skip(f"no chromium at {CHROMIUM}: apt-get install -y chromium")
+    return sync_playwright
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(report_path, tmp_path):
+    sync_playwright = _playwright()
+    from PIL import Image, ImageStat
+
+    errors, requests = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("request", lambda req: requests.append(req.url))
+        page.goto(report_path.as_uri(), wait_until="load")
+        plots = page.evaluate("""() => [...document.querySelectorAll('figure.plot')].map(f => {
+            const svg = f.querySelector('svg');
+            if (!svg) return {id: f.id, width: 0, height: 0, drawn: 0};
+            const r = svg.getBoundingClientRect();
+            const drawn = [...svg.querySelectorAll('path')].filter(p => (p.getAttribute('d') || '').length > 10
+                && p.getBBox().width + p.getBBox().height > 0).length;
+            return {id: f.id, width: r.width, height: r.height, drawn};
+        })""")
+        shot = page.screenshot(full_page=True)
+        verdict_text = page.inner_text("#verdict")
+        browser.close()
+    assert errors == []
+    assert [r for r in requests if not r.startswith("file://")] == []  # nothing fetched: works offline
+    assert {p["id"] for p in plots} == {"plot-task-general", "plot-pareto", "plot-skills"}
+    for plot in plots:
+        assert plot["width"] > 200 and plot["height"] > 100, plot
+        assert plot["drawn"] > 10, plot  # axes, ticks, markers, bars: real drawn paths
+    image = Image.open(io.BytesIO(shot)).convert("L")
+    assert max(ImageStat.Stat(image).var) > 0  # not a blank page
+    assert verdict_text.startswith("Distilled student closed")
