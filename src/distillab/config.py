@@ -118,12 +118,28 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: a swapped pair of letters ("modle") costs one edit, as typos do."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
+def did_you_mean(key: str, known: list[str]) -> str | None:
+    close = difflib.get_close_matches(key, known, n=5, cutoff=0.6)
+    return min(close, key=lambda k: (_edit_distance(key, k), close.index(k))) if close else None
+
+
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        hint = difflib.get_close_matches(where, _known_keys(RunConfig), n=1, cutoff=0.6)
-        return f"unknown config key {where!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        hint = did_you_mean(where, _known_keys(RunConfig))
+        return f"unknown config key {where!r}" + (f" (did you mean {hint!r}?)" if hint else "")
     return f"config {where or 'value'}: {first['msg']}"
 
 
