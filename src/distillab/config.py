@@ -131,7 +131,7 @@ def _edit_distance(a: str, b: str) -> int:
 
 def did_you_mean(key: str, known: list[str]) -> str | None:
     close = difflib.get_close_matches(key, known, n=5, cutoff=0.6)
-    return min(close, key=lambda k: (_edit_distance(key, k), close.index(k))) if close else None
+    return min(close, key=lambda k: (_edit_distance(key, k), abs(len(k) - len(key)), close.index(k))) if close else None
 
 
 def _one_line(err: ValidationError) -> str:
