@@ -37,7 +37,7 @@ class PretrainSpec:
 
 PRESETS = {
     # ~2.7M parameters: the teacher that knows the whole world.
-    "teacher": PretrainSpec(hidden=192, layers=6, heads=6, steps=10000, lr=1e-3),
+    "teacher": PretrainSpec(hidden=192, layers=6, heads=6, steps=8000, lr=1e-3),
     # ~0.8M parameters, a sixth of the teacher's steps: a small open model that never saw the knowledge base.
     "base": PretrainSpec(hidden=128, layers=4, heads=4, steps=2000, lr=2e-3,
                          skill_weights={"recall": 0.0, "describe": 0.0}),

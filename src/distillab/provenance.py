@@ -1,0 +1,433 @@
+"""Provenance: who wrote each training example, and the lineage of every model distillab trains.
+
+Three layers, each built on the one before:
+
+1. Row provenance. Every row of `data/train.parquet` carries the columns in `PROVENANCE_COLUMNS`:
+   `source` ("teacher" | "human" | "lab"), `teacher_id`, `teacher_params_hash` (hash of endpoint +
+   sampling parameters), `request_hash` (the teacher cache key) and `created_at` (ISO-8601 UTC).
+   `provenance_row` makes one for a teacher completion or ground truth; `declared_rows` tags a dataset the
+   user brought, by the source the user declares. This module is the single source of truth for them.
+
+2. Lineage of one training run (`build_lineage`). What fraction of the training tokens came from which
+   source. *Training tokens are completion tokens* (`completion_ids`, end-of-sequence included): those are
+   the positions the loss is computed on, so they are what the student learns to write. Prompt tokens are
+   inputs, identical whoever wrote the answer; they are counted and reported, but not attributed.
+   A source key is "teacher:<teacher_id>" for teacher text and "human" / "lab" otherwise.
+
+3. Composition over generations. A model trained from a base that itself has a `lineage.json` inherits
+   the parent's generations. The *effective fraction* of source s is
+
+       effective(s) = sum_g w_g * f_g(s) / sum_g w_g,     w_g = epochs_g * training_tokens_g
+
+   i.e. each generation counts by the number of supervised tokens it trained on (dataset completion tokens
+   times epochs), and the effective mix is the mix of all supervision the model received after the root
+   base model. The root's own pretraining is not counted (it is not ours to know); the root is named.
+   Text is attributed to the model that wrote it, even when that teacher was itself distilled.
+   Teachers that only supplied logits (KD targets on someone else's text) are listed in `teachers` and
+   `losses`, not in the token fractions: the fractions answer "who wrote what the model learned to write".
+
+4. The model card (`write_model_card`): `lineage.json` plus a Hugging Face `README.md` with YAML front
+   matter and readable sections; `update_lineage` fills the eval and cost slots later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from distillab.config import write_atomic
+from distillab.errors import UserError
+
+LINEAGE_FORMAT = "distillab-lineage/1"
+LINEAGE_FILE = "lineage.json"
+CARD_FILE = "README.md"
+
+SOURCES = ("teacher", "human", "lab")  # teacher: a model wrote it; human: people; lab: the world's ground truth
+PROVENANCE_COLUMNS = ("source", "teacher_id", "teacher_params_hash", "request_hash", "created_at")
+# Every column is a string; typed explicitly so an all-null column is still `string`, not `null`.
+PROVENANCE_SCHEMA = pa.schema([(name, pa.string()) for name in PROVENANCE_COLUMNS])
+UNDECLARED_TEACHER = "undeclared"  # a user-brought dataset declared teacher-written without naming the model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Row provenance.
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def teacher_params_hash(endpoint: str | None, sampling: dict | None) -> str:
+    """Hash of where the teacher was called and how it sampled: rows with equal hashes are comparable."""
+    canonical = _canonical_json({"endpoint": endpoint, "sampling": sampling or {}})
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def check_source(source: str) -> str:
+    if source not in SOURCES:
+        raise UserError(f"unknown data source {source!r}; allowed: {', '.join(SOURCES)}")
+    return source
+
+
+def provenance_row(
+    source: str,
+    teacher_id: str | None = None,
+    endpoint: str | None = None,
+    sampling: dict | None = None,
+    request_hash: str | None = None,
+    created_at: str | None = None,
+) -> dict:
+    """The provenance columns of one example. Teacher rows must name the teacher; others carry no teacher."""
+    check_source(source)
+    if source == "teacher":
+        if not teacher_id:
+            raise UserError("a teacher-written row needs teacher_id (the model that wrote it)")
+        params = teacher_params_hash(endpoint, sampling)
+    else:
+        teacher_id, params, request_hash = None, None, None  # nobody was asked: nothing to hash or cache
+    return {
+        "source": source,
+        "teacher_id": teacher_id,
+        "teacher_params_hash": params,
+        "request_hash": request_hash,
+        "created_at": created_at or utc_now(),
+    }
+
+
+def declared_rows(n: int, source: str, teacher_id: str | None = None) -> list[dict]:
+    """Provenance for n rows of a user-brought dataset, tagged by the source the user declares.
+
+    Declared teacher text has no request and no known sampling parameters, so those stay null; an unnamed
+    teacher is recorded as "undeclared" so the lineage still counts its tokens as teacher-written.
+    """
+    check_source(source)
+    created = utc_now()
+    if source == "teacher":
+        row = {"source": "teacher", "teacher_id": teacher_id or UNDECLARED_TEACHER, "teacher_params_hash": None,
+               "request_hash": None, "created_at": created}
+    else:
+        row = provenance_row(source, created_at=created)
+    return [dict(row) for _ in range(n)]
+
+
+def provenance_table(rows: list[dict]) -> pa.Table:
+    """The provenance columns as a typed Arrow table, to append to the dataset's other columns."""
+    return pa.Table.from_pylist([{k: r.get(k) for k in PROVENANCE_COLUMNS} for r in rows], schema=PROVENANCE_SCHEMA)
+
+
+def source_key(source: str, teacher_id: str | None) -> str:
+    return f"teacher:{teacher_id or UNDECLARED_TEACHER}" if source == "teacher" else source
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lineage of one run, and composition with the base model's lineage.
+
+
+def _dataset_token_counts(dataset_path: Path) -> dict:
+    """Completion (training) tokens per source key, plus totals, read from the dataset's Parquet file."""
+    if not dataset_path.is_file():
+        raise UserError(f"dataset not found: {dataset_path}")
+    names = set(pq.read_schema(dataset_path).names)
+    missing = [c for c in ("source", "teacher_id", "completion_ids") if c not in names]
+    if missing:
+        raise UserError(f"{dataset_path}: missing column(s) {', '.join(missing)}; was it written by distillab generate?")
+    cols = ["source", "teacher_id", "completion_ids"] + (["prompt_ids"] if "prompt_ids" in names else [])
+    table = pq.read_table(dataset_path, columns=cols)
+    completion_lens = pc.list_value_length(table["completion_ids"]).to_pylist()
+    prompt_lens = pc.list_value_length(table["prompt_ids"]).to_pylist() if "prompt_ids" in cols else None
+    tokens: dict[str, int] = {}
+    for source, teacher, n in zip(table["source"].to_pylist(), table["teacher_id"].to_pylist(), completion_lens):
+        key = source_key(check_source(source), teacher)
+        tokens[key] = tokens.get(key, 0) + (n or 0)
+    return {
+        "examples": table.num_rows,
+        "training_tokens": sum(tokens.values()),
+        "prompt_tokens": sum(n or 0 for n in prompt_lens) if prompt_lens is not None else None,
+        "tokens_by_source": dict(sorted(tokens.items())),
+    }
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fractions(tokens: dict[str, float]) -> dict[str, float]:
+    total = sum(tokens.values())
+    return {k: (v / total if total else 0.0) for k, v in sorted(tokens.items())}
+
+
+def effective_tokens(generations: list[dict]) -> dict[str, float]:
+    """Training tokens per source summed over generations, each counted epochs times (module docstring)."""
+    weighted: dict[str, float] = {}
+    for gen in generations:
+        for key, n in gen["tokens_by_source"].items():
+            weighted[key] = weighted.get(key, 0.0) + gen["epochs"] * n
+    return dict(sorted(weighted.items()))
+
+
+def effective_fractions(generations: list[dict]) -> dict[str, float]:
+    """sum_g w_g f_g(s) / sum_g w_g with w_g = epochs_g x training tokens_g: the epoch-weighted token share."""
+    return _fractions(effective_tokens(generations))
+
+
+def _base_model_dir(base_model: str) -> Path | None:
+    """Where the base model lives, if it is a local directory (lab checkpoints included)."""
+    if base_model.startswith("lab:"):
+        from distillab.models import LAB_CHECKPOINTS
+
+        path = LAB_CHECKPOINTS / base_model[len("lab:") :]
+    else:
+        path = Path(base_model).expanduser()
+    return path if path.is_dir() else None
+
+
+def build_lineage(
+    dataset_path: str | Path,
+    base_model: str,
+    teacher_ids: list[str] | None = None,
+    train_summary: dict | None = None,
+    *,
+    model_name: str | None = None,
+    datasets: list[str] | None = None,
+    parent_lineage: dict | None = None,
+) -> dict:
+    """The lineage of a model trained from `base_model` on `dataset_path`, composed with the base's lineage.
+
+    teacher_ids: every teacher involved (those that only supplied logits too); teachers found in the data
+    are added. train_summary: what the trainer reports; read here are "losses" (list of names, or a
+    {name: weight} dict), "loss" (a single name), "epochs" (default 1) and everything else kept verbatim.
+    datasets: public dataset ids to name in the card's front matter. parent_lineage: overrides reading
+    `lineage.json` from the base model's directory (tests, or a base that moved).
+    """
+    dataset_path = Path(dataset_path)
+    summary = dict(train_summary or {})
+    counts = _dataset_token_counts(dataset_path)
+    data_teachers = [k.split(":", 1)[1] for k in counts["tokens_by_source"] if k.startswith("teacher:")]
+    teachers = sorted(set(teacher_ids or []) | set(data_teachers))
+    losses = summary.get("losses") or ([summary["loss"]] if summary.get("loss") else [])
+    epochs = float(summary.get("epochs", 1.0))
+    if not (epochs > 0 and math.isfinite(epochs)):
+        raise UserError(f"train_summary epochs must be a positive number, got {summary.get('epochs')!r}")
+
+    if parent_lineage is None:
+        base_dir = _base_model_dir(base_model)
+        parent_lineage = load_lineage(base_dir) if base_dir is not None else None
+    parent_generations = list(parent_lineage["generations"]) if parent_lineage else []
+
+    generation = {
+        "generation": len(parent_generations) + 1,
+        "model": model_name,
+        "base_model": base_model,
+        "teachers": teachers,
+        "dataset": {"path": str(dataset_path), "sha256": _file_sha256(dataset_path),
+                    **{k: v for k, v in counts.items() if k != "tokens_by_source"}},
+        "tokens_by_source": counts["tokens_by_source"],
+        "token_fractions": _fractions(counts["tokens_by_source"]),
+        "epochs": epochs,
+        "losses": losses,
+        "train": summary,
+        "created_at": utc_now(),
+    }
+    generations = parent_generations + [generation]
+    return {
+        "format": LINEAGE_FORMAT,
+        "model": model_name,
+        "base_model": base_model,
+        "root_model": generations[0]["base_model"],
+        "teachers": sorted({t for g in generations for t in g["teachers"]}),
+        "datasets": sorted(set(datasets or []) | set((parent_lineage or {}).get("datasets") or [])),
+        "generations": generations,
+        "token_fractions": generation["token_fractions"],  # this run's data only
+        "effective_tokens": effective_tokens(generations),  # epochs x training tokens, whole chain
+        "effective_fractions": effective_fractions(generations),  # the whole chain (module docstring)
+        "eval": None,  # filled by update_lineage after evaluation
+        "cost": None,  # filled by update_lineage from the cost ledger
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading and writing: lineage.json and the model card.
+
+
+def load_lineage(model_dir: str | Path) -> dict | None:
+    """The lineage saved in a model directory, or None when the directory or its lineage.json is absent."""
+    path = Path(model_dir) / LINEAGE_FILE
+    if not path.is_file():
+        return None
+    try:
+        lineage = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(lineage, dict) or lineage.get("format") != LINEAGE_FORMAT:
+        raise UserError(f"{path}: not a distillab lineage (expected format {LINEAGE_FORMAT!r})")
+    return lineage
+
+
+def require_lineage(model_dir: str | Path) -> dict:
+    """load_lineage for the CLI: a missing directory or a model without lineage is a one-line UserError."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model directory not found: {model_dir}")
+    lineage = load_lineage(model_dir)
+    if lineage is None:
+        raise UserError(f"no {LINEAGE_FILE} in {model_dir}: it was not trained by distillab (or the card was removed)")
+    return lineage
+
+
+def write_model_card(model_dir: str | Path, lineage: dict) -> None:
+    """Write lineage.json and the Hugging Face model card README.md into model_dir, each atomically."""
+    model_dir = Path(model_dir)
+    lineage = dict(lineage)
+    lineage["model"] = lineage.get("model") or model_dir.name
+    last = dict(lineage["generations"][-1])  # the run being written is the model in this directory
+    last["model"] = last.get("model") or lineage["model"]
+    lineage["generations"] = lineage["generations"][:-1] + [last]
+    write_atomic(model_dir / LINEAGE_FILE, json.dumps(lineage, indent=1, default=str) + "\n")
+    write_atomic(model_dir / CARD_FILE, model_card(lineage))
+
+
+def update_lineage(model_dir: str | Path, eval: dict | None = None, cost: dict | None = None) -> dict:
+    """Fill the eval and/or cost slots of a saved lineage (keys merge), and rewrite the card."""
+    lineage = require_lineage(model_dir)
+    if eval is not None:
+        lineage["eval"] = {**(lineage.get("eval") or {}), **eval}
+    if cost is not None:
+        lineage["cost"] = {**(lineage.get("cost") or {}), **cost}
+    write_model_card(model_dir, lineage)
+    return lineage
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _flat_numbers(d: dict | None, prefix: str = "") -> list[tuple[str, float]]:
+    """Nested eval/cost dicts as (dotted name, number) rows, for tables and the model-index."""
+    rows = []
+    for key, value in (d or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flat_numbers(value, name + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((name, value))
+    return rows
+
+
+def _front_matter(lineage: dict) -> dict:
+    meta: dict = {
+        "base_model": lineage["base_model"],
+        "library_name": "transformers",
+        "tags": ["distillation", "knowledge-distillation", "distillab"],
+    }
+    if lineage.get("datasets"):
+        meta["datasets"] = list(lineage["datasets"])
+    by_suite: dict[str, list[dict]] = {}
+    for name, value in _flat_numbers(lineage.get("eval")):
+        suite, _, metric = name.rpartition(".")
+        by_suite.setdefault(suite or "distillab-eval", []).append({"type": metric, "name": name, "value": float(value)})
+    if by_suite:
+        meta["model-index"] = [{
+            "name": lineage.get("model") or "student",
+            "results": [{"task": {"type": "text-generation"}, "dataset": {"name": suite, "type": "distillab-eval"},
+                         "metrics": metrics} for suite, metrics in by_suite.items()],
+        }]
+    return meta
+
+
+def _fraction_table(fractions: dict[str, float], tokens: dict | None = None, title: str = "tokens") -> list[str]:
+    lines = [f"| source | {title} | fraction |", "|---|---:|---:|"]
+    for key, frac in sorted(fractions.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {key} | {tokens[key] if tokens else '-'} | {_pct(frac)} |")
+    return lines
+
+
+def _loss_text(losses) -> str:
+    text = (", ".join(f"{k} (weight {v:g})" for k, v in losses.items()) if isinstance(losses, dict)
+            else ", ".join(map(str, losses or [])))
+    return text or "not recorded"
+
+
+def _epochs(n: float) -> str:
+    return f"{n:g} epoch" + ("" if n == 1 else "s")
+
+
+def _number_table(title: str, rows: list[tuple[str, float]]) -> list[str]:
+    lines = [f"| {title} | value |", "|---|---:|"]
+    return lines + [f"| {name} | {value:.6g} |" for name, value in rows]
+
+
+def model_card(lineage: dict) -> str:
+    """The README.md text: YAML front matter, then lineage, fractions, losses, data, eval and cost."""
+    out = ["---", yaml.safe_dump(_front_matter(lineage), sort_keys=False).rstrip(), "---", ""]
+    name = lineage.get("model") or "student"
+    last = lineage["generations"][-1]
+    out += [f"# {name}", "",
+            f"Distilled with distillab from `{lineage['base_model']}` "
+            f"(teachers: {', '.join(f'`{t}`' for t in lineage['teachers']) or 'none'}).", ""]
+
+    out += ["## Lineage", ""]
+    for gen in lineage["generations"]:
+        mix = ", ".join(f"{k} {_pct(v)}" for k, v in sorted(gen["token_fractions"].items(), key=lambda kv: -kv[1]))
+        out.append(f"{gen['generation']}. `{gen['base_model']}` → `{gen.get('model') or '?'}` on "
+                   f"{gen['dataset']['training_tokens']} training tokens × {_epochs(gen['epochs'])} ({mix})")
+    out.append("")
+
+    out += ["## Training tokens by source (this run)", "",
+            "Training tokens are completion tokens: the positions the loss is computed on.", ""]
+    out += _fraction_table(last["token_fractions"], last["tokens_by_source"]) + [""]
+    if len(lineage["generations"]) > 1:
+        out += ["## Effective fractions (all generations)", "",
+                "Each generation weighted by epochs × its training tokens: the mix of all supervision this "
+                f"model received after `{lineage['root_model']}`.", ""]
+        out += _fraction_table(lineage["effective_fractions"],
+                               {k: f"{v:g}" for k, v in lineage["effective_tokens"].items()}, "epochs × tokens") + [""]
+
+    data = last["dataset"]
+    out += ["## Training", "", f"- losses: {_loss_text(last['losses'])}",
+            f"- examples: {data['examples']}", f"- training (completion) tokens: {data['training_tokens']}",
+            f"- prompt tokens: {data['prompt_tokens'] if data['prompt_tokens'] is not None else 'not recorded'}",
+            f"- epochs: {last['epochs']:g}", f"- dataset: `{data['path']}` (sha256 {data['sha256'][:12]}…)", ""]
+
+    out += ["## Evaluation", ""]
+    evals = _flat_numbers(lineage.get("eval"))
+    out += (_number_table("metric", evals) if evals else ["Not evaluated yet."]) + [""]
+    out += ["## Cost", ""]
+    costs = _flat_numbers(lineage.get("cost"))
+    out += (_number_table("item", costs) if costs else ["Not recorded yet."]) + [""]
+    return "\n".join(out)
+
+
+def format_lineage(lineage: dict) -> str:
+    """What `distillab lineage MODEL_DIR` prints: generations, then this run's and the effective mix."""
+    lines = [f"model: {lineage.get('model') or '?'}", f"base model: {lineage['base_model']}",
+             f"root model: {lineage['root_model']}", f"teachers: {', '.join(lineage['teachers']) or 'none'}",
+             "", "generations:"]
+    for gen in lineage["generations"]:
+        lines.append(f"  {gen['generation']}. {gen['base_model']} -> {gen.get('model') or '?'}: "
+                     f"{gen['dataset']['examples']} examples, {gen['dataset']['training_tokens']} training tokens "
+                     f"x {_epochs(gen['epochs'])}, losses: {_loss_text(gen['losses'])}")
+        for key, frac in sorted(gen["token_fractions"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"       {key:<32} {_pct(frac):>7}")
+    lines += ["", "effective fractions (epochs x training tokens over all generations):"]
+    for key, frac in sorted(lineage["effective_fractions"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {key:<34} {_pct(frac):>7}")
+    for title, slot in (("eval", "eval"), ("cost", "cost")):
+        rows = _flat_numbers(lineage.get(slot))
+        lines += ["", f"{title}:"] + ([f"  {n:<34} {v:.6g}" for n, v in rows] if rows else ["  not recorded"])
+    return "\n".join(lines)
