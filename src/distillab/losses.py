@@ -31,8 +31,8 @@ missing mass 1 - S is kept as one "tail bucket". The student is compared on the 
 at the k teacher ids, plus its own tail 1 - sum(q[ids]). The student tail is computed as a logsumexp over the student
 logits that are NOT among the ids (never as 1 - sum, which cancels catastrophically when the tail is tiny), and it is
 exactly 0 when the ids cover the whole vocab, so with k = V every loss equals its dense value. All divergences are then
-exact divergences between these two (k + 1)-bucket distributions (a coarsening of the true ones, so by the data
-processing inequality they never exceed the full-vocab divergence against the same teacher).
+exact divergences between these two (k + 1)-bucket distributions (at the stored temperature, a coarsening of the true
+ones, so by the data processing inequality they never exceed the full-vocab divergence against the same teacher).
 Temperature in the sparse case: the student logits are divided by ``temperature`` as in the dense case. The teacher's
 stored log-probs were computed at ``TeacherDist.logprob_temperature`` (default 1); they are re-tempered by scaling them
 with ``logprob_temperature / temperature`` and renormalising over the k ids to the same top-k mass S, i.e. the teacher's
@@ -79,7 +79,7 @@ class TeacherDist:
     logits: Tensor | None = None  # (..., T, Vt) raw teacher logits
     ids: Tensor | None = None  # (..., T, k) int64, distinct per position
     logprobs: Tensor | None = None  # (..., T, k) log-probs at ids, normalised over the teacher's full vocab
-    tail_logprob: Tensor | None = None  # (..., T) log of the mass outside the ids, if stored; else 1 - sum(exp(logprobs))
+    tail_logprob: Tensor | None = None  # (..., T) log mass outside the ids if stored; else 1 - sum(exp(logprobs))
     logprob_temperature: float = 1.0  # the temperature the stored logprobs were computed at
     vocab_size: int | None = None  # the teacher's true vocab (sparse only): student logits beyond it are padding
 
@@ -516,5 +516,7 @@ def chunked_kd_loss(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     # the mean's 1 / N is applied inside, so a plain loss.backward() hands the Function an incoming gradient of 1
     scale = 1.0 / max(n_tokens, 1) if reduction == "mean" else 1.0
-    total = _ChunkedLinearLoss.apply(hidden, lm_head_weight, name, selected, chunk_size, temperature, beta, alpha, scale)
+    total = _ChunkedLinearLoss.apply(
+        hidden, lm_head_weight, name, selected, chunk_size, temperature, beta, alpha, scale
+    )
     return total if reduction == "mean" else (total, n_tokens)

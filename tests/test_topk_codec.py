@@ -1,0 +1,86 @@
+"""distillab.topk_codec: ids round-trip exactly, log-probs within the documented bound."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distillab.losses import TeacherDist, forward_kl
+from distillab.topk_codec import LOGPROB_RANGE, MAX_LOGPROB_ERROR, TAIL_STEP, TOP_STEP, decode_topk, encode_topk
+
+
+def sample_topk(seed, n_positions, vocab, k, peak):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n_positions, vocab, generator=g) * peak
+    logprobs, ids = torch.log_softmax(logits, -1).topk(k, dim=-1)  # (T, k) each, in rank order
+    return ids, logprobs
+
+
+def sorted_by_id(ids, logprobs):
+    order = ids.argsort(-1)
+    return ids.gather(-1, order), logprobs.gather(-1, order)
+
+
+@pytest.mark.parametrize("vocab,peak", [(32000, 1.0), (151936, 6.0), (300, 20.0)])
+def test_round_trip(vocab, peak):
+    ids, logprobs = sample_topk(0, 64, vocab, 20, peak)
+    ids[0, :3] = torch.tensor([0, vocab - 1, 1])  # the extremes of the id range
+    fields = encode_topk(ids, logprobs)
+    # through raw bytes, as read back from Parquet
+    got_ids, got_logprobs, got_tail = decode_topk({name: array.tobytes() for name, array in fields.items()})
+    want_ids, want_logprobs = sorted_by_id(ids, logprobs)
+    want_tail = (1 - want_logprobs.double().exp().sum(-1)).clamp(min=0).log()
+    representable = want_tail > -255  # smaller tails (0 included) are stored as "below e^-255"
+    assert (got_tail.double() - want_tail)[representable].abs().max() <= TAIL_STEP / 2 + 1e-6
+    assert (got_tail[~representable] <= -255).all()
+    assert torch.equal(got_ids, want_ids)
+    in_range = want_logprobs >= want_logprobs.max(-1, keepdim=True).values - LOGPROB_RANGE
+    error = (got_logprobs.double() - want_logprobs.double()).abs()
+    assert error[in_range].max() <= MAX_LOGPROB_ERROR + 1e-6  # + float32 rounding of the inputs
+    # the top log-prob itself is kept to TOP_STEP
+    top_error = (got_logprobs.max(-1).values.double() - want_logprobs.max(-1).values.double()).abs()
+    assert top_error.max() <= TOP_STEP / 2 + 1e-6
+    # out-of-range entries are tiny probabilities and stay tiny
+    if (~in_range).any():
+        assert got_logprobs[~in_range].exp().max() <= math.exp(-LOGPROB_RANGE + 1e-3)
+
+
+def test_bound_is_tight_not_vacuous():
+    # a log-prob halfway between two codes errs by (almost) exactly the bound, so the bound is the real one
+    ids = torch.tensor([[3, 7]])
+    logprobs = torch.tensor([[0.0, -(5 + 0.499) / 16]], dtype=torch.float64)
+    _, got, _ = decode_topk(encode_topk(ids, logprobs))
+    assert abs(got[0, 1].item() - logprobs[0, 1].item()) == pytest.approx(MAX_LOGPROB_ERROR, abs=2e-3)
+
+
+def test_neg_inf_and_errors():
+    ids = torch.tensor([[5, 2, 9]])
+    logprobs = torch.tensor([[-0.1, -float("inf"), -2.0]])
+    got_ids, got_logprobs, _ = decode_topk(encode_topk(ids, logprobs))
+    assert got_ids.tolist() == [[2, 5, 9]]
+    assert got_logprobs[0, 0].item() == pytest.approx(-0.1 - LOGPROB_RANGE, abs=TOP_STEP / 2 + 1e-6)
+    with pytest.raises(ValueError, match="distinct"):
+        encode_topk(torch.tensor([[4, 4]]), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="ids must be in"):
+        encode_topk(torch.tensor([[-1, 4]]), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        encode_topk(torch.tensor([[1, 4]]), torch.tensor([[0.0, float("nan")]]))
+
+
+def test_compact():
+    ids, logprobs = sample_topk(1, 512, 32000, 20, 1.0)
+    fields = encode_topk(ids, logprobs)
+    assert sum(np.asarray(a).nbytes for a in fields.values()) == 512 * (20 * 4 + 2 + 2)  # before any compression
+
+
+def test_decoded_teacher_gives_nearly_the_same_loss():
+    # end to end: the loss against the decoded top-k is within the quantisation error of the loss against the original
+    ids, logprobs = sample_topk(2, 256, 5000, 20, 4.0)
+    student = torch.randn(256, 5000, generator=torch.Generator().manual_seed(3)) * 2
+    exact = forward_kl(student, TeacherDist(ids=ids, logprobs=logprobs))
+    got_ids, got_logprobs, got_tail = decode_topk(encode_topk(ids, logprobs))
+    decoded = forward_kl(student, TeacherDist(ids=got_ids, logprobs=got_logprobs, tail_logprob=got_tail))
+    assert abs(decoded.item() - exact.item()) <= 0.01 * exact.item()
