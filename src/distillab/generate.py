@@ -105,10 +105,14 @@ def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
     missing = [r for r, k in zip(requests, keys) if k not in done]
     missing = list({request_key(r): r for r in missing}.values())  # the same prompt twice is one request
     sent = failed = 0
-    spent = pricing.usd_for(cache.usage(keys))
     if missing:
         log(f"generate: {len(done)} of {len(set(keys))} cached, asking the teacher for {len(missing)}")
-        budget = BudgetGuard(cfg.teacher.max_usd, pricing, total=len(missing))
+        # The budget counts what earlier (interrupted) runs already spent on these prompts: a resumed run
+        # must not get a fresh max_usd.
+        budget = BudgetGuard(cfg.teacher.max_usd, pricing, total=len(missing), prior_usage=cache.usage(keys))
+        budget.check()
+        if progress:
+            progress(0, len(missing), budget)
 
         def on_done(req, resp, error, latency, attempts):
             nonlocal sent, failed
@@ -140,16 +144,25 @@ def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
     write_atomic(run_dir / "data" / "generate_summary.json", json.dumps({
         "rows": len(rows), "failed": len(failures), "teacher": cfg.teacher.model,
         "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-        "usd": spent, "priced": spent is not None, "failures": failures[:20]}, indent=1))
+        "usd": spent, "priced": spent is not None, "pricing": pricing.to_dict(), "failures": failures[:20]}, indent=1))
     return GenerateSummary(len(rows), sent, len(done), len(failures), usage["prompt_tokens"],
                            usage["completion_tokens"], spent)
 
 
 class BudgetGuard:
-    """Stops generation before the projected spend passes max_usd (projected: spend per request so far x total)."""
+    """Stops generation before the projected spend passes max_usd.
 
-    def __init__(self, max_usd: float | None, pricing, total: int):
-        self.max_usd, self.pricing, self.total = max_usd, pricing, total
+    spent      dollars on this dataset so far: earlier runs' cached answers (prior_usage) plus this run's;
+    projected  the earlier runs' spend + this run's requests x the cost per request (this run's average once
+               there is one, else the earlier runs'), so a rerun after a stop stops before sending anything.
+    Both are None when the teacher is unpriced (then max_usd cannot be enforced; pricing warned about it).
+    Requests already in flight when it stops still land, are paid for and are cached.
+    """
+
+    def __init__(self, max_usd: float | None, pricing, total: int, prior_usage: dict | None = None):
+        self.max_usd, self.pricing, self.total = max_usd, pricing, total  # total: requests this run sends
+        self.prior = pricing.usd_for(prior_usage or {})
+        self.prior_requests = (prior_usage or {}).get("requests", 0)
         self.done = self.prompt_tokens = self.completion_tokens = 0
 
     def add(self, response: dict) -> None:
@@ -158,19 +171,30 @@ class BudgetGuard:
         self.completion_tokens += response.get("completion_tokens", 0)
 
     @property
-    def spent(self) -> float | None:
+    def spent_this_run(self) -> float | None:
         return self.pricing.usd_for({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens})
 
     @property
+    def spent(self) -> float | None:
+        now = self.spent_this_run
+        return None if now is None or self.prior is None else self.prior + now
+
+    @property
     def projected(self) -> float | None:
-        spent = self.spent
-        return None if spent is None or not self.done else spent / self.done * self.total
+        now = self.spent_this_run
+        if now is None or self.prior is None:
+            return None
+        if self.done:
+            per_request = now / self.done
+        else:
+            per_request = self.prior / self.prior_requests if self.prior_requests else 0.0
+        return self.prior + per_request * self.total
 
     def check(self) -> None:
         projected = self.projected
         if self.max_usd is not None and projected is not None and projected > self.max_usd:
             raise UserError(f"stopped: projected teacher spend ${projected:.4f} would pass max_usd ${self.max_usd:.4f} "
-                            f"(spent ${self.spent:.4f} on {self.done} requests; answered requests are cached)")
+                            f"(spent ${self.spent:.4f}; answered requests are cached, a rerun resumes)")
 
 
 def _ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
@@ -197,12 +221,14 @@ def _teacher_rows(prompts, keys, cache, teacher, cfg, tokenizer) -> list[dict]:
         resp = cache.get(key)
         if resp is None:  # failed for good: recorded in the cache's failures, left out of the data
             continue
-        if resp.get("token_ids") is not None:
+        top_ids, top_lp = resp.get("top_ids"), resp.get("top_logprobs")
+        if resp.get("token_ids") is not None and _ids_match(resp, tokenizer):
             prompt_ids = tokenizer(p["prompt"])["input_ids"]
             completion_ids = resp["token_ids"]
-        else:  # a server that gives no ids: the student's tokenizer reads the text
+        else:  # no ids, or the teacher's ids are not the student's: the student's tokenizer reads the text
             prompt_ids, completion_ids = _ids(tokenizer, p["prompt"], resp["text"])
-        top_ids, top_lp = resp.get("top_ids"), resp.get("top_logprobs")
+            if resp.get("token_ids") is not None:
+                top_ids = top_lp = None  # teacher-vocabulary ids, meaningless to this student
         if top_ids is None and resp.get("top_tokens") is not None:
             from distillab.teachers.openai_compat import map_top_tokens
 
@@ -212,6 +238,14 @@ def _teacher_rows(prompts, keys, cache, teacher, cfg, tokenizer) -> list[dict]:
                      **provenance.provenance_row("teacher", teacher_id=teacher.teacher_id, endpoint=teacher.endpoint,
                                                  sampling=sampling, request_hash=key)})
     return rows
+
+
+def _ids_match(resp: dict, tokenizer) -> bool:
+    """Teacher token ids are usable only when they are the student's: in range and decoding to the text."""
+    ids = resp["token_ids"]
+    if any(not 0 <= i < len(tokenizer) for i in ids):
+        return False
+    return tokenizer.decode(ids, skip_special_tokens=True) == resp["text"]
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:

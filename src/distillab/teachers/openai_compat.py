@@ -1,0 +1,315 @@
+"""A teacher behind an OpenAI-compatible endpoint (OpenAI, vLLM, `distillab serve`, ...), on the official
+`openai` SDK (AsyncOpenAI).
+
+- Concurrency: `teacher.concurrency` workers share one queue of requests; their results go through a
+  second queue to on_done, called from one place, in order of completion.
+- Retries are ours, not the SDK's (max_retries=0 there), so the attempt counts in the cache are true:
+  429 / 408 / 409 / 5xx, timeouts, dropped connections and unparsable bodies are retried up to
+  `teacher.max_retries` times with exponential backoff and jitter; a Retry-After (or retry-after-ms) header
+  is honoured instead. Other 4xx fail at once. A request that fails for good is reported to on_done with
+  its error, never dropped.
+- Logprobs: with `top_k_logprobs` > 0 we ask for them, and for vLLM's `return_tokens_as_token_ids`, which
+  makes every token string "token_id:<id>": exact ids. A server that refuses that field (a 400 naming it)
+  is asked again without it, and then token *strings* come back as `top_tokens`, mapped onto the student's
+  tokenizer later by `map_top_tokens`.
+- Requests go through the SDK's documented raw path (`client.post(path, cast_to=bytes)`) and the JSON is
+  read here: same client, auth, timeouts and exceptions, without the typed request/response objects.
+- Each request carries `Idempotency-Key: <request hash>`: a server that honours it (distillab serve does)
+  answers a request re-sent after a crash or timeout without computing it again.
+- The API key is read from the environment variable `teacher.api_key_env` names, only when a request is
+  about to be sent; it is never put in a request dict, a response, an error message or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import os
+import random
+import time
+
+import openai
+
+from distillab.cache import request_key
+from distillab.errors import UserError
+
+TOKEN_ID_PREFIX = "token_id:"
+RETRY_STATUSES = {408, 409, 425, 429}  # and every 5xx
+MAX_RETRY_AFTER_S = 600.0
+
+
+class MalformedResponse(ValueError):
+    """The server answered 200 with something that is not a usable completion (retried like a 5xx)."""
+
+
+class OpenAITeacher:
+    def __init__(self, cfg, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0):
+        if not cfg.base_url:
+            raise UserError("teacher.base_url is not set: the OpenAI-compatible teacher needs an endpoint")
+        self.cfg = cfg
+        self.teacher_id = cfg.model
+        self.endpoint = cfg.base_url.rstrip("/")
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self._ask_token_ids = True  # until the server refuses return_tokens_as_token_ids
+
+    # -- the Teacher protocol ------------------------------------------------------------------------
+
+    def request(self, prompt: str) -> dict:
+        """The canonical request: everything that decides the answer, nothing secret."""
+        c = self.cfg
+        req = {"endpoint": self.endpoint, "model": c.model, "mode": c.mode, "max_tokens": c.max_new_tokens,
+               "temperature": c.temperature, "top_p": c.top_p, "logprobs": c.top_k_logprobs}
+        if c.mode == "chat":
+            req["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            req["prompt"] = prompt
+        return req
+
+    def answer(self, requests: list[dict], on_done) -> None:
+        if requests:
+            asyncio.run(self.answer_async(requests, on_done))
+
+    async def answer_async(self, requests: list[dict], on_done) -> None:
+        """Send all requests, `concurrency` at a time; on_done once per request as it finishes.
+
+        An exception raised by on_done (the budget guard) stops everything: workers are cancelled and
+        the exception propagates. What was already passed to on_done stays committed by the caller.
+        """
+        key = self._api_key()
+        client = openai.AsyncOpenAI(base_url=self.endpoint, api_key=key or "none", max_retries=0,
+                                    timeout=self.cfg.timeout_s)
+        pending = iter(requests)  # shared by the workers: each request is taken exactly once
+        finished: asyncio.Queue = asyncio.Queue()
+
+        async def worker():
+            for req in pending:
+                finished.put_nowait((req, *await self._ask(client, req, key)))
+
+        async def report():
+            # on_done (the caller's commit) runs here, after the workers have sent their next requests:
+            # a batching server then sees them together, instead of one commit apart.
+            for _ in range(len(requests)):
+                on_done(*await finished.get())
+
+        async with client:
+            workers = [asyncio.create_task(worker()) for _ in range(min(self.cfg.concurrency, len(requests)))]
+            try:
+                await report()
+            finally:
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+
+    # -- one request, with retries -------------------------------------------------------------------
+
+    async def _ask(self, client, req: dict, key: str | None) -> tuple[dict | None, str | None, float, int]:
+        began = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            asked_ids = self._ask_token_ids  # other requests may turn it off while this one is out
+            try:
+                raw = await self._call(client, req)
+                return parse_response(raw, req), None, time.monotonic() - began, attempt
+            except openai.BadRequestError as err:
+                if asked_ids and "return_tokens_as_token_ids" in str(err):
+                    self._ask_token_ids = False  # a server without vLLM's extension: ask again, not counted
+                    attempt -= 1
+                    continue
+                return None, _describe(err, key), time.monotonic() - began, attempt
+            except Exception as err:
+                if not _retryable(err) or attempt > self.cfg.max_retries:
+                    return None, _describe(err, key), time.monotonic() - began, attempt
+                await asyncio.sleep(self._wait_s(err, attempt))
+
+    async def _call(self, client, req: dict) -> dict:
+        """One HTTP request through the SDK's documented raw path (`client.post(path, cast_to=...)`): the
+        client's auth, base_url, timeout and error types, without building typed request and response
+        objects, which cost more CPU than everything else a request does here."""
+        k = req["logprobs"]
+        body = {"model": req["model"], "temperature": req["temperature"], "top_p": req["top_p"]}
+        if req["mode"] == "chat":
+            path = "/chat/completions"
+            body.update(messages=req["messages"], max_completion_tokens=req["max_tokens"])
+            if k:
+                body.update(logprobs=True, top_logprobs=k)
+        else:
+            path = "/completions"
+            body.update(prompt=req["prompt"], max_tokens=req["max_tokens"])
+            if k:
+                body["logprobs"] = k
+        if k and self._ask_token_ids:
+            body["return_tokens_as_token_ids"] = True
+        raw = await client.post(path, cast_to=bytes, body=body,
+                                options={"headers": {"Idempotency-Key": request_key(req)}})
+        return json.loads(raw)  # a truncated body raises JSONDecodeError here: retried
+
+    def _wait_s(self, err: Exception, attempt: int) -> float:
+        """Retry-After when the server sent one (plus up to 10% jitter), else exponential backoff with jitter."""
+        retry_after = _retry_after_s(err)
+        if retry_after is not None:
+            return retry_after * (1 + 0.1 * random.random())
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)  # "equal jitter": spread out, never ~0
+
+    def _api_key(self) -> str | None:
+        name = self.cfg.api_key_env
+        if not name:
+            return None
+        key = os.environ.get(name)
+        if not key:
+            raise UserError(f"environment variable {name} (teacher.api_key_env) is not set")
+        return key
+
+
+def _retryable(err: Exception) -> bool:
+    if isinstance(err, openai.APIStatusError):
+        return err.status_code in RETRY_STATUSES or err.status_code >= 500
+    # Timeouts and dropped connections (APIConnectionError), and bodies that do not parse or hold no
+    # completion (JSONDecodeError, MalformedResponse: both ValueErrors).
+    return isinstance(err, (openai.APIConnectionError, openai.APIResponseValidationError, ValueError))
+
+
+def _retry_after_s(err: Exception) -> float | None:
+    response = getattr(err, "response", None)
+    if response is None:
+        return None
+    headers = response.headers
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value) if name == "retry-after" else None
+            seconds = when.timestamp() - time.time() if when else math.nan
+        if math.isfinite(seconds) and seconds >= 0:
+            return min(seconds, MAX_RETRY_AFTER_S)
+    return None
+
+
+def _describe(err: Exception, key: str | None) -> str:
+    """One line for the failures table and the report, with the key scrubbed should a server echo it."""
+    text = f"{type(err).__name__}: {err}".replace("\n", " ")[:400]
+    return text.replace(key, "***") if key else text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Responses: JSON bodies -> the teacher response dict (see distillab.teachers).
+
+
+def parse_response(raw: dict, req: dict) -> dict:
+    """A completions or chat completions JSON body -> the teacher response dict."""
+    choices = raw.get("choices") if isinstance(raw, dict) else None
+    if not choices:
+        raise MalformedResponse("response has no choices")
+    choice = choices[0]
+    k = req["logprobs"]
+    tokens = tops = None
+    if req["mode"] == "chat":
+        text = (choice.get("message") or {}).get("content") or ""
+        entries = (choice.get("logprobs") or {}).get("content") if k else None
+        if entries:
+            tokens = [e["token"] for e in entries]
+            tops = [[(t["token"], t["logprob"]) for t in e.get("top_logprobs") or []] for e in entries]
+    else:
+        text = choice.get("text") or ""
+        lp = choice.get("logprobs") if k else None
+        if lp and lp.get("tokens"):
+            tokens = lp["tokens"]
+            tops = [list((t or {}).items()) for t in lp.get("top_logprobs") or [{} for _ in tokens]]
+    usage = raw.get("usage") or {}
+    resp = {"text": text, "finish_reason": choice.get("finish_reason") or "stop",
+            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", len(tokens or [])),
+            "token_ids": None, "top_ids": None, "top_logprobs": None, "top_tokens": None, "tokens": None}
+    if not tokens:
+        return resp
+    tops = [sorted(t, key=lambda x: -x[1])[:k] for t in tops]
+    if all(s.startswith(TOKEN_ID_PREFIX) for s in tokens):
+        resp["token_ids"] = [int(s[len(TOKEN_ID_PREFIX):]) for s in tokens]
+        ids = [[int(s[len(TOKEN_ID_PREFIX):]) for s, _ in t] for t in tops]
+        resp["top_ids"], resp["top_logprobs"] = pad_topk(ids, [[lp for _, lp in t] for t in tops], k)
+    else:
+        resp["tokens"] = tokens
+        resp["top_tokens"] = [[s for s, _ in t] for t in tops]
+        resp["top_logprobs"] = [[lp for _, lp in t] for t in tops]
+    return resp
+
+
+def pad_topk(ids: list[list[int]], logprobs: list[list[float]], k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Every position gets exactly k distinct ids (the training collator and the top-k codec need a
+    rectangle): missing entries are filled with the smallest ids not already there, at logprob -inf
+    (no mass; the losses' tail bucket stays exactly what the teacher left)."""
+    out_ids, out_lps = [], []
+    for row_ids, row_lps in zip(ids, logprobs):
+        row_ids, row_lps = list(row_ids[:k]), list(row_lps[:k])
+        taken, filler = set(row_ids), 0
+        while len(row_ids) < k:
+            while filler in taken:
+                filler += 1
+            row_ids.append(filler)
+            row_lps.append(float("-inf"))
+            taken.add(filler)
+        out_ids.append(row_ids)
+        out_lps.append(row_lps)
+    return out_ids, out_lps
+
+
+def map_top_tokens(resp: dict, tokenizer) -> tuple[list[list[int]] | None, list[list[float]] | None, list[int]]:
+    """Token strings (a server that gives no ids) -> (top_ids, top_logprobs, completion_ids) in the student's vocab.
+
+    The mapping:
+    - a string maps to a student id when the student's tokenizer encodes it as exactly one token (special
+      tokens included, e.g. "<eos>"); otherwise it does not map;
+    - the sampled tokens must all map and decode back to the response text: then completion_ids are those
+      ids, position for position with the teacher's top-k. If not, the positions cannot be aligned, so
+      completion_ids are the student's tokenization of the text and there is no top-k (None, None);
+    - at each position, alternatives that do not map are dropped (their mass joins the loss's tail bucket),
+      alternatives that map to the same id are merged (probabilities added), and the row is padded to k
+      distinct ids at -inf (see pad_topk);
+    - when the teacher stopped (finish_reason "stop") and the last token is not end-of-sequence, an
+      end-of-sequence token is appended. The teacher's distribution there is unknown, so it is recorded as
+      certain (logprob 0 for end-of-sequence): the student learns to stop where the teacher did.
+    """
+    eos = tokenizer.eos_token_id
+    text_ids = tokenizer(resp["text"], add_special_tokens=False)["input_ids"] + [eos]
+    tokens = resp.get("tokens")
+    if not tokens or resp.get("top_tokens") is None:
+        return None, None, text_ids
+    lookup: dict[str, int | None] = {}
+
+    def to_id(s: str) -> int | None:
+        if s not in lookup:
+            ids = tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
+            lookup[s] = ids[0] if len(ids) == 1 else None
+        return lookup[s]
+
+    sampled = [to_id(s) for s in tokens]
+    if None in sampled or tokenizer.decode(sampled, skip_special_tokens=True) != resp["text"]:
+        return None, None, text_ids
+    k = max((len(t) for t in resp["top_tokens"]), default=0)
+    top_ids, top_lps = [], []
+    for strings, lps in zip(resp["top_tokens"], resp["top_logprobs"]):
+        merged: dict[int, float] = {}
+        for s, lp in zip(strings, lps):
+            i = to_id(s)
+            if i is not None:
+                merged[i] = lp if i not in merged else float(_logaddexp(merged[i], lp))
+        ranked = sorted(merged.items(), key=lambda x: -x[1])
+        top_ids.append([i for i, _ in ranked])
+        top_lps.append([lp for _, lp in ranked])
+    if resp.get("finish_reason") == "stop" and sampled[-1] != eos:
+        sampled.append(eos)
+        top_ids.append([eos])
+        top_lps.append([0.0])
+    top_ids, top_lps = pad_topk(top_ids, top_lps, max(k, 1))
+    return top_ids, top_lps, sampled
+
+
+def _logaddexp(a: float, b: float) -> float:
+    hi, lo = max(a, b), min(a, b)
+    return hi if lo == float("-inf") else hi + math.log1p(math.exp(lo - hi))

@@ -1,0 +1,224 @@
+"""`distillab serve` against real clients on 127.0.0.1: the official openai SDK, raw HTTP, lm-evaluation-harness."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import httpx
+import openai
+import pytest
+import torch
+
+from distillab import models
+from distillab.serve import FaultConfig
+from tests.serve_fixture import metric_sum, metrics, server_thread
+
+KEY = "sk-serve-test-0000"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_teacher):
+    with server_thread(tiny_teacher, api_key=KEY, model_name="tiny") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_teacher):
+    return models.load(tiny_teacher, device="cpu")
+
+
+def direct_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= 1, straight from the model: the reference for echo scoring."""
+    with torch.no_grad():
+        lp = model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    return lp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+
+
+def test_completions_with_logprobs_through_the_sdk(client):
+    r = client.completions.create(model="tiny", prompt="reverse abc\n", max_tokens=6, temperature=0, logprobs=5)
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert r.usage.completion_tokens == len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) >= 1
+    assert r.usage.prompt_tokens == len("reverse abc\n") + 1  # one token per character, plus <bos>
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 5 and chosen <= 0
+        assert chosen == max(top.values())  # greedy: the chosen token is the top one
+    assert lp.text_offset[0] == len("reverse abc\n")
+    assert choice.finish_reason in ("stop", "length")
+
+
+def test_chat_with_top_logprobs_through_the_sdk(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "reverse abc\n"}],
+                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=20)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 20 and c.logprob == c.top_logprobs[0].logprob for c in content)
+    bare = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "reverse abc\n"}],
+                                          max_tokens=6, temperature=0, logprobs=True)
+    assert [c.logprob for c in bare.choices[0].logprobs.content] == [c.logprob for c in content]
+    assert all(c.top_logprobs == [] for c in bare.choices[0].logprobs.content)
+    # the lab tokenizer has no chat template: a one-message chat is the bare prompt, as in completions
+    same = client.completions.create(model="tiny", prompt="reverse abc\n", max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == same.choices[0].text
+
+
+def test_echo_scores_the_prompt_like_the_model_does(client, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    ids = tok("add 12+30\n")["input_ids"]
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) == r.usage.prompt_tokens
+    assert r.usage.completion_tokens == 0 and r.choices[0].text == "add 12+30\n"
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), direct_logprobs(model, ids), atol=1e-4)
+
+
+def test_token_ids_on_request(client, model_and_tokenizer):
+    _, tok = model_and_tokenizer
+    r = client.completions.create(model="tiny", prompt="reverse abc\n", max_tokens=4, temperature=0, logprobs=3,
+                                  extra_body={"return_tokens_as_token_ids": True})
+    ids = [int(t.removeprefix("token_id:")) for t in r.choices[0].logprobs.tokens]
+    assert tok.decode(ids, skip_special_tokens=True) == r.choices[0].text
+    assert all(k.startswith("token_id:") for top in r.choices[0].logprobs.top_logprobs for k in top)
+
+
+def test_errors_are_openai_shaped_4xx(server):
+    url, auth = server.base_url + "/completions", {"Authorization": f"Bearer {KEY}"}
+    ok = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    cases = [
+        ({}, ok, 401),  # no key
+        ({"Authorization": "Bearer wrong"}, ok, 401),
+        (auth, {**ok, "max_tokens": 10**6}, 400),
+        (auth, {**ok, "max_tokens": 255}, 400),  # prompt + max_tokens past the model's 256 positions
+        (auth, {**ok, "model": "nope"}, 404),
+        (auth, {**ok, "logprobs": 21}, 400),
+        (auth, {**ok, "stream": True}, 400),
+        (auth, {"model": "tiny"}, 400),  # no prompt
+        (auth, {**ok, "prompt": "x" * (1 << 20)}, 413),
+    ]
+    for headers, body, status in cases:
+        r = httpx.post(url, headers=headers, json=body)
+        assert r.status_code == status, (body, r.text[:200])
+        assert r.json()["error"]["message"] and KEY not in r.text
+    r = httpx.post(url, headers=auth, content=b"{not json")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert httpx.get(server.base_url + "/models").status_code == 401
+    assert httpx.get(server.base_url + "/models", headers=auth).json()["data"][0]["id"] == "tiny"
+
+
+def test_metrics_count_requests_and_tokens(server, client):
+    before = metrics(server.url, KEY)
+    r = client.completions.create(model="tiny", prompt=["reverse ab\n", "reverse cd\n"], max_tokens=3, temperature=0)
+    after = metrics(server.url, KEY)
+    ok = 'distillab_requests_total{endpoint="/v1/completions",code="200"}'
+    assert after[ok] - before.get(ok, 0) == 1
+    assert after["distillab_prompt_tokens_total"] - before["distillab_prompt_tokens_total"] == r.usage.prompt_tokens
+    assert (after["distillab_completion_tokens_total"] - before["distillab_completion_tokens_total"]
+            == r.usage.completion_tokens)
+    assert after["distillab_answers_total"] - before["distillab_answers_total"] == 2
+
+
+def test_concurrent_requests_are_batched_and_answer_as_alone(server, client):
+    prompts = [f"reverse {w}\n" for w in ["ab", "cde", "fghij", "klm", "no", "pqrs", "tuv", "wxyz"]]
+    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0, logprobs=2)
+             for p in prompts]
+    before = metrics(server.url, KEY)
+
+    async def together():
+        async with openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as c:
+            return await asyncio.gather(*[c.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0,
+                                                               logprobs=2) for p in prompts])
+
+    batched = asyncio.run(together())
+    after = metrics(server.url, KEY)
+    batches = after["distillab_batches_total"] - before["distillab_batches_total"]
+    assert batches < len(prompts)  # some requests shared a model call
+    for a, b in zip(alone, batched):
+        assert a.choices[0].text == b.choices[0].text
+        assert a.choices[0].logprobs.tokens == b.choices[0].logprobs.tokens
+        assert torch.allclose(torch.tensor(a.choices[0].logprobs.token_logprobs),
+                              torch.tensor(b.choices[0].logprobs.token_logprobs), atol=1e-4)
+
+
+def test_idempotency_key_replays_instead_of_recomputing(server):
+    body = {"model": "tiny", "prompt": "reverse idem\n", "max_tokens": 3, "temperature": 0}
+    headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "abc123"}
+    before = metrics(server.url, KEY)
+    first = httpx.post(server.base_url + "/completions", headers=headers, json=body).json()
+    again = httpx.post(server.base_url + "/completions", headers=headers, json=body).json()
+    after = metrics(server.url, KEY)
+    assert first == again
+    assert after["distillab_answers_total"] - before["distillab_answers_total"] == 1
+    assert after["distillab_idempotent_replays_total"] - before["distillab_idempotent_replays_total"] == 1
+
+
+def test_fault_schedule_is_seeded_and_near_the_rate():
+    digests = [f"{i:064x}" for i in range(2000)]
+    a, b = FaultConfig(rate=0.2, seed=7), FaultConfig(rate=0.2, seed=7)
+    picks = [a.pick(d) for d in digests]
+    assert picks == [b.pick(d) for d in reversed(digests)][::-1]  # arrival order does not matter
+    assert 0.17 < sum(p is not None for p in picks) / len(picks) < 0.23
+    assert set(picks) - {None} == {"429", "500", "hang", "truncate"}
+    # the same body again draws again: a retried request is not doomed to fail forever
+    assert [a.pick(d) for d in digests] != picks
+
+
+def test_injected_faults_on_the_wire(tiny_teacher):
+    with server_thread(tiny_teacher, model_name="tiny", faults=FaultConfig(rate=1.0, kinds=("429",), retry_after_s=0.3)) as s:
+        r = httpx.post(s.base_url + "/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 429 and r.headers["retry-after-ms"] == "300" and r.headers["retry-after"] == "1"
+    with server_thread(tiny_teacher, model_name="tiny", faults=FaultConfig(rate=1.0, kinds=("truncate",))) as s:
+        r = httpx.post(s.base_url + "/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200
+        with pytest.raises(json.JSONDecodeError):
+            r.json()
+        assert metric_sum(metrics(s.url), "distillab_faults_injected_total") == 1
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_loglikelihood(tmp_path, server, model_and_tokenizer, tiny_teacher, monkeypatch):
+    """lm-evaluation-harness's `local-completions` runs a multiple-choice task from a local JSONL, offline."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # local-completions sends it as the bearer token
+    docs = [{"question": "reverse ab\n", "choices": ["ba", "ab"], "answer": 0},
+            {"question": "reverse xyz\n", "choices": ["zyx", "xzy", "yxz"], "answer": 0},
+            {"question": "upper hi\n", "choices": ["HI", "hi"], "answer": 0}]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: distillab_tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n")
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={"model": "tiny", "base_url": server.base_url + "/completions", "tokenizer_backend": "huggingface",
+                    "tokenizer": str(tiny_teacher), "add_bos_token": True, "max_retries": 1, "num_concurrent": 2},
+        tasks=["distillab_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+    )
+    assert 0.0 <= out["results"]["distillab_tiny_mc"]["acc,none"] <= 1.0
+    # every loglikelihood lm-eval got equals the model's own
+    model, tok = model_and_tokenizer
+    samples = out["samples"]["distillab_tiny_mc"]
+    assert len(samples) == len(docs)
+    for sample in samples:
+        for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
+            ll = resp[0][0]
+            # lm-eval moves the context's trailing whitespace (our "\n") into the continuation
+            stripped = context.rstrip()
+            context, continuation = stripped, context[len(stripped):] + continuation
+            whole = tok(context + continuation)["input_ids"]
+            n_ctx = len(tok(context)["input_ids"])
+            expected = direct_logprobs(model, whole)[n_ctx - 1 :].sum().item()
+            assert math.isclose(ll, expected, abs_tol=1e-3), (context, continuation, ll, expected)
