@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq
+
 import pytest
 
 from distillab.cache import request_key
+from distillab.generate import read_dataset
 from distillab.teachers import make_teacher
 from tests.serve_fixture import generate_config, kill_and_resume, metric_sum, metrics, server_process
 
@@ -20,7 +21,7 @@ def test_kill_nine_and_resume_answers_every_prompt_exactly_once(tmp_path, tiny_t
 
     assert len(outcome["kills"]) == 5
     assert any(after > before for before, after in outcome["kills"])  # killed mid-run, with progress made
-    rows = pq.read_table(cfg.run_dir / "data" / "train.parquet").to_pylist()
+    rows = read_dataset(cfg.run_dir / "data" / "train.parquet")
     teacher_ = make_teacher(cfg.teacher)
     from distillab.generate import load_prompts
 

@@ -15,7 +15,7 @@ import pytest
 from distillab.cache import RequestCache
 from distillab.config import TeacherConfig, to_toml, write_atomic
 from distillab.errors import UserError
-from distillab.generate import run_generate
+from distillab.generate import read_dataset, run_generate
 from distillab.lab.tokenizer import build_tokenizer
 from distillab.serve import FaultConfig
 from distillab.teachers.openai_compat import OpenAITeacher, _retry_after_s, map_top_tokens
@@ -94,17 +94,20 @@ def test_served_teacher_writes_the_same_dataset_as_the_local_one(tmp_path):
         served = run_generate(served_cfg, **quiet)
     assert local.rows == served.rows == 16 and served.failed == 0
     assert (local.prompt_tokens, local.completion_tokens) == (served.prompt_tokens, served.completion_tokens)
-    a = pq.read_table(tmp_path / "runs/local/data/train.parquet")
-    b = pq.read_table(tmp_path / "runs/served/data/train.parquet")
-    assert a.schema == b.schema
-    for x, y in zip(a.to_pylist(), b.to_pylist()):
+    assert pq.read_schema(tmp_path / "runs/local/data/train.parquet") == pq.read_schema(
+        tmp_path / "runs/served/data/train.parquet")
+    a = read_dataset(tmp_path / "runs/local/data/train.parquet")
+    b = read_dataset(tmp_path / "runs/served/data/train.parquet")
+    for x, y in zip(a, b):
         for column in ("prompt", "completion", "prompt_ids", "completion_ids", "source"):
             assert x[column] == y[column], column
         for ids_x, lps_x, ids_y, lps_y in zip(x["top_ids"], x["top_logprobs"], y["top_ids"], y["top_logprobs"]):
-            assert ids_x[0] == ids_y[0]  # the same top token
-            assert max(abs(p - q) for p, q in zip(lps_x, lps_y)) < 1e-3
-            # the same k ids, up to near-ties at the k-th place
-            assert len(set(ids_x) & set(ids_y)) >= len(ids_x) - 1
+            top_x, top_y = dict(zip(ids_x, lps_x)), dict(zip(ids_y, lps_y))
+            assert max(top_x, key=top_x.get) == max(top_y, key=top_y.get)  # the same top token
+            # the same k ids, up to near-ties at the k-th place, with logprobs equal up to storage rounding
+            shared = set(top_x) & set(top_y)
+            assert len(shared) >= len(ids_x) - 1
+            assert max(abs(top_x[i] - top_y[i]) for i in shared) <= 1 / 16 + 1e-3
         assert x["request_hash"] != y["request_hash"]  # a different endpoint is a different request
 
 
@@ -120,12 +123,12 @@ def test_a_server_without_token_ids_gives_strings_that_map_to_the_same_dataset(t
             requests_400 = metrics(server.url).get('distillab_requests_total{endpoint="/v1/completions",code="400"}', 0)
             # refused only for the requests already out (concurrency 8) when the first refusal came
             assert requests_400 == 0 if ids else 0 < requests_400 <= 8
-        datasets[ids] = pq.read_table(cfg.run_dir / "data/train.parquet").to_pylist()
+        datasets[ids] = read_dataset(cfg.run_dir / "data/train.parquet")
     for a, b in zip(datasets[True], datasets[False]):
         for column in ("completion", "completion_ids", "top_ids"):
             assert a[column] == b[column], column
         for lps_a, lps_b in zip(a["top_logprobs"], b["top_logprobs"]):  # batched differently: float noise
-            assert max(abs(x - y) for x, y in zip(lps_a, lps_b)) < 1e-4
+            assert max(abs(x - y) for x, y in zip(lps_a, lps_b)) <= 1 / 16 + 1e-4  # up to storage rounding
 
 
 @pytest.mark.slow

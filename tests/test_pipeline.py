@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from distillab.config import from_dict
 from distillab.evaluate import run_evaluate
-from distillab.generate import run_generate
+from distillab.generate import read_dataset, run_generate
 from distillab.train import run_train
 
 
@@ -30,14 +30,16 @@ def test_generate_writes_dataset_and_rerun_sends_nothing(tmp_path, tiny_teacher,
     cfg = tiny_config(tmp_path, tiny_teacher, tiny_student)
     first = run_generate(cfg, log=lambda *_: None)
     assert first.requests_sent == 12 and first.rows == 12 and not first.skipped
-    rows = pq.read_table(cfg.run_dir / "data" / "train.parquet").to_pylist()
+    rows = read_dataset(cfg.run_dir / "data" / "train.parquet")
     assert len(rows) == 12
     row = rows[0]
     assert row["source"] == "teacher" and row["teacher_id"] == str(tiny_teacher) and len(row["request_hash"]) == 64
     assert len(row["top_ids"]) == len(row["top_logprobs"]) >= 1 and len(row["top_ids"][0]) == 5
     assert row["completion_ids"][: len(row["top_ids"])] and row["prompt_ids"][0] == 1  # starts with <bos>
-    # the recorded top-1 logprob is the max of the k stored, and all are log-probabilities
-    assert all(max(lp) == lp[0] and lp[0] <= 0 for lp in row["top_logprobs"])
+    # k distinct ids per position; log-probabilities whose mass plus the stored tail mass is one
+    for ids, lps, tail in zip(row["top_ids"], row["top_logprobs"], row["top_tail"]):
+        assert len(set(ids)) == 5 and max(lps) <= 0
+        assert sum(math.exp(x) for x in lps) + math.exp(tail) == pytest.approx(1.0, abs=0.05)
     second = run_generate(cfg, log=lambda *_: None)
     assert second.skipped and second.requests_sent == 0
     # a changed sampling parameter is a new request: the cache does not answer it

@@ -248,12 +248,24 @@ def _ids_match(resp: dict, tokenizer) -> bool:
     return tokenizer.decode(ids, skip_special_tokens=True) == resp["text"]
 
 
+TOPK_PREFIX = "topk_"  # the teacher's top-k is stored through topk_codec: ids lossless, ~40-56 bytes a token
+
+
 def _write_parquet(path: Path, rows: list[dict]) -> None:
-    schema_hint = {
-        "prompt_ids": pa.list_(pa.int32()), "completion_ids": pa.list_(pa.int32()),
-        "top_ids": pa.list_(pa.list_(pa.int32())), "top_logprobs": pa.list_(pa.list_(pa.float32())),
-    }
-    columns = {name: [r[name] for r in rows] for name in rows[0]} if rows else {}
+    """Rows -> Parquet (zstd), written to a temp file and renamed. top_ids/top_logprobs become codec columns."""
+    from distillab.topk_codec import FIELDS, encode_topk
+
+    stored = []
+    for r in rows:
+        r = dict(r)
+        ids, logprobs = r.pop("top_ids", None), r.pop("top_logprobs", None)
+        encoded = encode_topk(ids, logprobs) if ids else None
+        for field in FIELDS:
+            r[TOPK_PREFIX + field] = encoded[field].tobytes() if encoded else None
+        stored.append(r)
+    schema_hint = {"prompt_ids": pa.list_(pa.int32()), "completion_ids": pa.list_(pa.int32())}
+    schema_hint |= {TOPK_PREFIX + field: pa.binary() for field in FIELDS}
+    columns = {name: [r[name] for r in stored] for name in stored[0]} if stored else {}
     table = pa.table({name: pa.array(values, type=schema_hint.get(name)) for name, values in columns.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -262,6 +274,18 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
 
 
 def read_dataset(path: Path) -> list[dict]:
+    """The dataset's rows, with the teacher's top-k decoded into top_ids, top_logprobs and top_tail (log of the
+    mass outside the top-k) per completion token, or None where the row has none."""
+    from distillab.topk_codec import FIELDS, decode_topk
+
     if not path.is_file():
         raise UserError(f"no dataset at {path}: run `distillab generate` first")
-    return pq.read_table(path).to_pylist()
+    rows = pq.read_table(path).to_pylist()
+    for r in rows:
+        fields = {field: r.pop(TOPK_PREFIX + field, None) for field in FIELDS}
+        if fields["top"] is None:
+            r["top_ids"] = r["top_logprobs"] = r["top_tail"] = None
+            continue
+        ids, logprobs, tail = decode_topk(fields)
+        r["top_ids"], r["top_logprobs"], r["top_tail"] = ids.tolist(), logprobs.tolist(), tail.tolist()
+    return rows

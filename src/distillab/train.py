@@ -57,6 +57,7 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.full((batch, width), -100, dtype=torch.long)  # (B, T) HF convention: label[t] = input[t]
     top_ids = torch.zeros((batch, width, max(k, 1)), dtype=torch.long)  # (B, T, k) at the predicting index
     top_logprobs = torch.full((batch, width, max(k, 1)), -1e4)  # (B, T, k)
+    top_tail = torch.zeros((batch, width))  # (B, T) log of the teacher's mass outside its top-k
     kd_mask = torch.zeros((batch, width), dtype=torch.bool)  # (B, T) where a teacher distribution exists
     prompt_len = torch.zeros(batch, dtype=torch.long)
     for b, r in enumerate(rows):
@@ -70,10 +71,12 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             n = min(len(r["top_ids"]), len(c))
             top_ids[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_ids"][:n])
             top_logprobs[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_logprobs"][:n])
+            if r.get("top_tail") is not None:
+                top_tail[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_tail"][:n])
             kd_mask[b, len(p) - 1 : len(p) - 1 + n] = True
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_len": prompt_len}
     if k:
-        out.update(top_ids=top_ids, top_logprobs=top_logprobs, kd_mask=kd_mask)
+        out.update(top_ids=top_ids, top_logprobs=top_logprobs, top_tail=top_tail, kd_mask=kd_mask)
     return out
 
 
@@ -96,6 +99,7 @@ class DistillTrainer(Trainer):
             inputs = on_policy_batch(model, d.teacher_model, inputs, prompt_len, d)
         labels = inputs.pop("labels")
         top_ids, top_lp, kd_mask = inputs.pop("top_ids", None), inputs.pop("top_logprobs", None), inputs.pop("kd_mask", None)
+        top_tail = inputs.pop("top_tail", None)
         teacher_logits = inputs.pop("teacher_logits", None)
         pred_mask = torch.zeros_like(labels, dtype=torch.bool)  # (B, T) index t predicts labels[t+1]
         pred_mask[:, :-1] = labels[:, 1:] != -100
@@ -107,7 +111,7 @@ class DistillTrainer(Trainer):
         if d.kd_weight and teacher_logits is not None:
             teacher, kd_positions = losses.TeacherDist(logits=teacher_logits), pred_mask
         elif d.kd_weight and top_ids is not None:
-            teacher, kd_positions = losses.TeacherDist(ids=top_ids, logprobs=top_lp), kd_mask
+            teacher, kd_positions = losses.TeacherDist(ids=top_ids, logprobs=top_lp, tail_logprob=top_tail), kd_mask
         total = 0.0
         if d.chunk_size:  # never materialise (B, T, V): losses straight from hidden states, a chunk at a time
             hidden, weight = hidden_states(model, inputs), lm_head_weight(model)  # (B, T, H), (V, H)
