@@ -5,7 +5,8 @@ number of steps, fp32, AdamW with the same learning rate, grad-norm clipping at 
 with ~4x the student's parameters, with the same divergence (forward KL: TRL's beta=0 is KL(teacher || student)).
 
   distillab  the teacher's top-k (k=20) ids and log-probs are computed once, before training, and cached (that is the
-             off-policy setting); a step is student forward + sparse forward_kl + backward + clip + AdamW step.
+             off-policy setting), trained through distillab.train.build_trainer: the same Trainer subclass and collator
+             `distillab train` runs (forward + sparse forward_kl + backward + clip + AdamW step).
   TRL        GKDTrainer with lmbda=0 (no on-policy generation) and seq_kd=False; a step runs the teacher forward and
              the dense generalized JSD over the full vocab, inside the HF Trainer loop.
 
@@ -28,7 +29,6 @@ import warnings
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
-from distillab.losses import TeacherDist, forward_kl
 
 
 def parse_args():
@@ -97,19 +97,26 @@ def cache_teacher_topk(teacher, batches, k):
 
 
 def run_distillab(student, batches, cache, args) -> float:
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
-    student.train()
-    ends = []
+    """distillab's own training path: the cached top-k as dataset rows, through train.build_trainer (the HF
+    Trainer subclass `distillab train` runs), forward KL on every next-token position."""
+    from distillab.config import from_dict
+    from distillab.train import build_trainer
+
+    rows = []
     for batch, (ids, logprobs) in zip(batches, cache):
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        mask = batch["attention_mask"][:, 1:].bool()  # (B, T-1) positions with a next token
-        loss = forward_kl(logits[:, :-1], TeacherDist(ids=ids, logprobs=logprobs), mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ends.append(time.perf_counter())
-    return steps_per_second(ends)
+        for b in range(batch["input_ids"].shape[0]):
+            tokens = batch["input_ids"][b].tolist()
+            # completion token j is predicted at index j (prompt = the first token): top-k row j
+            rows.append({"prompt_ids": tokens[:1], "completion_ids": tokens[1:], "top_ids": ids[b].tolist(),
+                         "top_logprobs": logprobs[b].tolist(), "top_tail": None})
+    cfg = from_dict({"train": {"student": "in-process", "loss": "forward_kl", "kd_weight": 1.0, "sft_weight": 0.0,
+                               "max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                               "warmup_ratio": 0.0, "save_steps": 10**9}})
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = build_trainer(cfg, rows, student, tiny_tokenizer(args.vocab), out, callbacks=[clock])
+        trainer.train()
+    return steps_per_second(clock.ends)
 
 
 def tiny_tokenizer(vocab: int) -> PreTrainedTokenizerFast:

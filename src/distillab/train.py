@@ -336,6 +336,7 @@ def _save_student(model, tok, student_dir: Path, summary: dict, cfg: RunConfig) 
 
     lineage = provenance.build_lineage(cfg.run_dir / "data" / "train.parquet", base_model=cfg.train.student,
                                        train_summary=summary)
+    lineage["model"] = f"{cfg.name}/student"  # the name it will have, not the temp directory's
     provenance.write_model_card(tmp, lineage)
     shutil.rmtree(student_dir, ignore_errors=True)
     tmp.rename(student_dir)
