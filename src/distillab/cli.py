@@ -194,8 +194,9 @@ def leaderboard(registry: Path = typer.Option(Path("runs/registry.sqlite"), help
 @lab_app.command("pretrain")
 def lab_pretrain(which: str = typer.Argument("all", help="teacher, base or all"),
                  out: Path = typer.Option(None, help="directory for the checkpoints (default: the package's own)"),
-                 steps: Optional[int] = typer.Option(None, help="override the preset's step count")):
-    """Reproduce the shipped lab checkpoints (the teacher takes ~45 minutes on 2 cores)."""
+                 steps: Optional[int] = typer.Option(None, help="override the first phase's step count"),
+                 from_phase: int = typer.Option(0, help="continue from the checkpoint in --out after this many phases")):
+    """Reproduce the shipped lab checkpoints (the teacher takes about an hour on 2 cores)."""
     from distillab.lab.pretrain import PRESETS, pretrain
     from distillab.models import LAB_CHECKPOINTS
 
@@ -203,7 +204,7 @@ def lab_pretrain(which: str = typer.Argument("all", help="teacher, base or all")
     for name in names:
         if name not in PRESETS:
             raise UserError(f"unknown lab checkpoint {name!r}; choose from {', '.join(PRESETS)} or all")
-        pretrain(name, (out or LAB_CHECKPOINTS) / name, steps=steps, log=console.print)
+        pretrain(name, (out or LAB_CHECKPOINTS) / name, steps=steps, log=console.print, from_phase=from_phase)
 
 
 @lab_app.command("skills")

@@ -12,7 +12,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,8 @@ from distillab.lab.world import SKILLS, Example
 
 @dataclass
 class PretrainSpec:
+    """One phase of pretraining (its own AdamW, warmup and cosine schedule); `then` is the next phase."""
+
     hidden: int
     layers: int
     heads: int
@@ -33,11 +35,16 @@ class PretrainSpec:
     warmup: int = 200
     seed: int = 0
     skill_weights: dict[str, float] | None = None  # default: uniform, knowledge skills doubled
+    then: "PretrainSpec | None" = None
 
 
+# The teacher's second phase spends its steps where the first left it weakest (arithmetic, counting,
+# recall in unseen phrasings) at a lower learning rate, still drawing every skill so none is forgotten.
+TEACHER_PHASE_2 = PretrainSpec(hidden=192, layers=6, heads=6, steps=3000, lr=4e-4, warmup=100, seed=1,
+                               skill_weights={"add": 5.0, "sub": 5.0, "count": 3.0, "recall": 4.0, "sort": 2.0})
 PRESETS = {
     # ~2.7M parameters: the teacher that knows the whole world.
-    "teacher": PretrainSpec(hidden=192, layers=6, heads=6, steps=8000, lr=1e-3),
+    "teacher": PretrainSpec(hidden=192, layers=6, heads=6, steps=8000, lr=1e-3, then=TEACHER_PHASE_2),
     # ~0.8M parameters, a sixth of the teacher's steps: a small open model that never saw the knowledge base.
     "base": PretrainSpec(hidden=128, layers=4, heads=4, steps=2000, lr=2e-3,
                          skill_weights={"recall": 0.0, "describe": 0.0}),
@@ -103,19 +110,44 @@ def quick_eval(model, tokenizer, n: int = 40) -> dict[str, float]:
     return scores
 
 
-def pretrain(name: str, out_dir: Path, steps: int | None = None, eval_every: int = 1000, log=print) -> dict:
-    spec = PRESETS[name]
+def pretrain(name: str, out_dir: Path, steps: int | None = None, eval_every: int = 1000, log=print,
+             from_phase: int = 0) -> dict:
+    """Train preset `name` phase by phase into out_dir (re-saved at every evaluation).
+
+    steps overrides the first phase's step count. from_phase > 0 starts from the checkpoint already in out_dir
+    (the output of the earlier phases), as a run that stopped between phases would.
+    """
+    phases, spec = [], PRESETS[name]
+    while spec is not None:
+        phases.append(replace(spec, then=None))
+        spec = spec.then
     if steps is not None:
-        spec.steps = steps
+        phases[0].steps = steps
+    tokenizer = build_tokenizer()
+    torch.manual_seed(phases[0].seed)
+    model = LlamaForCausalLM(llama_config(phases[0], tokenizer))
+    history: list[dict] = []
+    if from_phase:
+        model = LlamaForCausalLM.from_pretrained(str(out_dir), use_safetensors=True)
+        history = json.loads((out_dir / "pretrain.json").read_text())["history"]
+    n_params = sum(p.numel() for p in model.parameters())
+    started = time.time()
+    for index, phase in enumerate(phases):
+        if index < from_phase:
+            continue
+        log(f"[{name}] phase {index + 1}/{len(phases)}: {n_params / 1e6:.2f}M parameters, {phase.steps} steps")
+        _train_phase(name, model, tokenizer, phase, index, out_dir, phases, n_params, history, eval_every, started, log)
+    return history[-1]
+
+
+def _train_phase(name, model, tokenizer, spec: PretrainSpec, index: int, out_dir: Path, phases, n_params,
+                 history: list[dict], eval_every: int, started: float, log) -> None:
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
-    tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(llama_config(spec, tokenizer))
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"[{name}] {n_params / 1e6:.2f}M parameters, {spec.steps} steps")
     pools = training_pool(tokenizer, spec)
     weights = [w for w, _ in pools]
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    done_before = sum(p.steps for p in phases[:index])
 
     def lr_at(step: int) -> float:  # linear warmup, cosine down to 10%
         if step < spec.warmup:
@@ -123,7 +155,7 @@ def pretrain(name: str, out_dir: Path, steps: int | None = None, eval_every: int
         progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
         return spec.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
-    started, history, queue = time.time(), [], []
+    queue: list = []
     for step in range(spec.steps):
         model.train()
         if not queue:  # length-grouped batches: padding a 20-token example to 70 would triple the cost
@@ -140,22 +172,22 @@ def pretrain(name: str, out_dir: Path, steps: int | None = None, eval_every: int
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0:
-            log(f"[{name}] step {step} loss {loss.item():.4f} {time.time() - started:.0f}s")
+            log(f"[{name}] step {done_before + step} loss {loss.item():.4f} {time.time() - started:.0f}s")
         if (step + 1) % eval_every == 0 or step + 1 == spec.steps:
             scores = quick_eval(model, tokenizer)
             mean = sum(scores.values()) / len(scores)
-            history.append({"step": step + 1, "mean": mean, **scores})
-            log(f"[{name}] eval step {step + 1} mean {mean:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
-            _save(model, tokenizer, out_dir, spec, n_params, history, time.time() - started)
-    return history[-1]
+            history.append({"step": done_before + step + 1, "phase": index + 1, "mean": mean, **scores})
+            log(f"[{name}] eval step {done_before + step + 1} mean {mean:.3f} "
+                + " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
+            _save(model, tokenizer, out_dir, phases, n_params, history, time.time() - started)
 
 
-def _save(model, tokenizer, out_dir: Path, spec, n_params, history, seconds) -> None:
+def _save(model, tokenizer, out_dir: Path, phases, n_params, history, seconds) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     (tmp / "pretrain.json").write_text(json.dumps(
-        {"spec": asdict(spec), "parameters": n_params, "seconds": round(seconds), "history": history}, indent=1))
+        {"phases": [asdict(p) for p in phases], "parameters": n_params, "seconds": round(seconds), "history": history}, indent=1))
     if out_dir.exists():
         import shutil
 
