@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from distillab.config import from_dict
-from distillab.evaluate import gap_closed, run_evaluate
+from distillab.evaluate import evaluate_model, gap_closed, suites
 from distillab.generate import run_generate
 from distillab.train import run_train
 
@@ -35,7 +35,7 @@ ROWS = [  # (label, train overrides)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--skills", nargs="+", default=["recall", "add"])
+    ap.add_argument("--skills", nargs="+", default=["recall", "describe"])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--n-prompts", type=int, default=1500)
     ap.add_argument("--n-eval", type=int, default=100)
@@ -51,7 +51,7 @@ def main() -> None:
             "eval": {"n_per_skill": args.n_eval, "bootstrap": 200},
         })
 
-    table = []
+    table, reference = [], {}
     for i, (label, train) in enumerate(ROWS):
         cfg = config(f"loss{i}", train)
         shared = args.out / "loss0" / "teacher.sqlite"
@@ -62,8 +62,14 @@ def main() -> None:
         began = time.time()
         summary = run_train(cfg, log=lambda *_: None)
         seconds = summary["train_seconds"]
-        evals = run_evaluate(cfg, log=lambda *_: None)
-        t, b, d = (evals[k] for k in ("teacher", "base", "distilled"))
+        task, general = suites(cfg)
+
+        def score(model):
+            return evaluate_model(model, task, general, args.n_eval, 200, cfg.teacher.max_new_tokens)
+
+        if not reference:  # teacher and base are the same for every row: score them once
+            reference = {"teacher": score(cfg.teacher.model), "base": score(cfg.train.student)}
+        t, b, d = reference["teacher"], reference["base"], score(str(cfg.run_dir / "student"))
         table.append({
             "loss": label, "task": d["task"]["score"], "general": d["general"]["score"],
             "task_gap_closed": gap_closed(d["task"]["score"], b["task"]["score"], t["task"]["score"]),
@@ -71,7 +77,7 @@ def main() -> None:
             "wall_seconds": round(time.time() - began, 1),
         })
         print(json.dumps(table[-1]), flush=True)
-    base, teacher = evals["base"], evals["teacher"]
+    base, teacher = reference["base"], reference["teacher"]
     print(f"\nLab task = {', '.join(args.skills)}; {args.steps} steps x 32 examples; teacher task "
           f"{teacher['task']['score']:.3f} / general {teacher['general']['score']:.3f}; base task "
           f"{base['task']['score']:.3f} / general {base['general']['score']:.3f}\n")

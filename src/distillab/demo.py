@@ -19,7 +19,7 @@ from distillab.evaluate import gap_closed, run_evaluate
 from distillab.generate import run_generate
 from distillab.train import run_train
 
-DEMO_SKILLS = ["recall", "add"]
+DEMO_SKILLS = ["recall", "describe"]  # knowledge the base student never saw: what distillation transfers
 
 
 def demo_config(runs_dir: Path) -> RunConfig:
