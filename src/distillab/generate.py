@@ -135,7 +135,7 @@ def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
     else:
         usage = cache.usage(keys)
     failures = cache.failures(keys)
-    rows = _teacher_rows(prompts, keys, cache, teacher, cfg, student_tok)
+    rows = _teacher_rows(prompts, keys, cache, teacher, cfg, student_tok, log)
     cache.close()
     _write_parquet(out_path, rows)
     if not failures:
@@ -214,9 +214,9 @@ def _ground_truth_rows(prompts: list[dict], source: str, tokenizer) -> list[dict
     return rows
 
 
-def _teacher_rows(prompts, keys, cache, teacher, cfg, tokenizer) -> list[dict]:
+def _teacher_rows(prompts, keys, cache, teacher, cfg, tokenizer, log=print) -> list[dict]:
     sampling = {k: v for k, v in teacher.request("").items() if k not in ("prompt", "messages", "endpoint", "model")}
-    rows = []
+    rows, dropped_topk = [], 0
     for p, key in zip(prompts, keys):
         resp = cache.get(key)
         if resp is None:  # failed for good: recorded in the cache's failures, left out of the data
@@ -229,6 +229,7 @@ def _teacher_rows(prompts, keys, cache, teacher, cfg, tokenizer) -> list[dict]:
             prompt_ids, completion_ids = _ids(tokenizer, p["prompt"], resp["text"])
             if resp.get("token_ids") is not None:
                 top_ids = top_lp = None  # teacher-vocabulary ids, meaningless to this student
+                dropped_topk += 1
         if top_ids is None and resp.get("top_tokens") is not None:
             from distillab.teachers.openai_compat import map_top_tokens
 
@@ -237,6 +238,9 @@ def _teacher_rows(prompts, keys, cache, teacher, cfg, tokenizer) -> list[dict]:
                      "top_ids": top_ids, "top_logprobs": top_lp,
                      **provenance.provenance_row("teacher", teacher_id=teacher.teacher_id, endpoint=teacher.endpoint,
                                                  sampling=sampling, request_hash=key)})
+    if dropped_topk:
+        log(f"generate: the teacher's token ids are not the student's tokenizer's in {dropped_topk} rows: their text was "
+            "re-tokenized and their top-k logprobs left out (those rows train with SFT only)")
     return rows
 
 
