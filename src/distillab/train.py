@@ -95,7 +95,8 @@ class DistillTrainer(Trainer):
         inputs = dict(inputs)
         prompt_len = inputs.pop("prompt_len")
         d = self.distill
-        if d.teacher_model is not None and d.rng.random() < d.on_policy_fraction:
+        on_policy = d.teacher_model is not None and d.rng.random() < d.on_policy_fraction
+        if on_policy:
             inputs = on_policy_batch(model, d.teacher_model, inputs, prompt_len, d)
         labels = inputs.pop("labels")
         top_ids, top_lp, kd_mask = inputs.pop("top_ids", None), inputs.pop("top_logprobs", None), inputs.pop("kd_mask", None)
@@ -106,6 +107,8 @@ class DistillTrainer(Trainer):
         targets = torch.zeros_like(labels)
         targets[:, :-1] = labels[:, 1:].clamp(min=0)
         n_tokens = num_items_in_batch if num_items_in_batch is not None else pred_mask.sum()
+        if on_policy:  # the window's count was of the teacher's completions; these are the student's own
+            n_tokens = pred_mask.sum().clamp(min=1) * self.current_gradient_accumulation_steps
 
         teacher = None
         if d.kd_weight and teacher_logits is not None:
