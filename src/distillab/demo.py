@@ -82,10 +82,11 @@ def print_summary(summary: dict, report_path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("model", "task", "general", title=f"lab demo: distilled on {', '.join(summary['task_skills'])}")
+    table = Table("model", "task", "general")
     for label, s in summary["models"].items():
         table.add_row(label, f"{s['task']:.3f}", f"{s['general']:.3f}")
     console = Console()
+    console.print(f"lab demo: task = {', '.join(summary['task_skills'])}; general = every other lab skill")
     console.print(table)
 
     def pct(x):
