@@ -147,3 +147,13 @@ def test_dataset_without_provenance_is_a_user_error(tmp_path):
     pq.write_table(pa.table({"completion_ids": [[1, 2]]}), tmp_path / "d.parquet")
     with pytest.raises(UserError, match="missing column"):
         build_lineage(tmp_path / "d.parquet", "lab:base")
+
+
+def test_losses_from_the_trainer_summary(tmp_path):
+    data = _dataset(tmp_path / "d.parquet", [("teacher", "T", 10)])
+    summary = {"loss": "forward_kl", "kd_weight": 1.0, "sft_weight": 0.5, "epochs": 0.0}
+    lineage = build_lineage(data, "lab:base", None, summary)
+    assert lineage["generations"][0]["losses"] == {"forward_kl": 1.0, "sft": 0.5}
+    assert lineage["generations"][0]["train"] == summary  # kept verbatim
+    only_kd = build_lineage(data, "lab:base", None, {"loss": "reverse_kl", "kd_weight": 1.0, "sft_weight": 0.0})
+    assert only_kd["generations"][0]["losses"] == {"reverse_kl": 1.0}

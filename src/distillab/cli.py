@@ -170,7 +170,8 @@ def lineage(model_dir: Path = typer.Argument(..., help="a student directory dist
 @app.command()
 def audit(corpus: Path = typer.Argument(..., help="JSONL or Parquet with a text column"),
           labelled: Optional[Path] = typer.Option(None, help="labelled sample (text, label 1=teacher) to calibrate on"),
-          observer: str = typer.Option("lab:base"), performer: str = typer.Option("lab:teacher"),
+          observer: str = typer.Option("lab:teacher", help="scores the text (must know the domain)"),
+          performer: str = typer.Option("lab:base", help="gives the expected distribution"),
           text_field: str = typer.Option("text"), prompt_field: Optional[str] = typer.Option(None),
           out: Path = typer.Option(Path("audit"), help="output directory")):
     """Estimate how much of a corpus a teacher model wrote (Binoculars and Fast-DetectGPT scores)."""

@@ -186,6 +186,19 @@ def effective_fractions(generations: list[dict]) -> dict[str, float]:
     return _fractions(effective_tokens(generations))
 
 
+def _losses_from_weights(summary: dict) -> dict | list:
+    """The trainer names one KD loss plus weights: {kd loss: kd_weight, "sft": sft_weight}, zero weights dropped.
+
+    "sft" is cross-entropy on the written text, kept apart from a KD loss that may itself be named "ce".
+    """
+    if not summary.get("loss"):
+        return []
+    if "kd_weight" not in summary and "sft_weight" not in summary:
+        return [summary["loss"]]
+    weights = {summary["loss"]: summary.get("kd_weight", 1.0), "sft": summary.get("sft_weight", 0.0)}
+    return {name: w for name, w in weights.items() if w}
+
+
 def _base_model_dir(base_model: str) -> Path | None:
     """Where the base model lives, if it is a local directory (lab checkpoints included)."""
     if base_model.startswith("lab:"):
@@ -220,10 +233,10 @@ def build_lineage(
     counts = _dataset_token_counts(dataset_path)
     data_teachers = [k.split(":", 1)[1] for k in counts["tokens_by_source"] if k.startswith("teacher:")]
     teachers = sorted(set(teacher_ids or []) | set(data_teachers))
-    losses = summary.get("losses") or ([summary["loss"]] if summary.get("loss") else [])
+    losses = summary.get("losses") or _losses_from_weights(summary)
     epochs = float(summary.get("epochs", 1.0))
-    if not (epochs > 0 and math.isfinite(epochs)):
-        raise UserError(f"train_summary epochs must be a positive number, got {summary.get('epochs')!r}")
+    if not (epochs >= 0 and math.isfinite(epochs)):
+        raise UserError(f"train_summary epochs must be a number >= 0, got {summary.get('epochs')!r}")
 
     if parent_lineage is None:
         base_dir = _base_model_dir(base_model)
