@@ -123,10 +123,10 @@ def test_estimate_fraction_on_synthetic_scores():
 def test_malformed_corpora_are_user_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n\n{"text": "broken"\n')
-    with pytest.raises(UserError, match=r"bad\.jsonl:3: invalid JSON"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:3: malformed JSON"):
         read_corpus(bad)
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(UserError, match="empty corpus"):
+    with pytest.raises(UserError, match="corpus is empty"):
         read_corpus(tmp_path / "empty.jsonl")
     (tmp_path / "field.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(UserError, match=r"field\.jsonl:1: no string field 'text'"):

@@ -46,6 +46,7 @@ import torch
 
 from distillab.config import write_atomic
 from distillab.errors import UserError
+from distillab.jsonl import read_jsonl
 
 SCORE_NAMES = ("binoculars", "fast_detectgpt")
 TEACHER_DIRECTION = {"binoculars": -1.0, "fast_detectgpt": 1.0}  # multiply to get "higher = teacher"
@@ -302,16 +303,8 @@ def read_corpus(path: str | Path, text_field: str = "text", prompt_field: str | 
         raise UserError(f"corpus not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-                rows.append(_check_row(record, f"{path}:{lineno}", text_field, prompt_field, label_field))
+        rows = [_check_row(record, where, text_field, prompt_field, label_field)
+                for where, record in read_jsonl(path, "corpus")]
     elif suffix == ".parquet":
         try:
             table = pq.read_table(path)

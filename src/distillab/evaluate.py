@@ -23,6 +23,7 @@ from distillab.config import RunConfig, write_atomic
 from distillab.errors import UserError
 from distillab.generation import generate
 from distillab.lab.world import SKILLS, get_skill, word_f1, world_text
+from distillab.jsonl import read_jsonl
 from distillab.rundir import fingerprint, is_fresh, mark_fresh
 
 
@@ -257,21 +258,7 @@ def _check_example(obj, where: str) -> dict:
 
 def load_task_suite(path: str | Path) -> list[dict]:
     """Read and check a task-suite JSONL; a bad line is a one-line UserError naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"task suite file not found: {path}")
-    examples = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-        examples.append(_check_example(obj, f"{path}:{lineno}"))
-    if not examples:
-        raise UserError(f"task suite file is empty: {path}")
-    return examples
+    return [_check_example(obj, where) for where, obj in read_jsonl(path, "task suite file")]
 
 
 def score_task_suite(model, tok, examples: list[dict], max_new_tokens: int) -> dict[str, list[float]]:

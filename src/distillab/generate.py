@@ -20,6 +20,7 @@ from distillab import models, provenance
 from distillab.cache import RequestCache, request_key
 from distillab.config import RunConfig, write_atomic
 from distillab.errors import UserError
+from distillab.jsonl import read_jsonl
 from distillab.lab.world import get_skill
 from distillab.rundir import fingerprint, is_fresh, mark_fresh
 
@@ -52,25 +53,14 @@ def load_prompts(cfg: RunConfig) -> list[dict]:
 
 
 def read_jsonl_prompts(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-                raise UserError(f"{path}:{lineno}: each line needs a non-empty string field \"prompt\"")
-            answer = obj.get("answer")
-            if answer is not None and not isinstance(answer, str):
-                raise UserError(f"{path}:{lineno}: \"answer\" must be a string")
-            rows.append({"prompt": obj["prompt"], "answer": answer, "skill": obj.get("skill")})
-    if not rows:
-        raise UserError(f"prompt file is empty: {path}")
+    for where, obj in read_jsonl(path, "prompt file"):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+            raise UserError(f"{where}: each line needs a non-empty string field \"prompt\"")
+        answer = obj.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise UserError(f"{where}: \"answer\" must be a string")
+        rows.append({"prompt": obj["prompt"], "answer": answer, "skill": obj.get("skill")})
     return rows
 
 
