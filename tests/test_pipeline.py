@@ -92,3 +92,18 @@ def test_evaluate_writes_every_model_and_reruns_are_cached(tmp_path, tiny_teache
     seen.clear()
     run_evaluate(cfg, log=seen.append)
     assert seen == []  # nothing re-evaluated
+
+
+def test_user_task_suite_is_scored_as_the_task(tmp_path, tiny_teacher, tiny_student):
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text('{"prompt": "1+1=\\n", "answer": "2", "skill": "sums"}\n'
+                     '{"prompt": "pick\\n", "choices": ["a", "b"], "answer": 0, "skill": "choice"}\n')
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_student)
+    cfg.eval.task_file = str(suite)
+    run_generate(cfg, log=lambda *_: None)
+    run_train(cfg, log=lambda *_: None)
+    res = run_evaluate(cfg, log=lambda *_: None)["distilled"]
+    assert {"sums", "choice", "add", "upper"} == set(res["skills"])
+    task_skills = ["add", "sums", "choice"]  # the lab task skill plus the file's two
+    want = sum(res["skills"][s]["score"] for s in task_skills) / 3
+    assert res["task"]["score"] == pytest.approx(want)

@@ -78,6 +78,7 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     n_per_skill: int = Field(100, ge=1)
+    task_file: str | None = None  # JSONL of prompt/answer(/scorer/choices/skill): the task suite, beside lab skills
     general: list[str] | None = None  # general-suite lab skills; None: every skill not in the task
     bootstrap: int = Field(1000, ge=0)
     lm_eval_tasks: list[str] = []

@@ -85,10 +85,16 @@ def suite_result(per_skill: dict[str, list[float]], n_boot: int) -> dict:
 
 
 def evaluate_model(model_name: str | Path, task: list[str], general: list[str], n: int, n_boot: int,
-                   max_new_tokens: int) -> dict:
+                   max_new_tokens: int, task_examples: list[dict] | None = None) -> dict:
+    """Scores of one model. task/general name lab skills; task_examples (a user task suite) add their own
+    skills to the task suite."""
     model, tok = models.load(model_name)
     began = time.time()
     per_skill = {s: score_skill(model, tok, s, n, max_new_tokens) for s in dict.fromkeys(task + general)}
+    if task_examples:
+        user_skills = score_task_suite(model, tok, task_examples, max_new_tokens)
+        per_skill.update(user_skills)
+        task = task + [s for s in user_skills if s not in task]
     seconds = time.time() - began
     return {
         "model": str(model_name),
@@ -97,6 +103,7 @@ def evaluate_model(model_name: str | Path, task: list[str], general: list[str], 
                    for s, v in per_skill.items()},
         "task": suite_result({s: per_skill[s] for s in task}, n_boot),
         "general": suite_result({s: per_skill[s] for s in general}, n_boot),
+        "suites": {"task": task, "general": general},
         "world_text_perplexity": perplexity(model, tok, world_text()),
         "eval_seconds": round(seconds, 2),
     }
@@ -112,6 +119,7 @@ def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log
     """Evaluate teacher, base and the run's student (plus extra named models) into eval/<name>.json."""
     run_dir = cfg.run_dir
     task, general = suites(cfg)
+    examples = load_task_suite(cfg.eval.task_file) if cfg.eval.task_file else None
     named = {"teacher": cfg.teacher.model, "base": cfg.train.student, "distilled": str(run_dir / "student")}
     if cfg.teacher.base_url:  # a remote teacher is scored through its own API only by lm-eval; skip here
         named.pop("teacher")
@@ -121,12 +129,13 @@ def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log
         out = run_dir / "eval" / f"{label}.json"
         path = models.resolve_model_path(name)
         weights = sorted(path.glob("*.safetensors"))
-        stamp = fingerprint("evaluate", task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, *weights)
+        stamp = fingerprint("evaluate", task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, examples, *weights)
         if is_fresh(run_dir, f"evaluate:{label}", stamp) and out.is_file():
             results[label] = json.loads(out.read_text())
             continue
         log(f"evaluate: {label} ({name})")
-        res = evaluate_model(name, task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, cfg.teacher.max_new_tokens)
+        res = evaluate_model(name, task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, cfg.teacher.max_new_tokens,
+                             task_examples=examples)
         res["label"] = label
         write_atomic(out, json.dumps(res, indent=1))
         mark_fresh(run_dir, f"evaluate:{label}", stamp)
