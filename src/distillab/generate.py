@@ -9,8 +9,7 @@ and rerunning it sends only the requests that were not answered yet.
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
