@@ -85,8 +85,11 @@ def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
     requests = [teacher.request(p["prompt"]) for p in prompts]
     keys = [request_key(r) for r in requests]
     stamp = fingerprint("generate", keys, cfg.train.student)
-    if is_fresh(run_dir, "generate", stamp) and out_path.is_file():
-        return GenerateSummary(len(prompts), 0, len(keys), 0, 0, 0, None, skipped=True)
+    summary_path = run_dir / "data" / "generate_summary.json"
+    if is_fresh(run_dir, "generate", stamp) and out_path.is_file() and summary_path.is_file():
+        last = json.loads(summary_path.read_text())  # what the finished run counted, not a fresh $0
+        return GenerateSummary(last["rows"], 0, len(set(keys)), 0, last["prompt_tokens"], last["completion_tokens"],
+                               last["usd"], skipped=True)
 
     cache = RequestCache(run_dir / "teacher.sqlite")
     pricing = TeacherPricing.from_config(cfg.teacher, teacher_is_local=not cfg.teacher.base_url)
@@ -130,7 +133,7 @@ def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
     if not failures:
         mark_fresh(run_dir, "generate", stamp)
     spent = pricing.usd_for(usage)
-    write_atomic(run_dir / "data" / "generate_summary.json", json.dumps({
+    write_atomic(summary_path, json.dumps({
         "rows": len(rows), "failed": len(failures), "teacher": cfg.teacher.model,
         "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
         "usd": spent, "priced": spent is not None, "pricing": pricing.to_dict(), "failures": failures[:20]}, indent=1))
