@@ -118,6 +118,7 @@ def report(config: Path = ConfigArg):
 
     cfg = _config(config)
     path = finish_run(cfg, log=console.print)
+    _print_terminal_summary(cfg)
     console.print(f"report: {path}")
 
 
@@ -129,6 +130,7 @@ def run(config: Path = ConfigArg):
     cfg = _config(config)
     _write_resolved(cfg)
     run_all(cfg, generate_stage=do_generate, train_stage=do_train, log=console.print)
+    _print_terminal_summary(cfg)
 
 
 @app.command()
@@ -219,6 +221,16 @@ def lab_skills():
     for s in SKILLS.values():
         table.add_row(s.name, s.family, s.metric, s.description)
     Console().print(table)
+
+
+def _print_terminal_summary(cfg) -> None:
+    import json
+
+    from distillab.pipeline import load_evals
+    from distillab.report import terminal_summary
+
+    ledger = json.loads((cfg.run_dir / "ledger.json").read_text())
+    Console().print(terminal_summary(load_evals(cfg), ledger))
 
 
 def _print_scores(results: dict) -> None:
