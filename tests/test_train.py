@@ -18,6 +18,7 @@ def _one_sgd_step(cfg, rows, student_dir, out_dir):
     model, tok = models.load(student_dir)
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
     trainer = build_trainer(cfg, rows, model, tok, out_dir, optimizers=(sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0)))
+    trainer.args.max_grad_norm = 0.0  # no clipping: it would hide a wrong gradient scale
     trainer.train()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
