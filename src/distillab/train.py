@@ -279,8 +279,9 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
         "flops": train_flops(model, n_tokens_seen(trainer, rows)), "loss_history": trainer.state.log_history,
         "train_loss": result.training_loss,
     }
-    _save_student(trainer.model, tok, student_dir, summary, cfg)
-    mark_fresh(run_dir, "train", stamp)
+    if trainer.is_world_process_zero():  # under torchrun/accelerate every process gets here; one writes
+        _save_student(trainer.model, tok, student_dir, summary, cfg)
+        mark_fresh(run_dir, "train", stamp)
     return summary
 
 
