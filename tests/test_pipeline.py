@@ -107,3 +107,17 @@ def test_user_task_suite_is_scored_as_the_task(tmp_path, tiny_teacher, tiny_stud
     task_skills = ["add", "sums", "choice"]  # the lab task skill plus the file's two
     want = sum(res["skills"][s]["score"] for s in task_skills) / 3
     assert res["task"]["score"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("declared", [None, "gpt-x"])
+def test_brought_dataset_is_tagged_with_the_declared_source(tmp_path, tiny_teacher, tiny_student, declared):
+    prompts = tmp_path / "brought.jsonl"
+    prompts.write_text('{"prompt": "1+1=\\n", "answer": "2"}\n{"prompt": "2+2=\\n", "answer": "4"}\n')
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_student)
+    cfg.data.prompts_file, cfg.data.source, cfg.data.declared_teacher = str(prompts), "human", declared
+    run_generate(cfg, log=lambda *_: None)
+    rows = read_dataset(cfg.run_dir / "data" / "train.parquet")
+    assert [r["completion"] for r in rows] == ["2", "4"]
+    for r in rows:
+        assert (r["source"], r["teacher_id"]) == (("teacher", "gpt-x") if declared else ("human", None))
+        assert r["request_hash"] is None and r["created_at"]

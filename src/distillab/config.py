@@ -49,6 +49,7 @@ class DataConfig(_Strict):
     skills: list[str] = ["add"]  # lab skills whose train prompts the teacher answers (the task)
     prompts_file: str | None = None  # JSONL with "prompt" (and optional "answer"); replaces skills
     source: Literal["teacher", "human", "lab"] = "teacher"  # who writes the completions
+    declared_teacher: str | None = None  # a brought dataset's answers were written by this model: provenance says so
     n_prompts: int = Field(1000, ge=1)  # per lab skill
     seed: int = 0
 

@@ -73,7 +73,7 @@ def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
         stamp = fingerprint("generate", cfg.data.model_dump(), cfg.train.student)
         if is_fresh(run_dir, "generate", stamp) and out_path.is_file():
             return GenerateSummary(len(prompts), 0, 0, 0, 0, 0, 0.0, skipped=True)
-        rows = _ground_truth_rows(prompts, cfg.data.source, student_tok)
+        rows = _ground_truth_rows(prompts, cfg.data.source, student_tok, cfg.data.declared_teacher)
         _write_parquet(out_path, rows)
         mark_fresh(run_dir, "generate", stamp)
         return GenerateSummary(len(rows), 0, 0, 0, 0, 0, 0.0)
@@ -195,14 +195,17 @@ def _ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]
     return prompt_ids, completion_ids
 
 
-def _ground_truth_rows(prompts: list[dict], source: str, tokenizer) -> list[dict]:
+def _ground_truth_rows(prompts: list[dict], source: str, tokenizer, declared_teacher: str | None = None) -> list[dict]:
+    """Rows whose completions are the answers we were given; tagged with the source the user declared."""
+    tag = (provenance.provenance_row("teacher", teacher_id=declared_teacher) if declared_teacher
+           else provenance.provenance_row(source))
     rows = []
     for i, p in enumerate(prompts):
         if p["answer"] is None:
             raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt (prompt {i + 1} has none)")
         prompt_ids, completion_ids = _ids(tokenizer, p["prompt"], p["answer"])
         rows.append({**p, "completion": p["answer"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
-                     "top_ids": None, "top_logprobs": None, **provenance.provenance_row(source)})
+                     "top_ids": None, "top_logprobs": None, **tag})
     return rows
 
 
