@@ -136,7 +136,7 @@ def run(config: Path = ConfigArg):
 @app.command()
 def demo(runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"),
          fresh: bool = typer.Option(False, help="delete runs/demo first")):
-    """The lab demo: distill the base student on a task, with a zero-distillation control; ~5 minutes on 2 cores."""
+    """The lab demo: distill the base student on a task, with a zero-distillation control; ~2 minutes on 2 cores."""
     from distillab.demo import run_demo
 
     run_demo(runs_dir, fresh=fresh, generate_stage=do_generate, train_stage=do_train, log=console.print)
