@@ -36,7 +36,7 @@ def _write_resolved(cfg) -> None:
     write_atomic(cfg.run_dir / "run.toml", to_toml(cfg))
 
 
-def _progress_generate(cfg):
+def _progress_generate():
     """A rich progress bar fed by generate's progress(done, total, budget) callback."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -56,7 +56,7 @@ def _progress_generate(cfg):
 def do_generate(cfg) -> None:
     from distillab.generate import run_generate
 
-    progress, update = _progress_generate(cfg)
+    progress, update = _progress_generate()
     with progress:
         s = run_generate(cfg, progress=update, log=console.print)
     money = "unpriced" if s.usd is None else f"${s.usd:.4f}"

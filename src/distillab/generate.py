@@ -19,6 +19,7 @@ from distillab import models, provenance
 from distillab.cache import RequestCache, request_key
 from distillab.config import RunConfig, write_atomic
 from distillab.errors import UserError
+from distillab.generation import encode_example
 from distillab.jsonl import read_jsonl
 from distillab.lab.world import get_skill
 from distillab.rundir import fingerprint, is_fresh, mark_fresh
@@ -120,12 +121,8 @@ def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
                 progress(sent, len(missing), budget)
             budget.check()
 
-        try:
-            teacher.answer(missing, on_done)
-        finally:
-            usage = cache.usage(keys)
-    else:
-        usage = cache.usage(keys)
+        teacher.answer(missing, on_done)
+    usage = cache.usage(keys)
     failures = cache.failures(keys)
     rows = _teacher_rows(prompts, keys, cache, teacher, cfg, student_tok, log)
     cache.close()
@@ -189,12 +186,6 @@ class BudgetGuard:
                             f"(spent ${self.spent:.4f}; answered requests are cached, a rerun resumes)")
 
 
-def _ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids, completion_ids
-
-
 def _ground_truth_rows(prompts: list[dict], source: str, tokenizer, declared_teacher: str | None = None) -> list[dict]:
     """Rows whose completions are the answers we were given; tagged with the source the user declared."""
     tag = (provenance.provenance_row("teacher", teacher_id=declared_teacher) if declared_teacher
@@ -203,7 +194,7 @@ def _ground_truth_rows(prompts: list[dict], source: str, tokenizer, declared_tea
     for i, p in enumerate(prompts):
         if p["answer"] is None:
             raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt (prompt {i + 1} has none)")
-        prompt_ids, completion_ids = _ids(tokenizer, p["prompt"], p["answer"])
+        prompt_ids, completion_ids = encode_example(tokenizer, p["prompt"], p["answer"])
         rows.append({**p, "completion": p["answer"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
                      "top_ids": None, "top_logprobs": None, **tag})
     return rows
@@ -221,7 +212,7 @@ def _teacher_rows(prompts, keys, cache, teacher, cfg, tokenizer, log=print) -> l
             prompt_ids = tokenizer(p["prompt"])["input_ids"]
             completion_ids = resp["token_ids"]
         else:  # no ids, or the teacher's ids are not the student's: the student's tokenizer reads the text
-            prompt_ids, completion_ids = _ids(tokenizer, p["prompt"], resp["text"])
+            prompt_ids, completion_ids = encode_example(tokenizer, p["prompt"], resp["text"])
             if resp.get("token_ids") is not None:
                 top_ids = top_lp = None  # teacher-vocabulary ids, meaningless to this student
                 dropped_topk += 1

@@ -22,6 +22,13 @@ class Generation:
     token_logprobs: list[float] = field(default_factory=list)  # logprob of each sampled token
 
 
+def encode_example(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(prompt ids with <bos>, completion ids ending with end-of-sequence): how every stage tokenizes a pair."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids, completion_ids
+
+
 @torch.no_grad()
 def generate(
     model,

@@ -19,7 +19,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillab.lab.tokenizer import build_tokenizer
-from distillab.lab.world import SKILLS, Example
+from distillab.generation import encode_example
+from distillab.lab.world import SKILLS
+from distillab.train import collate
 
 
 @dataclass
@@ -67,26 +69,6 @@ def llama_config(spec: PretrainSpec, tokenizer) -> LlamaConfig:
     )
 
 
-def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """(prompt ids, completion ids) pairs -> right-padded input_ids, attention_mask and labels (-100 off-answer)."""
-    width = max(len(p) + len(c) for p, c in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id)
-    labels = torch.full((len(pairs), width), -100)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for row, (p, c) in enumerate(pairs):
-        ids = p + c
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, len(p) : len(ids)] = torch.tensor(c)
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def example_ids(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
-    prompt = tokenizer(ex.prompt)["input_ids"]
-    completion = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt, completion
-
-
 def training_pool(tokenizer, spec: PretrainSpec, per_skill: int = 20000) -> list[list[tuple[list[int], list[int]]]]:
     weights = {name: 2.0 if SKILLS[name].family == "knowledge" else 1.0 for name in SKILLS}
     weights.update(spec.skill_weights or {})
@@ -94,7 +76,7 @@ def training_pool(tokenizer, spec: PretrainSpec, per_skill: int = 20000) -> list
     for name, skill in SKILLS.items():
         w = weights[name]
         if w > 0:
-            ids = [example_ids(tokenizer, ex) for ex in skill.examples("train", per_skill, seed=spec.seed)]
+            ids = [encode_example(tokenizer, ex.prompt, ex.answer) for ex in skill.examples("train", per_skill, seed=spec.seed)]
             pools.append((w, ids))
     return pools
 
@@ -163,7 +145,8 @@ def _train_phase(name, model, tokenizer, spec: PretrainSpec, index: int, out_dir
             drawn = sorted((rng.choice(pools[i][1]) for i in picks), key=lambda pc: len(pc[0]) + len(pc[1]))
             queue = [drawn[i : i + spec.batch] for i in range(0, len(drawn), spec.batch)]
             rng.shuffle(queue)
-        batch = collate(queue.pop(), tokenizer.pad_token_id)
+        batch = collate([{"prompt_ids": p, "completion_ids": c} for p, c in queue.pop()], tokenizer.pad_token_id)
+        batch.pop("prompt_len")
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss = model(**batch).loss
