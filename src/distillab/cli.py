@@ -1,16 +1,24 @@
-"""The `distillab` command: one subcommand per stage, plus run, demo, serve, lineage, audit, leaderboard, lab."""
+"""The `distillab` command: one subcommand per stage, plus run, demo, serve, lineage, audit, leaderboard, lab.
+
+Errors: `run_cli` is the one boundary. Bad input (a UserError, a usage error, or a foreseeable library failure
+that `errors.user_message` words: not UTF-8, a path that cannot be created, a corrupt SQLite/Parquet/JSON file)
+is one line on stderr and exit 2; anything else is a bug: one "internal error" line and exit 1, with the
+traceback only under `distillab --debug` (or DISTILLAB_DEBUG=1). Interrupted: exit 130.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from distillab.errors import UserError
+from distillab.errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_USER, UserError, one_line, user_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill a teacher into a student; measure what it gained, what it forgot and what it cost.")
@@ -19,14 +27,24 @@ app.add_typer(lab_app, name="lab")
 console = Console(stderr=True)
 
 ConfigArg = typer.Argument(..., help="run config (TOML); unknown keys are errors")
+_debug = {"on": False}  # set by the global --debug option; read by the boundary in run_cli
+
+
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", envvar="DISTILLAB_DEBUG",
+                                               help="show the traceback of an unexpected error")):
+    """Distill a teacher into a student; measure what it gained, what it forgot and what it cost."""
+    _debug["on"] = debug
 
 
 def _config(path: Path, overrides: dict | None = None):
     from distillab.config import from_dict, load_config
+    from distillab.rundir import check_run_dir
 
     cfg = load_config(path)
     if overrides:
         cfg = from_dict(cfg.model_dump() | overrides)
+    check_run_dir(cfg.run_dir)  # a run directory that cannot be created fails here, before any work
     return cfg
 
 
@@ -34,6 +52,22 @@ def _write_resolved(cfg) -> None:
     from distillab.config import to_toml, write_atomic
 
     write_atomic(cfg.run_dir / "run.toml", to_toml(cfg))
+
+
+class _RecordConfig:
+    """Writes run.toml once the stage has started a run directory, even when the stage then fails: a run
+    directory says how it was made, and input rejected before any work leaves nothing on disk."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.cfg.run_dir.is_dir():
+            _write_resolved(self.cfg)
+        return False
 
 
 def _progress_generate():
@@ -86,8 +120,8 @@ def generate(config: Path = ConfigArg, max_usd: Optional[float] = typer.Option(N
     cfg = _config(config)
     if max_usd is not None:
         cfg.teacher.max_usd = max_usd
-    _write_resolved(cfg)
-    do_generate(cfg)
+    with _RecordConfig(cfg):
+        do_generate(cfg)
 
 
 @app.command()
@@ -128,8 +162,8 @@ def run(config: Path = ConfigArg):
     from distillab.pipeline import run_all
 
     cfg = _config(config)
-    _write_resolved(cfg)
-    run_all(cfg, generate_stage=do_generate, train_stage=do_train, log=console.print)
+    with _RecordConfig(cfg):
+        run_all(cfg, generate_stage=do_generate, train_stage=do_train, log=console.print)
     _print_terminal_summary(cfg)
 
 
@@ -197,8 +231,8 @@ def leaderboard(registry: Path = typer.Option(Path("runs/registry.sqlite"), help
 @lab_app.command("pretrain")
 def lab_pretrain(which: str = typer.Argument("all", help="teacher, base or all"),
                  out: Path = typer.Option(None, help="directory for the checkpoints (default: the package's own)"),
-                 steps: Optional[int] = typer.Option(None, help="override the first phase's step count"),
-                 from_phase: int = typer.Option(0, help="continue from the checkpoint in --out after this many phases")):
+                 steps: Optional[int] = typer.Option(None, min=1, help="override the first phase's step count"),
+                 from_phase: int = typer.Option(0, min=0, help="continue from the checkpoint in --out after this many phases")):
     """Reproduce the shipped lab checkpoints (the teacher takes about an hour on 2 cores)."""
     from distillab.lab.pretrain import PRESETS, pretrain
     from distillab.models import LAB_CHECKPOINTS
@@ -244,6 +278,48 @@ def _print_scores(results: dict) -> None:
     Console().print(table)
 
 
+def _error(message: str) -> None:
+    """One line on stderr. Markup off: a message may hold brackets ([74.8, 100]) that rich would eat."""
+    console.print(Text.assemble(("error:", "red"), " ", one_line(message)), soft_wrap=True, highlight=False)
+
+
+def run_cli(args: list[str] | None = None) -> int:
+    """Run the command line and return its exit code: the one error boundary (see the module docstring).
+
+    Tests call it in-process with args; main() calls it with sys.argv.
+    """
+    _debug["on"] = os.environ.get("DISTILLAB_DEBUG", "") not in ("", "0")
+    try:
+        code = app(args=args, prog_name="distillab", standalone_mode=False)
+    except typer.TyperException as err:  # typer's own click: usage errors (bad option value, unknown command)
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `distillab` or `distillab lab`: the help
+            err.show()
+            return err.exit_code
+        ctx = getattr(err, "ctx", None)
+        _error(err.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""))
+        return EXIT_USER
+    except typer.Abort:
+        console.print("interrupted: rerun the same command to resume")
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        console.print("interrupted: rerun the same command to resume")
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - this is the boundary
+        message = user_message(err)
+        if _debug["on"] and not isinstance(err, UserError):
+            traceback.print_exc()
+        if message is not None:
+            _error(message)
+            return EXIT_USER
+        if not _debug["on"]:
+            _error(f"internal error (this is a bug): {type(err).__name__}: {err}; "
+                   "rerun with `distillab --debug ...` for the traceback")
+        return EXIT_BUG
+    if code == EXIT_INTERRUPTED:  # typer turns a KeyboardInterrupt inside a command into exit code 130
+        console.print("interrupted: rerun the same command to resume")
+    return code if isinstance(code, int) else 0
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # distillab never downloads weights
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -251,11 +327,4 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # per-shard load/save bars; our own bars say what is happening
     hf_logging.set_verbosity_error()
-    try:
-        app()
-    except UserError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted: rerun the same command to resume")
-        sys.exit(130)
+    sys.exit(run_cli())

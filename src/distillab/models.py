@@ -5,12 +5,13 @@ Weights load as safetensors only, and never from a hub: a path that is not a loc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from distillab.errors import UserError
+from distillab.errors import UserError, one_line
 
 LAB_CHECKPOINTS = Path(__file__).parent / "lab" / "checkpoints"
 
@@ -32,21 +33,63 @@ def resolve_model_path(name: str | Path) -> Path:
         raise ModelNotFound(f"model directory not found: {path} (distillab loads local directories only)")
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"not a Hugging Face model directory (no config.json): {path}")
+    try:  # cheap, and every later failure on a garbage config.json would be a library traceback
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelNotFound(f"{path / 'config.json'} is not valid JSON ({err}): the model directory is damaged") from None
+    if not isinstance(config, dict):
+        raise ModelNotFound(f"{path / 'config.json'} is not a JSON object: not a Hugging Face model config")
     return path
 
 
 def load_tokenizer(name: str | Path):
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_path(name)), local_files_only=True)
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:  # missing or broken tokenizer files
+        raise ModelNotFound(one_line(f"cannot load a tokenizer from {path} ({type(err).__name__}: {err}): "
+                                     "the directory needs the tokenizer files saved with the model")) from None
     if tok.pad_token is None:  # many causal LMs ship without one; batching needs it
         tok.pad_token = tok.eos_token
     return tok
 
 
+def check_weights(path: Path) -> None:
+    """Safetensors weights are present and their headers parse (reads headers only, not the tensors)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFound(f"no .safetensors weights in {path} (other formats are refused)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own and OS errors for a bad header
+            raise ModelNotFound(one_line(f"{f}: unreadable safetensors file ({err}): the weights are damaged")) from None
+
+
+def check_model_dir(name: str | Path) -> Path:
+    """Everything about a model directory that can be checked without loading its weights: config, tokenizer,
+    weight headers. Stages call it before they write anything, so a bad directory leaves no half-made run."""
+    path = resolve_model_path(name)
+    load_tokenizer(path)
+    check_weights(path)
+    try:
+        AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelNotFound(one_line(f"{path / 'config.json'}: not a usable model config ({err})")) from None
+    return path
+
+
 def load_model(name: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None):
     path = resolve_model_path(name)
-    if not any(path.glob("*.safetensors")):
-        raise ModelNotFound(f"no .safetensors weights in {path} (other formats are refused)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True)
+    check_weights(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                     local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # config and weights that do not fit together
+        raise ModelNotFound(one_line(f"cannot load the model in {path} ({type(err).__name__}: {err})")) from None
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 

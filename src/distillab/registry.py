@@ -44,16 +44,47 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
+RANKED_COLUMNS = ("name", "distilled_task", "distilled_general", "base_general", "total_usd", "break_even_status",
+                  "break_even_queries")  # what the ranking and the table read
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _unusable(path: Path, why) -> UserError:
+    return UserError(f"{path}: not a usable runs registry ({why}): move it away; `distillab report CONFIG` "
+                     "records a run again")
+
+
+def _existing_tables(path: Path) -> set[str]:
+    """Tables of an existing registry file, read-only: another program's database is never written to."""
+    if path.exists() and not path.is_file():
+        raise _unusable(path, "not a file")
+    if not path.is_file() or path.stat().st_size == 0:
+        return set()
+    try:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
+        try:
+            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        raise _unusable(path, err) from None
+
+
 def _connect(path: Path) -> sqlite3.Connection:
+    tables = _existing_tables(path)
+    if tables and "runs" not in tables:
+        raise _unusable(path, f"a database of another program, tables: {', '.join(sorted(tables))}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30)  # concurrent runs finishing together wait, not fail
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(SCHEMA)
+    try:
+        conn = sqlite3.connect(path, timeout=30)  # concurrent runs finishing together wait, not fail
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(SCHEMA)
+    except sqlite3.DatabaseError as err:
+        raise _unusable(path, err) from None
     return conn
 
 
@@ -142,14 +173,23 @@ def read_runs(registry_path: Path) -> list[dict]:
     registry_path = Path(registry_path)
     if not registry_path.is_file():
         raise UserError(f"no registry at {registry_path}: finish a run first (`distillab run CONFIG`)")
-    conn = _connect(registry_path)
+    if "runs" not in _existing_tables(registry_path):  # reading never creates the table in someone's file
+        raise _unusable(registry_path, "no runs table")
     try:
-        rows = [dict(r) for r in conn.execute("SELECT * FROM runs")]
-    finally:
-        conn.close()
-    for r in rows:
-        r["scores"] = json.loads(r.pop("scores_json"))
-        r["lineage"] = json.loads(r.pop("lineage_json") or "null")
+        conn = sqlite3.connect(registry_path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
+        conn.row_factory = sqlite3.Row
+        try:
+            rows = [dict(r) for r in conn.execute("SELECT * FROM runs")]
+        finally:
+            conn.close()
+        for r in rows:
+            r["scores"] = json.loads(r.pop("scores_json"))
+            r["lineage"] = json.loads(r.pop("lineage_json") or "null")
+            missing = [c for c in RANKED_COLUMNS if c not in r]
+            if missing:  # a `runs` table of another shape
+                raise KeyError(f"no column {missing[0]!r}")
+    except (sqlite3.DatabaseError, json.JSONDecodeError, TypeError, KeyError) as err:
+        raise _unusable(registry_path, f"{type(err).__name__}: {err}") from None
     return rows
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from distillab.config import write_atomic
+from distillab.errors import UserError
 
 
 def fingerprint(*parts) -> str:
@@ -33,9 +35,43 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse, before anything is written, a run directory that could not be created or written.
+
+    Checks the path without creating it: no NUL in it, and its nearest existing ancestor is a writable
+    directory that is not a kernel pseudo-filesystem (/proc, /sys: they refuse mkdir with odd errors).
+    """
+    text = str(run_dir)
+    if "\x00" in text:
+        raise UserError(f"run directory {text!r} contains a NUL character: use a plain name")
+    path = Path(os.path.abspath(run_dir))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run directory {path} exists and is not a directory: choose another name or runs_dir")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create run directory {path}: {ancestor} is a file, not a directory; "
+                        "choose another runs_dir")
+    if ancestor.parts[1:2] in (("proc",), ("sys",)):
+        raise UserError(f"cannot create run directory {path}: /{ancestor.parts[1]} is not for files; "
+                        "choose another runs_dir")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create run directory {path}: {ancestor} is not writable; choose another runs_dir")
+
+
 def _stamps(run_dir: Path) -> dict:
     path = run_dir / "stages.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        stamps = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        stamps = None
+    if not isinstance(stamps, dict):
+        raise UserError(f"{path} is corrupt: delete it and rerun (the stages run again; cached teacher "
+                        "answers are kept, so no request is paid twice)")
+    return stamps
 
 
 def is_fresh(run_dir: Path, stage: str, stamp: str) -> bool:

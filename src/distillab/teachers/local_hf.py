@@ -4,32 +4,58 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 
 from distillab import models
 from distillab.generation import generate
 
 
-def weights_digest(path) -> str:
-    """Identifies the weights without reading gigabytes: config plus each safetensors file's size and head."""
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f.name.encode() + str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
+# The files that decide what a model answers. Not the model card, lineage or training notes: distillab
+# rewrites those in a student directory, and they must not change the teacher's identity.
+IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                  "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json")
+_digests: dict[tuple, str] = {}  # per process: hashing multi-GB weights once per run is enough
+
+
+def model_digest(path: Path) -> str:
+    """Content hash of a model directory: weights, config and tokenizer, by file name and bytes.
+
+    Where the directory lives does not enter it, so a moved checkout, a reinstall or a second machine with the
+    same files keeps every cached teacher answer. Every byte of the weights is read (sha256, about 1 GB/s):
+    a sampled hash could let two different fine-tunes share cache entries.
+    """
+    files = sorted({*(path / name for name in IDENTITY_FILES if (path / name).is_file()), *path.glob("*.safetensors")})
+    stat_key = (str(path.resolve()), *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stat_key not in _digests:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0" + str(f.stat().st_size).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        _digests[stat_key] = h.hexdigest()[:16]
+    return _digests[stat_key]
+
+
+def model_name(name: str, path: Path) -> str:
+    """The name the cache key carries: `lab:NAME` as given, else the directory's own name (not its location)."""
+    return name if name.startswith("lab:") else path.resolve().name
 
 
 class LocalHFTeacher:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.path = models.resolve_model_path(cfg.model)
+        # Config, tokenizer and weight headers checked now: a broken directory fails before generate writes.
+        self.path = models.check_model_dir(cfg.model)
         self.teacher_id = cfg.model
-        self.endpoint = f"local:{self.path.resolve()}@{weights_digest(self.path)}"
+        self.name = model_name(cfg.model, self.path)
+        self.endpoint = f"local:{self.name}@{model_digest(self.path)}"
         self._model = self._tokenizer = None
 
     def request(self, prompt: str) -> dict:
         c = self.cfg
-        return {"endpoint": self.endpoint, "model": c.model, "prompt": prompt, "max_tokens": c.max_new_tokens,
+        return {"endpoint": self.endpoint, "model": self.name, "prompt": prompt, "max_tokens": c.max_new_tokens,
                 "temperature": c.temperature, "top_p": c.top_p, "logprobs": c.top_k_logprobs}
 
     def answer(self, requests: list[dict], on_done) -> None:
