@@ -9,7 +9,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distillab.losses import (
-    LOSSES,
+    KD_LOSS_NAMES,
+    LOSS_NAMES,
+    REGISTRY,
     TAIL_FLOOR,
     TeacherDist,
     TeacherHidden,
@@ -20,9 +22,11 @@ from distillab.losses import (
     jsd,
     kd_loss,
     reverse_kl,
+    tvd,
 )
 
-KD_LOSSES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+KD_LOSSES = list(KD_LOSS_NAMES)  # every test below runs on every registered loss
+NEG = -math.inf
 BETA, ALPHA = 0.3, 0.2  # off the defaults, so a loss that ignores its parameter fails
 
 
@@ -39,21 +43,25 @@ def ref_kl(a, b):  # KL(a || b) over explicit entries, 0 * log 0 = 0
     return sum(a[i] * torch.log(a[i] / b[i]) for i in range(len(a)) if a[i] > 0)
 
 
+def ref_jsd(p, q, beta):
+    m = beta * p + (1 - beta) * q
+    return beta * ref_kl(p, m) + (1 - beta) * ref_kl(q, m)
+
+
+# One naive reference per registered divergence, written from its formula; a loss added to losses.REGISTRY without one
+# here fails test_every_registered_loss_has_a_reference.
+REFERENCES = {
+    "forward_kl": lambda p, q, beta, alpha: ref_kl(p, q),
+    "reverse_kl": lambda p, q, beta, alpha: ref_kl(q, p),
+    "jsd": lambda p, q, beta, alpha: ref_jsd(p, q, beta),
+    "skew_forward_kl": lambda p, q, beta, alpha: ref_kl(p, alpha * p + (1 - alpha) * q),
+    "skew_reverse_kl": lambda p, q, beta, alpha: ref_kl(q, alpha * q + (1 - alpha) * p),
+    "tvd": lambda p, q, beta, alpha: 0.5 * sum(abs(p[i] - q[i]) for i in range(len(p))),
+}
+
+
 def ref_divergence(name, p, q, beta=BETA, alpha=ALPHA):
-    if name == "forward_kl":
-        return ref_kl(p, q)
-    if name == "reverse_kl":
-        return ref_kl(q, p)
-    if name == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * ref_kl(p, m) + (1 - beta) * ref_kl(q, m)
-    if name == "skew_forward_kl":
-        return ref_kl(p, alpha * p + (1 - alpha) * q)
-    if name == "skew_reverse_kl":
-        return ref_kl(q, alpha * q + (1 - alpha) * p)
-    if name == "tvd":
-        return 0.5 * sum(abs(p[i] - q[i]) for i in range(len(p)))
-    raise KeyError(name)
+    return REFERENCES[name](p, q, beta, alpha)
 
 
 def ref_dense(name, student, teacher, mask, temperature):  # (B, T, V), (B, T, V'), (B, T)
@@ -155,8 +163,10 @@ def test_sparse_explicit_tail_matches_reference(name):
     # a stored tail mass overrides 1 - sum(exp(logprobs)); the top-k are renormalised to 1 - tail
     student, teacher = make_logits(40, (B, T, V)), make_logits(41, (B, T, V))
     ids, logprobs = top_k(teacher, k=3)
-    logprobs = logprobs + 0.05  # as if quantisation had pushed them up a little
-    tail = torch.rand((B, T), generator=torch.Generator().manual_seed(42), dtype=torch.float64) * 0.5 + 0.1
+    true_tail = 1 - logprobs.exp().sum(-1)
+    logprobs = logprobs + 0.02  # as if quantisation had pushed them up a little
+    noise = torch.rand((B, T), generator=torch.Generator().manual_seed(42), dtype=torch.float64) * 0.08 - 0.04
+    tail = true_tail + noise  # a stored tail that is not 1 - sum(p), within TAIL_TOLERANCE of it
     mask = make_mask(43, (B, T))
     got = kd(name, student, TeacherDist(ids=ids, logprobs=logprobs, tail_logprob=tail.log()), mask, 1.4)
     want = ref_sparse(name, student, ids, logprobs, mask, 1.4, tail=tail)
@@ -319,15 +329,31 @@ def test_sparse_id_outside_student_vocab_names_both_sizes():
         forward_kl(student, TeacherDist(ids=ids, logprobs=torch.full((1, 2, 2), -1.0), vocab_size=10))
 
 
+def test_every_registered_loss_has_a_reference():
+    assert set(REFERENCES) == set(KD_LOSS_NAMES)  # ce's reference is ref_ce
+    assert LOSS_NAMES == tuple(REGISTRY) and set(LOSS_NAMES) == set(KD_LOSS_NAMES) | {"ce"}
+    for name, spec in REGISTRY.items():
+        assert spec.formula and set(spec.params) <= {"beta", "alpha"}
+        assert (spec.divergence is None) == spec.labels
+
+
+@pytest.mark.parametrize("name", KD_LOSSES)
+def test_each_loss_reads_exactly_its_declared_params(name):
+    # the registry says which of beta / alpha a loss reads; moving the others must change nothing
+    student, teacher = make_logits(44, (B, T, V)), make_logits(45, (B, T, V)).detach()
+    target = TeacherDist(logits=teacher)
+    base = kd_loss(name, student, target, None, 1.0, beta=0.3, alpha=0.2)
+    for param in ("beta", "alpha"):
+        moved = kd_loss(name, student, target, None, 1.0, **{"beta": 0.3, "alpha": 0.2, param: 0.6})
+        assert (moved != base) == (param in REGISTRY[name].params), param
+
+
 def test_registry_and_uniform_call():
-    assert set(LOSSES) == {"ce", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"}
     student, teacher = make_logits(31, (B, T, V)), make_logits(32, (B, T, V)).detach()
     mask = make_mask(33, (B, T))
     target = TeacherDist(logits=teacher)
-    assert LOSSES["jsd"](student, target, mask, 1.0, beta=BETA) == kd("jsd", student, target, mask, 1.0)
-    skew = LOSSES["skew_reverse_kl"](student, target, mask, alpha=ALPHA)
-    assert skew == kd("skew_reverse_kl", student, target, mask, 1.0)
-    with pytest.raises(KeyError, match="unknown loss"):
+    assert jsd(student, target, mask, 1.0, beta=BETA) == kd("jsd", student, target, mask, 1.0)
+    with pytest.raises(KeyError, match="unknown loss 'kl'; known: ce, forward_kl"):
         kd_loss("kl", student, target, mask)
     with pytest.raises(TypeError):
         kd_loss("ce", student, target, mask)
@@ -427,3 +453,141 @@ def test_chunked_never_materialises_all_logits(teacher_kind):
         loss.backward()
     assert probe.largest <= max(chunk * vocab, n * h, vocab * h)  # a chunk's logits, the hidden states, the weight
     assert probe.largest < n * vocab / 8
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sparse-teacher edge cases: the rules of the module docstring, each one a bug once
+
+
+def one_position(logits):  # (V,) -> (1, 1, V) float64 leaf
+    return torch.tensor(logits, dtype=torch.float64).reshape(1, 1, -1).requires_grad_(True)
+
+
+@pytest.mark.parametrize("name", KD_LOSSES)
+def test_student_with_no_mass_outside_the_ids_keeps_the_teacher_tail(name):
+    # the teacher's tail (0.3) is real mass; a student with -inf logits outside the ids has none there. That used to
+    # drop the teacher's tail (forward KL finite, against a teacher renormalised to its top-k); now coverage comes from
+    # the ids alone and every loss is the dense one's: forward KL +inf, the others finite and exact
+    student = one_position([1.0, -0.5, NEG, NEG, NEG])
+    ids = torch.tensor([[[0, 1]]])
+    logprobs = torch.log(torch.tensor([[[0.4, 0.3]]], dtype=torch.float64))
+    got = kd(name, student, TeacherDist(ids=ids, logprobs=logprobs), None, 1.0)
+    want = ref_sparse(name, student, ids, logprobs, torch.ones(1, 1, dtype=torch.bool), 1.0)
+    dense_teacher = torch.log(torch.tensor([[[0.4, 0.3, 0.1, 0.1, 0.1]]], dtype=torch.float64))
+    dense = kd(name, student, TeacherDist(logits=dense_teacher), None, 1.0)
+    if name == "forward_kl":
+        assert got.item() == math.inf == want.item() == dense.item()
+        return
+    assert math.isfinite(got.item())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert got.item() <= dense.item() + 1e-12  # a coarsening of the dense loss, as the docstring says
+    assert torch.isfinite(grad(got, student)[..., :2]).all()
+
+
+
+def test_duplicate_ids_and_more_ids_than_vocab_are_refused():
+    student = make_logits(46, (1, 2, 5))
+    logprobs = torch.full((1, 2, 3), -2.0)
+    with pytest.raises(ValueError, match=r"ids repeat within a position \(id 3 twice at selected token 1\)"):
+        forward_kl(student, TeacherDist(ids=torch.tensor([[[0, 1, 2], [3, 4, 3]]]), logprobs=logprobs))
+    with pytest.raises(ValueError, match="6 teacher top-k ids per position, more than the student's vocab of 5"):
+        forward_kl(student, TeacherDist(ids=torch.tensor([[[0, 1, 2, 3, 4, 0]] * 2]), logprobs=torch.zeros(1, 2, 6)))
+    # masked-out positions are not checked (padding may hold anything)
+    mask = torch.tensor([[True, False]])
+    forward_kl(student, TeacherDist(ids=torch.tensor([[[0, 1, 2], [3, 3, 3]]]), logprobs=logprobs), mask)
+
+
+@pytest.mark.parametrize("stored_tail", [False, True])
+def test_teacher_row_with_no_mass_on_its_ids_is_all_tail(stored_tail):
+    # all -inf log-probs (an API that returned no alternatives, or none that map to the student's vocab): the teacher's
+    # whole mass is outside the ids. It used to give NaN.
+    student = one_position([0.5, -1.0, 2.0, 0.0, 1.0])
+    ids = torch.tensor([[[0, 2]]])
+    logprobs = torch.full((1, 1, 2), NEG, dtype=torch.float64)
+    tail = torch.zeros(1, 1, dtype=torch.float64) if stored_tail else None  # log 1: the stored tail agrees
+    target = TeacherDist(ids=ids, logprobs=logprobs, tail_logprob=tail)
+    q = torch.softmax(student.detach()[0, 0], -1)
+    q_ids, q_tail = q[0] + q[2], 1 - q[0] - q[2]
+    assert forward_kl(student, target).item() == pytest.approx(-math.log(q_tail), rel=1e-12)  # KL((0, 0, 1) || q)
+    assert tvd(student, target).item() == pytest.approx(q_ids.item(), rel=1e-12)
+    assert reverse_kl(student, target).item() == math.inf  # the student has mass where the teacher has none
+    for name in KD_LOSSES:
+        loss = kd(name, student, target, None, 1.5)
+        assert not math.isnan(loss.item()), name
+        if math.isfinite(loss.item()):
+            assert torch.isfinite(grad(loss, student)).all(), name
+
+
+def test_a_missing_tail_is_nan_and_derived_never_mass_one():
+    student, teacher = make_logits(47, (B, T, V)), make_logits(48, (B, T, V))
+    ids, logprobs = top_k(teacher, 4)
+    mask = make_mask(49, (B, T))
+    derived = ref_sparse("reverse_kl", student, ids, logprobs, mask, 1.3)  # tail = 1 - sum(p) everywhere
+    # NaN at a position: no tail stored there, derive it; stored tails elsewhere are used as stored
+    true_tail = (1 - logprobs.exp().sum(-1)).log()
+    some_missing = torch.where(torch.arange(T) % 2 == 0, math.nan, true_tail)
+    got = reverse_kl(student, TeacherDist(ids=ids, logprobs=logprobs, tail_logprob=some_missing), mask, 1.3)
+    torch.testing.assert_close(got, derived, rtol=1e-10, atol=1e-12)
+    all_missing = torch.full((B, T), math.nan, dtype=torch.float64)
+    got = reverse_kl(student, TeacherDist(ids=ids, logprobs=logprobs, tail_logprob=all_missing), mask, 1.3)
+    torch.testing.assert_close(got, derived, rtol=1e-10, atol=1e-12)
+    # a collate that filled 0 (log 1: all the mass outside the ids) for rows without a tail used to train silently
+    # towards "put everything outside the teacher's top-k"; it contradicts the top-k's own mass, so it is an error
+    with pytest.raises(ValueError, match=r"disagrees with its top-k mass .* never 0 \(a tail of mass 1\)"):
+        reverse_kl(student, TeacherDist(ids=ids, logprobs=logprobs, tail_logprob=torch.zeros(B, T)), mask)
+    with pytest.raises(ValueError, match="tail_logprob 0.5 "):  # mass above 1
+        reverse_kl(student, TeacherDist(ids=ids, logprobs=logprobs - 5, tail_logprob=torch.full((B, T), 0.5)), mask)
+
+
+@pytest.mark.parametrize("name", KD_LOSSES)
+def test_sparse_never_exceeds_dense_when_the_tail_is_above_the_floor(name):
+    # the data processing inequality the docstring promises, at temperature == logprob_temperature
+    for seed in range(3):
+        student, teacher = make_logits(50 + seed, (B, T, V)), make_logits(60 + seed, (B, T, V)).detach()
+        ids, logprobs = top_k(teacher, 3 + seed, temperature=1.4)
+        assert (1 - logprobs.exp().sum(-1)).min() > TAIL_FLOOR
+        sparse = kd(name, student, TeacherDist(ids=ids, logprobs=logprobs, logprob_temperature=1.4), None, 1.4)
+        dense = kd(name, student, TeacherDist(logits=teacher), None, 1.4)
+        assert sparse.item() <= dense.item() + 1e-12
+
+
+def test_the_tail_floor_can_exceed_dense_by_at_most_its_bound():
+    # the teacher's true tail is ~1e-13 and the student's ~e^-40: the floor lifts the teacher's tail to 1e-6, and the
+    # sparse forward KL then exceeds the dense one, by less than TAIL_FLOOR * (log(1 / q_tail) + log(k) + 15)
+    teacher = torch.tensor([[[3.0, 2.0, 1.0, -27.0]]], dtype=torch.float64)
+    student = one_position([1.0, 2.0, 3.0, -38.0])
+    ids, logprobs = top_k(teacher, 3)
+    sparse = forward_kl(student, TeacherDist(ids=ids, logprobs=logprobs)).item()
+    dense = forward_kl(student, TeacherDist(logits=teacher)).item()
+    q_tail = torch.softmax(student.detach()[0, 0], -1)[3].item()
+    assert sparse > dense
+    assert sparse - dense <= TAIL_FLOOR * (math.log(1 / q_tail) + math.log(3) + 15)
+
+
+@pytest.mark.parametrize("teacher_kind", ["dense", "sparse"])
+def test_chunked_applies_the_logit_transform(teacher_kind):
+    # a softcap on the student's and on a dense teacher's logits (Gemma 2's final step): the chunked loss equals the
+    # loss on transformed logits, value and gradients; without the transform it would not
+    g = torch.Generator().manual_seed(70)
+    hidden = (torch.randn(2, 6, 8, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    weight = torch.randn(20, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+    teacher_hidden, teacher_weight = torch.randn(2, 6, 8, generator=g, dtype=torch.float64) * 3, weight.detach() * 2
+
+    def softcap(x):
+        return torch.tanh(x / 4.0) * 4.0
+
+    mask = make_mask(71, (2, 6))
+    if teacher_kind == "dense":
+        target = TeacherHidden(teacher_hidden, teacher_weight, logit_transform=softcap)
+        full_target = TeacherDist(logits=softcap(teacher_hidden @ teacher_weight.T))
+    else:
+        ids, logprobs = top_k(softcap(teacher_hidden @ teacher_weight.T), 5)
+        target = full_target = TeacherDist(ids=ids, logprobs=logprobs)
+    want = kd("jsd", softcap(hidden @ weight.T), full_target, mask, 1.2)
+    got = chunked_kd_loss("jsd", hidden, weight, target, mask, chunk_size=4, temperature=1.2, beta=BETA,
+                          logit_transform=softcap)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for got_grad, want_grad in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-13)
+    untransformed = chunked_kd_loss("jsd", hidden, weight, target, mask, chunk_size=4, temperature=1.2, beta=BETA)
+    assert abs(untransformed.item() - want.item()) > 1e-3

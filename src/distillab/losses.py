@@ -6,6 +6,8 @@ trainer can divide by the token count of a whole gradient-accumulation window in
 Masked-out tokens are dropped before any arithmetic, so garbage (even NaN) at padded positions cannot leak in.
 
 The target is a :class:`TeacherDist` for the distillation losses, or int64 labels (..., T) for ``ce``.
+:data:`REGISTRY` is the one list of losses (name -> :class:`LossSpec`): ``kd_loss`` dispatches on it, config.py takes
+its names from :data:`LOSS_NAMES`, and tests/test_losses.py checks every entry against a naive reference.
 
 Divergences (p = teacher, q = student, both at the given temperature)::
 
@@ -27,24 +29,39 @@ can scale the result.
 
 Sparse teacher (top-k) and the tail bucket. A cached teacher is stored as its top-k ids (..., T, k) and their
 log-probabilities (..., T, k), normalised over the teacher's FULL vocab, so their probabilities sum to S <= 1. The
-missing mass 1 - S is kept as one "tail bucket". The student is compared on the same k + 1 buckets: its probabilities
-at the k teacher ids, plus its own tail 1 - sum(q[ids]). The student tail is computed as a logsumexp over the student
-logits that are NOT among the ids (never as 1 - sum, which cancels catastrophically when the tail is tiny), and it is
-exactly 0 when the ids cover the whole vocab, so with k = V every loss equals its dense value. All divergences are then
-exact divergences between these two (k + 1)-bucket distributions (at the stored temperature, a coarsening of the true
-ones, so by the data processing inequality they never exceed the full-vocab divergence against the same teacher).
+missing mass is kept as one "tail bucket". The student is compared on the same k + 1 buckets: its probabilities at the k
+teacher ids, plus its own tail 1 - sum(q[ids]). The student tail is computed as a logsumexp over the student logits that
+are NOT among the ids (never as 1 - sum, which cancels catastrophically when the tail is tiny). All divergences are then
+exact divergences between these two (k + 1)-bucket distributions.
 Temperature in the sparse case: the student logits are divided by ``temperature`` as in the dense case. The teacher's
 stored log-probs were computed at ``TeacherDist.logprob_temperature`` (default 1); they are re-tempered by scaling them
-with ``logprob_temperature / temperature`` and renormalising over the k ids to the same top-k mass S, i.e. the teacher's
-mass inside its top-k is redistributed as the tempered teacher would, while the tail keeps its stored mass 1 - S (the
-tail's shape is unknown, so its tempered mass is too). When ``temperature == logprob_temperature`` the stored
-log-probs are used as they are, and with k = V this re-tempering is exactly the dense tempered softmax.
-The teacher's tail mass is 1 - S, or ``TeacherDist.tail_logprob`` when the producer stored it (more precise than 1 - S
-of rounded or quantised log-probs; the top-k are then renormalised to 1 - tail). A teacher tail below TAIL_FLOOR (1e-6,
-about the round-off of an fp32 sum of k probabilities; S above 1 included) is raised to it, with the top-k renormalised
-to 1 - TAIL_FLOOR, because a softmax teacher always has some mass there and an empty teacher tail would make reverse KL
-infinite against any student. Only where the ids cover the whole vocab are both tails exactly empty.
-Ids must be distinct per position (true of any top-k); their order does not matter.
+with ``logprob_temperature / temperature`` and renormalising over the k ids to the top-k's mass, i.e. the teacher's
+mass inside its top-k is redistributed as the tempered teacher would, while the tail keeps its stored mass (the tail's
+shape is unknown, so its tempered mass is too). When ``temperature == logprob_temperature`` the stored log-probs are
+used as they are, and with k = V this re-tempering is exactly the dense tempered softmax.
+
+The rules of the sparse teacher, each checked (a ValueError names the first offending position):
+- Ids are distinct per position and inside the (student's, or ``vocab_size``'s) vocab, so k <= V; their order does not
+  matter. They cover the vocab exactly when k = V: then both tails are empty and every loss equals its dense value.
+  Coverage is decided by the ids alone, never by the student's values: a student with -inf logits outside the ids has
+  an empty tail while the teacher's is not, and gets what the dense loss gives it, +inf for forward KL (finite for the
+  losses that mix q into the reference: jsd, skew KLs, tvd, reverse KL).
+- The teacher's tail mass is ``exp(tail_logprob)`` where the producer stored it (more precise than 1 - S of rounded or
+  quantised log-probs; the top-k are then renormalised to 1 - tail), and 1 - S where it did not: ``tail_logprob=None``
+  for the whole batch, or NaN at a position (a row with no stored tail: a collate fills NaN, never 0, which is a
+  tail of mass 1). A stored tail must agree with its top-k, |S + tail - 1| <= TAIL_TOLERANCE (the codec's worst case,
+  0.034, is a third of it; a missing tail stored as 0 is far outside), and a log tail above 0 (mass over 1) is an error.
+- A position whose log-probs are all -inf puts all its mass in the tail (S = 0, tail 1): the student is pulled to put
+  its mass outside those ids.
+- A teacher tail below TAIL_FLOOR (1e-6, about the round-off of an fp32 sum of k probabilities; S above 1 included) is
+  raised to it, with the top-k renormalised to 1 - TAIL_FLOOR, because a softmax teacher always has some mass there
+  and an empty teacher tail would make reverse KL infinite against any student with a tail.
+Sparse against dense. At ``temperature == logprob_temperature`` with a teacher tail of at least TAIL_FLOOR (or k = V),
+the bucket distributions are a coarsening of the full ones, so by the data processing inequality (every loss here is
+an f-divergence) the sparse loss never exceeds the full-vocab loss against the same teacher. Where the floor lifts a
+smaller tail, the teacher moves by less than TAIL_FLOOR in total variation and the sparse loss can exceed the dense one
+slightly: for forward KL by at most TAIL_FLOOR * (log(1 / student tail) + log(k) + 15) (a cross-entropy term plus
+Fannes' bound on the entropy change), 1e-4 nats for a student tail of e**-80.
 
 Padded vocabularies. Models sharing a tokenizer often pad the embedding matrix differently (e.g. 151,936 vs 152,064
 rows); padded rows are never real tokens. :func:`align_vocab` truncates both logits to the smaller size. In the
@@ -52,7 +69,7 @@ sparse case, ``TeacherDist.vocab_size`` (when given) truncates the student logit
 way, and a top-k id outside the student's vocab is an error that names both sizes.
 
 Chunked full-vocab KD. :func:`chunked_kd_loss` computes any of these losses from hidden states and the ``lm_head``
-weight a chunk of tokens at a time, and never materialises the (N, V) logits of all tokens (nor the teacher's): the
+weight (then the model's own final logit transform, see distillab.logits) a chunk of tokens at a time, and never materialises the (N, V) logits of all tokens (nor the teacher's): the
 gradients w.r.t. the hidden states and the lm_head weight are computed chunk by chunk during the forward, the way
 Liger's fused linear cross-entropy does, so peak memory is about one chunk's logits plus the weight gradient.
 """
@@ -70,6 +87,7 @@ from torch import Tensor
 NEG_INF = float("-inf")
 TAIL_FLOOR = 1e-6  # smallest teacher tail mass used in the sparse case (unless the ids cover the vocab)
 LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
+TAIL_TOLERANCE = 0.1  # largest |top-k mass + stored tail mass - 1| accepted from a producer
 
 
 @dataclass(frozen=True)
@@ -79,7 +97,7 @@ class TeacherDist:
     logits: Tensor | None = None  # (..., T, Vt) raw teacher logits
     ids: Tensor | None = None  # (..., T, k) int64, distinct per position
     logprobs: Tensor | None = None  # (..., T, k) log-probs at ids, normalised over the teacher's full vocab
-    tail_logprob: Tensor | None = None  # (..., T) log mass outside the ids if stored; else 1 - sum(exp(logprobs))
+    tail_logprob: Tensor | None = None  # (..., T) log mass outside the ids; None, or NaN at a position: 1 - sum(p)
     logprob_temperature: float = 1.0  # the temperature the stored logprobs were computed at
     vocab_size: int | None = None  # the teacher's true vocab (sparse only): student logits beyond it are padding
 
@@ -103,6 +121,7 @@ class TeacherHidden:
 
     hidden: Tensor  # (..., T, Ht)
     lm_head_weight: Tensor  # (Vt, Ht)
+    logit_transform: Callable[[Tensor], Tensor] | None = None  # the teacher's final transform (distillab.logits)
 
 
 def align_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,22 +189,27 @@ def _student_sparse_buckets(student_logits: Tensor, ids: Tensor, temperature: fl
     return torch.cat([at_ids, tail], dim=-1)  # (N, k + 1)
 
 
-def _teacher_sparse_buckets(teacher: TeacherDist, temperature: float, student_tail: Tensor) -> Tensor:
+def _teacher_sparse_buckets(teacher: TeacherDist, temperature: float, covers: bool, dtype: torch.dtype) -> Tensor:
     """Teacher log-probs at its k ids, re-tempered within the top-k, plus its tail bucket. -> (N, k + 1).
 
-    student_tail (N, 1) is the student's log tail: -inf exactly where the ids cover the whole (shared) vocab.
+    covers: the ids cover the whole (shared) vocab, so nothing is outside them. The rules are the module docstring's.
     """
-    stored = teacher.logprobs.to(student_tail.dtype)  # (N, k)
+    stored = teacher.logprobs.to(dtype)  # (N, k)
+    empty = stored.amax(-1, keepdim=True) == NEG_INF  # (N, 1) no mass on any id: it is all in the tail
+    stored = stored.masked_fill(empty, 0.0)  # any finite values: their mass is set to 0 below; keeps NaN out
+    # log(1 - S); S a hair above 1 (rounding, quantisation) gives -inf here, then the floor below
+    derived = _log1mexp(torch.logsumexp(stored, -1, keepdim=True).clamp(max=0.0))  # (N, 1)
     if teacher.tail_logprob is not None:
-        log_tail = teacher.tail_logprob.to(student_tail.dtype)[:, None]  # (N, 1)
+        given = teacher.tail_logprob.to(dtype)[:, None]  # (N, 1), NaN where the producer stored none
+        derived = torch.where(torch.isnan(given), derived, given)
+    log_tail = derived.masked_fill(empty, 0.0)
+    if covers:
+        log_tail = torch.full_like(log_tail, NEG_INF)
     else:
-        # log(1 - S); S a hair above 1 (rounding, quantisation) gives -inf here, then the floor below
-        log_tail = _log1mexp(torch.logsumexp(stored, -1, keepdim=True).clamp(max=0.0))  # (N, 1)
-    # A softmax teacher always has some mass outside its top-k, and an empty teacher tail would make every reverse-type
-    # loss infinite against a student that has any; 1 - S below ~1e-6 is round-off of the fp32 sum anyway.
-    log_tail = log_tail.clamp(min=LOG_TAIL_FLOOR)
-    log_tail = log_tail.masked_fill(student_tail == NEG_INF, NEG_INF)  # ids cover the vocab: nothing is outside
-    log_mass = _log1mexp(log_tail)  # (N, 1) log of the top-k's mass, 1 - tail
+        # A softmax teacher always has some mass outside its top-k, and an empty teacher tail would make reverse KL
+        # infinite against a student that has any; 1 - S below ~1e-6 is round-off of the fp32 sum anyway.
+        log_tail = log_tail.clamp(min=LOG_TAIL_FLOOR)
+    log_mass = _log1mexp(log_tail)  # (N, 1) log of the top-k's mass, 1 - tail (-inf for an empty row)
     rescale = teacher.logprob_temperature / temperature
     # the (tempered) teacher's distribution inside its top-k, scaled to the top-k's mass; at rescale 1 with a derived
     # tail this is the stored log-probs up to round-off
@@ -202,21 +226,45 @@ def _bucket_logprobs(student_logits: Tensor, teacher: TeacherDist, temperature: 
         return log_p, log_q
     if teacher.vocab_size is not None:
         student_logits = student_logits[..., : teacher.vocab_size]
-    _check_ids(teacher, student_logits.shape[-1])
+    vocab = student_logits.shape[-1]
+    _check_sparse_teacher(teacher, vocab)
     log_q = _student_sparse_buckets(student_logits, teacher.ids, temperature)  # (N, k + 1)
-    log_p = _teacher_sparse_buckets(teacher, temperature, log_q[:, -1:].detach())  # (N, k + 1)
+    # distinct in-range ids cover the vocab exactly when there are V of them
+    log_p = _teacher_sparse_buckets(teacher, temperature, teacher.ids.shape[-1] == vocab, log_q.dtype)  # (N, k + 1)
     return log_p, log_q
 
 
-def _check_ids(teacher: TeacherDist, student_vocab: int) -> None:
-    if teacher.ids.numel() == 0:
+def _check_sparse_teacher(teacher: TeacherDist, vocab: int) -> None:
+    """The sparse rules of the module docstring, on the selected (N, k) rows; a ValueError names the first bad one."""
+    ids, k = teacher.ids, teacher.ids.shape[-1]
+    where = f"teacher vocab {teacher.vocab_size if teacher.vocab_size is not None else 'not given'}"
+    if k > vocab:
+        raise ValueError(f"{k} teacher top-k ids per position, more than the student's vocab of {vocab} ({where})")
+    if ids.numel() == 0:
         return
-    lowest, highest = int(teacher.ids.min()), int(teacher.ids.max())
-    if lowest < 0 or highest >= student_vocab:
-        bad = highest if highest >= student_vocab else lowest
+    lowest, highest = int(ids.min()), int(ids.max())
+    if lowest < 0 or highest >= vocab:
+        bad = highest if highest >= vocab else lowest
+        raise ValueError(f"teacher top-k id {bad} is outside the student's vocab of {vocab} ({where})")
+    ordered = ids.sort(-1).values  # (N, k)
+    repeats = ordered[:, 1:] == ordered[:, :-1]  # (N, k - 1)
+    if bool(repeats.any()):
+        row, col = (int(i) for i in repeats.nonzero()[0])
+        raise ValueError(f"teacher top-k ids repeat within a position (id {int(ordered[row, col])} twice at selected "
+                         f"token {row}): each id's mass would be counted twice")
+    if k == vocab and bool((teacher.logprobs.amax(-1) == NEG_INF).any()):
+        raise ValueError("a teacher position whose ids cover the whole vocab has no finite log-prob: no distribution")
+    if teacher.tail_logprob is None:
+        return
+    tail = teacher.tail_logprob.double()  # (N,)
+    top_mass = teacher.logprobs.double().logsumexp(-1).exp()  # (N,) S
+    off = (tail > 1e-6) | ((top_mass + tail.exp() - 1).abs() > TAIL_TOLERANCE)  # NaN tails compare False: derived
+    if bool(off.any()):
+        row = int(off.nonzero()[0])
         raise ValueError(
-            f"teacher top-k id {bad} is outside the student's vocab of {student_vocab} "
-            f"(teacher vocab {teacher.vocab_size if teacher.vocab_size is not None else 'not given'})"
+            f"teacher tail_logprob {tail[row].item():.4g} (mass {tail[row].exp().item():.4g}) at selected token {row} "
+            f"disagrees with its top-k mass {top_mass[row].item():.4g}: they must sum to 1 within {TAIL_TOLERANCE}. "
+            "A position without a stored tail is NaN (derived as 1 - top-k mass), never 0 (a tail of mass 1)"
         )
 
 
@@ -275,33 +323,55 @@ def _tvd(log_p: Tensor, log_q: Tensor, beta: float, alpha: float) -> Tensor:
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
-_DIVERGENCES: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
-    "forward_kl": _forward_kl,
-    "reverse_kl": _reverse_kl,
-    "jsd": _jsd,
-    "skew_forward_kl": _skew_forward_kl,
-    "skew_reverse_kl": _skew_reverse_kl,
-    "tvd": _tvd,
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss: what kd_loss needs to compute it, and what its tests need to check it against a naive reference.
+
+    The dense and the sparse teacher share the divergence: both arrive as log-probs over the same B buckets (the vocab,
+    or the k ids plus the tail), so a new divergence is one function of (log_p, log_q) and one entry here.
+    """
+
+    divergence: Callable[[Tensor, Tensor, float, float], Tensor] | None  # (log_p, log_q (N, B), beta, alpha) -> (N,)
+    formula: str  # p = teacher, q = student: what tests/test_losses.py writes out naively, one token at a time
+    params: tuple[str, ...] = ()  # which of beta, alpha it reads (the tests move exactly these off their defaults)
+    labels: bool = False  # its target is int64 labels (..., T), not a TeacherDist; divergence is None
+
+
+REGISTRY: dict[str, LossSpec] = {
+    "ce": LossSpec(None, "-log q[label]", labels=True),
+    "forward_kl": LossSpec(_forward_kl, "KL(p || q)"),
+    "reverse_kl": LossSpec(_reverse_kl, "KL(q || p)"),
+    "jsd": LossSpec(_jsd, "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q", params=("beta",)),
+    "skew_forward_kl": LossSpec(_skew_forward_kl, "KL(p || alpha p + (1 - alpha) q)", params=("alpha",)),
+    "skew_reverse_kl": LossSpec(_skew_reverse_kl, "KL(q || alpha q + (1 - alpha) p)", params=("alpha",)),
+    "tvd": LossSpec(_tvd, "0.5 sum |p - q|"),
 }
+LOSS_NAMES: tuple[str, ...] = tuple(REGISTRY)  # config.py builds its Literal from this
+KD_LOSS_NAMES: tuple[str, ...] = tuple(name for name, spec in REGISTRY.items() if not spec.labels)
+
+
+def _spec(name: str) -> LossSpec:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown loss {name!r}; known: {', '.join(LOSS_NAMES)}")
+    return REGISTRY[name]
 
 
 def _token_losses(
     name: str, student_logits: Tensor, target: TeacherDist | Tensor, temperature: float, beta: float, alpha: float
 ) -> Tensor:
     """Per-token loss (N,) from student logits (N, V) and a target already restricted to the same N tokens."""
+    spec = _spec(name)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if name == "ce":
+    if spec.labels:
         if isinstance(target, TeacherDist):
-            raise TypeError("ce takes int64 labels (..., T), not a TeacherDist")
+            raise TypeError(f"{name} takes int64 labels (..., T), not a TeacherDist")
         log_q = _tempered_log_softmax(student_logits, temperature)  # (N, V)
         return F.nll_loss(log_q, target, reduction="none")  # (N,)
-    if name not in _DIVERGENCES:
-        raise KeyError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
     if not isinstance(target, TeacherDist):
         raise TypeError(f"{name} takes a TeacherDist, not {type(target).__name__}")
     log_p, log_q = _bucket_logprobs(student_logits, target, temperature)  # (N, B) each
-    return _DIVERGENCES[name](log_p, log_q, beta, alpha)
+    return spec.divergence(log_p, log_q, beta, alpha)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -358,7 +428,7 @@ def kd_loss(
     alpha: float = 0.1,
     reduction: str = "mean",
 ):
-    """Any loss in LOSSES by name; the uniform call a trainer uses. target: TeacherDist, or labels (..., T) for "ce".
+    """Any loss in REGISTRY by name; the uniform call a trainer uses. target: TeacherDist, or labels (..., T) for "ce".
 
     student_logits (..., T, V); mask (..., T) bool (None = every token). beta is used by jsd only, alpha by the
     skew KLs only. Returns the mean over masked-in tokens, or (sum, token_count) with reduction="sum".
@@ -405,17 +475,6 @@ def ce(student_logits, labels: Tensor, mask=None, temperature=1.0, reduction="me
     return kd_loss("ce", student_logits, labels, mask, temperature, reduction=reduction)
 
 
-LOSSES: dict[str, Callable] = {
-    "ce": ce,
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": jsd,
-    "skew_forward_kl": skew_forward_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "tvd": tvd,
-}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Chunked full-vocab KD from hidden states
 
@@ -429,7 +488,8 @@ DEFAULT_CHUNK_SIZE = 256
 def _chunk_target(target, start: int, end: int):
     """The target rows [start, end) of already-selected (N, ...) targets; a TeacherHidden becomes dense logits."""
     if isinstance(target, TeacherHidden):
-        return TeacherDist(logits=target.hidden[start:end] @ target.lm_head_weight.T)  # (c, Vt), teacher: no grad
+        logits = target.hidden[start:end] @ target.lm_head_weight.T  # (c, Vt), teacher: no grad
+        return TeacherDist(logits=logits if target.logit_transform is None else target.logit_transform(logits))
     if isinstance(target, TeacherDist):
         if target.is_sparse:
             tail = None if target.tail_logprob is None else target.tail_logprob[start:end]
@@ -444,7 +504,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     (a copy would double the (V, H) weight gradient), and skips even that for the usual incoming 1."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, name, target, chunk_size, temperature, beta, alpha, scale):
+    def forward(ctx, hidden, weight, name, target, chunk_size, temperature, beta, alpha, scale, transform):
         # hidden (N, H), weight (V, H)
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None  # (N, H)
@@ -458,14 +518,16 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             chunk_target = _chunk_target(target, start, end)
             with torch.enable_grad():
                 logits.requires_grad_(True)
-                chunk_loss = _token_losses(name, logits, chunk_target, temperature, beta, alpha).sum() * scale
+                # the model's own final step (softcap, scale), inside the graph so its derivative reaches grad_logits
+                final = logits if transform is None else transform(logits)  # (c, V)
+                chunk_loss = _token_losses(name, final, chunk_target, temperature, beta, alpha).sum() * scale
                 (grad_logits,) = torch.autograd.grad(chunk_loss, logits)  # (c, V)
             total += chunk_loss.detach()
             if want_hidden_grad:
                 grad_hidden[start:end] = grad_logits @ weight  # (c, H)
             if want_weight_grad:
                 grad_weight.addmm_(grad_logits.T, hidden_chunk)  # (V, H) += (V, c) @ (c, H)
-            del logits, grad_logits, chunk_loss, chunk_target  # free this chunk's logits before the next is made
+            del logits, final, grad_logits, chunk_loss, chunk_target  # free this chunk's logits before the next is made
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.backward_done = False
         return total
@@ -480,7 +542,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             for grad in (grad_hidden, grad_weight):
                 if grad is not None:
                     grad.mul_(grad_total.to(grad.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def chunked_kd_loss(
@@ -494,14 +556,17 @@ def chunked_kd_loss(
     beta: float = 0.5,
     alpha: float = 0.1,
     reduction: str = "mean",
+    logit_transform: Callable[[Tensor], Tensor] | None = None,
 ):
-    """Any loss in LOSSES computed from the student's final hidden states, without materialising all logits.
+    """Any loss in REGISTRY computed from the student's final hidden states, without materialising all logits.
 
     student_hidden (..., T, H); lm_head_weight (V, H) (no bias, as in Llama/Qwen heads); target: a TeacherHidden
-    (hidden (..., T, Ht), lm_head_weight (Vt, Ht)), a sparse or dense TeacherDist, or labels (..., T) for "ce"; mask
-    (..., T). chunk_size tokens are turned into logits at a time. Equal to
-    kd_loss(name, student_hidden @ lm_head_weight.T, ...) in value and in the gradients w.r.t. student_hidden and
-    lm_head_weight; no gradient flows to the teacher. Not twice differentiable.
+    (hidden (..., T, Ht), lm_head_weight (Vt, Ht), its own logit_transform), a sparse or dense TeacherDist, or labels
+    (..., T) for "ce"; mask (..., T). chunk_size tokens are turned into logits at a time. logit_transform: the student
+    model's final step after its lm_head (``distillab.logits.logit_transform(model)``: Gemma 2's softcap, Cohere's
+    scale, ...), elementwise and parameter-free; None is the identity. Equal to
+    kd_loss(name, logit_transform(student_hidden @ lm_head_weight.T), ...) in value and in the gradients w.r.t.
+    student_hidden and lm_head_weight; no gradient flows to the teacher. Not twice differentiable.
     """
     lead_shape = student_hidden.shape[:-1]  # (..., T)
     _check_mask(mask, lead_shape)
@@ -510,13 +575,12 @@ def chunked_kd_loss(
     n_tokens = hidden.shape[0]
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if name not in LOSSES:
-        raise KeyError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+    _spec(name)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     # the mean's 1 / N is applied inside, so a plain loss.backward() hands the Function an incoming gradient of 1
     scale = 1.0 / max(n_tokens, 1) if reduction == "mean" else 1.0
     total = _ChunkedLinearLoss.apply(
-        hidden, lm_head_weight, name, selected, chunk_size, temperature, beta, alpha, scale
+        hidden, lm_head_weight, name, selected, chunk_size, temperature, beta, alpha, scale, logit_transform
     )
     return total if reduction == "mean" else (total, n_tokens)
