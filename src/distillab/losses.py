@@ -69,9 +69,10 @@ sparse case, ``TeacherDist.vocab_size`` (when given) truncates the student logit
 way, and a top-k id outside the student's vocab is an error that names both sizes.
 
 Chunked full-vocab KD. :func:`chunked_kd_loss` computes any of these losses from hidden states and the ``lm_head``
-weight (then the model's own final logit transform, see distillab.logits) a chunk of tokens at a time, and never materialises the (N, V) logits of all tokens (nor the teacher's): the
-gradients w.r.t. the hidden states and the lm_head weight are computed chunk by chunk during the forward, the way
-Liger's fused linear cross-entropy does, so peak memory is about one chunk's logits plus the weight gradient.
+weight (then the model's own final logit transform, see distillab.logits) a chunk of tokens at a time, and never
+materialises the (N, V) logits of all tokens (nor the teacher's): the gradients w.r.t. the hidden states and the lm_head
+weight are computed chunk by chunk during the forward, the way Liger's fused linear cross-entropy does, so peak memory
+is about one chunk's logits plus the weight gradient.
 """
 
 from __future__ import annotations
