@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from distillab.losses import TeacherDist, forward_kl
-from distillab.topk_codec import LOGPROB_RANGE, MAX_LOGPROB_ERROR, TAIL_STEP, TOP_STEP, decode_topk, encode_topk
+from distillab.topk_codec import (
+    LOGPROB_RANGE,
+    MAX_LOGPROB_ERROR,
+    TAIL_STEP,
+    TOP_STEP,
+    decode_topk,
+    encode_topk,
+    tail_logprob_outside,
+)
 
 
 def sample_topk(seed, n_positions, vocab, k, peak):
@@ -84,3 +92,36 @@ def test_decoded_teacher_gives_nearly_the_same_loss():
     got_ids, got_logprobs, got_tail = decode_topk(encode_topk(ids, logprobs))
     decoded = forward_kl(student, TeacherDist(ids=got_ids, logprobs=got_logprobs, tail_logprob=got_tail))
     assert abs(decoded.item() - exact.item()) <= 0.01 * exact.item()
+
+
+def test_tail_from_the_full_distribution_is_stored_to_its_bound():
+    # LM-like fp32 logits (offset ~20-45, V = 8000) with tails from 1e-8 to 1e-2. The float64 truth is the fp32 logits
+    # themselves. Through tail_logprob_outside every stored tail is within TAIL_STEP / 2 (0.2%) of it; derived from the
+    # fp32 top-k log-probs (1 - sum p) the small ones are far off, which is why producers should pass it
+    g = torch.Generator().manual_seed(5)
+    n, vocab, k = 128, 8000, 20
+    logits = torch.randn(n, vocab, generator=g) * 2 + 20
+    logits[:, :k] += torch.linspace(5, 26, n)[:, None]
+    truth = logits.double().log_softmax(-1)
+    logprobs = logits.log_softmax(-1)  # fp32, as generation makes them
+    top, ids = logprobs.topk(k, -1)
+    exact = tail_logprob_outside(truth, ids)  # (T,) float64
+    assert exact.exp().min() < 1e-7 and exact.exp().max() > 1e-3
+    _, _, stored = decode_topk(encode_topk(ids, top, tail_logprob=tail_logprob_outside(logprobs, ids)))
+    assert (stored.double() - exact).abs().max() <= TAIL_STEP / 2 + 2e-5
+    _, _, derived = decode_topk(encode_topk(ids, top))
+    small = exact.exp() < 1e-4
+    assert (derived.double() - exact)[small].abs().max() > 0.1  # > 10% off: the docstring's warning, measured
+
+
+def test_nan_or_positive_tail_is_refused_not_stored_as_mass_one():
+    ids, logprobs = torch.tensor([[1, 4]]), torch.log(torch.tensor([[0.5, 0.2]]))
+    with pytest.raises(ValueError, match="tail_logprob contains NaN"):  # it used to encode as a tail of mass 1
+        encode_topk(ids, logprobs, tail_logprob=torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match="above 0"):
+        encode_topk(ids, logprobs, tail_logprob=torch.tensor([0.1]))
+    with pytest.raises(ValueError, match=r"must be \(T,\)"):
+        encode_topk(ids, logprobs, tail_logprob=torch.tensor([-1.0, -1.0]))
+    # an empty tail (-inf: the ids cover the vocab) is legitimate and stored as the last code
+    _, _, tail = decode_topk(encode_topk(ids, logprobs, tail_logprob=torch.tensor([float("-inf")])))
+    assert tail.item() <= -255

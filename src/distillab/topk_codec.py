@@ -11,11 +11,22 @@ Layout of one sequence's top-k (T positions, k ids each), as six small arrays (e
     top                   (T,) uint16    -(the position's highest log-prob) in steps of 2**-8 nat (error <= 0.002 nat;
                                          a top-1 log-prob is >= -log V, so 4096 codes, [-16, 0], cover V < 8.8M).
     below_top             (T, k) uint8   (decoded top - log-prob) in steps of LOGPROB_STEP = 1/16 nat, clamped to 255.
-    tail                  (T,) uint16    -log(1 - sum of the top-k probabilities), the mass outside the ids, in steps of
-                                         2**-8 nat (a 0.2% relative error; 65535 means below e**-255). Stored because
-                                         the tail is what the sparse losses need most precisely and 1 - sum(quantised
-                                         probabilities) would not give it: a 3% error on a 0.1 probability swamps a
-                                         1e-3 tail. Pass it on as TeacherDist(tail_logprob=...).
+    tail                  (T,) uint16    -log(mass outside the ids) in steps of TAIL_STEP = 2**-8 nat: the stored tail is
+                                         within 0.2% (relative) of the tail it was given, or derived, at encode (65535
+                                         means below e**-255). Stored because the tail is what the sparse losses need
+                                         most precisely and 1 - sum(quantised probabilities) would not give it: a 3%
+                                         error on a 0.1 probability swamps a 1e-3 tail. Pass it on as
+                                         TeacherDist(tail_logprob=...).
+
+Where the tail comes from decides how good it is. A producer that has the full distribution should pass
+``tail_logprob=tail_logprob_outside(logprobs, ids)``: a logsumexp over the entries outside the ids, whose relative error
+is that of the log-probs' common shift (~1e-6 in fp32), whatever the tail's size. Without it, encode_topk derives
+log(1 - sum(exp(logprobs))) in float64 from the k log-probs it is given: exact for those numbers, but 1 - S inherits
+their error, an absolute error up to eps * (1 - tail) for log-probs off by eps nats. Log-probs from an fp32
+log_softmax over a large vocab share an error of 1e-6 to 1e-5 nats (the rounding of their normaliser), so derived
+tails below ~1e-4 can be off by over 10% and tails below ~1e-6 are noise (the losses floor the teacher's tail at 1e-6);
+through tail_logprob_outside the same fp32 log-probs give every tail to the 0.2% above (tests/test_topk_codec.py
+measures both).
 
 Measured sizes (benchmarks/bench_topk_storage.py, k = 20, Parquet + zstd): about 20 bytes/token for the low id plane
 (the low byte of a gap is uniform), 11-16 for the middle plane (vocab 32k-152k), ~17.5 for below_top on LM-like
@@ -56,15 +67,33 @@ def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def tail_logprob_outside(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the mass outside the ids: full-vocab log-probs (..., V), top-k ids (..., k) -> (..., ) in their dtype.
+
+    A logsumexp over the entries that are not among the ids, never 1 - sum(p[ids]), so it is as precise (relatively)
+    for a 1e-9 tail as for a 0.5 one; -inf when the ids cover the vocab. Logits work too after a log_softmax.
+    """
+    return logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
 def encode_topk(ids, logprobs, tail_logprob=None) -> dict[str, np.ndarray]:
     """ids (T, k) int, logprobs (T, k) float (torch or numpy) -> the six arrays described in the module docstring.
 
-    tail_logprob (T,): log of the mass outside the ids, if the producer has it exactly (logsumexp of the other logits);
-    by default it is log(1 - sum(exp(logprobs))) from the given, unquantised log-probs.
+    tail_logprob (T,): log of the mass outside the ids, best from tail_logprob_outside on the full distribution; by
+    default log(1 - sum(exp(logprobs))) in float64 from the given log-probs (see the module docstring for what that
+    costs). NaN is refused, not stored (it would decode as a tail of mass 1), and so is a tail above 0 (mass over 1).
     """
     ids, logprobs = _numpy(ids).astype(np.int64), _numpy(logprobs).astype(np.float64)
     if ids.ndim != 2 or ids.shape != logprobs.shape:
         raise ValueError(f"ids and logprobs must both be (T, k), got {ids.shape} and {logprobs.shape}")
+    if tail_logprob is not None:
+        tail_logprob = _numpy(tail_logprob).astype(np.float64)
+        if tail_logprob.shape != (len(ids),):
+            raise ValueError(f"tail_logprob must be (T,) = ({len(ids)},), got {tail_logprob.shape}")
+        if np.isnan(tail_logprob).any():
+            raise ValueError("tail_logprob contains NaN; pass None to derive every tail from the log-probs")
+        if (tail_logprob > 1e-6).any():  # round-off may put a full tail a hair above log 1
+            raise ValueError(f"tail_logprob above 0 (a mass over 1): {tail_logprob.max()}")
     if ids.size and (ids.min() < 0 or ids.max() > MAX_ID):
         raise ValueError(f"ids must be in [0, {MAX_ID}], got [{ids.min()}, {ids.max()}]")
     if np.isnan(logprobs).any():
@@ -85,8 +114,7 @@ def encode_topk(ids, logprobs, tail_logprob=None) -> dict[str, np.ndarray]:
     if tail_logprob is None:
         with np.errstate(divide="ignore"):  # an empty tail is log 0 = -inf, stored as the last code
             tail_logprob = np.log(np.clip(-np.expm1(np.logaddexp.reduce(logprobs, axis=1)), 0, None))  # (T,)
-    with np.errstate(invalid="ignore"):
-        tail_code = np.clip(np.rint(-_numpy(tail_logprob).astype(np.float64) / TAIL_STEP), 0, 65535).astype("<u2")
+    tail_code = np.clip(np.rint(-tail_logprob / TAIL_STEP), 0, 65535).astype("<u2")  # -inf: the last code
     return {
         "id_b0": (deltas & 0xFF).astype(np.uint8),
         "id_b1": ((deltas >> 8) & 0xFF).astype(np.uint8),
