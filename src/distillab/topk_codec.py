@@ -13,9 +13,9 @@ Layout of one sequence's top-k (T positions, k ids each), as six small arrays (e
     below_top             (T, k) uint8   (decoded top - log-prob) in steps of LOGPROB_STEP = 1/16 nat, clamped to 255.
     tail                  (T,) uint16    -log(mass outside the ids) in steps of TAIL_STEP = 2**-8 nat: the stored tail
                                          is within 0.2% (relative) of the tail it was given, or derived, at encode
-                                         (65535 means below e**-255). Stored because the tail is what the sparse losses need
-                                         most precisely and 1 - sum(quantised probabilities) would not give it: a 3%
-                                         error on a 0.1 probability swamps a 1e-3 tail. Pass it on as
+                                         (65535 means below e**-255). Stored because the tail is what the sparse losses
+                                         need most precisely and 1 - sum(quantised probabilities) would not give it: a
+                                         3% error on a 0.1 probability swamps a 1e-3 tail. Pass it on as
                                          TeacherDist(tail_logprob=...).
 
 Where the tail comes from decides how good it is. A producer that has the full distribution should pass
