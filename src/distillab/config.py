@@ -85,6 +85,37 @@ class EvalConfig(_Strict):
     lm_eval_tasks: list[str] = []
 
 
+class RetainConfig(_Strict):
+    """Keep the model while distilling the task (distillab.retain). Off until one of the three methods is set."""
+
+    replay_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # share of every batch that is general replay
+    replay_source: Literal["base", "teacher", "dataset"] = "base"  # who answers the general prompts
+    general_prompts_file: str | None = None  # JSONL "prompt" (+ "answer" for source dataset); else lab/sampled
+    sample_general_prompts: bool = True  # no file and no lab general skills: the base model writes prompts
+    n_general_prompts: int = Field(1000, ge=1)  # replay prompts to answer
+    merge_alphas: list[float] = []  # θ = (1-α)·θ_base + α·θ_distilled for each α, scored on dev
+    select_checkpoints: bool = False  # every saved checkpoint is a candidate, scored on dev
+    max_general_drop: float = Field(0.02, ge=0.0)  # the selection rule's allowance (see retain.select)
+    dev_n_per_skill: int = Field(50, ge=1)  # dev examples per skill for scoring candidates
+    dev_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # of a user's prompts file, held out as the dev task split
+
+    @model_validator(mode="after")
+    def _check(self) -> "RetainConfig":
+        bad = [a for a in self.merge_alphas if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"merge_alphas must lie in [0, 1] (got {bad[0]})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.replay_fraction > 0 or bool(self.merge_alphas) or self.select_checkpoints
+
+    @property
+    def selects(self) -> bool:
+        """Whether candidates are scored on dev and one is chosen (merge or checkpoint selection)."""
+        return bool(self.merge_alphas) or self.select_checkpoints
+
+
 class CostConfig(_Strict):
     train_usd_per_hour: float = Field(0.10, ge=0)  # the device the student trained on
     serve_usd_per_hour: float = Field(0.10, ge=0)  # the device the student is served on
@@ -98,6 +129,7 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    retain: RetainConfig = RetainConfig()
     costs: CostConfig = CostConfig()
 
     @model_validator(mode="after")
@@ -142,7 +174,7 @@ def _one_line(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         hint = did_you_mean(where, _known_keys(RunConfig))
         return f"unknown config key {where!r}" + (f" (did you mean {hint!r}?)" if hint else "")
-    return f"config {where or 'value'}: {first['msg']}"
+    return f"config {where or 'value'}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def from_dict(data: dict) -> RunConfig:

@@ -9,8 +9,11 @@ run_dir/ledger.json holds four parts:
   serving             the student's measured tokens/s here (batched greedy generation on the task's prompts)
                       and costs.serve_usd_per_hour -> $ per 1M tokens, beside the teacher API's $ per 1M
                       output tokens.
-  break_even          after how many served queries distilling (one-off teacher $ + training $ + serving $
-                      per query) is cheaper than calling the teacher API per query.
+  retain              what keeping the model cost (distillab.retain): the replay set's teacher tokens and $
+                      (teacher replay), the base model's own generation seconds (self replay, sampled
+                      prompts) and the seconds spent scoring candidates on dev, at costs.train_usd_per_hour.
+  break_even          after how many served queries distilling (one-off teacher $ + training $ + retain $ +
+                      serving $ per query) is cheaper than calling the teacher API per query.
 
 Break-even arithmetic. With one-off cost C, API cost a per query and student cost s per query, distilling
 is cheaper after N queries when C + N*s < N*a, i.e. N > C / (a - s). The ledger gives the smallest such N,
@@ -52,10 +55,11 @@ def build_ledger(cfg: RunConfig, evals: dict[str, dict]) -> dict:
     tokens = tokens_per_query(run_dir)
     teacher = teacher_generation(cfg, pricing)
     training = training_cost(cfg)
+    kept = retain_cost(cfg, pricing)
     throughput = measure_throughput(run_dir / "student", serving_prompts(cfg), cfg.teacher.max_new_tokens)
     serving = serving_cost(cfg, pricing, throughput)
     basis = api_price_basis(pricing)
-    be = break_even_section(cfg, teacher, training, serving, basis, tokens)
+    be = break_even_section(cfg, teacher, training, serving, basis, tokens, kept)
     ledger = {
         "format": LEDGER_FORMAT,
         "run": cfg.name,
@@ -63,9 +67,10 @@ def build_ledger(cfg: RunConfig, evals: dict[str, dict]) -> dict:
         "teacher_generation": teacher,
         "training": training,
         "serving": serving,
+        "retain": kept,
         "break_even": be,
         "quality": quality_given_up(evals),
-        "total_usd": _sum_or_none(teacher["usd"], training["usd"]),  # actual one-off spend of this run
+        "total_usd": _sum_or_none(teacher["usd"], training["usd"], kept["usd"]),  # actual one-off spend of this run
         "notes": _notes(teacher, basis, throughput),
     }
     write_atomic(run_dir / "ledger.json", json.dumps(ledger, indent=1))
@@ -191,6 +196,30 @@ def training_cost(cfg: RunConfig) -> dict:
             "usd_per_hour": rate, "usd": None if seconds is None else seconds / 3600 * rate}
 
 
+def retain_cost(cfg: RunConfig, pricing) -> dict:
+    """Retain's extra spend: teacher tokens for teacher replay, and device seconds for the base model's own
+    generation (self replay, sampled prompts) and for scoring candidates on dev."""
+    r, run_dir = cfg.retain, cfg.run_dir
+    if not r.enabled:
+        return {"enabled": False, "usd": 0.0}
+    replay = _read_json(run_dir / "data" / "replay_summary.json") or {}
+    sampled = _read_json(run_dir / "data" / "sampled_prompts.json") or {}
+    selection = _read_json(run_dir / "retain.json") or {}
+    by_teacher = r.replay_fraction > 0 and r.replay_source == "teacher"
+    device_seconds = ((0.0 if by_teacher else replay.get("answer_seconds", 0.0)) + sampled.get("seconds", 0.0)
+                      + selection.get("selection_seconds", 0.0))
+    teacher_usd = replay.get("usd", 0.0) if by_teacher else 0.0
+    compute_usd = device_seconds / 3600 * cfg.costs.train_usd_per_hour
+    return {"enabled": True, "replay_source": r.replay_source if r.replay_fraction > 0 else None,
+            "replay_rows": replay.get("rows", 0),
+            "teacher_prompt_tokens": replay.get("prompt_tokens", 0) if by_teacher else 0,
+            "teacher_completion_tokens": replay.get("completion_tokens", 0) if by_teacher else 0,
+            "teacher_usd": teacher_usd, "base_generation_seconds": round(device_seconds - selection.get(
+                "selection_seconds", 0.0), 2), "selection_seconds": selection.get("selection_seconds", 0.0),
+            "candidates": len(selection.get("candidates") or []), "compute_usd": compute_usd,
+            "usd": None if teacher_usd is None else teacher_usd + compute_usd}
+
+
 def tokens_per_query(run_dir: Path) -> dict:
     """Mean prompt and completion tokens per query: teacher-billed when it was called, else the dataset's."""
     summary = _read_json(run_dir / "data" / "generate_summary.json")
@@ -264,7 +293,7 @@ def serving_cost(cfg: RunConfig, pricing, throughput: dict) -> dict:
 
 
 def break_even_section(cfg: RunConfig, teacher: dict, training: dict, serving: dict, basis: dict,
-                       tokens: dict) -> dict:
+                       tokens: dict, kept: dict | None = None) -> dict:
     """Break-even on one price basis: the one-off teacher $ is priced like the per-query API calls."""
     out = {"price_basis": basis["basis"], "tokens_per_query": tokens, "queries_per_month": cfg.costs.queries_per_month}
     missing = [name for name, value in (
@@ -274,16 +303,19 @@ def break_even_section(cfg: RunConfig, teacher: dict, training: dict, serving: d
     if missing:
         return out | {"status": "unknown", "queries": None, "reason": "no " + ", no ".join(missing)}
     # Notional basis: the dataset's teacher tokens cost what the notional API would have charged.
-    teacher_usd = (teacher["usd"] if basis["basis"] != "notional" else
-                   api_usd_per_query(teacher["prompt_tokens"], teacher["completion_tokens"],
+    kept = kept or {}
+    replay_in, replay_out = kept.get("teacher_prompt_tokens", 0), kept.get("teacher_completion_tokens", 0)
+    teacher_usd = (teacher["usd"] + (kept.get("teacher_usd") or 0.0) if basis["basis"] != "notional" else
+                   api_usd_per_query(teacher["prompt_tokens"] + replay_in, teacher["completion_tokens"] + replay_out,
                                      basis["usd_per_1m_input"], basis["usd_per_1m_output"]))
-    one_off = teacher_usd + training["usd"]
+    one_off = teacher_usd + training["usd"] + kept.get("compute_usd", 0.0)
     api = api_usd_per_query(tokens["prompt"], tokens["completion"], basis["usd_per_1m_input"], basis["usd_per_1m_output"])
     student = student_usd_per_query(tokens["completion"], serving["student_tokens_per_s"], serving["usd_per_hour"])
     result = break_even(one_off, api, student)
     months = (result["queries"] / cfg.costs.queries_per_month
               if result["queries"] is not None and cfg.costs.queries_per_month > 0 else None)
     return out | result | {"one_off_usd": one_off, "teacher_usd": teacher_usd, "training_usd": training["usd"],
+                           "retain_usd": kept.get("compute_usd", 0.0),
                            "api_usd_per_query": api, "student_usd_per_query": student, "months": months}
 
 

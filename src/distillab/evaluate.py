@@ -33,11 +33,20 @@ def suites(cfg: RunConfig) -> tuple[list[str], list[str]]:
     return task, general
 
 
-def score_skill(model, tok, skill_name: str, n: int, max_new_tokens: int) -> list[float]:
+def score_skill(model, tok, skill_name: str, n: int, max_new_tokens: int, split: str = "test") -> list[float]:
     skill = get_skill(skill_name)
-    examples = skill.examples("test", n)
+    examples = skill.examples(split, n)
     outs = generate(model, tok, [e.prompt for e in examples], max_new_tokens=max_new_tokens)
     return [skill.score(o.text, e.answer) for o, e in zip(outs, examples)]
+
+
+def score_model(model, tok, skills: list[str], n: int, max_new_tokens: int, split: str = "test",
+                task_examples: list[dict] | None = None) -> dict[str, list[float]]:
+    """Per-example scores of a loaded model on lab skills (and a user suite's skills) from one split."""
+    per_skill = {s: score_skill(model, tok, s, n, max_new_tokens, split) for s in dict.fromkeys(skills)}
+    if task_examples:
+        per_skill.update(score_task_suite(model, tok, task_examples, max_new_tokens))
+    return per_skill
 
 
 @torch.no_grad()
@@ -90,11 +99,8 @@ def evaluate_model(model_name: str | Path, task: list[str], general: list[str], 
     skills to the task suite."""
     model, tok = models.load(model_name)
     began = time.time()
-    per_skill = {s: score_skill(model, tok, s, n, max_new_tokens) for s in dict.fromkeys(task + general)}
-    if task_examples:
-        user_skills = score_task_suite(model, tok, task_examples, max_new_tokens)
-        per_skill.update(user_skills)
-        task = task + [s for s in user_skills if s not in task]
+    per_skill = score_model(model, tok, task + general, n, max_new_tokens, "test", task_examples)
+    task = task + [s for s in per_skill if s not in task and s not in general]
     seconds = time.time() - began
     return {
         "model": str(model_name),
@@ -118,6 +124,10 @@ def gap_closed(student: float | None, base: float | None, teacher: float | None)
 def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log=print) -> dict[str, dict]:
     """Evaluate teacher, base and the run's student (plus extra named models) into eval/<name>.json."""
     run_dir = cfg.run_dir
+    if cfg.retain.selects:  # choose the student on dev before test sees it: test is scored once, on the choice
+        from distillab.retain import choose_student
+
+        choose_student(cfg, log=log)
     task, general = suites(cfg)
     examples = load_task_suite(cfg.eval.task_file) if cfg.eval.task_file else None
     named = {"teacher": cfg.teacher.model, "base": cfg.train.student, "distilled": str(run_dir / "student")}

@@ -9,6 +9,7 @@ and rerunning it sends only the requests that were not answered yet.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,44 +66,68 @@ def read_jsonl_prompts(path: Path) -> list[dict]:
 
 
 def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
-    run_dir = cfg.run_dir
-    out_path = run_dir / "data" / "train.parquet"
+    """The task dataset (data/train.parquet), and the retain replay set (data/replay.parquet) when configured."""
+    if cfg.retain.enabled:
+        from distillab.retain import check_retain
+
+        check_retain(cfg)
     prompts = load_prompts(cfg)
+    if cfg.retain.selects and cfg.data.prompts_file:  # a user's prompts: hold out a dev share, answered alike
+        from distillab.retain import split_dev_prompts
+
+        prompts, dev = split_dev_prompts(prompts, cfg.retain.dev_fraction)
+        generate_dataset(cfg, dev, "dev", cfg.teacher, cfg.data.source, progress=progress, log=log)
+    summary = generate_dataset(cfg, prompts, "train", cfg.teacher, cfg.data.source, progress=progress, log=log)
+    if cfg.retain.replay_fraction > 0:
+        from distillab.retain import generate_replay
+
+        generate_replay(cfg, progress=progress, log=log)
+    return summary
+
+
+def generate_dataset(cfg: RunConfig, prompts: list[dict], name: str, teacher_cfg, source: str,
+                     progress=None, log=print, teacher_label: str | None = None) -> GenerateSummary:
+    """prompts -> data/<name>.parquet, written by `source`: the teacher `teacher_cfg` describes (through the
+    run's request cache) or the answers the prompts carry. teacher_label overrides the provenance teacher id."""
+    run_dir = cfg.run_dir
+    stage = "generate" if name == "train" else f"generate:{name}"
+    out_path = run_dir / "data" / f"{name}.parquet"
     student_tok = models.load_tokenizer(cfg.train.student)
 
-    if cfg.data.source != "teacher":
-        stamp = fingerprint("generate", cfg.data.model_dump(), cfg.train.student)
-        if is_fresh(run_dir, "generate", stamp) and out_path.is_file():
+    if source != "teacher":
+        stamp = fingerprint(stage, cfg.data.model_dump(), prompts, cfg.train.student)
+        if is_fresh(run_dir, stage, stamp) and out_path.is_file():
             return GenerateSummary(len(prompts), 0, 0, 0, 0, 0, 0.0, skipped=True)
-        rows = _ground_truth_rows(prompts, cfg.data.source, student_tok, cfg.data.declared_teacher)
+        rows = _ground_truth_rows(prompts, source, student_tok, cfg.data.declared_teacher)
         _write_parquet(out_path, rows)
-        mark_fresh(run_dir, "generate", stamp)
+        mark_fresh(run_dir, stage, stamp)
         return GenerateSummary(len(rows), 0, 0, 0, 0, 0, 0.0)
 
     from distillab.pricing import TeacherPricing
     from distillab.teachers import make_teacher
 
-    teacher = make_teacher(cfg.teacher)
+    teacher = make_teacher(teacher_cfg)
     requests = [teacher.request(p["prompt"]) for p in prompts]
     keys = [request_key(r) for r in requests]
-    stamp = fingerprint("generate", keys, cfg.train.student)
-    summary_path = run_dir / "data" / "generate_summary.json"
-    if is_fresh(run_dir, "generate", stamp) and out_path.is_file() and summary_path.is_file():
+    stamp = fingerprint(stage, keys, cfg.train.student)
+    summary_path = run_dir / "data" / f"{'generate' if name == 'train' else name}_summary.json"
+    if is_fresh(run_dir, stage, stamp) and out_path.is_file() and summary_path.is_file():
         last = json.loads(summary_path.read_text())  # what the finished run counted, not a fresh $0
         return GenerateSummary(last["rows"], 0, len(set(keys)), 0, last["prompt_tokens"], last["completion_tokens"],
                                last["usd"], skipped=True)
 
     cache = RequestCache(run_dir / "teacher.sqlite")
-    pricing = TeacherPricing.from_config(cfg.teacher, teacher_is_local=not cfg.teacher.base_url)
+    pricing = TeacherPricing.from_config(teacher_cfg, teacher_is_local=not teacher_cfg.base_url)
     done = cache.cached_keys(keys)
     missing = [r for r, k in zip(requests, keys) if k not in done]
     missing = list({request_key(r): r for r in missing}.values())  # the same prompt twice is one request
     sent = failed = 0
+    began = time.time()
     if missing:
-        log(f"generate: {len(done)} of {len(set(keys))} cached, asking the teacher for {len(missing)}")
+        log(f"generate {name}: {len(done)} of {len(set(keys))} cached, asking {teacher.teacher_id} for {len(missing)}")
         # The budget counts what earlier (interrupted) runs already spent on these prompts: a resumed run
         # must not get a fresh max_usd.
-        budget = BudgetGuard(cfg.teacher.max_usd, pricing, total=len(missing), prior_usage=cache.usage(keys))
+        budget = BudgetGuard(teacher_cfg.max_usd, pricing, total=len(missing), prior_usage=cache.usage(keys))
         budget.check()
         if progress:
             progress(0, len(missing), budget)
@@ -124,16 +149,19 @@ def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
         teacher.answer(missing, on_done)
     usage = cache.usage(keys)
     failures = cache.failures(keys)
-    rows = _teacher_rows(prompts, keys, cache, teacher, cfg, student_tok, log)
+    rows = _teacher_rows(prompts, keys, cache, teacher, student_tok, log, teacher_label)
     cache.close()
     _write_parquet(out_path, rows)
     if not failures:
-        mark_fresh(run_dir, "generate", stamp)
+        mark_fresh(run_dir, stage, stamp)
     spent = pricing.usd_for(usage)
+    previous = json.loads(summary_path.read_text()).get("answer_seconds", 0.0) if summary_path.is_file() else 0.0
     write_atomic(summary_path, json.dumps({
-        "rows": len(rows), "failed": len(failures), "teacher": cfg.teacher.model,
+        "rows": len(rows), "failed": len(failures), "teacher": teacher_cfg.model,
         "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-        "usd": spent, "priced": spent is not None, "pricing": pricing.to_dict(), "failures": failures[:20]}, indent=1))
+        "usd": spent, "priced": spent is not None, "pricing": pricing.to_dict(),
+        "answer_seconds": round(previous + time.time() - began, 2),  # wall time asking, over every resume
+        "failures": failures[:20]}, indent=1))
     return GenerateSummary(len(rows), sent, len(done), len(failures), usage["prompt_tokens"],
                            usage["completion_tokens"], spent)
 
@@ -200,7 +228,7 @@ def _ground_truth_rows(prompts: list[dict], source: str, tokenizer, declared_tea
     return rows
 
 
-def _teacher_rows(prompts, keys, cache, teacher, cfg, tokenizer, log=print) -> list[dict]:
+def _teacher_rows(prompts, keys, cache, teacher, tokenizer, log=print, teacher_label: str | None = None) -> list[dict]:
     sampling = {k: v for k, v in teacher.request("").items() if k not in ("prompt", "messages", "endpoint", "model")}
     rows, dropped_topk = [], 0
     for p, key in zip(prompts, keys):
@@ -222,7 +250,8 @@ def _teacher_rows(prompts, keys, cache, teacher, cfg, tokenizer, log=print) -> l
             top_ids, top_lp, completion_ids = map_top_tokens(resp, tokenizer)
         rows.append({**p, "completion": resp["text"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
                      "top_ids": top_ids, "top_logprobs": top_lp,
-                     **provenance.provenance_row("teacher", teacher_id=teacher.teacher_id, endpoint=teacher.endpoint,
+                     **provenance.provenance_row("teacher", teacher_id=teacher_label or teacher.teacher_id,
+                                                 endpoint=teacher.endpoint,
                                                  sampling=sampling, request_hash=key)})
     if dropped_topk:
         log(f"generate: the teacher's token ids are not the student's tokenizer's in {dropped_topk} rows: their text was "

@@ -13,6 +13,8 @@ One subclass of Trainer (compute_loss only): DDP/FSDP/DeepSpeed through accelera
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
 import shutil
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from distillab import losses, models
+from distillab import losses, models, retain
 from distillab.config import RunConfig, write_atomic
 from distillab.errors import UserError
 from distillab.generate import read_dataset
@@ -32,18 +34,29 @@ from distillab.rundir import fingerprint, is_fresh, mark_fresh
 
 
 class DistillDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict], vocab_size: int):
-        self.rows = rows
-        for i, row in enumerate(rows):
+    """The task rows; with retain replay, the task and replay rows in a fixed batch-by-batch order
+    (retain.batch_layout), read sequentially so every batch holds the configured replay share."""
+
+    def __init__(self, rows: list[dict], vocab_size: int, replay: list[dict] | None = None,
+                 layout: list[tuple[str, int]] | None = None):
+        self.rows, self.replay, self.layout = rows, replay or [], layout
+        for i, row in enumerate(rows + self.replay):
             if row.get("top_ids") and max(max(ids) for ids in row["top_ids"]) >= vocab_size:
                 raise UserError(f"teacher token ids reach past the student's vocabulary ({vocab_size}) in row {i}: "
                                 "teacher and student tokenizers differ")
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.layout) if self.layout is not None else len(self.rows)
+
+    def layout_rows(self) -> list[dict]:
+        """Task and replay rows, each once: what one pass over the training data holds."""
+        return self.rows + self.replay
 
     def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
+        if self.layout is None:
+            return self.rows[i]
+        source, j = self.layout[i]
+        return self.rows[j] if source == "task" else self.replay[j]
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -91,6 +104,11 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.distill = distill
 
+    def _get_train_sampler(self, *args, **kwargs):
+        if getattr(self.train_dataset, "layout", None) is not None:  # the order is the batch composition: keep it
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+        return super()._get_train_sampler(*args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         prompt_len = inputs.pop("prompt_len")
@@ -110,25 +128,29 @@ class DistillTrainer(Trainer):
         if on_policy:  # the window's count was of the teacher's completions; these are the student's own
             n_tokens = pred_mask.sum().clamp(min=1) * self.current_gradient_accumulation_steps
 
-        teacher = None
+        teacher, kd_positions = None, torch.zeros_like(pred_mask)
         if d.kd_weight and teacher_logits is not None:
             teacher, kd_positions = losses.TeacherDist(logits=teacher_logits), pred_mask
         elif d.kd_weight and top_ids is not None:
             teacher, kd_positions = losses.TeacherDist(ids=top_ids, logprobs=top_lp, tail_logprob=top_tail), kd_mask
+        # Tokens with no teacher distribution (a replay dataset's answers, a teacher whose top-k could not be
+        # kept) stand in for KD with cross-entropy on their text, at the KD weight.
+        ce_terms = [(d.sft_weight, pred_mask), (d.kd_weight, pred_mask & ~kd_positions.bool())]  # (weight, (B, T))
+        ce_terms = [(w, m) for w, m in ce_terms if w and m.any()]
         total = 0.0
         if d.chunk_size:  # never materialise (B, T, V): losses straight from hidden states, a chunk at a time
             hidden, weight = hidden_states(model, inputs), lm_head_weight(model)  # (B, T, H), (V, H)
-            if d.sft_weight:
-                total = d.sft_weight * losses.chunked_kd_loss("ce", hidden, weight, targets, pred_mask,
-                                                              chunk_size=d.chunk_size, reduction="sum")[0]
+            for w, mask in ce_terms:
+                total = total + w * losses.chunked_kd_loss("ce", hidden, weight, targets, mask, chunk_size=d.chunk_size,
+                                                           reduction="sum")[0]
             if teacher is not None:
                 total = total + d.kd_weight * losses.chunked_kd_loss(
                     d.loss, hidden, weight, teacher, kd_positions, chunk_size=d.chunk_size,
                     temperature=d.temperature, beta=d.beta, alpha=d.alpha, reduction="sum")[0]
         else:
             logits = model(**inputs).logits  # (B, T, V)
-            if d.sft_weight:
-                total = d.sft_weight * losses.ce(logits, targets, pred_mask, reduction="sum")[0]
+            for w, mask in ce_terms:
+                total = total + w * losses.ce(logits, targets, mask, reduction="sum")[0]
             if teacher is not None:
                 total = total + d.kd_weight * losses.kd_loss(
                     d.loss, logits, teacher, kd_positions, temperature=d.temperature, beta=d.beta, alpha=d.alpha,
@@ -238,7 +260,13 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     rows = read_dataset(data_path)
     if not rows:
         raise UserError(f"dataset {data_path} has no rows")
-    stamp = fingerprint("train", t.model_dump(), data_path)
+    replay_path = run_dir / "data" / "replay.parquet"
+    replay = read_dataset(replay_path) if cfg.retain.replay_fraction > 0 else None
+    if replay is not None and not replay:
+        raise UserError(f"replay set {replay_path} has no rows")
+    stamp = fingerprint("train", t.model_dump(), data_path,
+                        *([cfg.retain.replay_fraction, cfg.retain.select_checkpoints, replay_path] if replay else []),
+                        *(["select_checkpoints"] if cfg.retain.select_checkpoints else []))
     student_dir = run_dir / "student"
     if is_fresh(run_dir, "train", stamp) and (student_dir / "config.json").is_file():
         return json.loads((student_dir / "train_summary.json").read_text()) | {"skipped": True}
@@ -262,7 +290,7 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     ckpt_dir = run_dir / "checkpoints"
     timing = _Timing(progress)
     callbacks = [timing] + ([_StopAfter(stop_after_steps)] if stop_after_steps else [])
-    trainer = build_trainer(cfg, rows, model, tok, ckpt_dir, teacher_model, callbacks)
+    trainer = build_trainer(cfg, rows, model, tok, ckpt_dir, teacher_model, callbacks, replay=replay)
     resume = any(ckpt_dir.glob("checkpoint-*"))
     if resume:
         log(f"train: resuming from {max(ckpt_dir.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1])).name}")
@@ -271,14 +299,18 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
         return {"interrupted_at": trainer.state.global_step}
     losses_seen = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     n_tokens = sum(len(r["completion_ids"]) for r in rows)
+    seen = trainer.train_dataset.layout_rows() if replay else rows
     summary = {
         "student": t.student, "loss": t.loss, "kd_weight": t.kd_weight, "sft_weight": t.sft_weight,
         "on_policy_fraction": t.on_policy_fraction, "lora": t.lora, "steps": trainer.state.global_step,
         "train_seconds": round(timing.seconds, 2), "examples": len(rows), "completion_tokens": n_tokens,
         "epochs": round(float(trainer.state.epoch or 0), 3), "final_loss": losses_seen[-1] if losses_seen else None,
-        "flops": train_flops(model, n_tokens_seen(trainer, rows)), "loss_history": trainer.state.log_history,
+        "flops": train_flops(model, n_tokens_seen(trainer, seen)), "loss_history": trainer.state.log_history,
         "train_loss": result.training_loss,
     }
+    if replay:
+        summary["replay"] = {"fraction": cfg.retain.replay_fraction, "source": cfg.retain.replay_source,
+                             "rows": len(replay), "per_batch": retain.replay_per_batch(t.batch_size, cfg.retain.replay_fraction)}
     if trainer.is_world_process_zero():  # under torchrun/accelerate every process gets here; one writes
         _save_student(trainer.model, tok, student_dir, summary, cfg)
         mark_fresh(run_dir, "train", stamp)
@@ -286,18 +318,27 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
 
 
 def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path, teacher_model=None,
-                  callbacks=(), optimizers=(None, None)) -> DistillTrainer:
+                  callbacks=(), optimizers=(None, None), replay: list[dict] | None = None) -> DistillTrainer:
     t = cfg.train
+    dataset = DistillDataset(rows, model.config.vocab_size)
+    epochs = t.epochs
+    if replay:  # a fixed order that puts the replay share in every batch, long enough for the whole run
+        per_batch = t.batch_size - retain.replay_per_batch(t.batch_size, cfg.retain.replay_fraction)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        n_batches = (t.max_steps * t.grad_accum * world if t.max_steps > 0
+                     else math.ceil(t.epochs * len(rows) / per_batch))
+        layout = retain.batch_layout(len(rows), len(replay), t.batch_size, cfg.retain.replay_fraction, n_batches, t.seed)
+        dataset, epochs = DistillDataset(rows, model.config.vocab_size, replay, layout), 1.0
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr, num_train_epochs=t.epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
+        learning_rate=t.lr, num_train_epochs=epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
         lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=1, save_steps=t.save_steps,
-        save_total_limit=2, seed=t.seed, data_seed=t.seed, report_to=[], remove_unused_columns=False,
+        save_total_limit=None if cfg.retain.select_checkpoints else 2, seed=t.seed, data_seed=t.seed, report_to=[], remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         average_tokens_across_devices=True,
     )
     trainer = DistillTrainer(
-        model=model, args=args, train_dataset=DistillDataset(rows, model.config.vocab_size),
+        model=model, args=args, train_dataset=dataset,
         data_collator=lambda batch: collate(batch, tok.pad_token_id), callbacks=list(callbacks),
         optimizers=optimizers, distill=DistillSettings(cfg, teacher_model, tok.pad_token_id, tok.eos_token_id),
     )

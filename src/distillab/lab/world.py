@@ -5,10 +5,15 @@ produce `answer` followed by the end-of-sequence token. Skills are grouped in fa
 family asks about a fixed synthetic knowledge base of invented entities, so a model cannot know it unless
 it was taught.
 
-Splits. For skills over a large input space (strings, numbers) an input belongs to the test split when a
-stable hash of the prompt says so (20%). For the knowledge skills the facts themselves are the thing to
-know, so every fact is taught; what is held out is the *phrasing*: each (fact, question template) pair is
-train or test, and a test question asks a known fact in a template never seen with that entity.
+Splits: train, dev, test, disjoint. A stable hash of the prompt (open-ended skills) or of the (fact,
+question template) pair (knowledge skills) puts 20% in test and 15% in dev. Test is scored once, on what
+was chosen; dev is what choosing looks at (checkpoints, merge weights: see distillab.retain); train is what
+a student learns from. For the knowledge skills the facts themselves are the thing to know, so every fact
+is taught in at least one template; what dev and test hold out is the *phrasing*: a known fact asked in a
+template never trained with that entity.
+
+The shipped checkpoints were pretrained before dev existed, on what is now train + dev; the test split is
+unchanged, so their test scores stand. Distillation data never comes from dev.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-Split = Literal["train", "test"]
+Split = Literal["train", "dev", "test"]
 TEST_FRACTION = 0.2
+DEV_FRACTION = 0.15
 WORLD_SEED = 20261128
 
 
@@ -38,7 +44,8 @@ def _stable_unit(text: str) -> float:
 
 
 def _split_of(key: str) -> Split:
-    return "test" if _stable_unit(key) < TEST_FRACTION else "train"
+    u = _stable_unit(key)
+    return "test" if u < TEST_FRACTION else ("dev" if u < TEST_FRACTION + DEV_FRACTION else "train")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,8 +139,9 @@ def _knowledge_splits(skill_name: str) -> dict[str, Split]:
             splits[key] = _split_of(f"{skill_name}|{key}")
             by_fact.setdefault(key.rsplit("|", 1)[0], []).append(key)
         for keys in by_fact.values():
-            if all(splits[k] == "test" for k in keys):
-                splits[keys[0]] = "train"
+            if not any(splits[k] == "train" for k in keys):  # teach it: a dev pair first, test only when all are
+                held = [k for k in keys if splits[k] == "dev"] or keys
+                splits[held[0]] = "train"
         _SPLIT_CACHE[skill_name] = splits
     return _SPLIT_CACHE[skill_name]
 

@@ -19,24 +19,39 @@ from distillab.config import RunConfig, write_atomic
 from distillab.costs import break_even_phrase, human_count
 from distillab.evaluate import gap_closed
 
-MODEL_ORDER = ("teacher", "base", "distilled", "zero_distill")  # the rest follow in the evals' own order
-COLORS = {"teacher": "#3467d6", "base": "#8a8f98", "distilled": "#d9531e", "zero_distill": "#2a9d5b"}
-EXTRA_COLORS = ["#9b59b6", "#c49a00", "#17a2b8", "#e83e8c"]
+MODEL_ORDER = ("teacher", "base", "distilled", "zero_distill", "retain")  # the rest follow in the evals' own order
+COLORS = {"teacher": "#3467d6", "base": "#8a8f98", "distilled": "#d9531e", "zero_distill": "#2a9d5b",
+          "retain": "#9b59b6"}
+EXTRA_COLORS = ["#c49a00", "#17a2b8", "#e83e8c", "#6f42c1"]
 
 
 def build_report(cfg: RunConfig, evals: dict[str, dict], ledger: dict, summary: dict | None = None) -> Path:
     """Write run_dir/report.html (atomically) and return its path."""
     lineage_path = cfg.run_dir / "student" / "lineage.json"
     lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else None
-    page = render_page(cfg.name, evals, ledger, lineage, summary, task_skills(cfg, evals))
+    selection = (summary or {}).get("retain_selection")
+    if selection is None and (cfg.run_dir / "retain.json").is_file():
+        selection = json.loads((cfg.run_dir / "retain.json").read_text())
+    page = render_page(cfg.name, evals, ledger, lineage, summary, task_skills(cfg, evals), selection)
     out = cfg.run_dir / "report.html"
     write_atomic(out, page)
     return out
 
 
 def render_page(name: str, evals: dict[str, dict], ledger: dict, lineage: dict | None,
-                summary: dict | None, task: set[str] = frozenset()) -> str:
+                summary: dict | None, task: set[str] = frozenset(), selection: dict | None = None) -> str:
     labels = ordered_labels(evals)
+    retain = []
+    if selection:
+        chosen_as = "retain" if "retain" in evals else "distilled"
+        retain = ["<h2>Retain: the trade-off</h2>", retain_section(selection, chosen_as),
+                  "<div class='plots'>",
+                  _figure("tradeoff", tradeoff_svg(evals, labels, selection, chosen_as),
+                          "General (y) against task (x) score. Filled: models scored on the test split. Hollow: the "
+                          "candidates retain considered (every checkpoint and merge weight α), scored on the dev "
+                          "split, and the base on dev; the star is the one the rule chose."),
+                  "</div>"]
+        summary = {k: v for k, v in (summary or {}).items() if k != "retain_selection"} or None
     sections = [
         f"<h1>distillab report: {_e(name)}</h1>",
         f"<div class='meta'>ledger written {_e(ledger.get('created_at', '?'))}</div>",
@@ -49,6 +64,7 @@ def render_page(name: str, evals: dict[str, dict], ledger: dict, lineage: dict |
         _figure("skills", skill_delta_svg(evals, labels, task),
                 "Per-skill change vs base in points: red bars are skills the model lost, (task) marks the task."),
         "</div>",
+        *retain,
         "<h2>Per-skill scores</h2>", skills_table(evals, labels),
         "<h2>Cost ledger</h2>", ledger_section(ledger),
         "<h2>Lineage</h2>", lineage_section(lineage),
@@ -190,6 +206,7 @@ def ledger_rows(ledger: dict) -> list[tuple[str, str]]:
         ("teacher generation $", f"{teacher_usd} [{status}]"),
         ("training", f"{_sci(tr.get('flops'))} FLOPs (estimate), {tr.get('steps', '-')} steps, "
                      f"{tr.get('train_seconds', '-')} s x ${tr.get('usd_per_hour', 0):g}/h = {_money(tr.get('usd'))}"),
+        *_retain_rows(ledger.get("retain") or {}),
         ("distillation total $", _money(ledger.get("total_usd"))),
         ("student serving", f"{_num(sv.get('student_tokens_per_s'))} tokens/s here at ${sv.get('usd_per_hour', 0):g}/h "
                             f"= {_money(sv.get('student_usd_per_1m_tokens'))} per 1M tokens"),
@@ -202,6 +219,17 @@ def ledger_rows(ledger: dict) -> list[tuple[str, str]]:
                      f" vs student {_money_small(be.get('student_usd_per_query'))} [{be.get('price_basis', '?')} price]")
         rows += [("break-even", break_even_phrase(be)), ("break-even inputs", per_query)]
     return rows
+
+
+def _retain_rows(kept: dict) -> list[tuple[str, str]]:
+    if not kept.get("enabled"):
+        return []
+    replay = (f"replay by {kept['replay_source']}: {kept.get('replay_rows', 0)} rows, teacher tokens "
+              f"{kept.get('teacher_prompt_tokens', 0)} in / {kept.get('teacher_completion_tokens', 0)} out "
+              f"({_money(kept.get('teacher_usd'))}); " if kept.get("replay_source") else "")
+    return [("retain", f"{replay}base-model generation {kept.get('base_generation_seconds', 0)} s + scoring "
+                       f"{kept.get('candidates', 0)} candidates on dev {kept.get('selection_seconds', 0)} s = "
+                       f"{_money(kept.get('usd'))}")]
 
 
 def _money_small(x: float | None) -> str:
@@ -400,3 +428,66 @@ def skill_delta_svg(evals: dict, labels: list[str], task: set[str] = frozenset()
     ax.grid(axis="x", alpha=0.3)
     ax.legend(handles=legend, fontsize=8, loc="best")
     return svg_text(fig, "skills")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Retain: which candidate the rule chose, and the whole trade-off it chose from.
+
+
+def retain_section(selection: dict, chosen_as: str) -> str:
+    """The rule's sentence, the recipe and every candidate's dev scores (the chosen one marked)."""
+    chosen = selection.get("chosen") or {}
+    recipe = selection.get("recipe") or {}
+    replay = (f"replay {recipe.get('replay_source')} at {100 * (recipe.get('replay_fraction') or 0):.0f}% of every batch"
+              if recipe.get("replay_source") else "no replay")
+    rows = []
+    for c in selection.get("candidates") or []:
+        is_chosen = c.get("label") == chosen.get("label")
+        rows.append(f"<tr class='{'chosen' if is_chosen else ''}'><td>{_e(c.get('label'))}</td>"
+                    f"<td class='num'>{pct(c.get('dev_task'))}</td><td class='num'>{pct(c.get('dev_general'))}</td>"
+                    f"<td>{'chosen' if is_chosen else ''}</td></tr>")
+    rows = "".join(rows)
+    base = selection.get("base_dev") or {}
+    return (f"<p id='retain-rule'>The <b>{_e(chosen_as)}</b> student is {_e(chosen.get('label', '?'))}: "
+            f"{_e(selection.get('rule', ''))}. Recipe: {_e(replay)}; merge weights "
+            f"{_e(', '.join(f'{a:g}' for a in recipe.get('merge_alphas') or []) or 'none')}; "
+            f"checkpoint selection {'on' if recipe.get('select_checkpoints') else 'off'}. Base on dev: task "
+            f"{pct(base.get('task'))}%, general {pct(base.get('general'))}%. Choosing read the dev split only; "
+            f"the test split scored the chosen student once.</p>"
+            "<table id='retain-candidates'><tr><th>candidate (dev split)</th><th>task %</th><th>general %</th>"
+            f"<th></th></tr>{rows}</table>")
+
+
+def tradeoff_svg(evals: dict, labels: list[str], selection: dict, chosen_as: str) -> str | None:
+    """General (y) vs task (x): test-split models filled, dev-split candidates hollow, the chosen one starred.
+    Each candidate is its own SVG group (id candidate-N) so a browser test can count them."""
+    candidates = [c for c in selection.get("candidates") or [] if None not in (c.get("dev_task"), c.get("dev_general"))]
+    if not candidates:
+        return None
+    fig, ax = _new_figure(width=6.8, height=4.8)
+    for i, c in enumerate(candidates):
+        ax.scatter([100 * c["dev_task"]], [100 * c["dev_general"]], s=40, facecolors="none",
+                   edgecolors=COLORS["retain"], linewidths=1.2, zorder=3, gid=f"candidate-{i}",
+                   label="candidates (dev)" if i == 0 else None)
+        ax.annotate(f"{c['step']}/α{c['alpha']:g}", (100 * c["dev_task"], 100 * c["dev_general"]),
+                    textcoords="offset points", xytext=(4, -9), fontsize=6.5, color="#555")
+    chosen = selection.get("chosen") or {}
+    if chosen.get("dev_task") is not None:
+        ax.scatter([100 * chosen["dev_task"]], [100 * chosen["dev_general"]], s=220, marker="*", color="#f2b600",
+                   edgecolors="#333", zorder=4, gid="chosen", label=f"chosen (dev): {chosen.get('label')}")
+    base = selection.get("base_dev") or {}
+    if base.get("task") is not None:
+        ax.scatter([100 * base["task"]], [100 * base["general"]], s=60, facecolors="none", edgecolors=COLORS["base"],
+                   linewidths=1.5, zorder=3, label="base (dev)")
+    for m in labels:
+        task, general = score_of(evals, m, "task"), score_of(evals, m, "general")
+        if None in (task, general):
+            continue
+        ax.scatter([100 * task], [100 * general], s=70, color=color_of(m, labels), zorder=5, label=f"{m} (test)")
+        ax.annotate(m, (100 * task, 100 * general), textcoords="offset points", xytext=(7, 5), fontsize=9)
+    ax.set_xlabel("task suite score (%)")
+    ax.set_ylabel("general suite score (%)")
+    ax.set_title(f"The retain trade-off: what {chosen_as} was chosen from")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return svg_text(fig, "tradeoff")
