@@ -587,7 +587,18 @@ def test_chunked_applies_the_logit_transform(teacher_kind):
     got = chunked_kd_loss("jsd", hidden, weight, target, mask, chunk_size=4, temperature=1.2, beta=BETA,
                           logit_transform=softcap)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
-    for got_grad, want_grad in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))):
+    got_grads, want_grads = torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))
+    for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-13)
     untransformed = chunked_kd_loss("jsd", hidden, weight, target, mask, chunk_size=4, temperature=1.2, beta=BETA)
     assert abs(untransformed.item() - want.item()) > 1e-3
+
+
+def test_config_accepts_exactly_the_registered_losses():
+    # config.py's loss names come from (or must match) losses.LOSS_NAMES: a registered loss the config refuses, or a
+    # configured name the registry lacks, fails here rather than at training time
+    from typing import get_args
+
+    from distillab import config
+
+    assert set(get_args(config.LossName)) == set(LOSS_NAMES)
