@@ -29,6 +29,11 @@ From scores to a fraction. `calibrate_threshold` picks the threshold maximising 
 sample; `estimate_fraction` applies the classify-and-adjust estimator p = (rate - fpr) / (tpr - fpr),
 clipped to [0, 1], with a bootstrap 95% interval that resamples both the corpus and the labelled sample.
 Internally every score is oriented "higher = more teacher-like" (`TEACHER_DIRECTION`); files keep raw values.
+
+Near chance, no number. When a score's AUROC on the labelled sample has a bootstrap interval that reaches 0.5
+(97.5% per score: the headline picks the better of two, so together a 95% claim), the best threshold only fits the labelled sample's noise, and classify-and-adjust divides by that noise
+(tpr - fpr near 0): a corpus that is 30% teacher-written read as 95% [75, 100]. Such a score gets no
+estimate, and the summary says the texts are indistinguishable to this detector and what would help.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ TEACHER_DIRECTION = {"binoculars": -1.0, "fast_detectgpt": 1.0}  # multiply to g
 TEACHER_LABELS = {"teacher", "machine", "1", "true"}
 OTHER_LABELS = {"human", "lab", "0", "false"}
 SUMMARY_FILE = "audit_summary.json"
+# The headline is the better of the scores, a choice made on the same labelled sample: each score's AUROC
+# must clear 0.5 at 1 - 0.05 / len(SCORE_NAMES) (Bonferroni), so "distinguishable" is a 95% claim overall.
+CHANCE_LEVEL = 1 - 0.05 / len(SCORE_NAMES)
 SCORES_FILE = "scores.parquet"
 
 
@@ -201,6 +209,34 @@ def auroc(scores, labels) -> float:
     ranks = _average_ranks(s)
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _auroc_sorted(pos: np.ndarray, neg_sorted: np.ndarray) -> float:
+    """AUROC by counting, for each positive, the negatives below it (ties one half): no Python loop."""
+    below = np.searchsorted(neg_sorted, pos, side="left")
+    ties = np.searchsorted(neg_sorted, pos, side="right") - below
+    return float((below + 0.5 * ties).sum() / (len(pos) * len(neg_sorted)))
+
+
+def auroc_interval(scores, labels, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUROC, resampling each class on its own (both stay present)."""
+    s, y = _arrays(scores, labels)
+    pos, neg = s[y == 1], s[y == 0]
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_bootstrap)
+    for b in range(n_bootstrap):
+        boot[b] = _auroc_sorted(pos[rng.integers(0, len(pos), len(pos))],
+                                np.sort(neg[rng.integers(0, len(neg), len(neg))]))
+    low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def indistinguishable_note(name: str, auc: float, interval: tuple[float, float], n_teacher: int, n_other: int) -> str:
+    return (f"indistinguishable to this detector: on the labelled sample {name} has AUROC {auc:.3f} "
+            f"[{CHANCE_LEVEL:.1%} CI {interval[0]:.3f}, {interval[1]:.3f}], which includes 0.5 (chance), so no fraction is "
+            f"estimated: any number would be noise. What would help: an observer that knows the texts' domain "
+            f"(the suspected teacher itself) paired with a performer that differs from it, or a larger labelled "
+            f"sample ({n_teacher} teacher-written and {n_other} other documents now)")
 
 
 def _rates(s: np.ndarray, y: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -357,8 +393,15 @@ def _analyse(name: str, corpus_raw: list[float], labelled_raw: list[float] | Non
     cal = calibrate_threshold(ls, ly)
     corpus = [direction * v for v in corpus_raw if math.isfinite(v)]
     out["auroc_labelled"] = auroc(ls, ly)
+    out["auroc_ci"] = list(auroc_interval(ls, ly, n_bootstrap, seed, level=CHANCE_LEVEL))
     out["calibration"] = {**cal, "threshold": direction * cal["threshold"],
                           "rule": f"teacher if {name} {'<=' if direction < 0 else '>='} threshold"}
+    if out["auroc_ci"][0] <= 0.5:
+        # Near chance the best threshold on the labelled sample fits its noise, and classify-and-adjust turns
+        # that noise into a confident fraction (a true 30% read as 95% [75, 100]): report no number instead.
+        out["estimate"] = {"indistinguishable": True, "error": indistinguishable_note(
+            name, out["auroc_labelled"], out["auroc_ci"], sum(ly), len(ly) - sum(ly))}
+        return out
     try:
         out["estimate"] = estimate_fraction(corpus, cal["threshold"], cal["tpr"], cal["fpr"], labelled_scores=ls,
                                             labelled_labels=ly, n_bootstrap=n_bootstrap, seed=seed)
@@ -380,6 +423,18 @@ def _write_scores(out_dir: Path, rows: list[dict], scores: list[dict], flags: di
     write_atomic(out_dir / "scores.csv", text.getvalue())
 
 
+def _note(has_labelled: bool, by_score: dict) -> str | None:
+    """Why there is no headline fraction, when there is none."""
+    if not has_labelled:
+        return "no labelled sample: pass one to calibrate a threshold and estimate a fraction"
+    estimates = [v.get("estimate", {}) for v in by_score.values()]
+    if any("fraction" in e for e in estimates):
+        return None
+    if all(e.get("indistinguishable") for e in estimates):  # the best score's note: its interval, the sample size
+        return by_score[max(by_score, key=lambda k: by_score[k]["auroc_labelled"])]["estimate"]["error"]
+    return "; ".join(f"{k}: {v['estimate']['error']}" for k, v in by_score.items())
+
+
 def run_audit(corpus_path: str | Path, out_dir: str | Path, observer: str = "lab:teacher",
               performer: str = "lab:base", labelled_path: str | Path | None = None, text_field: str = "text",
               prompt_field: str | None = None, label_field: str = "label", batch_size: int = 16,
@@ -392,6 +447,9 @@ def run_audit(corpus_path: str | Path, out_dir: str | Path, observer: str = "lab
     Writes out_dir/scores.parquet, scores.csv and audit_summary.json; returns the summary.
     The fraction of the score with the higher labelled AUROC is reported as the headline estimate.
     """
+    from distillab.rundir import check_creatable
+
+    check_creatable(Path(out_dir), "audit output directory", "choose another --out")  # before an hour of scoring
     corpus = read_corpus(corpus_path, text_field, prompt_field)
     labelled = read_corpus(labelled_path, text_field, prompt_field, label_field) if labelled_path else None
     obs_model, perf_model, tokenizer = load_pair(observer, performer)
@@ -431,7 +489,7 @@ def run_audit(corpus_path: str | Path, out_dir: str | Path, observer: str = "lab
         "estimated_teacher_fraction": by_score[primary]["estimate"] if primary else None,
         "scores": by_score,
         "files": {"scores": str(out_dir / SCORES_FILE), "scores_csv": str(out_dir / "scores.csv")},
-        "note": None if labelled else "no labelled sample: pass one to calibrate a threshold and estimate a fraction",
+        "note": _note(labelled is not None, by_score),
     }
     write_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     return summary

@@ -179,15 +179,22 @@ def demo(runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"
 @app.command()
 def serve(model_dir: str = typer.Argument(..., help="HF model directory or lab:NAME"),
           host: str = typer.Option("127.0.0.1", help="bind address (loopback unless you mean it)"),
-          port: int = typer.Option(8000),
+          port: int = typer.Option(8000, help="TCP port, 1-65535"),
           api_key: Optional[str] = typer.Option(None, envvar="DISTILLAB_SERVE_API_KEY", help="require this bearer key"),
-          fault_rate: float = typer.Option(0.0, help="inject faults (429/500/hang/truncated) at this rate: for tests")):
+          max_batch: int = typer.Option(32, help="most prompts in one model call (1: no batching)"),
+          max_request_work: Optional[int] = typer.Option(
+              None, help="most token slots one request may fill: (prompts x max_tokens + echoed prompt tokens) "
+                         "x (1 + top logprobs); default 262144"),
+          fault_rate: float = typer.Option(0.0, help="inject faults (429/500/hang/truncated) at this rate: for tests"),
+          fault_seed: int = typer.Option(0, help="seed of the fault schedule")):
     """Serve a local model behind an OpenAI-compatible API."""
     from distillab.models import resolve_model_path
     from distillab.serve import serve as serve_model
 
     resolve_model_path(model_dir)  # a missing directory is a one-line error before uvicorn starts
-    serve_model(model_dir, host=host, port=port, api_key=api_key, fault_rate=fault_rate)
+    # serve_model checks the port and limits before it loads the model: a bad one is a one-line UserError
+    serve_model(model_dir, host=host, port=port, api_key=api_key, max_batch=max_batch,
+                max_request_work=max_request_work, fault_rate=fault_rate, fault_seed=fault_seed)
 
 
 @app.command()
@@ -218,6 +225,8 @@ def audit(corpus: Path = typer.Argument(..., help="JSONL or Parquet with a text 
     from rich.pretty import pprint
 
     pprint(summary, console=Console())
+    if summary.get("note"):  # no fraction: say why where it cannot be missed
+        console.print(Text(f"audit: {summary['note']}"), soft_wrap=True)
 
 
 @app.command()

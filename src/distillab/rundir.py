@@ -36,28 +36,30 @@ def file_digest(path: Path) -> str:
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """Refuse, before anything is written, a run directory that could not be created or written.
+    """Refuse, before anything is written, a run directory that could not be created or written."""
+    check_creatable(run_dir, "run directory", "choose another runs_dir")
 
-    Checks the path without creating it: no NUL in it, and its nearest existing ancestor is a writable
-    directory that is not a kernel pseudo-filesystem (/proc, /sys: they refuse mkdir with odd errors).
+
+def check_creatable(directory: Path, what: str, hint: str) -> None:
+    """Check, without creating anything, that `directory` exists as a directory or could be made.
+
+    No NUL in the path, and its nearest existing ancestor is a writable directory that is not a kernel
+    pseudo-filesystem (/proc, /sys refuse mkdir with odd errors).
     """
-    text = str(run_dir)
-    if "\x00" in text:
-        raise UserError(f"run directory {text!r} contains a NUL character: use a plain name")
-    path = Path(os.path.abspath(run_dir))
+    if "\x00" in str(directory):
+        raise UserError(f"{what} {str(directory)!r} contains a NUL character: {hint}")
+    path = Path(os.path.abspath(directory))
     if path.exists() and not path.is_dir():
-        raise UserError(f"run directory {path} exists and is not a directory: choose another name or runs_dir")
+        raise UserError(f"{what} {path} exists and is not a directory: {hint}")
     ancestor = path
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UserError(f"cannot create run directory {path}: {ancestor} is a file, not a directory; "
-                        "choose another runs_dir")
+        raise UserError(f"cannot create {what} {path}: {ancestor} is a file, not a directory; {hint}")
     if ancestor.parts[1:2] in (("proc",), ("sys",)):
-        raise UserError(f"cannot create run directory {path}: /{ancestor.parts[1]} is not for files; "
-                        "choose another runs_dir")
+        raise UserError(f"cannot create {what} {path}: /{ancestor.parts[1]} is not for files; {hint}")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"cannot create run directory {path}: {ancestor} is not writable; choose another runs_dir")
+        raise UserError(f"cannot create {what} {path}: {ancestor} is not writable; {hint}")
 
 
 def _stamps(run_dir: Path) -> dict:
