@@ -37,7 +37,7 @@ import openai  # noqa: E402
 
 from distillab.config import from_dict  # noqa: E402
 from distillab.generate import run_generate  # noqa: E402
-from tests.serve_fixture import metrics, server_process  # noqa: E402
+from distillab.serve import read_metrics as metrics, server_process  # noqa: E402
 
 
 def unique_prompts(n: int, seen: set, rng: random.Random) -> list[str]:

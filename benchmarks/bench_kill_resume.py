@@ -35,7 +35,9 @@ from distillab.cache import request_key  # noqa: E402
 from distillab.config import from_dict  # noqa: E402
 from distillab.generate import load_prompts  # noqa: E402
 from distillab.teachers import make_teacher  # noqa: E402
-from tests.serve_fixture import kill_and_resume, metric_sum, metrics, server_process  # noqa: E402
+from distillab.serve import metric_sum, server_process  # noqa: E402
+from distillab.serve import read_metrics as metrics  # noqa: E402
+from tests.serve_fixture import kill_and_resume  # noqa: E402
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import openai  # noqa: E402
 
 from distillab.models import LAB_CHECKPOINTS  # noqa: E402
-from tests.serve_fixture import metrics, server_process  # noqa: E402
+from distillab.serve import read_metrics as metrics, server_process  # noqa: E402
 
 
 def snapshot(model: str, workdir: Path) -> tuple[Path | str, str]:

@@ -1,4 +1,6 @@
-"""Helpers for tests that talk to a real `distillab serve` on 127.0.0.1: in a thread, or as a subprocess."""
+"""Helpers for tests that talk to a real `distillab serve` on 127.0.0.1: in a thread, or as a subprocess, and
+the kill-and-resume driver for the generate stage. The server helpers live in distillab.serve (benchmarks
+import them from there); they are re-exported here under the names tests use."""
 
 from __future__ import annotations
 
@@ -6,19 +8,17 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from distillab.config import from_dict
 from distillab.generate import load_prompts
-from distillab.serve import FaultConfig, ServerThread, create_app, parse_metrics
+from distillab.serve import FaultConfig, ServerThread, create_app, free_port, metric_sum, server_process
+from distillab.serve import read_metrics as metrics
+from distillab.serve import subprocess_env as child_env
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -30,63 +30,6 @@ def server_thread(model_dir, **app_kwargs):
     with ServerThread(app) as server:
         server.app = app
         yield server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(**extra) -> dict:
-    """The environment for a child python: one thread (2 shared cores), offline, distillab importable."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-@contextmanager
-def server_process(model_dir, *args: str, timeout_s: float = 90.0, cpus: set[int] | None = None):
-    """`python -m distillab.serve MODEL_DIR --port P ...` in a subprocess; yields its base URL (…/v1).
-    cpus: pin the server to these CPUs (benchmarks keep it off the client's)."""
-    port = free_port()
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen([sys.executable, "-m", "distillab.serve", str(model_dir), "--port", str(port), *args],
-                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=pin)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("server did not come up")
-            time.sleep(0.1)
-        yield url + "/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def metrics(url: str, api_key: str | None = None) -> dict[str, float]:
-    """The server's /metrics, parsed; `url` may be the base URL (…/v1)."""
-    root = url.removesuffix("/v1")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return parse_metrics(httpx.get(root + "/metrics", headers=headers, timeout=10).text)
-
-
-def metric_sum(values: dict[str, float], name: str) -> float:
-    """Sum of a counter over all its label sets."""
-    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
 
 
 def generate_config(tmp_path, teacher: dict, student="lab:base", name="run", skills=("reverse",), n_prompts=16):

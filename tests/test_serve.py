@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
+import time
 
 import httpx
 import openai
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from distillab import models
-from distillab.serve import FaultConfig
+from distillab.serve import FaultConfig, ServeLimits, server_process
 from tests.serve_fixture import metric_sum, metrics, server_thread
 
 KEY = "sk-serve-test-0000"
@@ -180,6 +182,84 @@ def test_injected_faults_on_the_wire(tiny_teacher):
         with pytest.raises(json.JSONDecodeError):
             r.json()
         assert metric_sum(metrics(s.url), "distillab_faults_injected_total") == 1
+
+
+def test_work_limit_refuses_the_53_second_request_at_once(server):
+    # 256 prompts x 240 tokens with top-20 logprobs: 3 KB of JSON that cost 53 s of CPU and a 28.6 MB answer
+    body = {"model": "tiny", "prompt": ["reverse abcdef\n"] * 256, "max_tokens": 240, "logprobs": 20}
+    before = metrics(server.url, KEY)
+    start = time.monotonic()
+    r = httpx.post(server.base_url + "/completions", headers={"Authorization": f"Bearer {KEY}"}, json=body, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    assert "262,144" in r.json()["error"]["message"] and "1,290,240" in r.json()["error"]["message"]
+    assert time.monotonic() - start < 5
+    assert metrics(server.url, KEY)["distillab_batches_total"] == before["distillab_batches_total"]  # no model call
+
+
+def test_malformed_bodies_are_400_not_500(server):
+    url, auth = server.base_url, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    bodies = [
+        ("/completions", b'{"model": "tiny", "prompt": "x", "stop": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+        ("/completions", b'{"model": "tiny", "prompt": "x", "stop": ' + b"[" * 500 + b"]" * 500 + b"}"),
+        ("/completions", rb'{"model": "tiny", "prompt": "\ud800", "max_tokens": 1}'),
+        ("/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"1" * 5000 + b"}"),
+        ("/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "seed": 100000000000000000000}'),
+        ("/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}'),
+        ("/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}], "max_tokens": 1}'),
+    ]
+    before = metrics(server.url, KEY)
+    statuses = [httpx.post(url + path, headers=auth, content=raw, timeout=30).status_code for path, raw in bodies]
+    assert statuses == [400] * 6 + [200]  # a text part without text is empty text
+    after = metrics(server.url, KEY)
+    errors = [k for k in after if 'code="500"' in k and after[k] != before.get(k, 0)]
+    assert errors == []
+
+
+def test_chat_without_max_tokens_gets_the_rest_of_the_context(client):
+    # the tiny model has 256 positions: the old default of 256 new tokens made every such chat a 400
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "reverse abc\n"}],
+                                       temperature=0)
+    prompt_tokens = len("reverse abc\n") + 1
+    assert r.usage.prompt_tokens == prompt_tokens
+    assert r.usage.completion_tokens <= 256 - prompt_tokens
+    assert r.choices[0].finish_reason == "stop" or r.usage.completion_tokens == 256 - prompt_tokens
+
+
+def test_health_answers_while_a_big_response_is_built(tiny_teacher):
+    """/health never waits for the model or for a response being built and encoded (that used to run on the
+    event loop: a 10 MB answer held /health for seconds)."""
+    body = {"model": "tiny", "prompt": ["reverse abc " * 20] * 96, "max_tokens": 0, "echo": True, "logprobs": 20}
+    with server_thread(tiny_teacher, model_name="tiny", limits=ServeLimits(max_request_work=10**9)) as s:
+        httpx.get(s.url + "/health")
+        done = {}
+
+        def big():
+            start = time.monotonic()
+            done["status"] = httpx.post(s.base_url + "/completions", json=body, timeout=120).status_code
+            done["seconds"] = time.monotonic() - start
+
+        thread = threading.Thread(target=big)
+        thread.start()
+        waits = []
+        with httpx.Client() as health:
+            while thread.is_alive():
+                start = time.monotonic()
+                assert health.get(s.url + "/health", timeout=60).json() == {"status": "ok"}
+                waits.append(time.monotonic() - start)
+                time.sleep(0.01)
+        thread.join()
+    assert done["status"] == 200 and len(waits) >= 5
+    # relative to the request's own time, so a loaded machine slows both sides alike (the old server: 0.7)
+    assert max(waits) < 0.35 * done["seconds"], (max(waits), done["seconds"])
+
+
+def test_server_process_runs_the_typer_cli(tiny_teacher):
+    # the subprocess helper tests and benchmarks use starts `python -m distillab serve` with its flags
+    with server_process(tiny_teacher, "--max-batch", "4", "--max-request-work", "50") as base_url:
+        url = base_url + "/completions"
+        assert httpx.post(url, json={"model": "teacher", "prompt": "x", "max_tokens": 50}).status_code == 200
+        r = httpx.post(url, json={"model": "teacher", "prompt": "x", "max_tokens": 11, "logprobs": 4})  # 55 slots
+        assert r.status_code == 400 and "limit of 50" in r.json()["error"]["message"]
 
 
 @pytest.mark.slow
