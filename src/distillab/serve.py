@@ -672,23 +672,26 @@ class Server:
 def _check_json(body, max_depth: int) -> None:
     """400 for JSON nested deeper than max_depth, or holding a lone surrogate (JSON's \\ud800 escapes decode
     to strings no tokenizer takes)."""
+    def check_text(text: str) -> None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "request body holds a string that is not valid Unicode (a lone surrogate)") from None
+
     stack = [(body, 1)]
     while stack:
         value, depth = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise APIError(400, "request body holds a string that is not valid Unicode (a lone surrogate)") from None
-            continue
-        if not isinstance(value, (dict, list)):
-            continue
         if depth > max_depth:
             raise APIError(400, f"request body is nested deeper than {max_depth} levels")
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            stack.append((key, depth))
-            stack.append((item, depth + 1))
+        if isinstance(value, dict):
+            for key in value:
+                check_text(key)
+            value = value.values()
+        for item in value:
+            if isinstance(item, str):
+                check_text(item)
+            elif isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
 
 
 def _json_bytes(payload: dict) -> bytes:
