@@ -19,7 +19,7 @@ ONE_SGD_STEP = textwrap.dedent('''
     import torch
     from distillab import models
     from distillab.config import from_dict
-    from distillab.generate import read_dataset
+    from distillab.dataset import read_dataset
     from distillab.train import build_trainer
 
     data, student, out, batch = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from distillab.cache import request_key
-from distillab.generate import read_dataset
+from distillab.dataset import read_dataset
 from distillab.teachers import make_teacher
 from tests.serve_fixture import generate_config, kill_and_resume, metric_sum, metrics, server_process
 

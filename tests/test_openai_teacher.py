@@ -15,7 +15,8 @@ import pytest
 from distillab.cache import RequestCache
 from distillab.config import TeacherConfig, to_toml, write_atomic
 from distillab.errors import UserError
-from distillab.generate import read_dataset, run_generate
+from distillab.dataset import read_dataset
+from distillab.generate import run_generate
 from distillab.lab.tokenizer import build_tokenizer
 from distillab.serve import FaultConfig
 from distillab.teachers.openai_compat import OpenAITeacher, _retry_after_s, map_top_tokens

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from distillab.config import from_dict
 from distillab.evaluate import run_evaluate
-from distillab.generate import read_dataset, run_generate
+from distillab.dataset import read_dataset
+from distillab.generate import run_generate
 from distillab.train import run_train
 
 

@@ -168,3 +168,49 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
     image = Image.open(io.BytesIO(shot)).convert("L")
     assert max(ImageStat.Stat(image).var) > 0  # not a blank page
     assert verdict_text.startswith("Distilled student closed")
+
+
+def fake_selection() -> dict:
+    cands = [{"checkpoint": f"checkpoint-{s}", "step": s, "alpha": a, "dev_task": 0.2 + 0.1 * a + s / 1000,
+              "dev_general": 0.6 - 0.3 * a, "label": f"step {s}, α={a:g}"} for s in (100, 200) for a in (0.5, 0.75, 1.0)]
+    chosen = cands[1]
+    return {"rule": "highest dev task score (0.375) among the 2 of 6 candidates whose dev general score stayed >= "
+                    "base 0.550 - 0.02", "base_dev": {"task": 0.0, "general": 0.55}, "chosen": chosen,
+            "candidates": cands, "split": "dev",
+            "recipe": {"replay_source": "base", "replay_fraction": 0.25, "merge_alphas": [0.5, 0.75, 1.0],
+                       "select_checkpoints": True, "alpha": 0.75, "step": 100}}
+
+
+@pytest.fixture
+def retain_report_path(tmp_path) -> Path:
+    cfg = RunConfig(name="demo", runs_dir=str(tmp_path))
+    evals = fake_evals()
+    evals["retain"] = fake_eval("retain", {"add": 0.7, "reverse": 0.7, "upper": 0.8, "recall": 0.3}, 5)
+    return build_report(cfg, evals, fake_ledger(), {"retain_selection": fake_selection()})
+
+
+def test_retain_section_says_which_rule_chose_what(retain_report_path):
+    page = retain_report_path.read_text()
+    assert page.count("<svg") == 4 and "id='plot-tradeoff'" in page
+    assert "The <b>retain</b> student is step 100, α=0.75" in page and "dev split only" in page
+    assert page.count("<tr class='chosen'>") == 1 and "retain_selection" not in page
+
+
+@pytest.mark.slow
+def test_tradeoff_plot_renders_every_candidate_in_headless_chromium(retain_report_path):
+    sync_playwright = _playwright()
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(retain_report_path.as_uri(), wait_until="load")
+        boxes = page.evaluate("""() => [...document.querySelectorAll('#plot-tradeoff svg g[id^="candidate-"], '
+            + '#plot-tradeoff svg g#chosen')].map(g => { const b = g.getBBox(); return {id: g.id, w: b.width, h: b.height}; })""")
+        browser.close()
+    assert errors == []
+    ids = {b["id"] for b in boxes}
+    assert ids == {f"candidate-{i}" for i in range(6)} | {"chosen"}  # every candidate drawn, and the choice
+    assert all(b["w"] > 0 and b["h"] > 0 for b in boxes)

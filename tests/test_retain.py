@@ -10,7 +10,8 @@ import torch
 
 from distillab import evaluate, retain
 from distillab.config import ConfigError, from_dict
-from distillab.generate import read_dataset, run_generate
+from distillab.dataset import read_dataset
+from distillab.generate import run_generate
 from distillab.models import load
 from distillab.retain import Candidate, batch_layout, interpolate, load_weights, replay_per_batch, select
 from distillab.train import build_trainer, run_train

@@ -8,7 +8,8 @@ import torch
 
 from distillab import models
 from distillab.errors import UserError
-from distillab.generate import read_dataset, run_generate
+from distillab.dataset import read_dataset
+from distillab.generate import run_generate
 from distillab.train import build_trainer, run_train
 from tests.conftest import save_tiny_llama
 from tests.test_pipeline import tiny_config

@@ -13,12 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from distillab import models, provenance
 from distillab.cache import RequestCache, request_key
 from distillab.config import RunConfig, write_atomic
+from distillab.dataset import write_dataset
 from distillab.errors import UserError
 from distillab.generation import encode_example
 from distillab.jsonl import read_jsonl
@@ -99,7 +97,7 @@ def generate_dataset(cfg: RunConfig, prompts: list[dict], name: str, teacher_cfg
         if is_fresh(run_dir, stage, stamp) and out_path.is_file():
             return GenerateSummary(len(prompts), 0, 0, 0, 0, 0, 0.0, skipped=True)
         rows = _ground_truth_rows(prompts, source, student_tok, cfg.data.declared_teacher)
-        _write_parquet(out_path, rows)
+        write_dataset(out_path, rows)
         mark_fresh(run_dir, stage, stamp)
         return GenerateSummary(len(rows), 0, 0, 0, 0, 0, 0.0)
 
@@ -151,7 +149,7 @@ def generate_dataset(cfg: RunConfig, prompts: list[dict], name: str, teacher_cfg
     failures = cache.failures(keys)
     rows = _teacher_rows(prompts, keys, cache, teacher, student_tok, log, teacher_label)
     cache.close()
-    _write_parquet(out_path, rows)
+    write_dataset(out_path, rows)
     if not failures:
         mark_fresh(run_dir, stage, stamp)
     spent = pricing.usd_for(usage)
@@ -265,46 +263,3 @@ def _ids_match(resp: dict, tokenizer) -> bool:
     if any(not 0 <= i < len(tokenizer) for i in ids):
         return False
     return tokenizer.decode(ids, skip_special_tokens=True) == resp["text"]
-
-
-TOPK_PREFIX = "topk_"  # the teacher's top-k is stored through topk_codec: ids lossless, ~40-56 bytes a token
-
-
-def _write_parquet(path: Path, rows: list[dict]) -> None:
-    """Rows -> Parquet (zstd), written to a temp file and renamed. top_ids/top_logprobs become codec columns."""
-    from distillab.topk_codec import FIELDS, encode_topk
-
-    stored = []
-    for r in rows:
-        r = dict(r)
-        ids, logprobs = r.pop("top_ids", None), r.pop("top_logprobs", None)
-        encoded = encode_topk(ids, logprobs) if ids else None
-        for field in FIELDS:
-            r[TOPK_PREFIX + field] = encoded[field].tobytes() if encoded else None
-        stored.append(r)
-    schema_hint = {"prompt_ids": pa.list_(pa.int32()), "completion_ids": pa.list_(pa.int32())}
-    schema_hint |= {TOPK_PREFIX + field: pa.binary() for field in FIELDS}
-    columns = {name: [r[name] for r in stored] for name in stored[0]} if stored else {}
-    table = pa.table({name: pa.array(values, type=schema_hint.get(name)) for name, values in columns.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
-
-
-def read_dataset(path: Path) -> list[dict]:
-    """The dataset's rows, with the teacher's top-k decoded into top_ids, top_logprobs and top_tail (log of the
-    mass outside the top-k) per completion token, or None where the row has none."""
-    from distillab.topk_codec import FIELDS, decode_topk
-
-    if not path.is_file():
-        raise UserError(f"no dataset at {path}: run `distillab generate` first")
-    rows = pq.read_table(path).to_pylist()
-    for r in rows:
-        fields = {field: r.pop(TOPK_PREFIX + field, None) for field in FIELDS}
-        if fields["top"] is None:
-            r["top_ids"] = r["top_logprobs"] = r["top_tail"] = None
-            continue
-        ids, logprobs, tail = decode_topk(fields)
-        r["top_ids"], r["top_logprobs"], r["top_tail"] = ids.tolist(), logprobs.tolist(), tail.tolist()
-    return rows

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from distillab.lab.tokenizer import build_tokenizer
 from distillab.generation import encode_example
 from distillab.lab.world import SKILLS
-from distillab.train import collate
+from distillab.dataset import collate
 
 
 @dataclass
