@@ -65,3 +65,15 @@ def test_missing_model_directory(tmp_path):
 @pytest.mark.parametrize("args", [["serve", "/no/such/model"], ["lineage", "/no/such/dir"], ["run", "/no/such.toml"]])
 def test_other_missing_paths(tmp_path, args):
     assert_one_line_error(distillab(*args, cwd=tmp_path))
+
+
+def test_lab_pretrain_checks_then_runs_every_checkpoint(tmp_path, monkeypatch):
+    # In-process: the checks run before any pretraining, and every named checkpoint is still pretrained.
+    import distillab.lab.pretrain
+    from distillab.cli import run_cli
+
+    calls = []
+    monkeypatch.setattr(distillab.lab.pretrain, "pretrain", lambda name, out, **kw: calls.append((name, out)))
+    assert run_cli(["lab", "pretrain", "all", "--out", str(tmp_path / "ckpt")]) == 0
+    assert calls == [(name, tmp_path / "ckpt" / name) for name in distillab.lab.pretrain.PRESETS]
+    assert len(calls) == 2

@@ -172,7 +172,9 @@ def demo(runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"
          fresh: bool = typer.Option(False, help="delete runs/demo first")):
     """The lab demo: distill the base student on a task, with a zero-distillation control; ~2 minutes on 2 cores."""
     from distillab.demo import run_demo
+    from distillab.rundir import check_creatable
 
+    check_creatable(runs_dir, "runs directory", "choose another --runs-dir")
     run_demo(runs_dir, fresh=fresh, generate_stage=do_generate, train_stage=do_train, log=console.print)
 
 
@@ -245,11 +247,15 @@ def lab_pretrain(which: str = typer.Argument("all", help="teacher, base or all")
     """Reproduce the shipped lab checkpoints (the teacher takes about an hour on 2 cores)."""
     from distillab.lab.pretrain import PRESETS, pretrain
     from distillab.models import LAB_CHECKPOINTS
+    from distillab.rundir import check_creatable
 
     names = list(PRESETS) if which == "all" else [which]
+    unknown = [name for name in names if name not in PRESETS]
+    if unknown:
+        raise UserError(f"unknown lab checkpoint {unknown[0]!r}; choose from {', '.join(PRESETS)} or all")
+    if out is not None:  # before an hour of pretraining, not after it
+        check_creatable(out, "checkpoint directory", "choose another --out")
     for name in names:
-        if name not in PRESETS:
-            raise UserError(f"unknown lab checkpoint {name!r}; choose from {', '.join(PRESETS)} or all")
         pretrain(name, (out or LAB_CHECKPOINTS) / name, steps=steps, log=console.print, from_phase=from_phase)
 
 
@@ -297,6 +303,7 @@ def run_cli(args: list[str] | None = None) -> int:
 
     Tests call it in-process with args; main() calls it with sys.argv.
     """
+    _quiet_libraries()
     _debug["on"] = os.environ.get("DISTILLAB_DEBUG", "") not in ("", "0")
     try:
         code = app(args=args, prog_name="distillab", standalone_mode=False)
@@ -329,11 +336,14 @@ def run_cli(args: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
-def main() -> None:
+def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # distillab never downloads weights
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard load/save bars; our own bars say what is happening
     hf_logging.set_verbosity_error()
+
+
+def main() -> None:
     sys.exit(run_cli())

@@ -44,8 +44,8 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
-RANKED_COLUMNS = ("name", "distilled_task", "distilled_general", "base_general", "total_usd", "break_even_status",
-                  "break_even_queries")  # what the ranking and the table read
+RANKED_COLUMNS = ("name", "scores_json", "lineage_json", "distilled_task", "distilled_general", "base_general",
+                  "total_usd", "break_even_status", "break_even_queries")  # what the ranking and the table read
 
 
 def _now() -> str:
@@ -179,15 +179,16 @@ def read_runs(registry_path: Path) -> list[dict]:
         conn = sqlite3.connect(registry_path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
         conn.row_factory = sqlite3.Row
         try:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+            missing = [c for c in RANKED_COLUMNS if c not in columns]
+            if missing:  # a `runs` table of another program
+                raise KeyError(f"the runs table has no column {missing[0]!r}")
             rows = [dict(r) for r in conn.execute("SELECT * FROM runs")]
         finally:
             conn.close()
         for r in rows:
             r["scores"] = json.loads(r.pop("scores_json"))
             r["lineage"] = json.loads(r.pop("lineage_json") or "null")
-            missing = [c for c in RANKED_COLUMNS if c not in r]
-            if missing:  # a `runs` table of another shape
-                raise KeyError(f"no column {missing[0]!r}")
     except (sqlite3.DatabaseError, json.JSONDecodeError, TypeError, KeyError) as err:
         raise _unusable(registry_path, f"{type(err).__name__}: {err}") from None
     return rows
