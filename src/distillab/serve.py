@@ -5,7 +5,7 @@ endpoint in tests and benchmarks. `distillab serve MODEL` runs it; `create_app` 
     POST /v1/completions        prompt: str | [str] | [int] | [[int]]; logprobs (top-k, legacy format); echo
     POST /v1/chat/completions   messages; logprobs + top_logprobs (chat format)
     GET  /metrics               Prometheus text
-    GET  /health                {"status": "ok"}, without auth; never waits on the model or a response
+    GET  /health                {"status": "ok"}, without auth; touches neither the model, its queue nor a request
 
 Concurrent requests are batched: handlers put jobs on a queue, and one batching loop collects them for a
 few milliseconds (until none came for `batch_wait_ms`, at most 4 x that), groups the ones with compatible
