@@ -202,6 +202,18 @@ def batch_layout(n_task: int, n_replay: int, batch_size: int, fraction: float, n
     return layout
 
 
+def replay_weight(task: list[dict], replay: list[dict]) -> float:
+    """How much each replay token counts so that replay's share of the loss is its share of the rows.
+
+    The loss is a sum over tokens. General answers are short (a number, a word) and task answers can be long
+    (a sentence): at 25% of the rows, replay would otherwise be ~5% of the loss on the lab demo's task, too
+    little to hold the model. The weight is the ratio of mean completion lengths, within [1, 50]."""
+    def mean_len(rows):
+        return sum(len(r["completion_ids"]) for r in rows) / max(1, len(rows))
+
+    return min(50.0, max(1.0, mean_len(task) / max(1e-9, mean_len(replay))))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Merge and choose.
 

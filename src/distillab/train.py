@@ -56,6 +56,7 @@ class DistillTrainer(Trainer):
         top_ids, top_lp, kd_mask = inputs.pop("top_ids", None), inputs.pop("top_logprobs", None), inputs.pop("kd_mask", None)
         top_tail = inputs.pop("top_tail", None)
         teacher_logits = inputs.pop("teacher_logits", None)
+        row_weight = inputs.pop("row_weight", None)  # (B,) retain replay rows weigh more: see replay_weight
         pred_mask = torch.zeros_like(labels, dtype=torch.bool)  # (B, T) index t predicts labels[t+1]
         pred_mask[:, :-1] = labels[:, 1:] != -100
         targets = torch.zeros_like(labels)
@@ -72,24 +73,30 @@ class DistillTrainer(Trainer):
         # Tokens with no teacher distribution (a replay dataset's answers, a teacher whose top-k could not be
         # kept) stand in for KD with cross-entropy on their text, at the KD weight.
         ce_terms = [(d.sft_weight, pred_mask), (d.kd_weight, pred_mask & ~kd_positions.bool())]  # (weight, (B, T))
+        kd_terms = [(d.kd_weight, kd_positions.bool())] if teacher is not None else []
+        if row_weight is not None:  # split each term by row weight: a weighted sum over tokens, same divisor
+            groups = [(float(w), (row_weight == w)[:, None]) for w in row_weight.unique()]
+            ce_terms = [(w * g, m & rows) for w, m in ce_terms for g, rows in groups]
+            kd_terms = [(w * g, m & rows) for w, m in kd_terms for g, rows in groups]
         ce_terms = [(w, m) for w, m in ce_terms if w and m.any()]
+        kd_terms = [(w, m) for w, m in kd_terms if w and m.any()]
         total = 0.0
         if d.chunk_size:  # never materialise (B, T, V): losses straight from hidden states, a chunk at a time
             hidden, weight = hidden_states(model, inputs), lm_head_weight(model)  # (B, T, H), (V, H)
             for w, mask in ce_terms:
                 total = total + w * losses.chunked_kd_loss("ce", hidden, weight, targets, mask, chunk_size=d.chunk_size,
                                                            reduction="sum")[0]
-            if teacher is not None:
-                total = total + d.kd_weight * losses.chunked_kd_loss(
-                    d.loss, hidden, weight, teacher, kd_positions, chunk_size=d.chunk_size,
+            for w, mask in kd_terms:
+                total = total + w * losses.chunked_kd_loss(
+                    d.loss, hidden, weight, teacher, mask, chunk_size=d.chunk_size,
                     temperature=d.temperature, beta=d.beta, alpha=d.alpha, reduction="sum")[0]
         else:
             logits = model(**inputs).logits  # (B, T, V)
             for w, mask in ce_terms:
                 total = total + w * losses.ce(logits, targets, mask, reduction="sum")[0]
-            if teacher is not None:
-                total = total + d.kd_weight * losses.kd_loss(
-                    d.loss, logits, teacher, kd_positions, temperature=d.temperature, beta=d.beta, alpha=d.alpha,
+            for w, mask in kd_terms:
+                total = total + w * losses.kd_loss(
+                    d.loss, logits, teacher, mask, temperature=d.temperature, beta=d.beta, alpha=d.alpha,
                     reduction="sum")[0]
         loss = total / n_tokens
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -264,6 +271,8 @@ def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path
         n_batches = (t.max_steps * t.grad_accum * world if t.max_steps > 0
                      else math.ceil(t.epochs * len(rows) / per_batch))
         layout = retain.batch_layout(len(rows), len(replay), t.batch_size, cfg.retain.replay_fraction, n_batches, t.seed)
+        weight = retain.replay_weight(rows, replay) if cfg.retain.balance_replay_tokens else 1.0
+        replay = [r | {"loss_weight": weight} for r in replay]
         dataset, epochs = DistillDataset(rows, model.config.vocab_size, replay, layout), 1.0
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
