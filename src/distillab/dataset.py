@@ -107,7 +107,7 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.full((batch, width), -100, dtype=torch.long)  # (B, T) HF convention: label[t] = input[t]
     top_ids = torch.zeros((batch, width, max(k, 1)), dtype=torch.long)  # (B, T, k) at the predicting index
     top_logprobs = torch.full((batch, width, max(k, 1)), -1e4)  # (B, T, k)
-    top_tail = torch.zeros((batch, width))  # (B, T) log of the teacher's mass outside its top-k
+    top_tail = torch.full((batch, width), float("nan"))  # (B, T) log of the teacher's mass outside its top-k; NaN: none stored
     kd_mask = torch.zeros((batch, width), dtype=torch.bool)  # (B, T) where a teacher distribution exists
     prompt_len = torch.zeros(batch, dtype=torch.long)
     for b, r in enumerate(rows):

@@ -1,28 +1,54 @@
 """Stage 2, train: the student learns from the teacher's data on `transformers.Trainer`.
 
-Off-policy: each example is prompt + the teacher's completion; the loss on completion tokens is
-  sft_weight * cross-entropy(teacher text) + kd_weight * divergence(student || teacher top-k logprobs).
-On-policy (GKD's λ = on_policy_fraction): on that share of steps the student samples its own completions
-for the batch's prompts and a local teacher scores every sampled token (dense logits).
-Both terms are *sums over tokens divided by the token count of the whole gradient-accumulation window*
-(`num_items_in_batch`), so 4 micro-batches of 1 give the gradients of 1 batch of 4.
+The loss of one micro-batch (loss_step) is two sums over its completion tokens:
+  ce = sft_weight * cross-entropy on the written text
+       + kd_weight * cross-entropy on the text at the tokens with no teacher distribution (a replay dataset's
+         answers, a teacher whose top-k could not be kept): they stand in for KD with their text
+  kd = kd_weight * divergence(student || teacher) at the tokens with one (sparse top-k from the dataset, or
+       dense logits of a local teacher)
+loss = "ce" is SFT alone (config validation requires kd_weight = 0 with it).
 
-One subclass of Trainer (compute_loss only): DDP/FSDP/DeepSpeed through accelerate keep working.
+On-policy (GKD's λ = on_policy_fraction): an optimizer step is on-policy with probability λ (a draw from the seed
+and the step number, so every process and a resumed run draw the same). On such a step the student samples a
+completion for every prompt of the whole accumulation window first, each cut after the first end-of-sequence token
+it generated (kept: that is how the student learns to stop), and a local teacher scores every sampled token (dense).
+GKD trains no cross-entropy on the student's own samples: on them the loss is kd_weight * divergence alone.
+
+Normalisation, the one rule for every path: the sums are divided by the number of completion tokens of the whole
+accumulation window on all processes (counted once the window's batches are known, on-policy samples included,
+and summed across processes), then multiplied by the process count because DDP/FSDP average gradients. So
+4 micro-batches of 1 give the gradient of 1 batch of 4, P processes the gradient of one, whatever the model's
+`accepts_loss_kwargs` says (the Trainer's own scaling is bypassed: loss_is_scaled_for_ga).
+
+The student's path is chosen once at setup: dense (model(...).logits) or chunked (losses.chunked_kd_loss from the
+final hidden states, with the family's final logit transform, distillab.logits; never B x T x V logits). The
+forward always goes through the (possibly DDP-wrapped) model, so its gradient hooks run; generation and module
+lookups use the unwrapped model.
+
+Checkpoints are written to checkpoints/.saving/ and renamed into place when complete; resume takes the last
+complete one and removes (and reports) any incomplete one. Each holds train_seconds.json: the training seconds of
+the whole run so far, so a resumed run's summary counts every part.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import random
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
 
+from distillab import logits as logit_paths
 from distillab import losses, models, retain
 from distillab.config import RunConfig, write_atomic
 from distillab.dataset import DistillDataset, collate, read_dataset
@@ -30,106 +56,154 @@ from distillab.errors import UserError
 from distillab.rundir import fingerprint, is_fresh, mark_fresh
 
 # ----------------------------------------------------------------------------------------------------
-# The loss: one compute_loss, summed over tokens and divided by the window's token count.
+# The loss step: one function, its terms as sums; the caller divides by the window's token count.
 
 
-class DistillTrainer(Trainer):
-    loss_is_scaled_for_ga = True  # compute_loss divides by the whole window's token count itself
+@dataclass
+class LossTerms:
+    ce: Tensor  # () weighted sum of cross-entropy over tokens
+    kd: Tensor  # () weighted sum of the divergence over tokens
+    n_tokens: Tensor  # () completion tokens of this micro-batch (the predictions made)
 
-    def __init__(self, *args, distill: "DistillSettings", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.distill = distill
+    @property
+    def total(self) -> Tensor:
+        return self.ce + self.kd
 
-    def _get_train_sampler(self, *args, **kwargs):
-        if getattr(self.train_dataset, "layout", None) is not None:  # the order is the batch composition: keep it
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-        return super()._get_train_sampler(*args, **kwargs)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        prompt_len = inputs.pop("prompt_len")
-        d = self.distill
-        on_policy = d.teacher_model is not None and d.rng.random() < d.on_policy_fraction
-        if on_policy:
-            inputs = on_policy_batch(model, d.teacher_model, inputs, prompt_len, d)
-        labels = inputs.pop("labels")
-        top_ids, top_lp, kd_mask = inputs.pop("top_ids", None), inputs.pop("top_logprobs", None), inputs.pop("kd_mask", None)
-        top_tail = inputs.pop("top_tail", None)
-        teacher_logits = inputs.pop("teacher_logits", None)
-        row_weight = inputs.pop("row_weight", None)  # (B,) retain replay rows weigh more: see replay_weight
-        pred_mask = torch.zeros_like(labels, dtype=torch.bool)  # (B, T) index t predicts labels[t+1]
-        pred_mask[:, :-1] = labels[:, 1:] != -100
-        targets = torch.zeros_like(labels)
-        targets[:, :-1] = labels[:, 1:].clamp(min=0)
-        n_tokens = num_items_in_batch if num_items_in_batch is not None else pred_mask.sum()
-        if on_policy:  # the window's count was of the teacher's completions; these are the student's own
-            n_tokens = pred_mask.sum().clamp(min=1) * self.current_gradient_accumulation_steps
+# head(loss name, target, mask (B, T), **loss kwargs) -> the loss summed over the masked-in tokens
+Head = Callable[..., Tensor]
 
-        teacher, kd_positions = None, torch.zeros_like(pred_mask)
-        if d.kd_weight and teacher_logits is not None:
-            teacher, kd_positions = losses.TeacherDist(logits=teacher_logits), pred_mask
-        elif d.kd_weight and top_ids is not None:
-            teacher, kd_positions = losses.TeacherDist(ids=top_ids, logprobs=top_lp, tail_logprob=top_tail), kd_mask
-        # Tokens with no teacher distribution (a replay dataset's answers, a teacher whose top-k could not be
-        # kept) stand in for KD with cross-entropy on their text, at the KD weight.
-        ce_terms = [(d.sft_weight, pred_mask), (d.kd_weight, pred_mask & ~kd_positions.bool())]  # (weight, (B, T))
-        kd_terms = [(d.kd_weight, kd_positions.bool())] if teacher is not None else []
-        if row_weight is not None:  # split each term by row weight: a weighted sum over tokens, same divisor
-            groups = [(float(w), (row_weight == w)[:, None]) for w in row_weight.unique()]
-            ce_terms = [(w * g, m & rows) for w, m in ce_terms for g, rows in groups]
-            kd_terms = [(w * g, m & rows) for w, m in kd_terms for g, rows in groups]
-        ce_terms = [(w, m) for w, m in ce_terms if w and m.any()]
-        kd_terms = [(w, m) for w, m in kd_terms if w and m.any()]
-        total = 0.0
-        if d.chunk_size:  # never materialise (B, T, V): losses straight from hidden states, a chunk at a time
-            hidden, weight = hidden_states(model, inputs), lm_head_weight(model)  # (B, T, H), (V, H)
-            for w, mask in ce_terms:
-                total = total + w * losses.chunked_kd_loss("ce", hidden, weight, targets, mask, chunk_size=d.chunk_size,
-                                                           reduction="sum")[0]
-            for w, mask in kd_terms:
-                total = total + w * losses.chunked_kd_loss(
-                    d.loss, hidden, weight, teacher, mask, chunk_size=d.chunk_size,
-                    temperature=d.temperature, beta=d.beta, alpha=d.alpha, reduction="sum")[0]
-        else:
-            logits = model(**inputs).logits  # (B, T, V)
-            for w, mask in ce_terms:
-                total = total + w * losses.ce(logits, targets, mask, reduction="sum")[0]
-            for w, mask in kd_terms:
-                total = total + w * losses.kd_loss(
-                    d.loss, logits, teacher, mask, temperature=d.temperature, beta=d.beta, alpha=d.alpha,
-                    reduction="sum")[0]
-        loss = total / n_tokens
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients; n_tokens is the global count
-        return loss
+
+def next_token_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T) labels with -100 -> (predicts (B, T) bool, targets (B, T)): index t predicts labels[t + 1]."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != -100
+    targets = torch.zeros_like(labels)
+    targets[:, :-1] = labels[:, 1:].clamp(min=0)
+    return predicts, targets
+
+
+def loss_step(head: Head, batch: dict, d: "DistillSettings") -> LossTerms:
+    """The terms of the module docstring for one batch, the student's forward already in `head`."""
+    predicts, targets = next_token_targets(batch["labels"])  # (B, T) each
+    teacher, has_teacher = _teacher_of(batch, predicts, d)  # has_teacher (B, T) bool
+    sft = 0.0 if batch.get("student_written") else d.sft_weight
+    zero = predicts.new_zeros((), dtype=torch.float32)
+    ce = zero
+    # Disjoint masks, so each token's logits are used once: sft on tokens with a teacher, sft + kd on the rest
+    for weight, mask in ((sft, predicts & has_teacher), (sft + d.kd_weight, predicts & ~has_teacher)):
+        if weight and mask.any():
+            ce = ce + weight * head("ce", targets, mask)
+    kd = zero
+    if teacher is not None and has_teacher.any():
+        kd = d.kd_weight * head(d.loss, teacher, has_teacher, temperature=d.temperature, beta=d.beta, alpha=d.alpha)
+    return LossTerms(ce=ce, kd=kd, n_tokens=predicts.sum())
+
+
+def _teacher_of(batch: dict, predicts: Tensor, d: "DistillSettings"):
+    """The teacher's distribution for the batch and where it exists (B, T): on-policy scores, the dataset's top-k,
+    or none (loss "ce", kd_weight 0, a dataset without top-k)."""
+    if not d.kd_weight or d.loss == "ce":
+        return None, torch.zeros_like(predicts)
+    if "teacher" in batch:  # on-policy: the local teacher scored every token
+        return batch["teacher"], predicts
+    if "top_ids" in batch:
+        teacher = losses.TeacherDist(ids=batch["top_ids"], logprobs=batch["top_logprobs"],
+                                     tail_logprob=batch["top_tail"])
+        return teacher, batch["kd_mask"] & predicts
+    return None, torch.zeros_like(predicts)
+
+
+def dense_head(model, unwrapped, batch: dict, d: "DistillSettings") -> Head:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+
+    def head(name, target, mask, **kw):
+        return losses.kd_loss(name, logits, target, mask, reduction="sum", **kw)[0]
+
+    return head
+
+
+def chunked_head(model, unwrapped, batch: dict, d: "DistillSettings") -> Head:
+    hidden = final_hidden_states(model, unwrapped, batch)  # (B, T, H)
+    weight = _base(unwrapped).get_output_embeddings().weight  # (V, H)
+
+    def head(name, target, mask, **kw):
+        return losses.chunked_kd_loss(name, hidden, weight, target, mask, chunk_size=d.chunk_size, reduction="sum",
+                                      logit_transform=d.student_transform, **kw)[0]
+
+    return head
+
+
+def _base(model):
+    """The transformers model under a peft wrapper (accelerate's wrappers are already taken off)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_of(model):
+    """The module whose first output is the final (normed) hidden states, for any family: get_decoder(), else the
+    body named by base_model_prefix (`.model` for Llama, `.transformer` for GPT-2, `.language_model` nested)."""
+    base = _base(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or decoder is base:
+        decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    if decoder is None:
+        raise UserError(f"chunked KD cannot find the decoder body of {type(base).__name__}: set train.chunk_size = 0")
+    return decoder
+
+
+def final_hidden_states(model, unwrapped, batch: dict) -> Tensor:
+    """(B, T, H) through the model's own forward (under DDP, the wrapper's: its gradient sync depends on it), with
+    the hidden states taken from the decoder by a hook and the lm_head run on the last position only."""
+    captured = []
+    handle = decoder_of(unwrapped).register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 class DistillSettings:
-    """What compute_loss needs beyond the batch: the loss choice and, for on-policy steps, the teacher."""
+    """What the loss step and the on-policy sampler need beyond the batch, decided once at setup: the loss and its
+    weights, the student's path (dense or chunked) and, for on-policy steps, the teacher."""
 
-    def __init__(self, cfg: RunConfig, teacher_model=None, pad_id: int = 0, eos_id: int = 0):
+    def __init__(self, cfg: RunConfig, model, teacher_model=None, pad_id: int = 0, eos_id: int = 0):
         t = cfg.train
         self.loss, self.temperature, self.beta, self.alpha = t.loss, t.kd_temperature, t.beta, t.alpha
-        self.sft_weight = t.sft_weight if t.loss != "ce" else max(t.sft_weight, 1.0)
-        self.kd_weight = t.kd_weight if t.loss != "ce" else 0.0
-        self.on_policy_fraction, self.chunk_size = t.on_policy_fraction, t.chunk_size
+        self.sft_weight, self.kd_weight = t.sft_weight, t.kd_weight  # config validation made them consistent
+        self.on_policy_fraction, self.chunk_size, self.seed = t.on_policy_fraction, t.chunk_size, t.seed
         self.teacher_model, self.pad_id, self.eos_id = teacher_model, pad_id, eos_id
         self.max_new_tokens = cfg.teacher.max_new_tokens
-        self.rng = random.Random(t.seed)
+        self.head = chunked_head if t.chunk_size else dense_head
+        self.student_transform = self.teacher_transform = None
+        if t.chunk_size:  # fail here, in one line, for a family whose logits chunked KD cannot reproduce
+            self.student_transform = logit_paths.logit_transform(model)
+            _check_logits_to_keep(model)
+            decoder_of(model)
+            if teacher_model is not None:
+                self.teacher_transform = logit_paths.logit_transform(teacher_model)
+                decoder_of(teacher_model)
+
+    def on_policy(self, step: int) -> bool:
+        """Whether optimizer step `step` trains on the student's samples: the same draw on every process and resume."""
+        return self.teacher_model is not None and random.Random(f"{self.seed}:{step}").random() < self.on_policy_fraction
 
 
-def hidden_states(model, inputs) -> torch.Tensor:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model(**inputs).last_hidden_state
+def _check_logits_to_keep(model) -> None:
+    base = _base(model)
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        raise UserError(f"chunked KD needs a model whose forward takes logits_to_keep; {type(base).__name__}'s does "
+                        "not: set train.chunk_size = 0")
 
 
-def lm_head_weight(model) -> torch.Tensor:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.lm_head.weight
+def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    """A sampled completion up to and including the first end-of-sequence token it generated. Kept when pad == eos:
+    generate pads a finished row with pad, so everything after the first eos is padding, nothing before it is."""
+    return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
 
 
 @torch.no_grad()
-def _sample(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, d: DistillSettings) -> torch.Tensor:
+def _sample(model, prompts: Tensor, prompt_mask: Tensor, d: DistillSettings) -> Tensor:
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_k=None,
@@ -138,55 +212,157 @@ def _sample(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, d: DistillS
     return out[:, prompts.shape[1] :]  # (B, new)
 
 
-def on_policy_batch(model, teacher, inputs: dict, prompt_len: torch.Tensor, d: DistillSettings) -> dict:
-    """Replace the teacher's completions by the student's own samples, scored by the teacher (dense logits)."""
-    batch = prompt_len.shape[0]
-    width = int(prompt_len.max())
-    prompts = torch.full((batch, width), d.pad_id, dtype=torch.long)  # left-padded for generation
-    prompt_mask = torch.zeros((batch, width), dtype=torch.long)
-    for b in range(batch):
-        n = int(prompt_len[b])
-        prompts[b, width - n :] = inputs["input_ids"][b, :n]
-        prompt_mask[b, width - n :] = 1
-    sampled = _sample(model, prompts.to(inputs["input_ids"].device), prompt_mask.to(prompts.device), d)
-    # Completion = samples up to and including the first end-of-sequence token.
-    rows = []
-    for b in range(batch):
-        ids = sampled[b].tolist()
-        ids = ids[: ids.index(d.eos_id) + 1] if d.eos_id in ids else ids
-        ids = [i for i in ids if i != d.pad_id] or [d.eos_id]
-        rows.append({"prompt_ids": inputs["input_ids"][b, : int(prompt_len[b])].tolist(), "completion_ids": ids})
-    new = collate(rows, d.pad_id)
-    new.pop("prompt_len")
-    device = inputs["input_ids"].device
-    new = {k: v.to(device) for k, v in new.items()}
-    with torch.no_grad():
-        teacher_logits = teacher(input_ids=new["input_ids"], attention_mask=new["attention_mask"]).logits  # (B, T, V_t)
-    new["teacher_logits"] = teacher_logits
+def on_policy_batch(student, batch: dict, d: DistillSettings) -> dict:
+    """The batch's prompts with the (unwrapped) student's own completions, every token scored by the teacher."""
+    prompt_len, input_ids = batch["prompt_len"], batch["input_ids"]
+    n, width, device = prompt_len.shape[0], int(prompt_len.max()), input_ids.device
+    prompts = torch.full((n, width), d.pad_id, dtype=torch.long, device=device)  # (B, P) left-padded for generation
+    prompt_mask = torch.zeros((n, width), dtype=torch.long, device=device)  # (B, P)
+    for b in range(n):
+        length = int(prompt_len[b])
+        prompts[b, width - length :] = input_ids[b, :length]
+        prompt_mask[b, width - length :] = 1
+    sampled = _sample(student, prompts, prompt_mask, d)  # (B, new)
+    rows = [{"prompt_ids": input_ids[b, : int(prompt_len[b])].tolist(),
+             "completion_ids": cut_at_eos(sampled[b].tolist(), d.eos_id)} for b in range(n)]
+    new = {k: v.to(device) for k, v in collate(rows, d.pad_id).items()}
+    new["teacher"] = score_with_teacher(d, new)
+    new["student_written"] = True
     return new
+
+
+@torch.no_grad()
+def score_with_teacher(d: DistillSettings, batch: dict):
+    """The local teacher's distribution at every position: dense logits, or (chunked path) its final hidden states
+    and lm_head, turned into logits a chunk at a time by the loss."""
+    teacher, inputs = d.teacher_model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not d.chunk_size:
+        return losses.TeacherDist(logits=teacher(**inputs).logits)  # (B, T, Vt)
+    hidden = decoder_of(teacher)(**inputs)[0]  # (B, T, Ht)
+    return losses.TeacherHidden(hidden=hidden, lm_head_weight=_base(teacher).get_output_embeddings().weight,
+                                logit_transform=d.teacher_transform)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Trainer: windows of batches (on-policy sampled first), their global token count, the loss, atomic checkpoints.
+
+SAVING = ".saving"  # checkpoints are written under checkpoints/.saving/ and renamed into place when complete
+SECONDS_FILE = "train_seconds.json"
+
+
+class DistillTrainer(Trainer):
+    loss_is_scaled_for_ga = True  # compute_loss divides by the whole window's token count itself
+
+    def __init__(self, *args, distill: DistillSettings, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distill = distill
+        self.seconds_before, self._clock, self.train_seconds = 0.0, None, 0.0
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if getattr(self.train_dataset, "layout", None) is not None:  # the order is the batch composition: keep it
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+        return super()._get_train_sampler(*args, **kwargs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The window's micro-batches, on an on-policy step replaced by the student's samples, and their global
+        token count: known only once every micro-batch of the window is sampled."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if batches and self.distill.on_policy(self.state.global_step):
+            student = self.accelerator.unwrap_model(self.model_wrapped)
+            batches = [on_policy_batch(student, b, self.distill) for b in batches]
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """Completion tokens (predictions) of the window, summed over every process: the one divisor."""
+        local = sum(int(next_token_targets(b["labels"])[0].sum()) for b in batch_samples)
+        count = torch.tensor([local], dtype=torch.long, device=device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count)
+        return count.sum()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        d = self.distill
+        terms = loss_step(d.head(model, self.accelerator.unwrap_model(model), inputs, d), inputs, d)
+        window = terms.n_tokens if num_items_in_batch is None else num_items_in_batch  # None: outside train()
+        # DDP/FSDP average the processes' gradients; the divisor is already the global count, so undo the mean
+        loss = terms.total / window.clamp(min=1) * self.accelerator.num_processes
+        return (loss, {}) if return_outputs else loss
+
+    # -- wall time over resumes, atomic checkpoints
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        self.seconds_before = checkpoint_seconds(resume_from_checkpoint) if isinstance(resume_from_checkpoint, str) else 0.0
+        self._clock = time.monotonic()
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.train_seconds = self.elapsed()
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run: the checkpoint's count plus this process's since train()."""
+        return self.seconds_before + (time.monotonic() - self._clock if self._clock is not None else 0.0)
+
+    def _save_checkpoint(self, model, trial):
+        final_root = self.args.output_dir
+        staging = os.path.join(final_root, SAVING)
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # a save killed earlier
+        self.accelerator.wait_for_everyone()
+        self.args.output_dir = staging  # every file of the checkpoint (all processes' RNG states too) goes here
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = final_root
+        if self.args.should_save:
+            write_atomic(Path(staging, name, SECONDS_FILE), json.dumps({"train_seconds": self.elapsed()}))
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            final = os.path.join(final_root, name)
+            shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a resumed run reaching it)
+            os.replace(os.path.join(staging, name), final)  # complete, in one step
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+def checkpoint_seconds(path: str | Path) -> float:
+    file = Path(path) / SECONDS_FILE
+    return float(json.loads(file.read_text())["train_seconds"]) if file.is_file() else 0.0
+
+
+def last_complete_checkpoint(ckpt_dir: Path, log=print) -> Path | None:
+    """The checkpoint to resume from: the highest step whose trainer_state.json (written last) exists. Incomplete
+    ones (a save killed before checkpoints were renamed into place, or by an older version) are removed, and said."""
+    shutil.rmtree(ckpt_dir / SAVING, ignore_errors=True)
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in found if (p / "trainer_state.json").is_file()]
+    for p in found:
+        if p not in complete:
+            log(f"train: removing incomplete {p.name} (no trainer_state.json: its save was interrupted)")
+            shutil.rmtree(p)
+    return complete[-1] if complete else None
 
 
 # ----------------------------------------------------------------------------------------------------
 # The stage.
 
 
-class _Timing(TrainerCallback):
-    """Wall time of the training loop, and progress(step, max_steps, loss) for a progress bar."""
+class _Progress(TrainerCallback):
+    """progress(step, max_steps, loss) for a progress bar."""
 
-    def __init__(self, progress=None):
-        self.seconds = 0.0
-        self._began = None
+    def __init__(self, progress):
         self.progress = progress
 
     def on_log(self, args, state, control, logs=None, **kw):
-        if self.progress and logs and "loss" in logs:
+        if logs and "loss" in logs:
             self.progress(state.global_step, state.max_steps, float(logs["loss"]))
-
-    def on_train_begin(self, args, state, control, **kw):
-        self._began = time.time()
-
-    def on_train_end(self, args, state, control, **kw):
-        self.seconds = time.time() - self._began
 
 
 def check_tokenizers(student_tok, teacher_name: str) -> None:
@@ -231,13 +407,12 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
         model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     ckpt_dir = run_dir / "checkpoints"
-    timing = _Timing(progress)
-    callbacks = [timing] + ([_StopAfter(stop_after_steps)] if stop_after_steps else [])
+    callbacks = ([_Progress(progress)] if progress else []) + ([_StopAfter(stop_after_steps)] if stop_after_steps else [])
     trainer = build_trainer(cfg, rows, model, tok, ckpt_dir, teacher_model, callbacks, replay=replay)
-    resume = any(ckpt_dir.glob("checkpoint-*"))
+    resume = last_complete_checkpoint(ckpt_dir, log) if ckpt_dir.is_dir() else None
     if resume:
-        log(f"train: resuming from {max(ckpt_dir.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[1])).name}")
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+        log(f"train: resuming from {resume.name}")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop_after_steps and trainer.state.global_step < (trainer.state.max_steps or 0):
         return {"interrupted_at": trainer.state.global_step}
     losses_seen = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -246,7 +421,7 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     summary = {
         "student": t.student, "loss": t.loss, "kd_weight": t.kd_weight, "sft_weight": t.sft_weight,
         "on_policy_fraction": t.on_policy_fraction, "lora": t.lora, "steps": trainer.state.global_step,
-        "train_seconds": round(timing.seconds, 2), "examples": len(rows), "completion_tokens": n_tokens,
+        "train_seconds": round(trainer.train_seconds, 2), "examples": len(rows), "completion_tokens": n_tokens,
         "epochs": round(float(trainer.state.epoch or 0), 3), "final_loss": losses_seen[-1] if losses_seen else None,
         "flops": train_flops(model, n_tokens_seen(trainer, seen)), "loss_history": trainer.state.log_history,
         "train_loss": result.training_loss,
@@ -263,7 +438,9 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
 def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path, teacher_model=None,
                   callbacks=(), optimizers=(None, None), replay: list[dict] | None = None) -> DistillTrainer:
     t = cfg.train
-    dataset = DistillDataset(rows, model.config.vocab_size)
+    vocab = logit_paths.text_config(model.config).vocab_size  # Gemma 3 4B+, 3n, 4: nested in a text config
+    distill = DistillSettings(cfg, model, teacher_model, tok.pad_token_id, tok.eos_token_id)  # refuses early
+    dataset = DistillDataset(rows, vocab)
     epochs = t.epochs
     if replay:  # a fixed order that puts the replay share in every batch, long enough for the whole run
         per_batch = t.batch_size - retain.replay_per_batch(t.batch_size, cfg.retain.replay_fraction)
@@ -271,9 +448,7 @@ def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path
         n_batches = (t.max_steps * t.grad_accum * world if t.max_steps > 0
                      else math.ceil(t.epochs * len(rows) / per_batch))
         layout = retain.batch_layout(len(rows), len(replay), t.batch_size, cfg.retain.replay_fraction, n_batches, t.seed)
-        weight = retain.replay_weight(rows, replay) if cfg.retain.balance_replay_tokens else 1.0
-        replay = [r | {"loss_weight": weight} for r in replay]
-        dataset, epochs = DistillDataset(rows, model.config.vocab_size, replay, layout), 1.0
+        dataset, epochs = DistillDataset(rows, vocab, replay, layout), 1.0
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, num_train_epochs=epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
@@ -285,8 +460,10 @@ def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=dataset,
         data_collator=lambda batch: collate(batch, tok.pad_token_id), callbacks=list(callbacks),
-        optimizers=optimizers, distill=DistillSettings(cfg, teacher_model, tok.pad_token_id, tok.eos_token_id),
+        optimizers=optimizers, distill=distill,
     )
+    if teacher_model is not None:
+        teacher_model.to(trainer.args.device)
     trainer.remove_callback(PrinterCallback)  # a dict per step on stdout; the CLI draws its own progress bar
     return trainer
 
