@@ -76,6 +76,18 @@ class TrainConfig(_Strict):
     save_steps: int = Field(200, ge=1)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.loss == "ce" and self.kd_weight > 0:  # the weight of a term that does not exist
+            raise ValueError("loss = \"ce\" is SFT only (cross-entropy on the text, at sft_weight): set kd_weight = 0, "
+                             "or choose a KD loss")
+        if self.kd_weight == 0 and self.sft_weight == 0:
+            raise ValueError("kd_weight and sft_weight are both 0: nothing to train")
+        if self.on_policy_fraction > 0 and (self.loss == "ce" or self.kd_weight == 0):
+            raise ValueError("on-policy steps train the KD term alone (no cross-entropy on the student's own samples): "
+                             "they need a KD loss and kd_weight > 0")
+        return self
+
 
 class EvalConfig(_Strict):
     n_per_skill: int = Field(100, ge=1)
