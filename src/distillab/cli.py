@@ -213,6 +213,17 @@ def lineage(model_dir: Path = typer.Argument(..., help="a student directory dist
 
 
 @app.command()
+def export(run: Path = typer.Argument(..., help="a run directory, or the run config (TOML) that names it"),
+           fmt: str = typer.Option("plain", "--format", help="plain (Parquet, top-k as list columns) or openai-chat (JSONL)"),
+           out: Optional[Path] = typer.Option(None, help="output directory (default RUN/export/FORMAT)")):
+    """Write a run's dataset for other tools: plain Parquet (TRL, DistillKit) or OpenAI fine-tuning JSONL."""
+    from distillab.export import export_run
+
+    for path in export_run(run, fmt, out):
+        print(path)  # one written file a line, on stdout: easy to pipe
+
+
+@app.command()
 def audit(corpus: Path = typer.Argument(..., help="JSONL or Parquet with a text column"),
           labelled: Optional[Path] = typer.Option(None, help="labelled sample (text, label 1=teacher) to calibrate on"),
           observer: str = typer.Option("lab:teacher", help="scores the text (must know the domain)"),
