@@ -1,6 +1,6 @@
 """Provenance: who wrote each training example, and the lineage of every model distillab trains.
 
-Three layers, each built on the one before:
+Four layers, each built on the one before:
 
 1. Row provenance. Every row of `data/train.parquet` carries the columns in `PROVENANCE_COLUMNS`:
    `source` ("teacher" | "human" | "lab"), `teacher_id`, `teacher_params_hash` (hash of endpoint +
@@ -27,7 +27,11 @@ Three layers, each built on the one before:
    `losses`, not in the token fractions: the fractions answer "who wrote what the model learned to write".
 
 4. The model card (`write_model_card`): `lineage.json` plus a Hugging Face `README.md` with YAML front
-   matter and readable sections; `update_lineage` fills the eval and cost slots later.
+   matter and readable sections; `update_lineage` fills the eval and cost slots later. The eval slot holds
+   every model of the run's evaluation, {label: {suite: score}} (teacher, base, ...); the model itself is
+   `OWN_EVAL_LABEL`. The front matter's `model-index` lists only the model's own results, and `base_model`
+   is the Hub id the user gave (`student_hub_id`), omitted otherwise: `lab:base` or a local path is no Hub
+   id, and a wrong one would link the card to someone else's model.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ PROVENANCE_COLUMNS = ("source", "teacher_id", "teacher_params_hash", "request_ha
 # Every column is a string; typed explicitly so an all-null column is still `string`, not `null`.
 PROVENANCE_SCHEMA = pa.schema([(name, pa.string()) for name in PROVENANCE_COLUMNS])
 UNDECLARED_TEACHER = "undeclared"  # a user-brought dataset declared teacher-written without naming the model
+OWN_EVAL_LABEL = "distilled"  # evaluate's label for the run's own student (eval/distilled.json)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +224,7 @@ def build_lineage(
     model_name: str | None = None,
     datasets: list[str] | None = None,
     parent_lineage: dict | None = None,
+    student_hub_id: str | None = None,
 ) -> dict:
     """The lineage of a model trained from `base_model` on `dataset_path`, composed with the base's lineage.
 
@@ -226,8 +232,11 @@ def build_lineage(
     are added. train_summary: what the trainer reports; read here are "losses" (list of names, or a
     {name: weight} dict), "loss" (a single name), "epochs" (default 1) and everything else kept verbatim.
     datasets: public dataset ids to name in the card's front matter. parent_lineage: overrides reading
-    `lineage.json` from the base model's directory (tests, or a base that moved).
+    `lineage.json` from the base model's directory (tests, or a base that moved). student_hub_id: the Hub id
+    of the base model as the user names it (e.g. "HuggingFaceTB/SmolLM2-135M"), for the card's `base_model`;
+    None leaves `base_model` out of the front matter. A malformed id is a UserError.
     """
+    hub_id = check_hub_id(student_hub_id) if student_hub_id is not None else None
     dataset_path = Path(dataset_path)
     summary = dict(train_summary or {})
     counts = _dataset_token_counts(dataset_path)
@@ -247,6 +256,7 @@ def build_lineage(
         "generation": len(parent_generations) + 1,
         "model": model_name,
         "base_model": base_model,
+        "base_model_hub_id": hub_id,
         "teachers": teachers,
         "dataset": {"path": str(dataset_path), "sha256": _file_sha256(dataset_path),
                     **{k: v for k, v in counts.items() if k != "tokens_by_source"}},
@@ -262,6 +272,7 @@ def build_lineage(
         "format": LINEAGE_FORMAT,
         "model": model_name,
         "base_model": base_model,
+        "base_model_hub_id": hub_id,  # the card's base_model; None: not on the Hub, or not said
         "root_model": generations[0]["base_model"],
         "teachers": sorted({t for g in generations for t in g["teachers"]}),
         "datasets": sorted(set(datasets or []) | set((parent_lineage or {}).get("datasets") or [])),
@@ -269,9 +280,21 @@ def build_lineage(
         "token_fractions": generation["token_fractions"],  # this run's data only
         "effective_tokens": effective_tokens(generations),  # epochs x training tokens, whole chain
         "effective_fractions": effective_fractions(generations),  # the whole chain (module docstring)
-        "eval": None,  # filled by update_lineage after evaluation
+        "eval": None,  # filled by update_lineage after evaluation: {model label: {suite: score}}
         "cost": None,  # filled by update_lineage from the cost ledger
     }
+
+
+def check_hub_id(hub_id: str) -> str:
+    """A Hugging Face Hub model id ("name" or "namespace/name"), or a UserError saying why it is not one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(hub_id)
+    except HFValidationError as err:
+        raise UserError(f"student_hub_id {hub_id!r} is not a Hugging Face Hub id ({str(err).splitlines()[0]}); "
+                        "give one like \"HuggingFaceTB/SmolLM2-135M\", or leave it unset") from None
+    return hub_id
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,7 +339,10 @@ def write_model_card(model_dir: str | Path, lineage: dict) -> None:
 
 
 def update_lineage(model_dir: str | Path, eval: dict | None = None, cost: dict | None = None) -> dict:
-    """Fill the eval and/or cost slots of a saved lineage (keys merge), and rewrite the card."""
+    """Fill the eval and/or cost slots of a saved lineage (keys merge), and rewrite the card.
+
+    eval: {model label: {suite: score, or {metric: score}}} for every model evaluated beside this one; this
+    model's own scores are under OWN_EVAL_LABEL (the card's model-index lists those and nothing else)."""
     lineage = require_lineage(model_dir)
     if eval is not None:
         lineage["eval"] = {**(lineage.get("eval") or {}), **eval}
@@ -342,24 +368,28 @@ def _flat_numbers(d: dict | None, prefix: str = "") -> list[tuple[str, float]]:
     return rows
 
 
+def _own_eval(lineage: dict) -> dict:
+    """This model's scores, {suite: score or {metric: score}}: the OWN_EVAL_LABEL entry of the eval slot."""
+    own = (lineage.get("eval") or {}).get(OWN_EVAL_LABEL)
+    return own if isinstance(own, dict) else {}
+
+
 def _front_matter(lineage: dict) -> dict:
-    meta: dict = {
-        "base_model": lineage["base_model"],
-        "library_name": "transformers",
-        "tags": ["distillation", "knowledge-distillation", "distillab"],
-    }
+    meta: dict = {}
+    if lineage.get("base_model_hub_id"):  # the Hub links the card to this id: only one the user gave
+        meta["base_model"] = lineage["base_model_hub_id"]
+    meta |= {"library_name": "transformers", "tags": ["distillation", "knowledge-distillation", "distillab"]}
     if lineage.get("datasets"):
         meta["datasets"] = list(lineage["datasets"])
-    by_suite: dict[str, list[dict]] = {}
-    for name, value in _flat_numbers(lineage.get("eval")):
-        suite, _, metric = name.rpartition(".")
-        by_suite.setdefault(suite or "distillab-eval", []).append({"type": metric, "name": name, "value": float(value)})
-    if by_suite:
-        meta["model-index"] = [{
-            "name": lineage.get("model") or "student",
-            "results": [{"task": {"type": "text-generation"}, "dataset": {"name": suite, "type": "distillab-eval"},
-                         "metrics": metrics} for suite, metrics in by_suite.items()],
-        }]
+    results = []
+    for suite, scores in _own_eval(lineage).items():  # the teacher's and base's scores are not this model's
+        named = _flat_numbers(scores if isinstance(scores, dict) else {"score": scores})
+        if named:
+            results.append({"task": {"type": "text-generation"}, "dataset": {"name": suite, "type": "distillab-eval"},
+                            "metrics": [{"type": metric, "name": f"{suite} {metric}", "value": float(value)}
+                                        for metric, value in named]})
+    if results:
+        meta["model-index"] = [{"name": lineage.get("model") or "student", "results": results}]
     return meta
 
 
@@ -390,8 +420,10 @@ def model_card(lineage: dict) -> str:
     out = ["---", yaml.safe_dump(_front_matter(lineage), sort_keys=False).rstrip(), "---", ""]
     name = lineage.get("model") or "student"
     last = lineage["generations"][-1]
+    hub = lineage.get("base_model_hub_id")
+    base = f"`{lineage['base_model']}`" + (f" (`{hub}` on the Hub)" if hub and hub != lineage["base_model"] else "")
     out += [f"# {name}", "",
-            f"Distilled with distillab from `{lineage['base_model']}` "
+            f"Distilled with distillab from {base} "
             f"(teachers: {', '.join(f'`{t}`' for t in lineage['teachers']) or 'none'}).", ""]
 
     out += ["## Lineage", ""]
@@ -418,8 +450,13 @@ def model_card(lineage: dict) -> str:
             f"- epochs: {last['epochs']:g}", f"- dataset: `{data['path']}` (sha256 {data['sha256'][:12]}…)", ""]
 
     out += ["## Evaluation", ""]
-    evals = _flat_numbers(lineage.get("eval"))
-    out += (_number_table("metric", evals) if evals else ["Not evaluated yet."]) + [""]
+    own = _flat_numbers(_own_eval(lineage))
+    others = {k: v for k, v in (lineage.get("eval") or {}).items() if k != OWN_EVAL_LABEL}
+    out += (_number_table("metric", own) if own else ["Not evaluated yet."]) + [""]
+    if others:
+        out += ["The other models of the same evaluation (same suites and prompts), for comparison: these are "
+                "their scores, not this model's.", ""]
+        out += _number_table("model.metric", _flat_numbers(others)) + [""]
     out += ["## Cost", ""]
     costs = _flat_numbers(lineage.get("cost"))
     out += (_number_table("item", costs) if costs else ["Not recorded yet."]) + [""]
