@@ -2,7 +2,7 @@
 traceback, and nothing new on disk (the whole tmp directory is snapshotted before and after).
 
 Run in-process through `cli.run_cli`, the same boundary `distillab` runs (a subprocess costs ~2 s of imports
-a case). Cases that need a change in a stage's own module are marked xfail(strict) with the change named.
+a case).
 """
 
 from __future__ import annotations
@@ -269,23 +269,16 @@ def test_damaged_run_directory_for_generate(bad, tmp_path, tiny_teacher, damage)
     bad("generate", config, expect=expect)
 
 
-@pytest.mark.xfail(reason="needs generate.py:run_generate: an empty skill list is an error, not 0 rows marked fresh",
-                   strict=True)
 def test_empty_skill_list(bad, tmp_path):
     bad("generate", write_config(tmp_path, "[data]\nskills = []"), expect=("skills",))
 
 
-@pytest.mark.xfail(reason="needs a check of teacher.base_url's scheme (http/https) before any request "
-                          "(config.py:TeacherConfig or generate.py:run_generate)", strict=True)
 def test_teacher_url_not_http(bad, tmp_path):
     config = write_config(tmp_path, '[teacher]\nbase_url = "ftp://127.0.0.1:9/v1"\nmodel = "x"\nmax_retries = 0\n'
                                     'timeout_s = 2\n[data]\nn_prompts = 2')
     bad("generate", config, expect=("base_url",))
 
 
-@pytest.mark.xfail(reason="needs generate.py:run_generate: exit non-zero when every teacher request failed, "
-                          "naming the first distinct errors and their counts; no 0-row dataset, not marked fresh",
-                   strict=True)
 def test_every_request_fails(tmp_path, capfd):
     # Work was attempted, so the cache may keep the failures (a rerun retries them): the disk may change,
     # but the command must fail, end with one error line, and leave no dataset and no fresh stamp.
@@ -301,8 +294,6 @@ def test_every_request_fails(tmp_path, capfd):
     assert "generate" not in (json.loads((run_dir / "stages.json").read_text()) if (run_dir / "stages.json").exists() else {})
 
 
-@pytest.mark.xfail(reason="needs generate.py:run_generate: prompts longer than a local teacher's context are "
-                          "refused (with line numbers) before any request, or truncated on request", strict=True)
 def test_prompt_longer_than_teacher_context(bad, tmp_path, tiny_teacher):
     prompts = lines(tmp_path / "p.jsonl", {"prompt": "describe " + "x" * 400})  # tiny model: 256 positions
     config = write_config(tmp_path, f'[teacher]\nmodel = "{tiny_teacher}"\nmax_new_tokens = 2\n'
@@ -349,8 +340,6 @@ def test_train_zero_rows(bad, lab_run):
     bad("train", config, expect=("no rows",))
 
 
-@pytest.mark.xfail(reason="needs generate.py:read_dataset: a dataset missing a column is a UserError naming the "
-                          "file and the column", strict=True)
 def test_train_parquet_missing_column(bad, lab_run):
     import pyarrow.parquet as pq
 
@@ -434,14 +423,10 @@ def test_evaluate_corrupt_stages(bad, tmp_path):
     bad("evaluate", config, expect=("stages.json",))
 
 
-@pytest.mark.xfail(reason="needs evaluate.py:suites: an unknown skill in [eval] general is a UserError before any "
-                          "model loads", strict=True)
 def test_unknown_general_skill(bad, tmp_path):
     bad("evaluate", write_config(tmp_path, '[eval]\ngeneral = ["juggle"]\nn_per_skill = 1'), expect=("juggle",))
 
 
-@pytest.mark.xfail(reason="needs evaluate.py:run_evaluate: resolve every model (the run's student/) before "
-                          "evaluating any, so nothing is written and nothing logged first", strict=True)
 def test_evaluate_before_training(bad, tmp_path):
     bad("evaluate", write_config(tmp_path, "[eval]\nn_per_skill = 1\nbootstrap = 0"), expect=("student",))
 
@@ -450,8 +435,6 @@ def test_report_without_evaluations(bad, tmp_path):
     bad("report", write_config(tmp_path), expect=("no evaluations",))
 
 
-@pytest.mark.xfail(reason="needs pipeline.py:load_evals: a corrupt eval/<model>.json is a UserError naming it",
-                   strict=True)
 def test_report_corrupt_eval_file(bad, tmp_path):
     config = write_config(tmp_path)
     run_dir = _existing_run(tmp_path, config)

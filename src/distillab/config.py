@@ -44,6 +44,12 @@ class TeacherConfig(_Strict):
     usd_per_1m_input: float | None = None  # price override; otherwise genai-prices; local models cost 0
     usd_per_1m_output: float | None = None
 
+    @model_validator(mode="after")
+    def _check_url(self) -> "TeacherConfig":
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http:// or https:// URL (got {self.base_url!r})")
+        return self
+
 
 class DataConfig(_Strict):
     skills: list[str] = ["add"]  # lab skills whose train prompts the teacher answers (the task)
@@ -51,6 +57,7 @@ class DataConfig(_Strict):
     source: Literal["teacher", "human", "lab"] = "teacher"  # who writes the completions
     declared_teacher: str | None = None  # a brought dataset's answers were written by this model: provenance says so
     n_prompts: int = Field(1000, ge=1)  # per lab skill
+    truncate: Literal["none", "left"] = "none"  # prompts past a local teacher's context: refuse, or keep their end
     seed: int = 0
 
 

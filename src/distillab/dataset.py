@@ -21,6 +21,7 @@ import torch
 
 from distillab.errors import UserError
 
+REQUIRED_COLUMNS = ("prompt", "completion", "prompt_ids", "completion_ids")
 TOPK_PREFIX = "topk_"  # the teacher's top-k is stored through topk_codec: ids lossless, ~40-56 bytes a token
 
 
@@ -53,7 +54,11 @@ def read_dataset(path: Path) -> list[dict]:
 
     if not path.is_file():
         raise UserError(f"no dataset at {path}: run `distillab generate` first")
-    rows = pq.read_table(path).to_pylist()
+    table = pq.read_table(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing and table.num_rows:
+        raise UserError(f"{path} is not a distillab dataset: column {missing[0]!r} is missing (rerun `distillab generate`)")
+    rows = table.to_pylist()
     for r in rows:
         fields = {field: r.pop(TOPK_PREFIX + field, None) for field in FIELDS}
         if fields["top"] is None:

@@ -24,12 +24,17 @@ from distillab.errors import UserError
 from distillab.generation import generate
 from distillab.lab.world import SKILLS, get_skill, word_f1, world_text
 from distillab.jsonl import read_jsonl
-from distillab.rundir import fingerprint, is_fresh, mark_fresh
+from distillab.rundir import check_stamps, fingerprint, is_fresh, mark_fresh
 
 
 def suites(cfg: RunConfig) -> tuple[list[str], list[str]]:
     task = list(cfg.data.skills) if not cfg.data.prompts_file else []
     general = cfg.eval.general if cfg.eval.general is not None else [s for s in SKILLS if s not in task]
+    for name in task + general:
+        try:
+            get_skill(name)
+        except ValueError as err:
+            raise UserError(str(err)) from None
     return task, general
 
 
@@ -124,6 +129,7 @@ def gap_closed(student: float | None, base: float | None, teacher: float | None)
 def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log=print) -> dict[str, dict]:
     """Evaluate teacher, base and the run's student (plus extra named models) into eval/<name>.json."""
     run_dir = cfg.run_dir
+    check_stamps(run_dir)
     if cfg.retain.selects:  # choose the student on dev before test sees it: test is scored once, on the choice
         from distillab.retain import choose_student
 
@@ -134,6 +140,13 @@ def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log
     if cfg.teacher.base_url:  # a remote teacher is scored through its own API only by lm-eval; skip here
         named.pop("teacher")
     named.update(extra_models or {})
+    for label, name in named.items():  # every model must exist before any is scored: nothing half done
+        if label != "teacher" or not cfg.teacher.base_url:
+            try:
+                models.resolve_model_path(name)
+            except UserError as err:
+                hint = ": run `distillab train` first" if label == "distilled" else ""
+                raise UserError(f"{label}: {err}{hint}") from None
     results = {}
     for label, name in named.items():
         out = run_dir / "eval" / f"{label}.json"

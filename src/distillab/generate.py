@@ -51,6 +51,39 @@ def load_prompts(cfg: RunConfig) -> list[dict]:
     return rows
 
 
+def fit_teacher_context(cfg: RunConfig, prompts: list[dict]) -> list[dict]:
+    """A local teacher's context must hold prompt + max_new_tokens. Longer prompts are refused, naming their
+    lines, before any request; with data.truncate = "left" they keep their last tokens instead."""
+    from transformers import AutoConfig
+
+    path = models.check_model_dir(cfg.teacher.model)  # a broken directory is a one-line error, before anything
+    text_config = AutoConfig.from_pretrained(str(path), local_files_only=True).get_text_config()
+    context = getattr(text_config, "max_position_embeddings", None)
+    if not context:
+        return prompts
+    tok = models.load_tokenizer(cfg.teacher.model)
+    room = context - cfg.teacher.max_new_tokens
+    if room < 1:
+        raise UserError(f"teacher.max_new_tokens {cfg.teacher.max_new_tokens} fills the teacher's whole context "
+                        f"({context} tokens)")
+    lengths = [len(ids) for ids in tok([p["prompt"] for p in prompts])["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n > room]
+    if not too_long:
+        return prompts
+    if cfg.data.truncate == "left":
+        out = list(prompts)
+        for i in too_long:
+            ids = tok(prompts[i]["prompt"], add_special_tokens=False)["input_ids"]
+            keep = room - (lengths[i] - len(ids))  # room left after the special tokens the tokenizer adds
+            out[i] = prompts[i] | {"prompt": tok.decode(ids[-keep:])}
+        return out
+    where = cfg.data.prompts_file or "data.skills"
+    lines = ", ".join(str(prompts[i].get("line", i + 1)) for i in too_long[:10]) + (" ..." if len(too_long) > 10 else "")
+    raise UserError(f"{where}: {len(too_long)} prompt(s) do not fit the teacher's context ({context} tokens, "
+                    f"{cfg.teacher.max_new_tokens} kept for the answer): line(s) {lines}; shorten them, or set "
+                    "[data] truncate = \"left\"")
+
+
 def read_jsonl_prompts(path: Path) -> list[dict]:
     rows = []
     for where, obj in read_jsonl(path, "prompt file"):
@@ -59,7 +92,8 @@ def read_jsonl_prompts(path: Path) -> list[dict]:
         answer = obj.get("answer")
         if answer is not None and not isinstance(answer, str):
             raise UserError(f"{where}: \"answer\" must be a string")
-        rows.append({"prompt": obj["prompt"], "answer": answer, "skill": obj.get("skill")})
+        rows.append({"prompt": obj["prompt"], "answer": answer, "skill": obj.get("skill"),
+                     "line": int(where.rsplit(":", 1)[1])})
     return rows
 
 
@@ -70,6 +104,10 @@ def run_generate(cfg: RunConfig, progress=None, log=print) -> GenerateSummary:
 
         check_retain(cfg)
     prompts = load_prompts(cfg)
+    if not prompts:
+        raise UserError("no prompts: data.skills is empty and data.prompts_file is not set")
+    if cfg.data.source == "teacher" and not cfg.teacher.base_url:
+        prompts = fit_teacher_context(cfg, prompts)
     if cfg.retain.selects and cfg.data.prompts_file:  # a user's prompts: hold out a dev share, answered alike
         from distillab.retain import split_dev_prompts
 
@@ -149,6 +187,9 @@ def generate_dataset(cfg: RunConfig, prompts: list[dict], name: str, teacher_cfg
     failures = cache.failures(keys)
     rows = _teacher_rows(prompts, keys, cache, teacher, student_tok, log, teacher_label)
     cache.close()
+    if not rows:  # nothing to train on: fail loudly, write no empty dataset, mark nothing fresh
+        raise UserError(f"generate {name}: every teacher request failed ({failure_digest(failures)}); "
+                        "fix the teacher and rerun: answered requests are cached")
     write_dataset(out_path, rows)
     if not failures:
         mark_fresh(run_dir, stage, stamp)
@@ -162,6 +203,14 @@ def generate_dataset(cfg: RunConfig, prompts: list[dict], name: str, teacher_cfg
         "failures": failures[:20]}, indent=1))
     return GenerateSummary(len(rows), sent, len(done), len(failures), usage["prompt_tokens"],
                            usage["completion_tokens"], spent)
+
+
+def failure_digest(failures: list[dict], most: int = 3) -> str:
+    """'3x connection refused; 1x HTTP 400: ...': the first distinct errors, counted."""
+    from collections import Counter
+
+    counts = Counter((f["error"] or "unknown error").splitlines()[0][:160] for f in failures)
+    return "; ".join(f"{n}x {error}" for error, n in counts.most_common(most)) or "no answer"
 
 
 class BudgetGuard:
@@ -221,6 +270,7 @@ def _ground_truth_rows(prompts: list[dict], source: str, tokenizer, declared_tea
         if p["answer"] is None:
             raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt (prompt {i + 1} has none)")
         prompt_ids, completion_ids = encode_example(tokenizer, p["prompt"], p["answer"])
+        p = {k: v for k, v in p.items() if k != "line"}
         rows.append({**p, "completion": p["answer"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
                      "top_ids": None, "top_logprobs": None, **tag})
     return rows
@@ -246,6 +296,7 @@ def _teacher_rows(prompts, keys, cache, teacher, tokenizer, log=print, teacher_l
             from distillab.teachers.openai_compat import map_top_tokens
 
             top_ids, top_lp, completion_ids = map_top_tokens(resp, tokenizer)
+        p = {k: v for k, v in p.items() if k != "line"}
         rows.append({**p, "completion": resp["text"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
                      "top_ids": top_ids, "top_logprobs": top_lp,
                      **provenance.provenance_row("teacher", teacher_id=teacher_label or teacher.teacher_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from distillab.config import RunConfig
+from distillab.errors import UserError
 from distillab.evaluate import run_evaluate
 
 
@@ -12,14 +13,16 @@ def load_evals(cfg: RunConfig) -> dict[str, dict]:
     evals = {}
     for path in sorted((cfg.run_dir / "eval").glob("*.json")):
         if not path.name.startswith("lm_eval_"):
-            evals[path.stem] = json.loads(path.read_text())
+            try:
+                evals[path.stem] = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise UserError(f"{path} is corrupt ({err}): delete it and rerun `distillab evaluate`") from None
     return evals
 
 
 def finish_run(cfg: RunConfig, summary: dict | None = None, log=print):
     """Ledger, registry row, lineage update and report.html from what the earlier stages wrote."""
     from distillab import costs, provenance, registry
-    from distillab.errors import UserError
     from distillab.report import build_report
 
     evals = load_evals(cfg)

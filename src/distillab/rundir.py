@@ -76,6 +76,11 @@ def _stamps(run_dir: Path) -> dict:
     return stamps
 
 
+def check_stamps(run_dir: Path) -> None:
+    """A corrupt stages.json is an error before a stage does any work, not after."""
+    _stamps(run_dir)
+
+
 def is_fresh(run_dir: Path, stage: str, stamp: str) -> bool:
     return _stamps(run_dir).get(stage) == stamp
 

@@ -20,7 +20,7 @@ OnDone = Callable[[dict, "dict | None", "str | None", float, int], None]
 
 class Teacher(Protocol):
     teacher_id: str  # recorded in provenance
-    endpoint: str  # where answers come from: a base_url, or local:<path>@<weights digest>
+    endpoint: str  # where answers come from: a base_url, or local:<name>@<content hash of weights, config and tokenizer>
 
     def request(self, prompt: str) -> dict: ...
 
