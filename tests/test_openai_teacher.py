@@ -1,11 +1,15 @@
-"""The OpenAI-compatible teacher against a real `distillab serve` on 127.0.0.1 (no mocks)."""
+"""The OpenAI-compatible teacher against a real `distillab serve` on 127.0.0.1 (no mocks), and a bare http.server
+on 127.0.0.1 for the status codes and error bodies serve never sends."""
 
 from __future__ import annotations
 
 import email.utils
+import json
 import math
 import sqlite3
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
@@ -18,7 +22,7 @@ from distillab.errors import UserError
 from distillab.dataset import read_dataset
 from distillab.generate import run_generate
 from distillab.lab.tokenizer import build_tokenizer
-from distillab.serve import FaultConfig
+from distillab.serve import FaultConfig, ServeLimits
 from distillab.teachers.openai_compat import OpenAITeacher, _retry_after_s, map_top_tokens
 from tests.serve_fixture import generate_config, metric_sum, metrics, server_thread
 
@@ -55,6 +59,96 @@ def test_retry_after_headers_are_read():
     assert 59 < _retry_after_s(error({"retry-after": email.utils.formatdate(time.time() + 60, usegmt=True)})) <= 60
     assert _retry_after_s(error({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) is None  # in the past
     assert _retry_after_s(error({})) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors a retry cannot fix: sent once, failed with the server's message.
+
+
+def _ask_once_each(teacher: OpenAITeacher, prompts: list[str]) -> dict[str, tuple]:
+    """prompt -> (response, error, attempts) through the teacher's whole answer path."""
+    done = {}
+    teacher.answer([teacher.request(p) for p in prompts],
+                   lambda req, resp, error, latency, attempts: done.update({req["prompt"]: (resp, error, attempts)}))
+    return done
+
+
+def test_requests_serve_refuses_are_sent_once_with_the_servers_message(tiny_teacher):
+    """serve answers 400 for prompt + max_tokens over the model's context (256 positions) and for a request over
+    its work limit; with max_retries = 3 each is sent exactly once (serve's own count), and the failure's error
+    text is serve's message."""
+    limits = ServeLimits(max_request_work=200)  # 40 tokens x (1 + 5 logprobs) = 240 slots: over; 8 x 6 = 48: fine
+    with server_thread(tiny_teacher, model_name="tiny", limits=limits) as server:
+        def teacher(max_new_tokens):
+            return OpenAITeacher(TeacherConfig(model="tiny", base_url=server.base_url, max_new_tokens=max_new_tokens,
+                                               top_k_logprobs=5, max_retries=3), backoff_base_s=0.001)
+
+        over_context = _ask_once_each(teacher(300), ["abc\n", "abcd\n"])
+        over_work = _ask_once_each(teacher(40), ["abc\n"])
+        fine = _ask_once_each(teacher(8), ["abc\n"])
+        sent = metrics(server.url)
+    assert sent.get('distillab_requests_total{endpoint="/v1/completions",code="400"}') == 3  # not 3 x (1 + 3)
+    assert sent.get('distillab_requests_total{endpoint="/v1/completions",code="200"}') == 1
+    for resp, error, attempts in over_context.values():
+        assert resp is None and attempts == 1
+        assert error.startswith("BadRequestError: HTTP 400 (not retried): prompt (")
+        assert "+ max_tokens (300) is over the model's context of 256 tokens" in error
+    (resp, error, attempts), = over_work.values()
+    assert resp is None and attempts == 1 and "request too large" in error and "limit of 200" in error
+    (resp, error, attempts), = fine.values()
+    assert resp is not None and error is None and attempts == 1
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    """Answers every POST with the class's (status, content type, body) and counts the requests."""
+
+    reply: tuple[int, str, bytes] = (400, "application/json", b"{}")
+    hits = 0
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        type(self).hits += 1
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        status, content_type, body = self.reply
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Retry-After", "0")  # retried ones: at once
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+OPENAI_BODY = json.dumps({"error": {"message": "the server's words", "type": "invalid_request_error"}}).encode()
+
+
+@pytest.mark.parametrize("status, content_type, body, sends, says", [
+    (400, "application/json", OPENAI_BODY, 1, "HTTP 400 (not retried): the server's words"),
+    (401, "application/json", OPENAI_BODY, 1, "HTTP 401 (not retried): the server's words"),
+    (404, "application/json", json.dumps({"object": "error", "message": "no model x"}).encode(), 1,  # vLLM
+     "HTTP 404 (not retried): no model x"),
+    (413, "text/html", b"<html><body>413 Request Entity Too Large</body></html>", 1, "413 Request Entity Too Large"),
+    (422, "application/json", json.dumps({"detail": [{"msg": "field required"}]}).encode(), 1,  # FastAPI
+     "HTTP 422 (not retried): [{\"msg\": \"field required\"}]"),
+    (408, "application/json", OPENAI_BODY, 3, "HTTP 408: the server's words"),
+    (409, "application/json", OPENAI_BODY, 3, "HTTP 409: the server's words"),
+    (429, "application/json", OPENAI_BODY, 3, "RateLimitError: HTTP 429: the server's words"),
+    (503, "text/plain", b"overloaded", 3, "HTTP 503: overloaded"),
+], ids=["400", "401", "404-vllm", "413-html", "422-fastapi", "408", "409", "429", "503-text"])
+def test_only_statuses_a_retry_can_fix_are_retried(status, content_type, body, sends, says):
+    handler = type("Handler", (_Refusing,), {"reply": (status, content_type, body), "hits": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    try:
+        cfg = TeacherConfig(model="m", base_url=f"http://127.0.0.1:{server.server_port}/v1", max_retries=2)
+        (resp, error, attempts), = _ask_once_each(OpenAITeacher(cfg, backoff_base_s=0.001), ["x"]).values()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert handler.hits == attempts == sends  # 1, or 1 + max_retries
+    assert resp is None and says in error and "\n" not in error
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,7 +262,12 @@ def test_the_api_key_never_reaches_the_run_directory(tmp_path, tiny_teacher, mon
                                          "max_retries": 1}, student=tiny_teacher, n_prompts=6)
         write_atomic(cfg.run_dir / "run.toml", to_toml(cfg))
         monkeypatch.setenv("DL_TEST_KEY", bad)  # rejected with a 401: recorded failures, with their messages
-        assert run_generate(cfg, **quiet).failed == 6
+        with pytest.raises(UserError, match=r"every teacher request failed \(6x AuthenticationError: HTTP 401 "
+                                            r"\(not retried\): invalid or missing API key"):
+            run_generate(cfg, **quiet)
+        cache = RequestCache(cfg.run_dir / "teacher.sqlite")
+        assert [f["attempts"] for f in cache.failures()] == [1] * 6  # max_retries = 1, but a 401 is sent once
+        cache.close()
         monkeypatch.setenv("DL_TEST_KEY", good)
         summary = run_generate(cfg, **quiet)
         assert summary.failed == 0 and summary.rows == 6

@@ -4,10 +4,12 @@
 - Concurrency: `teacher.concurrency` workers share one queue of requests; their results go through a
   second queue to on_done, called from one place, in order of completion.
 - Retries are ours, not the SDK's (max_retries=0 there), so the attempt counts in the cache are true:
-  429 / 408 / 409 / 5xx, timeouts, dropped connections and unparsable bodies are retried up to
+  408 / 409 / 425 / 429 / 5xx, timeouts, dropped connections and unparsable bodies are retried up to
   `teacher.max_retries` times with exponential backoff and jitter; a Retry-After (or retry-after-ms) header
-  is honoured instead. Other 4xx fail at once. A request that fails for good is reported to on_done with
-  its error, never dropped.
+  is honoured instead. Every other 4xx is the server refusing the request itself (a prompt over its
+  context, a bad parameter, a wrong key): the same request would be refused again, so it fails at once, sent
+  once. A request that fails for good is reported to on_done with its error, never dropped; for an HTTP error
+  that error text carries the status and the server's own message (`describe_error`).
 - Logprobs: with `top_k_logprobs` > 0 we ask for them, and for vLLM's `return_tokens_as_token_ids`, which
   makes every token string "token_id:<id>": exact ids. A server that refuses that field (a 400 naming it)
   is asked again without it, and then token *strings* come back as `top_tokens`, mapped onto the student's
@@ -36,7 +38,8 @@ from distillab.cache import request_key
 from distillab.errors import UserError
 
 TOKEN_ID_PREFIX = "token_id:"
-RETRY_STATUSES = {408, 409, 425, 429}  # and every 5xx
+# and every 5xx. 425 Too Early asks for the same request later (RFC 8470), like 429 and 408.
+RETRY_STATUSES = {408, 409, 425, 429}
 MAX_RETRY_AFTER_S = 600.0
 
 
@@ -118,10 +121,10 @@ class OpenAITeacher:
                     self._ask_token_ids = False  # a server without vLLM's extension: ask again, not counted
                     attempt -= 1
                     continue
-                return None, _describe(err, key), time.monotonic() - began, attempt
+                return None, describe_error(err, key), time.monotonic() - began, attempt
             except Exception as err:
                 if not _retryable(err) or attempt > self.cfg.max_retries:
-                    return None, _describe(err, key), time.monotonic() - began, attempt
+                    return None, describe_error(err, key), time.monotonic() - began, attempt
                 await asyncio.sleep(self._wait_s(err, attempt))
 
     async def _call(self, client, req: dict) -> dict:
@@ -165,6 +168,7 @@ class OpenAITeacher:
 
 
 def _retryable(err: Exception) -> bool:
+    """Whether sending the same request again may succeed (module docstring)."""
     if isinstance(err, openai.APIStatusError):
         return err.status_code in RETRY_STATUSES or err.status_code >= 500
     # Timeouts and dropped connections (APIConnectionError), and bodies that do not parse or hold no
@@ -191,10 +195,35 @@ def _retry_after_s(err: Exception) -> float | None:
     return None
 
 
-def _describe(err: Exception, key: str | None) -> str:
-    """One line for the failures table and the report, with the key scrubbed should a server echo it."""
-    text = f"{type(err).__name__}: {err}".replace("\n", " ")[:400]
+def describe_error(err: Exception, key: str | None = None) -> str:
+    """One line for the failures table and generate's summary, with the key scrubbed should a server echo it.
+
+    An HTTP error reads "BadRequestError: HTTP 400 (not retried): <the server's message>": the message from
+    the body's error.message (OpenAI), message (vLLM), detail (FastAPI), or the body's text, since the SDK's
+    own str() keeps only error.message and drops the rest. Other errors: "<type>: <str(err)>".
+    """
+    if isinstance(err, openai.APIStatusError):
+        status = f"HTTP {err.status_code}" + ("" if _retryable(err) else " (not retried)")
+        text = f"{type(err).__name__}: {status}: {_server_message(err) or err.message}"
+    else:
+        text = f"{type(err).__name__}: {err}"
+    text = " ".join(text.split())[:400]
     return text.replace(key, "***") if key else text
+
+
+def _server_message(err: openai.APIStatusError) -> str | None:
+    """What the server said in its error body, whatever the dialect."""
+    body = err.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, str):
+            return inner
+        for field in ("message", "detail"):
+            value = inner.get(field) if isinstance(inner, dict) else None
+            if value:
+                return value if isinstance(value, str) else json.dumps(value)
+        return json.dumps(body)
+    return body if isinstance(body, str) and body else None
 
 
 # ----------------------------------------------------------------------------------------------------
