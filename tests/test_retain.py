@@ -92,6 +92,27 @@ def test_with_no_outside_prompts_the_base_writes_its_own(tmp_path, tiny_teacher,
     assert {r["prompt"] for r in replay} <= sampled
 
 
+def test_user_prompts_hold_out_a_dev_share_and_general_checks_come_from_a_file(tmp_path, tiny_teacher, tiny_student):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{a}+{a + 1}=\\n"}}\n' for a in range(40)))
+    checks = tmp_path / "general.jsonl"
+    checks.write_text('{"prompt": "upper ab\\n", "answer": "AB", "skill": "upper"}\n'
+                      '{"prompt": "1+1=\\n", "choices": ["2", "3"], "answer": 0, "skill": "mc"}\n')
+    cfg = retain_config(tmp_path, tiny_teacher, tiny_student, merge_alphas=[0.5], dev_fraction=0.25,
+                        general_dev_file=str(checks))
+    cfg.data.prompts_file = str(prompts)
+    run_generate(cfg, log=lambda *_: None)
+    train = {r["prompt"] for r in read_dataset(cfg.run_dir / "data" / "train.parquet")}
+    dev = {r["prompt"] for r in read_dataset(cfg.run_dir / "data" / "dev.parquet")}
+    assert dev and train and not dev & train and len(dev | train) == 40
+    task, general, examples = retain.dev_suites(cfg)
+    assert task == [] and general == []
+    assert {e["skill"] for e in examples} == {"dev:task", "dev:general:upper", "dev:general:mc"}
+    model, tok = load(tiny_student)
+    dev_task, dev_general = retain.dev_scores(model, tok, cfg)
+    assert 0.0 <= dev_task <= 1.0 and 0.0 <= dev_general <= 1.0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Merge.
 

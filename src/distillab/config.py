@@ -116,7 +116,8 @@ class RetainConfig(_Strict):
     merge_alphas: list[float] = []  # θ = (1-α)·θ_base + α·θ_distilled for each α, scored on dev
     select_checkpoints: bool = False  # every saved checkpoint is a candidate, scored on dev
     max_general_drop: float = Field(0.02, ge=0.0)  # the selection rule's allowance (see retain.select)
-    dev_n_per_skill: int = Field(50, ge=1)  # dev examples per skill for scoring candidates
+    general_dev_file: str | None = None  # task-suite JSONL: the general checks candidates are chosen on
+    dev_n_per_skill: int = Field(50, ge=1)  # dev examples per lab skill for scoring candidates
     dev_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # of a user's prompts file, held out as the dev task split
 
     @model_validator(mode="after")

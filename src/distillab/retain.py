@@ -92,6 +92,10 @@ def check_retain(cfg: RunConfig) -> None:
                             "\"answer\" on every line")
         if r.replay_source == "teacher" and cfg.data.source != "teacher":
             raise UserError("retain.replay_source = \"teacher\" needs data.source = \"teacher\"")
+    if r.general_dev_file:
+        from distillab.evaluate import load_task_suite
+
+        load_task_suite(r.general_dev_file)  # a bad line is an error now, not after training
 
 
 def sampled_prompts(cfg: RunConfig, log=print) -> list[dict]:
@@ -292,18 +296,27 @@ def checkpoint_state(path: Path, base_model) -> dict[str, torch.Tensor]:
     return state
 
 
-def dev_suites(cfg: RunConfig) -> tuple[list[str], list[str], list[dict] | None]:
-    """(task lab skills, general lab skills, user dev examples) scored on the dev split."""
-    from distillab.evaluate import suites
+def dev_suites(cfg: RunConfig) -> tuple[list[str], list[str], list[dict]]:
+    """(task lab skills, general lab skills, user examples) scored on the dev split.
+
+    Task: the lab task skills' dev split, or the held-out share of a user's prompts (data/dev.parquet) scored
+    by word F1 against the reference the teacher (or the user) wrote. General: `general_dev_file` (a task-suite
+    JSONL, see evaluate.load_task_suite: the user's own general checks) when given, else the lab's general
+    skills' dev split."""
+    from distillab.evaluate import load_task_suite, suites
 
     task, general = suites(cfg)
-    examples = None
+    examples: list[dict] = []
     dev_path = cfg.run_dir / "data" / "dev.parquet"
     if cfg.data.prompts_file and dev_path.is_file():
         import pyarrow.parquet as pq
 
         rows = pq.read_table(dev_path, columns=["prompt", "completion"]).to_pylist()
-        examples = [{"prompt": r["prompt"], "answer": r["completion"], "scorer": "word_f1", "skill": "task"} for r in rows]
+        examples += [{"prompt": r["prompt"], "answer": r["completion"], "scorer": "word_f1", "skill": "dev:task"}
+                     for r in rows]
+    if cfg.retain.general_dev_file:
+        general = []
+        examples += [ex | {"skill": f"dev:general:{ex['skill']}"} for ex in load_task_suite(cfg.retain.general_dev_file)]
     return task, general, examples
 
 
@@ -313,10 +326,11 @@ def dev_scores(model, tok, cfg: RunConfig) -> tuple[float | None, float | None]:
 
     task, general, examples = dev_suites(cfg)
     per_skill = score_model(model, tok, task + general, cfg.retain.dev_n_per_skill, cfg.teacher.max_new_tokens,
-                            split="dev", task_examples=examples)
-    task_names = task + (["task"] if examples else [])
-    return (suite_result({s: per_skill[s] for s in task_names if s in per_skill}, 0)["score"],
-            suite_result({s: per_skill[s] for s in general}, 0)["score"])
+                            split="dev", task_examples=examples or None)
+    task_names = task + [s for s in per_skill if s == "dev:task"]
+    general_names = general + [s for s in per_skill if s.startswith("dev:general:")]
+    return (suite_result({s: per_skill[s] for s in task_names}, 0)["score"],
+            suite_result({s: per_skill[s] for s in general_names}, 0)["score"])
 
 
 def choose_student(cfg: RunConfig, log=print) -> dict | None:
