@@ -63,3 +63,50 @@ def test_two_processes_take_the_step_one_process_takes(tmp_path, tiny_teacher, t
     assert any(not torch.equal(one[k], before[k]) for k in one if k in before)  # the step moved the weights
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+
+
+MATRIX_CELLS = textwrap.dedent('''
+    import os, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from tests import test_trainer_matrix as m
+    from distillab import train
+
+    train._sample = m.fake_sample  # completions fixed by the prompt: both runs see the same samples
+    out, world = Path(sys.argv[1]), int(os.environ.get("WORLD_SIZE", "1"))
+    for cell in sys.argv[2].split(","):
+        family, teacher_kind, path = cell.split(":")
+        params = m.one_sgd_step(family, teacher_kind, path, 4 // world, 1, out / cell.replace(":", "-"))
+        if int(os.environ.get("RANK", "0")) == 0:
+            torch.save(params, out / (cell.replace(":", "-") + ".pt"))
+''')
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_step_one_process_takes_on_every_matrix_cell(tmp_path):
+    """Every family x teacher (sparse, dense, on-policy) x path (logits, chunked) of tests/test_trainer_matrix.py:
+    before the fixes, chunked KD and on-policy crashed under DDP, and on-policy steps were 2x too large."""
+    from tests import test_trainer_matrix as m
+
+    cells = [f"{f}:{t}:{p}" for f in m.FAMILIES for t in m.TEACHERS for p in m.PATHS]
+    script = tmp_path / "cells.py"
+    script.write_text(MATRIX_CELLS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(m.REPO)}
+
+    def run(out, *launcher):
+        (tmp_path / out).mkdir()
+        done = subprocess.run([*launcher, str(script), str(tmp_path / out), ",".join(cells)], env=env,
+                              capture_output=True, text=True, timeout=600, cwd=m.REPO)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return tmp_path / out
+
+    one = run("one", sys.executable)
+    two = run("two", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519")
+    for cell in cells:
+        name = cell.replace(":", "-") + ".pt"
+        single, double = torch.load(one / name), torch.load(two / name)
+        start = dict(m.student(cell.split(":")[0]).named_parameters())
+        assert any(not torch.equal(single[k], start[k]) for k in single), cell  # the step moved the weights
+        for k in single:
+            torch.testing.assert_close(double[k], single[k], rtol=1e-5, atol=1e-6, msg=f"{cell} {k}")
