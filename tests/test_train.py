@@ -1,22 +1,32 @@
-"""The trainer: token-normalised gradient accumulation, resume after an interruption, vocabulary handling."""
+"""The trainer: token-normalised gradient accumulation, resume after an interruption (or a kill mid-save),
+vocabulary handling, on-policy samples, the loss rules of the config."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from distillab import models
+from distillab import models, train
+from distillab.config import ConfigError, from_dict, to_toml
+from distillab.dataset import collate, read_dataset
 from distillab.errors import UserError
-from distillab.dataset import read_dataset
 from distillab.generate import run_generate
 from distillab.train import build_trainer, run_train
 from tests.conftest import save_tiny_llama
 from tests.test_pipeline import tiny_config
 
 
-def _one_sgd_step(cfg, rows, student_dir, out_dir):
+def _one_sgd_step(cfg, rows, student_dir, out_dir, accepts_loss_kwargs=None):
     model, tok = models.load(student_dir)
+    if accepts_loss_kwargs is not None:  # Gemma 3/3n/4 declare False: the Trainer then scales the loss itself
+        model.accepts_loss_kwargs = accepts_loss_kwargs
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
     trainer = build_trainer(cfg, rows, model, tok, out_dir, optimizers=(sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0)))
     trainer.args.max_grad_norm = 0.0  # no clipping: it would hide a wrong gradient scale
@@ -24,8 +34,9 @@ def _one_sgd_step(cfg, rows, student_dir, out_dir):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-@pytest.mark.parametrize("loss", ["forward_kl", "jsd"])
-def test_four_micro_batches_of_one_equal_one_batch_of_four(tmp_path, tiny_teacher, tiny_student, loss):
+@pytest.mark.parametrize("loss, accepts_loss_kwargs", [("forward_kl", None), ("jsd", None), ("forward_kl", False)])
+def test_four_micro_batches_of_one_equal_one_batch_of_four(tmp_path, tiny_teacher, tiny_student, loss,
+                                                           accepts_loss_kwargs):
     cfg = tiny_config(tmp_path, tiny_teacher, tiny_student, loss=loss, max_steps=1)
     cfg.data.n_prompts = 4
     run_generate(cfg, log=lambda *_: None)
@@ -35,9 +46,9 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four(tmp_path, tiny_teache
             row["completion_ids"][:n], row["top_ids"][:n], row["top_logprobs"][:n])
     assert len(rows) == 4 and len({len(r["completion_ids"]) for r in rows}) == 4
     cfg.train.batch_size, cfg.train.grad_accum = 4, 1
-    whole = _one_sgd_step(cfg, rows, tiny_student, tmp_path / "a")
+    whole = _one_sgd_step(cfg, rows, tiny_student, tmp_path / "a", accepts_loss_kwargs)
     cfg.train.batch_size, cfg.train.grad_accum = 1, 4
-    accumulated = _one_sgd_step(cfg, rows, tiny_student, tmp_path / "b")
+    accumulated = _one_sgd_step(cfg, rows, tiny_student, tmp_path / "b", accepts_loss_kwargs)  # was 4x at False
     start = dict(models.load_model(tiny_student).named_parameters())
     for name in whole:
         moved = (start[name] - whole[name]).abs().max()
@@ -53,11 +64,21 @@ def test_resume_after_interruption_continues_the_loss_curve(tmp_path, tiny_teach
     cfg = tiny_config(tmp_path / "b", tiny_teacher, tiny_student, max_steps=6, save_steps=3)
     run_generate(cfg, log=lambda *_: None)
     interrupted = run_train(cfg, log=lambda *_: None, stop_after_steps=3)
-    assert interrupted == {"interrupted_at": 3} and (cfg.run_dir / "checkpoints" / "checkpoint-3").is_dir()
+    ckpt = cfg.run_dir / "checkpoints"
+    assert interrupted == {"interrupted_at": 3} and (ckpt / "checkpoint-3" / "trainer_state.json").is_file()
+    # The first part's training seconds live in the checkpoint; make them big enough that losing them shows
+    seconds = ckpt / "checkpoint-3" / train.SECONDS_FILE
+    assert json.loads(seconds.read_text())["train_seconds"] > 0
+    seconds.write_text(json.dumps({"train_seconds": 1000.0}))
+    # A checkpoint left half-written by an older version (or by hand): no trainer_state.json
+    shutil.copytree(ckpt / "checkpoint-3", ckpt / "checkpoint-5")
+    (ckpt / "checkpoint-5" / "trainer_state.json").unlink()
     said = []
     resumed = run_train(cfg, log=said.append)
+    assert any("removing incomplete checkpoint-5" in s for s in said)
     assert any("resuming from checkpoint-3" in s for s in said)
     assert resumed["steps"] == 6
+    assert 1000 < resumed["train_seconds"] < 1000 + reference["train_seconds"] * 5 + 60  # both parts counted
 
     def curve(summary):
         return [(h["step"], h["loss"]) for h in summary["loss_history"] if "loss" in h]
@@ -67,6 +88,56 @@ def test_resume_after_interruption_continues_the_loss_curve(tmp_path, tiny_teach
     assert [s for s, _ in tail] == [4, 5, 6]
     for (_, got), (_, want) in zip(tail, [x for x in curve(reference) if x[0] > 3]):
         assert got == pytest.approx(want, rel=1e-4)
+
+
+DIE_DURING_SAVE = textwrap.dedent('''
+    import os, sys
+    import transformers
+    from distillab.config import load_config
+    from distillab.train import run_train
+
+    where, step = sys.argv[2], int(sys.argv[3])
+    if where == "rng":  # model and optimizer written, RNG states and trainer state not yet
+        original = transformers.Trainer._save_rng_state
+        def die(self, output_dir):
+            if self.state.global_step == step:
+                os._exit(9)
+            return original(self, output_dir)
+        transformers.Trainer._save_rng_state = die
+    else:  # half of trainer_state.json written
+        original = transformers.TrainerState.save_to_json
+        def die(self, path):
+            if self.global_step == step:
+                with open(path, "w") as f:
+                    f.write('{"global_step": ')
+                os._exit(9)
+            return original(self, path)
+        transformers.TrainerState.save_to_json = die
+    run_train(load_config(sys.argv[1]), log=lambda *_: None)
+''')
+
+
+@pytest.mark.parametrize("where", ["rng", "trainer_state"])
+def test_a_kill_while_saving_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, tiny_teacher, tiny_student,
+                                                                               where):
+    straight = tiny_config(tmp_path / "a", tiny_teacher, tiny_student, max_steps=6, save_steps=2)
+    run_generate(straight, log=lambda *_: None)
+    reference = run_train(straight, log=lambda *_: None)
+
+    cfg = tiny_config(tmp_path / "b", tiny_teacher, tiny_student, max_steps=6, save_steps=2)
+    run_generate(cfg, log=lambda *_: None)
+    (tmp_path / "run.toml").write_text(to_toml(cfg))
+    (tmp_path / "die.py").write_text(DIE_DURING_SAVE)
+    killed = subprocess.run([sys.executable, str(tmp_path / "die.py"), str(tmp_path / "run.toml"), where, "4"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    ckpt = cfg.run_dir / "checkpoints"
+    assert (ckpt / "checkpoint-2" / "trainer_state.json").is_file() and not (ckpt / "checkpoint-4").exists()
+    said = []
+    resumed = run_train(cfg, log=said.append)
+    assert any("resuming from checkpoint-2" in s for s in said)
+    assert resumed["steps"] == 6 and not (ckpt / train.SAVING).exists()
+    assert resumed["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-4)
 
 
 def test_padded_student_vocab_just_works(tmp_path, tiny_teacher):
@@ -86,3 +157,76 @@ def test_different_tokenizers_name_both(tmp_path, tiny_teacher, tiny_student):
     with pytest.raises(UserError, match="different tokenizers") as err:
         run_train(cfg, log=lambda *_: None)
     assert str(tiny_teacher) in str(err.value) and str(other) in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# On-policy samples, the loss rules of the config, what FSDP refuses.
+
+
+def _settings(tiny_teacher, tiny_student, pad_id, eos_id, **train_cfg):
+    cfg = from_dict({"teacher": {"model": str(tiny_teacher), "max_new_tokens": 5},
+                     "train": {"student": str(tiny_student), "on_policy_fraction": 1.0, **train_cfg}})
+    student = models.load_model(tiny_student)
+    return student, train.DistillSettings(cfg, student, models.load_model(tiny_teacher), pad_id, eos_id)
+
+
+def test_on_policy_samples_keep_their_eos_when_pad_is_eos(tiny_teacher, tiny_student, monkeypatch):
+    tok = models.load_tokenizer(tiny_student)
+    eos = tok.eos_token_id
+    student, d = _settings(tiny_teacher, tiny_student, pad_id=eos, eos_id=eos)  # the tokenizer fallback's choice
+    prompts = [{"prompt_ids": [1, 20, 21], "completion_ids": [30, eos]}, {"prompt_ids": [1, 22], "completion_ids": [eos]}]
+    sampled = torch.tensor([[40, 41, eos, eos, eos], [42, 43, 44, 45, 46]])  # (B, new): finished, cut at max length
+    monkeypatch.setattr(train, "_sample", lambda *a: sampled)
+    batch = train.on_policy_batch(student, collate(prompts, eos), d)
+    completions = [batch["labels"][b][batch["labels"][b] != -100].tolist() for b in range(2)]
+    assert completions == [[40, 41, eos], [42, 43, 44, 45, 46]]
+    assert batch["student_written"] and batch["teacher"].logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_no_cross_entropy_on_the_students_own_samples(tiny_teacher, tiny_student, monkeypatch):
+    tok = models.load_tokenizer(tiny_student)
+    monkeypatch.setattr(train, "_sample", lambda *a: torch.tensor([[40, 41, tok.eos_token_id]]))
+    prompts = [{"prompt_ids": [1, 20, 21], "completion_ids": [30, tok.eos_token_id]}]
+    totals = []
+    for sft_weight in (0.0, 1.0):
+        student, d = _settings(tiny_teacher, tiny_student, tok.pad_token_id, tok.eos_token_id, sft_weight=sft_weight)
+        batch = train.on_policy_batch(student, collate(prompts, tok.pad_token_id), d)
+        terms = train.loss_step(d.head(student, student, batch, d), batch, d)
+        assert terms.ce == 0 and terms.kd > 0
+        totals.append(terms.total)
+    assert totals[0] == totals[1]
+
+
+@pytest.mark.parametrize("train_cfg, message", [
+    ({"loss": "ce"}, 'loss = "ce" is SFT only'),
+    ({"kd_weight": 0.0, "sft_weight": 0.0}, "nothing to train"),
+    ({"loss": "ce", "kd_weight": 0.0, "sft_weight": 1.0, "on_policy_fraction": 0.5}, "need a KD loss"),
+])
+def test_loss_weights_that_mean_nothing_are_one_line_errors(train_cfg, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        from_dict({"train": train_cfg})
+    assert "\n" not in str(err.value)
+
+
+def test_sft_only_is_loss_ce_with_no_kd_weight():
+    assert from_dict({"train": {"loss": "ce", "kd_weight": 0.0, "sft_weight": 1.0}}).train.loss == "ce"
+
+
+@pytest.mark.parametrize("train_cfg, named", [({"chunk_size": 64}, "chunked KD"), ({"on_policy_fraction": 0.5}, "on-policy")])
+def test_fsdp_refuses_what_it_would_break(train_cfg, named):
+    t = from_dict({"train": train_cfg}).train
+    train.check_parallelism(t, fsdp=False)
+    with pytest.raises(UserError, match=f"FSDP with {named}"):
+        train.check_parallelism(t, fsdp=True)
+
+
+def test_chunked_kd_refuses_an_unread_architecture_at_setup(tiny_student):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    class MysteryForCausalLM(GPT2LMHeadModel):  # not in distillab.logits: its logit path is unknown
+        pass
+
+    model = MysteryForCausalLM(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=90))
+    cfg = from_dict({"train": {"student": str(tiny_student), "chunk_size": 64}})
+    with pytest.raises(UserError, match="MysteryForCausalLM"):
+        train.DistillSettings(cfg, model)

@@ -462,10 +462,21 @@ def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path
         data_collator=lambda batch: collate(batch, tok.pad_token_id), callbacks=list(callbacks),
         optimizers=optimizers, distill=distill,
     )
+    check_parallelism(t, fsdp=trainer.is_fsdp_enabled)
     if teacher_model is not None:
         teacher_model.to(trainer.args.device)
     trainer.remove_callback(PrinterCallback)  # a dict per step on stdout; the CLI draws its own progress bar
     return trainer
+
+
+def check_parallelism(t, fsdp: bool) -> None:
+    """Refuse what FSDP breaks: chunked KD reads the lm_head weight outside the forward, and on-policy generates
+    with the bare module, both of which FSDP has resharded by then (accelerate runs FSDP on accelerators only, so
+    the test matrix could not run it: see README)."""
+    if fsdp and t.chunk_size:
+        raise UserError("FSDP with chunked KD (train.chunk_size > 0) is not supported: use DDP, or chunk_size = 0")
+    if fsdp and t.on_policy_fraction > 0:
+        raise UserError("FSDP with on-policy distillation (train.on_policy_fraction > 0) is not supported: use DDP")
 
 
 class _StopAfter(TrainerCallback):
