@@ -9,6 +9,7 @@ import pytest
 
 from distillab import costs
 from distillab.config import RunConfig
+from distillab.records import Throughput, read_ledger
 
 
 def test_break_even_hand_computed():
@@ -46,9 +47,9 @@ def test_human_count_and_phrases():
 # ----------------------------------------------------------------------------------------------------
 # build_ledger over a fake run directory (throughput faked: measured for real in its own test below).
 
-EVALS = {"teacher": {"task": {"score": 0.9}, "general": {"score": 0.8}},
-         "base": {"task": {"score": 0.2}, "general": {"score": 0.6}},
-         "distilled": {"task": {"score": 0.7}, "general": {"score": 0.5}}}
+EVALS = {"teacher": {"model": "t", "task": {"score": 0.9}, "general": {"score": 0.8}},
+         "base": {"model": "b", "task": {"score": 0.2}, "general": {"score": 0.6}},
+         "distilled": {"model": "d", "task": {"score": 0.7}, "general": {"score": 0.5}}}
 
 
 def _run(tmp_path, generate_summary: dict | None, **cfg) -> RunConfig:
@@ -64,9 +65,8 @@ def _run(tmp_path, generate_summary: dict | None, **cfg) -> RunConfig:
 
 @pytest.fixture
 def fake_throughput(monkeypatch):
-    monkeypatch.setattr(costs, "measure_throughput", lambda *a, **k: {
-        "tokens_per_s": 250.0, "tokens": 500, "seconds": 2.0, "batch_size": 32, "batches": 1, "device": "cpu",
-        "reason": None})
+    monkeypatch.setattr(costs, "measure_throughput", lambda *a, **k: Throughput(
+        tokens_per_s=250.0, tokens=500, seconds=2.0, batch_size=32, batches=1, device="cpu", reason=None))
     monkeypatch.setattr(costs, "serving_prompts", lambda cfg: ["1+1=\n"])
 
 
@@ -76,7 +76,8 @@ def test_ledger_with_priced_override_teacher(tmp_path, fake_throughput):
                                            "usd_per_1m_input": 3.0, "usd_per_1m_output": 15.0},
                costs={"train_usd_per_hour": 1.0, "serve_usd_per_hour": 1.8, "queries_per_month": 1000})
     ledger = costs.build_ledger(cfg, EVALS)
-    assert json.loads((cfg.run_dir / "ledger.json").read_text()) == ledger
+    assert json.loads((cfg.run_dir / "ledger.json").read_text()) == ledger.to_dict()
+    assert read_ledger(cfg.run_dir / "ledger.json") == ledger
     assert ledger["teacher_generation"]["price_status"] == "override"
     assert ledger["training"]["usd"] == pytest.approx(0.1)  # 360 s at $1/h
     assert ledger["total_usd"] == pytest.approx(1.15)

@@ -1,6 +1,6 @@
 """The cost ledger of a run: what distilling cost, what serving the student costs, and when it pays off.
 
-run_dir/ledger.json holds four parts:
+run_dir/ledger.json is a distillab.records.Ledger (each field's docstring there); its parts:
 
   teacher_generation  the teacher's tokens and dollars for the dataset. The price status comes from
                       distillab.pricing: priced (genai-prices) | override (config) | local (no API bill) |
@@ -34,9 +34,10 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-from distillab.config import RunConfig, write_atomic
-
-LEDGER_FORMAT = "distillab-ledger/1"
+from distillab.config import RunConfig
+from distillab.records import (LEDGER_FORMAT, BreakEven, EvalResult, Ledger, RetainCost, ServingCost, SuiteQuality,
+                               TeacherGeneration, Throughput, TokensPerQuery, TrainingCost, as_evals, suite_score,
+                               write_record)
 
 # A local teacher is priced as if it were a small hosted API model, so the break-even is still shown.
 # These are gpt-4o-mini's 2024 list prices: a cheap, common tier, i.e. a conservative stand-in
@@ -48,7 +49,7 @@ THROUGHPUT_PROMPTS = 32  # one batch of the task's prompts
 THROUGHPUT_SECONDS = 2.0  # timed generation, after one warm-up batch
 
 
-def build_ledger(cfg: RunConfig, evals: dict[str, dict]) -> dict:
+def build_ledger(cfg: RunConfig, evals: dict[str, EvalResult]) -> Ledger:
     """Assemble the run's ledger from its summaries and a throughput measurement; write ledger.json."""
     run_dir = cfg.run_dir
     pricing = teacher_pricing(cfg)
@@ -60,20 +61,14 @@ def build_ledger(cfg: RunConfig, evals: dict[str, dict]) -> dict:
     serving = serving_cost(cfg, pricing, throughput)
     basis = api_price_basis(pricing)
     be = break_even_section(cfg, teacher, training, serving, basis, tokens, kept)
-    ledger = {
-        "format": LEDGER_FORMAT,
-        "run": cfg.name,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "teacher_generation": teacher,
-        "training": training,
-        "serving": serving,
-        "retain": kept,
-        "break_even": be,
-        "quality": quality_given_up(evals),
-        "total_usd": _sum_or_none(teacher["usd"], training["usd"], kept["usd"]),  # actual one-off spend of this run
-        "notes": _notes(teacher, basis, throughput),
-    }
-    write_atomic(run_dir / "ledger.json", json.dumps(ledger, indent=1))
+    ledger = Ledger(
+        format=LEDGER_FORMAT, run=cfg.name,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        teacher_generation=teacher, training=training, serving=serving, retain=kept, break_even=be,
+        quality=quality_given_up(evals),
+        total_usd=_sum_or_none(teacher.usd, training.usd, kept.usd),  # actual one-off spend of this run
+        notes=_notes(teacher, basis, throughput))
+    write_record(run_dir / "ledger.json", ledger)
     return ledger
 
 
@@ -123,19 +118,20 @@ def _duration(months: float) -> str:
     return f"about {days} day{'s' if days != 1 else ''}" if days >= 1 else "within a day"
 
 
-def break_even_phrase(be: dict) -> str:
+def break_even_phrase(be: BreakEven | dict) -> str:
     """The clause the report's verdict and the terminal summary use."""
-    notional = ["at a notional teacher API price"] if be.get("price_basis") == "notional" else []
-    status = be.get("status")
+    be = BreakEven.model_validate(be)
+    notional = ["at a notional teacher API price"] if be.price_basis == "notional" else []
+    status = be.status
     if status == "pays_off":
-        months, traffic = be.get("months"), be.get("queries_per_month")
-        when = [f"{_duration(months)} at {human_count(traffic)} queries a month"] if months is not None else []
-        return f"it pays off after {human_count(be['queries'])} queries" + _aside(when + notional)
+        when = ([f"{_duration(be.months)} at {human_count(be.queries_per_month)} queries a month"]
+                if be.months is not None else [])
+        return f"it pays off after {human_count(be.queries)} queries" + _aside(when + notional)
     if status == "immediately":
         return "it pays off from the first query" + _aside(notional)
     if status == "never":
         return "it never pays off: serving the student costs more per query than the teacher API" + _aside(notional)
-    return f"its break-even is unknown ({be.get('reason', 'missing costs')})"
+    return f"its break-even is unknown ({be.reason or 'missing costs'})"
 
 
 def _aside(parts: list[str]) -> str:
@@ -172,60 +168,59 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def teacher_generation(cfg: RunConfig, pricing) -> dict:
+def teacher_generation(cfg: RunConfig, pricing) -> TeacherGeneration:
     summary = _read_json(cfg.run_dir / "data" / "generate_summary.json")
     base = {"model": cfg.teacher.model, "data_source": cfg.data.source, "pricing": pricing.to_dict()}
     if summary is None:
         # Ground-truth data calls no teacher; a teacher run without a summary has unknown spend.
         if cfg.data.source != "teacher":
-            return base | {"price_status": "not_used", "prompt_tokens": 0, "completion_tokens": 0, "rows": None,
-                           "usd": 0.0}
-        return base | {"price_status": "missing", "prompt_tokens": None, "completion_tokens": None, "rows": None,
-                       "usd": None}
+            return TeacherGeneration(**base, price_status="not_used", prompt_tokens=0, completion_tokens=0, rows=None,
+                                     usd=0.0)
+        return TeacherGeneration(**base, price_status="missing", prompt_tokens=None, completion_tokens=None,
+                                 rows=None, usd=None)
     usd = summary.get("usd")
     status = pricing.status if usd is not None else "unpriced"
-    return base | {"price_status": status, "prompt_tokens": summary.get("prompt_tokens"),
-                   "completion_tokens": summary.get("completion_tokens"), "rows": summary.get("rows"), "usd": usd}
+    return TeacherGeneration(**base, price_status=status, prompt_tokens=summary.get("prompt_tokens"),
+                             completion_tokens=summary.get("completion_tokens"), rows=summary.get("rows"), usd=usd)
 
 
-def training_cost(cfg: RunConfig) -> dict:
+def training_cost(cfg: RunConfig) -> TrainingCost:
     summary = _read_json(cfg.run_dir / "student" / "train_summary.json") or {}
     seconds = summary.get("train_seconds")
     rate = cfg.costs.train_usd_per_hour
-    return {"flops": summary.get("flops"), "train_seconds": seconds, "steps": summary.get("steps"),
-            "usd_per_hour": rate, "usd": None if seconds is None else seconds / 3600 * rate}
+    return TrainingCost(flops=summary.get("flops"), train_seconds=seconds, steps=summary.get("steps"),
+                        usd_per_hour=rate, usd=None if seconds is None else seconds / 3600 * rate)
 
 
-def retain_cost(cfg: RunConfig, pricing) -> dict:
+def retain_cost(cfg: RunConfig, pricing) -> RetainCost:
     """Retain's extra spend: teacher tokens for teacher replay, and device seconds for the base model's own
     generation (self replay, sampled prompts) and for scoring candidates on dev."""
     r, run_dir = cfg.retain, cfg.run_dir
     if not r.enabled:
-        return {"enabled": False, "usd": 0.0}
+        return RetainCost(enabled=False, usd=0.0)
     replay = _read_json(run_dir / "data" / "replay_summary.json") or {}
     sampled = _read_json(run_dir / "data" / "sampled_prompts.json") or {}
     selection = _read_json(run_dir / "retain.json") or {}
     by_teacher = r.replay_fraction > 0 and r.replay_source == "teacher"
-    device_seconds = ((0.0 if by_teacher else replay.get("answer_seconds", 0.0)) + sampled.get("seconds", 0.0)
-                      + selection.get("selection_seconds", 0.0))
+    selection_seconds = selection.get("selection_seconds", 0.0)
+    generation_seconds = (0.0 if by_teacher else replay.get("answer_seconds", 0.0)) + sampled.get("seconds", 0.0)
     teacher_usd = replay.get("usd", 0.0) if by_teacher else 0.0
-    compute_usd = device_seconds / 3600 * cfg.costs.train_usd_per_hour
-    return {"enabled": True, "replay_source": r.replay_source if r.replay_fraction > 0 else None,
-            "replay_rows": replay.get("rows", 0),
-            "teacher_prompt_tokens": replay.get("prompt_tokens", 0) if by_teacher else 0,
-            "teacher_completion_tokens": replay.get("completion_tokens", 0) if by_teacher else 0,
-            "teacher_usd": teacher_usd, "base_generation_seconds": round(device_seconds - selection.get(
-                "selection_seconds", 0.0), 2), "selection_seconds": selection.get("selection_seconds", 0.0),
-            "candidates": len(selection.get("candidates") or []), "compute_usd": compute_usd,
-            "usd": None if teacher_usd is None else teacher_usd + compute_usd}
+    compute_usd = (generation_seconds + selection_seconds) / 3600 * cfg.costs.train_usd_per_hour
+    return RetainCost(enabled=True, replay_source=r.replay_source if r.replay_fraction > 0 else None,
+                      replay_rows=replay.get("rows", 0),
+                      teacher_prompt_tokens=replay.get("prompt_tokens", 0) if by_teacher else 0,
+                      teacher_completion_tokens=replay.get("completion_tokens", 0) if by_teacher else 0,
+                      teacher_usd=teacher_usd, base_generation_seconds=round(generation_seconds, 2),
+                      selection_seconds=selection_seconds, candidates=len(selection.get("candidates") or []),
+                      compute_usd=compute_usd, usd=None if teacher_usd is None else teacher_usd + compute_usd)
 
 
-def tokens_per_query(run_dir: Path) -> dict:
+def tokens_per_query(run_dir: Path) -> TokensPerQuery:
     """Mean prompt and completion tokens per query: teacher-billed when it was called, else the dataset's."""
     summary = _read_json(run_dir / "data" / "generate_summary.json")
     if summary and summary.get("rows"):
-        return {"prompt": summary["prompt_tokens"] / summary["rows"],
-                "completion": summary["completion_tokens"] / summary["rows"], "from": "teacher usage"}
+        return TokensPerQuery(prompt=summary["prompt_tokens"] / summary["rows"],
+                              completion=summary["completion_tokens"] / summary["rows"], source="teacher usage")
     data = run_dir / "data" / "train.parquet"
     if data.is_file():
         import pyarrow.compute as pc
@@ -233,10 +228,10 @@ def tokens_per_query(run_dir: Path) -> dict:
 
         table = pq.read_table(data, columns=["prompt_ids", "completion_ids"])
         if table.num_rows:
-            return {"prompt": pc.mean(pc.list_value_length(table["prompt_ids"])).as_py(),
-                    "completion": pc.mean(pc.list_value_length(table["completion_ids"])).as_py(),
-                    "from": "dataset"}
-    return {"prompt": None, "completion": None, "from": "unknown"}
+            return TokensPerQuery(prompt=pc.mean(pc.list_value_length(table["prompt_ids"])).as_py(),
+                                  completion=pc.mean(pc.list_value_length(table["completion_ids"])).as_py(),
+                                  source="dataset")
+    return TokensPerQuery(prompt=None, completion=None, source="unknown")
 
 
 def serving_prompts(cfg: RunConfig) -> list[str]:
@@ -256,7 +251,7 @@ def serving_prompts(cfg: RunConfig) -> list[str]:
 
 
 def measure_throughput(model_dir: Path | str, prompts: list[str], max_new_tokens: int,
-                       seconds: float = THROUGHPUT_SECONDS) -> dict:
+                       seconds: float = THROUGHPUT_SECONDS) -> Throughput:
     """Completion tokens per second of batched greedy generation (one warm-up batch, then timed batches).
 
     Only tokens up to the end-of-sequence count: padding steps of finished rows serve nobody.
@@ -268,7 +263,7 @@ def measure_throughput(model_dir: Path | str, prompts: list[str], max_new_tokens
     try:
         model, tok = models.load(model_dir)
     except UserError as err:
-        return {"tokens_per_s": None, "reason": str(err)}
+        return Throughput(tokens_per_s=None, reason=str(err))
     generate(model, tok, prompts, max_new_tokens=max_new_tokens)  # warm-up: allocations, kernels
     tokens, began, batches = 0, time.perf_counter(), 0
     while batches < 1 or (time.perf_counter() - began < seconds and batches < 20):
@@ -276,61 +271,58 @@ def measure_throughput(model_dir: Path | str, prompts: list[str], max_new_tokens
         batches += 1
     elapsed = time.perf_counter() - began
     device = str(next(model.parameters()).device)
-    return {"tokens_per_s": tokens / elapsed if tokens else None, "tokens": tokens, "seconds": round(elapsed, 3),
-            "batch_size": len(prompts), "batches": batches, "device": device,
-            "reason": None if tokens else "the student wrote no tokens"}
+    return Throughput(tokens_per_s=tokens / elapsed if tokens else None, tokens=tokens, seconds=round(elapsed, 3),
+                      batch_size=len(prompts), batches=batches, device=device,
+                      reason=None if tokens else "the student wrote no tokens")
 
 
-def serving_cost(cfg: RunConfig, pricing, throughput: dict) -> dict:
+def serving_cost(cfg: RunConfig, pricing, throughput: Throughput) -> ServingCost:
     rate = cfg.costs.serve_usd_per_hour
-    tps = throughput.get("tokens_per_s")
+    tps = throughput.tokens_per_s
     basis = api_price_basis(pricing)
-    return {"student_tokens_per_s": tps, "throughput": throughput, "usd_per_hour": rate,
-            "student_usd_per_1m_tokens": usd_per_1m_tokens(tps, rate) if tps else None,
-            "teacher_api_usd_per_1m_output": basis["usd_per_1m_output"],
-            "teacher_api_usd_per_1m_input": basis["usd_per_1m_input"],
-            "teacher_price_basis": basis["basis"], "teacher_price_description": basis["description"]}
+    return ServingCost(student_tokens_per_s=tps, throughput=throughput, usd_per_hour=rate,
+                       student_usd_per_1m_tokens=usd_per_1m_tokens(tps, rate) if tps else None,
+                       teacher_api_usd_per_1m_output=basis["usd_per_1m_output"],
+                       teacher_api_usd_per_1m_input=basis["usd_per_1m_input"],
+                       teacher_price_basis=basis["basis"], teacher_price_description=basis["description"])
 
 
-def break_even_section(cfg: RunConfig, teacher: dict, training: dict, serving: dict, basis: dict,
-                       tokens: dict, kept: dict | None = None) -> dict:
+def break_even_section(cfg: RunConfig, teacher: TeacherGeneration, training: TrainingCost, serving: ServingCost,
+                       basis: dict, tokens: TokensPerQuery, kept: RetainCost | None = None) -> BreakEven:
     """Break-even on one price basis: the one-off teacher $ is priced like the per-query API calls."""
     out = {"price_basis": basis["basis"], "tokens_per_query": tokens, "queries_per_month": cfg.costs.queries_per_month}
     missing = [name for name, value in (
-        ("teacher API price", basis["usd_per_1m_output"]), ("student throughput", serving["student_tokens_per_s"]),
-        ("training time", training["usd"]), ("tokens per query", tokens["completion"]),
-        ("teacher tokens", teacher["completion_tokens"])) if value is None]
+        ("teacher API price", basis["usd_per_1m_output"]), ("student throughput", serving.student_tokens_per_s),
+        ("training time", training.usd), ("tokens per query", tokens.completion),
+        ("teacher tokens", teacher.completion_tokens)) if value is None]
     if missing:
-        return out | {"status": "unknown", "queries": None, "reason": "no " + ", no ".join(missing)}
+        return BreakEven(**out, status="unknown", queries=None, reason="no " + ", no ".join(missing))
     # Notional basis: the dataset's teacher tokens cost what the notional API would have charged.
-    kept = kept or {}
-    replay_in, replay_out = kept.get("teacher_prompt_tokens", 0), kept.get("teacher_completion_tokens", 0)
-    teacher_usd = (teacher["usd"] + (kept.get("teacher_usd") or 0.0) if basis["basis"] != "notional" else
-                   api_usd_per_query(teacher["prompt_tokens"] + replay_in, teacher["completion_tokens"] + replay_out,
+    kept = kept or RetainCost()
+    replay_in, replay_out = kept.teacher_prompt_tokens or 0, kept.teacher_completion_tokens or 0
+    teacher_usd = (teacher.usd + (kept.teacher_usd or 0.0) if basis["basis"] != "notional" else
+                   api_usd_per_query(teacher.prompt_tokens + replay_in, teacher.completion_tokens + replay_out,
                                      basis["usd_per_1m_input"], basis["usd_per_1m_output"]))
-    one_off = teacher_usd + training["usd"] + kept.get("compute_usd", 0.0)
-    api = api_usd_per_query(tokens["prompt"], tokens["completion"], basis["usd_per_1m_input"], basis["usd_per_1m_output"])
-    student = student_usd_per_query(tokens["completion"], serving["student_tokens_per_s"], serving["usd_per_hour"])
+    retain_usd = kept.compute_usd or 0.0
+    one_off = teacher_usd + training.usd + retain_usd
+    api = api_usd_per_query(tokens.prompt, tokens.completion, basis["usd_per_1m_input"], basis["usd_per_1m_output"])
+    student = student_usd_per_query(tokens.completion, serving.student_tokens_per_s, serving.usd_per_hour)
     result = break_even(one_off, api, student)
     months = (result["queries"] / cfg.costs.queries_per_month
               if result["queries"] is not None and cfg.costs.queries_per_month > 0 else None)
-    return out | result | {"one_off_usd": one_off, "teacher_usd": teacher_usd, "training_usd": training["usd"],
-                           "retain_usd": kept.get("compute_usd", 0.0),
-                           "api_usd_per_query": api, "student_usd_per_query": student, "months": months}
+    return BreakEven(**out, **result, one_off_usd=one_off, teacher_usd=teacher_usd, training_usd=training.usd,
+                     retain_usd=retain_usd, api_usd_per_query=api, student_usd_per_query=student, months=months)
 
 
-def _suite_score(evals: dict, label: str, suite: str) -> float | None:
-    return ((evals.get(label) or {}).get(suite) or {}).get("score")
-
-
-def quality_given_up(evals: dict[str, dict]) -> dict:
+def quality_given_up(evals: dict[str, EvalResult]) -> dict[str, SuiteQuality]:
     """Per suite: teacher, base and distilled scores; what distilling gave up vs the teacher and vs base."""
+    evals = as_evals(evals)
     out = {}
     for suite in ("task", "general"):
-        t, b, d = (_suite_score(evals, label, suite) for label in ("teacher", "base", "distilled"))
-        out[suite] = {"teacher": t, "base": b, "distilled": d,
-                      "given_up_vs_teacher": None if None in (t, d) else t - d,
-                      "change_vs_base": None if None in (b, d) else d - b}
+        t, b, d = (suite_score(evals, label, suite) for label in ("teacher", "base", "distilled"))
+        out[suite] = SuiteQuality(teacher=t, base=b, distilled=d,
+                                  given_up_vs_teacher=None if None in (t, d) else t - d,
+                                  change_vs_base=None if None in (b, d) else d - b)
     return out
 
 
@@ -338,16 +330,16 @@ def _sum_or_none(*values: float | None) -> float | None:
     return None if any(v is None for v in values) else float(sum(values))
 
 
-def _notes(teacher: dict, basis: dict, throughput: dict) -> list[str]:
+def _notes(teacher: TeacherGeneration, basis: dict, throughput: Throughput) -> list[str]:
     notes = []
-    if teacher["price_status"] == "unpriced":
+    if teacher.price_status == "unpriced":
         notes.append("teacher is UNPRICED: its spend is unknown (not $0); set teacher.usd_per_1m_input/output")
-    if teacher["price_status"] == "local":
+    if teacher.price_status == "local":
         notes.append("local teacher: no API bill; its generation compute is not costed")
     if basis["basis"] == "notional":
         notes.append(f"break-even uses a NOTIONAL teacher API price: {basis['description']}")
-    if throughput.get("tokens_per_s") is None:
-        notes.append(f"student throughput not measured: {throughput.get('reason')}")
+    if throughput.tokens_per_s is None:
+        notes.append(f"student throughput not measured: {throughput.reason}")
     else:
-        notes.append(f"student throughput measured on {throughput['device']} here, batch of {throughput['batch_size']}")
+        notes.append(f"student throughput measured on {throughput.device} here, batch of {throughput.batch_size}")
     return notes

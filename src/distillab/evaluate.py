@@ -9,7 +9,6 @@ negative means it lost ground.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -19,11 +18,12 @@ import numpy as np
 import torch
 
 from distillab import models
-from distillab.config import RunConfig, write_atomic
+from distillab.config import RunConfig
 from distillab.errors import UserError
 from distillab.generation import generate
 from distillab.lab.world import SKILLS, get_skill, word_f1, world_text
 from distillab.jsonl import read_jsonl
+from distillab.records import EvalResult, read_eval, write_record
 from distillab.rundir import check_stamps, fingerprint, is_fresh, mark_fresh
 
 
@@ -99,7 +99,7 @@ def suite_result(per_skill: dict[str, list[float]], n_boot: int) -> dict:
 
 
 def evaluate_model(model_name: str | Path, task: list[str], general: list[str], n: int, n_boot: int,
-                   max_new_tokens: int, task_examples: list[dict] | None = None) -> dict:
+                   max_new_tokens: int, task_examples: list[dict] | None = None) -> EvalResult:
     """Scores of one model. task/general name lab skills; task_examples (a user task suite) add their own
     skills to the task suite."""
     model, tok = models.load(model_name)
@@ -107,17 +107,17 @@ def evaluate_model(model_name: str | Path, task: list[str], general: list[str], 
     per_skill = score_model(model, tok, task + general, n, max_new_tokens, "test", task_examples)
     task = task + [s for s in per_skill if s not in task and s not in general]
     seconds = time.time() - began
-    return {
-        "model": str(model_name),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "skills": {s: {"score": sum(v) / len(v), "n": len(v), "ci": bootstrap_ci({s: v}, n_boot), "scores": v}
-                   for s, v in per_skill.items()},
-        "task": suite_result({s: per_skill[s] for s in task}, n_boot),
-        "general": suite_result({s: per_skill[s] for s in general}, n_boot),
-        "suites": {"task": task, "general": general},
-        "world_text_perplexity": perplexity(model, tok, world_text()),
-        "eval_seconds": round(seconds, 2),
-    }
+    return EvalResult(
+        model=str(model_name),
+        parameters=sum(p.numel() for p in model.parameters()),
+        skills={s: {"score": sum(v) / len(v), "n": len(v), "ci": bootstrap_ci({s: v}, n_boot), "scores": v}
+                for s, v in per_skill.items()},
+        task=suite_result({s: per_skill[s] for s in task}, n_boot),
+        general=suite_result({s: per_skill[s] for s in general}, n_boot),
+        suites={"task": task, "general": general},
+        world_text_perplexity=perplexity(model, tok, world_text()),
+        eval_seconds=round(seconds, 2),
+    )
 
 
 def gap_closed(student: float | None, base: float | None, teacher: float | None) -> float | None:
@@ -126,7 +126,7 @@ def gap_closed(student: float | None, base: float | None, teacher: float | None)
     return (student - base) / (teacher - base)
 
 
-def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log=print) -> dict[str, dict]:
+def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log=print) -> dict[str, EvalResult]:
     """Evaluate teacher, base and the run's student (plus extra named models) into eval/<name>.json."""
     run_dir = cfg.run_dir
     check_stamps(run_dir)
@@ -154,13 +154,13 @@ def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log
         weights = sorted(path.glob("*.safetensors"))
         stamp = fingerprint("evaluate", task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, examples, *weights)
         if is_fresh(run_dir, f"evaluate:{label}", stamp) and out.is_file():
-            results[label] = json.loads(out.read_text())
+            results[label] = read_eval(out)
             continue
         log(f"evaluate: {label} ({name})")
         res = evaluate_model(name, task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, cfg.teacher.max_new_tokens,
                              task_examples=examples)
-        res["label"] = label
-        write_atomic(out, json.dumps(res, indent=1))
+        res.label = label
+        write_record(out, res)
         mark_fresh(run_dir, f"evaluate:{label}", stamp)
         results[label] = res
     return results

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 from distillab.config import RunConfig
 from distillab.errors import UserError
 from distillab.evaluate import run_evaluate
+from distillab.records import EvalResult, read_eval
 
 
-def load_evals(cfg: RunConfig) -> dict[str, dict]:
-    evals = {}
-    for path in sorted((cfg.run_dir / "eval").glob("*.json")):
-        if not path.name.startswith("lm_eval_"):
-            try:
-                evals[path.stem] = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise UserError(f"{path} is corrupt ({err}): delete it and rerun `distillab evaluate`") from None
-    return evals
+def load_evals(cfg: RunConfig) -> dict[str, EvalResult]:
+    """Every eval/<label>.json of the run (lm-eval's own files aside); a bad file is a one-line UserError."""
+    return {path.stem: read_eval(path) for path in sorted((cfg.run_dir / "eval").glob("*.json"))
+            if not path.name.startswith("lm_eval_")}
 
 
 def finish_run(cfg: RunConfig, summary: dict | None = None, log=print):
@@ -31,9 +25,9 @@ def finish_run(cfg: RunConfig, summary: dict | None = None, log=print):
     ledger = costs.build_ledger(cfg, evals)
     student_dir = cfg.run_dir / "student"
     if (student_dir / "config.json").is_file():
-        provenance.update_lineage(student_dir, eval={k: {"task": v["task"]["score"], "general": v["general"]["score"]}
+        provenance.update_lineage(student_dir, eval={k: {"task": v.task.score, "general": v.general.score}
                                                      for k, v in evals.items()},
-                                   cost={"total_usd": ledger.get("total_usd"), "break_even": ledger.get("break_even")})
+                                   cost={"total_usd": ledger.total_usd, "break_even": ledger.break_even.to_dict()})
     registry.record_run(cfg.run_dir.parent / "registry.sqlite", cfg, evals, ledger)
     return build_report(cfg, evals, ledger, summary)
 

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from distillab.errors import UserError
+from distillab.records import EvalResult, Ledger, as_evals, suite_score
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -93,14 +94,9 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _score(evals: dict, label: str, suite: str) -> float | None:
-    return ((evals.get(label) or {}).get(suite) or {}).get("score")
-
-
-def _scores(evals: dict) -> dict:
-    return {label: {"task": _score(evals, label, "task"), "general": _score(evals, label, "general"),
-                    "task_ci": (res.get("task") or {}).get("ci"), "general_ci": (res.get("general") or {}).get("ci")}
-            for label, res in evals.items()}
+def _scores(evals: dict[str, EvalResult]) -> dict:
+    return {label: {"task": res.task.score, "general": res.general.score, "task_ci": res.task.ci,
+                    "general_ci": res.general.ci} for label, res in evals.items()}
 
 
 def lineage_summary(run_dir: Path) -> dict | None:
@@ -114,23 +110,23 @@ def lineage_summary(run_dir: Path) -> dict | None:
             "effective_fractions": lineage.get("effective_fractions")}
 
 
-def record_run(registry_path: Path, cfg, evals: dict, ledger: dict) -> None:
-    """Insert the run, or update its row when this run directory was recorded before."""
+def record_run(registry_path: Path, cfg, evals: dict[str, EvalResult], ledger: Ledger) -> None:
+    """Insert the run, or update its row when this run directory was recorded before (records or their JSON
+    dicts)."""
     run_dir = Path(cfg.run_dir).resolve()
-    teacher = ledger.get("teacher_generation") or {}
-    be = ledger.get("break_even") or {}
-    tokens = None if teacher.get("prompt_tokens") is None else teacher["prompt_tokens"] + (teacher.get("completion_tokens") or 0)
+    evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
+    teacher, be = ledger.teacher_generation, ledger.break_even
+    tokens = None if teacher.prompt_tokens is None else teacher.prompt_tokens + (teacher.completion_tokens or 0)
     now = _now()
     row = {
         "run_dir": str(run_dir), "name": cfg.name, "config_hash": config_hash(cfg),
         "config_json": json.dumps(cfg.model_dump(), sort_keys=True, default=str), "created_at": now, "updated_at": now,
         "scores_json": json.dumps(_scores(evals)),
-        "distilled_task": _score(evals, "distilled", "task"), "distilled_general": _score(evals, "distilled", "general"),
-        "base_task": _score(evals, "base", "task"), "base_general": _score(evals, "base", "general"),
-        "teacher_task": _score(evals, "teacher", "task"), "teacher_general": _score(evals, "teacher", "general"),
-        "teacher_usd": teacher.get("usd"), "train_usd": (ledger.get("training") or {}).get("usd"),
-        "total_usd": ledger.get("total_usd"), "price_status": teacher.get("price_status"), "teacher_tokens": tokens,
-        "break_even_status": be.get("status"), "break_even_queries": be.get("queries"),
+        **{f"{label}_{suite}": suite_score(evals, label, suite)
+           for label in ("distilled", "base", "teacher") for suite in ("task", "general")},
+        "teacher_usd": teacher.usd, "train_usd": ledger.training.usd, "total_usd": ledger.total_usd,
+        "price_status": teacher.price_status, "teacher_tokens": tokens,
+        "break_even_status": be.status, "break_even_queries": be.queries,
         "lineage_json": json.dumps(lineage_summary(run_dir)),
     }
     columns = list(row)

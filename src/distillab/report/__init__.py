@@ -6,25 +6,28 @@
 
 from __future__ import annotations
 
+from distillab.records import EvalResult, Ledger, SuiteScore, as_evals
 from distillab.report.html import build_report, ordered_labels, pct, verdict
 
 __all__ = ["build_report", "terminal_summary", "verdict"]
 
 
-def terminal_summary(evals: dict[str, dict], ledger: dict):
-    """What a finished run prints: the verdict sentence, a scores table and the cost lines."""
+def terminal_summary(evals: dict[str, EvalResult], ledger: Ledger):
+    """What a finished run prints: the verdict sentence, a scores table and the cost lines (records or their
+    JSON dicts)."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     from distillab.report.html import ledger_rows
 
+    evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
     table = Table("model", "task % [95% CI]", "general % [95% CI]", "world-text ppl", title="scores",
                   title_justify="left")
     for label in ordered_labels(evals):
         res = evals[label]
-        ppl = res.get("world_text_perplexity")
-        table.add_row(label, _with_ci(res.get("task")), _with_ci(res.get("general")),
+        ppl = res.world_text_perplexity
+        table.add_row(label, _with_ci(res.task), _with_ci(res.general),
                       "-" if ppl is None else f"{ppl:.2f}")
     costs = Table.grid(padding=(0, 2))
     wanted = ("teacher generation $", "training", "retain", "distillation total $", "student serving", "teacher API",
@@ -32,12 +35,12 @@ def terminal_summary(evals: dict[str, dict], ledger: dict):
     for item, value in ledger_rows(ledger):
         if item in wanted:
             costs.add_row(Text(item, style="bold"), Text(value))
-    notes = [Text(f"note: {n}", style="yellow") for n in ledger.get("notes") or [] if "NOTIONAL" in n or "UNPRICED" in n]
+    notes = [Text(f"note: {n}", style="yellow") for n in ledger.notes if "NOTIONAL" in n or "UNPRICED" in n]
     return Group(Text(verdict(evals, ledger), style="bold"), table, costs, *notes)
 
 
-def _with_ci(res: dict | None) -> str:
-    if not res or res.get("score") is None:
+def _with_ci(res: SuiteScore) -> str:
+    if res.score is None:
         return "-"
-    ci = res.get("ci") or [None, None]
-    return f"{pct(res['score'])} [{pct(ci[0])}, {pct(ci[1])}]"
+    ci = res.ci or [None, None]
+    return f"{pct(res.score)} [{pct(ci[0])}, {pct(ci[1])}]"

@@ -18,6 +18,7 @@ from string import Template
 from distillab.config import RunConfig, write_atomic
 from distillab.costs import break_even_phrase, human_count
 from distillab.evaluate import gap_closed
+from distillab.records import EvalResult, Ledger, RetainCost, SuiteScore, as_evals, suite_score
 
 MODEL_ORDER = ("teacher", "base", "distilled", "zero_distill", "retain")  # the rest follow in the evals' own order
 COLORS = {"teacher": "#3467d6", "base": "#8a8f98", "distilled": "#d9531e", "zero_distill": "#2a9d5b",
@@ -25,8 +26,9 @@ COLORS = {"teacher": "#3467d6", "base": "#8a8f98", "distilled": "#d9531e", "zero
 EXTRA_COLORS = ["#c49a00", "#17a2b8", "#e83e8c", "#6f42c1"]
 
 
-def build_report(cfg: RunConfig, evals: dict[str, dict], ledger: dict, summary: dict | None = None) -> Path:
-    """Write run_dir/report.html (atomically) and return its path."""
+def build_report(cfg: RunConfig, evals: dict[str, EvalResult], ledger: Ledger, summary: dict | None = None) -> Path:
+    """Write run_dir/report.html (atomically) and return its path. evals and ledger: records or their JSON dicts."""
+    evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
     lineage_path = cfg.run_dir / "student" / "lineage.json"
     lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else None
     selection = (summary or {}).get("retain_selection")
@@ -38,8 +40,9 @@ def build_report(cfg: RunConfig, evals: dict[str, dict], ledger: dict, summary: 
     return out
 
 
-def render_page(name: str, evals: dict[str, dict], ledger: dict, lineage: dict | None,
+def render_page(name: str, evals: dict[str, EvalResult], ledger: Ledger, lineage: dict | None,
                 summary: dict | None, task: set[str] = frozenset(), selection: dict | None = None) -> str:
+    evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
     labels = ordered_labels(evals)
     retain = []
     if selection:
@@ -54,7 +57,7 @@ def render_page(name: str, evals: dict[str, dict], ledger: dict, lineage: dict |
         summary = {k: v for k, v in (summary or {}).items() if k != "retain_selection"} or None
     sections = [
         f"<h1>distillab report: {_e(name)}</h1>",
-        f"<div class='meta'>ledger written {_e(ledger.get('created_at', '?'))}</div>",
+        f"<div class='meta'>ledger written {_e(ledger.created_at)}</div>",
         f"<p class='verdict' id='verdict'>{_e(verdict(evals, ledger))}</p>",
         "<h2>Scores</h2>", scores_table(evals, labels),
         "<h2>Plots</h2><div class='plots'>",
@@ -83,10 +86,6 @@ def _e(text) -> str:
     return html.escape(str(text))
 
 
-def score_of(evals: dict, label: str, suite: str) -> float | None:
-    return ((evals.get(label) or {}).get(suite) or {}).get("score")
-
-
 def ordered_labels(evals: dict) -> list[str]:
     return [m for m in MODEL_ORDER if m in evals] + [m for m in evals if m not in MODEL_ORDER]
 
@@ -100,16 +99,17 @@ def pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def verdict(evals: dict[str, dict], ledger: dict) -> str:
+def verdict(evals: dict[str, EvalResult], ledger: Ledger) -> str:
     """One sentence: task gap closed, general points lost or gained, and when distilling pays off."""
+    evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
     clauses = []
-    d_task, b_task, t_task = (score_of(evals, m, "task") for m in ("distilled", "base", "teacher"))
+    d_task, b_task, t_task = (suite_score(evals, m, "task") for m in ("distilled", "base", "teacher"))
     closed = gap_closed(d_task, b_task, t_task)
     if closed is not None:
         clauses.append(f"closed {100 * closed:.0f}% of the task gap")
     elif d_task is not None:
         clauses.append(f"scored {pct(d_task)}% on the task")
-    d_gen, b_gen = score_of(evals, "distilled", "general"), score_of(evals, "base", "general")
+    d_gen, b_gen = suite_score(evals, "distilled", "general"), suite_score(evals, "base", "general")
     if None not in (d_gen, b_gen):
         points = 100 * (d_gen - b_gen)
         if abs(points) < 0.5:
@@ -117,19 +117,18 @@ def verdict(evals: dict[str, dict], ledger: dict) -> str:
         else:
             clauses.append(f"{'lost' if points < 0 else 'gained'} {abs(points):.0f} points of general skill")
     head = "Distilled student " + (" and ".join(clauses) if clauses else "has no scores")
-    be = ledger.get("break_even")
-    return head + (f"; {break_even_phrase(be)}." if be else ".")
+    return head + f"; {break_even_phrase(ledger.break_even)}."
 
 
 # ----------------------------------------------------------------------------------------------------
 # Tables.
 
 
-def _score_cell(res: dict | None) -> str:
-    if not res or res.get("score") is None:
+def _score_cell(res: SuiteScore) -> str:
+    if res.score is None:
         return "<td class='num'>-</td>"
-    ci = res.get("ci") or [None, None]
-    return f"<td class='num'>{pct(res['score'])} <span class='ci'>[{pct(ci[0])}, {pct(ci[1])}]</span></td>"
+    ci = res.ci or [None, None]
+    return f"<td class='num'>{pct(res.score)} <span class='ci'>[{pct(ci[0])}, {pct(ci[1])}]</span></td>"
 
 
 def _signed_cell(x: float | None, spec: str = "+.0%") -> str:
@@ -139,7 +138,7 @@ def _signed_cell(x: float | None, spec: str = "+.0%") -> str:
     return f"<td class='num {cls}'>{format(x, spec)}</td>"
 
 
-def scores_table(evals: dict, labels: list[str]) -> str:
+def scores_table(evals: dict[str, EvalResult], labels: list[str]) -> str:
     head = ("<tr><th>model</th><th>parameters</th><th>task % [95% CI]</th><th>general % [95% CI]</th>"
             "<th>world-text ppl</th><th>task gap closed</th><th>general gap closed</th></tr>")
     rows = []
@@ -147,28 +146,28 @@ def scores_table(evals: dict, labels: list[str]) -> str:
         res = evals[m]
         gaps = ["<td class='num'>-</td>"] * 2
         if m not in ("teacher", "base"):
-            gaps = [_signed_cell(gap_closed(score_of(evals, m, s), score_of(evals, "base", s),
-                                            score_of(evals, "teacher", s))) for s in ("task", "general")]
-        ppl = res.get("world_text_perplexity")
-        params = res.get("parameters")
+            gaps = [_signed_cell(gap_closed(suite_score(evals, m, s), suite_score(evals, "base", s),
+                                            suite_score(evals, "teacher", s))) for s in ("task", "general")]
+        ppl = res.world_text_perplexity
+        params = res.parameters
         rows.append(f"<tr><td>{_e(m)}</td><td class='num'>{'-' if params is None else f'{params:,}'}</td>"
-                    f"{_score_cell(res.get('task'))}{_score_cell(res.get('general'))}"
+                    f"{_score_cell(res.task)}{_score_cell(res.general)}"
                     f"<td class='num'>{'-' if ppl is None else f'{ppl:.2f}'}</td>{''.join(gaps)}</tr>")
     return f"<table id='scores'>{head}{''.join(rows)}</table>"
 
 
-def skill_names(evals: dict) -> list[str]:
+def skill_names(evals: dict[str, EvalResult]) -> list[str]:
     names: dict[str, None] = {}
     for res in evals.values():
-        names.update(dict.fromkeys(res.get("skills") or {}))
+        names.update(dict.fromkeys(res.skills))
     return list(names)
 
 
-def task_skills(cfg: RunConfig | None, evals: dict) -> set[str]:
+def task_skills(cfg: RunConfig | None, evals: dict[str, EvalResult]) -> set[str]:
     """The task suite's skills: from an eval file's "suites" key when it has one, else from the config."""
     for res in evals.values():
-        if isinstance(res.get("suites"), dict):
-            return set(res["suites"].get("task") or [])
+        if res.suites is not None:
+            return set(res.suites.task)
     if cfg is None:
         return set()
     from distillab.evaluate import suites
@@ -176,15 +175,14 @@ def task_skills(cfg: RunConfig | None, evals: dict) -> set[str]:
     return set(suites(cfg)[0])
 
 
-def skills_table(evals: dict, labels: list[str]) -> str:
+def skills_table(evals: dict[str, EvalResult], labels: list[str]) -> str:
     names = skill_names(evals)
     if not names:
         return "<p>No per-skill scores.</p>"
     head = "<tr><th>skill</th>" + "".join(f"<th>{_e(m)}</th>" for m in labels) + "</tr>"
     rows = []
     for s in names:
-        cells = "".join(f"<td class='num'>{pct(((evals[m].get('skills') or {}).get(s) or {}).get('score'))}</td>"
-                        for m in labels)
+        cells = "".join(f"<td class='num'>{pct(evals[m].skill_score(s))}</td>" for m in labels)
         rows.append(f"<tr><td>{_e(s)}</td>{cells}</tr>")
     return f"<table id='skills'>{head}{''.join(rows)}</table>"
 
@@ -195,41 +193,44 @@ def _money(x: float | None, digits: int = 4) -> str:
     return f"${x:,.{digits}f}" if abs(x) < 1000 else f"${x:,.0f}"
 
 
-def ledger_rows(ledger: dict) -> list[tuple[str, str]]:
+def ledger_rows(ledger: Ledger) -> list[tuple[str, str]]:
     """The ledger in plain words, one (item, value) row each."""
-    t, tr, sv, be = (ledger.get(k) or {} for k in ("teacher_generation", "training", "serving", "break_even"))
-    status = t.get("price_status", "?")
-    teacher_usd = "UNPRICED (unknown, not $0)" if status == "unpriced" else _money(t.get("usd"))
+    t, tr, sv, be = ledger.teacher_generation, ledger.training, ledger.serving, ledger.break_even
+    status = t.price_status
+    teacher_usd = "UNPRICED (unknown, not $0)" if status == "unpriced" else _money(t.usd)
     rows = [
-        ("teacher", f"{t.get('model', '?')} ({(t.get('pricing') or {}).get('description', status)})"),
-        ("teacher tokens", f"{t.get('prompt_tokens', '-')} in / {t.get('completion_tokens', '-')} out"),
+        ("teacher", f"{t.model} ({t.pricing.get('description', status)})"),
+        ("teacher tokens", f"{t.prompt_tokens} in / {t.completion_tokens} out"),
         ("teacher generation $", f"{teacher_usd} [{status}]"),
-        ("training", f"{_sci(tr.get('flops'))} FLOPs (estimate), {tr.get('steps', '-')} steps, "
-                     f"{tr.get('train_seconds', '-')} s x ${tr.get('usd_per_hour', 0):g}/h = {_money(tr.get('usd'))}"),
-        *_retain_rows(ledger.get("retain") or {}),
-        ("distillation total $", _money(ledger.get("total_usd"))),
-        ("student serving", f"{_num(sv.get('student_tokens_per_s'))} tokens/s here at ${sv.get('usd_per_hour', 0):g}/h "
-                            f"= {_money(sv.get('student_usd_per_1m_tokens'))} per 1M tokens"),
-        ("teacher API", f"{_money(sv.get('teacher_api_usd_per_1m_output'))} per 1M output tokens "
-                        f"[{sv.get('teacher_price_basis', '?')}]: {sv.get('teacher_price_description', '')}"),
+        ("training", f"{_sci(tr.flops)} FLOPs (estimate), {tr.steps} steps, "
+                     f"{tr.train_seconds} s x ${_or(tr.usd_per_hour, 0):g}/h = {_money(tr.usd)}"),
+        *_retain_rows(ledger.retain),
+        ("distillation total $", _money(ledger.total_usd)),
+        ("student serving", f"{_num(sv.student_tokens_per_s)} tokens/s here at ${_or(sv.usd_per_hour, 0):g}/h "
+                            f"= {_money(sv.student_usd_per_1m_tokens)} per 1M tokens"),
+        ("teacher API", f"{_money(sv.teacher_api_usd_per_1m_output)} per 1M output tokens "
+                        f"[{sv.teacher_price_basis}]: {sv.teacher_price_description}"),
     ]
-    if be:
-        per_query = (f"one-off {_money(be.get('one_off_usd'))} (teacher data {_money(be.get('teacher_usd'))} + training "
-                     f"{_money(be.get('training_usd'))}); per query: teacher API {_money_small(be.get('api_usd_per_query'))}"
-                     f" vs student {_money_small(be.get('student_usd_per_query'))} [{be.get('price_basis', '?')} price]")
-        rows += [("break-even", break_even_phrase(be)), ("break-even inputs", per_query)]
-    return rows
+    per_query = (f"one-off {_money(be.one_off_usd)} (teacher data {_money(be.teacher_usd)} + training "
+                 f"{_money(be.training_usd)}); per query: teacher API {_money_small(be.api_usd_per_query)}"
+                 f" vs student {_money_small(be.student_usd_per_query)} [{be.price_basis} price]")
+    return rows + [("break-even", break_even_phrase(be)), ("break-even inputs", per_query)]
 
 
-def _retain_rows(kept: dict) -> list[tuple[str, str]]:
-    if not kept.get("enabled"):
+def _or(value, placeholder):
+    """A number format needs a number: the placeholder where the ledger does not know it."""
+    return placeholder if value is None else value
+
+
+def _retain_rows(kept: RetainCost) -> list[tuple[str, str]]:
+    if not kept.enabled:
         return []
-    replay = (f"replay by {kept['replay_source']}: {kept.get('replay_rows', 0)} rows, teacher tokens "
-              f"{kept.get('teacher_prompt_tokens', 0)} in / {kept.get('teacher_completion_tokens', 0)} out "
-              f"({_money(kept.get('teacher_usd'))}); " if kept.get("replay_source") else "")
-    return [("retain", f"{replay}base-model generation {kept.get('base_generation_seconds', 0)} s + scoring "
-                       f"{kept.get('candidates', 0)} candidates on dev {kept.get('selection_seconds', 0)} s = "
-                       f"{_money(kept.get('usd'))}")]
+    replay = (f"replay by {kept.replay_source}: {kept.replay_rows} rows, teacher tokens "
+              f"{kept.teacher_prompt_tokens} in / {kept.teacher_completion_tokens} out "
+              f"({_money(kept.teacher_usd)}); " if kept.replay_source else "")
+    return [("retain", f"{replay}base-model generation {kept.base_generation_seconds} s + scoring "
+                       f"{kept.candidates} candidates on dev {kept.selection_seconds} s = "
+                       f"{_money(kept.usd)}")]
 
 
 def _money_small(x: float | None) -> str:
@@ -249,10 +250,10 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
 
-def ledger_section(ledger: dict) -> str:
+def ledger_section(ledger: Ledger) -> str:
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in ledger_rows(ledger))
-    notes = "".join(f"<li><span class='note'>{_e(n)}</span></li>" for n in ledger.get("notes") or [])
-    raw = _e(json.dumps(ledger, indent=1, default=str))
+    notes = "".join(f"<li><span class='note'>{_e(n)}</span></li>" for n in ledger.notes)
+    raw = _e(json.dumps(ledger.to_dict(), indent=1, default=str))
     return (f"<table id='ledger'>{rows}</table>" + (f"<ul class='notes'>{notes}</ul>" if notes else "")
             + f"<details><summary>ledger.json</summary><pre>{raw}</pre></details>")
 
@@ -312,21 +313,20 @@ def _figure(name: str, svg: str | None, caption: str) -> str:
     return f"<figure class='plot' id='plot-{name}'>{body}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
-def _ci_err(res: dict, suite: str) -> list[list[float]] | None:
-    s = (res.get(suite) or {})
-    ci = s.get("ci")
-    if s.get("score") is None or not ci or any(c is None or math.isnan(c) for c in ci):
+def _ci_err(res: EvalResult, suite: str) -> list[list[float]] | None:
+    s = res.suite(suite)
+    if s.score is None or not s.ci or any(c is None or math.isnan(c) for c in s.ci):
         return None
-    return [[100 * max(0.0, s["score"] - ci[0])], [100 * max(0.0, ci[1] - s["score"])]]
+    return [[100 * max(0.0, s.score - s.ci[0])], [100 * max(0.0, s.ci[1] - s.score)]]
 
 
-def task_general_svg(evals: dict, labels: list[str]) -> str | None:
-    points = [m for m in labels if None not in (score_of(evals, m, "task"), score_of(evals, m, "general"))]
+def task_general_svg(evals: dict[str, EvalResult], labels: list[str]) -> str | None:
+    points = [m for m in labels if None not in (suite_score(evals, m, "task"), suite_score(evals, m, "general"))]
     if not points:
         return None
     fig, ax = _new_figure()
     for m in points:
-        x, y = 100 * score_of(evals, m, "general"), 100 * score_of(evals, m, "task")
+        x, y = 100 * suite_score(evals, m, "general"), 100 * suite_score(evals, m, "task")
         ax.errorbar(x, y, xerr=_ci_err(evals[m], "general"), yerr=_ci_err(evals[m], "task"), fmt="o", ms=8,
                     color=color_of(m, labels), capsize=3, label=m)
         ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=9)
@@ -338,14 +338,13 @@ def task_general_svg(evals: dict, labels: list[str]) -> str | None:
     return svg_text(fig, "task-general")
 
 
-def model_costs(evals: dict, ledger: dict, labels: list[str]) -> tuple[dict[str, float], str]:
+def model_costs(evals: dict[str, EvalResult], ledger: Ledger, labels: list[str]) -> tuple[dict[str, float], str]:
     """$ of serving one month of queries with each model, one-off costs included; and the caption."""
-    be = ledger.get("break_even") or {}
-    q = be.get("queries_per_month")
-    api, student = be.get("api_usd_per_query"), be.get("student_usd_per_query")
+    be = ledger.break_even
+    q, api, student = be.queries_per_month, be.api_usd_per_query, be.student_usd_per_query
     if None in (q, api, student):
-        return {}, f"cost-vs-quality needs the break-even prices ({be.get('reason', 'missing')})"
-    one_off, training = be.get("one_off_usd") or 0.0, be.get("training_usd") or 0.0
+        return {}, f"cost-vs-quality needs the break-even prices ({_or(be.reason, 'missing')})"
+    one_off, training = be.one_off_usd or 0.0, be.training_usd or 0.0
     costs = {}
     for m in labels:
         if m == "teacher":
@@ -356,7 +355,7 @@ def model_costs(evals: dict, ledger: dict, labels: list[str]) -> tuple[dict[str,
             costs[m] = one_off + student * q
         else:
             costs[m] = training + student * q  # a control trained with the same compute on its own data
-    notional = " The teacher is priced at a NOTIONAL API price." if be.get("price_basis") == "notional" else ""
+    notional = " The teacher is priced at a NOTIONAL API price." if be.price_basis == "notional" else ""
     caption = (f"Task score vs $ for {human_count(q)} queries (one month at the configured traffic): teacher = API "
                f"calls; base = serving only; distilled = teacher data + training + serving; other models = training"
                f" + serving. The line is the Pareto frontier (no model is both cheaper and better).{notional}")
@@ -373,10 +372,10 @@ def pareto_frontier(points: list[tuple[float, float, str]]) -> list[tuple[float,
     return frontier
 
 
-def pareto_svg(evals: dict, ledger: dict, labels: list[str]) -> tuple[str | None, str]:
+def pareto_svg(evals: dict[str, EvalResult], ledger: Ledger, labels: list[str]) -> tuple[str | None, str]:
     costs, caption = model_costs(evals, ledger, labels)
-    points = [(costs[m], 100 * score_of(evals, m, "task"), m) for m in labels
-              if m in costs and score_of(evals, m, "task") is not None]
+    points = [(costs[m], 100 * suite_score(evals, m, "task"), m) for m in labels
+              if m in costs and suite_score(evals, m, "task") is not None]
     if not points:
         return None, caption
     fig, ax = _new_figure()
@@ -397,14 +396,11 @@ def pareto_svg(evals: dict, ledger: dict, labels: list[str]) -> tuple[str | None
     return svg_text(fig, "pareto"), caption
 
 
-def skill_delta_svg(evals: dict, labels: list[str], task: set[str] = frozenset()) -> str | None:
+def skill_delta_svg(evals: dict[str, EvalResult], labels: list[str], task: set[str] = frozenset()) -> str | None:
     names = skill_names(evals)
     movers = [m for m in labels if m not in ("teacher", "base")]
     if "base" not in evals or not names or not movers:
         return None
-
-    def skill_score(m: str, s: str) -> float | None:
-        return ((evals[m].get("skills") or {}).get(s) or {}).get("score")
 
     from matplotlib.patches import Patch
 
@@ -413,8 +409,8 @@ def skill_delta_svg(evals: dict, labels: list[str], task: set[str] = frozenset()
     hatches = ["", "///", "...", "xxx", "\\\\\\"]  # the distilled student solid, other models hatched
     legend = []
     for j, m in enumerate(movers):
-        deltas = [(100 * (skill_score(m, s) - skill_score("base", s))
-                   if None not in (skill_score(m, s), skill_score("base", s)) else 0.0) for s in names]
+        pairs = [(evals[m].skill_score(s), evals["base"].skill_score(s)) for s in names]
+        deltas = [100 * (mine - base) if None not in (mine, base) else 0.0 for mine, base in pairs]
         ys = [i + (j - (len(movers) - 1) / 2) * height for i in range(len(names))]
         hatch = hatches[j % len(hatches)]
         ax.barh(ys, deltas, height=height * 0.92, color=["#d64541" if d < 0 else "#3a9d5d" for d in deltas],
@@ -458,7 +454,7 @@ def retain_section(selection: dict, chosen_as: str) -> str:
             f"<th></th></tr>{rows}</table>")
 
 
-def tradeoff_svg(evals: dict, labels: list[str], selection: dict, chosen_as: str) -> str | None:
+def tradeoff_svg(evals: dict[str, EvalResult], labels: list[str], selection: dict, chosen_as: str) -> str | None:
     """General (y) vs task (x): test-split models filled, dev-split candidates hollow, the chosen one starred.
     Each candidate is its own SVG group (id candidate-N) so a browser test can count them."""
     candidates = [c for c in selection.get("candidates") or [] if None not in (c.get("dev_task"), c.get("dev_general"))]
@@ -480,7 +476,7 @@ def tradeoff_svg(evals: dict, labels: list[str], selection: dict, chosen_as: str
         ax.scatter([100 * base["task"]], [100 * base["general"]], s=60, facecolors="none", edgecolors=COLORS["base"],
                    linewidths=1.5, zorder=3, label="base (dev)")
     for m in labels:
-        task, general = score_of(evals, m, "task"), score_of(evals, m, "general")
+        task, general = suite_score(evals, m, "task"), suite_score(evals, m, "general")
         if None in (task, general):
             continue
         ax.scatter([100 * task], [100 * general], s=70, color=color_of(m, labels), zorder=5, label=f"{m} (test)")
