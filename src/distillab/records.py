@@ -1,7 +1,8 @@
 """The run's result files as typed records, declared once: eval/<model>.json is an EvalResult, ledger.json a Ledger.
 
-evaluate writes EvalResult and costs writes Ledger through `write_record`; the pipeline, the report and the
-registry read them back through `read_eval` / `read_ledger`, and look scores up with `suite_score` alone.
+evaluate writes EvalResult and costs writes Ledger through `write_record`; `read_eval` / `read_ledger` read them
+back (a corrupt or wrong-shaped file is a one-line UserError naming it); costs, the registry and the report look
+scores up with `suite_score` alone.
 
 On disk a record is the JSON object of its fields, in declaration order (the layout runs have always had).
 A field with a default is one some files lack: older runs (an eval without `suites` or `label`, a ledger
