@@ -45,6 +45,8 @@ FAMILIES = {
     "cohere": (tf.CohereConfig, tf.CohereForCausalLM, {"logit_scale": 4.0}),
     "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, {"logits_scaling": 0.25}),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),
+    "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel,  # its body is .transformer, not .model
+             {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),  # no dropout: runs must compare exactly
 }
 TEACHERS = ("sparse", "dense", "on_policy")  # dataset top-5, dataset top-V (the whole distribution), local teacher
 PATHS = ("logits", "chunked")
@@ -192,3 +194,30 @@ def test_four_micro_batches_take_the_step_of_one_batch(tmp_path, family, teacher
     assert any(not torch.equal(start[name], whole[name]) for name in whole)
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_lora_chunked_equals_unchunked(family, monkeypatch):
+    """Under a peft wrapper the decoder and lm_head are found through get_base_model()."""
+    from peft import LoraConfig, get_peft_model
+
+    results = {}
+    for path in PATHS:
+        base = student(family)
+        torch.manual_seed(3)  # the same adapters on both paths
+        model = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+        for p in model.parameters():  # LoRA's B starts at 0: move it so that every adapter gets a gradient
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)
+        cfg = cell_config("sparse", path)
+        d = train.DistillSettings(cfg, model, None, TOK.pad_token_id, TOK.eos_token_id)
+        batch = collate(cell_rows(family, "sparse"), TOK.pad_token_id)
+        terms = train.loss_step(d.head(model, model, batch, d), batch, d)
+        terms.total.backward()
+        results[path] = terms.total.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    (plain, plain_grads), (chunked, chunked_grads) = results["logits"], results["chunked"]
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    assert plain_grads and set(chunked_grads) == set(plain_grads)
+    for name, grad in plain_grads.items():
+        assert grad is not None and chunked_grads[name] is not None, name
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
