@@ -174,7 +174,8 @@ def test_on_policy_samples_keep_their_eos_when_pad_is_eos(tiny_teacher, tiny_stu
     tok = models.load_tokenizer(tiny_student)
     eos = tok.eos_token_id
     student, d = _settings(tiny_teacher, tiny_student, pad_id=eos, eos_id=eos)  # the tokenizer fallback's choice
-    prompts = [{"prompt_ids": [1, 20, 21], "completion_ids": [30, eos]}, {"prompt_ids": [1, 22], "completion_ids": [eos]}]
+    prompts = [{"prompt_ids": [1, 20, 21], "completion_ids": [30, eos]},
+               {"prompt_ids": [1, 22], "completion_ids": [eos]}]
     sampled = torch.tensor([[40, 41, eos, eos, eos], [42, 43, 44, 45, 46]])  # (B, new): finished, cut at max length
     monkeypatch.setattr(train, "_sample", lambda *a: sampled)
     batch = train.on_policy_batch(student, collate(prompts, eos), d)
@@ -212,7 +213,8 @@ def test_sft_only_is_loss_ce_with_no_kd_weight():
     assert from_dict({"train": {"loss": "ce", "kd_weight": 0.0, "sft_weight": 1.0}}).train.loss == "ce"
 
 
-@pytest.mark.parametrize("train_cfg, named", [({"chunk_size": 64}, "chunked KD"), ({"on_policy_fraction": 0.5}, "on-policy")])
+@pytest.mark.parametrize("train_cfg, named", [({"chunk_size": 64}, "chunked KD"),
+                                              ({"on_policy_fraction": 0.5}, "on-policy")])
 def test_fsdp_refuses_what_it_would_break(train_cfg, named):
     t = from_dict({"train": train_cfg}).train
     train.check_parallelism(t, fsdp=False)

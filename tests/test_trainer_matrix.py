@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest

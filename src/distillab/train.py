@@ -18,12 +18,14 @@ Normalisation, the one rule for every path: the sums are divided by the number o
 accumulation window on all processes (counted once the window's batches are known, on-policy samples included,
 and summed across processes), then multiplied by the process count because DDP/FSDP average gradients. So
 4 micro-batches of 1 give the gradient of 1 batch of 4, P processes the gradient of one, whatever the model's
-`accepts_loss_kwargs` says (the Trainer's own scaling is bypassed: loss_is_scaled_for_ga).
+`accepts_loss_kwargs` says (the Trainer's own count and scaling are replaced: _get_num_items_in_batch,
+loss_is_scaled_for_ga).
 
 The student's path is chosen once at setup: dense (model(...).logits) or chunked (losses.chunked_kd_loss from the
-final hidden states, with the family's final logit transform, distillab.logits; never B x T x V logits). The
-forward always goes through the (possibly DDP-wrapped) model, so its gradient hooks run; generation and module
-lookups use the unwrapped model.
+final hidden states, with the family's final logit transform, distillab.logits; never B x T x V logits, an
+on-policy teacher's included). The forward always goes through the (possibly DDP-wrapped) model: DDP all-reduces
+gradients only after its own forward, so calling the body (`.model`) directly would skip the sync silently.
+Generation and module lookups (decoder, lm_head) use the unwrapped model.
 
 Checkpoints are written to checkpoints/.saving/ and renamed into place when complete; resume takes the last
 complete one and removes (and reports) any incomplete one. Each holds train_seconds.json: the training seconds of
@@ -186,7 +188,8 @@ class DistillSettings:
 
     def on_policy(self, step: int) -> bool:
         """Whether optimizer step `step` trains on the student's samples: the same draw on every process and resume."""
-        return self.teacher_model is not None and random.Random(f"{self.seed}:{step}").random() < self.on_policy_fraction
+        draw = random.Random(f"{self.seed}:{step}").random()  # str seeds hash the same in every process
+        return self.teacher_model is not None and draw < self.on_policy_fraction
 
 
 def _check_logits_to_keep(model) -> None:
@@ -296,7 +299,8 @@ class DistillTrainer(Trainer):
     # -- wall time over resumes, atomic checkpoints
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        self.seconds_before = checkpoint_seconds(resume_from_checkpoint) if isinstance(resume_from_checkpoint, str) else 0.0
+        resumed = isinstance(resume_from_checkpoint, str)
+        self.seconds_before = checkpoint_seconds(resume_from_checkpoint) if resumed else 0.0
         self._clock = time.monotonic()
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -407,7 +411,8 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
         model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     ckpt_dir = run_dir / "checkpoints"
-    callbacks = ([_Progress(progress)] if progress else []) + ([_StopAfter(stop_after_steps)] if stop_after_steps else [])
+    callbacks = [_Progress(progress)] if progress else []
+    callbacks += [_StopAfter(stop_after_steps)] if stop_after_steps else []
     trainer = build_trainer(cfg, rows, model, tok, ckpt_dir, teacher_model, callbacks, replay=replay)
     resume = last_complete_checkpoint(ckpt_dir, log) if ckpt_dir.is_dir() else None
     if resume:
