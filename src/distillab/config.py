@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+# = losses.LOSS_NAMES (tests/test_losses.py holds them equal), written out: importing losses would make config, and
+# so `distillab --help`, import torch (1.7 s -> 3+ s here)
 LossName = Literal["ce", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
 
