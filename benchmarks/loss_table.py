@@ -71,16 +71,16 @@ def main() -> None:
             reference = {"teacher": score(cfg.teacher.model), "base": score(cfg.train.student)}
         t, b, d = reference["teacher"], reference["base"], score(str(cfg.run_dir / "student"))
         table.append({
-            "loss": label, "task": d["task"]["score"], "general": d["general"]["score"],
-            "task_gap_closed": gap_closed(d["task"]["score"], b["task"]["score"], t["task"]["score"]),
-            "general_change": d["general"]["score"] - b["general"]["score"], "train_seconds": seconds,
+            "loss": label, "task": d.task.score, "general": d.general.score,
+            "task_gap_closed": gap_closed(d.task.score, b.task.score, t.task.score),
+            "general_change": d.general.score - b.general.score, "train_seconds": seconds,
             "wall_seconds": round(time.time() - began, 1),
         })
         print(json.dumps(table[-1]), flush=True)
     base, teacher = reference["base"], reference["teacher"]
     print(f"\nLab task = {', '.join(args.skills)}; {args.steps} steps x 32 examples; teacher task "
-          f"{teacher['task']['score']:.3f} / general {teacher['general']['score']:.3f}; base task "
-          f"{base['task']['score']:.3f} / general {base['general']['score']:.3f}\n")
+          f"{teacher.task.score:.3f} / general {teacher.general.score:.3f}; base task "
+          f"{base.task.score:.3f} / general {base.general.score:.3f}\n")
     print("| loss | task | general | task gap closed | general vs base | train time |")
     print("|---|---|---|---|---|---|")
     for r in table:

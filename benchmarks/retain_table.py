@@ -80,9 +80,9 @@ def main() -> None:
                          if cfg.retain.replay_source == "teacher" and cfg.retain.replay_fraction > 0 else 0)
         d = score(str(cfg.run_dir / "student"))
         table.append({
-            "name": name, "label": label, "task": d["task"]["score"], "general": d["general"]["score"],
-            "task_gap_closed": gap_closed(d["task"]["score"], b["task"]["score"], t["task"]["score"]),
-            "general_change": d["general"]["score"] - b["general"]["score"], "extra_teacher_tokens": extra_teacher,
+            "name": name, "label": label, "task": d.task.score, "general": d.general.score,
+            "task_gap_closed": gap_closed(d.task.score, b.task.score, t.task.score),
+            "general_change": d.general.score - b.general.score, "extra_teacher_tokens": extra_teacher,
             "train_seconds": summary["train_seconds"],
             "chosen": selection["chosen"]["label"] if selection else None,
             "selection_seconds": selection["selection_seconds"] if selection else 0.0,
@@ -90,8 +90,8 @@ def main() -> None:
         })
         print(json.dumps(table[-1]), flush=True)
         shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)  # keep the disk small
-    print(f"\nDemo task = recall, describe; {args.steps} steps x 32; teacher task {t['task']['score']:.3f} / general "
-          f"{t['general']['score']:.3f}; base task {b['task']['score']:.3f} / general {b['general']['score']:.3f}; "
+    print(f"\nDemo task = recall, describe; {args.steps} steps x 32; teacher task {t.task.score:.3f} / general "
+          f"{t.general.score:.3f}; base task {b.task.score:.3f} / general {b.general.score:.3f}; "
           f"test split, {args.n_eval} prompts a skill\n")
     print("| recipe | test task | test general | task gap closed | general vs base | extra teacher tokens | "
           "train time | chosen on dev |")

@@ -104,10 +104,10 @@ def test_user_task_suite_is_scored_as_the_task(tmp_path, tiny_teacher, tiny_stud
     run_generate(cfg, log=lambda *_: None)
     run_train(cfg, log=lambda *_: None)
     res = run_evaluate(cfg, log=lambda *_: None)["distilled"]
-    assert {"sums", "choice", "add", "upper"} == set(res["skills"])
+    assert {"sums", "choice", "add", "upper"} == set(res.skills)
     task_skills = ["add", "sums", "choice"]  # the lab task skill plus the file's two
-    want = sum(res["skills"][s]["score"] for s in task_skills) / 3
-    assert res["task"]["score"] == pytest.approx(want)
+    want = sum(res.skills[s].score for s in task_skills) / 3
+    assert res.task.score == pytest.approx(want)
 
 
 @pytest.mark.parametrize("declared", [None, "gpt-x"])

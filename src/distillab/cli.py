@@ -284,13 +284,11 @@ def lab_skills():
 
 
 def _print_terminal_summary(cfg) -> None:
-    import json
-
     from distillab.pipeline import load_evals
+    from distillab.records import read_ledger
     from distillab.report import terminal_summary
 
-    ledger = json.loads((cfg.run_dir / "ledger.json").read_text())
-    Console().print(terminal_summary(load_evals(cfg), ledger))
+    Console().print(terminal_summary(load_evals(cfg), read_ledger(cfg.run_dir / "ledger.json")))
 
 
 def _print_scores(results: dict) -> None:
@@ -298,9 +296,9 @@ def _print_scores(results: dict) -> None:
 
     table = Table("model", "task", "general", "world-text ppl")
     for label, res in results.items():
-        t, g = res["task"]["score"], res["general"]["score"]
+        t, g = res.task.score, res.general.score
         table.add_row(label, "-" if t is None else f"{t:.3f}", "-" if g is None else f"{g:.3f}",
-                      f"{res['world_text_perplexity']:.2f}")
+                      f"{res.world_text_perplexity:.2f}")
     Console().print(table)
 
 

@@ -100,8 +100,7 @@ def run_demo(runs_dir: Path, fresh: bool = False, generate_stage=None, train_sta
 
 def demo_summary(evals: dict[str, dict], seconds: float, selection: dict | None = None) -> dict:
     labels = [m for m in ("teacher", "base", "distilled", "zero_distill", "retain") if m in evals]
-    models = {label: {"task": evals[label]["task"]["score"], "general": evals[label]["general"]["score"]}
-              for label in labels}
+    models = {label: {"task": evals[label].task.score, "general": evals[label].general.score} for label in labels}
     t, b, d = models["teacher"], models["base"], models["distilled"]
     summary = {
         "models": models,
