@@ -78,6 +78,16 @@ def test_on_policy_and_lora(tmp_path, tiny_teacher, tiny_student):
     after = load_file(str(cfg.run_dir / "student" / "model.safetensors"))
     assert set(before) == set(after)  # LoRA merged back into a plain model
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    # ... and the adapter itself, beside it: base + adapter gives the merged student's logits
+    from peft import PeftModel
+
+    from distillab.models import load_model
+
+    merged = load_model(cfg.run_dir / "student")
+    adapted = PeftModel.from_pretrained(load_model(tiny_student), str(cfg.run_dir / "student" / "adapter"))
+    ids = torch.tensor([[1, 7, 12, 30, 5, 9]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
 
 
 def test_evaluate_writes_every_model_and_reruns_are_cached(tmp_path, tiny_teacher, tiny_student):

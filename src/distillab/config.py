@@ -31,14 +31,17 @@ class _Strict(BaseModel):
 
 class TeacherConfig(_Strict):
     model: str = "lab:teacher"  # a local HF directory / lab:NAME, or the model name at base_url
-    base_url: str | None = None  # set: an OpenAI-compatible endpoint; unset: the local HF backend
+    # set: an OpenAI-compatible endpoint, or a list of them (replicas of one model: requests go to the one with
+    # the fewest outstanding, a failing one is backed off); unset: the local HF backend
+    base_url: str | list[str] | None = None
     api_key_env: str | None = None  # name of the environment variable holding the key (never the key)
     mode: Literal["completions", "chat"] = "completions"
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k_logprobs: int = Field(20, ge=0, le=20)  # 0: text only
-    concurrency: int = Field(8, ge=1)
+    samples_per_prompt: int = Field(1, ge=1)  # > 1 (needs temperature > 0): that many answers a prompt, each a row
+    concurrency: int = Field(8, ge=1)  # requests in flight per endpoint
     batch_size: int = Field(64, ge=1)  # local backend: prompts per generate() call
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(60.0, gt=0)
@@ -48,9 +51,25 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_url(self) -> "TeacherConfig":
-        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http:// or https:// URL (got {self.base_url!r})")
+        urls = self.urls
+        if isinstance(self.base_url, list) and not urls:
+            raise ValueError("base_url is an empty list: give one endpoint or more, or leave it unset")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url must be an http:// or https:// URL (got {url!r})")
+        if len({u.rstrip("/") for u in urls}) < len(urls):
+            raise ValueError("base_url lists the same endpoint twice")
+        if self.samples_per_prompt > 1 and self.temperature == 0:
+            raise ValueError(f"samples_per_prompt = {self.samples_per_prompt} needs temperature > 0 "
+                             "(greedy decoding gives the same answer every time)")
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """The endpoints, as a list (empty for the local backend)."""
+        if self.base_url is None:
+            return []
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
 class DataConfig(_Strict):
@@ -65,6 +84,7 @@ class DataConfig(_Strict):
 
 class TrainConfig(_Strict):
     student: str = "lab:base"
+    student_hub_id: str | None = None  # the student's Hugging Face Hub id, for the model card's base_model
     loss: LossName = "forward_kl"
     kd_weight: float = Field(1.0, ge=0.0)  # weight of the KD term on teacher logprobs
     sft_weight: float = Field(0.0, ge=0.0)  # weight of cross-entropy on the teacher's text
@@ -92,6 +112,10 @@ class TrainConfig(_Strict):
                              "or choose a KD loss")
         if self.kd_weight == 0 and self.sft_weight == 0:
             raise ValueError("kd_weight and sft_weight are both 0: nothing to train")
+        if self.student_hub_id is not None:
+            from distillab.provenance import check_hub_id
+
+            check_hub_id(self.student_hub_id)
         if self.on_policy_fraction > 0 and (self.loss == "ce" or self.kd_weight == 0):
             raise ValueError("on-policy steps train the KD term alone (no cross-entropy on the student's own samples): "
                              "they need a KD loss and kd_weight > 0")

@@ -398,7 +398,9 @@ def _write_student(model, student_dir: Path, record: dict) -> None:
     """The chosen weights into student/, keeping its tokenizer, summaries and model card (temp + rename)."""
     tmp = student_dir.with_name(student_dir.name + ".select.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(student_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    # the trained weights (and a LoRA adapter, which is not the chosen merge) are replaced by the chosen ones
+    shutil.copytree(student_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json",
+                                                                     "adapter"))
     model.save_pretrained(str(tmp), safe_serialization=True)
     write_atomic(tmp / "retain.json", json.dumps(record, indent=1))
     old = student_dir.with_name(student_dir.name + ".old.tmp")

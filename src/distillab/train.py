@@ -508,17 +508,20 @@ def train_flops(model, tokens: int) -> float:
 
 
 def _save_student(model, tok, student_dir: Path, summary: dict, cfg: RunConfig) -> None:
-    if hasattr(model, "merge_and_unload"):  # LoRA: ship a plain model, adapters merged in
-        model = model.merge_and_unload()
+    """student/: the plain model (LoRA merged in) that loads anywhere, and for LoRA runs also the adapter
+    itself in student/adapter/ (PeftModel.from_pretrained(base, "student/adapter"))."""
     tmp = student_dir.with_name(student_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        model = model.merge_and_unload()
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
     write_atomic(tmp / "train_summary.json", json.dumps(summary, indent=1, default=float))
     from distillab import provenance
 
     lineage = provenance.build_lineage(cfg.run_dir / "data" / "train.parquet", base_model=cfg.train.student,
-                                       train_summary=summary)
+                                       train_summary=summary, student_hub_id=cfg.train.student_hub_id)
     lineage["model"] = f"{cfg.name}/student"  # the name it will have, not the temp directory's
     provenance.write_model_card(tmp, lineage)
     shutil.rmtree(student_dir, ignore_errors=True)
