@@ -94,6 +94,9 @@ def test_lm_eval_on_run_models_offline(tmp_path, task_yaml, monkeypatch):
     logs.clear()
     again = run_lm_eval(cfg, str(task_yaml), log=logs.append)
     assert logs == [] and again["base"]["scores"] == results["base"]["scores"]
+    # The config's eval.lm_eval_tasks is what `distillab run` (pipeline.run_all) and a bare `evaluate` use.
+    cfg.eval.lm_eval_tasks = [str(task_yaml)]
+    assert run_lm_eval(cfg, "", log=logs.append)["teacher"]["scores"] == results["teacher"]["scores"]
 
 
 def test_task_names_from_include_path(task_yaml):

@@ -138,10 +138,10 @@ def evaluate(config: Path = ConfigArg,
 
     cfg = _config(config)
     results = run_evaluate(cfg, log=console.print)
-    if lm_eval_tasks:
+    if lm_eval_tasks or cfg.eval.lm_eval_tasks:
         from distillab.lm_eval_bridge import run_lm_eval
 
-        run_lm_eval(cfg, lm_eval_tasks, log=console.print)
+        run_lm_eval(cfg, lm_eval_tasks or "", log=console.print)
     _print_scores(results)
 
 

@@ -36,6 +36,10 @@ def run_all(cfg: RunConfig, generate_stage, train_stage, log=print):
     generate_stage(cfg)
     train_stage(cfg)
     run_evaluate(cfg, log=log)
+    if cfg.eval.lm_eval_tasks:  # the config's real benchmarks run in `run` too, not only in `evaluate --lm-eval-tasks`
+        from distillab.lm_eval_bridge import run_lm_eval
+
+        run_lm_eval(cfg, "", log=log)
     path = finish_run(cfg, log=log)
     log(f"report: {path}")
     return path
