@@ -347,7 +347,8 @@ def choose_student(cfg: RunConfig, log=print) -> dict | None:
     record_path = run_dir / "retain.json"
     stamp = fingerprint("select", r.model_dump(), cfg.eval.general, [str(p.name) for p in sources],
                         *[f for p in sources for f in sorted(p.glob("*.safetensors"))])
-    if is_fresh(run_dir, "select", stamp) and record_path.is_file() and (run_dir / "student" / "config.json").is_file():
+    # student/retain.json marks the chosen weights: a retrained student/ (the last step's) has none
+    if is_fresh(run_dir, "select", stamp) and record_path.is_file() and (run_dir / "student" / "retain.json").is_file():
         return json.loads(record_path.read_text())
     began = time.time()
     base_model, tok = models.load(cfg.train.student)
