@@ -3,6 +3,13 @@
 A response is committed (one transaction per response) before generate counts it as done, so a crash
 loses at most the requests in flight, and a rerun never pays for a cached request again. Requests that
 failed after all retries go to `failures` with their error: counted and reported, retried on a rerun.
+
+Storage of a response (`responses.response`): a zstd-compressed blob (`encode_response`) holding the small
+fields as JSON, the completion token ids as int32 and the teacher's top-k through `topk_codec` (the same
+bytes the dataset stores), so the cache costs about what the dataset does per token; JSON text (caches
+written before the codec, and responses whose top-k the codec cannot hold, e.g. token strings) still reads.
+`get(key, raw_topk=True)` hands the codec bytes over without decoding: generate writes them to the
+dataset as they are, no decode/re-encode and no extra rounding.
 """
 
 from __future__ import annotations
@@ -11,8 +18,11 @@ import functools
 import hashlib
 import json
 import sqlite3
+import struct
 import time
 from pathlib import Path
+
+import numpy as np
 
 from distillab.errors import UserError
 
@@ -20,7 +30,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
   key TEXT PRIMARY KEY,
   request TEXT NOT NULL,          -- canonical request JSON (no secrets: keys never enter a request)
-  response TEXT NOT NULL,         -- response JSON: text, token ids, top-k, finish_reason
+  response TEXT NOT NULL,         -- a BLOB from encode_response (or, in older caches, response JSON)
   prompt_tokens INTEGER NOT NULL,
   completion_tokens INTEGER NOT NULL,
   latency_s REAL NOT NULL,
@@ -41,6 +51,68 @@ def request_key(request: dict) -> str:
     """Hash of the canonical request: every field counts (endpoint, model, sampling, prompt); order does not."""
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+BLOB_MAGIC = b"DLR1"  # version 1 of encode_response's layout
+
+
+def encode_response(response: dict) -> bytes:
+    """A teacher response -> BLOB_MAGIC + raw length (u32) + zstd(raw); raw = u32-length-prefixed parts:
+    the JSON of every field but token_ids/top_ids/top_logprobs, token_ids as int32, then the six topk_codec
+    arrays (empty when the response has no top-k). Raises ValueError when the top-k is not codec-shaped."""
+    import pyarrow as pa
+
+    from distillab.topk_codec import FIELDS, encode_topk
+
+    ids, lps = response.get("top_ids"), response.get("top_logprobs")
+    if lps is not None and not ids:
+        raise ValueError("log-probs of token strings (no ids): not codec-shaped")
+    meta = {k: v for k, v in response.items() if k not in ("token_ids", "top_ids", "top_logprobs")}
+    meta["has_token_ids"] = response.get("token_ids") is not None
+    meta["has_topk"] = bool(ids)
+    parts = [json.dumps(meta, separators=(",", ":")).encode(),
+             np.asarray(response.get("token_ids") or [], dtype="<i4").tobytes()]
+    if ids:
+        encoded = encode_topk(ids, lps)
+        parts += [encoded[f].tobytes() for f in FIELDS]
+    raw = b"".join(struct.pack("<I", len(p)) + p for p in parts)
+    return BLOB_MAGIC + struct.pack("<I", len(raw)) + pa.compress(raw, codec="zstd", asbytes=True)
+
+
+def decode_response(blob: bytes, raw_topk: bool = False) -> dict:
+    """encode_response's bytes -> the response dict. top-k decoded to top_ids/top_logprobs lists (sorted by id
+    per position, log-probs to 1/32 nat), or with raw_topk the codec's {field: bytes} under "topk" (None if none)."""
+    import pyarrow as pa
+
+    from distillab.topk_codec import FIELDS, decode_topk
+
+    (size,) = struct.unpack_from("<I", blob, 4)
+    raw = pa.decompress(blob[8:], decompressed_size=size, codec="zstd", asbytes=True)
+    parts, at = [], 0
+    while at < len(raw):
+        (n,) = struct.unpack_from("<I", raw, at)
+        parts.append(raw[at + 4 : at + 4 + n])
+        at += 4 + n
+    resp = json.loads(parts[0])
+    has_ids, has_topk = resp.pop("has_token_ids"), resp.pop("has_topk")
+    resp["token_ids"] = np.frombuffer(parts[1], dtype="<i4").tolist() if has_ids else None
+    fields = dict(zip(FIELDS, parts[2:])) if has_topk else None
+    if raw_topk:
+        resp["topk"] = fields
+        resp["top_ids"] = resp["top_logprobs"] = None
+    elif fields:
+        ids, lps, _ = decode_topk(fields)
+        resp["top_ids"], resp["top_logprobs"] = ids.tolist(), lps.tolist()
+    else:
+        resp["top_ids"] = resp["top_logprobs"] = None
+    return resp
+
+
+def _stored(response: dict) -> bytes | str:
+    try:
+        return encode_response(response)
+    except (ValueError, TypeError):  # ragged or out-of-range top-k: kept as it came, in JSON
+        return json.dumps(response)
 
 
 def _corrupt(path: Path, err: sqlite3.Error) -> UserError:
@@ -96,9 +168,18 @@ class RequestCache:
         self.db.close()
 
     @_guarded
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str, raw_topk: bool = False) -> dict | None:
+        """The cached response, or None. raw_topk: the top-k as the codec's bytes under "topk" (see decode_response);
+        a JSON-stored response then carries "topk": None and its top_ids/top_logprobs as lists."""
         row = self.db.execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        if not row:
+            return None
+        if isinstance(row[0], bytes) and row[0][:4] == BLOB_MAGIC:
+            return decode_response(row[0], raw_topk)
+        resp = json.loads(row[0])  # a cache from before the codec, or a top-k the codec cannot hold
+        if raw_topk:
+            resp["topk"] = None
+        return resp
 
     @_guarded
     def cached_keys(self, keys: list[str]) -> set[str]:
@@ -114,7 +195,7 @@ class RequestCache:
         with self.db:  # one committed transaction per response
             self.db.execute(
                 "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, json.dumps(request, sort_keys=True), json.dumps(response),
+                (key, json.dumps(request, sort_keys=True), _stored(response),
                  int(response.get("prompt_tokens", 0)), int(response.get("completion_tokens", 0)),
                  float(latency_s), int(attempts), time.time()),
             )

@@ -23,22 +23,45 @@ from distillab.errors import UserError
 
 REQUIRED_COLUMNS = ("prompt", "completion", "prompt_ids", "completion_ids")
 TOPK_PREFIX = "topk_"  # the teacher's top-k is stored through topk_codec: ids lossless, ~40-56 bytes a token
+SHARD_GLOB = "part-*.parquet"  # a sharded dataset: data/<name>/part-*.parquet, read in name order
+# Columns whose type is known whatever a shard holds (an all-null column would otherwise be `null`, and shards
+# with different types for one column would not read as one dataset).
+STRING_COLUMNS = ("prompt", "completion", "answer", "source", "teacher_id", "teacher_params_hash",
+                  "request_hash", "created_at")
+
+
+def shard_dir(path: Path) -> Path:
+    """data/<name>.parquet -> data/<name>/: where the shards of that dataset live."""
+    return path.with_suffix("")
+
+
+def dataset_files(path: Path) -> list[Path]:
+    """The Parquet files that make up the dataset `path` names (data/<name>.parquet): the file itself when it
+    exists, else every shard in data/<name>/ in name order (shards of several `generate --shard I/N` processes
+    included: a merge is just reading them all), else []."""
+    if path.is_file():
+        return [path]
+    shards = shard_dir(path)
+    return sorted(shards.glob(SHARD_GLOB)) if shards.is_dir() else []
 
 
 def write_dataset(path: Path, rows: list[dict]) -> None:
-    """Rows -> Parquet (zstd), written to a temp file and renamed. top_ids/top_logprobs become codec columns."""
+    """Rows -> Parquet (zstd), written to a temp file and renamed. top_ids/top_logprobs become codec columns;
+    a row may instead carry "topk", the codec's arrays already encoded (as the request cache hands them over)."""
     from distillab.topk_codec import FIELDS, encode_topk
 
     stored = []
     for r in rows:
         r = dict(r)
         ids, logprobs = r.pop("top_ids", None), r.pop("top_logprobs", None)
-        encoded = encode_topk(ids, logprobs) if ids else None
+        encoded = r.pop("topk", None) or (encode_topk(ids, logprobs) if ids else None)
         for field in FIELDS:
-            r[TOPK_PREFIX + field] = encoded[field].tobytes() if encoded else None
+            value = encoded[field] if encoded else None
+            r[TOPK_PREFIX + field] = value if value is None or isinstance(value, bytes) else value.tobytes()
         stored.append(r)
     schema_hint = {"prompt_ids": pa.list_(pa.int32()), "completion_ids": pa.list_(pa.int32())}
     schema_hint |= {TOPK_PREFIX + field: pa.binary() for field in FIELDS}
+    schema_hint |= {name: pa.string() for name in STRING_COLUMNS}
     columns = {name: [r[name] for r in stored] for name in stored[0]} if stored else {}
     table = pa.table({name: pa.array(values, type=schema_hint.get(name)) for name, values in columns.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,18 +70,41 @@ def write_dataset(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def write_merged(path: Path, files: list[Path]) -> None:
+    """Several dataset files (shards) -> one, a file at a time (memory follows the largest shard), atomically.
+    Column types are unified (a column all null in one shard takes its type from the others)."""
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+    schema = schema.remove_metadata()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for f in files:
+                table = pq.read_table(f)
+                columns = [table.column(fld.name).cast(fld.type) if fld.name in table.column_names
+                           else pa.nulls(table.num_rows, fld.type) for fld in schema]
+                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_dataset(path: Path) -> list[dict]:
-    """The dataset's rows, with the teacher's top-k decoded into top_ids, top_logprobs and top_tail (log of the
-    mass outside the top-k) per completion token, or None where the row has none."""
+    """The dataset's rows (the file, or all its shards: see dataset_files), with the teacher's top-k decoded into
+    top_ids, top_logprobs and top_tail (log of the mass outside the top-k) per completion token, or None where
+    the row has none."""
     from distillab.topk_codec import FIELDS, decode_topk
 
-    if not path.is_file():
+    files = dataset_files(path)
+    if not files:
         raise UserError(f"no dataset at {path}: run `distillab generate` first")
-    table = pq.read_table(path)
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing and table.num_rows:
-        raise UserError(f"{path} is not a distillab dataset: column {missing[0]!r} is missing (rerun `distillab generate`)")
-    rows = table.to_pylist()
+    rows = []
+    for file in files:
+        table = pq.read_table(file)
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing and table.num_rows:
+            raise UserError(f"{file} is not a distillab dataset: column {missing[0]!r} is missing "
+                            "(rerun `distillab generate`)")
+        rows += table.to_pylist()
     for r in rows:
         fields = {field: r.pop(TOPK_PREFIX + field, None) for field in FIELDS}
         if fields["top"] is None:

@@ -1,17 +1,19 @@
 """Teachers: something that answers canonical requests. One small Protocol, no class hierarchy.
 
-A request is a plain dict (endpoint, model, sampling parameters, prompt or messages): its hash is the cache
-key. A response is a plain dict:
+A request is a plain dict (model, sampling parameters, prompt or messages; the endpoint when there is exactly
+one, and "sample" for the second and later samples of a prompt): its hash is the cache key. A response is a
+plain dict:
   text, finish_reason, prompt_tokens, completion_tokens,
   token_ids       completion token ids (ending with end-of-sequence when it stopped), or None,
   top_ids         per completion token, the teacher's top-k token ids, or None,
   top_logprobs    per completion token, their logprobs, or None,
-  top_tokens      per completion token, the top-k token *strings* when the server gives no ids, or None.
+  top_tokens      per completion token, the top-k token *strings* when the server gives no ids, or None,
+  served_by       the endpoint that answered (not part of the key: replicas share cache entries).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 # on_done(request, response or None, error or None, latency_s, attempts): called once per request,
 # as soon as it is answered (or has failed for good), so the caller can commit it before the next one.
@@ -20,11 +22,14 @@ OnDone = Callable[[dict, "dict | None", "str | None", float, int], None]
 
 class Teacher(Protocol):
     teacher_id: str  # recorded in provenance
-    endpoint: str  # where answers come from: a base_url, or local:<name>@<content hash of weights, config and tokenizer>
+    endpoint: str  # where answers come from: base_url(s), or local:<name>@<content hash of weights, config, tokenizer>
+    # per endpoint, this process's counts: {url: {answered, errors, prompt_tokens, completion_tokens}}
+    endpoint_stats: dict[str, dict]
 
-    def request(self, prompt: str) -> dict: ...
+    def request(self, prompt: str, sample: int = 0) -> dict: ...
 
-    def answer(self, requests: list[dict], on_done: OnDone) -> None: ...
+    # requests: any iterable, read lazily (as capacity frees up), so the caller can stream them
+    def answer(self, requests: Iterable[dict], on_done: OnDone) -> None: ...
 
 
 def make_teacher(cfg) -> Teacher:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from pathlib import Path
 
@@ -51,28 +52,39 @@ class LocalHFTeacher:
         self.teacher_id = cfg.model
         self.name = model_name(cfg.model, self.path)
         self.endpoint = f"local:{self.name}@{model_digest(self.path)}"
+        self.endpoint_stats = {self.endpoint: {"answered": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}}
         self._model = self._tokenizer = None
 
-    def request(self, prompt: str) -> dict:
+    def request(self, prompt: str, sample: int = 0) -> dict:
         c = self.cfg
-        return {"endpoint": self.endpoint, "model": self.name, "prompt": prompt, "max_tokens": c.max_new_tokens,
-                "temperature": c.temperature, "top_p": c.top_p, "logprobs": c.top_k_logprobs}
+        req = {"endpoint": self.endpoint, "model": self.name, "prompt": prompt, "max_tokens": c.max_new_tokens,
+               "temperature": c.temperature, "top_p": c.top_p, "logprobs": c.top_k_logprobs}
+        if sample:  # the first sample keeps the single-sample key: caches from before samples_per_prompt still hit
+            req["sample"] = sample
+        return req
 
-    def answer(self, requests: list[dict], on_done) -> None:
-        if self._model is None:  # load lazily: a fully cached run never touches the weights
-            self._model, self._tokenizer = models.load(self.path)
-        for start in range(0, len(requests), self.cfg.batch_size):
-            batch = requests[start : start + self.cfg.batch_size]
+    def answer(self, requests, on_done) -> None:
+        pending = iter(requests)  # read lazily, a batch at a time
+        batches = iter(lambda: list(itertools.islice(pending, self.cfg.batch_size)), [])
+        stats = self.endpoint_stats[self.endpoint]
+        start = 0
+        for batch in batches:
+            if self._model is None:  # load lazily: a fully cached run never touches the weights
+                self._model, self._tokenizer = models.load(self.path)
             began = time.time()
             r0 = batch[0]
             outs = generate(self._model, self._tokenizer, [r["prompt"] for r in batch],
                             max_new_tokens=r0["max_tokens"], temperature=r0["temperature"], top_p=r0["top_p"],
                             top_k_logprobs=r0["logprobs"], batch_size=len(batch), seed=start)
             latency = (time.time() - began) / len(batch)
+            start += len(batch)
             for req, out in zip(batch, outs):
+                stats["answered"] += 1
+                stats["prompt_tokens"] += out.prompt_tokens
+                stats["completion_tokens"] += len(out.token_ids)
                 on_done(req, {
                     "text": out.text, "finish_reason": out.finish_reason,
                     "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
                     "token_ids": out.token_ids, "top_ids": out.top_ids or None,
-                    "top_logprobs": out.top_logprobs or None, "top_tokens": None,
+                    "top_logprobs": out.top_logprobs or None, "top_tokens": None, "served_by": self.endpoint,
                 }, None, latency, 1)

@@ -1,8 +1,15 @@
 """A teacher behind an OpenAI-compatible endpoint (OpenAI, vLLM, `distillab serve`, ...), on the official
 `openai` SDK (AsyncOpenAI).
 
-- Concurrency: `teacher.concurrency` workers share one queue of requests; their results go through a
-  second queue to on_done, called from one place, in order of completion.
+- Concurrency: `teacher.concurrency` workers per endpoint share one lazily read stream of requests; their
+  results go through a queue to on_done, called from one place, in order of completion.
+- Many endpoints (`base_url` a list, replicas of one model): each request goes to the endpoint with the fewest
+  outstanding requests. An endpoint that fails a request with a retryable error is backed off (Retry-After,
+  else exponential in its consecutive failures), then probed with one request at a time; the request moves
+  at once to another endpoint that is up, without using one of its retries (only waits count as retries).
+  Keys: with a list, a request is keyed on model + sampling + prompt only, not the URL, so whichever replica
+  answers, the cache holds one entry; with one URL (a string) the URL stays in the key, as it always was.
+  `endpoint_stats` counts answered requests, errors and tokens per endpoint for generate's summary.
 - Retries are ours, not the SDK's (max_retries=0 there), so the attempt counts in the cache are true:
   408 / 409 / 425 / 429 / 5xx, timeouts, dropped connections and unparsable bodies are retried up to
   `teacher.max_retries` times with exponential backoff and jitter; a Retry-After (or retry-after-ms) header
@@ -53,79 +60,142 @@ class OpenAITeacher:
             raise UserError("teacher.base_url is not set: the OpenAI-compatible teacher needs an endpoint")
         self.cfg = cfg
         self.teacher_id = cfg.model
-        self.endpoint = cfg.base_url.rstrip("/")
+        self.urls = [u.rstrip("/") for u in cfg.urls]
+        self.keyed_on_url = isinstance(cfg.base_url, str)  # a list: replicas, keyed without the URL
+        self.endpoint = self.urls[0] if self.keyed_on_url else ",".join(sorted(self.urls))
+        self.endpoint_stats = {u: {"answered": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
+                               for u in self.urls}
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self._ask_token_ids = True  # until the server refuses return_tokens_as_token_ids
 
     # -- the Teacher protocol ------------------------------------------------------------------------
 
-    def request(self, prompt: str) -> dict:
-        """The canonical request: everything that decides the answer, nothing secret."""
+    def request(self, prompt: str, sample: int = 0) -> dict:
+        """The canonical request: everything that decides the answer, nothing secret. The URL only when the
+        teacher is one endpoint (module docstring); "sample" from the second sample of a prompt on."""
         c = self.cfg
-        req = {"endpoint": self.endpoint, "model": c.model, "mode": c.mode, "max_tokens": c.max_new_tokens,
+        req = {"model": c.model, "mode": c.mode, "max_tokens": c.max_new_tokens,
                "temperature": c.temperature, "top_p": c.top_p, "logprobs": c.top_k_logprobs}
+        if self.keyed_on_url:
+            req["endpoint"] = self.endpoint
+        if sample:  # the first sample keeps the single-sample key: caches from before samples_per_prompt still hit
+            req["sample"] = sample
         if c.mode == "chat":
             req["messages"] = [{"role": "user", "content": prompt}]
         else:
             req["prompt"] = prompt
         return req
 
-    def answer(self, requests: list[dict], on_done) -> None:
-        if requests:
-            asyncio.run(self.answer_async(requests, on_done))
+    def answer(self, requests, on_done) -> None:
+        asyncio.run(self.answer_async(requests, on_done))
 
-    async def answer_async(self, requests: list[dict], on_done) -> None:
-        """Send all requests, `concurrency` at a time; on_done once per request as it finishes.
+    async def answer_async(self, requests, on_done) -> None:
+        """Send the requests (any iterable, read only as workers free up), `concurrency` per endpoint at a time;
+        on_done once per request as it finishes.
 
-        An exception raised by on_done (the budget guard) stops everything: workers are cancelled and
-        the exception propagates. What was already passed to on_done stays committed by the caller.
+        An exception raised by on_done (the budget guard) or by the request stream stops everything: workers
+        are cancelled and the exception propagates. What was already passed to on_done stays committed.
         """
         key = self._api_key()
-        client = openai.AsyncOpenAI(base_url=self.endpoint, api_key=key or "none", max_retries=0,
-                                    timeout=self.cfg.timeout_s)
+        endpoints = [_Endpoint(url, openai.AsyncOpenAI(base_url=url, api_key=key or "none", max_retries=0,
+                                                       timeout=self.cfg.timeout_s), self.endpoint_stats[url])
+                     for url in self.urls]
         pending = iter(requests)  # shared by the workers: each request is taken exactly once
         finished: asyncio.Queue = asyncio.Queue()
+        n_workers = self.cfg.concurrency * len(endpoints)
 
         async def worker():
-            for req in pending:
-                finished.put_nowait((req, *await self._ask(client, req, key)))
+            try:
+                for req in pending:
+                    finished.put_nowait((req, *await self._ask(endpoints, req, key)))
+            except Exception as err:  # the stream failed: report() raises it
+                finished.put_nowait(err)
+            finally:
+                finished.put_nowait(None)
 
         async def report():
             # on_done (the caller's commit) runs here, after the workers have sent their next requests:
             # a batching server then sees them together, instead of one commit apart.
-            for _ in range(len(requests)):
-                on_done(*await finished.get())
+            live = n_workers
+            while live:
+                item = await finished.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    on_done(*item)
 
-        async with client:
-            workers = [asyncio.create_task(worker()) for _ in range(min(self.cfg.concurrency, len(requests)))]
-            try:
-                await report()
-            finally:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+        workers = [asyncio.create_task(worker()) for _ in range(n_workers)]
+        try:
+            await report()
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            for e in endpoints:
+                await e.client.close()
 
-    # -- one request, with retries -------------------------------------------------------------------
+    # -- one request, with retries, over the endpoints -----------------------------------------------
 
-    async def _ask(self, client, req: dict, key: str | None) -> tuple[dict | None, str | None, float, int]:
+    async def _ask(self, endpoints: list["_Endpoint"], req: dict, key: str | None):
+        """(response or None, error or None, latency_s, attempts)."""
         began = time.monotonic()
-        attempt = 0
+        attempt = retries = 0
         while True:
+            ep = await self._pick(endpoints)
             attempt += 1
             asked_ids = self._ask_token_ids  # other requests may turn it off while this one is out
+            ep.outstanding += 1
             try:
-                raw = await self._call(client, req)
-                return parse_response(raw, req), None, time.monotonic() - began, attempt
+                resp = parse_response(await self._call(ep.client, req), req)
             except openai.BadRequestError as err:
                 if asked_ids and "return_tokens_as_token_ids" in str(err):
                     self._ask_token_ids = False  # a server without vLLM's extension: ask again, not counted
                     attempt -= 1
                     continue
-                return None, describe_error(err, key), time.monotonic() - began, attempt
+                ep.stats["errors"] += 1
+                return None, self._describe(err, key, ep, endpoints), time.monotonic() - began, attempt
             except Exception as err:
-                if not _retryable(err) or attempt > self.cfg.max_retries:
-                    return None, describe_error(err, key), time.monotonic() - began, attempt
-                await asyncio.sleep(self._wait_s(err, attempt))
+                ep.stats["errors"] += 1
+                if not _retryable(err):
+                    return None, self._describe(err, key, ep, endpoints), time.monotonic() - began, attempt
+                if len(endpoints) > 1:
+                    ep.failures += 1
+                    ep.down_until = time.monotonic() + self._wait_s(err, ep.failures)
+                    if any(e.is_up() for e in endpoints):
+                        continue  # moved to an endpoint that is up: not a retry of this request
+                retries += 1
+                if retries > self.cfg.max_retries:
+                    return None, self._describe(err, key, ep, endpoints), time.monotonic() - began, attempt
+                if len(endpoints) == 1:
+                    await asyncio.sleep(self._wait_s(err, retries))
+                # several endpoints: _pick waits until one is up again
+            else:
+                ep.failures = 0
+                ep.stats["answered"] += 1
+                ep.stats["prompt_tokens"] += resp["prompt_tokens"]
+                ep.stats["completion_tokens"] += resp["completion_tokens"]
+                resp["served_by"] = ep.url
+                return resp, None, time.monotonic() - began, attempt
+            finally:
+                ep.outstanding -= 1
+
+    @staticmethod
+    async def _pick(endpoints: list["_Endpoint"]) -> "_Endpoint":
+        """The endpoint that is up with the fewest outstanding requests (the first on a tie); waits while none is."""
+        while True:
+            up = [e for e in endpoints if e.is_up()]
+            if up:
+                return min(up, key=lambda e: e.outstanding)
+            wake = min(e.down_until for e in endpoints if e.down_until > time.monotonic()) if any(
+                e.down_until > time.monotonic() for e in endpoints) else time.monotonic() + 0.01
+            await asyncio.sleep(max(0.0, wake - time.monotonic()) + 0.001)
+
+    @staticmethod
+    def _describe(err: Exception, key: str | None, ep: "_Endpoint", endpoints: list) -> str:
+        text = describe_error(err, key)
+        return text if len(endpoints) == 1 else f"{text} [at {ep.url}]"
 
     async def _call(self, client, req: dict) -> dict:
         """One HTTP request through the SDK's documented raw path (`client.post(path, cast_to=...)`): the
@@ -165,6 +235,19 @@ class OpenAITeacher:
         if not key:
             raise UserError(f"environment variable {name} (teacher.api_key_env) is not set")
         return key
+
+
+class _Endpoint:
+    """One endpoint of the list: its client, requests outstanding, consecutive failures and back-off."""
+
+    def __init__(self, url: str, client, stats: dict):
+        self.url, self.client, self.stats = url, client, stats
+        self.outstanding = self.failures = 0
+        self.down_until = 0.0
+
+    def is_up(self) -> bool:
+        # after a back-off, one probe at a time until a request succeeds there again
+        return time.monotonic() >= self.down_until and (self.failures == 0 or self.outstanding == 0)
 
 
 def _retryable(err: Exception) -> bool:
