@@ -13,7 +13,7 @@ import pytest
 from distillab.config import from_dict
 from distillab.generate import run_generate
 from distillab.teachers import local_hf
-from tests.conftest import save_tiny_llama
+from tests.helpers import save_tiny_llama
 
 
 def _config(root, teacher):

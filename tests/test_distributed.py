@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distillab.generate import run_generate
-from tests.test_pipeline import tiny_config
+from tests.helpers import tiny_config
 
 ONE_SGD_STEP = textwrap.dedent('''
     import sys

@@ -11,8 +11,8 @@ import torch
 
 from distillab import models
 from distillab.errors import UserError
-from distillab.evaluate import (bootstrap_ci, choice_loglikelihoods, extract_number, load_task_suite, normalize_text,
-                                score_exact, score_multiple_choice, score_normalized_exact, score_numeric,
+from distillab.evaluate import (TEXT_SCORERS, bootstrap_ci, choice_loglikelihoods, extract_number, load_task_suite, normalize_text,
+                                score_multiple_choice, score_normalized_exact, score_numeric,
                                 score_regex, score_task_suite)
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def test_bootstrap_edge_cases():
 
 
 def test_exact_and_normalized_exact():
-    assert score_exact(" 42\n", "42") == 1.0 and score_exact("42.", "42") == 0.0
+    assert TEXT_SCORERS["exact"](" 42\n", "42") == 1.0 and TEXT_SCORERS["exact"]("42.", "42") == 0.0
     assert normalize_text("The  Quick, brown fox!") == "quick brown fox"
     assert score_normalized_exact("the Eiffel Tower.", "Eiffel tower") == 1.0
     assert score_normalized_exact("Eiffel", "Eiffel tower") == 0.0

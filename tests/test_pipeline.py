@@ -9,22 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distillab.config import from_dict
 from distillab.evaluate import run_evaluate
 from distillab.dataset import read_dataset
 from distillab.generate import run_generate
 from distillab.train import run_train
-
-
-def tiny_config(tmp_path, teacher, student, **train):
-    return from_dict({
-        "name": "tiny", "runs_dir": str(tmp_path / "runs"),
-        "teacher": {"model": str(teacher), "max_new_tokens": 6, "top_k_logprobs": 5, "batch_size": 8},
-        "data": {"skills": ["add"], "n_prompts": 12},
-        "train": {"student": str(student), "max_steps": 3, "batch_size": 4, "sft_weight": 1.0, "save_steps": 2,
-                  "lr": 1e-2, **train},
-        "eval": {"n_per_skill": 4, "general": ["upper"], "bootstrap": 20},
-    })
+from tests.helpers import tiny_config
 
 
 def test_generate_writes_dataset_and_rerun_sends_nothing(tmp_path, tiny_teacher, tiny_student):

@@ -19,8 +19,7 @@ from distillab.dataset import collate, read_dataset
 from distillab.errors import UserError
 from distillab.generate import run_generate
 from distillab.train import build_trainer, run_train
-from tests.conftest import save_tiny_llama
-from tests.test_pipeline import tiny_config
+from tests.helpers import save_tiny_llama, tiny_config
 
 
 def _one_sgd_step(cfg, rows, student_dir, out_dir, accepts_loss_kwargs=None):

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distillab.config import write_atomic
+from distillab.dataset import right_pad
 from distillab.errors import UserError
 from distillab.jsonl import read_jsonl
 
@@ -149,13 +150,10 @@ def score_documents(observer, performer, tokenizer, texts: list[str], prompts: l
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i][0]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # (B, T), right-padded
-        attention = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)
+        input_ids, attention = right_pad([encoded[i][0] for i in idx], pad_id)  # (B, T)
         scored = torch.zeros((len(idx), width), dtype=torch.bool)  # (B, T): text tokens only
         for row, i in enumerate(idx):
             ids, n_context, _ = encoded[i]
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
             scored[row, n_context : len(ids)] = True
         input_ids, attention = input_ids.to(device), attention.to(device)
         obs_logits = observer(input_ids=input_ids, attention_mask=attention).logits  # (B, T, V)

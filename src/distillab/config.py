@@ -200,7 +200,8 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _edit_distance(a: str, b: str) -> int:
-    """Optimal-string-alignment distance: a swapped pair of letters ("modle") costs one edit, as typos do."""
+    """Optimal-string-alignment distance: a swapped pair of letters ("modle") costs one edit, as typos do.
+    Only a tie-break among difflib's candidates: difflib alone ranks "mode" above "model" for "modle"."""
     d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
     for i in range(1, len(a) + 1):
         for j in range(1, len(b) + 1):
@@ -246,27 +247,11 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def to_toml(cfg: RunConfig) -> str:
-    """The resolved config as TOML. It holds the *name* of the key's environment variable, never a key."""
-    lines: list[str] = []
+    """The resolved config as TOML (None values left out: TOML has no null). It holds the *name* of the key's
+    environment variable, never a key."""
+    import tomli_w
 
-    def value(v) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
-    data = cfg.model_dump()
-    for key, v in data.items():
-        if not isinstance(v, dict) and v is not None:
-            lines.append(f"{key} = {value(v)}")
-    for section, table in data.items():
-        if isinstance(table, dict):
-            lines.append(f"\n[{section}]")
-            lines += [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
-    return "\n".join(lines) + "\n"
+    return tomli_w.dumps(cfg.model_dump(exclude_none=True))
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:

@@ -115,6 +115,18 @@ def read_dataset(path: Path) -> list[dict]:
     return rows
 
 
+def right_pad(id_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (B, T): each sequence from position 0, pad_id after it. Right padding keeps
+    every sequence's positions 0..n-1, as in training, so scores match unpadded ones."""
+    width = max(len(ids) for ids in id_lists)
+    ids = torch.full((len(id_lists), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(id_lists), width), dtype=torch.long)  # (B, T)
+    for row, seq in enumerate(id_lists):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
 # ----------------------------------------------------------------------------------------------------
 # Rows -> padded tensors with the teacher's top-k aligned to predictions.
 

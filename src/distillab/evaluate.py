@@ -21,7 +21,8 @@ from distillab import models
 from distillab.config import RunConfig
 from distillab.errors import UserError
 from distillab.generation import generate
-from distillab.lab.world import SKILLS, get_skill, word_f1, world_text
+from distillab.dataset import right_pad
+from distillab.lab.world import SKILLS, exact, get_skill, word_f1, world_text
 from distillab.jsonl import read_jsonl
 from distillab.records import EvalResult, read_eval, write_record
 from distillab.rundir import check_stamps, fingerprint, is_fresh, mark_fresh
@@ -171,11 +172,6 @@ def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log
 # needs the model itself, since it compares the log-likelihood of each choice after the prompt.
 
 
-def score_exact(prediction: str, answer: str) -> float:
-    """Equal after trimming surrounding whitespace (what the lab's exact scorer does)."""
-    return float(prediction.strip() == answer.strip())
-
-
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = re.compile(r"[^\w\s]")
 
@@ -212,7 +208,7 @@ def score_numeric(prediction: str, answer: str, rel_tol: float = 1e-6, abs_tol: 
     return float(math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol))
 
 
-TEXT_SCORERS = {"exact": score_exact, "normalized_exact": score_normalized_exact, "regex": score_regex,
+TEXT_SCORERS = {"exact": exact, "normalized_exact": score_normalized_exact, "regex": score_regex,
                 "numeric": score_numeric, "word_f1": word_f1}
 
 
@@ -228,13 +224,7 @@ def choice_loglikelihoods(model, tok, prompt: str, choices: list[str]) -> list[f
     conts = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
     if any(not c for c in conts):
         raise UserError("a multiple-choice option tokenizes to nothing")
-    width = len(context) + max(len(c) for c in conts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(choices), width), pad, dtype=torch.long)  # (C, T)
-    mask = torch.zeros((len(choices), width), dtype=torch.long)  # (C, T)
-    for i, c in enumerate(conts):
-        ids[i, : len(context) + len(c)] = torch.tensor(context + c)
-        mask[i, : len(context) + len(c)] = 1
+    ids, mask = right_pad([context + c for c in conts], tok.pad_token_id if tok.pad_token_id is not None else 0)  # (C, T)
     device = next(model.parameters()).device
     logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)  # (C, T, V)
     out = []

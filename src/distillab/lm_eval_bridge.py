@@ -57,7 +57,7 @@ def run_lm_eval(cfg: RunConfig, tasks: str, log=print, limit: int | None = None,
             results[label] = json.loads(out.read_text())
             continue
         log(f"lm-eval: {label} ({model_name}) on {', '.join(names)}")
-        result = evaluate_model(model_name, task_manager, names, limit=limit, batch_size=batch_size)
+        result = lm_eval_model(model_name, task_manager, names, limit=limit, batch_size=batch_size)
         result["label"] = label
         write_atomic(out, json.dumps(result, indent=1, default=str))
         mark_fresh(cfg.run_dir, f"lm_eval:{label}", stamp)
@@ -196,7 +196,7 @@ def _top_level(loaded: dict) -> list:
 # One model.
 
 
-def evaluate_model(model_name: str | Path, task_manager, names: list[str], limit: int | None = None,
+def lm_eval_model(model_name: str | Path, task_manager, names: list[str], limit: int | None = None,
                    batch_size: int = 16) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

@@ -49,6 +49,7 @@ import yaml
 
 from distillab.config import write_atomic
 from distillab.errors import UserError
+from distillab.rundir import file_digest
 
 LINEAGE_FORMAT = "distillab-lineage/1"
 LINEAGE_FILE = "lineage.json"
@@ -164,14 +165,6 @@ def _dataset_token_counts(dataset_path: Path) -> dict:
     }
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fractions(tokens: dict[str, float]) -> dict[str, float]:
     total = sum(tokens.values())
     return {k: (v / total if total else 0.0) for k, v in sorted(tokens.items())}
@@ -258,7 +251,7 @@ def build_lineage(
         "base_model": base_model,
         "base_model_hub_id": hub_id,
         "teachers": teachers,
-        "dataset": {"path": str(dataset_path), "sha256": _file_sha256(dataset_path),
+        "dataset": {"path": str(dataset_path), "sha256": file_digest(dataset_path),
                     **{k: v for k, v in counts.items() if k != "tokens_by_source"}},
         "tokens_by_source": counts["tokens_by_source"],
         "token_fractions": _fractions(counts["tokens_by_source"]),

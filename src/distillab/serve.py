@@ -73,6 +73,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distillab import models
+from distillab.dataset import right_pad
 from distillab.errors import UserError
 from distillab.generation import Generation, generate
 
@@ -301,12 +302,7 @@ def score_prompts(model, id_lists: list[list[int]], k: int, max_floats: int = 1 
     device = next(model.parameters()).device
     out: list[dict] = []
     for batch in _size_chunks(id_lists, model.config.vocab_size, max_floats):
-        longest = max(len(seq) for seq in batch)
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)  # right-padded: positions stay 0..n-1
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = right_pad(batch, 0)  # (B, T) right-padded: positions stay 0..n-1; padding is never scored
         ids, mask = ids.to(device), mask.to(device)
         logprobs = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
         for row, seq in enumerate(batch):
