@@ -92,6 +92,11 @@ def run_demo(runs_dir: Path, fresh: bool = False, generate_stage=None, train_sta
     from distillab.pipeline import finish_run
 
     report = finish_run(cfg, summary=summary, log=log)
+    # The retain run gets its own ledger (replay generation and dev scoring included), registry row and
+    # report from the same test scores: teacher and base as scored above, its chosen student as "distilled".
+    for label, source in (("teacher", "teacher"), ("base", "base"), ("distilled", "retain")):
+        write_atomic(kept.run_dir / "eval" / f"{label}.json", (cfg.run_dir / "eval" / f"{source}.json").read_bytes())
+    finish_run(kept, log=log)
     summary["wall_seconds"] = round(time.time() - began, 1)
     write_atomic(cfg.run_dir / "summary.json", json.dumps(summary, indent=1))
     print_summary(summary, report)
