@@ -221,6 +221,13 @@ def test_fsdp_refuses_what_it_would_break(train_cfg, named):
         train.check_parallelism(t, fsdp=True)
 
 
+def test_fsdp_is_refused_until_it_is_tested():
+    t = from_dict({}).train
+    train.check_parallelism(t, fsdp=False)
+    with pytest.raises(UserError, match="FSDP is not supported yet"):
+        train.check_parallelism(t, fsdp=True)
+
+
 def test_chunked_kd_refuses_an_unread_architecture_at_setup(tiny_student):
     from transformers import GPT2Config, GPT2LMHeadModel
 
