@@ -30,6 +30,8 @@ ROWS = {  # name -> (label, retain section, train overrides)
     "self5": ("replay self 5%", {"replay_fraction": 0.05}, {}),
     "self10": ("replay self 10%", {"replay_fraction": 0.10}, {}),
     "self25": ("replay self 25%", {"replay_fraction": 0.25}, {}),
+    "self50": ("replay self 50%", {"replay_fraction": 0.50}, {}),
+    "self50_6k": ("replay self 50%, 6,000 general prompts", {"replay_fraction": 0.50, "n_general_prompts": 6000}, {}),
     "teacher10": ("replay teacher 10%", {"replay_fraction": 0.10, "replay_source": "teacher"}, {}),
     "merge": ("merge alone (α grid 0.25-1)", {"merge_alphas": [0.25, 0.5, 0.75, 1.0],
                                               "dev_n_per_skill": RETAIN["dev_n_per_skill"]}, {}),
@@ -52,7 +54,7 @@ def main() -> None:
     def config(name: str, retain: dict, train: dict):
         data = reference_cfg.model_dump()
         data.update(name=name)
-        data["train"].update(max_steps=args.steps, save_steps=100, **train)
+        data["train"].update(max_steps=args.steps, save_steps=200, **train)
         data["eval"].update(n_per_skill=args.n_eval, bootstrap=200)
         data["retain"] = retain
         return from_dict(data)

@@ -25,7 +25,7 @@ from distillab.train import run_train
 
 DEMO_SKILLS = ["recall", "describe"]  # knowledge the base student never saw: what distillation transfers
 # The default retain recipe (benchmarks/retain_table.py compares the alternatives).
-RETAIN = {"replay_fraction": 0.25, "replay_source": "base", "merge_alphas": [0.5, 0.75, 1.0],
+RETAIN = {"replay_fraction": 0.5, "replay_source": "base", "merge_alphas": [0.5, 0.75, 1.0],
           "select_checkpoints": True, "max_general_drop": 0.02, "dev_n_per_skill": 30}
 
 
@@ -53,7 +53,7 @@ def retain_config(cfg: RunConfig) -> RunConfig:
     """The demo's student with the default retain recipe: same teacher data, same steps and batch."""
     data = cfg.model_dump()
     data.update(name="retain", runs_dir=str(cfg.run_dir))
-    data["train"].update(save_steps=100)  # checkpoints to choose from
+    data["train"].update(save_steps=200)  # checkpoints to choose from
     data["retain"] = dict(RETAIN)
     return from_dict(data)
 
