@@ -12,7 +12,11 @@ from tests.serve_fixture import generate_config, kill_and_resume, metric_sum, me
 
 
 @pytest.mark.slow
-def test_kill_nine_and_resume_answers_every_prompt_exactly_once(tmp_path, tiny_teacher):
+@pytest.mark.parametrize("chunk_rows", [2048, 7], ids=["one-shard", "many-shards"])
+def test_kill_nine_and_resume_answers_every_prompt_exactly_once(tmp_path, tiny_teacher, chunk_rows, monkeypatch):
+    from distillab import generate
+
+    monkeypatch.setattr(generate, "CHUNK_ROWS", chunk_rows)  # the forked children inherit it
     with server_process(tiny_teacher, "--max-batch", "8") as base_url:
         teacher = {"model": "teacher", "base_url": base_url, "concurrency": 4, "max_new_tokens": 4, "top_k_logprobs": 3}
         cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=60)

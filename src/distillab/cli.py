@@ -115,13 +115,25 @@ def do_train(cfg) -> dict:
 
 
 @app.command()
-def generate(config: Path = ConfigArg, max_usd: Optional[float] = typer.Option(None, help="stop before projected teacher spend passes this")):
-    """Teacher answers the task prompts -> data/train.parquet (cached, resumable)."""
+def generate(config: Path = ConfigArg, max_usd: Optional[float] = typer.Option(None, help="stop before projected teacher spend passes this"),
+             shard: Optional[str] = typer.Option(None, help="I/N: answer only shard I of N of the prompts (by hash), "
+                                                 "writing data/train/part-I-of-N-* into the shared run directory")):
+    """Teacher answers the task prompts -> data/train.parquet, or its shards with --shard (cached, resumable)."""
+    from distillab.generate import parse_shard, run_generate
+
+    spec = parse_shard(shard)  # a bad --shard is one line, before anything
     cfg = _config(config)
     if max_usd is not None:
         cfg.teacher.max_usd = max_usd
     with _RecordConfig(cfg):
-        do_generate(cfg)
+        if shard is None:
+            do_generate(cfg)
+            return
+        progress, update = _progress_generate()
+        with progress:
+            s = run_generate(cfg, progress=update, log=console.print, shard=spec)
+        console.print(f"generate shard {spec[0]}/{spec[1]}: {s.rows} rows ({s.requests_sent} sent, {s.cached} cached, "
+                      f"{s.failed} failed); per endpoint: {s.endpoints}")
 
 
 @app.command()

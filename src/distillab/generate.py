@@ -29,6 +29,7 @@ on) and its own row, with a `sample` column.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import itertools
 import json
@@ -47,7 +48,8 @@ from distillab.rundir import check_stamps, is_fresh, mark_fresh
 
 CHUNK_ROWS = 2048  # rows a shard holds: the unit of writing and of resuming
 WHOLE = (0, 1)  # shard I of N: the whole prompt set
-_current_shard = WHOLE  # set by run_generate, so datasets asked for by other modules (retain's replay) follow it
+# set by run_generate, so datasets other modules ask for (retain's replay) follow its shard; per thread/task
+_current_shard: contextvars.ContextVar = contextvars.ContextVar("distillab_generate_shard", default=WHOLE)
 
 
 @dataclass
@@ -211,7 +213,6 @@ def _prompt_record(obj, where: str, line: int) -> dict:
 def run_generate(cfg: RunConfig, progress=None, log=print, shard: tuple[int, int] = WHOLE) -> GenerateSummary:
     """The task dataset (data/train.parquet, or data/train/ shards), and the retain replay set when configured.
     shard: (I, N) for `generate --shard I/N` (module docstring)."""
-    global _current_shard
     if cfg.retain.enabled:
         from distillab.retain import check_retain
 
@@ -221,20 +222,21 @@ def run_generate(cfg: RunConfig, progress=None, log=print, shard: tuple[int, int
         raise UserError("no prompts: data.skills is empty and data.prompts_file is not set")
     if cfg.data.source == "teacher" and not cfg.teacher.base_url:
         prompts = fit_teacher_context(cfg, list(prompts))
-    _current_shard = shard
+    token = _current_shard.set(shard)
     try:
         if cfg.retain.selects and cfg.data.prompts_file:  # a user's prompts: hold out a dev share, answered alike
             from distillab.retain import split_dev_prompts
 
             prompts, dev = split_dev_prompts(list(prompts), cfg.retain.dev_fraction)
-            generate_dataset(cfg, dev, "dev", cfg.teacher, cfg.data.source, progress=progress, log=log)
-        summary = generate_dataset(cfg, prompts, "train", cfg.teacher, cfg.data.source, progress=progress, log=log)
+            generate_dataset(cfg, dev, "dev", cfg.teacher, cfg.data.source, progress=progress, log=log, shard=shard)
+        summary = generate_dataset(cfg, prompts, "train", cfg.teacher, cfg.data.source, progress=progress, log=log,
+                                   shard=shard)
         if cfg.retain.replay_fraction > 0:
             from distillab.retain import generate_replay
 
             generate_replay(cfg, progress=progress, log=log)
     finally:
-        _current_shard = WHOLE
+        _current_shard.reset(token)
     return summary
 
 
@@ -243,7 +245,7 @@ def generate_dataset(cfg: RunConfig, prompts, name: str, teacher_cfg, source: st
     """prompts (a list, or any iterable that can be read again) -> data/<name>.parquet (or its shards), written by
     `source`: the teacher `teacher_cfg` describes (through the run's request cache) or the answers the prompts
     carry. teacher_label overrides the provenance teacher id. shard: (I, N), default run_generate's."""
-    shard = shard or _current_shard
+    shard = shard or _current_shard.get()
     run_dir = cfg.run_dir
     stage = "generate" if name == "train" else f"generate:{name}"
     out_path = run_dir / "data" / f"{name}.parquet"

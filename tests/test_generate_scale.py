@@ -1,0 +1,187 @@
+"""Generate at scale: shards over many endpoints and machines, an endpoint lost mid-run, the cache's size,
+several samples a prompt, caches written before the codec."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+
+from distillab import generate
+from distillab.cache import RequestCache, request_key
+from distillab.dataset import dataset_files, read_dataset
+from distillab.errors import UserError
+from distillab.generate import parse_shard, run_generate
+from tests.serve_fixture import generate_config, server_thread
+
+quiet = {"log": lambda *a: None}
+
+
+@pytest.fixture(scope="module")
+def two_servers(tiny_teacher):
+    with server_thread(tiny_teacher, model_name="teacher") as a, server_thread(tiny_teacher, model_name="teacher") as b:
+        yield a, b
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(generate, "CHUNK_ROWS", 7)  # several shards from a few dozen prompts
+
+
+def _rows(cfg):
+    return read_dataset(cfg.run_dir / "data" / "train.parquet")
+
+
+def test_two_shard_processes_over_two_endpoints_make_the_rows_one_process_makes(tmp_path, tiny_teacher, two_servers,
+                                                                                small_chunks):
+    urls = [s.base_url for s in two_servers]
+    teacher = {"model": "teacher", "base_url": urls, "concurrency": 2, "max_new_tokens": 4, "top_k_logprobs": 3}
+    one = generate_config(tmp_path / "one", teacher, student=tiny_teacher, n_prompts=40)
+    whole = run_generate(one, **quiet)
+    assert set(whole.endpoints) == set(urls) and all(e["answered"] > 0 for e in whole.endpoints.values())
+    assert sum(e["answered"] for e in whole.endpoints.values()) == whole.requests_sent == 40
+
+    # Two "machines": each its own shard, side by side, into one shared run directory, the endpoints listed
+    # in another order (the keys must not care).
+    shared = generate_config(tmp_path / "shared", teacher | {"base_url": urls[::-1]}, student=tiny_teacher, n_prompts=40)
+    errors = []
+
+    def shard(i):
+        try:
+            run_generate(shared, shard=(i, 2), **quiet)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=shard, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    files = dataset_files(shared.run_dir / "data" / "train.parquet")
+    assert {f.name.split("-")[1] for f in files} == {"00000", "00001"}  # both shards wrote parts
+    assert not (shared.run_dir / "data" / "train.parquet").exists()  # a merge is just reading all shards
+
+    a, b = _rows(one), _rows(shared)
+    keys_a, keys_b = [r["request_hash"] for r in a], [r["request_hash"] for r in b]
+    assert len(set(keys_b)) == len(keys_b) == 40  # no duplicates, none missing
+    assert sorted(keys_a) == sorted(keys_b)
+    by_key = {r["request_hash"]: r for r in a}
+    for r in b:  # the same rows (greedy: the same answers), whichever endpoint answered
+        assert (r["prompt"], r["completion_ids"], r["top_ids"]) == (by_key[r["request_hash"]]["prompt"],
+                                                                    by_key[r["request_hash"]]["completion_ids"],
+                                                                    by_key[r["request_hash"]]["top_ids"])
+    combined = json.loads((shared.run_dir / "data" / "generate_summary.json").read_text())
+    assert combined["rows"] == 40 and combined["of"] == 2 and sum(combined["shards"].values()) == 40
+    assert sum(e["answered"] for e in combined["endpoints"].values()) == 40
+
+    # A rerun of a shard sends nothing (its shards and cache hold everything); a different split is refused.
+    again = run_generate(shared, shard=(0, 2), **quiet)
+    assert again.requests_sent == 0 and again.rows == combined["shards"]["00000-of-00002"]
+    with pytest.raises(UserError, match="2-way split"):
+        run_generate(shared, shard=(0, 3), **quiet)
+
+
+def test_killing_one_endpoint_mid_run_loses_nothing(tmp_path, tiny_teacher, small_chunks):
+    with server_thread(tiny_teacher, model_name="teacher") as doomed, \
+            server_thread(tiny_teacher, model_name="teacher") as survivor:
+        teacher = {"model": "teacher", "base_url": [doomed.base_url, survivor.base_url], "concurrency": 2,
+                   "max_new_tokens": 4, "top_k_logprobs": 3, "max_retries": 2}
+        cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=48)
+
+        def progress(done, total, budget):
+            if done == 8:
+                doomed.server.should_exit = True  # uvicorn stops listening: its next requests are refused
+
+        summary = run_generate(cfg, progress=progress, **quiet)
+    assert summary.failed == 0 and summary.rows == 48
+    rows = _rows(cfg)
+    assert len({r["request_hash"] for r in rows}) == 48
+    lost, kept = summary.endpoints[doomed.base_url], summary.endpoints[survivor.base_url]
+    assert lost["answered"] < 24 < kept["answered"]  # the survivor took the rest
+    assert lost["answered"] + kept["answered"] == 48
+
+
+def test_cache_bytes_per_completion_token_against_the_dataset(tmp_path, tiny_teacher, two_servers):
+    """The cache holds the top-k through the codec: a fraction of what JSON took, within 3x of the dataset here.
+
+    Not the issue's 1.2x: rows are compressed one at a time in the cache and a column at a time over thousands
+    of rows in the dataset, and this tiny random teacher's top-20 is nearly the same set at every position,
+    which only the column-wise compression sees (the dataset: ~5-11 bytes a token). BENCHMARKS.md has the
+    measured ratio; the bound here catches a regression to JSON (~4.5x and more)."""
+    teacher = {"model": "teacher", "base_url": two_servers[0].base_url, "concurrency": 4, "max_new_tokens": 48,
+               "top_k_logprobs": 20}
+    cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=64)
+    run_generate(cfg, **quiet)
+    data = cfg.run_dir / "data" / "train.parquet"
+    tokens = sum(len(r["completion_ids"]) for r in pq.read_table(data, columns=["completion_ids"]).to_pylist())
+    assert tokens > 64 * 20, tokens
+    cache = (cfg.run_dir / "teacher.sqlite").stat().st_size
+    ratio = cache / data.stat().st_size
+    assert ratio <= 3.0, f"cache {cache / tokens:.1f} B/token vs dataset {data.stat().st_size / tokens:.1f} B/token"
+    db = sqlite3.connect(cfg.run_dir / "teacher.sqlite")
+    blobs = [b for b, in db.execute("SELECT response FROM responses")]
+    db.close()
+    from distillab.cache import decode_response
+
+    as_json = sum(len(json.dumps(decode_response(b))) for b in blobs)
+    assert sum(len(b) for b in blobs) * 4 < as_json  # the old JSON rows were over 4x larger
+
+
+def test_samples_per_prompt_are_distinct_cached_requests(tmp_path, tiny_teacher, two_servers):
+    teacher = {"model": "teacher", "base_url": two_servers[0].base_url, "max_new_tokens": 6, "top_k_logprobs": 2,
+               "temperature": 1.0, "samples_per_prompt": 3}
+    cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=6)
+    first = run_generate(cfg, **quiet)
+    rows = _rows(cfg)
+    assert first.requests_sent == 18 and len(rows) == 18
+    assert len({r["request_hash"] for r in rows}) == 18
+    assert sorted(r["sample"] for r in rows) == sorted([0, 1, 2] * 6)
+    assert len({(r["prompt"], r["completion"]) for r in rows}) > 6  # sampled: not one answer three times
+    (cfg.run_dir / "stages.json").unlink()  # not fresh: everything must come from the cache
+    assert run_generate(cfg, **quiet).requests_sent == 0
+    with pytest.raises(Exception, match="temperature"):
+        generate_config(tmp_path, teacher | {"temperature": 0.0}, student=tiny_teacher)
+
+
+def test_a_cache_written_before_the_codec_still_reads(tmp_path, tiny_teacher, two_servers):
+    teacher = {"model": "teacher", "base_url": two_servers[0].base_url, "max_new_tokens": 4, "top_k_logprobs": 3}
+    cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=5)
+    run_generate(cfg, **quiet)
+    expected = _rows(cfg)
+    db = sqlite3.connect(cfg.run_dir / "teacher.sqlite")
+    for key, in db.execute("SELECT key FROM responses").fetchall():  # rewrite every response as the old JSON
+        resp = RequestCache.get.__wrapped__(_Reader(db), key)
+        db.execute("UPDATE responses SET response = ? WHERE key = ?", (json.dumps(resp), key))
+    db.commit()
+    db.close()
+    (cfg.run_dir / "stages.json").unlink()
+    (cfg.run_dir / "data" / "train.parquet").unlink()
+    again = run_generate(cfg, **quiet)
+    assert again.requests_sent == 0
+    got = _rows(cfg)
+    for a, b in zip(expected, got):  # top-k re-encoded from the old JSON's decoded values: the same codes
+        assert (a["request_hash"], a["completion_ids"], a["top_ids"], a["top_logprobs"]) == \
+               (b["request_hash"], b["completion_ids"], b["top_ids"], b["top_logprobs"])
+
+
+class _Reader:
+    """Just enough of a RequestCache for its get(): a connection."""
+
+    def __init__(self, db):
+        self.db, self.path = db, None
+
+
+def test_shard_assignment_is_a_partition_and_bad_specs_are_one_line():
+    prompts = [f"prompt {i}" for i in range(300)]
+    owners = [[i for i in range(3) if generate.in_shard(p, (i, 3))] for p in prompts]
+    assert all(len(o) == 1 for o in owners)
+    assert 60 < sum(o == [0] for o in owners) < 140
+    assert parse_shard("2/3") == (2, 3) and parse_shard(None) == (0, 1)
+    for bad in ("3/3", "x", "1/0", "-1/2"):
+        with pytest.raises(UserError, match="--shard"):
+            parse_shard(bad)
+    assert request_key({"a": 1}) == request_key({"a": 1})
