@@ -236,11 +236,13 @@ def tokens_per_query(run_dir: Path) -> TokensPerQuery:
 
 def serving_prompts(cfg: RunConfig) -> list[str]:
     """The task's own prompts (what will be served), else lab test prompts of the task skills."""
-    data = cfg.run_dir / "data" / "train.parquet"
-    if data.is_file():
+    from distillab.dataset import dataset_files
+
+    files = dataset_files(cfg.run_dir / "data" / "train.parquet")
+    if files:
         import pyarrow.parquet as pq
 
-        prompts = pq.read_table(data, columns=["prompt"]).column("prompt").to_pylist()[:THROUGHPUT_PROMPTS]
+        prompts = pq.read_table(files[0], columns=["prompt"]).column("prompt").to_pylist()[:THROUGHPUT_PROMPTS]
         if prompts:
             return prompts
     from distillab.lab.world import get_skill

@@ -38,7 +38,7 @@ class TeacherPricing:
             return cls("override", teacher_cfg.model, usd_per_1m_input=float(inp), usd_per_1m_output=float(out))
         if teacher_is_local:
             return cls("local", teacher_cfg.model, usd_per_1m_input=0.0, usd_per_1m_output=0.0)
-        pricing = _from_genai_prices(teacher_cfg.model, teacher_cfg.base_url)
+        pricing = _from_genai_prices(teacher_cfg.model, (teacher_cfg.urls or [None])[0])  # one model: one price
         if pricing.status == "unpriced":
             warnings.warn(pricing.describe(), UnpricedTeacherWarning, stacklevel=2)
         return pricing

@@ -141,16 +141,29 @@ def source_key(source: str, teacher_id: str | None) -> str:
 # Lineage of one run, and composition with the base model's lineage.
 
 
+def _dataset_digest(dataset_path: Path) -> str:
+    """sha256 of the dataset file; for a sharded dataset, of its shards' digests in name order."""
+    from distillab.dataset import dataset_files
+
+    files = dataset_files(dataset_path)
+    if len(files) == 1:
+        return file_digest(files[0])
+    return hashlib.sha256("".join(file_digest(f) for f in files).encode()).hexdigest()
+
+
 def _dataset_token_counts(dataset_path: Path) -> dict:
     """Completion (training) tokens per source key, plus totals, read from the dataset's Parquet file."""
-    if not dataset_path.is_file():
+    from distillab.dataset import dataset_files
+
+    files = dataset_files(dataset_path)  # the file, or the shards of `generate --shard I/N` processes
+    if not files:
         raise UserError(f"dataset not found: {dataset_path}")
-    names = set(pq.read_schema(dataset_path).names)
+    names = set(pq.read_schema(files[0]).names)
     missing = [c for c in ("source", "teacher_id", "completion_ids") if c not in names]
     if missing:
         raise UserError(f"{dataset_path}: missing column(s) {', '.join(missing)}; was it written by distillab generate?")
     cols = ["source", "teacher_id", "completion_ids"] + (["prompt_ids"] if "prompt_ids" in names else [])
-    table = pq.read_table(dataset_path, columns=cols)
+    table = pa.concat_tables(pq.read_table(f, columns=cols) for f in files)
     completion_lens = pc.list_value_length(table["completion_ids"]).to_pylist()
     prompt_lens = pc.list_value_length(table["prompt_ids"]).to_pylist() if "prompt_ids" in cols else None
     tokens: dict[str, int] = {}
@@ -251,7 +264,7 @@ def build_lineage(
         "base_model": base_model,
         "base_model_hub_id": hub_id,
         "teachers": teachers,
-        "dataset": {"path": str(dataset_path), "sha256": file_digest(dataset_path),
+        "dataset": {"path": str(dataset_path), "sha256": _dataset_digest(dataset_path),
                     **{k: v for k, v in counts.items() if k != "tokens_by_source"}},
         "tokens_by_source": counts["tokens_by_source"],
         "token_fractions": _fractions(counts["tokens_by_source"]),

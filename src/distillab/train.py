@@ -53,7 +53,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from distillab import logits as logit_paths
 from distillab import losses, models, retain
 from distillab.config import RunConfig, write_atomic
-from distillab.dataset import DistillDataset, collate, read_dataset
+from distillab.dataset import DistillDataset, collate, dataset_files, read_dataset
 from distillab.errors import UserError
 from distillab.rundir import fingerprint, is_fresh, mark_fresh
 
@@ -387,8 +387,9 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     replay = read_dataset(replay_path) if cfg.retain.replay_fraction > 0 else None
     if replay is not None and not replay:
         raise UserError(f"replay set {replay_path} has no rows")
-    stamp = fingerprint("train", t.model_dump(), data_path,
-                        *([cfg.retain.replay_fraction, cfg.retain.select_checkpoints, replay_path] if replay else []),
+    stamp = fingerprint("train", t.model_dump(), *dataset_files(data_path),  # one file, or `--shard` runs' shards
+                        *([cfg.retain.replay_fraction, cfg.retain.select_checkpoints, *dataset_files(replay_path)]
+                          if replay else []),
                         *(["select_checkpoints"] if cfg.retain.select_checkpoints else []))
     student_dir = run_dir / "student"
     if is_fresh(run_dir, "train", stamp) and (student_dir / "config.json").is_file():
