@@ -199,7 +199,7 @@ def _greedy_texts(model_dir, n: int, length: int = 24) -> list[str]:
 
 def _teacher_texts(model_dir, n: int, seed: int, temperature: float = 1.0) -> list[str]:
     """Texts the tiny teacher itself wrote, one per prompt (sampled by default, so they differ)."""
-    from distillab.generation import generate
+    from distillab.sampling import generate
 
     model, tok = load(model_dir, device="cpu")
     prompts = [f"describe {chr(97 + i % 26)}{chr(97 + (i * 7) % 26)}{i}\n" for i in range(n)]

@@ -125,7 +125,7 @@ def _write(path, rows):
 
 def test_task_suite_scores_per_skill(tmp_path, lab_model):
     model, tok = lab_model
-    from distillab.generation import generate
+    from distillab.sampling import generate
 
     said = generate(model, tok, ["upper abc\n"], max_new_tokens=16)[0].text  # what the model writes
     path = _write(tmp_path / "suite.jsonl", [

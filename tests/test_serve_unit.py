@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from distillab.generation import Generation
+from distillab.sampling import Generation
 from distillab.lab.tokenizer import build_tokenizer
 from distillab.serve import APIError, Metrics, ServeLimits, Server, _json_bytes
 

@@ -37,13 +37,17 @@ def _global_options(debug: bool = typer.Option(False, "--debug", envvar="DISTILL
     _debug["on"] = debug
 
 
-def _config(path: Path, overrides: dict | None = None):
+def _config(path: Path, overrides: dict[str, dict] | None = None):
+    """The run config, with command-line overrides ({section: {key: value}}) validated like the file's own."""
     from distillab.config import from_dict, load_config
     from distillab.rundir import check_run_dir
 
     cfg = load_config(path)
     if overrides:
-        cfg = from_dict(cfg.model_dump() | overrides)
+        data = cfg.model_dump()
+        for section, values in overrides.items():
+            data[section] |= values
+        cfg = from_dict(data)
     check_run_dir(cfg.run_dir)  # a run directory that cannot be created fails here, before any work
     return cfg
 
@@ -122,9 +126,7 @@ def generate(config: Path = ConfigArg, max_usd: Optional[float] = typer.Option(N
     from distillab.generate import parse_shard, run_generate
 
     spec = parse_shard(shard)  # a bad --shard is one line, before anything
-    cfg = _config(config)
-    if max_usd is not None:
-        cfg.teacher.max_usd = max_usd
+    cfg = _config(config, {"teacher": {"max_usd": max_usd}} if max_usd is not None else None)
     with _RecordConfig(cfg):
         if shard is None:
             do_generate(cfg)

@@ -260,7 +260,7 @@ def measure_throughput(model_dir: Path | str, prompts: list[str], max_new_tokens
     """
     from distillab import models
     from distillab.errors import UserError
-    from distillab.generation import generate
+    from distillab.sampling import generate
 
     try:
         model, tok = models.load(model_dir)

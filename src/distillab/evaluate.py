@@ -20,7 +20,7 @@ import torch
 from distillab import models
 from distillab.config import RunConfig
 from distillab.errors import UserError
-from distillab.generation import generate
+from distillab.sampling import generate
 from distillab.dataset import right_pad
 from distillab.lab.world import SKILLS, exact, get_skill, word_f1, world_text
 from distillab.jsonl import read_jsonl

@@ -42,7 +42,7 @@ from distillab.cache import RequestCache, request_key
 from distillab.config import RunConfig, write_atomic
 from distillab.dataset import SHARD_GLOB, shard_dir, write_dataset
 from distillab.errors import UserError, not_utf8
-from distillab.generation import encode_example
+from distillab.sampling import encode_example
 from distillab.lab.world import get_skill
 from distillab.rundir import check_stamps, is_fresh, mark_fresh
 

@@ -9,7 +9,7 @@ endpoint in tests and benchmarks. `distillab serve MODEL` runs it; `create_app` 
 
 Concurrent requests are batched: handlers put jobs on a queue, and one batching loop collects them for a
 few milliseconds (until none came for `batch_wait_ms`, at most 4 x that), groups the ones with compatible
-sampling parameters and runs one `generation.generate`
+sampling parameters and runs one `sampling.generate`
 call per group in a worker thread. While a batch runs, the next one fills up. The handlers' own CPU work
 (parsing bodies, tokenizing, building and encoding responses) runs in a second thread, so the event loop
 only moves bytes: /health and new requests are answered while the model and a large response are busy.
@@ -75,7 +75,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from distillab import models
 from distillab.dataset import right_pad
 from distillab.errors import UserError
-from distillab.generation import Generation, generate
+from distillab.sampling import Generation, generate
 
 log = logging.getLogger("distillab.serve")
 

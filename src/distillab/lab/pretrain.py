@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillab.lab.tokenizer import build_tokenizer
-from distillab.generation import encode_example
+from distillab.sampling import encode_example
 from distillab.lab.world import SKILLS
 from distillab.dataset import collate
 
@@ -82,7 +82,7 @@ def training_pool(tokenizer, spec: PretrainSpec, per_skill: int = 20000) -> list
 
 
 def quick_eval(model, tokenizer, n: int = 40) -> dict[str, float]:
-    from distillab.generation import generate
+    from distillab.sampling import generate
 
     scores = {}
     for name, skill in SKILLS.items():

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from distillab import models
-from distillab.generation import generate
+from distillab.sampling import generate
 
 
 # The files that decide what a model answers. Not the model card, lineage or training notes: distillab
