@@ -31,7 +31,7 @@ ROWS = {  # name -> (label, retain section, train overrides)
     "self10": ("replay self 10%", {"replay_fraction": 0.10}, {}),
     "self25": ("replay self 25%", {"replay_fraction": 0.25}, {}),
     "self50": ("replay self 50%", {"replay_fraction": 0.50}, {}),
-    "self50_6k": ("replay self 50%, 6,000 general prompts", {"replay_fraction": 0.50, "n_general_prompts": 6000}, {}),
+    "self75": ("replay self 75%", {"replay_fraction": 0.75}, {}),
     "teacher10": ("replay teacher 10%", {"replay_fraction": 0.10, "replay_source": "teacher"}, {}),
     "merge": ("merge alone (α grid 0.25-1)", {"merge_alphas": [0.25, 0.5, 0.75, 1.0],
                                               "dev_n_per_skill": RETAIN["dev_n_per_skill"]}, {}),

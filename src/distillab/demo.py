@@ -25,7 +25,7 @@ from distillab.train import run_train
 
 DEMO_SKILLS = ["recall", "describe"]  # knowledge the base student never saw: what distillation transfers
 # The default retain recipe (benchmarks/retain_table.py compares the alternatives).
-RETAIN = {"replay_fraction": 0.5, "replay_source": "base", "merge_alphas": [0.5, 0.75, 1.0],
+RETAIN = {"replay_fraction": 0.75, "replay_source": "base", "merge_alphas": [0.5, 0.75, 1.0],
           "select_checkpoints": True, "max_general_drop": 0.02, "dev_n_per_skill": 30}
 
 
