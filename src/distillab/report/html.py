@@ -475,12 +475,13 @@ def tradeoff_svg(evals: dict[str, EvalResult], labels: list[str], selection: dic
     if base.get("task") is not None:
         ax.scatter([100 * base["task"]], [100 * base["general"]], s=60, facecolors="none", edgecolors=COLORS["base"],
                    linewidths=1.5, zorder=3, label="base (dev)")
-    for m in labels:
+    for i, m in enumerate(labels):
         task, general = suite_score(evals, m, "task"), suite_score(evals, m, "general")
         if None in (task, general):
             continue
         ax.scatter([100 * task], [100 * general], s=70, color=color_of(m, labels), zorder=5, label=f"{m} (test)")
-        ax.annotate(m, (100 * task, 100 * general), textcoords="offset points", xytext=(7, 5), fontsize=9)
+        ax.annotate(m, (100 * task, 100 * general), textcoords="offset points", xytext=(7, 5 if i % 2 else -13),
+                    fontsize=9)  # alternate above/below: distilled and the control often sit side by side
     ax.set_xlabel("task suite score (%)")
     ax.set_ylabel("general suite score (%)")
     ax.set_title(f"The retain trade-off: what {chosen_as} was chosen from")
