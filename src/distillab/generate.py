@@ -304,8 +304,9 @@ def generate_dataset(cfg: RunConfig, prompts, name: str, teacher_cfg, source: st
         run = _Run(cache, teacher, student_tok, parts, log, teacher_label)
         began = time.time()
         if n_missing:
+            # counted a chunk at a time: a prompt repeated in two chunks counts twice here and is asked once
             log(f"generate {name}: {n_cached} of {n_cached + n_missing} cached, asking {teacher.teacher_id} "
-                f"for {n_missing}")
+                f"for at most {n_missing}")
             budget.check()
         if progress:
             progress(0, n_missing, budget)
