@@ -125,3 +125,25 @@ def test_nan_or_positive_tail_is_refused_not_stored_as_mass_one():
     # an empty tail (-inf: the ids cover the vocab) is legitimate and stored as the last code
     _, _, tail = decode_topk(encode_topk(ids, logprobs, tail_logprob=torch.tensor([float("-inf")])))
     assert tail.item() <= -255
+
+
+def test_a_teachers_tiny_tail_survives_the_request_cache():
+    """The local teacher hands its exact tail (from the full distribution) to the cache, which stores it through
+    the codec: a 1e-6 tail keeps the codec's 0.2%, where 1 - sum(top-k) from fp32 log-probs is far off."""
+    from distillab.cache import decode_response, encode_response
+    from distillab.topk_codec import decode_topk, tail_logprob_outside
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 90) * 0.1
+    logits[:, :20] += 16.0  # the top 20 hold all but ~1e-6 of the mass
+    logprobs = logits.float().log_softmax(-1)  # (T, V) fp32, as a teacher computes them
+    top_lp, top_id = logprobs.topk(20, dim=-1)
+    exact = tail_logprob_outside(logits.double().log_softmax(-1), top_id)  # (T,) float64 reference
+    assert float(exact.exp().max()) < 1e-5
+    response = {"text": "x", "token_ids": [5] * 6, "top_ids": top_id.tolist(), "top_logprobs": top_lp.tolist(),
+                "top_tail": tail_logprob_outside(logprobs, top_id).tolist(), "prompt_tokens": 3, "completion_tokens": 6}
+    _, _, tail = decode_topk(decode_response(encode_response(response), raw_topk=True)["topk"])
+    assert np.allclose(np.exp(np.asarray(tail)), exact.exp().numpy(), rtol=2e-3)
+    # without the teacher's tail the cache derives 1 - sum(p) from the fp32 log-probs: the test above can fail
+    _, _, derived = decode_topk(decode_response(encode_response(response | {"top_tail": None}), raw_topk=True)["topk"])
+    assert not np.allclose(np.exp(np.asarray(derived)), exact.exp().numpy(), rtol=2e-3)

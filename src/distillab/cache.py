@@ -60,20 +60,20 @@ def encode_response(response: dict) -> bytes:
     """A teacher response -> BLOB_MAGIC + raw length (u32) + zstd(raw); raw = u32-length-prefixed parts:
     the JSON of every field but token_ids/top_ids/top_logprobs, token_ids as int32, then the six topk_codec
     arrays (empty when the response has no top-k). Raises ValueError when the top-k is not codec-shaped."""
-    import pyarrow as pa
 
     from distillab.topk_codec import FIELDS, encode_topk
 
     ids, lps = response.get("top_ids"), response.get("top_logprobs")
     if lps is not None and not ids:
         raise ValueError("log-probs of token strings (no ids): not codec-shaped")
-    meta = {k: v for k, v in response.items() if k not in ("token_ids", "top_ids", "top_logprobs") and v is not None}
+    meta = {k: v for k, v in response.items()
+            if k not in ("token_ids", "top_ids", "top_logprobs", "top_tail") and v is not None}
     meta["has_token_ids"] = response.get("token_ids") is not None
     meta["has_topk"] = bool(ids)
     parts = [json.dumps(meta, separators=(",", ":")).encode(),
              np.asarray(response.get("token_ids") or [], dtype="<i4").tobytes()]
     if ids:
-        encoded = encode_topk(ids, lps)
+        encoded = encode_topk(ids, lps, tail_logprob=response.get("top_tail"))  # the teacher's own tail when it gave one
         parts += [encoded[f].tobytes() for f in FIELDS]
     raw = b"".join(struct.pack("<I", len(p)) + p for p in parts)
     return BLOB_MAGIC + struct.pack("<I", len(raw)) + _zstd().compress(raw, asbytes=True)

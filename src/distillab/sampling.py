@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distillab.topk_codec import tail_logprob_outside
+
 
 @dataclass
 class Generation:
@@ -19,6 +21,7 @@ class Generation:
     finish_reason: str  # "stop" (end-of-sequence) or "length"
     top_ids: list[list[int]] = field(default_factory=list)  # per completion token: k token ids
     top_logprobs: list[list[float]] = field(default_factory=list)  # per completion token: their logprobs
+    top_tail: list[float] = field(default_factory=list)  # per completion token: log of the mass outside the top-k
     token_logprobs: list[float] = field(default_factory=list)  # logprob of each sampled token
 
 
@@ -70,6 +73,8 @@ def generate(
         chosen_lp = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)  # (B, steps)
         if top_k_logprobs:
             top_lp, top_id = logprobs.topk(top_k_logprobs, dim=-1)  # (B, steps, k)
+            # from the full distribution, not 1 - sum(top-k): a 1e-6 tail stays precise (topk_codec's docstring)
+            tail = tail_logprob_outside(logprobs, top_id)  # (B, steps)
         for row, i in enumerate(idx):
             ids = new_tokens[row].tolist()
             stopped = tokenizer.eos_token_id in ids
@@ -82,6 +87,7 @@ def generate(
                 finish_reason="stop" if stopped else "length",
                 top_ids=top_id[row, :n].tolist() if top_k_logprobs else [],
                 top_logprobs=top_lp[row, :n].tolist() if top_k_logprobs else [],
+                top_tail=tail[row, :n].tolist() if top_k_logprobs else [],
                 token_logprobs=chosen_lp[row, :n].tolist(),
             )
     return results  # type: ignore[return-value]

@@ -86,5 +86,5 @@ class LocalHFTeacher:
                     "text": out.text, "finish_reason": out.finish_reason,
                     "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
                     "token_ids": out.token_ids, "top_ids": out.top_ids or None,
-                    "top_logprobs": out.top_logprobs or None, "top_tokens": None, "served_by": self.endpoint,
+                    "top_logprobs": out.top_logprobs or None, "top_tail": out.top_tail or None, "top_tokens": None, "served_by": self.endpoint,
                 }, None, latency, 1)
