@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from distillab.audit import TEACHER_DIRECTION, auroc, run_audit  # noqa: E402
-from distillab.generation import generate  # noqa: E402
+from distillab.sampling import generate  # noqa: E402
 from distillab.lab.world import DESCRIBE_TEMPLATES, KNOWLEDGE, SKILLS, describe_sentence  # noqa: E402
 from distillab.models import LAB_CHECKPOINTS, load  # noqa: E402
 
