@@ -134,7 +134,6 @@ class RetainConfig(_Strict):
     """Keep the model while distilling the task (distillab.retain). Off until one of the three methods is set."""
 
     replay_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # share of every batch that is general replay
-    balance_replay_tokens: bool = True  # replay's share of the loss = its share of rows (retain.replay_weight)
     replay_source: Literal["base", "teacher", "dataset"] = "base"  # who answers the general prompts
     general_prompts_file: str | None = None  # JSONL "prompt" (+ "answer" for source dataset); else lab/sampled
     sample_general_prompts: bool = True  # no file and no lab general skills: the base model writes prompts

@@ -188,9 +188,6 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
                 top_tail[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_tail"][:n])
             kd_mask[b, len(p) - 1 : len(p) - 1 + n] = True
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_len": prompt_len}
-    weights = [float(r.get("loss_weight", 1.0)) for r in rows]
-    if any(w != 1.0 for w in weights):
-        out["row_weight"] = torch.tensor(weights)  # (B,) a row's tokens count this many times in the loss
     if k:
         out.update(top_ids=top_ids, top_logprobs=top_logprobs, top_tail=top_tail, kd_mask=kd_mask)
     return out

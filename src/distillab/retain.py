@@ -20,6 +20,7 @@ run_dir/retain.json records every candidate's dev scores, the rule and its secon
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -34,6 +35,9 @@ from distillab import models
 from distillab.config import RunConfig, write_atomic
 from distillab.errors import UserError
 from distillab.rundir import fingerprint, is_fresh, mark_fresh
+
+NO_GENERAL_PROMPTS = ("retain.replay_fraction > 0 needs general prompts: set retain.general_prompts_file, "
+                      "or retain.sample_general_prompts = true to let the base model write them")
 
 # ----------------------------------------------------------------------------------------------------
 # Dev split of a user's prompts, and the general prompts replay answers.
@@ -66,8 +70,7 @@ def general_prompts(cfg: RunConfig, log=print) -> list[dict]:
         return random.Random(cfg.data.seed).sample(rows, min(len(rows), r.n_general_prompts))
     if r.sample_general_prompts:
         return sampled_prompts(cfg, log)
-    raise UserError("retain.replay_fraction > 0 needs general prompts: set retain.general_prompts_file, "
-                    "or retain.sample_general_prompts = true to let the base model write them")
+    raise UserError(NO_GENERAL_PROMPTS)
 
 
 def lab_general_skills(cfg: RunConfig) -> list[str]:
@@ -85,8 +88,7 @@ def check_retain(cfg: RunConfig) -> None:
     if r.replay_fraction > 0:
         has_prompts = r.general_prompts_file or lab_general_skills(cfg) or r.sample_general_prompts
         if not has_prompts:
-            raise UserError("retain.replay_fraction > 0 needs general prompts: set retain.general_prompts_file, "
-                            "or retain.sample_general_prompts = true to let the base model write them")
+            raise UserError(NO_GENERAL_PROMPTS)
         if r.replay_source == "dataset" and not r.general_prompts_file:
             raise UserError("retain.replay_source = \"dataset\" needs retain.general_prompts_file with an "
                             "\"answer\" on every line")
@@ -206,18 +208,6 @@ def batch_layout(n_task: int, n_replay: int, batch_size: int, fraction: float, n
     return layout
 
 
-def replay_weight(task: list[dict], replay: list[dict]) -> float:
-    """How much each replay token counts so that replay's share of the loss is its share of the rows.
-
-    The loss is a sum over tokens. General answers are short (a number, a word) and task answers can be long
-    (a sentence): at 25% of the rows, replay would otherwise be ~5% of the loss on the lab demo's task, too
-    little to hold the model. The weight is the ratio of mean completion lengths, within [1, 50]."""
-    def mean_len(rows):
-        return sum(len(r["completion_ids"]) for r in rows) / max(1, len(rows))
-
-    return min(50.0, max(1.0, mean_len(task) / max(1e-9, mean_len(replay))))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Merge and choose.
 
@@ -282,8 +272,6 @@ def checkpoint_state(path: Path, base_model) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if (path / "adapter_config.json").is_file():
-        import copy
-
         from peft import PeftModel
 
         merged = PeftModel.from_pretrained(copy.deepcopy(base_model), str(path)).merge_and_unload()
@@ -355,7 +343,7 @@ def choose_student(cfg: RunConfig, log=print) -> dict | None:
     base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     base_task, base_general = dev_scores(base_model, tok, cfg)
     log(f"retain: base on dev: task {base_task:.3f}, general {base_general:.3f}")
-    candidates, model = [], models.load_model(cfg.train.student)
+    candidates, model = [], copy.deepcopy(base_model)  # the one the candidates' weights are loaded into
     for path in sources:
         tuned = checkpoint_state(path, base_model)
         step = int(path.name.split("-")[-1])

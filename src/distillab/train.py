@@ -388,8 +388,7 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     if replay is not None and not replay:
         raise UserError(f"replay set {replay_path} has no rows")
     stamp = fingerprint("train", t.model_dump(), *dataset_files(data_path),  # one file, or `--shard` runs' shards
-                        *([cfg.retain.replay_fraction, cfg.retain.select_checkpoints, *dataset_files(replay_path)]
-                          if replay else []),
+                        *([cfg.retain.replay_fraction, *dataset_files(replay_path)] if replay else []),
                         *(["select_checkpoints"] if cfg.retain.select_checkpoints else []))
     student_dir = run_dir / "student"
     if is_fresh(run_dir, "train", stamp) and (student_dir / "config.json").is_file():
