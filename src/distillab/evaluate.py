@@ -13,6 +13,7 @@ import math
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,11 +40,22 @@ def suites(cfg: RunConfig) -> tuple[list[str], list[str]]:
     return task, general
 
 
+# prompts -> greedy completions: a loaded model's (local_complete) or an endpoint's (distillab.endpoint_eval)
+Complete = Callable[[list[str]], list[str]]
+
+
+def local_complete(model, tok, max_new_tokens: int) -> Complete:
+    return lambda prompts: [o.text for o in generate(model, tok, prompts, max_new_tokens=max_new_tokens)]
+
+
 def score_skill(model, tok, skill_name: str, n: int, max_new_tokens: int, split: str = "test") -> list[float]:
+    return score_skill_with(local_complete(model, tok, max_new_tokens), skill_name, n, split)
+
+
+def score_skill_with(complete: Complete, skill_name: str, n: int, split: str = "test") -> list[float]:
     skill = get_skill(skill_name)
     examples = skill.examples(split, n)
-    outs = generate(model, tok, [e.prompt for e in examples], max_new_tokens=max_new_tokens)
-    return [skill.score(o.text, e.answer) for o, e in zip(outs, examples)]
+    return [skill.score(text, e.answer) for text, e in zip(complete([e.prompt for e in examples]), examples)]
 
 
 def score_model(model, tok, skills: list[str], n: int, max_new_tokens: int, split: str = "test",
@@ -52,6 +64,15 @@ def score_model(model, tok, skills: list[str], n: int, max_new_tokens: int, spli
     per_skill = {s: score_skill(model, tok, s, n, max_new_tokens, split) for s in dict.fromkeys(skills)}
     if task_examples:
         per_skill.update(score_task_suite(model, tok, task_examples, max_new_tokens))
+    return per_skill
+
+
+def score_with(complete: Complete, skills: list[str], n: int, split: str = "test",
+               task_examples: list[dict] | None = None) -> dict[str, list[float]]:
+    """score_model for a model known only by its completions (an endpoint): text-scored examples only."""
+    per_skill = {s: score_skill_with(complete, s, n, split) for s in dict.fromkeys(skills)}
+    if task_examples:
+        per_skill.update(score_task_suite(None, None, task_examples, 0, complete=complete))
     return per_skill
 
 
@@ -106,18 +127,24 @@ def evaluate_model(model_name: str | Path, task: list[str], general: list[str], 
     model, tok = models.load(model_name)
     began = time.time()
     per_skill = score_model(model, tok, task + general, n, max_new_tokens, "test", task_examples)
+    return eval_record(str(model_name), per_skill, task, general, n_boot, time.time() - began,
+                       parameters=sum(p.numel() for p in model.parameters()),
+                       world_text_perplexity=perplexity(model, tok, world_text()))
+
+
+def eval_record(model: str, per_skill: dict[str, list[float]], task: list[str], general: list[str], n_boot: int,
+                seconds: float, **fields) -> EvalResult:
+    """The EvalResult of per-example scores (a user suite's skills join the task suite); fields: the rest."""
     task = task + [s for s in per_skill if s not in task and s not in general]
-    seconds = time.time() - began
     return EvalResult(
-        model=str(model_name),
-        parameters=sum(p.numel() for p in model.parameters()),
+        model=model,
         skills={s: {"score": sum(v) / len(v), "n": len(v), "ci": bootstrap_ci({s: v}, n_boot), "scores": v}
                 for s, v in per_skill.items()},
         task=suite_result({s: per_skill[s] for s in task}, n_boot),
         general=suite_result({s: per_skill[s] for s in general}, n_boot),
         suites={"task": task, "general": general},
-        world_text_perplexity=perplexity(model, tok, world_text()),
         eval_seconds=round(seconds, 2),
+        **fields,
     )
 
 
@@ -283,16 +310,18 @@ def load_task_suite(path: str | Path) -> list[dict]:
     return [_check_example(obj, where) for where, obj in read_jsonl(path, "task suite file")]
 
 
-def score_task_suite(model, tok, examples: list[dict], max_new_tokens: int) -> dict[str, list[float]]:
-    """Per-skill example scores, in the shape evaluate_model's per_skill uses (so suite_result applies)."""
+def score_task_suite(model, tok, examples: list[dict], max_new_tokens: int,
+                     complete: Complete | None = None) -> dict[str, list[float]]:
+    """Per-skill example scores, in the shape evaluate_model's per_skill uses (so suite_result applies).
+    complete: where the text answers come from instead of the model (multiple choice still needs the model)."""
     scores: list[float | None] = [None] * len(examples)
     generated = [i for i, ex in enumerate(examples) if ex["scorer"] != "multiple_choice"]
     if generated:
-        outs = generate(model, tok, [examples[i]["prompt"] for i in generated], max_new_tokens=max_new_tokens)
-        for i, out in zip(generated, outs):
+        texts = (complete or local_complete(model, tok, max_new_tokens))([examples[i]["prompt"] for i in generated])
+        for i, text in zip(generated, texts):
             ex = examples[i]
             tolerances = {k: ex[k] for k in ("rel_tol", "abs_tol") if k in ex}
-            scores[i] = TEXT_SCORERS[ex["scorer"]](out.text, ex["answer"], **tolerances)
+            scores[i] = TEXT_SCORERS[ex["scorer"]](text, ex["answer"], **tolerances)
     for i, ex in enumerate(examples):
         if ex["scorer"] == "multiple_choice":
             scores[i] = score_multiple_choice(model, tok, ex["prompt"], ex["choices"], ex["answer"])
