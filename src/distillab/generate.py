@@ -1,6 +1,9 @@
 """Stage 1, generate: prompts -> teacher -> request cache -> the dataset, streamed.
 
-Prompts come from lab skills (train split) or a prompts file (JSONL or Parquet, read lazily). Who writes the
+Prompts come from lab skills (train split) or a prompts file (JSONL, Parquet or a `datasets` save_to_disk
+directory, read lazily) whose records hold a plain prompt or an OpenAI conversation (`messages`; column names
+from [data] *_column). A conversation's final assistant turn is its reference answer; the teacher answers the
+user turn before it (distillab.chat renders it for each model, the student's rows included). Who writes the
 completions is the config's `data.source`: the teacher (through the cache), the lab's ground truth, or the
 answers a user brought ("human").
 
@@ -37,14 +40,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillab import models, provenance
+from distillab import chat, models, provenance
 from distillab.cache import RequestCache, request_key
 from distillab.config import RunConfig, write_atomic
 from distillab.dataset import SHARD_GLOB, shard_dir, write_dataset
 from distillab.errors import UserError, not_utf8
-from distillab.sampling import encode_example
+from distillab.pricing import BudgetGuard
 from distillab.lab.world import get_skill
 from distillab.rundir import check_stamps, is_fresh, mark_fresh
+from distillab.teachers import failure_digest
 
 CHUNK_ROWS = 2048  # rows a shard holds: the unit of writing and of resuming
 WHOLE = (0, 1)  # shard I of N: the whole prompt set
@@ -94,18 +98,34 @@ class PromptStream:
         return self._make()
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Where a prompts file keeps each field ([data] prompt_column / messages_column / answer_column)."""
+
+    prompt: str = "prompt"
+    messages: str = "messages"
+    answer: str = "answer"
+
+    @classmethod
+    def of(cls, data) -> "Columns":
+        return cls(data.prompt_column, data.messages_column, data.answer_column)
+
+
 def load_prompts(cfg: RunConfig) -> list[dict]:
-    """[{prompt, answer, skill}] from the prompts file when given, else from the lab skills' train split."""
+    """[{prompt, messages, answer, skill}] from the prompts file when given, else from the lab skills' train split
+    (no messages: a plain prompt is one user turn)."""
     return list(prompt_stream(cfg))
 
 
 def prompt_stream(cfg: RunConfig):
     """The prompts of load_prompts, read lazily from a prompts file (a list for lab skills: they are small)."""
     if cfg.data.prompts_file:
-        path = Path(cfg.data.prompts_file)
+        path, columns = Path(cfg.data.prompts_file), Columns.of(cfg.data)
+        if path.is_dir():
+            return PromptStream(lambda: iter_hf_prompts(path, columns))
         if path.suffix == ".parquet":
-            return PromptStream(lambda: iter_parquet_prompts(path))
-        return PromptStream(lambda: iter_jsonl_prompts(path))
+            return PromptStream(lambda: iter_parquet_prompts(path, columns))
+        return PromptStream(lambda: iter_jsonl_prompts(path, columns))
     rows = []
     for name in cfg.data.skills:
         try:
@@ -132,30 +152,34 @@ def fit_teacher_context(cfg: RunConfig, prompts: list[dict]) -> list[dict]:
     if room < 1:
         raise UserError(f"teacher.max_new_tokens {cfg.teacher.max_new_tokens} fills the teacher's whole context "
                         f"({context} tokens)")
-    lengths = [len(ids) for ids in tok([p["prompt"] for p in prompts])["input_ids"]]
+    # what the teacher is asked: the prompt through its own chat template, if it has one
+    lengths = [len(ids) for ids in tok([chat.render_prompt(tok, chat.turns_of(p)) for p in prompts])["input_ids"]]
     too_long = [i for i, n in enumerate(lengths) if n > room]
     if not too_long:
         return prompts
-    if cfg.data.truncate == "left":
+    # a conversation is not cut: which turns to drop is the user's call
+    if cfg.data.truncate == "left" and not any(prompts[i].get("messages") for i in too_long):
         out = list(prompts)
         for i in too_long:
             ids = tok(prompts[i]["prompt"], add_special_tokens=False)["input_ids"]
-            keep = room - (lengths[i] - len(ids))  # room left after the special tokens the tokenizer adds
+            keep = room - (lengths[i] - len(ids))  # room left after the special tokens and the template's text
             out[i] = prompts[i] | {"prompt": tok.decode(ids[-keep:])}
         return out
     where = cfg.data.prompts_file or "data.skills"
     lines = ", ".join(str(prompts[i].get("line", i + 1)) for i in too_long[:10]) + (" ..." if len(too_long) > 10 else "")
+    fix = ("drop their earliest turns (conversations are not truncated)" if any(prompts[i].get("messages")
+           for i in too_long) else "shorten them, or set [data] truncate = \"left\"")
     raise UserError(f"{where}: {len(too_long)} prompt(s) do not fit the teacher's context ({context} tokens, "
-                    f"{cfg.teacher.max_new_tokens} kept for the answer): line(s) {lines}; shorten them, or set "
-                    "[data] truncate = \"left\"")
+                    f"{cfg.teacher.max_new_tokens} kept for the answer): line(s) {lines}; {fix}")
 
 
-def read_jsonl_prompts(path: Path) -> list[dict]:
-    return list(iter_jsonl_prompts(path))
+def read_jsonl_prompts(path: Path, columns: Columns = Columns()) -> list[dict]:
+    return list(iter_jsonl_prompts(path, columns))
 
 
-def iter_jsonl_prompts(path: Path):
-    """{prompt, answer, skill, line} per non-empty line, read a line at a time; errors name the file and line."""
+def iter_jsonl_prompts(path: Path, columns: Columns = Columns()):
+    """{prompt, messages, answer, skill, line} per non-empty line, read a line at a time; errors name the file
+    and line."""
     what = "prompt file"
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory: give a JSONL file")
@@ -176,38 +200,80 @@ def iter_jsonl_prompts(path: Path):
             except json.JSONDecodeError as err:
                 raise UserError(f"{where}: malformed JSON ({err.msg})") from None
             seen = True
-            yield _prompt_record(obj, where, lineno)
+            yield _prompt_record(obj, where, lineno, columns)
     if not seen:
         raise UserError(f"{what} is empty: {path}")
 
 
-def iter_parquet_prompts(path: Path):
-    """The same records from a Parquet file with a "prompt" column (optional "answer", "skill"), a batch at a time."""
+def iter_parquet_prompts(path: Path, columns: Columns = Columns()):
+    """The same records from a Parquet file with a prompt or messages column (optional answer, "skill"), a batch
+    at a time."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
     reader = pq.ParquetFile(path)
-    names = reader.schema_arrow.names
-    if "prompt" not in names:
-        raise UserError(f"{path}: a Parquet prompt file needs a \"prompt\" column")
-    columns = [c for c in ("prompt", "answer", "skill") if c in names]
     lineno = 0
-    for batch in reader.iter_batches(batch_size=4096, columns=columns):
+    for batch in reader.iter_batches(batch_size=4096, columns=_columns_read(reader.schema_arrow.names, columns, path)):
         for obj in batch.to_pylist():
             lineno += 1
-            yield _prompt_record(obj, f"{path}: row {lineno}", lineno)
+            yield _prompt_record(obj, f"{path}: row {lineno}", lineno, columns)
     if not lineno:
         raise UserError(f"prompt file is empty: {path}")
 
 
-def _prompt_record(obj, where: str, line: int) -> dict:
-    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-        raise UserError(f"{where}: each line needs a non-empty string field \"prompt\"")
-    answer = obj.get("answer")
+def iter_hf_prompts(path: Path, columns: Columns = Columns()):
+    """The same records from a Hugging Face `datasets` directory (Dataset.save_to_disk; of a DatasetDict, its
+    "train" split or its only one), memory-mapped and read a row at a time."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError(f"prompt file {path} is a directory without a saved Hugging Face dataset (save_to_disk): "
+                        "give a JSONL or Parquet file, or such a directory") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds and len(ds) != 1:
+            raise UserError(f"{path}: a dataset with splits {', '.join(ds)}: save the split to use on its own "
+                            "(or name it train)")
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    ds = ds.select_columns(_columns_read(ds.column_names, columns, path))
+    for lineno, obj in enumerate(ds, 1):
+        yield _prompt_record(obj, f"{path}: row {lineno}", lineno, columns)
+    if not len(ds):
+        raise UserError(f"prompt file is empty: {path}")
+
+
+def _columns_read(names: list[str], columns: Columns, path: Path) -> list[str]:
+    """The columns of a table-shaped prompts file to read; one without a prompt or messages column is refused."""
+    if columns.prompt not in names and columns.messages not in names:
+        raise UserError(f"{path}: needs a \"{columns.prompt}\" or a \"{columns.messages}\" column (has "
+                        f"{', '.join(names[:8]) or 'none'}; [data] prompt_column / messages_column name others)")
+    return [c for c in (columns.prompt, columns.messages, columns.answer, "skill") if c in names]
+
+
+def _prompt_record(obj, where: str, line: int, columns: Columns = Columns()) -> dict:
+    """{prompt, messages, answer, skill, line}. A conversation: messages = the turns the teacher answers, prompt
+    = their plain text (chat.plain_text: what keys shards, splits and completions endpoints), and a final
+    assistant turn is the answer. A plain prompt: messages None."""
+    c = columns
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: each line needs a JSON object with \"{c.prompt}\" or \"{c.messages}\"")
+    answer = obj.get(c.answer)
     if answer is not None and not isinstance(answer, str):
-        raise UserError(f"{where}: \"answer\" must be a string")
-    return {"prompt": obj["prompt"], "answer": answer, "skill": obj.get("skill"), "line": line}
+        raise UserError(f"{where}: \"{c.answer}\" must be a string")
+    skill = obj.get("skill")
+    if obj.get(c.messages) is not None:  # the conversation, over a prompt beside it (often its first user turn)
+        turns, reference = chat.split_conversation(chat.check_messages(obj[c.messages], where, c.messages), where)
+        if reference is not None and answer is not None:
+            raise UserError(f"{where}: two answers: \"{c.answer}\" and the conversation's final assistant turn; "
+                            "keep one")
+        return {"prompt": chat.plain_text(turns), "messages": turns, "answer": reference if answer is None else answer,
+                "skill": skill, "line": line}
+    if not isinstance(obj.get(c.prompt), str) or not obj[c.prompt]:
+        raise UserError(f"{where}: each line needs a non-empty string field \"{c.prompt}\" or a \"{c.messages}\" "
+                        "list")
+    return {"prompt": obj[c.prompt], "messages": None, "answer": answer, "skill": skill, "line": line}
 
 
 def run_generate(cfg: RunConfig, progress=None, log=print, shard: tuple[int, int] = WHOLE) -> GenerateSummary:
@@ -270,7 +336,7 @@ def generate_dataset(cfg: RunConfig, prompts, name: str, teacher_cfg, source: st
     salt = f"{cfg.train.student}|{teacher_label}|{samples}"  # what else decides a shard's rows
 
     def keyed(chunk):
-        return [request_key(teacher.request(p["prompt"], s)) for p, s in chunk]
+        return [request_key(ask(teacher, p, s)) for p, s in chunk]
 
     summary_path = parts.summary_path(run_dir, name)
     cache = RequestCache(run_dir / parts.cache_name)
@@ -387,6 +453,19 @@ def _generate_given(cfg, chunks, name, stage, source, parts, student_tok) -> Gen
         parts.merge()
         mark_fresh(run_dir, stage, stamp)
     return GenerateSummary(n, 0, 0, 0, 0, 0, 0.0)
+
+
+def ask(teacher, record: dict, sample: int = 0) -> dict:
+    """The teacher's canonical request for a prompt record: its conversation when it has one."""
+    return teacher.request(record["prompt"], sample, messages=record.get("messages"))
+
+
+def _row_text(record: dict) -> dict:
+    """A prompt record's fields as a dataset row keeps them: the conversation as JSON text (None: a plain
+    prompt), no line number."""
+    row = {k: v for k, v in record.items() if k != "line"}
+    row["messages"] = json.dumps(record["messages"], ensure_ascii=False) if record.get("messages") else None
+    return row
 
 
 def _digest(salt: str, keys: list[str]) -> str:
@@ -517,7 +596,7 @@ class _Run:
             todo = []
             for (p, s), k in zip(chunk, keys):
                 if k in waiting and k not in self.waiters:
-                    todo.append(self.teacher.request(p["prompt"], s))
+                    todo.append(ask(self.teacher, p, s))
                 if k in waiting:
                     self.waiters.setdefault(k, [])
                     if i not in self.waiters[k]:
@@ -553,62 +632,6 @@ class _Run:
             self.flush(i)
 
 
-def failure_digest(failures: list[dict], most: int = 3) -> str:
-    """'3x connection refused; 1x HTTP 400: ...': the first distinct errors, counted."""
-    from collections import Counter
-
-    counts = Counter((f["error"] or "unknown error").splitlines()[0][:160] for f in failures)
-    return "; ".join(f"{n}x {error}" for error, n in counts.most_common(most)) or "no answer"
-
-
-class BudgetGuard:
-    """Stops generation before the projected spend passes max_usd.
-
-    spent      dollars on this dataset so far: earlier runs' cached answers (prior_usage) plus this run's;
-    projected  the earlier runs' spend + this run's requests x the cost per request (this run's average once
-               there is one, else the earlier runs'), so a rerun after a stop stops before sending anything.
-    Both are None when the teacher is unpriced (then max_usd cannot be enforced; pricing warned about it).
-    Requests already in flight when it stops still land, are paid for and are cached.
-    """
-
-    def __init__(self, max_usd: float | None, pricing, total: int, prior_usage: dict | None = None):
-        self.max_usd, self.pricing, self.total = max_usd, pricing, total  # total: requests this run sends
-        self.prior = pricing.usd_for(prior_usage or {})
-        self.prior_requests = (prior_usage or {}).get("requests", 0)
-        self.done = self.prompt_tokens = self.completion_tokens = 0
-
-    def add(self, response: dict) -> None:
-        self.done += 1
-        self.prompt_tokens += response.get("prompt_tokens", 0)
-        self.completion_tokens += response.get("completion_tokens", 0)
-
-    @property
-    def spent_this_run(self) -> float | None:
-        return self.pricing.usd_for({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens})
-
-    @property
-    def spent(self) -> float | None:
-        now = self.spent_this_run
-        return None if now is None or self.prior is None else self.prior + now
-
-    @property
-    def projected(self) -> float | None:
-        now = self.spent_this_run
-        if now is None or self.prior is None:
-            return None
-        if self.done:
-            per_request = now / self.done
-        else:
-            per_request = self.prior / self.prior_requests if self.prior_requests else 0.0
-        return self.prior + per_request * self.total
-
-    def check(self) -> None:
-        projected = self.projected
-        if self.max_usd is not None and projected is not None and projected > self.max_usd:
-            raise UserError(f"stopped: projected teacher spend ${projected:.4f} would pass max_usd ${self.max_usd:.4f} "
-                            f"(spent ${self.spent:.4f}; answered requests are cached, a rerun resumes)")
-
-
 def _ground_truth_rows(prompts: list[dict], source: str, tokenizer, declared_teacher: str | None = None) -> list[dict]:
     """Rows whose completions are the answers we were given; tagged with the source the user declared."""
     tag = (provenance.provenance_row("teacher", teacher_id=declared_teacher) if declared_teacher
@@ -617,8 +640,8 @@ def _ground_truth_rows(prompts: list[dict], source: str, tokenizer, declared_tea
     for i, p in enumerate(prompts):
         if p["answer"] is None:
             raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt (prompt {i + 1} has none)")
-        prompt_ids, completion_ids = encode_example(tokenizer, p["prompt"], p["answer"])
-        p = {k: v for k, v in p.items() if k != "line"}
+        prompt_ids, completion_ids = chat.encode(tokenizer, chat.turns_of(p), p["answer"])
+        p = _row_text(p)
         rows.append({**p, "completion": p["answer"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
                      "top_ids": None, "top_logprobs": None, **tag})
     return rows
@@ -635,11 +658,13 @@ def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | N
         if resp is None:  # failed for good: recorded in the cache's failures, left out of the data
             continue
         topk, top_ids, top_lp = resp.get("topk"), resp.get("top_ids"), resp.get("top_logprobs")
+        # the student's own rendering of the conversation (its chat template, or the plain text)
+        turns = chat.turns_of(p)
         if resp.get("token_ids") is not None and _ids_match(resp, tokenizer):
-            prompt_ids = tokenizer(p["prompt"])["input_ids"]
-            completion_ids = resp["token_ids"]
+            prompt_ids = chat.prompt_ids(tokenizer, turns)
+            completion_ids = resp["token_ids"]  # the teacher's own tokens: its top-k stays aligned to them
         else:  # no ids, or the teacher's ids are not the student's: the student's tokenizer reads the text
-            prompt_ids, completion_ids = encode_example(tokenizer, p["prompt"], resp["text"])
+            prompt_ids, completion_ids = chat.encode(tokenizer, turns, resp["text"])
             if resp.get("token_ids") is not None:
                 topk = top_ids = top_lp = None  # teacher-vocabulary ids, meaningless to this student
                 dropped_topk += 1
@@ -647,7 +672,7 @@ def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | N
             from distillab.teachers.openai_compat import map_top_tokens
 
             top_ids, top_lp, completion_ids = map_top_tokens(resp, tokenizer)
-        p = {k: v for k, v in p.items() if k != "line"}
+        p = _row_text(p)
         rows.append({**p, **({"sample": sample} if many else {}), "completion": resp["text"],
                      "prompt_ids": prompt_ids, "completion_ids": completion_ids,
                      "topk": topk, "top_ids": top_ids, "top_logprobs": top_lp,

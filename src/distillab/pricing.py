@@ -102,3 +102,51 @@ def _rates_per_million(model: str, provider: str) -> tuple[float, float]:
 
     price = calc_price(Usage(input_tokens=1000, output_tokens=1000), model, provider_id=provider)
     return float(price.input_price) * 1000, float(price.output_price) * 1000
+
+
+class BudgetGuard:
+    """Stops teacher requests (generate's, the teacher's evaluation) before the projected spend passes max_usd.
+
+    spent      dollars on these requests so far: earlier runs' cached answers (prior_usage) plus this run's;
+    projected  the earlier runs' spend + this run's requests x the cost per request (this run's average once
+               there is one, else the earlier runs'), so a rerun after a stop stops before sending anything.
+    Both are None when the teacher is unpriced (then max_usd cannot be enforced; pricing warned about it).
+    Requests already in flight when it stops still land, are paid for and are cached.
+    """
+
+    def __init__(self, max_usd: float | None, pricing, total: int, prior_usage: dict | None = None):
+        self.max_usd, self.pricing, self.total = max_usd, pricing, total  # total: requests this run sends
+        self.prior = pricing.usd_for(prior_usage or {})
+        self.prior_requests = (prior_usage or {}).get("requests", 0)
+        self.done = self.prompt_tokens = self.completion_tokens = 0
+
+    def add(self, response: dict) -> None:
+        self.done += 1
+        self.prompt_tokens += response.get("prompt_tokens", 0)
+        self.completion_tokens += response.get("completion_tokens", 0)
+
+    @property
+    def spent_this_run(self) -> float | None:
+        return self.pricing.usd_for({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens})
+
+    @property
+    def spent(self) -> float | None:
+        now = self.spent_this_run
+        return None if now is None or self.prior is None else self.prior + now
+
+    @property
+    def projected(self) -> float | None:
+        now = self.spent_this_run
+        if now is None or self.prior is None:
+            return None
+        if self.done:
+            per_request = now / self.done
+        else:
+            per_request = self.prior / self.prior_requests if self.prior_requests else 0.0
+        return self.prior + per_request * self.total
+
+    def check(self) -> None:
+        projected = self.projected
+        if self.max_usd is not None and projected is not None and projected > self.max_usd:
+            raise UserError(f"stopped: projected teacher spend ${projected:.4f} would pass max_usd ${self.max_usd:.4f} "
+                            f"(spent ${self.spent:.4f}; answered requests are cached, a rerun resumes)")

@@ -26,7 +26,8 @@ class Teacher(Protocol):
     # per endpoint, this process's counts: {url: {answered, errors, prompt_tokens, completion_tokens}}
     endpoint_stats: dict[str, dict]
 
-    def request(self, prompt: str, sample: int = 0) -> dict: ...
+    # messages: the conversation (OpenAI turns) when the prompt is one; prompt is then its plain text
+    def request(self, prompt: str, sample: int = 0, messages: list[dict] | None = None) -> dict: ...
 
     # requests: any iterable, read lazily (as capacity frees up), so the caller can stream them
     def answer(self, requests: Iterable[dict], on_done: OnDone) -> None: ...
@@ -41,3 +42,11 @@ def make_teacher(cfg) -> Teacher:
     from distillab.teachers.local_hf import LocalHFTeacher
 
     return LocalHFTeacher(cfg)
+
+
+def failure_digest(failures: list[dict], most: int = 3) -> str:
+    """'3x connection refused; 1x HTTP 400: ...': the first distinct errors, counted."""
+    from collections import Counter
+
+    counts = Counter((f["error"] or "unknown error").splitlines()[0][:160] for f in failures)
+    return "; ".join(f"{n}x {error}" for error, n in counts.most_common(most)) or "no answer"
