@@ -74,12 +74,29 @@ class TeacherConfig(_Strict):
 
 class DataConfig(_Strict):
     skills: list[str] = ["add"]  # lab skills whose train prompts the teacher answers (the task)
-    prompts_file: str | None = None  # JSONL with "prompt" (and optional "answer"); replaces skills
+    # JSONL, Parquet or a `datasets` save_to_disk directory with "prompt" or "messages" (and optional "answer");
+    # replaces skills
+    prompts_file: str | None = None
+    prompt_column: str = "prompt"  # the prompts file's column (JSON key) holding a plain prompt
+    messages_column: str = "messages"  # ...holding an OpenAI conversation; used over the prompt when both are set
+    answer_column: str = "answer"  # ...holding the reference answer (a final assistant turn also is one)
     source: Literal["teacher", "human", "lab"] = "teacher"  # who writes the completions
     declared_teacher: str | None = None  # a brought dataset's answers were written by this model: provenance says so
     n_prompts: int = Field(1000, ge=1)  # per lab skill
     truncate: Literal["none", "left"] = "none"  # prompts past a local teacher's context: refuse, or keep their end
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> "DataConfig":
+        columns = {"prompt_column": self.prompt_column, "messages_column": self.messages_column,
+                   "answer_column": self.answer_column}
+        for key, name in columns.items():
+            if not name.strip():
+                raise ValueError(f"{key} is empty: name the prompts file's column")
+        if len(set(columns.values())) < len(columns):
+            raise ValueError(f"prompt_column, messages_column and answer_column must name different columns "
+                             f"(got {', '.join(columns.values())})")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -128,6 +145,9 @@ class EvalConfig(_Strict):
     general: list[str] | None = None  # general-suite lab skills; None: every skill not in the task
     bootstrap: int = Field(1000, ge=0)
     lm_eval_tasks: list[str] = []
+    # score the teacher too; an API teacher (base_url) through its endpoint, cached, its spend a ledger line.
+    # false: the report shows the teacher as not scored, and says why gap closed is missing
+    score_teacher: bool = True
 
 
 class RetainConfig(_Strict):

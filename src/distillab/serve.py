@@ -781,25 +781,17 @@ def _choice_logprobs(prompt_ids, score, gen: Generation, k: int, tok: _Tokens, p
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The model's chat template when its tokenizer has one; else the messages' contents joined by newlines
-    (so a one-message chat to a lab model sees exactly the prompt a completions request would)."""
-    from jinja2 import TemplateError
+    """chat.render_prompt: the model's chat template when its tokenizer has one; else the messages' contents
+    joined by newlines (so a one-message chat to a lab model sees exactly the prompt a completions request would,
+    and a student is asked as it was trained)."""
+    from distillab import chat
 
     for m in messages:
-        if isinstance(m.get("content"), list):  # content parts: keep the text ones
-            m["content"] = "".join(p.get("text") or "" for p in m["content"] if p.get("type") == "text")
-        m["content"] = m.get("content") or ""
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except TemplateError as err:  # the template refuses these messages (roles out of order, ...)
-            raise APIError(400, f"messages: the model's chat template refused them: {err}", param="messages") from None
-        bos = tokenizer.bos_token
-        # generate() tokenizes with special tokens; a template that writes BOS itself would get two.
-        if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
-            text = text[len(bos):]
-        return text
-    return "\n".join(m["content"] for m in messages)
+        m["content"] = chat.text_content(m.get("content")) or ""
+    try:
+        return chat.render_prompt(tokenizer, messages)
+    except chat.TemplateRefused as err:  # roles out of order, a role the template does not know, ...
+        raise APIError(400, f"messages: {err}", param="messages") from None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -7,7 +7,7 @@ import itertools
 import time
 from pathlib import Path
 
-from distillab import models
+from distillab import chat, models
 from distillab.sampling import generate
 
 
@@ -54,11 +54,22 @@ class LocalHFTeacher:
         self.endpoint = f"local:{self.name}@{model_digest(self.path)}"
         self.endpoint_stats = {self.endpoint: {"answered": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}}
         self._model = self._tokenizer = None
+        # asked through its chat template: the key says so (a cached answer from before templates were applied
+        # to plain prompts is not reused)
+        self.templated = chat.has_template(models.load_tokenizer(self.path))
 
-    def request(self, prompt: str, sample: int = 0) -> dict:
+    def request(self, prompt: str, sample: int = 0, messages: list[dict] | None = None) -> dict:
+        """The canonical request; the teacher is asked with chat.render_prompt of its conversation (messages, else
+        the prompt as one user turn) through its own chat template, or the plain text when it has none."""
         c = self.cfg
-        req = {"endpoint": self.endpoint, "model": self.name, "prompt": prompt, "max_tokens": c.max_new_tokens,
+        req = {"endpoint": self.endpoint, "model": self.name, "max_tokens": c.max_new_tokens,
                "temperature": c.temperature, "top_p": c.top_p, "logprobs": c.top_k_logprobs}
+        if messages:
+            req["messages"] = messages
+        else:
+            req["prompt"] = prompt
+        if self.templated:
+            req["chat_template"] = True
         if sample:  # the first sample keeps the single-sample key: caches from before samples_per_prompt still hit
             req["sample"] = sample
         return req
@@ -73,7 +84,8 @@ class LocalHFTeacher:
                 self._model, self._tokenizer = models.load(self.path)
             began = time.time()
             r0 = batch[0]
-            outs = generate(self._model, self._tokenizer, [r["prompt"] for r in batch],
+            outs = generate(self._model, self._tokenizer, [chat.render_prompt(self._tokenizer, chat.turns_of(r))
+                                                           for r in batch],
                             max_new_tokens=r0["max_tokens"], temperature=r0["temperature"], top_p=r0["top_p"],
                             top_k_logprobs=r0["logprobs"], batch_size=len(batch), seed=start)
             latency = (time.time() - began) / len(batch)

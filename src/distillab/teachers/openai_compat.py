@@ -70,9 +70,11 @@ class OpenAITeacher:
 
     # -- the Teacher protocol ------------------------------------------------------------------------
 
-    def request(self, prompt: str, sample: int = 0) -> dict:
+    def request(self, prompt: str, sample: int = 0, messages: list[dict] | None = None) -> dict:
         """The canonical request: everything that decides the answer, nothing secret. The URL only when the
-        teacher is one endpoint (module docstring); "sample" from the second sample of a prompt on."""
+        teacher is one endpoint (module docstring); "sample" from the second sample of a prompt on.
+        messages (a conversation): chat mode sends them as given; completions mode sends `prompt`, the
+        conversation's plain text (chat.plain_text: the server applies no template to a completion)."""
         c = self.cfg
         req = {"model": c.model, "mode": c.mode, "max_tokens": c.max_new_tokens,
                "temperature": c.temperature, "top_p": c.top_p, "logprobs": c.top_k_logprobs}
@@ -81,7 +83,7 @@ class OpenAITeacher:
         if sample:  # the first sample keeps the single-sample key: caches from before samples_per_prompt still hit
             req["sample"] = sample
         if c.mode == "chat":
-            req["messages"] = [{"role": "user", "content": prompt}]
+            req["messages"] = messages or [{"role": "user", "content": prompt}]
         else:
             req["prompt"] = prompt
         return req
