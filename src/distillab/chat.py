@@ -76,13 +76,18 @@ def split_conversation(turns: list[dict], where: str) -> tuple[list[dict], str |
     return turns, answer
 
 
+def as_turns(prompt: str | list[dict]) -> list[dict]:
+    """A conversation as it is, a plain prompt as one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
 def turns_of(record: dict) -> list[dict]:
-    """The conversation of a prompt record or dataset row: its `messages` (list or JSON text), else `prompt` as
-    one user turn."""
+    """The conversation of a prompt record, task example or dataset row: its `messages` (a list, or JSON text
+    as rows store it), else its `prompt` as one user turn."""
     messages = record.get("messages")
     if messages:
         return json.loads(messages) if isinstance(messages, str) else messages
-    return [{"role": "user", "content": record["prompt"]}]
+    return as_turns(record["prompt"])
 
 
 def plain_text(turns: list[dict]) -> str:

@@ -3,7 +3,10 @@ collation of rows into training batches. Stages and the lab import it; no stage 
 
 A row (one Parquet record; columns beyond these are kept as they are):
   prompt, completion           the text
-  prompt_ids, completion_ids   int32 lists: the student tokenizer's ids (completion ends with end-of-sequence)
+  messages                     the conversation the teacher answered (OpenAI turns as JSON text; prompt is then
+                               their plain text), null for a plain prompt (one user turn)
+  prompt_ids, completion_ids   int32 lists: the student tokenizer's ids (completion ends with end-of-sequence);
+                               prompt_ids render the conversation with the student's chat template (chat.encode)
   topk_top, topk_...           the teacher's top-k per completion token through topk_codec (binary columns,
                                null when the row has none); read_dataset decodes them into top_ids,
                                top_logprobs and top_tail (log of the mass outside the top-k)
@@ -27,7 +30,7 @@ SHARD_GLOB = "part-*.parquet"  # a sharded dataset: data/<name>/part-*.parquet, 
 # Columns whose type is known whatever a shard holds (an all-null column would otherwise be `null`, and shards
 # with different types for one column would not read as one dataset).
 STRING_COLUMNS = ("prompt", "completion", "answer", "source", "teacher_id", "teacher_params_hash",
-                  "request_hash", "created_at")
+                  "request_hash", "created_at", "messages")  # messages: the conversation as JSON text (chat.py)
 
 
 def shard_dir(path: Path) -> Path:

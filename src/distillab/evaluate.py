@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from distillab import models
+from distillab import chat, models
 from distillab.config import RunConfig
 from distillab.errors import UserError
 from distillab.sampling import generate
@@ -40,12 +40,16 @@ def suites(cfg: RunConfig) -> tuple[list[str], list[str]]:
     return task, general
 
 
-# prompts -> greedy completions: a loaded model's (local_complete) or an endpoint's (distillab.endpoint_eval)
-Complete = Callable[[list[str]], list[str]]
+# prompts -> greedy completions: a loaded model's (local_complete) or an endpoint's (distillab.endpoint_eval).
+# A prompt is a plain prompt (one user turn) or a conversation (a list of OpenAI turns: chat.as_turns).
+Complete = Callable[[list], list[str]]
 
 
 def local_complete(model, tok, max_new_tokens: int) -> Complete:
-    return lambda prompts: [o.text for o in generate(model, tok, prompts, max_new_tokens=max_new_tokens)]
+    """Each prompt rendered as the model was trained on it (chat.render_prompt: its own chat template, or the
+    plain text when it has none), then generated greedily."""
+    return lambda prompts: [o.text for o in generate(model, tok, [chat.render_prompt(tok, chat.as_turns(p))
+                                                                  for p in prompts], max_new_tokens=max_new_tokens)]
 
 
 def score_skill(model, tok, skill_name: str, n: int, max_new_tokens: int, split: str = "test") -> list[float]:
@@ -274,12 +278,20 @@ def score_multiple_choice(model, tok, prompt: str, choices: list[str], answer_in
 #     numeric also reads optional "rel_tol" / "abs_tol".
 #   {"prompt": "...", "choices": ["...", "..."], "answer": 1 or "the right choice"}   multiple choice
 #   optional "skill": groups examples; each skill counts once in the suite score (default "task").
+#   "messages" (OpenAI turns) in place of "prompt": a conversation, rendered by each model's own chat template;
+#   a final assistant turn is the answer when "answer" is not given.
 
 
 def _check_example(obj, where: str) -> dict:
+    if isinstance(obj, dict) and obj.get("messages") is not None:
+        turns, reference = chat.split_conversation(chat.check_messages(obj["messages"], where), where)
+        obj = obj | {"prompt": chat.plain_text(turns), "messages": turns,
+                     "answer": obj["answer"] if "answer" in obj else reference}
     if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-        raise UserError(f"{where}: each line needs a non-empty string \"prompt\"")
+        raise UserError(f"{where}: each line needs a non-empty string \"prompt\" (or a \"messages\" list)")
     ex = {"prompt": obj["prompt"], "skill": str(obj.get("skill") or "task")}
+    if obj.get("messages"):
+        ex["messages"] = obj["messages"]
     if "choices" in obj:
         choices, answer = obj["choices"], obj.get("answer")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
@@ -317,14 +329,16 @@ def score_task_suite(model, tok, examples: list[dict], max_new_tokens: int,
     scores: list[float | None] = [None] * len(examples)
     generated = [i for i, ex in enumerate(examples) if ex["scorer"] != "multiple_choice"]
     if generated:
-        texts = (complete or local_complete(model, tok, max_new_tokens))([examples[i]["prompt"] for i in generated])
+        texts = (complete or local_complete(model, tok, max_new_tokens))([examples[i].get("messages") or examples[i]["prompt"]
+                                                                          for i in generated])
         for i, text in zip(generated, texts):
             ex = examples[i]
             tolerances = {k: ex[k] for k in ("rel_tol", "abs_tol") if k in ex}
             scores[i] = TEXT_SCORERS[ex["scorer"]](text, ex["answer"], **tolerances)
     for i, ex in enumerate(examples):
         if ex["scorer"] == "multiple_choice":
-            scores[i] = score_multiple_choice(model, tok, ex["prompt"], ex["choices"], ex["answer"])
+            scores[i] = score_multiple_choice(model, tok, chat.render_prompt(tok, chat.turns_of(ex)), ex["choices"],
+                                              ex["answer"])
     per_skill: dict[str, list[float]] = {}
     for ex, score in zip(examples, scores):
         per_skill.setdefault(ex["skill"], []).append(score)

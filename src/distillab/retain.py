@@ -299,9 +299,11 @@ def dev_suites(cfg: RunConfig) -> tuple[list[str], list[str], list[dict]]:
     if cfg.data.prompts_file and dev_path.is_file():
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(dev_path, columns=["prompt", "completion"]).to_pylist()
-        examples += [{"prompt": r["prompt"], "answer": r["completion"], "scorer": "word_f1", "skill": "dev:task"}
-                     for r in rows]
+        names = pq.read_schema(dev_path).names
+        rows = pq.read_table(dev_path, columns=[c for c in ("prompt", "messages", "completion") if c in names]).to_pylist()
+        # a conversation is asked as a conversation (each candidate's own chat template renders it)
+        examples += [{"prompt": r["prompt"], "answer": r["completion"], "scorer": "word_f1", "skill": "dev:task",
+                      **({"messages": json.loads(r["messages"])} if r.get("messages") else {})} for r in rows]
     if cfg.retain.general_dev_file:
         general = []
         examples += [ex | {"skill": f"dev:general:{ex['skill']}"} for ex in load_task_suite(cfg.retain.general_dev_file)]
