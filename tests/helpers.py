@@ -7,12 +7,13 @@ import torch
 from distillab.config import from_dict
 
 
-def save_tiny_llama(path, hidden: int = 32, layers: int = 2, seed: int = 0, vocab_pad: int = 0):
+def save_tiny_llama(path, hidden: int = 32, layers: int = 2, seed: int = 0, vocab_pad: int = 0, tok=None):
+    """A random Llama with the lab tokenizer (or `tok`) saved at path."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distillab.lab.tokenizer import build_tokenizer
 
-    tok = build_tokenizer()
+    tok = tok or build_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok) + vocab_pad, hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
