@@ -140,11 +140,14 @@ def _config_case(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
         (tmp_path / "runs").mkdir()
         (tmp_path / "runs" / "bad").write_text("x")
         return write_config(tmp_path), ("not a directory",)
+    if case == "one-column-twice":
+        return write_config(tmp_path, '[data]\nanswer_column = "prompt"'), ("config data", "different columns")
     raise AssertionError(case)
 
 
 CONFIG_CASES = ["missing", "directory", "not-utf8", "invalid-toml", "unknown-key", "wrong-type", "out-of-range",
-                "name-with-slash", "name-with-nul", "runs-under-proc", "runs-under-a-file", "run-dir-is-a-file"]
+                "name-with-slash", "name-with-nul", "runs-under-proc", "runs-under-a-file", "run-dir-is-a-file",
+                "one-column-twice"]
 
 
 @pytest.mark.parametrize("command", CONFIG_COMMANDS)
@@ -189,12 +192,48 @@ def _prompts_case(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
     if case == "not-an-object":
         lines(p, '["1+1="]')
         return p, ("p.jsonl:1",)
+    user = {"role": "user", "content": "1+1="}
+    if case == "messages-not-a-list":
+        lines(p, {"prompt": "1+1="}, {"messages": user})
+        return p, ("p.jsonl:2", "messages", "list")
+    if case == "messages-not-json":
+        lines(p, {"messages": "1+1="})
+        return p, ("p.jsonl:1", "not JSON")
+    if case == "messages-unknown-role":
+        lines(p, {"messages": [{"role": "robot", "content": "beep"}, user]})
+        return p, ("p.jsonl:1", "turn 1", "robot")
+    if case == "messages-content-not-text":
+        lines(p, {"messages": [{"role": "user", "content": 12}]})
+        return p, ("p.jsonl:1", "content")
+    if case == "messages-end-with-system":
+        lines(p, {"messages": [user, {"role": "system", "content": "be brief"}]})
+        return p, ("p.jsonl:1", "user turn", "system")
+    if case == "messages-only-an-answer":
+        lines(p, {"messages": [{"role": "assistant", "content": "2"}]})
+        return p, ("p.jsonl:1", "user turn")
+    if case == "two-answers":
+        lines(p, {"messages": [user, {"role": "assistant", "content": "2"}], "answer": "2"})
+        return p, ("p.jsonl:1", "two answers")
+    if case == "parquet-without-prompt-column":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"question": ["1+1="]}), tmp_path / "p.parquet")
+        return tmp_path / "p.parquet", ("p.parquet", '"prompt"', '"messages"')
+    if case == "datasets-dir-without-prompt-column":
+        import datasets
+
+        datasets.Dataset.from_dict({"question": ["1+1="]}).save_to_disk(str(tmp_path / "hf"))
+        return tmp_path / "hf", ("hf", '"prompt"', '"messages"')
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("command", ["generate", "run"])
 @pytest.mark.parametrize("case", ["missing", "directory", "empty", "malformed", "not-utf8", "utf16", "no-prompt",
-                                  "prompt-not-string", "answer-not-string", "not-an-object"])
+                                  "prompt-not-string", "answer-not-string", "not-an-object", "messages-not-a-list",
+                                  "messages-not-json", "messages-unknown-role", "messages-content-not-text",
+                                  "messages-end-with-system", "messages-only-an-answer", "two-answers",
+                                  "parquet-without-prompt-column", "datasets-dir-without-prompt-column"])
 def test_bad_prompts_file(bad, tmp_path, command, case):
     path, expect = _prompts_case(tmp_path, case)
     bad(command, write_config(tmp_path, f'[data]\nprompts_file = "{path}"'), expect=expect)
@@ -406,11 +445,14 @@ def _task_file(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
     if case == "one-choice":
         lines(t, {"prompt": "a", "choices": ["x"], "answer": 0})
         return t, ("choices",)
+    if case == "messages-end-with-assistant-alone":
+        lines(t, {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]})
+        return t, ("tasks.jsonl:1", "user turn")
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("case", ["missing", "not-utf8", "malformed", "unknown-scorer", "bad-regex",
-                                  "numeric-without-number", "one-choice"])
+                                  "numeric-without-number", "one-choice", "messages-end-with-assistant-alone"])
 def test_bad_task_file(bad, tmp_path, case):
     path, expect = _task_file(tmp_path, case)
     bad("evaluate", write_config(tmp_path, f'[eval]\ntask_file = "{path}"'), expect=expect)
