@@ -36,8 +36,8 @@ from pathlib import Path
 
 from distillab.config import RunConfig
 from distillab.records import (LEDGER_FORMAT, BreakEven, EvalResult, Ledger, RetainCost, ServingCost, SuiteQuality,
-                               TeacherGeneration, Throughput, TokensPerQuery, TrainingCost, as_evals, suite_score,
-                               write_record)
+                               TeacherEvaluation, TeacherGeneration, Throughput, TokensPerQuery, TrainingCost, as_evals,
+                               suite_score, write_record)
 
 # A local teacher is priced as if it were a small hosted API model, so the break-even is still shown.
 # These are gpt-4o-mini's 2024 list prices: a cheap, common tier, i.e. a conservative stand-in
@@ -65,6 +65,7 @@ def build_ledger(cfg: RunConfig, evals: dict[str, EvalResult]) -> Ledger:
         format=LEDGER_FORMAT, run=cfg.name,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         teacher_generation=teacher, training=training, serving=serving, retain=kept, break_even=be,
+        teacher_evaluation=teacher_evaluation(cfg, evals, pricing),
         quality=quality_given_up(evals),
         total_usd=_sum_or_none(teacher.usd, training.usd, kept.usd),  # actual one-off spend of this run
         notes=_notes(teacher, basis, throughput))
@@ -182,6 +183,23 @@ def teacher_generation(cfg: RunConfig, pricing) -> TeacherGeneration:
     status = pricing.status if usd is not None else "unpriced"
     return TeacherGeneration(**base, price_status=status, prompt_tokens=summary.get("prompt_tokens"),
                              completion_tokens=summary.get("completion_tokens"), rows=summary.get("rows"), usd=usd)
+
+
+def teacher_evaluation(cfg: RunConfig, evals: dict[str, EvalResult], pricing) -> TeacherEvaluation:
+    """Scoring the teacher: an API teacher's requests and billed tokens (eval/teacher.json's endpoint_usage) at
+    the teacher's price; a local teacher has no bill; a teacher not scored says why."""
+    res = as_evals(evals).get("teacher")
+    if res is None:
+        return TeacherEvaluation(status="not_evaluated", reason="no eval/teacher.json: run `distillab evaluate`")
+    usage = res.endpoint_usage
+    if usage is None:  # nothing asked of an API: a local teacher, or not scored before any request
+        status = "not_scored" if res.not_scored else "local"
+        return TeacherEvaluation(status=status, reason=res.not_scored, price_status="local" if status == "local"
+                                 else None, usd=0.0)
+    tokens = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+    return TeacherEvaluation(status="not_scored" if res.not_scored else "scored", reason=res.not_scored,
+                             endpoint=usage.endpoint, requests=usage.requests, **tokens,
+                             price_status=pricing.status, usd=pricing.usd_for(tokens))
 
 
 def training_cost(cfg: RunConfig) -> TrainingCost:

@@ -169,11 +169,11 @@ def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log
     task, general = suites(cfg)
     examples = load_task_suite(cfg.eval.task_file) if cfg.eval.task_file else None
     named = {"teacher": cfg.teacher.model, "base": cfg.train.student, "distilled": str(run_dir / "student")}
-    if cfg.teacher.base_url:  # a remote teacher is scored through its own API only by lm-eval; skip here
-        named.pop("teacher")
     named.update(extra_models or {})
+    # An API teacher (or any teacher with eval.score_teacher = false) is not a local model: distillab.endpoint_eval
+    not_local = {"teacher"} if cfg.teacher.base_url or not cfg.eval.score_teacher else set()
     for label, name in named.items():  # every model must exist before any is scored: nothing half done
-        if label != "teacher" or not cfg.teacher.base_url:
+        if label not in not_local:
             try:
                 models.resolve_model_path(name)
             except UserError as err:
@@ -182,6 +182,9 @@ def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log
     results = {}
     for label, name in named.items():
         out = run_dir / "eval" / f"{label}.json"
+        if label in not_local:
+            results[label] = _evaluate_teacher_elsewhere(cfg, task, general, examples, out, log)
+            continue
         path = models.resolve_model_path(name)
         weights = sorted(path.glob("*.safetensors"))
         stamp = fingerprint("evaluate", task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, examples, *weights)
@@ -196,6 +199,30 @@ def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log
         mark_fresh(run_dir, f"evaluate:{label}", stamp)
         results[label] = res
     return results
+
+
+def _evaluate_teacher_elsewhere(cfg: RunConfig, task: list[str], general: list[str], examples: list[dict] | None,
+                                out: Path, log) -> EvalResult:
+    """eval/teacher.json for a teacher that is not scored here: through its endpoint (distillab.endpoint_eval),
+    or a not-scored record when eval.score_teacher is false."""
+    from distillab.endpoint_eval import evaluate_endpoint_teacher, not_scored_record
+
+    run_dir = cfg.run_dir
+    asks = cfg.teacher.model_dump(include={"base_url", "model", "mode", "max_new_tokens"})
+    stamp = fingerprint("evaluate", task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, examples, asks,
+                        cfg.eval.score_teacher)
+    if is_fresh(run_dir, "evaluate:teacher", stamp) and out.is_file():
+        return read_eval(out)
+    if not cfg.eval.score_teacher:
+        res = not_scored_record(cfg, task, general, "eval.score_teacher = false")
+    else:
+        log(f"evaluate: teacher ({cfg.teacher.model} at {', '.join(cfg.teacher.urls)})")
+        res = evaluate_endpoint_teacher(cfg, task, general, examples, log=log)
+        res.label = "teacher"
+    write_record(out, res)
+    if res.not_scored is None or not cfg.eval.score_teacher:  # a budget stop is retried by the next evaluate
+        mark_fresh(run_dir, "evaluate:teacher", stamp)
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------

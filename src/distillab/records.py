@@ -74,6 +74,21 @@ class Suites(Record):
     """Skills of the general suite: what the student should not forget."""
 
 
+class EndpointUsage(Record):
+    """What scoring a model through an OpenAI-compatible endpoint asked and was billed (distillab.endpoint_eval)."""
+
+    endpoint: str
+    """The endpoint(s) asked: the base_url, or a list's URLs joined by commas."""
+    requests: int
+    """Distinct requests the evaluation needs (one per prompt)."""
+    sent: int = 0
+    """Requests sent by the evaluate that wrote this file; 0 when every answer came from the request cache."""
+    prompt_tokens: int = 0
+    """Prompt tokens billed for the requests (the request cache's counts: each request billed once)."""
+    completion_tokens: int = 0
+    """Completion tokens billed for the requests."""
+
+
 class EvalResult(Record):
     """One model's scores on the task and general suites (distillab.evaluate writes it)."""
 
@@ -95,6 +110,10 @@ class EvalResult(Record):
     """Wall seconds spent scoring the skills (loading and perplexity not included)."""
     label: str | None = None
     """The run's name for the model: teacher, base, distilled, or an extra model's label."""
+    not_scored: str | None = None
+    """Why the model has no scores (e.g. the API teacher with eval.score_teacher = false); None when scored."""
+    endpoint_usage: EndpointUsage | None = None
+    """For a model scored through its API (the endpoint teacher): requests and billed tokens; else None."""
 
     def suite(self, name: Suite) -> SuiteScore:
         if name not in SUITES:
@@ -140,6 +159,29 @@ class TeacherGeneration(Record):
     """Dataset rows the teacher answered."""
     usd: float | None = None
     """The teacher's bill for the dataset; None when unpriced."""
+
+
+class TeacherEvaluation(Record):
+    """Scoring the teacher on the eval suites: measurement, not distillation, so never in total_usd or the
+    break-even."""
+
+    status: Literal["scored", "local", "not_scored", "not_evaluated"] = "not_evaluated"
+    """scored (an API teacher, through its endpoint) | local (a local teacher: no API bill) | not_scored
+    (`reason` says why) | not_evaluated (no eval/teacher.json, e.g. runs from before the teacher was scored)."""
+    reason: str | None = None
+    """Why the teacher was not scored."""
+    endpoint: str | None = None
+    """The endpoint asked."""
+    requests: int | None = None
+    """Distinct requests of the evaluation."""
+    prompt_tokens: int | None = None
+    """Prompt tokens billed for the evaluation."""
+    completion_tokens: int | None = None
+    """Completion tokens billed for the evaluation."""
+    price_status: str | None = None
+    """The teacher's price status (TeacherGeneration.price_status's words)."""
+    usd: float | None = 0.0
+    """The evaluation's bill; None when the teacher is unpriced."""
 
 
 class TrainingCost(Record):
@@ -293,10 +335,13 @@ class Ledger(Record):
     """What keeping the model cost; absent in runs from before retain (= not used)."""
     break_even: BreakEven
     """When distilling pays off."""
+    teacher_evaluation: TeacherEvaluation = TeacherEvaluation()
+    """What scoring the teacher on the eval suites cost; absent in runs from before it was scored (= not_evaluated)."""
     quality: dict[Suite, SuiteQuality]
     """Per suite: what distilling gave up against the teacher and changed against the base."""
     total_usd: float | None
-    """The run's actual one-off spend: teacher + training + retain; None when any part is unknown."""
+    """The distillation's actual one-off spend: teacher generation + training + retain; None when any part is
+    unknown. The teacher's evaluation is its own line (teacher_evaluation.usd), not in it."""
     notes: list[str]
     """Caveats in words (unpriced teacher, notional price, where throughput was measured)."""
 

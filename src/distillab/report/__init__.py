@@ -30,8 +30,8 @@ def terminal_summary(evals: dict[str, EvalResult], ledger: Ledger):
         table.add_row(label, _with_ci(res.task), _with_ci(res.general),
                       "-" if ppl is None else f"{ppl:.2f}")
     costs = Table.grid(padding=(0, 2))
-    wanted = ("teacher generation $", "training", "retain", "distillation total $", "student serving", "teacher API",
-              "break-even")
+    wanted = ("teacher generation $", "training", "retain", "distillation total $", "teacher evaluation $",
+              "student serving", "teacher API", "break-even")
     for item, value in ledger_rows(ledger):
         if item in wanted:
             costs.add_row(Text(item, style="bold"), Text(value))

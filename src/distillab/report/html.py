@@ -18,7 +18,7 @@ from string import Template
 from distillab.config import RunConfig, write_atomic
 from distillab.costs import break_even_phrase, human_count
 from distillab.evaluate import gap_closed
-from distillab.records import EvalResult, Ledger, RetainCost, SuiteScore, as_evals, suite_score
+from distillab.records import EvalResult, Ledger, RetainCost, SuiteScore, TeacherEvaluation, as_evals, suite_score
 
 MODEL_ORDER = ("teacher", "base", "distilled", "zero_distill", "retain")  # the rest follow in the evals' own order
 COLORS = {"teacher": "#3467d6", "base": "#8a8f98", "distilled": "#d9531e", "zero_distill": "#2a9d5b",
@@ -108,7 +108,8 @@ def verdict(evals: dict[str, EvalResult], ledger: Ledger) -> str:
     if closed is not None:
         clauses.append(f"closed {100 * closed:.0f}% of the task gap")
     elif d_task is not None:
-        clauses.append(f"scored {pct(d_task)}% on the task")
+        missing = gap_missing_reason(evals)
+        clauses.append(f"scored {pct(d_task)}% on the task" + (f" (no gap closed: {missing})" if missing else ""))
     d_gen, b_gen = suite_score(evals, "distilled", "general"), suite_score(evals, "base", "general")
     if None not in (d_gen, b_gen):
         points = 100 * (d_gen - b_gen)
@@ -122,6 +123,18 @@ def verdict(evals: dict[str, EvalResult], ledger: Ledger) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # Tables.
+
+
+def gap_missing_reason(evals: dict[str, EvalResult]) -> str | None:
+    """Why the student has no gap closed, in words, when the reason is a missing teacher or base score."""
+    teacher = evals.get("teacher")
+    if teacher is None:
+        return "the teacher was not evaluated"
+    if teacher.not_scored:
+        return f"the teacher was not scored ({teacher.not_scored})"
+    if "base" not in evals:
+        return "the base was not evaluated"
+    return None
 
 
 def _score_cell(res: SuiteScore) -> str:
@@ -150,10 +163,16 @@ def scores_table(evals: dict[str, EvalResult], labels: list[str]) -> str:
                                             suite_score(evals, "teacher", s))) for s in ("task", "general")]
         ppl = res.world_text_perplexity
         params = res.parameters
+        if res.not_scored:
+            rows.append(f"<tr><td>{_e(m)}</td><td class='num'>-</td>"
+                        f"<td colspan='5' class='note'>not scored: {_e(res.not_scored)}</td></tr>")
+            continue
         rows.append(f"<tr><td>{_e(m)}</td><td class='num'>{'-' if params is None else f'{params:,}'}</td>"
                     f"{_score_cell(res.task)}{_score_cell(res.general)}"
                     f"<td class='num'>{'-' if ppl is None else f'{ppl:.2f}'}</td>{''.join(gaps)}</tr>")
-    return f"<table id='scores'>{head}{''.join(rows)}</table>"
+    missing = gap_missing_reason(evals)
+    note = f"<p class='note' id='gap-missing'>No gap closed: {_e(missing)}.</p>" if missing else ""
+    return f"<table id='scores'>{head}{''.join(rows)}</table>{note}"
 
 
 def skill_names(evals: dict[str, EvalResult]) -> list[str]:
@@ -206,6 +225,7 @@ def ledger_rows(ledger: Ledger) -> list[tuple[str, str]]:
                      f"{tr.train_seconds} s x ${_or(tr.usd_per_hour, 0):g}/h = {_money(tr.usd)}"),
         *_retain_rows(ledger.retain),
         ("distillation total $", _money(ledger.total_usd)),
+        ("teacher evaluation $", _teacher_evaluation_row(ledger.teacher_evaluation, t.model)),
         ("student serving", f"{_num(sv.student_tokens_per_s)} tokens/s here at ${_or(sv.usd_per_hour, 0):g}/h "
                             f"= {_money(sv.student_usd_per_1m_tokens)} per 1M tokens"),
         ("teacher API", f"{_money(sv.teacher_api_usd_per_1m_output)} per 1M output tokens "
@@ -231,6 +251,17 @@ def _retain_rows(kept: RetainCost) -> list[tuple[str, str]]:
     return [("retain", f"{replay}base-model generation {kept.base_generation_seconds} s + scoring "
                        f"{kept.candidates} candidates on dev {kept.selection_seconds} s = "
                        f"{_money(kept.usd)}")]
+
+
+def _teacher_evaluation_row(ev: TeacherEvaluation, model: str | None) -> str:
+    """Scoring the teacher: its own spend, apart from generation's and outside the distillation total."""
+    if ev.status == "local":
+        return f"{model} scored locally: no API bill"
+    if ev.status == "not_evaluated":
+        return f"not evaluated ({ev.reason})" if ev.reason else "not evaluated"
+    spent = (f"{ev.requests} requests to {ev.endpoint}, {ev.prompt_tokens} in / {ev.completion_tokens} out = "
+             f"{'UNPRICED' if ev.usd is None else _money(ev.usd)} [{ev.price_status}]" if ev.requests else "$0")
+    return spent if ev.status == "scored" else f"not scored: {ev.reason}; spent {spent}"
 
 
 def _money_small(x: float | None) -> str:

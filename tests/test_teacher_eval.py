@@ -1,0 +1,105 @@
+"""The API teacher is scored: a run whose teacher is the lab teacher behind a real `distillab serve` on 127.0.0.1
+(no mocks) gets eval/teacher.json equal to scoring the same model locally, pays for it once (the request cache),
+and the ledger and report show its row, gap closed, break-even and the evaluation's own spend."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from distillab.config import from_dict
+from distillab.evaluate import evaluate_model, load_task_suite, run_evaluate
+from distillab.generate import run_generate
+from distillab.pipeline import finish_run
+from distillab.records import read_eval, read_ledger
+from distillab.train import run_train
+from tests.serve_fixture import metrics, server_thread
+
+pytestmark = pytest.mark.filterwarnings("ignore::distillab.pricing.UnpricedTeacherWarning")
+quiet = dict(log=lambda *_: None)
+
+
+def api_run(tmp_path, url, name="api", **eval_):
+    """A run with the served lab teacher as its API teacher (priced, so the break-even is known); generate and
+    two training steps done (the student is not what is tested here)."""
+    task_file = tmp_path / "task.jsonl"
+    task_file.write_text('{"prompt": "upper abc\\n", "answer": "ABC", "skill": "mine"}\n'
+                         '{"prompt": "add 12 30\\n", "answer": "42", "scorer": "numeric", "skill": "mine"}\n')
+    cfg = from_dict({
+        "name": name, "runs_dir": str(tmp_path / "runs"),
+        "teacher": {"model": "lab:teacher", "base_url": url, "max_new_tokens": 12, "top_k_logprobs": 0,
+                    "usd_per_1m_input": 1.0, "usd_per_1m_output": 4.0, "max_retries": 0},
+        "data": {"skills": ["reverse"], "n_prompts": 8},
+        "train": {"max_steps": 2, "batch_size": 4},
+        "eval": {"n_per_skill": 6, "general": ["upper", "add"], "bootstrap": 50, "task_file": str(task_file),
+                 **eval_},
+    })
+    run_generate(cfg, **quiet)
+    run_train(cfg, **quiet)
+    return cfg
+
+
+def served_completions(url) -> float:
+    """Completion requests serve has answered (its own count)."""
+    return metrics(url).get('distillab_requests_total{endpoint="/v1/completions",code="200"}', 0)
+
+
+@pytest.mark.slow
+def test_api_teacher_is_scored_through_its_endpoint_once(tmp_path):
+    with server_thread("lab:teacher") as server:
+        cfg = api_run(tmp_path, server.base_url)
+        before = served_completions(server.url)
+        results = run_evaluate(cfg, **quiet)
+        asked = served_completions(server.url) - before
+        teacher = read_eval(cfg.run_dir / "eval" / "teacher.json")
+        assert teacher.not_scored is None and teacher.label == "teacher"
+
+        # the same greedy answers as the same model scored locally, example for example
+        local = evaluate_model("lab:teacher", ["reverse"], ["upper", "add"], 6, 50, 12,
+                               task_examples=load_task_suite(cfg.eval.task_file))
+        assert {s: v.scores for s, v in teacher.skills.items()} == {s: v.scores for s, v in local.skills.items()}
+        assert teacher.task.score == local.task.score and teacher.general.score == local.general.score
+        assert teacher.task.score > 0.5  # the lab teacher can reverse: the comparison is not of zeros
+        usage = teacher.endpoint_usage
+        assert usage.requests == 6 * 3 + 2 == asked == usage.sent
+        assert usage.completion_tokens > 0 and usage.prompt_tokens > 0
+
+        # a rerun, even with eval/teacher.json gone, pays nothing: every answer is in teacher.sqlite
+        (cfg.run_dir / "eval" / "teacher.json").unlink()
+        again = run_evaluate(cfg, **quiet)["teacher"]
+        assert served_completions(server.url) - before == asked
+        assert again.skills == teacher.skills and again.endpoint_usage.sent == 0
+        assert again.endpoint_usage.completion_tokens == usage.completion_tokens
+        with sqlite3.connect(cfg.run_dir / "teacher.sqlite") as db:  # the generate stage's 8 answers, and these
+            assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 8 + usage.requests
+
+        report = finish_run(cfg, **quiet)
+    ledger = read_ledger(cfg.run_dir / "ledger.json")
+    line = ledger.teacher_evaluation
+    assert line.status == "scored" and line.requests == usage.requests
+    assert line.completion_tokens == usage.completion_tokens
+    assert line.usd == pytest.approx((usage.prompt_tokens * 1.0 + usage.completion_tokens * 4.0) / 1e6)
+    gen = ledger.teacher_generation  # the data generation's line is its own: not mixed with the evaluation
+    assert gen.rows == 8 and gen.usd == pytest.approx((gen.prompt_tokens + 4 * gen.completion_tokens) / 1e6)
+    assert ledger.quality["task"].teacher == teacher.task.score
+    assert ledger.break_even.status in ("pays_off", "immediately", "never")
+    page = report.read_text()
+    assert "teacher evaluation $" in page and "not scored" not in page
+    assert "of the task gap" in page  # the verdict's gap closed, from the teacher's row
+
+
+@pytest.mark.slow
+def test_score_teacher_false_shows_why(tmp_path):
+    with server_thread("lab:teacher") as server:
+        cfg = api_run(tmp_path, server.base_url, score_teacher=False)
+        before = served_completions(server.url)
+        teacher = run_evaluate(cfg, **quiet)["teacher"]
+        assert served_completions(server.url) == before  # nothing asked
+        report = finish_run(cfg, **quiet)
+    assert teacher.not_scored == "eval.score_teacher = false" and teacher.task.score is None
+    ledger = read_ledger(cfg.run_dir / "ledger.json")
+    assert ledger.teacher_evaluation.status == "not_scored"
+    page = report.read_text()
+    assert "not scored: eval.score_teacher = false" in page
+    assert "no gap closed: the teacher was not scored (eval.score_teacher = false)" in page
