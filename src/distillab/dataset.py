@@ -50,12 +50,17 @@ def dataset_files(path: Path) -> list[Path]:
 
 def write_dataset(path: Path, rows: list[dict]) -> None:
     """Rows -> Parquet (zstd), written to a temp file and renamed. top_ids/top_logprobs become codec columns;
-    a row may instead carry "topk", the codec's arrays already encoded (as the request cache hands them over)."""
+    a row may instead carry "topk", the codec's arrays already encoded (as the request cache hands them over).
+    A conversation ("messages", a list of turns) is stored as its JSON text."""
+    import json
+
     from distillab.topk_codec import FIELDS, encode_topk
 
     stored = []
     for r in rows:
         r = dict(r)
+        if isinstance(r.get("messages"), list):
+            r["messages"] = json.dumps(r["messages"], ensure_ascii=False)
         ids, logprobs = r.pop("top_ids", None), r.pop("top_logprobs", None)
         encoded = r.pop("topk", None) or (encode_topk(ids, logprobs) if ids else None)
         for field in FIELDS:

@@ -461,11 +461,9 @@ def ask(teacher, record: dict, sample: int = 0) -> dict:
 
 
 def _row_text(record: dict) -> dict:
-    """A prompt record's fields as a dataset row keeps them: the conversation as JSON text (None: a plain
-    prompt), no line number."""
-    row = {k: v for k, v in record.items() if k != "line"}
-    row["messages"] = json.dumps(record["messages"], ensure_ascii=False) if record.get("messages") else None
-    return row
+    """A prompt record's fields as a dataset row keeps them: its conversation (None: a plain prompt; the dataset
+    stores it as JSON text), no line number."""
+    return {**{k: v for k, v in record.items() if k != "line"}, "messages": record.get("messages") or None}
 
 
 def _digest(salt: str, keys: list[str]) -> str:
