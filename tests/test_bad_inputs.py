@@ -469,6 +469,34 @@ def test_unknown_general_skill(bad, tmp_path):
     bad("evaluate", write_config(tmp_path, '[eval]\ngeneral = ["juggle"]\nn_per_skill = 1'), expect=("juggle",))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/v1", ["http://127.0.0.1:9/v1", "http://127.0.0.1:7/v1"]])
+def test_evaluate_api_teacher_unreachable(tmp_path, capfd, tiny_teacher, url):
+    """The API teacher cannot be reached when it is to be scored: after evaluate's progress lines, one error line
+    naming it and the switch, exit 2, and nothing written (not eval/teacher.json, not even the request cache:
+    it is made by the first answer)."""
+    from distillab.config import load_config
+    from distillab.generate import run_generate
+    from distillab.train import run_train
+
+    config = write_config(tmp_path, f'[teacher]\nbase_url = {json.dumps(url)}\nmodel = "x"\nmax_retries = 0\n'
+                                    'timeout_s = 2\n[data]\nsource = "lab"\nn_prompts = 2\n'
+                                    f'[train]\nstudent = "{tiny_teacher}"\nmax_steps = 1\nbatch_size = 2\n'
+                                    'loss = "ce"\nkd_weight = 0\nsft_weight = 1\n'
+                                    '[eval]\nn_per_skill = 1\ngeneral = ["upper"]\nbootstrap = 0')
+    cfg = load_config(config)
+    run_generate(cfg, log=lambda *a: None)  # ground-truth answers: the teacher is not asked before evaluate
+    run_train(cfg, log=lambda *a: None)
+    before = snapshot(tmp_path)
+    capfd.readouterr()
+    code = run_cli(["evaluate", str(config)])
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: evaluate teacher") and "127.0.0.1:9" in last and "score_teacher = false" in last
+    assert snapshot(tmp_path) == before, "evaluate changed the disk"
+
+
 def test_evaluate_before_training(bad, tmp_path):
     bad("evaluate", write_config(tmp_path, "[eval]\nn_per_skill = 1\nbootstrap = 0"), expect=("student",))
 

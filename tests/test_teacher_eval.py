@@ -90,16 +90,24 @@ def test_api_teacher_is_scored_through_its_endpoint_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_score_teacher_false_shows_why(tmp_path):
+def test_score_teacher_false_and_max_usd_show_why(tmp_path):
     with server_thread("lab:teacher") as server:
         cfg = api_run(tmp_path, server.base_url, score_teacher=False)
         before = served_completions(server.url)
         teacher = run_evaluate(cfg, **quiet)["teacher"]
         assert served_completions(server.url) == before  # nothing asked
         report = finish_run(cfg, **quiet)
+        page = report.read_text()
+
+        # teacher.max_usd bounds generation + the evaluation: a projected pass stops before any request
+        capped = from_dict(cfg.model_dump() | {"eval": cfg.eval.model_dump() | {"score_teacher": True},
+                                               "teacher": cfg.teacher.model_dump() | {"max_usd": 1e-6}})
+        stopped = run_evaluate(capped, **quiet)["teacher"]
+        assert served_completions(server.url) == before
     assert teacher.not_scored == "eval.score_teacher = false" and teacher.task.score is None
-    ledger = read_ledger(cfg.run_dir / "ledger.json")
-    assert ledger.teacher_evaluation.status == "not_scored"
-    page = report.read_text()
+    assert read_ledger(cfg.run_dir / "ledger.json").teacher_evaluation.status == "not_scored"
     assert "not scored: eval.score_teacher = false" in page
     assert "no gap closed: the teacher was not scored (eval.score_teacher = false)" in page
+    assert stopped.not_scored.startswith("teacher.max_usd: stopped: projected teacher spend")
+    assert stopped.endpoint_usage.sent == 0 and stopped.task.score is None
+    assert read_eval(cfg.run_dir / "eval" / "teacher.json").not_scored == stopped.not_scored

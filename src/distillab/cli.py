@@ -310,9 +310,12 @@ def _print_scores(results: dict) -> None:
 
     table = Table("model", "task", "general", "world-text ppl")
     for label, res in results.items():
-        t, g = res.task.score, res.general.score
+        t, g, ppl = res.task.score, res.general.score, res.world_text_perplexity
+        if res.not_scored:
+            table.add_row(label, f"not scored: {res.not_scored}", "-", "-")
+            continue
         table.add_row(label, "-" if t is None else f"{t:.3f}", "-" if g is None else f"{g:.3f}",
-                      f"{res.world_text_perplexity:.2f}")
+                      "-" if ppl is None else f"{ppl:.2f}")  # an API teacher has no perplexity
     Console().print(table)
 
 

@@ -27,8 +27,8 @@ def terminal_summary(evals: dict[str, EvalResult], ledger: Ledger):
     for label in ordered_labels(evals):
         res = evals[label]
         ppl = res.world_text_perplexity
-        table.add_row(label, _with_ci(res.task), _with_ci(res.general),
-                      "-" if ppl is None else f"{ppl:.2f}")
+        task = f"not scored: {res.not_scored}" if res.not_scored else _with_ci(res.task)
+        table.add_row(label, task, _with_ci(res.general), "-" if ppl is None else f"{ppl:.2f}")
     costs = Table.grid(padding=(0, 2))
     wanted = ("teacher generation $", "training", "retain", "distillation total $", "teacher evaluation $",
               "student serving", "teacher API", "break-even")
