@@ -194,7 +194,9 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             top_logprobs[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_logprobs"][:n])
             if r.get("top_tail") is not None:
                 top_tail[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_tail"][:n])
-            kd_mask[b, len(p) - 1 : len(p) - 1 + n] = True
+            # a position whose ids hold no mass (top-1 below -200; a real one is >= -log V) has no teacher
+            # distribution: a token crosstok could not align. It trains on its text instead.
+            kd_mask[b, len(p) - 1 : len(p) - 1 + n] = top_logprobs[b, len(p) - 1 : len(p) - 1 + n].amax(-1) > -200.0
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_len": prompt_len}
     if k:
         out.update(top_ids=top_ids, top_logprobs=top_logprobs, top_tail=top_tail, kd_mask=kd_mask)

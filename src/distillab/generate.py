@@ -401,6 +401,8 @@ def generate_dataset(cfg: RunConfig, prompts, name: str, teacher_cfg, source: st
         run.close_all()
     finally:
         cache.close()
+    if run.aligner.stats.rows:
+        log(f"generate: the teacher's tokenizer is not the student's: {run.aligner.stats.line()}")
     if run.dropped_topk:
         log(f"generate: the teacher's token ids are not the student's tokenizer's in {run.dropped_topk} rows: their "
             "text was re-tokenized and their top-k logprobs left out (those rows train with SFT only)")
@@ -420,7 +422,8 @@ def generate_dataset(cfg: RunConfig, prompts, name: str, teacher_cfg, source: st
         "usd": spent, "priced": spent is not None, "pricing": pricing.to_dict(),
         "answer_seconds": round(previous + time.time() - began, 2),  # wall time asking, over every resume
         "endpoints": endpoints,  # this run's requests per endpoint: answered, errors, tokens
-        "failures": run.failures[:20]}, indent=1))
+        "failures": run.failures[:20],
+        **({"cross_tokenizer": run.aligner.stats.to_dict()} if run.aligner.stats.rows else {})}, indent=1))
     if not parts.whole:
         parts.combine_summaries(run_dir, name)
     return GenerateSummary(run.rows, run.sent, n_cached, run.n_failed, run.usage["prompt_tokens"],
@@ -574,6 +577,9 @@ class _Run:
     def __init__(self, cache, teacher, tokenizer, parts: _Parts, log, teacher_label):
         self.cache, self.teacher, self.tokenizer, self.parts = cache, teacher, tokenizer, parts
         self.log, self.teacher_label = log, teacher_label
+        from distillab.crosstok import Aligner  # a teacher with another tokenizer: its top-k aligned by text spans
+
+        self.aligner = Aligner(tokenizer, None if teacher.cfg.base_url else teacher.cfg.model)
         self.open: dict[int, dict] = {}  # chunk -> {chunk, keys, digest, waiting, failed}
         self.waiters: dict[str, list[int]] = {}  # key in flight -> chunks waiting for it
         self.rows = self.sent = self.n_failed = self.dropped_topk = 0
@@ -615,7 +621,7 @@ class _Run:
     def flush(self, i: int) -> None:
         state = self.open.pop(i)
         rows, dropped = _teacher_rows(state["chunk"], state["keys"], self.cache, self.teacher, self.tokenizer,
-                                      self.teacher_label)
+                                      self.teacher_label, self.aligner)
         failures = self.cache.failures(state["keys"])
         self.parts.write(i, state["digest"], rows, complete=not failures)
         self.rows += len(rows)
@@ -645,9 +651,12 @@ def _ground_truth_rows(prompts: list[dict], source: str, tokenizer, declared_tea
     return rows
 
 
-def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | None = None) -> tuple[list[dict], int]:
+def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | None = None,
+                  aligner=None) -> tuple[list[dict], int]:
     """(rows of the chunk's answered requests in prompt order, rows whose top-k was dropped). The top-k goes from
-    the cache to the row as the codec's bytes ("topk"): no decode, no second rounding."""
+    the cache to the row as the codec's bytes ("topk"): no decode, no second rounding. A teacher with another
+    tokenizer: its top-k is aligned onto the student's tokens by text spans (aligner, a crosstok.Aligner; its
+    stats count them); student tokens with no teacher distribution get a top-k with no mass (crosstok.encode)."""
     sampling = {k: v for k, v in teacher.request("").items() if k not in ("prompt", "messages", "endpoint", "model")}
     many = teacher.cfg.samples_per_prompt > 1
     rows, dropped_topk = [], 0
@@ -663,13 +672,18 @@ def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | N
             completion_ids = resp["token_ids"]  # the teacher's own tokens: its top-k stays aligned to them
         else:  # no ids, or the teacher's ids are not the student's: the student's tokenizer reads the text
             prompt_ids, completion_ids = chat.encode(tokenizer, turns, resp["text"])
-            if resp.get("token_ids") is not None:
-                topk = top_ids = top_lp = None  # teacher-vocabulary ids, meaningless to this student
-                dropped_topk += 1
+            if resp.get("token_ids") is not None:  # teacher-vocabulary ids: aligned by text spans, else dropped
+                topk = _aligned_topk(resp, completion_ids, aligner)
+                top_ids = top_lp = None
+                dropped_topk += topk is None
         if topk is None and top_ids is None and resp.get("top_tokens") is not None:
+            from distillab.crosstok import fill_rows
             from distillab.teachers.openai_compat import map_top_tokens
 
-            top_ids, top_lp, completion_ids = map_top_tokens(resp, tokenizer)
+            top_ids, top_lp, completion_ids = map_top_tokens(resp, tokenizer, aligner)
+            if top_ids is not None:
+                k = max((len(row) for row in resp["top_tokens"]), default=1)
+                top_ids, top_lp = fill_rows(top_ids, top_lp, max(k, 1))
         p = _row_text(p)
         rows.append({**p, **({"sample": sample} if many else {}), "completion": resp["text"],
                      "prompt_ids": prompt_ids, "completion_ids": completion_ids,
@@ -681,8 +695,30 @@ def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | N
 
 
 def _ids_match(resp: dict, tokenizer) -> bool:
-    """Teacher token ids are usable only when they are the student's: in range and decoding to the text."""
+    """Teacher token ids are usable only when they are the student's: in range, decoding to the text, and (when the
+    teacher stopped) ending with the student's end-of-sequence: a tokenizer that differs only in its special
+    tokens would otherwise teach the student to stop with another token."""
     ids = resp["token_ids"]
     if any(not 0 <= i < len(tokenizer) for i in ids):
         return False
+    if resp.get("finish_reason") == "stop" and ids and ids[-1] != tokenizer.eos_token_id:
+        return False
     return tokenizer.decode(ids, skip_special_tokens=True) == resp["text"]
+
+
+def _aligned_topk(resp: dict, completion_ids: list[int], aligner) -> dict | None:
+    """A local teacher's top-k (the cache's codec bytes, or lists) aligned onto the student's completion_ids: the
+    codec's arrays, or None when it cannot be (no top-k, no teacher tokenizer)."""
+    from distillab import crosstok
+    from distillab.topk_codec import decode_topk
+
+    if aligner is None:
+        return None
+    if resp.get("topk") is not None:
+        ids, lps, tails = (x.tolist() for x in decode_topk(resp["topk"]))
+    elif resp.get("top_ids"):
+        ids, lps, tails = resp["top_ids"], resp["top_logprobs"], resp.get("top_tail")
+    else:
+        return None
+    aligned = aligner.from_ids(resp, ids, lps, tails, completion_ids)
+    return None if aligned is None else crosstok.encode(aligned, max(len(ids[0]) if ids else 1, 1))

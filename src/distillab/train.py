@@ -369,11 +369,11 @@ class _Progress(TrainerCallback):
             self.progress(state.global_step, state.max_steps, float(logs["loss"]))
 
 
-def check_tokenizers(student_tok, teacher_name: str) -> None:
-    teacher_tok = models.load_tokenizer(teacher_name)
-    if teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise UserError(f"teacher {teacher_name!r} and student {student_tok.name_or_path!r} use different tokenizers "
-                        f"({len(teacher_tok)} vs {len(student_tok)} tokens): logit distillation needs a shared one")
+def shares_tokenizer(student_tok, teacher_name: str) -> bool:
+    """Whether a local teacher's dense logits index the student's vocab: the same tokens under the same ids.
+    (Off-policy data needs no such check: generate wrote it in the student's ids, aligned by text spans when the
+    teacher's tokenizer differs, see distillab.crosstok.)"""
+    return models.load_tokenizer(teacher_name).get_vocab() == student_tok.get_vocab()
 
 
 def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, progress=None) -> dict:
@@ -398,13 +398,16 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     model, tok = models.load(t.student)
     uses_teacher_logprobs = any(r.get("top_ids") for r in rows) and t.kd_weight > 0 and t.loss != "ce"
     teacher_model = None
-    if uses_teacher_logprobs or t.on_policy_fraction > 0:
-        if not cfg.teacher.base_url and rows[0].get("source") == "teacher":
-            check_tokenizers(tok, cfg.teacher.model)
     if t.on_policy_fraction > 0:
         if cfg.teacher.base_url:
             raise UserError("on-policy distillation needs a local teacher (teacher.base_url must be unset)")
-        teacher_model = models.load_model(cfg.teacher.model).eval()
+        if shares_tokenizer(tok, cfg.teacher.model):
+            teacher_model = models.load_model(cfg.teacher.model).eval()
+        else:  # no teacher model: DistillSettings.on_policy is then never true
+            log(f"train: teacher {cfg.teacher.model!r} has another tokenizer than the student: on-policy steps "
+                "(dense teacher logits over the student's vocab) are impossible, so every step trains on the dataset")
+    if not uses_teacher_logprobs and t.kd_weight > 0 and t.loss != "ce" and not teacher_model:
+        log("train: the dataset has no teacher top-k (logit KD impossible here): training SFT on the teacher's text")
     if t.lora:
         from peft import LoraConfig, get_peft_model
 

@@ -93,11 +93,12 @@ def quick_eval(model, tokenizer, n: int = 40) -> dict[str, float]:
 
 
 def pretrain(name: str, out_dir: Path, steps: int | None = None, eval_every: int = 1000, log=print,
-             from_phase: int = 0) -> dict:
+             from_phase: int = 0, tokenizer=None) -> dict:
     """Train preset `name` phase by phase into out_dir (re-saved at every evaluation).
 
     steps overrides the first phase's step count. from_phase > 0 starts from the checkpoint already in out_dir
-    (the output of the earlier phases), as a run that stopped between phases would.
+    (the output of the earlier phases), as a run that stopped between phases would. tokenizer: another than the
+    lab's character-level one (benchmarks/bench_cross_tokenizer.py pretrains a BPE student).
     """
     phases, spec = [], PRESETS[name]
     while spec is not None:
@@ -105,7 +106,7 @@ def pretrain(name: str, out_dir: Path, steps: int | None = None, eval_every: int
         spec = spec.then
     if steps is not None:
         phases[0].steps = steps
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(phases[0].seed)
     model = LlamaForCausalLM(llama_config(phases[0], tokenizer))
     history: list[dict] = []

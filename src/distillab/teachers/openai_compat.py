@@ -373,7 +373,7 @@ def pad_topk(ids: list[list[int]], logprobs: list[list[float]], k: int) -> tuple
     return out_ids, out_lps
 
 
-def map_top_tokens(resp: dict, tokenizer) -> tuple[list[list[int]] | None, list[list[float]] | None, list[int]]:
+def map_top_tokens(resp: dict, tokenizer, aligner=None) -> tuple[list | None, list | None, list[int]]:
     """Token strings (a server that gives no ids) -> (top_ids, top_logprobs, completion_ids) in the student's vocab.
 
     The mapping:
@@ -388,6 +388,9 @@ def map_top_tokens(resp: dict, tokenizer) -> tuple[list[list[int]] | None, list[
     - when the teacher stopped (finish_reason "stop") and the last token is not end-of-sequence, an
       end-of-sequence token is appended. The teacher's distribution there is unknown, so it is recorded as
       certain (logprob 0 for end-of-sequence): the student learns to stop where the teacher did.
+    When the sampled tokens do not map one to one (another tokenizer) and an aligner (crosstok.Aligner) is given,
+    the top-k is aligned onto the student's tokenization of the text by spans instead (distillab.crosstok): rows
+    of at most k ids, None at the student positions that get no teacher distribution.
     """
     eos = tokenizer.eos_token_id
     text_ids = tokenizer(resp["text"], add_special_tokens=False)["input_ids"] + [eos]
@@ -404,7 +407,11 @@ def map_top_tokens(resp: dict, tokenizer) -> tuple[list[list[int]] | None, list[
 
     sampled = [to_id(s) for s in tokens]
     if None in sampled or tokenizer.decode(sampled, skip_special_tokens=True) != resp["text"]:
-        return None, None, text_ids
+        aligned = aligner.from_strings(resp, text_ids) if aligner is not None else None
+        if aligned is None:
+            return None, None, text_ids
+        rows = [(ids, lps) if keep else (None, None) for ids, lps, keep in zip(aligned.ids, aligned.logprobs, aligned.mask)]
+        return [ids for ids, _ in rows], [lps for _, lps in rows], text_ids
     k = max((len(t) for t in resp["top_tokens"]), default=0)
     top_ids, top_lps = [], []
     for strings, lps in zip(resp["top_tokens"], resp["top_logprobs"]):
