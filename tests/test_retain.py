@@ -10,7 +10,7 @@ import torch
 
 from distillab import evaluate, retain
 from distillab.config import ConfigError, from_dict
-from distillab.dataset import read_dataset
+from distillab.dataset import ArrowRows, read_dataset
 from distillab.generate import run_generate
 from distillab.models import load
 from distillab.retain import Candidate, batch_layout, interpolate, load_weights, replay_per_batch, select
@@ -49,21 +49,24 @@ def test_layout_puts_the_share_in_every_batch_and_covers_the_task_evenly():
     assert min(counts) >= 2 and max(counts) <= 3
 
 
-def test_trainer_batches_hold_the_configured_replay_share(tmp_path, tiny_teacher, tiny_student):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_trainer_batches_hold_the_configured_replay_share(tmp_path, tiny_teacher, tiny_student, group_by_length):
     cfg = retain_config(tmp_path, tiny_teacher, tiny_student, replay_fraction=0.5)
+    cfg.train.group_by_length = group_by_length  # rows move between batches, each batch's replay count stays
     run_generate(cfg, log=lambda *_: None)
-    rows = read_dataset(cfg.run_dir / "data" / "train.parquet")
     replay = read_dataset(cfg.run_dir / "data" / "replay.parquet")
     assert replay and all(r["teacher_id"] == f"{tiny_student} (self)" for r in replay)
     assert all(r["top_ids"] for r in replay)  # self-distillation: the base's own top-k logprobs
     model, tok = load(tiny_student)
-    trainer = build_trainer(cfg, rows, model, tok, tmp_path / "ckpt", replay=replay)
-    trainer.data_collator = lambda batch: {"rows": batch}  # look at the rows each batch is made of
-    replay_prompts = {r["prompt"] for r in replay}
+    # as run_train reads them: memory-mapped, a batch at a time
+    task_rows, replay_rows = (ArrowRows(cfg.run_dir / "data" / f"{name}.parquet") for name in ("train", "replay"))
+    trainer = build_trainer(cfg, task_rows, model, tok, tmp_path / "ckpt", replay=replay_rows)
+    trainer.data_collator = lambda items: {"rows": trainer.train_dataset.fetch(items)}  # the rows of each batch
+    replay_prompts = {tuple(r["prompt_ids"]) for r in replay}
     batches = list(trainer.get_train_dataloader())
     assert len(batches) == cfg.train.max_steps
     for batch in batches:
-        assert sum(r["prompt"] in replay_prompts for r in batch["rows"]) == 2  # half of 4
+        assert sum(tuple(r["prompt_ids"]) in replay_prompts for r in batch["rows"]) == 2  # half of 4
 
 
 def test_self_replay_asks_the_served_teacher_nothing(tmp_path, tiny_teacher, tiny_student):

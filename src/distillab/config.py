@@ -121,6 +121,8 @@ class TrainConfig(_Strict):
     chunk_size: int = Field(0, ge=0)  # > 0: chunked full-vocab KD from hidden states, this many tokens a chunk
     save_steps: int = Field(200, ge=1)
     seed: int = 0
+    group_by_length: bool = False  # batches of similar-length rows (less padding); deterministic with the seed
+    packing: bool = False  # a batch's short examples share rows (position ids restart per example)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -136,6 +138,10 @@ class TrainConfig(_Strict):
         if self.on_policy_fraction > 0 and (self.loss == "ce" or self.kd_weight == 0):
             raise ValueError("on-policy steps train the KD term alone (no cross-entropy on the student's own samples): "
                              "they need a KD loss and kd_weight > 0")
+        if self.packing and self.on_policy_fraction > 0:  # on_policy_batch reads one prompt per row
+            raise ValueError("packing = true with on_policy_fraction > 0: an on-policy step rebuilds each row's prompt "
+                             "and samples a new completion of unknown length, so rows cannot be packed ahead; "
+                             "set packing = false")
         return self
 
 

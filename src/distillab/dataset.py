@@ -16,9 +16,12 @@ Written to a temp file and renamed: a reader never sees half a dataset.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -99,28 +102,175 @@ def write_merged(path: Path, files: list[Path]) -> None:
 def read_dataset(path: Path) -> list[dict]:
     """The dataset's rows (the file, or all its shards: see dataset_files), with the teacher's top-k decoded into
     top_ids, top_logprobs and top_tail (log of the mass outside the top-k) per completion token, or None where
-    the row has none."""
-    from distillab.topk_codec import FIELDS, decode_topk
-
+    the row has none. Every row in Python lists: for tests and small sets; training streams (ArrowRows)."""
     files = dataset_files(path)
     if not files:
         raise UserError(f"no dataset at {path}: run `distillab generate` first")
     rows = []
     for file in files:
         table = pq.read_table(file)
-        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-        if missing and table.num_rows:
-            raise UserError(f"{file} is not a distillab dataset: column {missing[0]!r} is missing "
-                            "(rerun `distillab generate`)")
+        _check_columns(file, table.column_names, table.num_rows)
         rows += table.to_pylist()
     for r in rows:
-        fields = {field: r.pop(TOPK_PREFIX + field, None) for field in FIELDS}
-        if fields["top"] is None:
-            r["top_ids"] = r["top_logprobs"] = r["top_tail"] = None
-            continue
-        ids, logprobs, tail = decode_topk(fields)
-        r["top_ids"], r["top_logprobs"], r["top_tail"] = ids.tolist(), logprobs.tolist(), tail.tolist()
+        decode_row_topk(r)
+        if r["top_ids"] is not None:
+            r["top_ids"], r["top_logprobs"], r["top_tail"] = (r[k].tolist() for k in TOPK_KEYS)
     return rows
+
+
+TOPK_KEYS = ("top_ids", "top_logprobs", "top_tail")
+
+
+def _check_columns(file: Path, names: list[str], n_rows: int) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing and n_rows:
+        raise UserError(f"{file} is not a distillab dataset: column {missing[0]!r} is missing "
+                        "(rerun `distillab generate`)")
+
+
+def decode_row_topk(row: dict) -> dict:
+    """A stored row (codec columns as bytes) -> the same row with top_ids (T, k) int64, top_logprobs (T, k) float32
+    and top_tail (T,) float32 tensors in place of the codec columns, or None for each where the row has no top-k."""
+    from distillab.topk_codec import FIELDS, decode_topk
+
+    fields = {field: row.pop(TOPK_PREFIX + field, None) for field in FIELDS}
+    decoded = decode_topk(fields) if fields["top"] is not None else (None, None, None)
+    row.update(zip(TOPK_KEYS, decoded))
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming: what training reads. A dataset is copied once into an uncompressed Arrow IPC file next to it
+# (data/.arrow/<name>.arrow) and memory-mapped from there: a batch reads its rows' pages and nothing else, so
+# memory follows the batch, not the dataset. Parquet itself cannot be read a row at a time (its pages are
+# compressed a column chunk at a time), hence the copy; `datasets` would make the same copy with more machinery.
+
+ARROW_DIR = ".arrow"
+TRAIN_COLUMNS = ("prompt_ids", "completion_ids", "source")  # what training reads, besides the codec columns
+COPY_BATCH_ROWS = 1024  # rows per record batch while copying: the copy's memory
+
+
+def _train_schema() -> pa.Schema:
+    from distillab.topk_codec import FIELDS
+
+    return pa.schema([("prompt_ids", pa.list_(pa.int32())), ("completion_ids", pa.list_(pa.int32())),
+                      ("source", pa.string())] + [(TOPK_PREFIX + f, pa.binary()) for f in FIELDS])
+
+
+class ArrowRows:
+    """One dataset (data/<name>.parquet, or its shards) as training reads it: memory-mapped, rows decoded a batch at
+    a time (fetch), lengths and the teacher's largest token id known without reading the rows into memory."""
+
+    def __init__(self, path: Path):
+        files = dataset_files(path)
+        if not files:
+            raise UserError(f"no dataset at {path}: run `distillab generate` first")
+        arrow = path.parent / ARROW_DIR / (path.stem + ".arrow")
+        self.stats = arrow_copy(files, arrow)
+        self.table = pa.ipc.open_file(pa.memory_map(str(arrow))).read_all()  # zero-copy: nothing is read yet
+        # (N,) int64 each: the list offsets only, 8 bytes a row
+        self.prompt_lengths = _lengths(self.table["prompt_ids"])
+        self.completion_lengths = _lengths(self.table["completion_ids"])
+        self.max_teacher_id, self.has_topk = self.stats["max_teacher_id"], self.stats["max_teacher_id"] >= 0
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def fetch(self, indices) -> list[dict]:
+        """Rows by index, top-k decoded (decode_row_topk): the only place rows become Python objects."""
+        batch = self.table.take(pa.array(indices, type=pa.int64()))
+        return [decode_row_topk(r) for r in batch.to_pylist()]
+
+
+class ListRows:
+    """Rows already in memory (tests, benchmarks, small callers of build_trainer): the ArrowRows interface."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.prompt_lengths = np.array([len(r["prompt_ids"]) for r in rows], dtype=np.int64)
+        self.completion_lengths = np.array([len(r["completion_ids"]) for r in rows], dtype=np.int64)
+        self.max_teacher_id = max((int(np.max(r["top_ids"])) for r in rows if r.get("top_ids") is not None
+                                   and len(r["top_ids"])), default=-1)
+        self.has_topk = any(r.get("top_ids") is not None and len(r["top_ids"]) for r in rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fetch(self, indices) -> list[dict]:
+        return [self.rows[i] for i in indices]
+
+
+def _lengths(column: pa.ChunkedArray) -> np.ndarray:
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def arrow_copy(files: list[Path], arrow: Path) -> dict:
+    """The Arrow copy of `files` at `arrow` (made unless one of the same files, by name, size and mtime, is there) and
+    its stats: {"files", "rows", "max_teacher_id"} (-1: no top-k). Written a record batch at a time to a temp file
+    and renamed, the stats (data/.arrow/<name>.json) last; under a lock, so processes of one run make it once."""
+    import fcntl
+
+    key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    stats_path = arrow.with_suffix(".json")
+    arrow.parent.mkdir(parents=True, exist_ok=True)
+    with open(arrow.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stats_path.is_file() and arrow.is_file():
+            stats = json.loads(stats_path.read_text())
+            if stats.get("files") == key:
+                return stats
+        schema, rows, max_id = _train_schema(), 0, -1
+        tmp = arrow.with_name(f".{arrow.name}.tmp")
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                for file in files:
+                    parquet = pq.ParquetFile(file)
+                    names = parquet.schema_arrow.names
+                    _check_columns(file, names, parquet.metadata.num_rows)
+                    present = [f.name for f in schema if f.name in names]
+                    for batch in parquet.iter_batches(batch_size=COPY_BATCH_ROWS, columns=present):
+                        columns = [batch.column(f.name).cast(f.type) if f.name in present
+                                   else pa.nulls(batch.num_rows, f.type) for f in schema]
+                        batch = pa.RecordBatch.from_arrays(columns, schema=schema)
+                        writer.write_batch(batch)
+                        rows += batch.num_rows
+                        max_id = max(max_id, _max_teacher_id(batch))
+            tmp.replace(arrow)
+        finally:
+            tmp.unlink(missing_ok=True)
+        stats = {"files": key, "rows": rows, "max_teacher_id": max_id}
+        stats_path.write_text(json.dumps(stats))
+        return stats
+
+
+def _binary_values(array: pa.BinaryArray) -> tuple[np.ndarray, np.ndarray]:
+    """(every value's bytes end to end, per-row byte counts) of a binary array, without a copy per row."""
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset : array.offset + len(array) + 1]
+    data = array.buffers()[2]
+    values = np.frombuffer(data, np.uint8)[offsets[0] : offsets[-1]] if data is not None else np.zeros(0, np.uint8)
+    return values, np.diff(offsets)
+
+
+def _max_teacher_id(batch: pa.RecordBatch) -> int:
+    """The largest teacher token id in a batch's codec columns (-1: none), from the id planes alone: ids are stored
+    sorted as gaps, so a position's largest id is the sum of its deltas (gaps are stored minus 1) and k - 1."""
+    top, n_top = _binary_values(batch.column(TOPK_PREFIX + "top"))
+    if not top.size:
+        return -1
+    below, n_below = _binary_values(batch.column(TOPK_PREFIX + "below_top"))
+    positions = n_top // 2  # (B,) uint16 per position
+    has = positions > 0
+    ks = n_below[has] // positions[has]
+    planes = [_binary_values(batch.column(TOPK_PREFIX + p))[0] for p in ("id_b0", "id_b1", "id_b2")]
+    deltas = planes[0].astype(np.int64) | (planes[1].astype(np.int64) << 8) | (planes[2].astype(np.int64) << 16)
+    if (ks == ks[0]).all():  # one k in the batch (always, from one teacher): one reshape
+        k = int(ks[0])
+        return int(deltas.reshape(-1, k).sum(axis=1).max()) + k - 1
+    best, start = -1, 0
+    for n, k in zip(positions[has], ks):  # rows with different k: row by row
+        best = max(best, int(deltas[start : start + n * k].reshape(n, k).sum(axis=1).max()) + int(k) - 1)
+        start += n * k
+    return best
 
 
 def right_pad(id_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,68 +286,177 @@ def right_pad(id_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rows -> padded tensors with the teacher's top-k aligned to predictions.
+# The training set: task rows, with retain replay in a fixed batch-by-batch order; its order; its batches.
 
-
+RowSource = ArrowRows | ListRows
 
 
 class DistillDataset(torch.utils.data.Dataset):
     """The task rows; with retain replay, the task and replay rows in a fixed batch-by-batch order
-    (retain.batch_layout), read sequentially so every batch holds the configured replay share."""
+    (retain.batch_layout), read sequentially so every batch holds the configured replay share. An item is its own
+    index: the collator (Collator) fetches and decodes a whole batch at once."""
 
-    def __init__(self, rows: list[dict], vocab_size: int, replay: list[dict] | None = None,
+    def __init__(self, task: RowSource | list[dict], vocab_size: int, replay: RowSource | list[dict] | None = None,
                  layout: list[tuple[str, int]] | None = None):
-        self.rows, self.replay, self.layout = rows, replay or [], layout
-        for i, row in enumerate(rows + self.replay):
-            if row.get("top_ids") and max(max(ids) for ids in row["top_ids"]) >= vocab_size:
-                raise UserError(f"teacher token ids reach past the student's vocabulary ({vocab_size}) in row {i}: "
-                                "teacher and student tokenizers differ")
+        self.task = task if not isinstance(task, list) else ListRows(task)
+        self.replay = replay if not isinstance(replay, list) else ListRows(replay)
+        self.sources = [self.task] + ([self.replay] if self.replay is not None else [])
+        for name, source in zip(("task", "replay"), self.sources):
+            if source.max_teacher_id >= vocab_size:
+                raise UserError(f"teacher token ids reach past the student's vocabulary ({vocab_size}) in the {name} "
+                                f"rows (up to {source.max_teacher_id}): teacher and student tokenizers differ")
+        if layout is None:  # item i is task row i
+            self.group, self.index = np.zeros(len(self.task), np.int8), np.arange(len(self.task))
+        else:  # (n,) each: 0 task / 1 replay, and the row in that source
+            self.group = np.array([source == "replay" for source, _ in layout], dtype=np.int8)
+            self.index = np.array([j for _, j in layout], dtype=np.int64)
+        self.layout = layout
 
     def __len__(self) -> int:
-        return len(self.layout) if self.layout is not None else len(self.rows)
+        return len(self.index)
 
-    def layout_rows(self) -> list[dict]:
-        """Task and replay rows, each once: what one pass over the training data holds."""
-        return self.rows + self.replay
+    def __getitem__(self, i: int) -> int:
+        return i
 
-    def __getitem__(self, i: int) -> dict:
-        if self.layout is None:
-            return self.rows[i]
-        source, j = self.layout[i]
-        return self.rows[j] if source == "task" else self.replay[j]
+    def lengths(self) -> np.ndarray:
+        """(n,) prompt + completion tokens of each item."""
+        out = np.zeros(len(self.index), np.int64)
+        for g, source in enumerate(self.sources):
+            where = self.group == g
+            out[where] = (source.prompt_lengths + source.completion_lengths)[self.index[where]]
+        return out
+
+    def pass_tokens(self) -> tuple[int, int]:
+        """(rows, prompt + completion tokens) of one pass over the training data: task and replay rows, each once."""
+        return (sum(len(s) for s in self.sources),
+                int(sum((s.prompt_lengths + s.completion_lengths).sum() for s in self.sources)))
+
+    def fetch(self, items) -> list[dict]:
+        """The items' rows, decoded, in order: one fetch per source."""
+        items = np.asarray(items, dtype=np.int64)
+        rows: list = [None] * len(items)
+        for g, source in enumerate(self.sources):
+            where = np.flatnonzero(self.group[items] == g)
+            if where.size:
+                for at, row in zip(where.tolist(), source.fetch(self.index[items[where]].tolist())):
+                    rows[at] = row
+        return rows
 
 
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+class Collator:
+    """DataLoader collate_fn: a batch of items -> their rows, fetched and decoded together -> collate."""
+
+    def __init__(self, data: DistillDataset, pad_id: int, pack: bool = False):
+        self.data, self.pad_id, self.pack = data, pad_id, pack
+
+    def __call__(self, items: list[int]) -> dict[str, torch.Tensor]:
+        return collate(self.data.fetch(items), self.pad_id, pack=self.pack)
+
+
+def group_by_length(order: np.ndarray, lengths: np.ndarray, groups: np.ndarray, batch_size: int,
+                    rng: np.random.Generator, span: int = 64) -> np.ndarray:
+    """`order` (items, batch after batch) with rows moved between the batches of each window of `span` batches so
+    that a batch holds rows of similar length: in a window, each group's items (task, replay) are sorted by length,
+    longest first, and dealt back into that group's places in order, so every batch keeps its count of each group
+    (the replay share) and the window its rows; then the window's full batches are shuffled (by rng), so long and
+    short batches alternate at random. Padding then follows the spread of lengths inside a window's sorted slices."""
+    out = np.array(order, dtype=np.int64)
+    window = span * batch_size
+    for start in range(0, len(out), window):
+        w = out[start : start + window]  # a view: edits land in out
+        for g in np.unique(groups[w]):
+            places = np.flatnonzero(groups[w] == g)
+            members = w[places]
+            w[places] = members[np.argsort(-lengths[members], kind="stable")]
+        full = len(w) // batch_size
+        batches = w[: full * batch_size].reshape(full, batch_size)
+        batches[:] = batches[rng.permutation(full)]
+    return out
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """train.group_by_length: the epoch's order (a permutation from the seed and epoch, or the retain layout as it
+    is) through group_by_length. Deterministic: the same seed gives the same batches, on every process and resume."""
+
+    def __init__(self, data: DistillDataset, batch_size: int, seed: int):
+        self.data, self.batch_size, self.seed, self.epoch = data, batch_size, seed, 0
+        self.lengths = data.lengths()
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer (through accelerate) calls it before each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = np.arange(len(self.data)) if self.data.layout is not None else rng.permutation(len(self.data))
+        yield from group_by_length(order, self.lengths, self.data.group, self.batch_size, rng).tolist()
+
+
+def collate(rows: list[dict], pad_id: int, pack: bool | int = False) -> dict[str, torch.Tensor]:
     """Right-padded batch. Position t predicts token t+1, so the completion's j-th token (at index
-    len(prompt)+j) is predicted at index len(prompt)+j-1: labels and teacher top-k sit at those indices."""
-    width = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
-    k = max((len(r["top_ids"][0]) for r in rows if r.get("top_ids")), default=0)
-    batch = len(rows)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)  # (B, T)
-    labels = torch.full((batch, width), -100, dtype=torch.long)  # (B, T) HF convention: label[t] = input[t]
-    top_ids = torch.zeros((batch, width, max(k, 1)), dtype=torch.long)  # (B, T, k) at the predicting index
-    top_logprobs = torch.full((batch, width, max(k, 1)), -1e4)  # (B, T, k)
-    top_tail = torch.full((batch, width), float("nan"))  # (B, T) log of the teacher's mass outside its top-k; NaN: none stored
-    kd_mask = torch.zeros((batch, width), dtype=torch.bool)  # (B, T) where a teacher distribution exists
-    prompt_len = torch.zeros(batch, dtype=torch.long)
-    for b, r in enumerate(rows):
+    len(prompt)+j) is predicted at index len(prompt)+j-1: labels and teacher top-k sit at those indices.
+
+    pack: the same examples in fewer rows, as wide as the longest (or `pack` tokens, when an int and wider; first fit,
+    longest first): position_ids restart at
+    0 for each example (and for the padding after the last), which is how the model keeps examples apart (see
+    train.model_inputs); an example's last token predicts nothing, since the next one's first token is a prompt
+    token (label -100). No prompt_len: on-policy steps, which read it, refuse packing."""
+    lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
+    width = max(max(lengths), 0 if pack is True else int(pack))
+    places = pack_rows(lengths, width) if pack else [(b, 0) for b in range(len(rows))]
+    n_rows = max(row for row, _ in places) + 1
+    k = max((len(r["top_ids"][0]) for r in rows if r.get("top_ids") is not None and len(r["top_ids"])), default=0)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((n_rows, width), dtype=torch.long)  # (B, T)
+    labels = torch.full((n_rows, width), -100, dtype=torch.long)  # (B, T) HF convention: label[t] = input[t]
+    top_ids = torch.zeros((n_rows, width, max(k, 1)), dtype=torch.long)  # (B, T, k) at the predicting index
+    top_logprobs = torch.full((n_rows, width, max(k, 1)), -1e4)  # (B, T, k)
+    top_tail = torch.full((n_rows, width), float("nan"))  # (B, T) log of the teacher's mass outside its top-k; NaN: none stored
+    kd_mask = torch.zeros((n_rows, width), dtype=torch.bool)  # (B, T) where a teacher distribution exists
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)  # (B, T) packed only
+    prompt_len = torch.zeros(n_rows, dtype=torch.long)
+    for (b, at), r in zip(places, rows):
         p, c = list(r["prompt_ids"]), list(r["completion_ids"])
-        ids = p + c
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        attention_mask[b, : len(ids)] = 1
-        labels[b, len(p) : len(ids)] = torch.tensor(c)
+        if pack and not p:
+            raise UserError("train.packing needs a prompt of at least one token in every row")
+        n_ids, start = len(p) + len(c), at + len(p) - 1  # start: where the completion's first token is predicted
+        input_ids[b, at : at + n_ids] = torch.tensor(p + c)
+        attention_mask[b, at : at + n_ids] = 1
+        labels[b, at + len(p) : at + n_ids] = torch.tensor(c)
+        position_ids[b, at : at + n_ids] = torch.arange(n_ids)
         prompt_len[b] = len(p)
-        if k and r.get("top_ids"):
+        if k and r.get("top_ids") is not None and len(r["top_ids"]):
             n = min(len(r["top_ids"]), len(c))
-            top_ids[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_ids"][:n])
-            top_logprobs[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_logprobs"][:n])
+            top_ids[b, start : start + n] = torch.as_tensor(r["top_ids"][:n])
+            top_logprobs[b, start : start + n] = torch.as_tensor(r["top_logprobs"][:n])
             if r.get("top_tail") is not None:
-                top_tail[b, len(p) - 1 : len(p) - 1 + n] = torch.tensor(r["top_tail"][:n])
+                top_tail[b, start : start + n] = torch.as_tensor(r["top_tail"][:n])
             # a position whose ids hold no mass (top-1 below -200; a real one is >= -log V) has no teacher
             # distribution: a token crosstok could not align. It trains on its text instead.
-            kd_mask[b, len(p) - 1 : len(p) - 1 + n] = top_logprobs[b, len(p) - 1 : len(p) - 1 + n].amax(-1) > -200.0
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_len": prompt_len}
+            kd_mask[b, start : start + n] = top_logprobs[b, start : start + n].amax(-1) > -200.0
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if pack:  # the padding after a row's last example is a segment of its own, positions from 0
+        for b in range(n_rows):
+            used = int(attention_mask[b].sum())
+            position_ids[b, used:] = torch.arange(width - used)
+        out["position_ids"] = position_ids
+    else:
+        out["prompt_len"] = prompt_len
     if k:
         out.update(top_ids=top_ids, top_logprobs=top_logprobs, top_tail=top_tail, kd_mask=kd_mask)
     return out
+
+
+def pack_rows(lengths: list[int], width: int) -> list[tuple[int, int]]:
+    """(row, offset) of each example packed into rows of `width` tokens: first fit, longest first (deterministic)."""
+    free: list[int] = []  # free tokens left in each row
+    places: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(free))
+        if row == len(free):
+            free.append(width)
+        places[i] = (row, width - free[row])
+        free[row] -= lengths[i]
+    return places

@@ -53,7 +53,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from distillab import logits as logit_paths
 from distillab import losses, models, retain
 from distillab.config import RunConfig, write_atomic
-from distillab.dataset import DistillDataset, collate, dataset_files, read_dataset
+from distillab.dataset import ArrowRows, Collator, DistillDataset, LengthGroupedSampler, RowSource, collate, dataset_files
 from distillab.errors import UserError
 from distillab.rundir import fingerprint, is_fresh, mark_fresh
 
@@ -117,7 +117,7 @@ def _teacher_of(batch: dict, predicts: Tensor, d: "DistillSettings"):
 
 
 def dense_head(model, unwrapped, batch: dict, d: "DistillSettings") -> Head:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logits = model(**model_inputs(batch)).logits  # (B, T, V)
 
     def head(name, target, mask, **kw):
         return losses.kd_loss(name, logits, target, mask, reduction="sum", **kw)[0]
@@ -134,6 +134,45 @@ def chunked_head(model, unwrapped, batch: dict, d: "DistillSettings") -> Head:
                                       logit_transform=d.student_transform, **kw)[0]
 
     return head
+
+
+def model_inputs(batch: dict) -> dict:
+    """The forward's inputs. A packed batch (dataset.collate(pack=True)) gives position_ids that restart per example
+    and no attention mask, with no cache: transformers then builds a mask that keeps each example to itself (its
+    packed-sequence detection, masking_utils.find_packed_sequence_indices; flash-attention's varlen path reads the
+    same position ids). check_packing proves it per model before training."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def check_packing(model) -> None:
+    """Refuse train.packing, in one line, for a model that does not keep packed examples apart: the logits of an
+    example packed after another must not depend on that other one, and must equal its logits alone."""
+    base, vocab = _base(model), logit_paths.text_config(model.config).vocab_size
+    device = next(base.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    first, other, second = (torch.randint(1, vocab, (n,), generator=gen).tolist() for n in (5, 5, 4))
+    was_training = base.training
+    base.eval()
+    try:
+        def logits(rows: list[list[int]]) -> Tensor:  # (T, V) of the last example, packed after the others
+            pack = sum(map(len, rows)) if len(rows) > 1 else False  # one row
+            batch = collate([{"prompt_ids": r[:1], "completion_ids": r[1:]} for r in rows], 0, pack=pack)
+            out = base(**model_inputs({k: v.to(device) for k, v in batch.items()})).logits[0].float()
+            return out[-len(rows[-1]):] if len(rows) > 1 else out
+        alone, after, after_other = logits([second]), logits([first, second]), logits([other, second])
+    except Exception as err:  # noqa: BLE001 - any failure here means the model cannot take packed rows
+        raise UserError(f"train.packing: {type(base).__name__} cannot take packed rows ({type(err).__name__}: {err}); "
+                        "set packing = false") from None
+    finally:
+        base.train(was_training)
+    tol = 1e-3 * max(1.0, float(alone.abs().max())) * (1 if base.dtype == torch.float32 else 30)
+    if not (torch.allclose(after, after_other, atol=tol) and torch.allclose(after, alone, atol=tol)):
+        attn = getattr(base.config, "_attn_implementation", None)
+        raise UserError(f"train.packing: {type(base).__name__} (attention {attn!r}) lets packed examples see each "
+                        "other or ignores their position ids; set packing = false")
 
 
 def _base(model):
@@ -159,7 +198,7 @@ def final_hidden_states(model, unwrapped, batch: dict) -> Tensor:
     captured = []
     handle = decoder_of(unwrapped).register_forward_hook(lambda module, args, out: captured.append(out[0]))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+        model(**model_inputs(batch), logits_to_keep=1)
     finally:
         handle.remove()
     return captured[-1]
@@ -185,6 +224,8 @@ class DistillSettings:
             if teacher_model is not None:
                 self.teacher_transform = logit_paths.logit_transform(teacher_model)
                 decoder_of(teacher_model)
+        if t.packing:
+            check_packing(model)
 
     def on_policy(self, step: int) -> bool:
         """Whether optimizer step `step` trains on the student's samples: the same draw on every process and resume."""
@@ -256,12 +297,14 @@ SECONDS_FILE = "train_seconds.json"
 class DistillTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss divides by the whole window's token count itself
 
-    def __init__(self, *args, distill: DistillSettings, **kwargs):
+    def __init__(self, *args, distill: DistillSettings, group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.distill = distill
+        self.distill, self.group_by_length = distill, group_by_length
         self.seconds_before, self._clock, self.train_seconds = 0.0, None, 0.0
 
     def _get_train_sampler(self, *args, **kwargs):
+        if self.group_by_length:
+            return LengthGroupedSampler(self.train_dataset, self.args.per_device_train_batch_size, self.args.seed)
         if getattr(self.train_dataset, "layout", None) is not None:  # the order is the batch composition: keep it
             return torch.utils.data.SequentialSampler(self.train_dataset)
         return super()._get_train_sampler(*args, **kwargs)
@@ -379,24 +422,24 @@ def shares_tokenizer(student_tok, teacher_name: str) -> bool:
 def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, progress=None) -> dict:
     """Train the student into run_dir/student. Returns the training summary (also written to student/)."""
     run_dir, t = cfg.run_dir, cfg.train
-    data_path = run_dir / "data" / "train.parquet"
-    rows = read_dataset(data_path)
-    if not rows:
-        raise UserError(f"dataset {data_path} has no rows")
-    replay_path = run_dir / "data" / "replay.parquet"
-    replay = read_dataset(replay_path) if cfg.retain.replay_fraction > 0 else None
-    if replay is not None and not replay:
-        raise UserError(f"replay set {replay_path} has no rows")
+    data_path, replay_path = run_dir / "data" / "train.parquet", run_dir / "data" / "replay.parquet"
+    with_replay = cfg.retain.replay_fraction > 0
     stamp = fingerprint("train", t.model_dump(), *dataset_files(data_path),  # one file, or `--shard` runs' shards
-                        *([cfg.retain.replay_fraction, *dataset_files(replay_path)] if replay else []),
+                        *([cfg.retain.replay_fraction, *dataset_files(replay_path)] if with_replay else []),
                         *(["select_checkpoints"] if cfg.retain.select_checkpoints else []))
     student_dir = run_dir / "student"
     if is_fresh(run_dir, "train", stamp) and (student_dir / "config.json").is_file():
         return json.loads((student_dir / "train_summary.json").read_text()) | {"skipped": True}
+    rows = ArrowRows(data_path)  # memory-mapped: rows are read a batch at a time
+    if not len(rows):
+        raise UserError(f"dataset {data_path} has no rows")
+    replay = ArrowRows(replay_path) if with_replay else None
+    if replay is not None and not len(replay):
+        raise UserError(f"replay set {replay_path} has no rows")
 
     torch.manual_seed(t.seed)
     model, tok = models.load(t.student)
-    uses_teacher_logprobs = any(r.get("top_ids") for r in rows) and t.kd_weight > 0 and t.loss != "ce"
+    uses_teacher_logprobs = rows.has_topk and t.kd_weight > 0 and t.loss != "ce"
     teacher_model = None
     if t.on_policy_fraction > 0:
         if cfg.teacher.base_url:
@@ -424,14 +467,13 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     if stop_after_steps and trainer.state.global_step < (trainer.state.max_steps or 0):
         return {"interrupted_at": trainer.state.global_step}
     losses_seen = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    n_tokens = sum(len(r["completion_ids"]) for r in rows)
-    seen = trainer.train_dataset.layout_rows() if replay else rows
+    n_tokens = int(rows.completion_lengths.sum())
     summary = {
         "student": t.student, "loss": t.loss, "kd_weight": t.kd_weight, "sft_weight": t.sft_weight,
         "on_policy_fraction": t.on_policy_fraction, "lora": t.lora, "steps": trainer.state.global_step,
         "train_seconds": round(trainer.train_seconds, 2), "examples": len(rows), "completion_tokens": n_tokens,
         "epochs": round(float(trainer.state.epoch or 0), 3), "final_loss": losses_seen[-1] if losses_seen else None,
-        "flops": train_flops(model, n_tokens_seen(trainer, seen)), "loss_history": trainer.state.log_history,
+        "flops": train_flops(model, n_tokens_seen(trainer)), "loss_history": trainer.state.log_history,
         "train_loss": result.training_loss,
     }
     if replay:
@@ -443,8 +485,9 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     return summary
 
 
-def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path, teacher_model=None,
-                  callbacks=(), optimizers=(None, None), replay: list[dict] | None = None) -> DistillTrainer:
+def build_trainer(cfg: RunConfig, rows: RowSource | list[dict], model, tok, output_dir: Path, teacher_model=None,
+                  callbacks=(), optimizers=(None, None), replay: RowSource | list[dict] | None = None) -> DistillTrainer:
+    """The Trainer over the task rows (and replay rows): a dataset.ArrowRows as run_train opens it, or rows in memory."""
     t = cfg.train
     vocab = logit_paths.text_config(model.config).vocab_size  # Gemma 3 4B+, 3n, 4: nested in a text config
     distill = DistillSettings(cfg, model, teacher_model, tok.pad_token_id, tok.eos_token_id)  # refuses early
@@ -456,7 +499,7 @@ def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path
         n_batches = (t.max_steps * t.grad_accum * world if t.max_steps > 0
                      else math.ceil(t.epochs * len(rows) / per_batch))
         layout = retain.batch_layout(len(rows), len(replay), t.batch_size, cfg.retain.replay_fraction, n_batches, t.seed)
-        dataset, epochs = DistillDataset(rows, vocab, replay, layout), 1.0
+        dataset, epochs = DistillDataset(dataset.task, vocab, replay, layout), 1.0
     args = TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, num_train_epochs=epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
@@ -467,8 +510,8 @@ def build_trainer(cfg: RunConfig, rows: list[dict], model, tok, output_dir: Path
     )
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=dataset,
-        data_collator=lambda batch: collate(batch, tok.pad_token_id), callbacks=list(callbacks),
-        optimizers=optimizers, distill=distill,
+        data_collator=Collator(dataset, tok.pad_token_id, pack=t.packing), callbacks=list(callbacks),
+        optimizers=optimizers, distill=distill, group_by_length=t.group_by_length,
     )
     check_parallelism(t, fsdp=trainer.is_fsdp_enabled)
     if teacher_model is not None:
@@ -502,10 +545,11 @@ class _StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
-def n_tokens_seen(trainer, rows) -> int:
-    per_epoch = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
-    steps_per_epoch = max(1, -(-len(rows) // (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps)))
-    return int(per_epoch * trainer.state.global_step / steps_per_epoch)
+def n_tokens_seen(trainer) -> int:
+    """Prompt + completion tokens trained on: one pass's tokens (task and replay rows, each once) times passes made."""
+    n_rows, per_pass = trainer.train_dataset.pass_tokens()
+    steps_per_pass = max(1, -(-n_rows // (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps)))
+    return int(per_pass * trainer.state.global_step / steps_per_pass)
 
 
 def train_flops(model, tokens: int) -> float:
