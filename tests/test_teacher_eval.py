@@ -20,15 +20,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::distillab.pricing.UnpricedTeach
 quiet = dict(log=lambda *_: None)
 
 
-def api_run(tmp_path, url, name="api", **eval_):
+def api_run(tmp_path, url, name="api", mode="completions", **eval_):
     """A run with the served lab teacher as its API teacher (priced, so the break-even is known); generate and
     two training steps done (the student is not what is tested here)."""
     task_file = tmp_path / "task.jsonl"
     task_file.write_text('{"prompt": "upper abc\\n", "answer": "ABC", "skill": "mine"}\n'
-                         '{"prompt": "add 12 30\\n", "answer": "42", "scorer": "numeric", "skill": "mine"}\n')
+                         '{"prompt": "add 12 30\\n", "answer": "42", "scorer": "numeric", "skill": "mine"}\n'
+                         '{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": '
+                         '"upper xyz"}], "answer": "XYZ", "skill": "chat"}\n')
     cfg = from_dict({
         "name": name, "runs_dir": str(tmp_path / "runs"),
-        "teacher": {"model": "lab:teacher", "base_url": url, "max_new_tokens": 12, "top_k_logprobs": 0,
+        "teacher": {"model": "lab:teacher", "base_url": url, "mode": mode, "max_new_tokens": 12, "top_k_logprobs": 0,
                     "usd_per_1m_input": 1.0, "usd_per_1m_output": 4.0, "max_retries": 0},
         "data": {"skills": ["reverse"], "n_prompts": 8},
         "train": {"max_steps": 2, "batch_size": 4},
@@ -42,13 +44,15 @@ def api_run(tmp_path, url, name="api", **eval_):
 
 def served_completions(url) -> float:
     """Completion requests serve has answered (its own count)."""
-    return metrics(url).get('distillab_requests_total{endpoint="/v1/completions",code="200"}', 0)
+    return sum(metrics(url).get(f'distillab_requests_total{{endpoint="/v1/{path}",code="200"}}', 0)
+               for path in ("completions", "chat/completions"))
 
 
 @pytest.mark.slow
-def test_api_teacher_is_scored_through_its_endpoint_once(tmp_path):
+@pytest.mark.parametrize("mode", ["completions", "chat"])
+def test_api_teacher_is_scored_through_its_endpoint_once(tmp_path, mode):
     with server_thread("lab:teacher") as server:
-        cfg = api_run(tmp_path, server.base_url)
+        cfg = api_run(tmp_path, server.base_url, mode=mode)
         before = served_completions(server.url)
         results = run_evaluate(cfg, **quiet)
         asked = served_completions(server.url) - before
@@ -60,9 +64,9 @@ def test_api_teacher_is_scored_through_its_endpoint_once(tmp_path):
                                task_examples=load_task_suite(cfg.eval.task_file))
         assert {s: v.scores for s, v in teacher.skills.items()} == {s: v.scores for s, v in local.skills.items()}
         assert teacher.task.score == local.task.score and teacher.general.score == local.general.score
-        assert teacher.task.score > 0.5  # the lab teacher can reverse: the comparison is not of zeros
+        assert teacher.skills["reverse"].score > 0.5  # the lab teacher can reverse: the comparison is not of zeros
         usage = teacher.endpoint_usage
-        assert usage.requests == 6 * 3 + 2 == asked == usage.sent
+        assert usage.requests == 6 * 3 + 3 == asked == usage.sent
         assert usage.completion_tokens > 0 and usage.prompt_tokens > 0
 
         # a rerun, even with eval/teacher.json gone, pays nothing: every answer is in teacher.sqlite

@@ -3,8 +3,9 @@ generate, so a run with `teacher.base_url` has a teacher row, a gap closed and a
 
 - Requests are built by the teacher's own `request()` (OpenAITeacher: concurrency, retries, endpoint lists), with
   eval's settings: greedy (temperature 0, top_p 1), no logprobs, one sample, `teacher.max_new_tokens` (what the
-  local models get). The prompt is rendered as for generate: the prompt text itself in completions mode (as the
-  local models see it), the user turn of a chat in chat mode (the server applies its own chat template).
+  local models get). Prompts are asked as generate asks them: in chat mode a plain prompt as one user turn and a
+  task line's conversation as given (the server applies its own chat template, as each local model is given its
+  own); in completions mode the text (a conversation's plain text), as a model without a template sees it.
 - Every answer is committed to run_dir/teacher.sqlite before it counts; a rerun asks only for what the cache lacks
   (nothing, once the teacher was scored). The cache file is first created by an answer: an endpoint that answers
   nothing leaves nothing on disk.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 
+from distillab import chat
 from distillab.cache import RequestCache, request_key
 from distillab.config import RunConfig
 from distillab.errors import UserError
@@ -50,7 +52,8 @@ def endpoint_eval_settings(teacher_cfg):
 
 
 class EndpointCompletions:
-    """A Complete (prompts -> greedy texts) over the teacher's endpoint, through the run's request cache.
+    """A Complete (prompts or conversations -> greedy texts) over the teacher's endpoint, through the run's
+    request cache.
 
     `fetch(prompts)` asks the endpoint for every prompt the cache lacks, at once (so the budget sees the whole
     bill before the first request); calling it with prompts returns their texts, fetching any still missing."""
@@ -76,10 +79,10 @@ class EndpointCompletions:
         if self._cache is not None:
             self._cache.close()
 
-    def fetch(self, prompts: list[str]) -> None:
+    def fetch(self, prompts: list) -> None:
         from distillab.pricing import BudgetGuard
 
-        requests = {request_key(r): r for r in map(self.teacher.request, prompts)}
+        requests = {request_key(r): r for r in map(self.request, prompts)}
         self.keys.update(dict.fromkeys(requests))
         cache = self.cache()
         held = cache.cached_keys(list(requests)) if cache else set()
@@ -113,10 +116,17 @@ class EndpointCompletions:
                             f"failed ({failure_digest(failures)}); answers so far are cached: fix the endpoint and "
                             "rerun, or set [eval] score_teacher = false")
 
-    def __call__(self, prompts: list[str]) -> list[str]:
+    def __call__(self, prompts: list) -> list[str]:
         self.fetch(prompts)
         cache = self.cache()
-        return [cache.get(request_key(self.teacher.request(p)))["text"] for p in prompts]
+        return [cache.get(request_key(self.request(p)))["text"] for p in prompts]
+
+    def request(self, prompt: str | list[dict]) -> dict:
+        """A plain prompt, or a conversation (a task line's "messages"), asked as generate asks it: chat mode sends
+        the turns as given, completions mode their plain text."""
+        if isinstance(prompt, str):
+            return self.teacher.request(prompt)
+        return self.teacher.request(chat.plain_text(prompt), messages=prompt)
 
     def usage(self) -> EndpointUsage:
         cache = self.cache()
@@ -148,11 +158,11 @@ def evaluate_endpoint_teacher(cfg: RunConfig, task: list[str], general: list[str
     complete = EndpointCompletions(cfg, log=log)
     try:
         # A dry pass with a recording completer lists every prompt the suites ask, so one fetch sends them all.
-        asked: list[str] = []
+        asked: list = []
         score_with(_recorder(asked), task + general, cfg.eval.n_per_skill, "test", examples)
         began = time.time()
         try:
-            complete.fetch(list(dict.fromkeys(asked)))
+            complete.fetch(asked)  # repeats are one request (fetch keys them)
         except NotScored as why:
             return not_scored_record(cfg, task, general, str(why), complete.usage())
         per_skill = score_with(complete, task + general, cfg.eval.n_per_skill, "test", examples)
@@ -163,8 +173,8 @@ def evaluate_endpoint_teacher(cfg: RunConfig, task: list[str], general: list[str
     return res
 
 
-def _recorder(asked: list[str]) -> Complete:
-    def record(prompts: list[str]) -> list[str]:
+def _recorder(asked: list) -> Complete:
+    def record(prompts: list) -> list[str]:
         asked.extend(prompts)
         return [""] * len(prompts)
 
