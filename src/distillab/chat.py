@@ -63,7 +63,7 @@ def text_content(content):
     return content
 
 
-def split_conversation(turns: list[dict], where: str) -> tuple[list[dict], str | None]:
+def split_conversation(turns: list[dict], where: str, field: str = "messages") -> tuple[list[dict], str | None]:
     """(the turns the teacher answers, the reference answer or None). A final assistant turn is the reference
     (a human-written answer); the turn before it, and otherwise the last turn, must be the user's."""
     answer = None
@@ -71,7 +71,7 @@ def split_conversation(turns: list[dict], where: str) -> tuple[list[dict], str |
         answer, turns = turns[-1]["content"], turns[:-1]
     if not turns or turns[-1]["role"] != "user":
         last = turns[-1]["role"] if turns else "nothing"
-        raise UserError(f"{where}: \"messages\" must end with a user turn (or a user turn then the assistant's "
+        raise UserError(f"{where}: \"{field}\" must end with a user turn (or a user turn then the assistant's "
                         f"reference answer), not {last}")
     return turns, answer
 

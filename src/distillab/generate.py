@@ -264,7 +264,8 @@ def _prompt_record(obj, where: str, line: int, columns: Columns = Columns()) -> 
         raise UserError(f"{where}: \"{c.answer}\" must be a string")
     skill = obj.get("skill")
     if obj.get(c.messages) is not None:  # the conversation, over a prompt beside it (often its first user turn)
-        turns, reference = chat.split_conversation(chat.check_messages(obj[c.messages], where, c.messages), where)
+        turns, reference = chat.split_conversation(chat.check_messages(obj[c.messages], where, c.messages), where,
+                                                  c.messages)
         if reference is not None and answer is not None:
             raise UserError(f"{where}: two answers: \"{c.answer}\" and the conversation's final assistant turn; "
                             "keep one")
