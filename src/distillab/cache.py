@@ -4,10 +4,18 @@ A response is committed (one transaction per response) before generate counts it
 loses at most the requests in flight, and a rerun never pays for a cached request again. Requests that
 failed after all retries go to `failures` with their error: counted and reported, retried on a rerun.
 
-Storage of a response (`responses.response`): a zstd-compressed blob (`encode_response`) holding the small
-fields as JSON, the completion token ids as int32 and the teacher's top-k through `topk_codec` (the same
-bytes the dataset stores), so the cache costs about what the dataset does per token; JSON text (caches
-written before the codec, and responses whose top-k the codec cannot hold, e.g. token strings) still reads.
+Storage of a response (`responses.response`): a blob (`encode_response`) holding the small fields as JSON,
+the completion token ids as int32 and the teacher's top-k through `topk_codec` (the same bytes the dataset
+stores), zstd-compressed with the cache's own dictionary. Compressed one at a time, small responses would
+cost 2-4x what the dataset pays per token (Parquet compresses a column over thousands of rows: the constant
+JSON keys, the near-constant id planes); a dictionary trained on the cache's first DICT_TRAIN_ROWS responses
+and requests gives each one that shared context. The dictionary is stored in the cache (`dictionaries`), the
+responses stored before it are re-encoded with it in the same transaction, and each blob names the dictionary
+it needs. The canonical request (`responses.request`) is kept the same way. Caches made by this version key
+rows by the 32 hash bytes (`PRAGMA user_version` = 2), not 64 hex characters (stored twice: table and index).
+
+Older caches still read and grow: hex keys, JSON text (written before the codec, and responses whose top-k the
+codec cannot hold, e.g. token strings) and blobs compressed without a dictionary ("DLR1").
 `get(key, raw_topk=True)` hands the codec bytes over without decoding: generate writes them to the
 dataset as they are, no decode/re-encode and no extra rounding.
 """
@@ -28,9 +36,9 @@ from distillab.errors import UserError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
-  key TEXT PRIMARY KEY,
-  request TEXT NOT NULL,          -- canonical request JSON (no secrets: keys never enter a request)
-  response TEXT NOT NULL,         -- a BLOB from encode_response (or, in older caches, response JSON)
+  key BLOB PRIMARY KEY,           -- the request_key's 32 bytes (TEXT, its hex, in caches of user_version 0)
+  request BLOB NOT NULL,          -- canonical request JSON, no secrets (RequestCache._pack_request)
+  response BLOB NOT NULL,         -- encode_response (or, in older caches, a DLR1 blob or response JSON)
   prompt_tokens INTEGER NOT NULL,
   completion_tokens INTEGER NOT NULL,
   latency_s REAL NOT NULL,
@@ -38,13 +46,22 @@ CREATE TABLE IF NOT EXISTS responses (
   created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS failures (
-  key TEXT PRIMARY KEY,
+  key TEXT PRIMARY KEY,           -- hex: few rows, kept readable
   request TEXT NOT NULL,
   error TEXT NOT NULL,
   attempts INTEGER NOT NULL,
   failed_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dictionaries (
+  id INTEGER PRIMARY KEY,         -- named by every blob compressed with it (0: none)
+  data BLOB NOT NULL,             -- a zstd dictionary trained on this cache's first responses and requests
+  created_at REAL NOT NULL
+);
 """
+LAYOUT = 2  # PRAGMA user_version of caches this version creates: binary keys
+DICT_TRAIN_ROWS = 256  # responses stored before a dictionary is trained on them
+DICT_BYTES = 16 * 1024  # measured: 4-64 KiB dictionaries give the same sizes within 3%
+ZSTD_LEVEL = 9  # small blobs: a higher level costs little time, saves ~10%
 
 
 def request_key(request: dict) -> str:
@@ -53,13 +70,57 @@ def request_key(request: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-BLOB_MAGIC = b"DLR1"  # version 1 of encode_response's layout
+BLOB_MAGIC = b"DLR2"  # a blob: magic, the dictionary's id (u32, 0 = none), one zstd frame (its size inside)
+OLD_BLOB_MAGIC = b"DLR1"  # before dictionaries: magic, raw length (u32), zstd frame
 
 
-def encode_response(response: dict) -> bytes:
-    """A teacher response -> BLOB_MAGIC + raw length (u32) + zstd(raw); raw = u32-length-prefixed parts:
-    the JSON of every field but token_ids/top_ids/top_logprobs, token_ids as int32, then the six topk_codec
-    arrays (empty when the response has no top-k). Raises ValueError when the top-k is not codec-shaped."""
+class Dictionary:
+    """A zstd dictionary and its id in the cache (id 0, no data: plain zstd). Not thread-safe, like the
+    connection that reads it."""
+
+    def __init__(self, id: int = 0, data: bytes | None = None):
+        import zstandard as zstd
+
+        self.id = id
+        shared = zstd.ZstdCompressionDict(data) if data else None
+        self._compressor = zstd.ZstdCompressor(level=ZSTD_LEVEL, dict_data=shared, write_checksum=False,
+                                               write_dict_id=False)  # our id is in the blob's header
+        self._decompressor = zstd.ZstdDecompressor(dict_data=shared)
+
+    def pack(self, raw: bytes) -> bytes:
+        return BLOB_MAGIC + struct.pack("<I", self.id) + self._compressor.compress(raw)
+
+    def unpack(self, blob: bytes) -> bytes:
+        return self._decompressor.decompress(blob[8:])
+
+
+NO_DICTIONARY = Dictionary()
+
+
+def is_blob(value) -> bool:
+    return isinstance(value, bytes) and value[:4] in (BLOB_MAGIC, OLD_BLOB_MAGIC)
+
+
+def unpack(blob: bytes, dictionary=lambda id: NO_DICTIONARY) -> bytes:
+    """A blob's raw bytes; dictionary(id) gives the Dictionary a DLR2 blob names."""
+    if blob[:4] == OLD_BLOB_MAGIC:
+        (size,) = struct.unpack_from("<I", blob, 4)
+        return _old_zstd().decompress(blob[8:], max_output_size=size)
+    (id,) = struct.unpack_from("<I", blob, 4)
+    return dictionary(id).unpack(blob)
+
+
+@functools.cache
+def _old_zstd():
+    import zstandard as zstd
+
+    return zstd.ZstdDecompressor()
+
+
+def response_raw(response: dict) -> bytes:
+    """A teacher response -> u32-length-prefixed parts: the JSON of every field but token_ids/top_ids/top_logprobs,
+    token_ids as int32, then the six topk_codec arrays (none when the response has no top-k). Raises ValueError
+    when the top-k is not codec-shaped."""
 
     from distillab.topk_codec import FIELDS, encode_topk
 
@@ -75,26 +136,21 @@ def encode_response(response: dict) -> bytes:
     if ids:
         encoded = encode_topk(ids, lps, tail_logprob=response.get("top_tail"))  # the teacher's own tail when it gave one
         parts += [encoded[f].tobytes() for f in FIELDS]
-    raw = b"".join(struct.pack("<I", len(p)) + p for p in parts)
-    return BLOB_MAGIC + struct.pack("<I", len(raw)) + _zstd().compress(raw, asbytes=True)
+    return b"".join(struct.pack("<I", len(p)) + p for p in parts)
 
 
-@functools.cache
-def _zstd():
-    import pyarrow as pa
-
-    return pa.Codec("zstd", compression_level=9)  # small blobs: a higher level costs little time, saves ~10%
+def encode_response(response: dict, dictionary: Dictionary = NO_DICTIONARY) -> bytes:
+    """A teacher response -> a blob of response_raw's bytes, compressed with `dictionary`."""
+    return dictionary.pack(response_raw(response))
 
 
-def decode_response(blob: bytes, raw_topk: bool = False) -> dict:
-    """encode_response's bytes -> the response dict. top-k decoded to top_ids/top_logprobs lists (sorted by id
-    per position, log-probs to 1/32 nat), or with raw_topk the codec's {field: bytes} under "topk" (None if none)."""
-    import pyarrow as pa
-
+def decode_response(blob: bytes, raw_topk: bool = False, dictionary=lambda id: NO_DICTIONARY) -> dict:
+    """encode_response's bytes (or a DLR1 blob) -> the response dict. top-k decoded to top_ids/top_logprobs lists
+    (sorted by id per position, log-probs to 1/32 nat), or with raw_topk the codec's {field: bytes} under "topk"
+    (None if none). dictionary(id): the Dictionary the blob names (RequestCache.dictionary)."""
     from distillab.topk_codec import FIELDS, decode_topk
 
-    (size,) = struct.unpack_from("<I", blob, 4)
-    raw = pa.decompress(blob[8:], decompressed_size=size, codec="zstd", asbytes=True)
+    raw = unpack(blob, dictionary)
     parts, at = [], 0
     while at < len(raw):
         (n,) = struct.unpack_from("<I", raw, at)
@@ -115,11 +171,9 @@ def decode_response(blob: bytes, raw_topk: bool = False) -> dict:
     return resp
 
 
-def _stored(response: dict) -> bytes | str:
-    try:
-        return encode_response(response)
-    except (ValueError, TypeError):  # ragged or out-of-range top-k: kept as it came, in JSON
-        return json.dumps(response)
+def _unpack_text(value, dictionary) -> str:
+    """A stored request: JSON text, or (once the cache has a dictionary) a blob of it."""
+    return unpack(value, dictionary).decode() if is_blob(value) else value
 
 
 def _corrupt(path: Path, err: sqlite3.Error) -> UserError:
@@ -151,9 +205,84 @@ class RequestCache:
             self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against a process kill
-            self.db.executescript(SCHEMA)
+            self.layout = self._create()
+            row = self.db.execute("SELECT id, data FROM dictionaries ORDER BY id DESC LIMIT 1").fetchone()
+            self._until_training = 0 if row else DICT_TRAIN_ROWS - self.db.execute(
+                "SELECT COUNT(*) FROM responses").fetchone()[0]
         except sqlite3.DatabaseError as err:
             raise _corrupt(path, err) from None
+        self._dictionaries = {0: NO_DICTIONARY}
+        self.writer = self._dictionaries.setdefault(row[0], Dictionary(*row)) if row else NO_DICTIONARY
+        # keys: the hash's bytes, or its hex in caches from before LAYOUT 2
+        self._key = bytes.fromhex if self.layout >= LAYOUT else str
+
+    def _create(self) -> int:
+        """The tables (a new file gets LAYOUT; an older cache keeps its own, plus the dictionaries table);
+        returns the layout. One transaction: two processes opening one new file agree."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            fresh = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'responses'").fetchone() is None
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                self.db.execute(statement)
+            if fresh:
+                self.db.execute(f"PRAGMA user_version = {LAYOUT}")
+            layout = self.db.execute("PRAGMA user_version").fetchone()[0]
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return layout
+
+    def dictionary(self, id: int) -> Dictionary:
+        """The stored dictionary `id` (read once)."""
+        if id not in self._dictionaries:
+            row = self.db.execute("SELECT data FROM dictionaries WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                raise sqlite3.DatabaseError(f"a response needs zstd dictionary {id}, which is missing")
+            self._dictionaries[id] = Dictionary(id, row[0])
+        return self._dictionaries[id]
+
+    def _train_dictionary(self) -> None:
+        """Train the cache's dictionary on its latest DICT_TRAIN_ROWS responses and requests and re-encode them
+        with it, in one transaction (a crash leaves them as they were). Another process may have trained one
+        first: then that one is used."""
+        import zstandard as zstd
+
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT id, data FROM dictionaries ORDER BY id DESC LIMIT 1").fetchone()
+            if row:
+                self.writer = self._dictionaries.setdefault(row[0], Dictionary(*row))
+                self.db.execute("COMMIT")
+                return
+            rows = self.db.execute("SELECT rowid, request, response FROM responses ORDER BY rowid DESC LIMIT ?",
+                                   (DICT_TRAIN_ROWS,)).fetchall()
+            raws = [(rowid, _unpack_text(request, self.dictionary).encode(),
+                     unpack(response, self.dictionary) if is_blob(response) else None)
+                    for rowid, request, response in rows]
+            # a few MB of samples at most: long responses are cut (training time grows with the samples)
+            cut = max(4096, (4 << 20) // (2 * len(raws) or 1))
+            samples = [raw[:cut] for _, request, response in raws for raw in (request, response) if raw]
+            try:
+                data = zstd.train_dictionary(DICT_BYTES, samples, level=ZSTD_LEVEL).as_bytes()
+            except zstd.ZstdError:  # too little to learn from (tiny responses): try again as many rows later
+                self._until_training = DICT_TRAIN_ROWS
+                self.db.execute("COMMIT")
+                return
+            id = self.db.execute("INSERT INTO dictionaries (data, created_at) VALUES (?, ?)",
+                                 (data, time.time())).lastrowid
+            self.writer = self._dictionaries[id] = Dictionary(id, data)
+            for rowid, request, response in raws:
+                self.db.execute("UPDATE responses SET request = ?, response = COALESCE(?, response) WHERE rowid = ?",
+                                (self.writer.pack(request), response and self.writer.pack(response), rowid))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        try:  # the shrunk rows left their pages part-empty (~15% of a small cache); VACUUM is cheap while it is small
+            self.db.execute("VACUUM")
+        except sqlite3.OperationalError:  # another connection holds the database: left as it is
+            pass
 
     @staticmethod
     def _check_existing(path: Path) -> None:
@@ -178,11 +307,11 @@ class RequestCache:
     def get(self, key: str, raw_topk: bool = False) -> dict | None:
         """The cached response, or None. raw_topk: the top-k as the codec's bytes under "topk" (see decode_response);
         a JSON-stored response then carries "topk": None and its top_ids/top_logprobs as lists."""
-        row = self.db.execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
+        row = self.db.execute("SELECT response FROM responses WHERE key = ?", (self._key(key),)).fetchone()
         if not row:
             return None
-        if isinstance(row[0], bytes) and row[0][:4] == BLOB_MAGIC:
-            return decode_response(row[0], raw_topk)
+        if is_blob(row[0]):
+            return decode_response(row[0], raw_topk, self.dictionary)
         resp = json.loads(row[0])  # a cache from before the codec, or a top-k the codec cannot hold
         if raw_topk:
             resp["topk"] = None
@@ -194,19 +323,40 @@ class RequestCache:
         for start in range(0, len(keys), 500):  # SQLite caps the number of bound parameters
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            found |= {r[0] for r in self.db.execute(f"SELECT key FROM responses WHERE key IN ({marks})", chunk)}
-        return found
+            found |= {r[0] for r in self.db.execute(f"SELECT key FROM responses WHERE key IN ({marks})",
+                                                    [self._key(k) for k in chunk])}
+        return {k.hex() if isinstance(k, bytes) else k for k in found}
+
+    @_guarded
+    def request(self, key: str) -> dict | None:
+        """The canonical request stored with a cached response, or None."""
+        row = self.db.execute("SELECT request FROM responses WHERE key = ?", (self._key(key),)).fetchone()
+        return json.loads(_unpack_text(row[0], self.dictionary)) if row else None
 
     @_guarded
     def put(self, key: str, request: dict, response: dict, latency_s: float = 0.0, attempts: int = 1) -> None:
         with self.db:  # one committed transaction per response
             self.db.execute(
                 "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, json.dumps(request, sort_keys=True), _stored(response),
+                (self._key(key), self._pack_request(request), self._stored(response),
                  int(response.get("prompt_tokens", 0)), int(response.get("completion_tokens", 0)),
                  float(latency_s), int(attempts), time.time()),
             )
             self.db.execute("DELETE FROM failures WHERE key = ?", (key,))
+        if self.writer.id == 0:
+            self._until_training -= 1
+            if self._until_training <= 0:
+                self._train_dictionary()
+
+    def _pack_request(self, request: dict) -> bytes | str:
+        text = json.dumps(request, sort_keys=True)
+        return self.writer.pack(text.encode()) if self.writer.id else text  # JSON text until there is a dictionary
+
+    def _stored(self, response: dict) -> bytes | str:
+        try:
+            return encode_response(response, self.writer)
+        except (ValueError, TypeError):  # ragged or out-of-range top-k: kept as it came, in JSON
+            return json.dumps(response)
 
     @_guarded
     def put_failure(self, key: str, request: dict, error: str, attempts: int) -> None:
@@ -231,7 +381,8 @@ class RequestCache:
             marks = ",".join("?" * len(chunk))
             n, p, c, lat = self.db.execute(
                 f"SELECT COUNT(*), COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), "
-                f"COALESCE(SUM(latency_s),0) FROM responses WHERE key IN ({marks})", chunk).fetchone()
+                f"COALESCE(SUM(latency_s),0) FROM responses WHERE key IN ({marks})",
+                [self._key(k) for k in chunk]).fetchone()
             totals["requests"] += n
             totals["prompt_tokens"] += p
             totals["completion_tokens"] += c
