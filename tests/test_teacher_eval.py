@@ -4,17 +4,22 @@ and the ledger and report show its row, gap closed, break-even and the evaluatio
 
 from __future__ import annotations
 
+import io
 import sqlite3
 
 import pytest
+from rich.console import Console
 
 from distillab.config import from_dict
 from distillab.evaluate import evaluate_model, load_task_suite, run_evaluate
 from distillab.generate import run_generate
 from distillab.pipeline import finish_run
-from distillab.records import read_eval, read_ledger
+from distillab.records import Ledger, as_evals, read_eval, read_ledger
+from distillab.report import terminal_summary, verdict
+from distillab.report.html import ledger_rows, scores_table
 from distillab.train import run_train
 from tests.serve_fixture import metrics, server_thread
+from tests.test_report import fake_evals, fake_ledger
 
 pytestmark = pytest.mark.filterwarnings("ignore::distillab.pricing.UnpricedTeacherWarning")
 quiet = dict(log=lambda *_: None)
@@ -115,3 +120,29 @@ def test_score_teacher_false_and_max_usd_show_why(tmp_path):
     assert stopped.not_scored.startswith("teacher.max_usd: stopped: projected teacher spend")
     assert stopped.endpoint_usage.sent == 0 and stopped.task.score is None
     assert read_eval(cfg.run_dir / "eval" / "teacher.json").not_scored == stopped.not_scored
+
+
+def test_a_missing_teacher_row_says_why_the_gap_is_missing():
+    """Without the teacher's scores (a run from before API teachers were scored, or one not scored), the verdict,
+    the scores table and the ledger say so instead of leaving the gap out silently (no server: records only)."""
+    evals = fake_evals()
+    del evals["teacher"]
+    assert "(no gap closed: the teacher was not evaluated)" in verdict(evals, fake_ledger())
+    assert "No gap closed: the teacher was not evaluated." in scores_table(as_evals(evals), list(evals))
+    rows = dict(ledger_rows(Ledger.model_validate(fake_ledger())))
+    assert rows["teacher evaluation $"] == "not evaluated"  # an old ledger: no teacher_evaluation section
+
+    spent = fake_ledger() | {"teacher_evaluation": {
+        "status": "not_scored", "reason": "teacher.max_usd: stopped", "endpoint": "http://h/v1", "requests": 20,
+        "prompt_tokens": 100, "completion_tokens": 50, "price_status": "override", "usd": 0.0003}}
+    assert dict(ledger_rows(Ledger.model_validate(spent)))["teacher evaluation $"] == (
+        "not scored: teacher.max_usd: stopped; spent 20 requests to http://h/v1, 100 in / 50 out = $0.0003 [override]")
+    evals = fake_evals()
+    evals["teacher"] |= {"not_scored": "eval.score_teacher = false", "task": {"score": None},
+                         "general": {"score": None}}
+    table = scores_table(as_evals(evals), list(evals))
+    assert "not scored: eval.score_teacher = false" in table
+    assert "No gap closed: the teacher was not scored (eval.score_teacher = false)." in table
+    console = Console(file=io.StringIO(), width=160)
+    console.print(terminal_summary(evals, spent))
+    assert "not scored: eval.score_teacher" in console.file.getvalue()
