@@ -10,6 +10,7 @@ import sqlite3
 import pytest
 from rich.console import Console
 
+from distillab.cli import _print_scores
 from distillab.config import from_dict
 from distillab.evaluate import evaluate_model, load_task_suite, run_evaluate
 from distillab.generate import run_generate
@@ -61,6 +62,7 @@ def test_api_teacher_is_scored_through_its_endpoint_once(tmp_path, mode):
         before = served_completions(server.url)
         results = run_evaluate(cfg, **quiet)
         asked = served_completions(server.url) - before
+        _print_scores(results)  # what `distillab evaluate` prints: an API teacher has no perplexity
         teacher = read_eval(cfg.run_dir / "eval" / "teacher.json")
         assert teacher.not_scored is None and teacher.label == "teacher"
 
