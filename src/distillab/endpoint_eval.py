@@ -28,6 +28,7 @@ from distillab import chat
 from distillab.cache import RequestCache, request_key
 from distillab.config import RunConfig
 from distillab.errors import UserError
+from distillab.pricing import BudgetExceeded, BudgetGuard
 from distillab.evaluate import Complete, eval_record, score_with
 from distillab.records import EndpointUsage, EvalResult, SuiteScore
 from distillab.teachers import failure_digest
@@ -80,8 +81,6 @@ class EndpointCompletions:
             self._cache.close()
 
     def fetch(self, prompts: list) -> None:
-        from distillab.pricing import BudgetGuard
-
         requests = {request_key(r): r for r in map(self.request, prompts)}
         self.keys.update(dict.fromkeys(requests))
         cache = self.cache()
@@ -107,10 +106,8 @@ class EndpointCompletions:
         try:
             budget.check()
             self.teacher.answer(todo, on_done)
-        except UserError as err:
-            if str(err).startswith("stopped: projected teacher spend"):  # BudgetGuard's: the teacher is not scored
-                raise NotScored(f"teacher.max_usd: {err}") from None
-            raise
+        except BudgetExceeded as err:
+            raise NotScored(f"teacher.max_usd: {err}") from None
         if failures:
             raise UserError(f"evaluate teacher: {len(failures)} of {len(todo)} requests to {self.teacher.endpoint} "
                             f"failed ({failure_digest(failures)}); answers so far are cached: fix the endpoint and "
@@ -138,8 +135,11 @@ class EndpointCompletions:
         """The run's teacher usage so far: the dataset's and teacher replay's (their summaries), and this
         evaluation's cached answers, as {requests, prompt_tokens, completion_tokens} for BudgetGuard."""
         total = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        parts = [json.loads(p.read_text()) for p in (self.cfg.run_dir / "data" / "generate_summary.json",
-                                                     self.cfg.run_dir / "data" / "replay_summary.json") if p.is_file()]
+        data, retain = self.cfg.run_dir / "data", self.cfg.retain
+        summaries = [data / "generate_summary.json"]
+        if retain.replay_fraction > 0 and retain.replay_source == "teacher":  # other replay is not the teacher's bill
+            summaries.append(data / "replay_summary.json")
+        parts = [json.loads(p.read_text()) for p in summaries if p.is_file()]
         parts = [{"requests": s.get("rows", 0), **s} for s in parts]
         if held:
             parts.append(self.cache().usage(sorted(held)))

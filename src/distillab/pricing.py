@@ -104,6 +104,10 @@ def _rates_per_million(model: str, provider: str) -> tuple[float, float]:
     return float(price.input_price) * 1000, float(price.output_price) * 1000
 
 
+class BudgetExceeded(UserError):
+    """BudgetGuard's stop: the projected teacher spend would pass teacher.max_usd."""
+
+
 class BudgetGuard:
     """Stops teacher requests (generate's, the teacher's evaluation) before the projected spend passes max_usd.
 
@@ -148,5 +152,5 @@ class BudgetGuard:
     def check(self) -> None:
         projected = self.projected
         if self.max_usd is not None and projected is not None and projected > self.max_usd:
-            raise UserError(f"stopped: projected teacher spend ${projected:.4f} would pass max_usd ${self.max_usd:.4f} "
+            raise BudgetExceeded(f"stopped: projected teacher spend ${projected:.4f} would pass max_usd ${self.max_usd:.4f} "
                             f"(spent ${self.spent:.4f}; answered requests are cached, a rerun resumes)")
