@@ -203,8 +203,7 @@ def test_a_tokenizer_aligned_with_itself_gives_back_its_top_k():
         top_ids.append(row)
         top_lps.append(row_lps)
     resp = {"text": text, "token_ids": ids, "finish_reason": "stop"}
-    aligner = crosstok.Aligner(tok)
-    aligner._teacher_tok = tok
+    aligner = crosstok.Aligner(tok, teacher_tok=tok)
     a = aligner.from_ids(resp, top_ids, top_lps, None, ids)
     assert all(a.mask)
     for j in range(len(ids)):

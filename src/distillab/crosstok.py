@@ -151,9 +151,9 @@ def align(teacher: TeacherTokens, starts: list[int | None], ends: list[int | Non
                 if nxt is None or teacher.starts[nxt] != end_of[chain[-1]]:
                     break
                 chain.append(nxt)
-            if end_of[chain[-1]] < ends[j] or any(teacher.picked[p] < 0 for p in chain[1:]) or (
-                    len(chain) > 1 and teacher.picked[i] < 0):
-                none()  # the path's probability is unknown
+            path_unknown = len(chain) > 1 and any(teacher.picked[p] < 0 for p in chain)
+            if end_of[chain[-1]] < ends[j] or path_unknown:  # text past the teacher's, or a path off its top-k
+                none()
                 continue
         i = chain[0]
         lps = teacher.logprobs[i]
@@ -326,11 +326,11 @@ class Aligner:
     """What generate needs to align many rows: the student's tokenizer, the teacher's (loaded when first needed),
     their caches, and the counts."""
 
-    def __init__(self, student_tok, teacher_model: str | None = None):
+    def __init__(self, student_tok, teacher_model: str | None = None, teacher_tok=None):
         self.student_tok, self.teacher_model = student_tok, teacher_model
         self.first = FirstToken(student_tok)
         self.stats = AlignStats()
-        self._teacher_tok, self._pieces = None, {}
+        self._teacher_tok, self._pieces = teacher_tok, {}
 
     def teacher_tok(self):
         if self._teacher_tok is None and self.teacher_model is not None:

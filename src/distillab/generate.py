@@ -696,13 +696,14 @@ def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | N
 
 
 def _ids_match(resp: dict, tokenizer) -> bool:
-    """Teacher token ids are usable only when they are the student's: in range, decoding to the text, and (when the
-    teacher stopped) ending with the student's end-of-sequence: a tokenizer that differs only in its special
-    tokens would otherwise teach the student to stop with another token."""
+    """Teacher token ids are usable only when they are the student's: in range, decoding to the text, and not stopping
+    on an invisible token other than the student's end-of-sequence (a tokenizer that differs only in its special
+    tokens would otherwise teach the student to stop with another token; a stop sequence ends on visible text)."""
     ids = resp["token_ids"]
     if any(not 0 <= i < len(tokenizer) for i in ids):
         return False
-    if resp.get("finish_reason") == "stop" and ids and ids[-1] != tokenizer.eos_token_id:
+    if (resp.get("finish_reason") == "stop" and ids and ids[-1] != tokenizer.eos_token_id
+            and not tokenizer.decode(ids[-1:], skip_special_tokens=True)):
         return False
     return tokenizer.decode(ids, skip_special_tokens=True) == resp["text"]
 
