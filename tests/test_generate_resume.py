@@ -8,7 +8,8 @@ import pytest
 from distillab.cache import request_key
 from distillab.dataset import read_dataset
 from distillab.teachers import make_teacher
-from tests.serve_fixture import generate_config, kill_and_resume, metric_sum, metrics, server_process
+from benchmarks.bench_kill_resume import kill_and_resume
+from tests.serve_fixture import generate_config, metric_sum, metrics, server_process
 
 
 @pytest.mark.slow
