@@ -1,4 +1,4 @@
-"""Data at scale, generate part: generate's peak RSS for N vs 10N prompts against a served model (goal: the
+"""Data at scale. Generate part: generate's peak RSS for N vs 10N prompts against a served model (goal: the
 ratio <= 1.5: memory follows the chunk and the requests in flight, not the prompt count), and the request
 cache's bytes per completion token against the dataset's.
 
@@ -10,6 +10,19 @@ Each size runs in a fresh child process (its own interpreter: peak RSS is ru_max
 in its own run directory, against one `distillab serve` process. Prints peak RSS per size, the ratio, wall
 time, and cache vs dataset bytes per completion token for each size. A smaller pair with the same 10x ratio
 (e.g. --small 2000 --large 20000) keeps the run short on a 2-core machine; say which pair was measured.
+
+Train part (`--part train`): training start at scale and the padding options.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_data_scale.py --part train [--sizes 1000,10000,100000]
+        [--skewed-rows 1024]
+
+1. For each size, a synthetic dataset (32-token prompts, 256-token completions, the teacher's top-20 over a 32k vocab,
+   encoded by the project's own codec and written by dataset.write_dataset as shards of 2,000 rows, as generate
+   writes them) and, in a fresh child process, distillab.train.run_train on a tiny 32k-vocab Llama until its first
+   optimizer step: the child's own peak RSS (ru_maxrss) and seconds to that step, first with the Arrow copy to make
+   (a first run) and again with it made (a rerun or resume). Goal: 100k rows <= 1.5x the 1k RSS, first step <= 30 s.
+2. Tokens/s of one epoch over a length-skewed set (80% of completions 8-48 tokens, 20% 200-256) with
+   train.group_by_length and train.packing off and on, each in a fresh child: real (non-pad) tokens / train seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import argparse
 import json
 import random
 import resource
+import shutil
 import string
 import subprocess
 import sys
@@ -71,14 +85,169 @@ def run_size(root: Path, n: int, base_url: str, args) -> dict:
             "dataset_b_per_token": data.stat().st_size / tokens, **summary}
 
 
+# ----------------------------------------------------------------------------------------------------
+# Train part (--part train)
+
+VOCAB, TOP_K, PROMPT_TOKENS, COMPLETION_TOKENS, SHARD_ROWS = 32_000, 20, 32, 256, 2_000
+
+TRAIN_CHILD = """
+import json, os, resource, sys, time, warnings
+warnings.simplefilter("ignore")
+began = time.monotonic()
+from distillab.config import from_dict
+from distillab.train import run_train
+
+def first_step(step, max_steps, loss):  # run_train's progress hook: called once step 1 is logged
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mib": rss, "seconds_to_first_step": time.monotonic() - began}), flush=True)
+    os._exit(0)
+
+summary = run_train(from_dict(json.loads(sys.argv[1])), log=lambda *a: None,
+                    progress=None if len(sys.argv) > 2 else first_step)
+print(json.dumps({"train_seconds": summary["train_seconds"], "steps": summary["steps"],
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def tiny_student(path: Path, vocab: int = VOCAB) -> Path:
+    """A 2-layer Llama (hidden 64) with a word-level tokenizer of `vocab` tokens: the vocab is what sizes the top-k."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, "t3")),
+                                  pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return path
+
+
+def synthetic_rows(n: int, rng, completion_lengths=None) -> list[dict]:
+    """Rows as generate writes them: token ids and the teacher's top-k through the codec (topk_codec.encode_topk,
+    with the tail mass), random but distribution-shaped (a softmax over k + 1 logits: the top-k and the rest)."""
+    import numpy as np
+
+    from distillab.topk_codec import encode_topk
+
+    rows = []
+    for i in range(n):
+        length = COMPLETION_TOKENS if completion_lengths is None else int(completion_lengths[i])
+        ids = np.cumsum(rng.integers(1, VOCAB // (TOP_K + 1), size=(length, TOP_K)), axis=1)  # (T, k) distinct
+        logits = rng.normal(0, 2, size=(length, TOP_K + 1))
+        logprobs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)  # (T, k + 1)
+        completion = rng.integers(4, VOCAB, size=length).tolist()
+        rows.append({"prompt": f"p{i}", "completion": "c", "source": "teacher", "teacher_id": "synthetic",
+                     "prompt_ids": [1] + rng.integers(4, VOCAB, size=PROMPT_TOKENS - 1).tolist(),
+                     "completion_ids": completion[:-1] + [2],
+                     "topk": encode_topk(ids, logprobs[:, :TOP_K], tail_logprob=logprobs[:, TOP_K])})
+    return rows
+
+
+def write_synthetic(run_dir: Path, n: int, seed: int = 0, completion_lengths=None) -> None:
+    """data/train/part-*.parquet: n rows in shards of SHARD_ROWS, through dataset.write_dataset."""
+    import numpy as np
+
+    from distillab.dataset import write_dataset
+
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, SHARD_ROWS):
+        count = min(SHARD_ROWS, n - start)
+        lengths = None if completion_lengths is None else completion_lengths[start : start + count]
+        write_dataset(run_dir / "data" / "train" / f"part-{start // SHARD_ROWS:05d}.parquet",
+                      synthetic_rows(count, rng, lengths))
+
+
+def train_child(cfg: dict, whole_run: bool = False) -> dict:
+    out = subprocess.run([sys.executable, "-c", TRAIN_CHILD, json.dumps(cfg)] + (["whole"] if whole_run else []),
+                         capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                              "PATH": "/usr/bin:/bin"})
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def train_config(root: Path, name: str, student: Path, **train) -> dict:
+    return {"name": name, "runs_dir": str(root / "runs"), "teacher": {"model": str(student)},
+            "train": {"student": str(student), "batch_size": 8, "max_steps": 100, "save_steps": 10**6, "chunk_size": 512,
+                      "warmup_ratio": 0.0, **train}}
+
+
+def train_start(root: Path, student: Path, sizes: list[int]) -> list[dict]:
+    results = []
+    for n in sizes:
+        cfg = train_config(root, f"start-{n}", student)
+        began = time.time()
+        write_synthetic(root / "runs" / f"start-{n}", n)
+        written = time.time() - began
+        data = root / "runs" / f"start-{n}" / "data"
+        parquet_mib = sum(f.stat().st_size for f in (data / "train").glob("*.parquet")) / 2**20
+        first = train_child(cfg)  # makes the Arrow copy
+        again = train_child(cfg)  # the copy is there: a rerun or a resume
+        arrow_mib = (data / ".arrow" / "train.arrow").stat().st_size / 2**20
+        results.append({"rows": n, "parquet_mib": parquet_mib, "arrow_mib": arrow_mib, "write_seconds": written,
+                        "first": first, "again": again})
+        print(f"{n:>7} rows ({parquet_mib:.0f} MiB Parquet, {arrow_mib:.0f} MiB Arrow copy): first run peak RSS "
+              f"{first['peak_rss_mib']:.0f} MiB, first step at {first['seconds_to_first_step']:.1f} s; again "
+              f"{again['peak_rss_mib']:.0f} MiB, {again['seconds_to_first_step']:.1f} s", flush=True)
+        shutil.rmtree(root / "runs" / f"start-{n}")
+    small, large = results[0], results[-1]
+    print(f"peak RSS {large['rows']} / {small['rows']} rows: {large['first']['peak_rss_mib'] / small['first']['peak_rss_mib']:.2f}x "
+          f"(goal <= 1.5); first step at {large['rows']} rows: {large['first']['seconds_to_first_step']:.1f} s (goal <= 30)")
+    return results
+
+
+def padding_options(root: Path, student: Path, n: int) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    long = rng.random(n) < 0.2
+    lengths = np.where(long, rng.integers(200, 257, n), rng.integers(8, 49, n))
+    write_synthetic(root / "runs" / "skewed", n, completion_lengths=lengths)
+    real_tokens = int((lengths + PROMPT_TOKENS).sum())
+    results = []
+    for group, pack in ((False, False), (True, False), (False, True), (True, True)):
+        cfg = train_config(root, "skewed", student, max_steps=-1, epochs=1.0, batch_size=16,
+                           group_by_length=group, packing=pack)
+        shutil.rmtree(root / "runs" / "skewed" / "checkpoints", ignore_errors=True)
+        shutil.rmtree(root / "runs" / "skewed" / "student", ignore_errors=True)
+        out = train_child(cfg, whole_run=True)
+        rate = real_tokens / out["train_seconds"]
+        results.append({"group_by_length": group, "packing": pack, "tokens_per_s": rate, **out})
+        print(f"group_by_length={group!s:5} packing={pack!s:5}: {out['steps']} steps, {out['train_seconds']:.1f} s, "
+              f"{rate:,.0f} real tokens/s, peak RSS {out['peak_rss_mib']:.0f} MiB", flush=True)
+    return results
+
+
+def main_train(args) -> None:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        root = Path(tmp)
+        student = tiny_student(root / "student")
+        if args.sizes:
+            train_start(root, student, [int(x) for x in args.sizes.split(",")])
+        if args.skewed_rows:
+            padding_options(root, student, args.skewed_rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("generate", "train"), default="generate")
+    parser.add_argument("--sizes", default="1000,10000,100000", help="train part: dataset rows, comma-separated")
+    parser.add_argument("--skewed-rows", type=int, default=1024, help="train part: rows of the length-skewed set (0: skip)")
+    parser.add_argument("--tmp", default=None, help="train part: where the datasets go (100k rows: ~4 GiB)")
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=100_000)
     parser.add_argument("--model", default="lab:base", help="the served model (any local model directory or lab:NAME)")
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
+    if args.part == "train":
+        return main_train(args)
 
     from distillab.serve import server_process
 

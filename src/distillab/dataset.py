@@ -81,19 +81,29 @@ def write_dataset(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def unified_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema for several dataset files (shards): a column all null in one shard (type null) takes its type
+    from the others, and a column some shards lack is kept."""
+    return pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """The batch with schema's columns in schema's order: each cast to its type, nulls where the batch has none."""
+    names = batch.schema.names
+    return pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) if f.name in names
+                                       else pa.nulls(batch.num_rows, f.type) for f in schema], schema=schema)
+
+
 def write_merged(path: Path, files: list[Path]) -> None:
-    """Several dataset files (shards) -> one, a file at a time (memory follows the largest shard), atomically.
-    Column types are unified (a column all null in one shard takes its type from the others)."""
-    schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
-    schema = schema.remove_metadata()
+    """Several dataset files (shards) -> one, a batch at a time (memory follows the batch), atomically, with
+    column types unified (unified_schema)."""
+    schema = unified_schema([pq.read_schema(f) for f in files])
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for f in files:
-                table = pq.read_table(f)
-                columns = [table.column(fld.name).cast(fld.type) if fld.name in table.column_names
-                           else pa.nulls(table.num_rows, fld.type) for fld in schema]
-                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=COPY_BATCH_ROWS):
+                    writer.write_batch(conform(batch, schema))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -140,17 +150,23 @@ def decode_row_topk(row: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Streaming: what training reads. A dataset is copied once into an uncompressed Arrow IPC file next to it
-# (data/.arrow/<name>.arrow) and memory-mapped from there: a batch reads its rows' pages and nothing else, so
-# memory follows the batch, not the dataset. Parquet itself cannot be read a row at a time (its pages are
-# compressed a column chunk at a time), hence the copy; `datasets` would make the same copy with more machinery.
+# Streaming: what training reads. A dataset is copied once, a record batch at a time, into an Arrow IPC file next to
+# it (data/.arrow/<name>.arrow): zstd-compressed record batches of RECORD_BATCH_ROWS rows, so the copy takes about
+# the Parquet files' bytes. A training batch reads (pread) and decompresses only the record batches that hold its
+# rows: memory follows the batch, not the dataset. Parquet itself cannot be read a row at a time (its pages hold a
+# column chunk of thousands of rows), hence the copy; `datasets` (from_parquet) would make an uncompressed copy,
+# twice the Parquet bytes, with its own fingerprint cache. Not memory-mapped: a compressed file cannot be used in
+# place, and a mapped file counts in the process's RSS page by page as batches touch it (here 2 MiB per fault:
+# the kernel maps whole page-cache folios), until an epoch has made all of it resident.
 
 ARROW_DIR = ".arrow"
-TRAIN_COLUMNS = ("prompt_ids", "completion_ids", "source")  # what training reads, besides the codec columns
-COPY_BATCH_ROWS = 1024  # rows per record batch while copying: the copy's memory
+ARROW_FORMAT = 1  # bump when the copy's layout changes: older copies are then made again
+RECORD_BATCH_ROWS = 8  # a row costs the read and decompression of this many (~0.4 MB at 256 tokens, top-20)
+COPY_BATCH_ROWS = 1024  # Parquet rows read at a time while copying: the copy's memory
 
 
 def _train_schema() -> pa.Schema:
+    """What training reads: the ids, the source (for the tokenizer check) and the codec columns."""
     from distillab.topk_codec import FIELDS
 
     return pa.schema([("prompt_ids", pa.list_(pa.int32())), ("completion_ids", pa.list_(pa.int32())),
@@ -158,8 +174,8 @@ def _train_schema() -> pa.Schema:
 
 
 class ArrowRows:
-    """One dataset (data/<name>.parquet, or its shards) as training reads it: memory-mapped, rows decoded a batch at
-    a time (fetch), lengths and the teacher's largest token id known without reading the rows into memory."""
+    """One dataset (data/<name>.parquet, or its shards) as training reads it: rows fetched and decoded a batch at a
+    time (fetch); lengths, row count and the teacher's largest token id from the copy's side files."""
 
     def __init__(self, path: Path):
         files = dataset_files(path)
@@ -167,19 +183,24 @@ class ArrowRows:
             raise UserError(f"no dataset at {path}: run `distillab generate` first")
         arrow = path.parent / ARROW_DIR / (path.stem + ".arrow")
         self.stats = arrow_copy(files, arrow)
-        self.table = pa.ipc.open_file(pa.memory_map(str(arrow))).read_all()  # zero-copy: nothing is read yet
-        # (N,) int64 each: the list offsets only, 8 bytes a row
-        self.prompt_lengths = _lengths(self.table["prompt_ids"])
-        self.completion_lengths = _lengths(self.table["completion_ids"])
+        with np.load(arrow.with_suffix(".npz")) as side:  # (N,) int32 each, and (record batches + 1,) row starts
+            self.prompt_lengths, self.completion_lengths = side["prompt"], side["completion"]
+            self.starts = side["starts"]
+        self.reader = pa.ipc.open_file(pa.OSFile(str(arrow)))  # reads nothing but the footer
         self.max_teacher_id, self.has_topk = self.stats["max_teacher_id"], self.stats["max_teacher_id"] >= 0
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return int(self.starts[-1])
 
     def fetch(self, indices) -> list[dict]:
         """Rows by index, top-k decoded (decode_row_topk): the only place rows become Python objects."""
-        batch = self.table.take(pa.array(indices, type=pa.int64()))
-        return [decode_row_topk(r) for r in batch.to_pylist()]
+        where = np.searchsorted(self.starts, indices, side="right") - 1  # each row's record batch
+        read: dict[int, pa.RecordBatch] = {}
+        rows = []
+        for b, i in zip(where.tolist(), indices):
+            batch = read.get(b) or read.setdefault(b, self.reader.get_batch(b))
+            rows.append(decode_row_topk(batch.slice(i - int(self.starts[b]), 1).to_pylist()[0]))
+        return rows
 
 
 class ListRows:
@@ -189,9 +210,9 @@ class ListRows:
         self.rows = rows
         self.prompt_lengths = np.array([len(r["prompt_ids"]) for r in rows], dtype=np.int64)
         self.completion_lengths = np.array([len(r["completion_ids"]) for r in rows], dtype=np.int64)
-        self.max_teacher_id = max((int(np.max(r["top_ids"])) for r in rows if r.get("top_ids") is not None
-                                   and len(r["top_ids"])), default=-1)
-        self.has_topk = any(r.get("top_ids") is not None and len(r["top_ids"]) for r in rows)
+        with_topk = [r["top_ids"] for r in rows if r.get("top_ids") is not None and len(r["top_ids"])]
+        self.max_teacher_id = max((int(torch.as_tensor(ids).max()) for ids in with_topk), default=-1)
+        self.has_topk = bool(with_topk)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -200,29 +221,30 @@ class ListRows:
         return [self.rows[i] for i in indices]
 
 
-def _lengths(column: pa.ChunkedArray) -> np.ndarray:
-    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 def arrow_copy(files: list[Path], arrow: Path) -> dict:
     """The Arrow copy of `files` at `arrow` (made unless one of the same files, by name, size and mtime, is there) and
-    its stats: {"files", "rows", "max_teacher_id"} (-1: no top-k). Written a record batch at a time to a temp file
-    and renamed, the stats (data/.arrow/<name>.json) last; under a lock, so processes of one run make it once."""
+    its stats: {"files", "rows", "max_teacher_id"} (-1: no top-k), in <name>.json; the rows' prompt and completion
+    lengths and the record batches' first rows in <name>.npz. Each written to a temp file and renamed, the stats last;
+    under a lock, so the processes of one run make it once."""
     import fcntl
 
-    key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    stats_path = arrow.with_suffix(".json")
+    from distillab.config import write_atomic
+
+    key = [ARROW_FORMAT] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    stats_path, side_path = arrow.with_suffix(".json"), arrow.with_suffix(".npz")
     arrow.parent.mkdir(parents=True, exist_ok=True)
     with open(arrow.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if stats_path.is_file() and arrow.is_file():
+        if stats_path.is_file() and arrow.is_file() and side_path.is_file():
             stats = json.loads(stats_path.read_text())
             if stats.get("files") == key:
                 return stats
-        schema, rows, max_id = _train_schema(), 0, -1
-        tmp = arrow.with_name(f".{arrow.name}.tmp")
+        schema, max_id = _train_schema(), -1
+        prompt, completion, batch_rows = [], [], []
+        tmp, side_tmp = arrow.with_name(f".{arrow.name}.tmp"), side_path.with_name(f".{side_path.stem}.tmp.npz")
         try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            options = pa.ipc.IpcWriteOptions(compression="zstd")
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema, options=options) as writer:
                 for file in files:
                     parquet = pq.ParquetFile(file)
                     names = parquet.schema_arrow.names
@@ -232,14 +254,22 @@ def arrow_copy(files: list[Path], arrow: Path) -> dict:
                         columns = [batch.column(f.name).cast(f.type) if f.name in present
                                    else pa.nulls(batch.num_rows, f.type) for f in schema]
                         batch = pa.RecordBatch.from_arrays(columns, schema=schema)
-                        writer.write_batch(batch)
-                        rows += batch.num_rows
+                        writer.write_table(pa.Table.from_batches([batch]), max_chunksize=RECORD_BATCH_ROWS)
+                        n = batch.num_rows
+                        batch_rows += [RECORD_BATCH_ROWS] * (n // RECORD_BATCH_ROWS) + ([n % RECORD_BATCH_ROWS] if n % RECORD_BATCH_ROWS else [])
+                        prompt.append(pc.list_value_length(batch.column("prompt_ids")).to_numpy(zero_copy_only=False))
+                        completion.append(pc.list_value_length(batch.column("completion_ids")).to_numpy(zero_copy_only=False))
                         max_id = max(max_id, _max_teacher_id(batch))
+            lengths = {name: np.concatenate([np.zeros(0, np.int32)] + parts).astype(np.int32)
+                       for name, parts in (("prompt", prompt), ("completion", completion))}
+            np.savez(side_tmp, starts=np.cumsum([0] + batch_rows), **lengths)
             tmp.replace(arrow)
+            side_tmp.replace(side_path)
         finally:
             tmp.unlink(missing_ok=True)
-        stats = {"files": key, "rows": rows, "max_teacher_id": max_id}
-        stats_path.write_text(json.dumps(stats))
+            side_tmp.unlink(missing_ok=True)
+        stats = {"files": key, "rows": int(sum(batch_rows)), "max_teacher_id": max_id}
+        write_atomic(stats_path, json.dumps(stats))
         return stats
 
 
@@ -262,13 +292,14 @@ def _max_teacher_id(batch: pa.RecordBatch) -> int:
     has = positions > 0
     ks = n_below[has] // positions[has]
     planes = [_binary_values(batch.column(TOPK_PREFIX + p))[0] for p in ("id_b0", "id_b1", "id_b2")]
-    deltas = planes[0].astype(np.int64) | (planes[1].astype(np.int64) << 8) | (planes[2].astype(np.int64) << 16)
+    # deltas are < 2**24: int32 holds them; their sums are taken in int64
+    deltas = planes[0].astype(np.int32) | (planes[1].astype(np.int32) << 8) | (planes[2].astype(np.int32) << 16)
     if (ks == ks[0]).all():  # one k in the batch (always, from one teacher): one reshape
         k = int(ks[0])
-        return int(deltas.reshape(-1, k).sum(axis=1).max()) + k - 1
+        return int(deltas.reshape(-1, k).sum(axis=1, dtype=np.int64).max()) + k - 1
     best, start = -1, 0
     for n, k in zip(positions[has], ks):  # rows with different k: row by row
-        best = max(best, int(deltas[start : start + n * k].reshape(n, k).sum(axis=1).max()) + int(k) - 1)
+        best = max(best, int(deltas[start : start + n * k].reshape(n, k).sum(axis=1, dtype=np.int64).max()) + int(k) - 1)
         start += n * k
     return best
 
