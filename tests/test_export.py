@@ -95,6 +95,37 @@ def test_plain_streams_in_batches_and_keeps_the_replay_set_apart(tmp_path):
     assert sorted(p.name for p in train.parent.iterdir()) == ["replay.parquet", "train.parquet"]  # no temp left
 
 
+def test_a_sharded_dataset_exports_as_one_file_a_shard_at_a_time(tmp_path, monkeypatch):
+    """data/train/part-*.parquet as `generate --shard I/N` leaves it (no merged file): one export file, rows in
+    shard order, column types unified across shards (one shard without any top-k, one without the skill column)."""
+    from distillab import export
+
+    monkeypatch.setattr(export, "BATCH_ROWS", 5)  # batches never cross a shard: 12 rows = 5 + 5 + 2
+    run = tmp_path / "runs" / "r"
+    rows = _rows(30)
+    shards = run / "data" / "train"
+    write_dataset(shards / "part-00000-of-00002-000000-aaaa.parquet", rows[:12])
+    write_dataset(shards / "part-00000-of-00002-000001-bbbb.parquet",
+                  [{k: v for k, v in r.items() if not k.startswith("top_")} for r in rows[12:20]])
+    write_dataset(shards / "part-00001-of-00002-000000-cccc.parquet",
+                  [{k: v for k, v in r.items() if k != "skill"} for r in rows[20:]])
+    assert not (run / "data" / "train.parquet").exists()
+
+    (plain,) = export_run(run, "plain", tmp_path / "plain")
+    assert plain.name == "train.parquet"
+    expected = read_dataset(run / "data" / "train.parquet")  # the shard set
+    got = pq.read_table(plain).to_pylist()
+    assert len(got) == len(expected) == 30
+    for g, w in zip(got, expected):
+        assert g == {name: w.get(name) for name in g}  # a shard's missing column is null in the export
+    assert [g["skill"] for g in got] == ["reverse"] * 20 + [None] * 10
+    assert sum(g["top_ids"] is not None for g in got[12:20]) == 0 and got[0]["top_ids"] is not None
+
+    (jsonl,) = export_run(run, "openai-chat", tmp_path / "chat")
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [m["messages"][-1]["content"] for m in lines] == [r["completion"] for r in rows]
+
+
 def test_openai_chat_jsonl_matches_the_rows(tmp_path):
     run = tmp_path / "run"
     rows = _rows(5, system=lambda i: "You are terse." if i % 2 == 0 else None)

@@ -1,7 +1,8 @@
 """`distillab export`: a run's dataset in formats other tools read, without distillab.
 
 Formats (each dataset of the run, data/train.parquet and data/replay.parquet when present, becomes one file
-of the same name in the output directory):
+of the same name in the output directory; a dataset still in shards, data/<name>/part-*.parquet as
+`generate --shard I/N` leaves it, becomes one file too):
 
   plain        <name>.parquet: every column of the dataset (text, token ids, provenance, ...) with the
                teacher's top-k as plain list columns instead of topk_codec bytes:
@@ -16,7 +17,7 @@ of the same name in the output directory):
                non-empty `system` and the user turn `prompt`; the assistant turn is `completion`.
 
 Files are written to a temp name and renamed: an export either exists whole or not at all. Rows are read in
-batches, so memory follows the batch, not the dataset (decoded top-k is ~30x its stored size).
+batches, a shard at a time, so memory follows the batch, not the dataset (decoded top-k is ~30x its stored size).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distillab.dataset import TOPK_PREFIX
+from distillab.dataset import TOPK_PREFIX, conform, dataset_files, decode_row_topk, unified_schema
 from distillab.errors import UserError
 
 FORMATS = ("plain", "openai-chat")
-DATASETS = ("train", "replay")  # data/<name>.parquet, the files a run writes (replay: retain only)
+DATASETS = ("train", "replay")  # data/<name>.parquet or its shards, the datasets a run writes (replay: retain only)
 BATCH_ROWS = 1024
 TOPK_SCHEMA = [pa.field("top_ids", pa.list_(pa.list_(pa.int32()))),
                pa.field("top_logprobs", pa.list_(pa.list_(pa.float32()))),
@@ -59,43 +60,37 @@ def export_run(run_or_config: Path, fmt: str, out: Path | None = None) -> list[P
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     run_dir = resolve_run_dir(Path(run_or_config))
-    sources = [run_dir / "data" / f"{name}.parquet" for name in DATASETS]
-    sources = [p for p in sources if p.is_file()]
-    if not sources or sources[0].name != "train.parquet":
+    sources = {name: dataset_files(run_dir / "data" / f"{name}.parquet") for name in DATASETS}
+    if not sources["train"]:
         raise UserError(f"no dataset at {run_dir / 'data' / 'train.parquet'}: run `distillab generate` first")
     out = Path(out) if out is not None else run_dir / "export" / fmt
     _check_writable(out)
     write = export_plain if fmt == "plain" else export_openai_chat
     suffix = ".parquet" if fmt == "plain" else ".jsonl"
-    return [write(src, out / (src.stem + suffix)) for src in sources]
+    return [write(files, out / (name + suffix)) for name, files in sources.items() if files]
 
 
-def export_plain(src: Path, dest: Path) -> Path:
-    """One dataset -> Parquet with the top-k codec columns replaced by plain list columns (module docstring)."""
-    from distillab.topk_codec import FIELDS, decode_topk
+def export_plain(files: list[Path], dest: Path) -> Path:
+    """One dataset (its file, or its shards) -> Parquet with the top-k codec columns replaced by plain list columns
+    (module docstring)."""
+    from distillab.topk_codec import FIELDS
 
-    reader = _open(src)
+    schema_in = unified_schema([_open(f).schema_arrow for f in files])
     codec = [TOPK_PREFIX + f for f in FIELDS]
-    kept = [f for f in reader.schema_arrow if f.name not in codec]
-    has_topk = all(name in reader.schema_arrow.names for name in codec)
+    kept = [f for f in schema_in if f.name not in codec]
+    has_topk = all(name in schema_in.names for name in codec)
     schema = pa.schema(kept + TOPK_SCHEMA)
     tmp = dest.with_name(f".{dest.name}.tmp")
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for batch in reader.iter_batches(batch_size=BATCH_ROWS):
+            for batch in _batches(files, schema_in):
                 columns = {f.name: batch.column(f.name) for f in kept}
-                top_ids, top_logprobs, top_tail = [], [], []
+                # read_dataset's decoding (tests hold the two equal), a batch at a time
                 stored = batch.select(codec).to_pylist() if has_topk else [{}] * batch.num_rows
-                for row in stored:
-                    # The same decoding as dataset.read_dataset (tests hold the two equal); done here a batch
-                    # at a time because read_dataset decodes the whole file into Python lists.
-                    if row.get(TOPK_PREFIX + "top") is None:
-                        top_ids.append(None), top_logprobs.append(None), top_tail.append(None)
-                        continue
-                    ids, logprobs, tail = decode_topk({f: row[TOPK_PREFIX + f] for f in FIELDS})
-                    top_ids.append(ids.tolist()), top_logprobs.append(logprobs.tolist()), top_tail.append(tail.tolist())
-                for field, values in zip(TOPK_SCHEMA, (top_ids, top_logprobs, top_tail)):
-                    columns[field.name] = pa.array(values, type=field.type)
+                decoded = [decode_row_topk(row) for row in stored]
+                for field in TOPK_SCHEMA:
+                    columns[field.name] = pa.array([None if row[field.name] is None else row[field.name].tolist()
+                                                    for row in decoded], type=field.type)
                 writer.write_table(pa.table(columns, schema=schema))
         os.replace(tmp, dest)
     finally:
@@ -103,24 +98,35 @@ def export_plain(src: Path, dest: Path) -> Path:
     return dest
 
 
-def export_openai_chat(src: Path, dest: Path) -> Path:
-    """One dataset -> OpenAI fine-tuning JSONL, a conversation a row (module docstring)."""
-    reader = _open(src)
-    names = reader.schema_arrow.names
-    if "completion" not in names or not {"prompt", "messages"} & set(names):
-        raise UserError(f"{src}: needs a completion column and a prompt or messages column: not a distillab dataset")
-    columns = [c for c in ("system", "messages", "prompt", "completion") if c in names]
+def export_openai_chat(files: list[Path], dest: Path) -> Path:
+    """One dataset (its file, or its shards) -> OpenAI fine-tuning JSONL, a conversation a row (module docstring)."""
+    schema_in = unified_schema([_open(f).schema_arrow for f in files])
+    if "completion" not in schema_in.names or not {"prompt", "messages"} & set(schema_in.names):
+        raise UserError(f"{files[0]}: needs a completion column and a prompt or messages column: "
+                        "not a distillab dataset")
+    columns = pa.schema([f for f in schema_in if f.name in ("system", "messages", "prompt", "completion")])
     tmp = dest.with_name(f".{dest.name}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            for file, batch in _batches(files, columns, with_file=True):
                 for row in batch.to_pylist():
-                    messages = chat_messages(row, f"{src} row")
+                    messages = chat_messages(row, f"{file} row")
                     f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def _batches(files: list[Path], schema: pa.Schema, with_file: bool = False):
+    """Record batches of BATCH_ROWS rows over every file in order, a file open at a time, conformed to schema
+    (the files' unified schema, or the columns of it wanted)."""
+    for file in files:
+        reader = _open(file)
+        wanted = [name for name in schema.names if name in reader.schema_arrow.names]
+        for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+            batch = conform(batch, schema)
+            yield (file, batch) if with_file else batch
 
 
 def chat_messages(row: dict, where: str = "row") -> list[dict]:
