@@ -311,3 +311,16 @@ def test_same_ids_but_another_end_token_is_not_taken_as_the_students():
     resp = {"text": "abc", "token_ids": teacher("abc", add_special_tokens=False)["input_ids"] + [teacher.eos_token_id],
             "finish_reason": "stop"}
     assert _ids_match(resp, teacher) and not _ids_match(resp, student)
+
+
+def test_the_report_shows_how_much_teacher_mass_the_alignment_kept(tmp_path):
+    from distillab.config import from_dict
+    from distillab.report import build_report
+    from tests.test_report import fake_evals, fake_ledger
+
+    cfg = from_dict({"name": "x", "runs_dir": str(tmp_path)})
+    (cfg.run_dir / "data").mkdir(parents=True)
+    stats = {"rows": 3, "positions": 40, "aligned_share": 0.75, "mass_kept": 0.9}
+    (cfg.run_dir / "data" / "generate_summary.json").write_text(json.dumps({"rows": 3, "cross_tokenizer": stats}))
+    page = build_report(cfg, fake_evals(), fake_ledger()).read_text()
+    assert "cross_tokenizer" in page and "aligned_share" in page and "0.75" in page

@@ -34,6 +34,10 @@ def build_report(cfg: RunConfig, evals: dict[str, EvalResult], ledger: Ledger, s
     selection = (summary or {}).get("retain_selection")
     if selection is None and (cfg.run_dir / "retain.json").is_file():
         selection = json.loads((cfg.run_dir / "retain.json").read_text())
+    generated = cfg.run_dir / "data" / "generate_summary.json"
+    aligned = json.loads(generated.read_text()).get("cross_tokenizer") if generated.is_file() else None
+    if aligned:  # a teacher with another tokenizer: how much of its top-k reached the student's tokens (crosstok)
+        summary = {**(summary or {}), "cross_tokenizer": aligned}
     page = render_page(cfg.name, evals, ledger, lineage, summary, task_skills(cfg, evals), selection)
     out = cfg.run_dir / "report.html"
     write_atomic(out, page)
