@@ -160,17 +160,17 @@ def decode_row_topk(row: dict) -> dict:
 # the kernel maps whole page-cache folios), until an epoch has made all of it resident.
 
 ARROW_DIR = ".arrow"
-ARROW_FORMAT = 1  # bump when the copy's layout changes: older copies are then made again
-RECORD_BATCH_ROWS = 8  # a row costs the read and decompression of this many (~0.4 MB at 256 tokens, top-20)
+ARROW_FORMAT = 2  # bump when the copy's layout changes: older copies are then made again
+RECORD_BATCH_ROWS = 8  # a row costs reading and decompressing this many (~0.2 MB at 256 tokens, top-20)
 COPY_BATCH_ROWS = 1024  # Parquet rows read at a time while copying: the copy's memory
 
 
 def _train_schema() -> pa.Schema:
-    """What training reads: the ids, the source (for the tokenizer check) and the codec columns."""
+    """What training reads: the token ids and the codec columns."""
     from distillab.topk_codec import FIELDS
 
-    return pa.schema([("prompt_ids", pa.list_(pa.int32())), ("completion_ids", pa.list_(pa.int32())),
-                      ("source", pa.string())] + [(TOPK_PREFIX + f, pa.binary()) for f in FIELDS])
+    return pa.schema([("prompt_ids", pa.list_(pa.int32())), ("completion_ids", pa.list_(pa.int32()))]
+                     + [(TOPK_PREFIX + f, pa.binary()) for f in FIELDS])
 
 
 class ArrowRows:
@@ -251,9 +251,7 @@ def arrow_copy(files: list[Path], arrow: Path) -> dict:
                     _check_columns(file, names, parquet.metadata.num_rows)
                     present = [f.name for f in schema if f.name in names]
                     for batch in parquet.iter_batches(batch_size=COPY_BATCH_ROWS, columns=present):
-                        columns = [batch.column(f.name).cast(f.type) if f.name in present
-                                   else pa.nulls(batch.num_rows, f.type) for f in schema]
-                        batch = pa.RecordBatch.from_arrays(columns, schema=schema)
+                        batch = conform(batch, schema)
                         writer.write_table(pa.Table.from_batches([batch]), max_chunksize=RECORD_BATCH_ROWS)
                         n = batch.num_rows
                         batch_rows += [RECORD_BATCH_ROWS] * (n // RECORD_BATCH_ROWS) + ([n % RECORD_BATCH_ROWS] if n % RECORD_BATCH_ROWS else [])

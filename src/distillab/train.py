@@ -430,7 +430,7 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     student_dir = run_dir / "student"
     if is_fresh(run_dir, "train", stamp) and (student_dir / "config.json").is_file():
         return json.loads((student_dir / "train_summary.json").read_text()) | {"skipped": True}
-    rows = ArrowRows(data_path)  # memory-mapped: rows are read a batch at a time
+    rows = ArrowRows(data_path)  # streamed: a batch reads its own rows, nothing holds them all
     if not len(rows):
         raise UserError(f"dataset {data_path} has no rows")
     replay = ArrowRows(replay_path) if with_replay else None
