@@ -4,8 +4,12 @@ several samples a prompt, caches written before the codec."""
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,10 +17,12 @@ import pytest
 from distillab import cache as cache_module
 from distillab import generate
 from distillab.cache import RequestCache, request_key
+from distillab.config import to_toml
 from distillab.dataset import dataset_files, read_dataset
 from distillab.errors import UserError
 from distillab.generate import parse_shard, run_generate
-from tests.serve_fixture import generate_config, server_thread
+from distillab.serve import server_popen
+from tests.serve_fixture import child_env, generate_config, metric_sum, metrics, server_thread
 
 quiet = {"log": lambda *a: None}
 
@@ -104,6 +110,57 @@ def test_killing_one_endpoint_mid_run_loses_nothing(tmp_path, tiny_teacher, smal
     lost, kept = summary.endpoints[doomed.base_url], summary.endpoints[survivor.base_url]
     assert lost["answered"] < 24 < kept["answered"]  # the survivor took the rest
     assert lost["answered"] + kept["answered"] == 48
+
+
+@pytest.mark.slow
+def test_two_shard_processes_over_two_serve_processes_one_killed_mid_run(tmp_path, tiny_teacher):
+    """The acceptance check as a user runs it: two `distillab serve` processes, two `distillab generate --shard I/2`
+    processes listing both; one server is SIGKILLed mid-run. Both shards finish over the other server, and their
+    rows are exactly the rows one process makes (same keys, no duplicates, none missing)."""
+    with server_popen(tiny_teacher, "--max-batch", "4") as (doomed_url, doomed), \
+            server_popen(tiny_teacher, "--max-batch", "4") as (survivor_url, _):
+        teacher = {"model": "teacher", "base_url": [doomed_url, survivor_url], "concurrency": 2, "max_new_tokens": 6,
+                   "top_k_logprobs": 3, "max_retries": 2}
+        shared = generate_config(tmp_path / "shared", teacher, student=tiny_teacher, n_prompts=150)
+        config = tmp_path / "shared.toml"
+        config.write_text(to_toml(shared))
+        procs = [subprocess.Popen([sys.executable, "-m", "distillab", "generate", str(config), "--shard", f"{i}/2"],
+                                  env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+
+        def answered(url):  # prompts the server's model answered
+            return metric_sum(metrics(url), "distillab_answers_total")
+
+        try:
+            deadline = time.time() + 120
+            while answered(doomed_url) + answered(survivor_url) < 20:
+                assert time.time() < deadline and all(p.poll() is None for p in procs), "the shards never got going"
+                time.sleep(0.02)
+            doomed.send_signal(signal.SIGKILL)
+            survivor_at_kill = answered(survivor_url)
+            errors = [p.communicate(timeout=300)[1] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        assert [p.returncode for p in procs] == [0, 0], errors
+        # one process, afterwards, on the survivor alone (a list of one: keyed without the URL, like the shards)
+        one = generate_config(tmp_path / "one", teacher | {"base_url": [survivor_url]}, student=tiny_teacher,
+                              n_prompts=150)
+        assert run_generate(one, **quiet).rows == 150
+
+    assert not (shared.run_dir / "data" / "train.parquet").exists()  # the shard set is the dataset
+    a, b = _rows(one), _rows(shared)
+    keys_b = [r["request_hash"] for r in b]
+    assert len(keys_b) == len(set(keys_b)) == 150 and sorted(keys_b) == sorted(r["request_hash"] for r in a)
+    by_key = {r["request_hash"]: r for r in a}
+    assert all(r["completion_ids"] == by_key[r["request_hash"]]["completion_ids"] for r in b)
+    summary = json.loads((shared.run_dir / "data" / "generate_summary.json").read_text())
+    assert summary["rows"] == 150 and summary["failed"] == 0 and summary["of"] == 2
+    lost, kept = summary["endpoints"][doomed_url], summary["endpoints"][survivor_url]
+    assert lost["answered"] + kept["answered"] == 150
+    assert survivor_at_kill < kept["answered"]  # killed mid-run: the survivor answered the rest after the kill
+    assert lost["answered"] < 75
 
 
 def test_cache_bytes_per_completion_token_against_the_dataset(tmp_path, tiny_teacher, two_servers, monkeypatch):

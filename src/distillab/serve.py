@@ -918,6 +918,13 @@ def server_process(model_dir, *args: str, timeout_s: float = 90.0, cpus: set[int
     """`python -m distillab serve MODEL_DIR --port P ARGS...` in a subprocess (env: `subprocess_env()`), until
     its /health answers; yields its base URL (http://127.0.0.1:P/v1) and terminates it on exit.
     cpus: pin the server to these CPUs (benchmarks keep it off the client's)."""
+    with server_popen(model_dir, *args, timeout_s=timeout_s, cpus=cpus) as (url, _):
+        yield url
+
+
+@contextmanager
+def server_popen(model_dir, *args: str, timeout_s: float = 90.0, cpus: set[int] | None = None):
+    """server_process, yielding (base URL, the server's Popen): for a caller that kills it mid-run."""
     port = free_port()
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     # stderr to a file, not a pipe nobody reads while it runs: a chatty server would block on a full pipe
@@ -927,7 +934,7 @@ def server_process(model_dir, *args: str, timeout_s: float = 90.0, cpus: set[int
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_healthy(url, proc, stderr, timeout_s)
-            yield url + "/v1"
+            yield url + "/v1", proc
         finally:
             proc.terminate()
             try:
