@@ -279,10 +279,14 @@ class RequestCache:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        try:  # the shrunk rows left their pages part-empty (~15% of a small cache); VACUUM is cheap while it is small
+        # The shrunk rows left their pages part-empty (~15% of a small cache); VACUUM is cheap while it is small.
+        self.db.execute("PRAGMA busy_timeout = 100")  # not the 30 s a commit waits: it is worth no stall
+        try:
             self.db.execute("VACUUM")
         except sqlite3.OperationalError:  # another connection holds the database: left as it is
             pass
+        finally:
+            self.db.execute("PRAGMA busy_timeout = 30000")
 
     @staticmethod
     def _check_existing(path: Path) -> None:
