@@ -11,6 +11,13 @@ in its own run directory, against one `distillab serve` process. Prints peak RSS
 time, and cache vs dataset bytes per completion token for each size. A smaller pair with the same 10x ratio
 (e.g. --small 2000 --large 20000) keeps the run short on a 2-core machine; say which pair was measured.
 
+Cache part (`--part cache`): the request cache against the dataset, bytes per completion token, by answer length:
+`--cache-prompts` prompts (default 1,000) to `--cache-model` (default lab:teacher) three times, each in a fresh run
+directory and child process: the generate part's reverse/upper prompts at 4 tokens, and `describe NAME` prompts (free
+text, a sentence) cut at 16 tokens and at 64 (~35: the whole sentence). Goal: the cache <= 1.2x the dataset.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_data_scale.py --part cache [--cache-prompts 1000]
+
 Train part (`--part train`): training start at scale and the padding options.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_data_scale.py --part train [--sizes 1000,10000,100000]
@@ -52,17 +59,24 @@ print(json.dumps({"rows": s.rows, "sent": s.requests_sent, "completion_tokens": 
 """
 
 
-def write_prompts(path: Path, n: int, seed: int = 0) -> None:
+def write_prompts(path: Path, n: int, seed: int = 0, verbs=("reverse", "upper")) -> None:
+    """n distinct prompts "VERB WORD I"; other verbs than the default: the lab's own format, "VERB WORD\\n" (the
+    lab models answer it in full), the words made distinct instead."""
     rng = random.Random(seed)
+    lab_format, seen = verbs != ("reverse", "upper"), set()
     with open(path, "w") as f:
         for i in range(n):
             word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
-            f.write(json.dumps({"prompt": f"{rng.choice(['reverse', 'upper'])} {word} {i}"}) + "\n")
+            while lab_format and word in seen:
+                word = "".join(rng.choice(string.ascii_lowercase) for _ in range(7))
+            seen.add(word)
+            prompt = f"{rng.choice(verbs)} {word}\n" if lab_format else f"{rng.choice(verbs)} {word} {i}"
+            f.write(json.dumps({"prompt": prompt}) + "\n")
 
 
 def run_size(root: Path, n: int, base_url: str, args) -> dict:
     prompts = root / f"prompts-{n}.jsonl"
-    write_prompts(prompts, n)
+    write_prompts(prompts, n, verbs=getattr(args, "verbs", ("reverse", "upper")))
     cfg = {"name": f"scale-{n}", "runs_dir": str(root / "runs"),
            "teacher": {"model": args.model, "base_url": base_url, "max_new_tokens": args.max_new_tokens,
                        "top_k_logprobs": 20, "concurrency": args.concurrency,
@@ -224,6 +238,23 @@ def padding_options(root: Path, student: Path, n: int) -> list[dict]:
     return results
 
 
+def main_cache(args) -> None:
+    """Cache part: the request cache's bytes per completion token against the dataset's, by answer length."""
+    from distillab.serve import server_process
+
+    cases = [(("reverse", "upper"), 4), (("describe", "tell me about"), 16), (("describe", "tell me about"), 64)]
+    with server_process(args.cache_model, "--max-batch", "64") as base_url:
+        for verbs, max_new in cases:
+            with tempfile.TemporaryDirectory() as tmp:
+                case = argparse.Namespace(**{**vars(args), "model": args.cache_model, "max_new_tokens": max_new,
+                                             "verbs": verbs})
+                r = run_size(Path(tmp), args.cache_prompts, base_url, case)
+            print(f"{' / '.join(verbs)}, max {max_new} tokens: {r['rows']} rows, "
+                  f"{r['completion_tokens'] / r['rows']:.1f} tokens an answer: cache {r['cache_b_per_token']:.1f} "
+                  f"B/token vs dataset {r['dataset_b_per_token']:.1f} B/token "
+                  f"({r['cache_b_per_token'] / r['dataset_b_per_token']:.2f}x, goal <= 1.2)", flush=True)
+
+
 def main_train(args) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         root = Path(tmp)
@@ -236,7 +267,7 @@ def main_train(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("generate", "train"), default="generate")
+    parser.add_argument("--part", choices=("generate", "train", "cache"), default="generate")
     parser.add_argument("--sizes", default="1000,10000,100000", help="train part: dataset rows, comma-separated")
     parser.add_argument("--skewed-rows", type=int, default=1024, help="train part: rows of the length-skewed set (0: skip)")
     parser.add_argument("--tmp", default=None, help="train part: where the datasets go (100k rows: ~4 GiB)")
@@ -245,9 +276,13 @@ def main() -> None:
     parser.add_argument("--model", default="lab:base", help="the served model (any local model directory or lab:NAME)")
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--cache-model", default="lab:teacher", help="cache part: the served model")
+    parser.add_argument("--cache-prompts", type=int, default=1000, help="cache part: prompts per answer length")
     args = parser.parse_args()
     if args.part == "train":
         return main_train(args)
+    if args.part == "cache":
+        return main_cache(args)
 
     from distillab.serve import server_process
 
