@@ -26,10 +26,13 @@ Train part (`--part train`): training start at scale and the padding options.
 1. For each size, a synthetic dataset (32-token prompts, 256-token completions, the teacher's top-20 over a 32k vocab,
    encoded by the project's own codec and written by dataset.write_dataset as shards of 2,000 rows, as generate
    writes them) and, in a fresh child process, distillab.train.run_train on a tiny 32k-vocab Llama until its first
-   optimizer step: the child's own peak RSS (ru_maxrss) and seconds to that step, first with the Arrow copy to make
-   (a first run) and again with it made (a rerun or resume). Goal: 100k rows <= 1.5x the 1k RSS, first step <= 30 s.
-2. Tokens/s of one epoch over a length-skewed set (80% of completions 8-48 tokens, 20% 200-256) with
-   train.group_by_length and train.packing off and on, each in a fresh child: real (non-pad) tokens / train seconds.
+   optimizer step: the child's own peak RSS (ru_maxrss) and seconds to that step (and its peak RSS at step 20), first
+   with the Arrow copy to make (a first run) and again with it made (a rerun or resume). Batches of 8, chunked KD
+   (chunk 512), so the batch's B x T x V logits do not hide the data. Goal: 100k rows <= 1.5x the 1k RSS, first
+   step <= 30 s.
+2. Tokens/s of one epoch over a length-skewed set (80% of completions 8-48 tokens, 20% 200-256; batches of 16,
+   dense logits unless --skewed-chunk-size) with train.group_by_length and train.packing off and on, each in a fresh child:
+   real (non-pad) tokens / train seconds.
 """
 
 from __future__ import annotations
@@ -111,10 +114,15 @@ began = time.monotonic()
 from distillab.config import from_dict
 from distillab.train import run_train
 
-def first_step(step, max_steps, loss):  # run_train's progress hook: called once step 1 is logged
+seen = {}
+
+def first_step(step, max_steps, loss):  # run_train's progress hook, after each logged step
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mib": rss, "seconds_to_first_step": time.monotonic() - began}), flush=True)
-    os._exit(0)
+    if step == 1:
+        seen.update(peak_rss_mib=rss, seconds_to_first_step=time.monotonic() - began)
+    if step == 20:  # 160 rows later: does memory follow the batches read?
+        print(json.dumps({**seen, "peak_rss_mib_step_20": rss}), flush=True)
+        os._exit(0)
 
 summary = run_train(from_dict(json.loads(sys.argv[1])), log=lambda *a: None,
                     progress=None if len(sys.argv) > 2 else first_step)
@@ -207,8 +215,9 @@ def train_start(root: Path, student: Path, sizes: list[int]) -> list[dict]:
         results.append({"rows": n, "parquet_mib": parquet_mib, "arrow_mib": arrow_mib, "write_seconds": written,
                         "first": first, "again": again})
         print(f"{n:>7} rows ({parquet_mib:.0f} MiB Parquet, {arrow_mib:.0f} MiB Arrow copy): first run peak RSS "
-              f"{first['peak_rss_mib']:.0f} MiB, first step at {first['seconds_to_first_step']:.1f} s; again "
-              f"{again['peak_rss_mib']:.0f} MiB, {again['seconds_to_first_step']:.1f} s", flush=True)
+              f"{first['peak_rss_mib']:.0f} MiB ({first['peak_rss_mib_step_20']:.0f} at step 20), first step at "
+              f"{first['seconds_to_first_step']:.1f} s; again {again['peak_rss_mib']:.0f} MiB, "
+              f"{again['seconds_to_first_step']:.1f} s", flush=True)
         shutil.rmtree(root / "runs" / f"start-{n}")
     small, large = results[0], results[-1]
     print(f"peak RSS {large['rows']} / {small['rows']} rows: {large['first']['peak_rss_mib'] / small['first']['peak_rss_mib']:.2f}x "
@@ -216,7 +225,7 @@ def train_start(root: Path, student: Path, sizes: list[int]) -> list[dict]:
     return results
 
 
-def padding_options(root: Path, student: Path, n: int) -> list[dict]:
+def padding_options(root: Path, student: Path, n: int, chunk_size: int = 0) -> list[dict]:
     import numpy as np
 
     rng = np.random.default_rng(1)
@@ -226,7 +235,7 @@ def padding_options(root: Path, student: Path, n: int) -> list[dict]:
     real_tokens = int((lengths + PROMPT_TOKENS).sum())
     results = []
     for group, pack in ((False, False), (True, False), (False, True), (True, True)):
-        cfg = train_config(root, "skewed", student, max_steps=-1, epochs=1.0, batch_size=16,
+        cfg = train_config(root, "skewed", student, max_steps=-1, epochs=1.0, batch_size=16, chunk_size=chunk_size,
                            group_by_length=group, packing=pack)
         shutil.rmtree(root / "runs" / "skewed" / "checkpoints", ignore_errors=True)
         shutil.rmtree(root / "runs" / "skewed" / "student", ignore_errors=True)
@@ -262,14 +271,17 @@ def main_train(args) -> None:
         if args.sizes:
             train_start(root, student, [int(x) for x in args.sizes.split(",")])
         if args.skewed_rows:
-            padding_options(root, student, args.skewed_rows)
+            padding_options(root, student, args.skewed_rows, args.skewed_chunk_size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("generate", "train", "cache"), default="generate")
     parser.add_argument("--sizes", default="1000,10000,100000", help="train part: dataset rows, comma-separated")
-    parser.add_argument("--skewed-rows", type=int, default=1024, help="train part: rows of the length-skewed set (0: skip)")
+    parser.add_argument("--skewed-rows", type=int, default=512, help="train part: rows of the length-skewed set (0: skip)")
+    parser.add_argument("--skewed-chunk-size", type=int, default=0,
+                        help="train part: train.chunk_size of the skewed set (0, the default: logits at every position, "
+                             "padding included; > 0: logits only where a completion token is predicted)")
     parser.add_argument("--tmp", default=None, help="train part: where the datasets go (100k rows: ~4 GiB)")
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=100_000)

@@ -290,15 +290,17 @@ def _max_teacher_id(batch: pa.RecordBatch) -> int:
     has = positions > 0
     ks = n_below[has] // positions[has]
     planes = [_binary_values(batch.column(TOPK_PREFIX + p))[0] for p in ("id_b0", "id_b1", "id_b2")]
-    # deltas are < 2**24: int32 holds them; their sums are taken in int64
-    deltas = planes[0].astype(np.int32) | (planes[1].astype(np.int32) << 8) | (planes[2].astype(np.int32) << 16)
+
+    def largest(n: int, k: int, start: int = 0) -> int:  # over n positions of k ids from `start` in the planes
+        # sum(deltas) = sum(b0) + 256 sum(b1) + 65536 sum(b2): three byte-plane sums, no per-id widening
+        sums = [plane[start : start + n * k].reshape(n, k).sum(axis=1, dtype=np.int64) for plane in planes]
+        return int((sums[0] + (sums[1] << 8) + (sums[2] << 16)).max()) + k - 1
+
     if (ks == ks[0]).all():  # one k in the batch (always, from one teacher): one reshape
-        k = int(ks[0])
-        return int(deltas.reshape(-1, k).sum(axis=1, dtype=np.int64).max()) + k - 1
+        return largest(len(planes[0]) // int(ks[0]), int(ks[0]))
     best, start = -1, 0
-    for n, k in zip(positions[has], ks):  # rows with different k: row by row
-        best = max(best, int(deltas[start : start + n * k].reshape(n, k).sum(axis=1, dtype=np.int64).max()) + int(k) - 1)
-        start += n * k
+    for n, k in zip(positions[has].tolist(), ks.tolist()):  # rows with different k: row by row
+        best, start = max(best, largest(n, k, start)), start + n * k
     return best
 
 
