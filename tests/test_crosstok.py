@@ -324,3 +324,22 @@ def test_the_report_shows_how_much_teacher_mass_the_alignment_kept(tmp_path):
     (cfg.run_dir / "data" / "generate_summary.json").write_text(json.dumps({"rows": 3, "cross_tokenizer": stats}))
     page = build_report(cfg, fake_evals(), fake_ledger()).read_text()
     assert "cross_tokenizer" in page and "aligned_share" in page and "0.75" in page
+
+
+@pytest.mark.slow
+def test_kd_without_any_teacher_top_k_trains_sft_with_a_one_line_notice(tmp_path):
+    """sft_weight = 0 and a dataset with no top-k at all (the teacher gave none): every token trains on its text
+    at kd_weight, with one notice line; no traceback (the issue's 'element 0 of tensors does not require grad')."""
+    from distillab.config import from_dict
+    from distillab.generate import run_generate
+    from distillab.train import run_train
+
+    teacher, student = _model(tmp_path, "char", 1, 32), _model(tmp_path, "bpe", 2, 16)
+    data = tiny_config(tmp_path, teacher, student, loss="forward_kl", kd_weight=1.0, sft_weight=0.0,
+                       max_steps=2).model_dump()
+    data["teacher"]["top_k_logprobs"] = 0
+    cfg = from_dict(data)
+    said = []
+    run_generate(cfg, **QUIET)
+    assert run_train(cfg, log=said.append)["steps"] == 2
+    assert [s for s in said if "logit KD impossible" in s] and all("\n" not in s for s in said)
