@@ -16,6 +16,7 @@ Written to a temp file and renamed: a reader never sees half a dataset.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -163,6 +164,7 @@ ARROW_DIR = ".arrow"
 ARROW_FORMAT = 2  # bump when the copy's layout changes: older copies are then made again
 RECORD_BATCH_ROWS = 8  # a row costs reading and decompressing this many (~0.2 MB at 256 tokens, top-20)
 COPY_BATCH_ROWS = 1024  # Parquet rows read at a time while copying: the copy's memory
+READ_CACHE_BYTES = 32 * 2**20  # recently read record batches kept (a small dataset ends up read once)
 
 
 def _train_schema() -> pa.Schema:
@@ -187,6 +189,10 @@ class ArrowRows:
             self.prompt_lengths, self.completion_lengths = side["prompt"], side["completion"]
             self.starts = side["starts"]
         self.reader = pa.ipc.open_file(pa.OSFile(str(arrow)))  # reads nothing but the footer
+        # zstd about halves these columns: a decompressed record batch is ~2x its share of the file
+        per_batch = 2 * arrow.stat().st_size / max(1, len(self.starts) - 1)
+        self.record_batch = functools.lru_cache(maxsize=max(16, int(READ_CACHE_BYTES / max(per_batch, 1.0))))(
+            self.reader.get_batch)
         self.max_teacher_id, self.has_topk = self.stats["max_teacher_id"], self.stats["max_teacher_id"] >= 0
 
     def __len__(self) -> int:
@@ -195,12 +201,8 @@ class ArrowRows:
     def fetch(self, indices) -> list[dict]:
         """Rows by index, top-k decoded (decode_row_topk): the only place rows become Python objects."""
         where = np.searchsorted(self.starts, indices, side="right") - 1  # each row's record batch
-        read: dict[int, pa.RecordBatch] = {}
-        rows = []
-        for b, i in zip(where.tolist(), indices):
-            batch = read.get(b) or read.setdefault(b, self.reader.get_batch(b))
-            rows.append(decode_row_topk(batch.slice(i - int(self.starts[b]), 1).to_pylist()[0]))
-        return rows
+        return [decode_row_topk(self.record_batch(b).slice(i - int(self.starts[b]), 1).to_pylist()[0])
+                for b, i in zip(where.tolist(), indices)]
 
 
 class ListRows:
@@ -430,10 +432,10 @@ def collate(rows: list[dict], pad_id: int, pack: bool | int = False) -> dict[str
     len(prompt)+j) is predicted at index len(prompt)+j-1: labels and teacher top-k sit at those indices.
 
     pack: the same examples in fewer rows, as wide as the longest (or `pack` tokens, when an int and wider; first fit,
-    longest first): position_ids restart at
-    0 for each example (and for the padding after the last), which is how the model keeps examples apart (see
-    train.model_inputs); an example's last token predicts nothing, since the next one's first token is a prompt
-    token (label -100). No prompt_len: on-policy steps, which read it, refuse packing."""
+    longest first): position_ids restart at 0 for each example (and for the padding after the last), which is how
+    the model keeps examples apart (see train.model_inputs); an example's last token predicts nothing, since the
+    next one's first token is a prompt token (label -100). No prompt_len: on-policy steps, which read it, refuse
+    packing."""
     lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
     width = max(max(lengths), 0 if pack is True else int(pack))
     places = pack_rows(lengths, width) if pack else [(b, 0) for b in range(len(rows))]
