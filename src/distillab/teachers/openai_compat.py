@@ -410,8 +410,8 @@ def map_top_tokens(resp: dict, tokenizer, aligner=None) -> tuple[list | None, li
         aligned = aligner.from_strings(resp, text_ids) if aligner is not None else None
         if aligned is None:
             return None, None, text_ids
-        rows = [(ids, lps) if keep else (None, None) for ids, lps, keep in zip(aligned.ids, aligned.logprobs, aligned.mask)]
-        return [ids for ids, _ in rows], [lps for _, lps in rows], text_ids
+        return ([ids if keep else None for ids, keep in zip(aligned.ids, aligned.mask)],
+                [lps if keep else None for lps, keep in zip(aligned.logprobs, aligned.mask)], text_ids)
     k = max((len(t) for t in resp["top_tokens"]), default=0)
     top_ids, top_lps = [], []
     for strings, lps in zip(resp["top_tokens"], resp["top_logprobs"]):
