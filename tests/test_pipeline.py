@@ -92,6 +92,11 @@ def test_evaluate_writes_every_model_and_reruns_are_cached(tmp_path, tiny_teache
     seen.clear()
     run_evaluate(cfg, log=seen.append)
     assert seen == []  # nothing re-evaluated
+    # a chat template added to the student changes how it is asked: it alone is scored again
+    config = cfg.run_dir / "student" / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"chat_template": "{{ messages[0]['content'] }}"}))
+    run_evaluate(cfg, log=seen.append)
+    assert len(seen) == 1 and "distilled" in seen[0]
 
 
 def test_user_task_suite_is_scored_as_the_task(tmp_path, tiny_teacher, tiny_student):

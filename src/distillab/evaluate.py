@@ -186,8 +186,10 @@ def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log
             results[label] = _evaluate_teacher_elsewhere(cfg, task, general, examples, out, log)
             continue
         path = models.resolve_model_path(name)
-        weights = sorted(path.glob("*.safetensors"))
-        stamp = fingerprint("evaluate", task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, examples, *weights)
+        # the weights and what renders and reads the prompts (tokenizer, chat template): a new template re-scores
+        weights = sorted(f for pattern in ("*.safetensors", "tokenizer*", "chat_template*") for f in path.glob(pattern))
+        stamp = fingerprint("evaluate", task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, examples,
+                            cfg.teacher.max_new_tokens, *weights)
         if is_fresh(run_dir, f"evaluate:{label}", stamp) and out.is_file():
             results[label] = read_eval(out)
             continue
