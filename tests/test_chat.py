@@ -14,6 +14,7 @@ from distillab import chat
 from distillab.cache import RequestCache, request_key
 from distillab.config import from_dict, to_toml
 from distillab.dataset import collate, read_dataset
+from distillab.errors import UserError
 from distillab.generate import load_prompts, run_generate
 from distillab.lab.tokenizer import build_tokenizer
 from distillab.sampling import encode_example
@@ -258,3 +259,22 @@ def test_a_chat_file_goes_through_run_against_a_served_teacher(tmp_path, chat_te
     student = read_eval(cfg.run_dir / "eval" / "distilled.json")
     assert student.skills["task"]["n"] == len(CONVERSATIONS)
     assert (cfg.run_dir / "report.html").is_file()
+
+
+def test_a_conversation_the_students_template_refuses_stops_before_the_teacher_is_asked(tmp_path, chat_teacher):
+    """A student whose template raises on a system turn: generate names the line while planning, and the
+    teacher (a local model here) answers nothing: no request is in the cache."""
+    tok = chat_tokenizer()
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}" + CHATML
+    student = save_tiny_llama(tmp_path / "picky", hidden=16, layers=1, seed=2, tok=tok)
+    cfg = config(tmp_path, chat_teacher, student, chat_file(tmp_path))
+    with pytest.raises(UserError, match=r"prompt line 1: the student's chat template refused .*no system turns"):
+        run_generate(cfg, **quiet)
+    from distillab.generate import ask
+    from distillab.teachers import make_teacher
+
+    teacher = make_teacher(cfg.teacher)
+    keys = [request_key(ask(teacher, p, 0)) for p in load_prompts(cfg)]
+    cache = cfg.run_dir / "teacher.sqlite"
+    assert len(keys) == len(CONVERSATIONS)
+    assert not cache.exists() or not RequestCache(cache).cached_keys(keys)

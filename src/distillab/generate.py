@@ -337,6 +337,8 @@ def generate_dataset(cfg: RunConfig, prompts, name: str, teacher_cfg, source: st
     salt = f"{cfg.train.student}|{teacher_label}|{samples}"  # what else decides a shard's rows
 
     def keyed(chunk):
+        for p, _ in chunk:  # in the plan, before any request: the student's template must take the conversation
+            _check_student_renders(student_tok, p)
         return [request_key(ask(teacher, p, s)) for p, s in chunk]
 
     summary_path = parts.summary_path(run_dir, name)
@@ -429,6 +431,18 @@ def generate_dataset(cfg: RunConfig, prompts, name: str, teacher_cfg, source: st
         parts.combine_summaries(run_dir, name)
     return GenerateSummary(run.rows, run.sent, n_cached, run.n_failed, run.usage["prompt_tokens"],
                            run.usage["completion_tokens"], spent, endpoints=endpoints)
+
+
+def _check_student_renders(student_tok, p: dict) -> None:
+    """A conversation the student's chat template refuses (roles it does not know, out of order) is an error
+    naming its line, found while planning: the teacher is not paid for rows that could never be trained on."""
+    if p.get("messages") and chat.has_template(student_tok):
+        try:
+            chat.render_prompt(student_tok, p["messages"])
+        except chat.TemplateRefused as err:
+            where = f"prompt line {p['line']}" if p.get("line") else "a prompt"
+            detail = str(err).replace("the model's", "the student's", 1)
+            raise UserError(f"{where}: {detail}") from None
 
 
 def _generate_given(cfg, chunks, name, stage, source, parts, student_tok) -> GenerateSummary:
