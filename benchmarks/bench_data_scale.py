@@ -21,7 +21,7 @@ text, a sentence) cut at 16 tokens and at 64 (~35: the whole sentence). Goal: th
 Train part (`--part train`): training start at scale and the padding options.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_data_scale.py --part train [--sizes 1000,10000,100000]
-        [--skewed-rows 1024]
+        [--skewed-rows 512] [--skewed-chunk-size 0] [--tmp DIR]
 
 1. For each size, a synthetic dataset (32-token prompts, 256-token completions, the teacher's top-20 over a 32k vocab,
    encoded by the project's own codec and written by dataset.write_dataset as shards of 2,000 rows, as generate
