@@ -58,7 +58,7 @@ def test_trainer_batches_hold_the_configured_replay_share(tmp_path, tiny_teacher
     assert replay and all(r["teacher_id"] == f"{tiny_student} (self)" for r in replay)
     assert all(r["top_ids"] for r in replay)  # self-distillation: the base's own top-k logprobs
     model, tok = load(tiny_student)
-    # as run_train reads them: memory-mapped, a batch at a time
+    # as run_train reads them: streamed from the Arrow copy, a batch at a time
     task_rows, replay_rows = (ArrowRows(cfg.run_dir / "data" / f"{name}.parquet") for name in ("train", "replay"))
     trainer = build_trainer(cfg, task_rows, model, tok, tmp_path / "ckpt", replay=replay_rows)
     trainer.data_collator = lambda items: {"rows": trainer.train_dataset.fetch(items)}  # the rows of each batch
