@@ -163,17 +163,21 @@ def _dataset_token_counts(dataset_path: Path) -> dict:
     if missing:
         raise UserError(f"{dataset_path}: missing column(s) {', '.join(missing)}; was it written by distillab generate?")
     cols = ["source", "teacher_id", "completion_ids"] + (["prompt_ids"] if "prompt_ids" in names else [])
-    table = pa.concat_tables(pq.read_table(f, columns=cols) for f in files)
-    completion_lens = pc.list_value_length(table["completion_ids"]).to_pylist()
-    prompt_lens = pc.list_value_length(table["prompt_ids"]).to_pylist() if "prompt_ids" in cols else None
     tokens: dict[str, int] = {}
-    for source, teacher, n in zip(table["source"].to_pylist(), table["teacher_id"].to_pylist(), completion_lens):
-        key = source_key(check_source(source), teacher)
-        tokens[key] = tokens.get(key, 0) + (n or 0)
+    examples, prompt_tokens = 0, 0
+    for f in files:  # a record batch at a time: memory follows the batch, not the dataset
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=8192, columns=cols):
+            examples += batch.num_rows
+            completion_lens = pc.list_value_length(batch["completion_ids"]).fill_null(0).to_pylist()
+            for source, teacher, n in zip(batch["source"].to_pylist(), batch["teacher_id"].to_pylist(), completion_lens):
+                key = source_key(check_source(source), teacher)
+                tokens[key] = tokens.get(key, 0) + n
+            if "prompt_ids" in cols:
+                prompt_tokens += pc.sum(pc.list_value_length(batch["prompt_ids"])).as_py() or 0
     return {
-        "examples": table.num_rows,
+        "examples": examples,
         "training_tokens": sum(tokens.values()),
-        "prompt_tokens": sum(n or 0 for n in prompt_lens) if prompt_lens is not None else None,
+        "prompt_tokens": prompt_tokens if "prompt_ids" in cols else None,
         "tokens_by_source": dict(sorted(tokens.items())),
     }
 
