@@ -4,24 +4,31 @@ A response is committed (one transaction per response) before generate counts it
 loses at most the requests in flight, and a rerun never pays for a cached request again. Requests that
 failed after all retries go to `failures` with their error: counted and reported, retried on a rerun.
 
-Storage of a response (`responses.response`): a blob (`encode_response`) holding the small fields as JSON,
-the completion token ids as int32 and the teacher's top-k through `topk_codec` (the same bytes the dataset
-stores), zstd-compressed with the cache's own dictionary. Compressed one at a time, small responses would
-cost 2-4x what the dataset pays per token (Parquet compresses a column over thousands of rows: the constant
-JSON keys, the near-constant id planes); a dictionary trained on the cache's first DICT_TRAIN_ROWS responses
-and requests gives each one that shared context. The dictionary is stored in the cache (`dictionaries`), the
-responses stored before it are re-encoded with it in the same transaction, and each blob names the dictionary
-it needs. The canonical request (`responses.request`) is kept the same way. Caches made by this version key
-rows by the 32 hash bytes (`PRAGMA user_version` = 2), not 64 hex characters (stored twice: table and index).
+Storage (caches of LAYOUT 3, the ones this version creates): a response is committed alone as a `loose` row: its
+canonical request (JSON), its blob (`encode_response`: the small fields as JSON, the completion token ids as int32,
+the teacher's top-k as the `topk_codec` bytes the dataset stores; zstd) and its counts. Compressed one at a time,
+short responses cost 1.4-2.4x what the dataset pays per token (Parquet compresses each column over thousands of
+rows; a lone response pays its own frame, its key twice and a row's overhead), so once PACK_ROWS loose rows exist
+(and when the cache is closed) they are repacked, in ONE transaction, into a `blocks` row: one zstd frame over
+their fields laid out column by column (requests together, the texts together, each codec plane together, the
+token ids as byte planes; `pack_block`), and each key goes to `packed` (key -> block, position, counts), a
+WITHOUT ROWID table, so the key is stored once. A kill before or during the repack leaves the loose rows as they
+were (the transaction rolls back); the repack runs again later. Freed pages go back (auto_vacuum = FULL). A read
+of a packed key decompresses its block; the last few decoded blocks are kept, so reading a chunk's keys in order
+costs one decompression a block. `responses` is a view over loose + packed rows (key and counts).
 
-Older caches still read and grow: hex keys, JSON text (written before the codec, and responses whose top-k the
-codec cannot hold, e.g. token strings) and blobs compressed without a dictionary ("DLR1").
+Older caches still read and grow in their own layout, without packing: LAYOUT 2 (one `responses` row a response,
+binary keys, blobs compressed with a zstd dictionary trained on the cache's first DICT_TRAIN_ROWS responses and
+stored in `dictionaries`), and before it hex keys, JSON text (written before the codec, and responses whose top-k
+the codec cannot hold, e.g. token strings) and blobs compressed without a dictionary ("DLR1").
 `get(key, raw_topk=True)` hands the codec bytes over without decoding: generate writes them to the
 dataset as they are, no decode/re-encode and no extra rounding.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -58,8 +65,50 @@ CREATE TABLE IF NOT EXISTS dictionaries (
   created_at REAL NOT NULL
 );
 """
-LAYOUT = 2  # PRAGMA user_version of caches this version creates: binary keys
-DICT_TRAIN_ROWS = 256  # responses stored before a dictionary is trained on them
+# LAYOUT 3 (a new file): loose rows, blocks of packed ones, and `responses` as a view of both (key and counts, so a
+# COUNT(*) or SUM(...) over it means what it meant before).
+PACKED_SCHEMA = """
+CREATE TABLE loose (
+  key BLOB PRIMARY KEY,           -- the request_key's 32 bytes
+  request TEXT NOT NULL,          -- canonical request JSON, no secrets
+  response BLOB NOT NULL,         -- encode_response without a dictionary, or the response JSON
+  prompt_tokens INTEGER NOT NULL,
+  completion_tokens INTEGER NOT NULL,
+  latency_s REAL NOT NULL,
+  attempts INTEGER NOT NULL,
+  created_at REAL NOT NULL
+);
+CREATE TABLE blocks (
+  id INTEGER PRIMARY KEY,
+  data BLOB NOT NULL,             -- pack_block: one zstd frame over its rows, column by column
+  rows INTEGER NOT NULL,
+  first_at REAL NOT NULL,         -- the created_at of its first and last rows (not kept a row)
+  last_at REAL NOT NULL
+);
+CREATE TABLE packed (
+  key BLOB PRIMARY KEY,
+  block INTEGER NOT NULL,
+  pos INTEGER NOT NULL,           -- the row's index in its block
+  prompt_tokens INTEGER NOT NULL,
+  completion_tokens INTEGER NOT NULL,
+  latency_ms INTEGER NOT NULL,    -- 1-3 bytes, not a REAL's 8
+  attempts INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE failures (
+  key TEXT PRIMARY KEY,
+  request TEXT NOT NULL,
+  error TEXT NOT NULL,
+  attempts INTEGER NOT NULL,
+  failed_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE VIEW responses AS
+  SELECT key, prompt_tokens, completion_tokens, latency_s, attempts FROM loose
+  UNION ALL SELECT key, prompt_tokens, completion_tokens, latency_ms / 1000.0, attempts FROM packed;
+"""
+LAYOUT = 3  # PRAGMA user_version of caches this version creates: loose rows packed into blocks
+PACK_ROWS = 512  # loose rows that trigger a repack into one block
+BLOCKS_KEPT = 4  # decoded blocks kept for reads
+DICT_TRAIN_ROWS = 256  # LAYOUT 2: responses stored before a dictionary is trained on them
 DICT_BYTES = 16 * 1024  # measured: 4-64 KiB dictionaries give the same sizes within 3%
 ZSTD_LEVEL = 9  # small blobs: a higher level costs little time, saves ~10%
 
@@ -148,14 +197,23 @@ def decode_response(blob: bytes, raw_topk: bool = False, dictionary=lambda id: N
     """encode_response's bytes (or a DLR1 blob) -> the response dict. top-k decoded to top_ids/top_logprobs lists
     (sorted by id per position, log-probs to 1/32 nat), or with raw_topk the codec's {field: bytes} under "topk"
     (None if none). dictionary(id): the Dictionary the blob names (RequestCache.dictionary)."""
-    from distillab.topk_codec import FIELDS, decode_topk
+    return _response(_split(unpack(blob, dictionary)), raw_topk)
 
-    raw = unpack(blob, dictionary)
+
+def _split(raw: bytes) -> list[bytes]:
+    """response_raw's bytes -> its parts."""
     parts, at = [], 0
     while at < len(raw):
         (n,) = struct.unpack_from("<I", raw, at)
         parts.append(raw[at + 4 : at + 4 + n])
         at += 4 + n
+    return parts
+
+
+def _response(parts: list[bytes], raw_topk: bool) -> dict:
+    """response_raw's parts (meta JSON, token ids, the codec's fields) -> the response dict (see decode_response)."""
+    from distillab.topk_codec import FIELDS, decode_topk
+
     resp = {"top_tokens": None, "tokens": None} | json.loads(parts[0])  # None fields are not stored
     has_ids, has_topk = resp.pop("has_token_ids"), resp.pop("has_topk")
     resp["token_ids"] = np.frombuffer(parts[1], dtype="<i4").tolist() if has_ids else None
@@ -169,6 +227,68 @@ def decode_response(blob: bytes, raw_topk: bool = False, dictionary=lambda id: N
     else:
         resp["top_ids"] = resp["top_logprobs"] = None
     return resp
+
+
+# A block's columns: a row's request, its response JSON (a response the codec cannot hold; else empty), then
+# response_raw's parts (meta JSON, token ids, the six codec fields; empty for a JSON response).
+BLOCK_COLUMNS = ("request", "json", "meta", "token_ids", "id_b0", "id_b1", "id_b2", "top", "below_top", "tail")
+BLOCK_PLANES = {"token_ids": 4, "top": 2, "tail": 2}  # multi-byte columns stored as byte planes, like the codec's ids
+BLOCK_LEVEL = 19  # one frame over hundreds of responses: a high level is paid once per block, not per response
+
+
+def _planes(data: bytes, size: int) -> bytes:
+    return np.frombuffer(data, np.uint8).reshape(-1, size).T.tobytes()
+
+
+def _unplanes(data: bytes, size: int) -> bytes:
+    return np.frombuffer(data, np.uint8).reshape(size, -1).T.tobytes()
+
+
+def pack_block(rows: list[tuple[str, list[bytes] | str]]) -> bytes:
+    """Rows of (request JSON, response: response_raw's parts, or JSON text) -> a block's raw bytes: the row and column
+    counts (u32), every part's length (u32, column by column, as byte planes), then each column's parts
+    concatenated, so like compresses with like (all the requests, then all the texts, then each codec plane)."""
+    columns: list[list[bytes]] = [[] for _ in BLOCK_COLUMNS]
+    for request, response in rows:
+        parts = [request.encode(), response.encode() if isinstance(response, str) else b""]
+        parts += [] if isinstance(response, str) else response
+        if len(parts) > len(BLOCK_COLUMNS):
+            raise ValueError(f"a response of {len(parts) - 2} parts: a block holds {len(BLOCK_COLUMNS) - 2}")
+        for column, part in zip(columns, parts + [b""] * (len(BLOCK_COLUMNS) - len(parts))):
+            column.append(part)
+    lengths = np.array([[len(p) for p in column] for column in columns], dtype="<u4")  # (columns, rows)
+    out = [struct.pack("<II", len(rows), len(columns)), _planes(lengths.tobytes(), 4)]
+    for name, column in zip(BLOCK_COLUMNS, columns):
+        joined = b"".join(column)
+        out.append(_planes(joined, BLOCK_PLANES[name]) if name in BLOCK_PLANES else joined)
+    return b"".join(out)
+
+
+class Block:
+    """A block's raw bytes (pack_block), decoded once; .row(i) -> (request JSON, response parts or JSON text)."""
+
+    def __init__(self, raw: bytes):
+        rows, ncols = struct.unpack_from("<II", raw)
+        at = 8 + 4 * rows * ncols
+        lengths = np.frombuffer(_unplanes(raw[8:at], 4), dtype="<u4").reshape(ncols, rows)
+        self.columns, self.starts = [], []
+        for name, column_lengths in zip(BLOCK_COLUMNS, lengths):
+            end = at + int(column_lengths.sum())
+            column = raw[at:end]
+            self.columns.append(_unplanes(column, BLOCK_PLANES[name]) if name in BLOCK_PLANES else column)
+            self.starts.append([0, *np.cumsum(column_lengths).tolist()])
+            at = end
+
+    def row(self, i: int) -> tuple[str, list[bytes] | str]:
+        parts = [column[starts[i] : starts[i + 1]] for column, starts in zip(self.columns, self.starts)]
+        return parts[0].decode(), parts[1].decode() if parts[1] else parts[2:]
+
+
+@functools.cache
+def _block_zstd():
+    import zstandard as zstd
+
+    return zstd.ZstdCompressor(level=BLOCK_LEVEL, write_checksum=False)
 
 
 def _unpack_text(value, dictionary) -> str:
@@ -203,21 +323,28 @@ class RequestCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
-            # A new file only (an existing one keeps its own): rows of 0.5-4 KB (answers of 10-100 tokens) fill
-            # 8 KiB pages better than 4 KiB ones; measured: 7% smaller at 35-token answers, 2% larger at 3.
-            self.db.execute("PRAGMA page_size = 8192")
+            # A new file only (an existing one keeps its own). Most bytes are blocks (overflow pages, full but for
+            # a block's last one), so the page size matters little but for the empty tables' pages: 4 KiB. The
+            # loose rows' pages are freed at each repack: auto_vacuum returns them to the file system.
+            self.db.execute("PRAGMA page_size = 4096")
+            self.db.execute("PRAGMA auto_vacuum = FULL")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against a process kill
             self.layout = self._create()
-            row = self.db.execute("SELECT id, data FROM dictionaries ORDER BY id DESC LIMIT 1").fetchone()
-            self._until_training = 0 if row else DICT_TRAIN_ROWS - self.db.execute(
-                "SELECT COUNT(*) FROM responses").fetchone()[0]
+            row = None
+            if self.layout < LAYOUT:
+                row = self.db.execute("SELECT id, data FROM dictionaries ORDER BY id DESC LIMIT 1").fetchone()
+                self._until_training = 0 if row else DICT_TRAIN_ROWS - self.db.execute(
+                    "SELECT COUNT(*) FROM responses").fetchone()[0]
+            else:
+                self._loose = self.db.execute("SELECT COUNT(*) FROM loose").fetchone()[0]
         except sqlite3.DatabaseError as err:
             raise _corrupt(path, err) from None
         self._dictionaries = {0: NO_DICTIONARY}
+        self._blocks: collections.OrderedDict[int, Block] = collections.OrderedDict()  # the last decoded ones
         self.writer = self._dictionaries.setdefault(row[0], Dictionary(*row)) if row else NO_DICTIONARY
-        # keys: the hash's bytes, or its hex in caches from before LAYOUT 2
-        self._key = bytes.fromhex if self.layout >= LAYOUT else str
+        # keys: the hash's bytes, or its hex in caches from before layout 2
+        self._key = bytes.fromhex if self.layout >= 2 else str
 
     def _create(self) -> int:
         """The tables (a new file gets LAYOUT; an older cache keeps its own, plus the dictionaries table);
@@ -225,11 +352,12 @@ class RequestCache:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             fresh = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'responses'").fetchone() is None
-            for statement in filter(str.strip, SCHEMA.split(";")):
-                self.db.execute(statement)
             if fresh:
                 self.db.execute(f"PRAGMA user_version = {LAYOUT}")
             layout = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if fresh or layout < LAYOUT:
+                for statement in filter(str.strip, (PACKED_SCHEMA if fresh else SCHEMA).split(";")):
+                    self.db.execute(statement)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -298,7 +426,7 @@ class RequestCache:
         try:
             db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
             try:
-                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
             finally:
                 db.close()
         except sqlite3.DatabaseError as err:
@@ -308,18 +436,52 @@ class RequestCache:
                             "not a teacher cache: move it away and rerun")
 
     def close(self) -> None:
-        self.db.close()
+        """Packs the loose rows left (LAYOUT 3), then closes. A cache another process holds is closed as it is."""
+        try:
+            if self.layout >= LAYOUT:
+                while self._pack():
+                    pass
+        except sqlite3.DatabaseError:  # busy, read-only or damaged: the loose rows stay loose (the error, if any,
+            pass                      # is the caller's to see on its own queries, not a second one from close)
+        finally:
+            self.db.close()
+
+    def _stored(self, key: str) -> tuple[str | bytes, list[bytes] | bytes | str] | None:
+        """(request, response) as stored: the request JSON or its blob; the response's blob, JSON text, or (packed)
+        response_raw's parts."""
+        if self.layout < LAYOUT:
+            return self.db.execute("SELECT request, response FROM responses WHERE key = ?",
+                                   (self._key(key),)).fetchone()
+        row = self.db.execute("SELECT request, response, NULL, NULL FROM loose WHERE key = ?1 UNION ALL "
+                              "SELECT NULL, NULL, block, pos FROM packed WHERE key = ?1 LIMIT 1",
+                              (self._key(key),)).fetchone()  # one statement: one snapshot, whatever a repack does
+        if row is None or row[2] is None:
+            return row and row[:2]
+        return self._block(row[2]).row(row[3])
+
+    def _block(self, id: int) -> Block:
+        if id in self._blocks:
+            self._blocks.move_to_end(id)
+        else:
+            (data,) = self.db.execute("SELECT data FROM blocks WHERE id = ?", (id,)).fetchone()
+            self._blocks[id] = Block(unpack(data))
+            if len(self._blocks) > BLOCKS_KEPT:
+                self._blocks.popitem(last=False)
+        return self._blocks[id]
 
     @_guarded
     def get(self, key: str, raw_topk: bool = False) -> dict | None:
         """The cached response, or None. raw_topk: the top-k as the codec's bytes under "topk" (see decode_response);
         a JSON-stored response then carries "topk": None and its top_ids/top_logprobs as lists."""
-        row = self.db.execute("SELECT response FROM responses WHERE key = ?", (self._key(key),)).fetchone()
-        if not row:
+        found = self._stored(key)
+        if not found:
             return None
-        if is_blob(row[0]):
-            return decode_response(row[0], raw_topk, self.dictionary)
-        resp = json.loads(row[0])  # a cache from before the codec, or a top-k the codec cannot hold
+        stored = found[1]
+        if isinstance(stored, list):
+            return _response(stored, raw_topk)
+        if is_blob(stored):
+            return decode_response(stored, raw_topk, self.dictionary)
+        resp = json.loads(stored)  # a cache from before the codec, or a top-k the codec cannot hold
         if raw_topk:
             resp["topk"] = None
         return resp
@@ -337,20 +499,27 @@ class RequestCache:
     @_guarded
     def request(self, key: str) -> dict | None:
         """The canonical request stored with a cached response, or None."""
-        row = self.db.execute("SELECT request FROM responses WHERE key = ?", (self._key(key),)).fetchone()
-        return json.loads(_unpack_text(row[0], self.dictionary)) if row else None
+        found = self._stored(key)
+        return json.loads(_unpack_text(found[0], self.dictionary)) if found else None
 
     @_guarded
     def put(self, key: str, request: dict, response: dict, latency_s: float = 0.0, attempts: int = 1) -> None:
+        row = (self._key(key), self._pack_request(request), self._encoded(response),
+               int(response.get("prompt_tokens", 0)), int(response.get("completion_tokens", 0)),
+               float(latency_s), int(attempts), time.time())
         with self.db:  # one committed transaction per response
-            self.db.execute(
-                "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (self._key(key), self._pack_request(request), self._stored(response),
-                 int(response.get("prompt_tokens", 0)), int(response.get("completion_tokens", 0)),
-                 float(latency_s), int(attempts), time.time()),
-            )
+            if self.layout >= LAYOUT:  # a loose row, unless another process has it packed already
+                self.db.execute("INSERT OR IGNORE INTO loose SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
+                                "WHERE NOT EXISTS (SELECT 1 FROM packed WHERE key = ?1)", row)
+            else:
+                self.db.execute("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
             self.db.execute("DELETE FROM failures WHERE key = ?", (key,))
-        if self.writer.id == 0:
+        if self.layout >= LAYOUT:
+            self._loose += 1
+            if self._loose >= PACK_ROWS:
+                with contextlib.suppress(sqlite3.OperationalError):  # busy: the next put or close packs them
+                    self._pack()
+        elif self.writer.id == 0:
             self._until_training -= 1
             if self._until_training <= 0:
                 self._train_dictionary()
@@ -359,11 +528,38 @@ class RequestCache:
         text = json.dumps(request, sort_keys=True)
         return self.writer.pack(text.encode()) if self.writer.id else text  # JSON text until there is a dictionary
 
-    def _stored(self, response: dict) -> bytes | str:
+    def _encoded(self, response: dict) -> bytes | str:
         try:
             return encode_response(response, self.writer)
         except (ValueError, TypeError):  # ragged or out-of-range top-k: kept as it came, in JSON
             return json.dumps(response)
+
+    def _pack(self) -> bool:
+        """Repack the loose rows (up to 2 x PACK_ROWS, oldest first) into one block, in one transaction: the block,
+        an index row a key, the loose rows deleted. A kill at any point before COMMIT leaves the loose rows as they
+        were. Returns whether rows were packed."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self.db.execute(
+                "SELECT key, request, response, prompt_tokens, completion_tokens, latency_s, attempts, created_at "
+                "FROM loose WHERE key NOT IN (SELECT key FROM packed) ORDER BY rowid LIMIT ?",
+                (2 * PACK_ROWS,)).fetchall()
+            if rows:
+                raw = pack_block([(request, _split(unpack(response)) if is_blob(response) else response)
+                                  for _, request, response, *_ in rows])
+                data = BLOB_MAGIC + struct.pack("<I", 0) + _block_zstd().compress(raw)
+                id = self.db.execute("INSERT INTO blocks (data, rows, first_at, last_at) VALUES (?, ?, ?, ?)",
+                                     (data, len(rows), rows[0][-1], rows[-1][-1])).lastrowid
+                self.db.executemany("INSERT INTO packed VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                    [(key, id, pos, p, c, round(latency * 1000), attempts)
+                                     for pos, (key, _, _, p, c, latency, attempts, _) in enumerate(rows)])
+            self.db.execute("DELETE FROM loose WHERE key IN (SELECT key FROM packed)")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self._loose = self.db.execute("SELECT COUNT(*) FROM loose").fetchone()[0]
+        return bool(rows)
 
     @_guarded
     def put_failure(self, key: str, request: dict, error: str, attempts: int) -> None:
