@@ -407,16 +407,20 @@ def test_train_on_policy_with_an_api_teacher(bad, lab_run):
     bad("train", config, expect=("on-policy",))
 
 
-def test_train_teacher_and_student_tokenizers_differ(bad, tmp_path, tiny_teacher):
-    # Teacher top-k ids only mean something in the teacher's vocabulary: KD into another one is refused.
+def test_train_a_dataset_tokenized_for_another_student(bad, tmp_path, tiny_teacher):
+    # The dataset's ids are the student's generate tokenized for (a teacher with another tokenizer is aligned
+    # then, distillab.crosstok); a student swapped in afterwards would read them as other tokens: refused.
     from distillab.config import load_config
     from distillab.generate import run_generate
+    from distillab.lab.tokenizer import build_bpe_tokenizer
+    from tests.helpers import save_tiny_llama
 
     config = _tiny_generate_config(tmp_path, tiny_teacher)
-    run_generate(load_config(config), log=lambda *a: None)  # a real dataset with the teacher's top-k ids
-    student = broken_model(tmp_path, tiny_teacher, "other-tokenizer")
+    run_generate(load_config(config), log=lambda *a: None)  # tokenized for the lab tokenizer
+    bpe = build_bpe_tokenizer(["add 12 30 = 42", "upper abc = ABC", "reverse xyz = zyx"] * 20, vocab_size=300)
+    student = save_tiny_llama(tmp_path / "bpe-student", hidden=16, layers=1, tok=bpe)
     config.write_text(config.read_text().replace(f'student = "{tiny_teacher}"', f'student = "{student}"'))
-    bad("train", config, expect=("tokenizers",))
+    bad("train", config, expect=("another student", "rerun `distillab generate`"))
 
 
 # ----------------------------------------------------------------------------------------------------

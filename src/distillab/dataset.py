@@ -183,6 +183,8 @@ class ArrowRows:
         files = dataset_files(path)
         if not files:
             raise UserError(f"no dataset at {path}: run `distillab generate` first")
+        if not check_files(files):  # before the copy: a bad dataset leaves nothing behind
+            raise UserError(f"dataset {path} has no rows")
         arrow = path.parent / ARROW_DIR / (path.stem + ".arrow")
         self.stats = arrow_copy(files, arrow)
         with np.load(arrow.with_suffix(".npz")) as side:  # (N,) int32 each, and (record batches + 1,) row starts
@@ -221,6 +223,20 @@ class ListRows:
 
     def fetch(self, indices) -> list[dict]:
         return [self.rows[i] for i in indices]
+
+
+def check_files(files: list[Path]) -> int:
+    """The rows the dataset files hold, from their footers; a file that is not Parquet, or lacks a column training
+    needs, is a UserError naming it."""
+    total = 0
+    for file in files:
+        try:
+            parquet = pq.ParquetFile(file)
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(f"{file}: not a readable Parquet file ({err}); delete it and rerun `distillab generate`") from None
+        _check_columns(file, parquet.schema_arrow.names, parquet.metadata.num_rows)
+        total += parquet.metadata.num_rows
+    return total
 
 
 def arrow_copy(files: list[Path], arrow: Path) -> dict:

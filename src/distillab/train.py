@@ -51,9 +51,10 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import rotate_checkpoints
 
 from distillab import logits as logit_paths
-from distillab import losses, models, retain
+from distillab import chat, losses, models, retain
 from distillab.config import RunConfig, write_atomic
-from distillab.dataset import ArrowRows, Collator, DistillDataset, LengthGroupedSampler, RowSource, collate, dataset_files
+from distillab.dataset import (ArrowRows, Collator, DistillDataset, LengthGroupedSampler, RowSource, check_files, collate,
+                               dataset_files)
 from distillab.errors import UserError
 from distillab.rundir import fingerprint, is_fresh, mark_fresh
 
@@ -419,6 +420,24 @@ def shares_tokenizer(student_tok, teacher_name: str) -> bool:
     return models.load_tokenizer(teacher_name).get_vocab() == student_tok.get_vocab()
 
 
+def check_tokenized_for(tok, student: str, data_path: Path, sample: int = 16) -> None:
+    """The dataset holds token ids of the student generate tokenized for: the first rows' prompts, tokenized again
+    by this student, must give the stored ids. A student (or tokenizer) changed since generate is refused: its ids
+    would mean other tokens."""
+    files = dataset_files(data_path)
+    if not files or not check_files(files[:1]):
+        return  # ArrowRows says what is missing
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(files[0])
+    columns = [c for c in ("prompt", "messages", "prompt_ids") if c in parquet.schema_arrow.names]
+    rows = next(parquet.iter_batches(batch_size=sample, columns=columns)).to_pylist()
+    for r in rows:
+        if chat.prompt_ids(tok, chat.turns_of(r)) != list(r["prompt_ids"]):
+            raise UserError(f"{data_path} was tokenized for another student than {student!r} (its prompt ids differ "
+                            "from this student's tokenizer): rerun `distillab generate` for this student")
+
+
 def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, progress=None) -> dict:
     """Train the student into run_dir/student. Returns the training summary (also written to student/)."""
     run_dir, t = cfg.run_dir, cfg.train
@@ -430,20 +449,17 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     student_dir = run_dir / "student"
     if is_fresh(run_dir, "train", stamp) and (student_dir / "config.json").is_file():
         return json.loads((student_dir / "train_summary.json").read_text()) | {"skipped": True}
-    rows = ArrowRows(data_path)  # streamed: a batch reads its own rows, nothing holds them all
-    if not len(rows):
-        raise UserError(f"dataset {data_path} has no rows")
-    replay = ArrowRows(replay_path) if with_replay else None
-    if replay is not None and not len(replay):
-        raise UserError(f"replay set {replay_path} has no rows")
-
+    if t.on_policy_fraction > 0 and cfg.teacher.base_url:  # refusals first: a failed start writes nothing
+        raise UserError("on-policy distillation needs a local teacher (teacher.base_url must be unset)")
     torch.manual_seed(t.seed)
     model, tok = models.load(t.student)
+    check_tokenized_for(tok, t.student, data_path)
+    rows = ArrowRows(data_path)  # streamed: a batch reads its own rows, nothing holds them all
+    replay = ArrowRows(replay_path) if with_replay else None
+
     uses_teacher_logprobs = rows.has_topk and t.kd_weight > 0 and t.loss != "ce"
     teacher_model = None
     if t.on_policy_fraction > 0:
-        if cfg.teacher.base_url:
-            raise UserError("on-policy distillation needs a local teacher (teacher.base_url must be unset)")
         if shares_tokenizer(tok, cfg.teacher.model):
             teacher_model = models.load_model(cfg.teacher.model).eval()
         else:  # no teacher model: DistillSettings.on_policy is then never true
