@@ -138,8 +138,14 @@ def tiny_student(path: Path, vocab: int = VOCAB) -> Path:
     from tokenizers.models import WordLevel
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, "t3")),
-                                  pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3")
+    from tokenizers import pre_tokenizers, processors
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0-3; not "t0".."t3", which would match inside "t22"
+    words = Tokenizer(WordLevel({**dict(zip(specials, range(4))), **{f"t{i}": i for i in range(4, vocab)}}, "<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "t5 t9" -> t5, t9: a row's prompt text is its ids
+    words.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -163,8 +169,10 @@ def synthetic_rows(n: int, rng, completion_lengths=None) -> list[dict]:
         logits = rng.normal(0, 2, size=(length, TOP_K + 1))
         logprobs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)  # (T, k + 1)
         completion = rng.integers(4, VOCAB, size=length).tolist()
-        rows.append({"prompt": f"p{i}", "completion": "c", "source": "teacher", "teacher_id": "synthetic",
-                     "prompt_ids": [1] + rng.integers(4, VOCAB, size=PROMPT_TOKENS - 1).tolist(),
+        prompt = rng.integers(4, VOCAB, size=PROMPT_TOKENS - 1).tolist()
+        # the prompt's text tokenizes to its ids (train checks the data was tokenized for its student)
+        rows.append({"prompt": " ".join(f"t{t}" for t in prompt), "completion": "c", "source": "teacher",
+                     "teacher_id": "synthetic", "prompt_ids": [1] + prompt,
                      "completion_ids": completion[:-1] + [2],
                      "topk": encode_topk(ids, logprobs[:, :TOP_K], tail_logprob=logprobs[:, TOP_K])})
     return rows
