@@ -264,10 +264,8 @@ def arrow_copy(files: list[Path], arrow: Path) -> dict:
             options = pa.ipc.IpcWriteOptions(compression="zstd")
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema, options=options) as writer:
                 for file in files:
-                    parquet = pq.ParquetFile(file)
-                    names = parquet.schema_arrow.names
-                    _check_columns(file, names, parquet.metadata.num_rows)
-                    present = [f.name for f in schema if f.name in names]
+                    parquet = pq.ParquetFile(file)  # its columns were checked (check_files) before the copy
+                    present = [f.name for f in schema if f.name in parquet.schema_arrow.names]
                     for batch in parquet.iter_batches(batch_size=COPY_BATCH_ROWS, columns=present):
                         batch = conform(batch, schema)
                         writer.write_table(pa.Table.from_batches([batch]), max_chunksize=RECORD_BATCH_ROWS)

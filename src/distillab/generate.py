@@ -337,8 +337,6 @@ def generate_dataset(cfg: RunConfig, prompts, name: str, teacher_cfg, source: st
     salt = f"{cfg.train.student}|{teacher_label}|{samples}"  # what else decides a shard's rows
 
     def keyed(chunk):
-        for p, _ in chunk:  # in the plan, before any request: the student's template must take the conversation
-            _check_student_renders(student_tok, p)
         return [request_key(ask(teacher, p, s)) for p, s in chunk]
 
     summary_path = parts.summary_path(run_dir, name)
@@ -347,6 +345,8 @@ def generate_dataset(cfg: RunConfig, prompts, name: str, teacher_cfg, source: st
         # Pass 1, the plan: every chunk's keys and digest (the stage's stamp), what the cache holds.
         stamp, digests, n_cached, n_missing, prior = hashlib.sha256(salt.encode()), [], 0, 0, _zero_usage()
         for chunk in chunks():
+            for p, _ in chunk:  # before any request: the student's template must take the conversation
+                _check_student_renders(student_tok, p)
             keys = keyed(chunk)
             digests.append(_digest(salt, keys))
             stamp.update(digests[-1].encode())
@@ -449,8 +449,9 @@ def _generate_given(cfg, chunks, name, stage, source, parts, student_tok) -> Gen
     """Rows whose completions are the answers the prompts carry: the same shards, no teacher."""
     run_dir = cfg.run_dir
     salt = json.dumps([cfg.data.model_dump(), cfg.train.student, source])
-    digests, stamp = [], hashlib.sha256(salt.encode())
+    digests, stamp, n = [], hashlib.sha256(salt.encode()), 0
     for i, chunk in enumerate(chunks()):  # every answer checked before anything is written
+        n += len(chunk)
         for j, (p, _) in enumerate(chunk):
             if p["answer"] is None:
                 raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt "
@@ -459,7 +460,6 @@ def _generate_given(cfg, chunks, name, stage, source, parts, student_tok) -> Gen
         stamp.update(digests[-1].encode())
     stamp = stamp.hexdigest()[:16]
     out_path = run_dir / "data" / f"{name}.parquet"
-    n = sum(len(c) for c in chunks())
     if parts.whole and is_fresh(run_dir, stage, stamp) and out_path.is_file():
         return GenerateSummary(n, 0, 0, 0, 0, 0, 0.0, skipped=True)
     parts.remove_stale(digests)
