@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distillab.cache import RequestCache
-from distillab.config import TeacherConfig, to_toml, write_atomic
+from distillab.config import TeacherConfig, to_toml
+from distillab.files import write_atomic
 from distillab.errors import UserError
 from distillab.dataset import read_dataset
 from distillab.generate import run_generate

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distillab.config import write_atomic
+from distillab.files import write_atomic
 from distillab.dataset import right_pad
 from distillab.errors import UserError
 from distillab.jsonl import read_jsonl
@@ -445,7 +445,7 @@ def run_audit(corpus_path: str | Path, out_dir: str | Path, observer: str = "lab
     Writes out_dir/scores.parquet, scores.csv and audit_summary.json; returns the summary.
     The fraction of the score with the higher labelled AUROC is reported as the headline estimate.
     """
-    from distillab.rundir import check_creatable
+    from distillab.files import check_creatable
 
     check_creatable(Path(out_dir), "audit output directory", "choose another --out")  # before an hour of scoring
     corpus = read_corpus(corpus_path, text_field, prompt_field)

@@ -53,7 +53,8 @@ def _config(path: Path, overrides: dict[str, dict] | None = None):
 
 
 def _write_resolved(cfg) -> None:
-    from distillab.config import to_toml, write_atomic
+    from distillab.config import to_toml
+    from distillab.files import write_atomic
 
     write_atomic(cfg.run_dir / "run.toml", to_toml(cfg))
 
@@ -186,7 +187,7 @@ def demo(runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"
          fresh: bool = typer.Option(False, help="delete runs/demo first")):
     """The lab demo: distill the base student on a task, with a zero-distillation control; ~2 minutes on 2 cores."""
     from distillab.demo import run_demo
-    from distillab.rundir import check_creatable
+    from distillab.files import check_creatable
 
     check_creatable(runs_dir, "runs directory", "choose another --runs-dir")
     run_demo(runs_dir, fresh=fresh, generate_stage=do_generate, train_stage=do_train, log=console.print)
@@ -272,7 +273,7 @@ def lab_pretrain(which: str = typer.Argument("all", help="teacher, base or all")
     """Reproduce the shipped lab checkpoints (the teacher takes about an hour on 2 cores)."""
     from distillab.lab.pretrain import PRESETS, pretrain
     from distillab.models import LAB_CHECKPOINTS
-    from distillab.rundir import check_creatable
+    from distillab.files import check_creatable
 
     names = list(PRESETS) if which == "all" else [which]
     unknown = [name for name in names if name not in PRESETS]

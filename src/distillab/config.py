@@ -277,11 +277,3 @@ def to_toml(cfg: RunConfig) -> str:
     import tomli_w
 
     return tomli_w.dumps(cfg.model_dump(exclude_none=True))
-
-
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-    tmp.replace(path)

@@ -246,7 +246,7 @@ def arrow_copy(files: list[Path], arrow: Path) -> dict:
     under a lock, so the processes of one run make it once."""
     import fcntl
 
-    from distillab.config import write_atomic
+    from distillab.files import write_atomic
 
     key = [ARROW_FORMAT] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     stats_path, side_path = arrow.with_suffix(".json"), arrow.with_suffix(".npz")

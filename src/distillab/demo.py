@@ -17,7 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from distillab.config import RunConfig, from_dict, write_atomic
+from distillab.config import RunConfig, from_dict
+from distillab.files import write_atomic
 from distillab.evaluate import gap_closed, run_evaluate
 from distillab.generate import run_generate
 from distillab.retain import choose_student

@@ -26,7 +26,8 @@ from distillab.dataset import right_pad
 from distillab.lab.world import SKILLS, exact, get_skill, word_f1, world_text
 from distillab.jsonl import read_jsonl
 from distillab.records import EvalResult, read_eval, write_record
-from distillab.rundir import check_stamps, fingerprint, is_fresh, mark_fresh
+from distillab.files import fingerprint
+from distillab.rundir import check_stamps, is_fresh, mark_fresh
 
 
 def suites(cfg: RunConfig) -> tuple[list[str], list[str]]:

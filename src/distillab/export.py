@@ -154,7 +154,7 @@ def _open(src: Path) -> pq.ParquetFile:
 
 def _check_writable(out: Path) -> None:
     """Refuse an output directory that cannot be made or written (before any work), then make it."""
-    from distillab.rundir import check_creatable
+    from distillab.files import check_creatable
 
     check_creatable(out, "export directory", "choose another --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,8 @@ from pathlib import Path
 
 from distillab import chat, models, provenance
 from distillab.cache import RequestCache, request_key
-from distillab.config import RunConfig, write_atomic
+from distillab.config import RunConfig
+from distillab.files import write_atomic
 from distillab.dataset import SHARD_GLOB, shard_dir, write_dataset
 from distillab.errors import UserError, not_utf8
 from distillab.pricing import BudgetGuard

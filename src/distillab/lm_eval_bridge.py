@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 
 from distillab import models
-from distillab.config import RunConfig, write_atomic
+from distillab.config import RunConfig
+from distillab.files import write_atomic
 from distillab.errors import UserError
-from distillab.rundir import fingerprint, is_fresh, mark_fresh
+from distillab.files import fingerprint
+from distillab.rundir import is_fresh, mark_fresh
 
 INCLUDE_ENV = "DISTILLAB_LM_EVAL_INCLUDE"
 

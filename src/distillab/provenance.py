@@ -47,9 +47,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from distillab.config import write_atomic
+from distillab.files import write_atomic
 from distillab.errors import UserError
-from distillab.rundir import file_digest
+from distillab.files import file_digest
 
 LINEAGE_FORMAT = "distillab-lineage/1"
 LINEAGE_FILE = "lineage.json"

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distillab.config import write_atomic
+from distillab.files import write_atomic
 from distillab.errors import UserError, not_utf8
 
 LEDGER_FORMAT = "distillab-ledger/1"

@@ -32,9 +32,11 @@ from pathlib import Path
 import torch
 
 from distillab import models
-from distillab.config import RunConfig, write_atomic
+from distillab.config import RunConfig
+from distillab.files import write_atomic
 from distillab.errors import UserError
-from distillab.rundir import fingerprint, is_fresh, mark_fresh
+from distillab.files import fingerprint
+from distillab.rundir import is_fresh, mark_fresh
 
 NO_GENERAL_PROMPTS = ("retain.replay_fraction > 0 needs general prompts: set retain.general_prompts_file, "
                       "or retain.sample_general_prompts = true to let the base model write them")

@@ -1,91 +1,158 @@
-"""The run directory's bookkeeping: which stage finished with which inputs, so a rerun does no work.
+"""The run directory: every path of a run, named once, and the stamps that say which stage is up to date.
 
-Each stage fingerprints what it read (its config section, the digests of its input files). When the
-stamp in `stages.json` matches, the stage is up to date and returns at once; otherwise it (re)runs, and
-an interrupted stage resumes from its own partial state (the teacher cache, training checkpoints).
+```
+runs/<name>/
+  run.toml              the resolved config, no secrets
+  stages.json           stage name -> fingerprint of what it last finished with
+  teacher.sqlite        the teacher request cache (teacher.shard-I-of-N.sqlite for `--shard I/N`)
+  data/<name>.parquet   datasets: train, replay, dev (or their shards in data/<name>/)
+  data/<stem>_summary.json  generate_summary.json, replay_summary.json
+  data/sampled_prompts.json general prompts the base wrote itself (retain)
+  checkpoints/          resumable training state
+  student/              the trained student (save_pretrained, train_summary.json, lineage, model card)
+  retain.json           the retain rule's candidates and choice
+  eval/<label>.json     scores per model; eval/lm_eval_<label>.json lm-eval's
+  throughput.json       the student's measured serving speed
+  ledger.json, report.html, summary.json
+  export/<format>/      `distillab export`
+<runs_dir>/registry.sqlite  the leaderboard of every run beside this one
+```
+Nothing else in distillab joins a run-directory path from strings: it asks a RunDir.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from distillab.config import write_atomic
 from distillab.errors import UserError
+from distillab.files import check_creatable, read_json, write_json
+
+WHOLE = (0, 1)  # shard I of N: the whole prompt set
 
 
-def fingerprint(*parts) -> str:
-    """Hash of JSON-able parts and files (Path parts are hashed by content)."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, Path):
-            h.update(file_digest(part).encode())
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    # the run's own record of itself
+    @property
+    def config(self) -> Path:
+        return self.root / "run.toml"
+
+    @property
+    def stamps_file(self) -> Path:
+        return self.root / "stages.json"
+
+    # generate
+    def cache(self, shard: tuple[int, int] = WHOLE) -> Path:
+        name = "teacher.sqlite" if shard == WHOLE else f"teacher.shard-{shard[0]}-of-{shard[1]}.sqlite"
+        return self.root / name
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def dataset(self, name: str = "train") -> Path:
+        """data/<name>.parquet: train (the teacher's answers), replay (retain's general answers), dev."""
+        return self.data / f"{name}.parquet"
+
+    def generate_summary(self, name: str = "train") -> Path:
+        return self.data / f"{'generate' if name == 'train' else name}_summary.json"
+
+    @property
+    def sampled_prompts(self) -> Path:
+        return self.data / "sampled_prompts.json"
+
+    # train
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.student / "train_summary.json"
+
+    @property
+    def retain_record(self) -> Path:
+        return self.root / "retain.json"
+
+    # evaluate
+    @property
+    def evals(self) -> Path:
+        return self.root / "eval"
+
+    def eval(self, label: str) -> Path:
+        return self.evals / f"{label}.json"
+
+    def lm_eval(self, label: str) -> Path:
+        return self.evals / f"lm_eval_{label}.json"
+
+    def eval_files(self) -> list[Path]:
+        """Every eval/<label>.json of the run, lm-eval's own files aside."""
+        return sorted(p for p in self.evals.glob("*.json") if not p.name.startswith("lm_eval_"))
+
+    # report
+    @property
+    def throughput(self) -> Path:
+        return self.root / "throughput.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "ledger.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def export(self, fmt: str) -> Path:
+        return self.root / "export" / fmt
+
+    @property
+    def registry(self) -> Path:
+        """The leaderboard shared by every run in the same runs directory."""
+        return self.root.parent / "registry.sqlite"
+
+    # checks and stamps
+    def check_creatable(self) -> None:
+        """Refuse, before anything is written, a run directory that could not be created or written."""
+        check_creatable(self.root, "run directory", "choose another runs_dir")
+
+    def stamps(self) -> dict:
+        """stage name -> fingerprint; a corrupt stages.json is a one-line error before a stage does any work."""
+        if not self.stamps_file.is_file():
+            return {}
+        stamps = read_json(self.stamps_file, "delete it and rerun (the stages run again; cached teacher answers "
+                                              "are kept, so no request is paid twice)")
+        if not isinstance(stamps, dict):
+            raise UserError(f"{self.stamps_file} is corrupt: delete it and rerun (the stages run again; cached "
+                            "teacher answers are kept, so no request is paid twice)")
+        return stamps
+
+    def stamp(self, stage: str, fingerprint: str) -> None:
+        write_json(self.stamps_file, self.stamps() | {stage: fingerprint})
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
+# Transitional: the old free functions, until every stage goes through stage.run_stage. Removed in this change.
 def check_run_dir(run_dir: Path) -> None:
-    """Refuse, before anything is written, a run directory that could not be created or written."""
-    check_creatable(run_dir, "run directory", "choose another runs_dir")
-
-
-def check_creatable(directory: Path, what: str, hint: str) -> None:
-    """Check, without creating anything, that `directory` exists as a directory or could be made.
-
-    No NUL in the path, and its nearest existing ancestor is a writable directory that is not a kernel
-    pseudo-filesystem (/proc, /sys refuse mkdir with odd errors).
-    """
-    if "\x00" in str(directory):
-        raise UserError(f"{what} {str(directory)!r} contains a NUL character: {hint}")
-    path = Path(os.path.abspath(directory))
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} exists and is not a directory: {hint}")
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"cannot create {what} {path}: {ancestor} is a file, not a directory; {hint}")
-    if ancestor.parts[1:2] in (("proc",), ("sys",)):
-        raise UserError(f"cannot create {what} {path}: /{ancestor.parts[1]} is not for files; {hint}")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"cannot create {what} {path}: {ancestor} is not writable; {hint}")
-
-
-def _stamps(run_dir: Path) -> dict:
-    path = run_dir / "stages.json"
-    if not path.is_file():
-        return {}
-    try:
-        stamps = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        stamps = None
-    if not isinstance(stamps, dict):
-        raise UserError(f"{path} is corrupt: delete it and rerun (the stages run again; cached teacher "
-                        "answers are kept, so no request is paid twice)")
-    return stamps
+    RunDir(Path(run_dir)).check_creatable()
 
 
 def check_stamps(run_dir: Path) -> None:
-    """A corrupt stages.json is an error before a stage does any work, not after."""
-    _stamps(run_dir)
+    RunDir(Path(run_dir)).stamps()
 
 
 def is_fresh(run_dir: Path, stage: str, stamp: str) -> bool:
-    return _stamps(run_dir).get(stage) == stamp
+    return RunDir(Path(run_dir)).stamps().get(stage) == stamp
 
 
 def mark_fresh(run_dir: Path, stage: str, stamp: str) -> None:
-    stamps = _stamps(run_dir)
-    stamps[stage] = stamp
-    write_atomic(run_dir / "stages.json", json.dumps(stamps, indent=1))
+    RunDir(Path(run_dir)).stamp(stage, stamp)

@@ -52,11 +52,13 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from distillab import logits as logit_paths
 from distillab import chat, losses, models, retain
-from distillab.config import RunConfig, write_atomic
+from distillab.config import RunConfig
+from distillab.files import write_atomic
 from distillab.dataset import (ArrowRows, Collator, DistillDataset, LengthGroupedSampler, RowSource, check_files, collate,
                                dataset_files)
 from distillab.errors import UserError
-from distillab.rundir import fingerprint, is_fresh, mark_fresh
+from distillab.files import fingerprint
+from distillab.rundir import is_fresh, mark_fresh
 
 # ----------------------------------------------------------------------------------------------------
 # The loss step: one function, its terms as sums; the caller divides by the window's token count.

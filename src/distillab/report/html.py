@@ -15,7 +15,8 @@ import math
 from pathlib import Path
 from string import Template
 
-from distillab.config import RunConfig, write_atomic
+from distillab.config import RunConfig
+from distillab.files import write_atomic
 from distillab.costs import break_even_phrase, human_count
 from distillab.evaluate import gap_closed
 from distillab.records import EvalResult, Ledger, RetainCost, SuiteScore, TeacherEvaluation, as_evals, suite_score

@@ -1,0 +1,96 @@
+"""The bottom layer: writing files whole, hashing them, locking them, checking a directory can be made.
+
+Everything distillab writes goes through `write_atomic` or `atomic_path` (a temp file beside the target, then
+one rename), so a reader never sees half a file and a kill leaves the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock
+
+from distillab.errors import UserError
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write to a temp file beside `path`, then rename: readers never see half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+
+
+def write_json(path: Path, obj, **dumps) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, **dumps))
+
+
+@contextmanager
+def atomic_path(path: Path, suffix: str = ""):
+    """A temp path beside `path` to write (by any library); renamed onto `path` when the block ends without an
+    error, removed when it raises. `suffix`: for writers that pick a format by file name (".npz")."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{suffix}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path, hint: str = "delete it and rerun"):
+    """The JSON in `path`; a file that is not UTF-8 JSON is a one-line error naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path} is corrupt (not JSON): {hint}") from None
+
+
+def lock(path: Path) -> FileLock:
+    """An exclusive lock on `path` (created beside the data it guards): `with lock(p): ...`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(*parts) -> str:
+    """Hash of JSON-able parts and files (Path parts are hashed by content)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            h.update(file_digest(part).encode())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def check_creatable(directory: Path, what: str, hint: str) -> None:
+    """Check, without creating anything, that `directory` exists as a directory or could be made.
+
+    No NUL in the path, and its nearest existing ancestor is a writable directory that is not a kernel
+    pseudo-filesystem (/proc, /sys refuse mkdir with odd errors).
+    """
+    if "\x00" in str(directory):
+        raise UserError(f"{what} {str(directory)!r} contains a NUL character: {hint}")
+    path = Path(os.path.abspath(directory))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} exists and is not a directory: {hint}")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create {what} {path}: {ancestor} is a file, not a directory; {hint}")
+    if ancestor.parts[1:2] in (("proc",), ("sys",)):
+        raise UserError(f"cannot create {what} {path}: /{ancestor.parts[1]} is not for files; {hint}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create {what} {path}: {ancestor} is not writable; {hint}")
