@@ -1,9 +1,10 @@
-# Two commands: `make demo` (installs, then runs the lab demo) and `make test` (installs test needs, runs the suite).
+# Two commands: `make demo` (installs, then runs the lab demo) and `make test` (installs test needs, runs the suite);
+# `make lint` is what CI checks besides the tests.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.test-installed   # CI runs it too: ruff (lint + format) and the import layers (pyproject.toml)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.test-installed
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]' torch==2.13.0

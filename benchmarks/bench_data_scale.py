@@ -257,7 +257,7 @@ def padding_options(root: Path, student: Path, n: int, chunk_size: int = 0) -> l
 
 def main_cache(args) -> None:
     """Cache part: the request cache's bytes per completion token against the dataset's, by answer length."""
-    from distillab.serve import server_process
+    from distillab.testing import server_process
 
     cases = [(("reverse", "upper"), 4), (("describe", "tell me about"), 16), (("describe", "tell me about"), 64)]
     with server_process(args.cache_model, "--max-batch", "64") as base_url:
@@ -304,7 +304,7 @@ def main() -> None:
     if args.part == "cache":
         return main_cache(args)
 
-    from distillab.serve import server_process
+    from distillab.testing import server_process
 
     with tempfile.TemporaryDirectory() as tmp, server_process(args.model,
                                                               "--max-batch", "64") as base_url:

@@ -37,7 +37,8 @@ import openai  # noqa: E402
 
 from distillab.config import from_dict  # noqa: E402
 from distillab.generate import run_generate  # noqa: E402
-from distillab.serve import read_metrics as metrics, server_process  # noqa: E402
+from distillab.testing import read_metrics as metrics  # noqa: E402
+from distillab.testing import server_process  # noqa: E402
 
 
 def unique_prompts(n: int, seen: set, rng: random.Random) -> list[str]:

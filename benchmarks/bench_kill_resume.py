@@ -38,10 +38,10 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from distillab.cache import request_key  # noqa: E402
 from distillab.config import from_dict  # noqa: E402
-from distillab.generate import load_prompts  # noqa: E402
+from distillab.prompts import load_prompts  # noqa: E402
 from distillab.teachers import make_teacher  # noqa: E402
-from distillab.serve import metric_sum, server_process, subprocess_env  # noqa: E402
-from distillab.serve import read_metrics as metrics  # noqa: E402
+from distillab.testing import metric_sum, server_process, subprocess_env  # noqa: E402
+from distillab.testing import read_metrics as metrics  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------

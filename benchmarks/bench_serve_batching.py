@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import openai  # noqa: E402
 
 from distillab.models import LAB_CHECKPOINTS  # noqa: E402
-from distillab.serve import read_metrics as metrics, server_process  # noqa: E402
+from distillab.testing import read_metrics, server_process  # noqa: E402
 
 
 def snapshot(model: str, workdir: Path) -> tuple[Path | str, str]:
@@ -97,9 +97,9 @@ def main() -> None:
         for max_batch in ([1, args.max_batch] if r % 2 == 0 else [args.max_batch, 1]):
             with server_process(model_dir, "--max-batch", str(max_batch)) as base_url:
                 asyncio.run(load(base_url, served, prompts_for(32, seed=1000 + r), args.concurrency, args.max_tokens))
-                before = metrics(base_url)
+                before = read_metrics(base_url)
                 seconds, tokens = asyncio.run(load(base_url, served, prompts, args.concurrency, args.max_tokens))
-                after = metrics(base_url)
+                after = read_metrics(base_url)
             batches = after["distillab_batches_total"] - before["distillab_batches_total"]
             results[max_batch].append(len(prompts) / seconds)
             tokens_seen[max_batch] = tokens

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from distillab.config import from_dict
-from distillab.evaluate import evaluate_model, gap_closed, suites
+from distillab.scoring import evaluate_model, gap_closed, suites
 from distillab.generate import run_generate
 from distillab.train import run_train
 

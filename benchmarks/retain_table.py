@@ -19,9 +19,9 @@ from pathlib import Path
 
 from distillab.config import from_dict
 from distillab.demo import RETAIN, demo_config, share_teacher_cache
-from distillab.evaluate import evaluate_model, gap_closed, suites
+from distillab.scoring import evaluate_model, gap_closed, suites
 from distillab.generate import run_generate
-from distillab.retain import choose_student
+from distillab.select import choose_student
 from distillab.train import run_train
 
 SELECT = {"select_checkpoints": True, "dev_n_per_skill": RETAIN["dev_n_per_skill"]}

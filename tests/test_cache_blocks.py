@@ -1,12 +1,16 @@
 """The request cache packs committed responses into blocks: every response reads back exactly as it was committed,
-before and after packing and after reopening; a kill -9 at any point of a repack loses nothing; older layouts read."""
+before and after packing and after reopening; a kill -9 at any point of a repack loses nothing; a cache of an earlier
+layout is converted on open, in one transaction a kill cannot tear."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +19,7 @@ import pytest
 
 from distillab import cache as cache_module
 from distillab.cache import RequestCache, request_key
+from distillab.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,42 +98,56 @@ def test_every_response_reads_back_the_same_before_and_after_packing(tmp_path, m
 
 
 KILLED_CHILD = """
-import sys, time
+import sqlite3, sys, time
 from pathlib import Path
 from distillab import cache as cache_module
 from tests.test_cache_blocks import put_all
+path, arm, at = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 cache_module.PACK_ROWS = 40
-cache = cache_module.RequestCache(Path(sys.argv[1]))
 armed = []
-def stop_at(statement):  # SQLite's own trace of each statement as it starts: stop inside the repack
-    armed.append(statement.startswith("BEGIN IMMEDIATE") or bool(armed and armed[-1]))
-    if armed[-1] and statement.startswith(sys.argv[2]):
+def stop_at(statement):  # SQLite's own trace of each statement as it starts: stop at `at` once `arm` has run
+    armed.append(statement.startswith(arm) or bool(armed and armed[-1]))
+    if armed[-1] and statement.startswith(at):
         print("inside", flush=True)
         time.sleep(120)
+if arm == "ALTER TABLE":  # a conversion runs inside open: trace the cache's connection from its first statement
+    connect = sqlite3.connect
+    def traced(*args, **kwargs):
+        db = connect(*args, **kwargs)
+        db.set_trace_callback(stop_at)
+        return db
+    sqlite3.connect = traced
+cache = cache_module.RequestCache(path)
 cache.db.set_trace_callback(stop_at)
 put_all(cache, 40)
 print("not stopped", flush=True)
 """
 
 
-@pytest.mark.parametrize("at", ["INSERT INTO blocks", "INSERT INTO packed", "DELETE FROM loose", "COMMIT"])
-def test_a_kill_at_any_point_of_a_repack_loses_nothing(tmp_path, at):
-    """A child commits 40 responses; the 40th starts a repack; SIGKILL there, before its COMMIT is written (the
-    sleep is in SQLite's trace hook, at the start of that statement). Reopened: all 40 read back exactly."""
-    path = tmp_path / "teacher.sqlite"
+def kill_inside(path: Path, arm: str, at: str) -> None:
+    """A child opens the cache at `path` and commits 40 responses; SIGKILL where it stops: at the start of the
+    statement `at`, once a statement `arm` has run (the sleep is in SQLite's trace hook)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
-    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(path), at], cwd=ROOT, env=env,
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(path), arm, at], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline()
         assert line == "inside\n", (line, child.stderr.read())
-        assert (path.parent / "teacher.sqlite-wal").exists()  # the write-ahead log (the kill leaves it to recover)
+        assert path.with_name(path.name + "-wal").exists()  # the write-ahead log (the kill leaves it to recover)
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@pytest.mark.parametrize("at", ["INSERT INTO blocks", "INSERT INTO packed", "DELETE FROM loose", "COMMIT"])
+def test_a_kill_at_any_point_of_a_repack_loses_nothing(tmp_path, at):
+    """The 40th response starts a repack; the kill comes inside it, before its COMMIT is written. Reopened: all 40
+    read back exactly."""
+    path = tmp_path / "teacher.sqlite"
+    kill_inside(path, "BEGIN IMMEDIATE", at)
     assert count(path, "loose") == 40 and count(path, "packed") == 0 and count(path, "blocks") == 0
     cache = RequestCache(path)
     got = read_all(cache, 40)
@@ -142,27 +161,132 @@ def test_a_kill_at_any_point_of_a_repack_loses_nothing(tmp_path, at):
     cache.close()
 
 
-def test_a_cache_of_layout_2_still_reads_and_grows_unpacked(tmp_path, monkeypatch):
-    """LAYOUT 2 (one row a response, binary keys, a trained dictionary): read and extended as it is."""
-    monkeypatch.setattr(cache_module, "DICT_TRAIN_ROWS", 16)
+# Caches of an earlier layout: one `responses` row a response (and `dictionaries` in user_version 2).
+EARLIER_SCHEMA = """
+CREATE TABLE responses (key {key} PRIMARY KEY, request {value} NOT NULL, response {value} NOT NULL,
+  prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, latency_s REAL NOT NULL, attempts INTEGER NOT NULL,
+  created_at REAL NOT NULL);
+CREATE TABLE failures (key TEXT PRIMARY KEY, request TEXT NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,
+  failed_at REAL NOT NULL);
+"""
+FAILURE = {"key": "ab" * 32, "error": "timed out", "attempts": 3}
+
+
+def write_earlier_cache(path: Path, kind: str, n: int = 30) -> None:
+    """A cache of an earlier layout holding responses 0..n-1 (make_response) and FAILURE. kind: "json" (user_version
+    0: hex keys, responses as JSON), "DLR1" (0: hex keys, zstd blobs of response_raw), "dictionary" (2: binary keys,
+    DLR2 blobs, responses 10.. and their requests compressed with zstd dictionary 1). A response the codec cannot hold
+    is JSON in each."""
+    import zstandard as zstd
+
+    pairs = [make_response(i) for i in range(n)]
+    raws = []
+    for _, response in pairs:
+        try:
+            raws.append(cache_module.response_raw(response))
+        except ValueError:  # token strings, no ids
+            raws.append(None)
+    binary = kind == "dictionary"
+    plain = zstd.ZstdCompressor(level=9, write_checksum=False, write_dict_id=False)
+    if binary:
+        samples = [json.dumps(request, sort_keys=True).encode() for request, _ in pairs] + [r for r in raws if r]
+        dictionary = zstd.train_dictionary(16 * 1024, samples, level=9)
+        shared = zstd.ZstdCompressor(level=9, dict_data=dictionary, write_checksum=False, write_dict_id=False)
+    db = sqlite3.connect(path)
+    db.executescript(EARLIER_SCHEMA.format(key="BLOB" if binary else "TEXT", value="BLOB" if binary else "TEXT"))
+    for i, ((request, response), raw) in enumerate(zip(pairs, raws)):
+        key, text, stored = request_key(request), json.dumps(request, sort_keys=True), json.dumps(response)
+        if kind == "DLR1" and raw:
+            stored = b"DLR1" + struct.pack("<I", len(raw)) + plain.compress(raw)
+        elif binary and raw and i < 10:
+            stored = b"DLR2" + struct.pack("<I", 0) + plain.compress(raw)
+        elif binary and raw:
+            stored = b"DLR2" + struct.pack("<I", 1) + shared.compress(raw)
+            text = b"DLR2" + struct.pack("<I", 1) + shared.compress(text.encode())
+        db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (bytes.fromhex(key) if binary else key, text, stored, response["prompt_tokens"],
+                    response["completion_tokens"], 0.25 + i / 1000, 1 + i % 2, 1000.0 + i))
+    if binary:
+        db.execute("CREATE TABLE dictionaries (id INTEGER PRIMARY KEY, data BLOB NOT NULL, created_at REAL NOT NULL)")
+        db.execute("INSERT INTO dictionaries VALUES (1, ?, 0)", (dictionary.as_bytes(),))
+    db.execute("INSERT INTO failures VALUES (?, '{}', ?, ?, 0)", (FAILURE["key"], FAILURE["error"], FAILURE["attempts"]))
+    db.execute(f"PRAGMA user_version = {2 if binary else 0}")
+    db.commit()
+    db.close()
+
+
+def expected_reads(tmp_path: Path, kind: str, n: int = 30) -> list:
+    """What read_all gives for responses 0..n-1 of an earlier cache of `kind`: a blob reads as the same response
+    committed to a cache of this layout; a JSON response as its JSON."""
+    if kind == "json":
+        loaded = [(json.loads(json.dumps(r)), request) for request, r in map(make_response, range(n))]
+        return [(r, r | {"topk": None}, request) for r, request in loaded]
+    reference = RequestCache(tmp_path / "reference.sqlite")
+    put_all(reference, n)
+    try:
+        return read_all(reference, n)
+    finally:
+        reference.close()
+
+
+def layout_of(path: Path) -> tuple[int, set[str]]:
+    db = sqlite3.connect(path)
+    try:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+        return db.execute("PRAGMA user_version").fetchone()[0], names
+    finally:
+        db.close()
+
+
+CURRENT_TABLES = {"loose", "blocks", "packed", "failures", "responses"}
+
+
+@pytest.mark.parametrize("kind", ["json", "DLR1", "dictionary"])
+def test_a_cache_of_an_earlier_layout_is_converted_on_open(tmp_path, kind):
+    """Hex or binary keys, JSON, DLR1 blobs or a trained dictionary: opened, the cache holds every response in
+    blocks, each reads back as before, its failures are kept, and it grows like any other."""
     path = tmp_path / "teacher.sqlite"
-    db = sqlite3.connect(path)
-    db.executescript(cache_module.SCHEMA + "PRAGMA user_version = 2;")
-    db.close()
+    write_earlier_cache(path, kind)
+    expected = expected_reads(tmp_path, kind)
     cache = RequestCache(path)
-    put_all(cache, 30)
-    assert cache.layout == 2 and cache.writer.id == 1
-    got = read_all(cache, 30)
-    cache.close()
-    cache = RequestCache(path)
-    assert read_all(cache, 30) == got
+    assert layout_of(path) == (cache_module.LAYOUT, CURRENT_TABLES)
+    assert count(path, "packed") == count(path, "responses") == 30 and count(path, "loose") == 0
+    assert read_all(cache, 30) == expected
+    keys = [request_key(make_response(i)[0]) for i in range(30)]
+    assert cache.cached_keys(keys) == set(keys) and cache.failures() == [FAILURE]
+    usage = cache.usage(keys)
+    assert usage["requests"] == 30 and usage["latency_s"] == pytest.approx(sum(0.25 + i / 1000 for i in range(30)))
     put_all(cache, 40, start=30)
-    assert read_all(cache, 40)[:30] == got
+    grown = read_all(cache, 40, start=30)
     cache.close()
-    assert count(path, "responses") == 40
+    cache = RequestCache(path)
+    assert read_all(cache, 40) == expected + grown and count(path, "responses") == 40
+    cache.close()
+
+
+@pytest.mark.parametrize("at", ["INSERT INTO blocks", "INSERT INTO failures", "DROP TABLE", "COMMIT"])
+def test_a_kill_during_a_conversion_loses_nothing(tmp_path, at):
+    """The conversion is one transaction: killed inside it, the file keeps its earlier layout; the next open
+    converts it."""
+    path = tmp_path / "teacher.sqlite"
+    write_earlier_cache(path, "dictionary")
+    before = layout_of(path)
+    kill_inside(path, "ALTER TABLE", at)
+    assert layout_of(path) == before == (2, {"responses", "failures", "dictionaries"})
+    assert count(path, "responses") == 30
+    cache = RequestCache(path)
+    assert read_all(cache, 30) == expected_reads(tmp_path, "dictionary") and cache.failures() == [FAILURE]
+    cache.close()
+    assert layout_of(path) == (cache_module.LAYOUT, CURRENT_TABLES)
+
+
+def test_a_missing_dictionary_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "teacher.sqlite"
+    write_earlier_cache(path, "dictionary")
     db = sqlite3.connect(path)
-    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
-    key_types = {type(k) for k, in db.execute("SELECT key FROM responses")}
+    db.execute("DELETE FROM dictionaries")
+    db.commit()
     db.close()
-    assert "loose" not in names and "packed" not in names
-    assert key_types == {bytes}  # its binary keys, as layout 2 writes them
+    with pytest.raises(UserError, match=re.escape(f"{path}: unusable teacher cache (a response needs zstd dictionary 1")):
+        RequestCache(path)
+    assert layout_of(path)[0] == 2  # left as it is

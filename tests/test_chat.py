@@ -11,15 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from distillab import chat
+from distillab.batching import collate
 from distillab.cache import RequestCache, request_key
 from distillab.config import from_dict, to_toml
-from distillab.dataset import collate, read_dataset
+from distillab.dataset import read_dataset
 from distillab.errors import UserError
-from distillab.generate import load_prompts, run_generate
+from distillab.generate import run_generate
 from distillab.lab.tokenizer import build_tokenizer
+from distillab.prompts import load_prompts
 from distillab.sampling import encode_example
+from distillab.testing import server_thread
 from tests.helpers import save_tiny_llama
-from tests.serve_fixture import server_thread
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -150,7 +152,7 @@ def test_chat_files_in_every_shape_read_the_same(tmp_path):
     records.append({"conv": [{"role": "user", "content": [{"type": "text", "text": "call it"}]},
                              {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
                              {"role": "tool", "content": "42"}, {"role": "user", "content": "so?"}]})
-    jsonl = write_jsonl(tmp_path / "p.jsonl", records)
+    write_jsonl(tmp_path / "p.jsonl", records)
     table = pa.Table.from_pylist([{"conv": json.dumps(r.get("conv")) if "conv" in r else None,
                                    "question": r.get("question"), "ref": r.get("ref")} for r in records])
     pq.write_table(table, tmp_path / "p.parquet")

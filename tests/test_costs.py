@@ -10,6 +10,7 @@ import pytest
 from distillab import costs
 from distillab.config import RunConfig
 from distillab.records import Throughput, read_ledger
+from distillab.rundir import RunDir
 
 
 def test_break_even_hand_computed():
@@ -54,12 +55,12 @@ EVALS = {"teacher": {"model": "t", "task": {"score": 0.9}, "general": {"score": 
 
 def _run(tmp_path, generate_summary: dict | None, **cfg) -> RunConfig:
     config = RunConfig.model_validate({"name": "r", "runs_dir": str(tmp_path)} | cfg)
-    (config.run_dir / "data").mkdir(parents=True)
-    (config.run_dir / "student").mkdir()
+    run = RunDir(config.run_dir)
+    run.data.mkdir(parents=True)
+    run.student.mkdir()
     if generate_summary is not None:
-        (config.run_dir / "data" / "generate_summary.json").write_text(json.dumps(generate_summary))
-    (config.run_dir / "student" / "train_summary.json").write_text(
-        json.dumps({"train_seconds": 360.0, "flops": 1e15, "steps": 100}))
+        run.generate_summary("train").write_text(json.dumps(generate_summary))
+    run.train_summary.write_text(json.dumps({"train_seconds": 360.0, "flops": 1e15, "steps": 100}))
     return config
 
 
@@ -76,8 +77,8 @@ def test_ledger_with_priced_override_teacher(tmp_path, fake_throughput):
                                            "usd_per_1m_input": 3.0, "usd_per_1m_output": 15.0},
                costs={"train_usd_per_hour": 1.0, "serve_usd_per_hour": 1.8, "queries_per_month": 1000})
     ledger = costs.build_ledger(cfg, EVALS)
-    assert json.loads((cfg.run_dir / "ledger.json").read_text()) == ledger.to_dict()
-    assert read_ledger(cfg.run_dir / "ledger.json") == ledger
+    assert json.loads(RunDir(cfg.run_dir).ledger.read_text()) == ledger.to_dict()
+    assert read_ledger(RunDir(cfg.run_dir).ledger) == ledger
     assert ledger["teacher_generation"]["price_status"] == "override"
     assert ledger["training"]["usd"] == pytest.approx(0.1)  # 360 s at $1/h
     assert ledger["total_usd"] == pytest.approx(1.15)
@@ -125,6 +126,27 @@ def test_ground_truth_run_has_no_teacher_spend(tmp_path, fake_throughput):
     assert ledger["teacher_generation"]["price_status"] == "not_used" and ledger["teacher_generation"]["usd"] == 0.0
     assert ledger["break_even"]["status"] == "unknown"  # no dataset: tokens per query unknown
     assert "tokens per query" in ledger["break_even"]["reason"]
+
+
+def test_throughput_is_measured_once_per_student(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(costs, "measure_throughput", lambda *a, **k: measured.append(a) or Throughput(
+        tokens_per_s=250.0 + len(measured), tokens=500, seconds=2.0, batch_size=32, batches=1, device="cpu",
+        reason=None))
+    monkeypatch.setattr(costs, "serving_prompts", lambda cfg: ["1+1=\n"])
+    cfg = _run(tmp_path, None, data={"source": "lab"})
+    run = RunDir(cfg.run_dir)
+    (run.student / "model.safetensors").write_bytes(b"weights")
+    first = costs.build_ledger(cfg, EVALS)
+    assert len(measured) == 1 and run.throughput.is_file()
+    # the report's own records beside the model change, the model does not: read back, not measured again
+    (run.student / "lineage.json").write_text("{}")
+    (run.student / "README.md").write_text("card")
+    again = costs.build_ledger(cfg, EVALS)
+    assert len(measured) == 1 and again.serving == first.serving
+    assert again.serving.to_dict() == first.serving.to_dict()
+    (run.student / "model.safetensors").write_bytes(b"retrained")  # a new student is measured again
+    assert costs.build_ledger(cfg, EVALS).serving.student_tokens_per_s == 252.0 and len(measured) == 2
 
 
 def test_measure_throughput_on_lab_model():

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from distillab import crosstok
+from distillab.batching import collate
 from distillab.crosstok import END, TeacherTokens, align
-from distillab.dataset import collate, read_dataset
+from distillab.dataset import read_dataset
 from distillab.lab.tokenizer import build_bpe_tokenizer, build_tokenizer
 from distillab.lab.world import SKILLS
 from tests.helpers import save_tiny_llama, tiny_config

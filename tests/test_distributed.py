@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from distillab.generate import run_generate
+from distillab.rundir import RunDir
 from tests.helpers import tiny_config
 
 ONE_SGD_STEP = textwrap.dedent('''
@@ -46,7 +47,7 @@ def test_two_processes_take_the_step_one_process_takes(tmp_path, tiny_teacher, t
     run_generate(cfg, log=lambda *_: None)
     script = tmp_path / "one_step.py"
     script.write_text(ONE_SGD_STEP)
-    data = str(cfg.run_dir / "data" / "train.parquet")
+    data = str(RunDir(cfg.run_dir).dataset("train"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(out, batch, *launcher):

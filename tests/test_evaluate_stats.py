@@ -11,9 +11,9 @@ import torch
 
 from distillab import models
 from distillab.errors import UserError
-from distillab.evaluate import (TEXT_SCORERS, bootstrap_ci, choice_loglikelihoods, extract_number, load_task_suite, normalize_text,
-                                score_multiple_choice, score_normalized_exact, score_numeric,
-                                score_regex, score_task_suite)
+from distillab.scoring import (TEXT_SCORERS, bootstrap_ci, choice_loglikelihoods, extract_number, load_task_suite, normalize_text,
+                               score_multiple_choice, score_normalized_exact, score_numeric,
+                               score_regex, score_task_suite)
 
 # ----------------------------------------------------------------------------------------------------
 # Bootstrap coverage: simulate many suites whose true rate is known.

@@ -15,6 +15,7 @@ from distillab.dataset import TOPK_PREFIX, read_dataset, write_dataset
 from distillab.errors import UserError
 from distillab.export import BATCH_ROWS, export_run
 from distillab.provenance import provenance_row
+from distillab.rundir import RunDir
 
 
 def _rows(n: int, k: int = 4, seed: int = 0, with_topk=lambda i: i % 3 != 2, system=None) -> list[dict]:
@@ -39,7 +40,7 @@ def _rows(n: int, k: int = 4, seed: int = 0, with_topk=lambda i: i % 3 != 2, sys
 @pytest.fixture
 def run_dir(tmp_path):
     run = tmp_path / "runs" / "r"
-    write_dataset(run / "data" / "train.parquet", _rows(12))
+    write_dataset(RunDir(run).dataset("train"), _rows(12))
     return run
 
 
@@ -56,7 +57,7 @@ def test_plain_parquet_through_datasets_equals_read_dataset(run_dir, tmp_path):
 
     loaded = datasets.load_dataset("parquet", data_files=str(path), split="train",
                                    cache_dir=str(tmp_path / "hf_cache"))
-    expected = read_dataset(run_dir / "data" / "train.parquet")
+    expected = read_dataset(RunDir(run_dir).dataset("train"))
     assert len(loaded) == len(expected) == 12
     for got, want in zip(loaded, expected):
         assert got.keys() == want.keys()  # text, ids, provenance and skill columns all kept
@@ -84,10 +85,11 @@ def test_plain_top_k_is_the_teachers_to_the_codecs_precision(run_dir, tmp_path):
 def test_plain_streams_in_batches_and_keeps_the_replay_set_apart(tmp_path):
     run = tmp_path / "run"
     n = BATCH_ROWS + 5  # over one batch: rows from both batches must land, in order
-    write_dataset(run / "data" / "train.parquet", _rows(n, k=2))
-    write_dataset(run / "data" / "replay.parquet", _rows(3, with_topk=lambda i: False))  # replay without top-k
+    write_dataset(RunDir(run).dataset("train"), _rows(n, k=2))
+    write_dataset(RunDir(run).dataset("replay"), _rows(3, with_topk=lambda i: False))  # replay without top-k
     train, replay = export_run(run, "plain")
-    assert (train, replay) == (run / "export/plain/train.parquet", run / "export/plain/replay.parquet")
+    plain = RunDir(run).export("plain")
+    assert (train, replay) == (plain / "train.parquet", plain / "replay.parquet")
     assert pq.read_table(train, columns=["prompt"])["prompt"].to_pylist() == [f"q{i}\n" for i in range(n)]
     table = pq.read_table(replay)
     assert table.num_rows == 3 and table["top_ids"].null_count == 3
@@ -103,17 +105,17 @@ def test_a_sharded_dataset_exports_as_one_file_a_shard_at_a_time(tmp_path, monke
     monkeypatch.setattr(export, "BATCH_ROWS", 5)  # batches never cross a shard: 12 rows = 5 + 5 + 2
     run = tmp_path / "runs" / "r"
     rows = _rows(30)
-    shards = run / "data" / "train"
+    shards = RunDir(run).data / "train"  # the shards of data/train.parquet
     write_dataset(shards / "part-00000-of-00002-000000-aaaa.parquet", rows[:12])
     write_dataset(shards / "part-00000-of-00002-000001-bbbb.parquet",
                   [{k: v for k, v in r.items() if not k.startswith("top_")} for r in rows[12:20]])
     write_dataset(shards / "part-00001-of-00002-000000-cccc.parquet",
                   [{k: v for k, v in r.items() if k != "skill"} for r in rows[20:]])
-    assert not (run / "data" / "train.parquet").exists()
+    assert not RunDir(run).dataset("train").exists()
 
     (plain,) = export_run(run, "plain", tmp_path / "plain")
     assert plain.name == "train.parquet"
-    expected = read_dataset(run / "data" / "train.parquet")  # the shard set
+    expected = read_dataset(RunDir(run).dataset("train"))  # the shard set
     got = pq.read_table(plain).to_pylist()
     assert len(got) == len(expected) == 30
     for g, w in zip(got, expected):
@@ -129,7 +131,7 @@ def test_a_sharded_dataset_exports_as_one_file_a_shard_at_a_time(tmp_path, monke
 def test_openai_chat_jsonl_matches_the_rows(tmp_path):
     run = tmp_path / "run"
     rows = _rows(5, system=lambda i: "You are terse." if i % 2 == 0 else None)
-    write_dataset(run / "data" / "train.parquet", rows)
+    write_dataset(RunDir(run).dataset("train"), rows)
     (path,) = export_run(run, "openai-chat")
     lines = path.read_text(encoding="utf-8").splitlines()
     assert path.name == "train.jsonl" and len(lines) == 5
@@ -145,7 +147,7 @@ def test_openai_chat_uses_a_rows_earlier_turns(tmp_path):
     run = tmp_path / "run"
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2="}]
-    write_dataset(run / "data" / "train.parquet",
+    write_dataset(RunDir(run).dataset("train"),
                   [{"prompt": "2+2=", "completion": "4", "messages": turns, "completion_ids": [1]}])
     (path,) = export_run(run, "openai-chat")
     assert json.loads(path.read_text())["messages"] == turns + [{"role": "assistant", "content": "4"}]
@@ -155,8 +157,8 @@ def test_export_from_the_config_and_through_the_cli(run_dir, tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text(f'name = "r"\nruns_dir = "{run_dir.parent}"\n')
     assert run_cli(["export", str(config), "--format", "openai-chat"]) == 0
-    assert capsys.readouterr().out.strip() == str(run_dir / "export" / "openai-chat" / "train.jsonl")
-    assert len((run_dir / "export/openai-chat/train.jsonl").read_text().splitlines()) == 12
+    assert capsys.readouterr().out.strip() == str(RunDir(run_dir).export("openai-chat") / "train.jsonl")
+    assert len((RunDir(run_dir).export("openai-chat") / "train.jsonl").read_text().splitlines()) == 12
 
 
 @pytest.mark.parametrize("case", ["no dataset", "unknown format", "out is a file", "no such run"])
@@ -178,6 +180,6 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys, cas
 def test_export_run_raises_user_errors(run_dir):
     with pytest.raises(UserError, match="unknown export format"):
         export_run(run_dir, "csv")
-    (run_dir / "data" / "train.parquet").write_bytes(b"not parquet")
+    RunDir(run_dir).dataset("train").write_bytes(b"not parquet")
     with pytest.raises(UserError, match="not a readable Parquet file"):
         export_run(run_dir, "plain")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-
 import pytest
+from benchmarks.bench_kill_resume import kill_and_resume
 
 from distillab.cache import request_key
 from distillab.dataset import read_dataset
 from distillab.teachers import make_teacher
-from benchmarks.bench_kill_resume import kill_and_resume
-from tests.serve_fixture import generate_config, metric_sum, metrics, server_process
+from distillab.testing import metric_sum, server_process
+from distillab.testing import read_metrics as metrics
+from tests.serve_fixture import generate_config
 
 
 @pytest.mark.slow
@@ -28,7 +29,7 @@ def test_kill_nine_and_resume_answers_every_prompt_exactly_once(tmp_path, tiny_t
     assert any(after > before for before, after in outcome["kills"])  # killed mid-run, with progress made
     rows = read_dataset(cfg.run_dir / "data" / "train.parquet")
     teacher_ = make_teacher(cfg.teacher)
-    from distillab.generate import load_prompts
+    from distillab.prompts import load_prompts
 
     keys = [request_key(teacher_.request(p["prompt"])) for p in load_prompts(cfg)]
     assert [r["request_hash"] for r in rows] == keys  # every prompt has its row, in order, once

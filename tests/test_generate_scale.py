@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from distillab import cache as cache_module
@@ -20,9 +19,12 @@ from distillab.cache import RequestCache, request_key
 from distillab.config import to_toml
 from distillab.dataset import dataset_files, read_dataset
 from distillab.errors import UserError
-from distillab.generate import parse_shard, run_generate
-from distillab.serve import server_popen
-from tests.serve_fixture import child_env, generate_config, metric_sum, metrics, server_thread
+from distillab.generate import run_generate
+from distillab.shards import in_shard, parse_shard
+from distillab.testing import metric_sum, server_popen, server_thread
+from distillab.testing import read_metrics as metrics
+from distillab.testing import subprocess_env as child_env
+from tests.serve_fixture import generate_config
 
 quiet = {"log": lambda *a: None}
 
@@ -212,9 +214,9 @@ def test_samples_per_prompt_are_distinct_cached_requests(tmp_path, tiny_teacher,
 
 
 @pytest.mark.parametrize("old", ["json", "DLR1"])
-def test_a_cache_of_an_older_layout_still_reads_and_grows(tmp_path, tiny_teacher, two_servers, old):
-    """Caches written before this layout: hex TEXT keys, responses as JSON (before the codec) or as zstd blobs
-    without a dictionary (DLR1). Their answers are reused and new ones are added in their own layout."""
+def test_a_cache_of_an_earlier_layout_is_converted_and_grows(tmp_path, tiny_teacher, two_servers, old):
+    """Caches of an earlier layout: hex TEXT keys, responses as JSON or as zstd blobs without a dictionary (DLR1).
+    Converted on open (cache.RequestCache), their answers are reused and new ones are added."""
     import struct
 
     import pyarrow as pa
@@ -251,8 +253,8 @@ def test_a_cache_of_an_older_layout_still_reads_and_grows(tmp_path, tiny_teacher
     assert run_generate(more, **quiet).requests_sent == 3
     db = sqlite3.connect(path)
     keys = [k for k, in db.execute("SELECT key FROM responses")]
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 0 and len(keys) == 8
-    assert all(isinstance(k, str) and len(k) == 64 for k in keys)  # still hex keys
+    assert db.execute("PRAGMA user_version").fetchone()[0] == cache_module.LAYOUT and len(keys) == 8
+    assert all(isinstance(k, bytes) and len(k) == 32 for k in keys)  # converted to binary keys
     db.close()
 
 
@@ -267,7 +269,7 @@ CREATE TABLE failures (key TEXT PRIMARY KEY, request TEXT NOT NULL, error TEXT N
 
 def test_shard_assignment_is_a_partition_and_bad_specs_are_one_line():
     prompts = [f"prompt {i}" for i in range(300)]
-    owners = [[i for i in range(3) if generate.in_shard(p, (i, 3))] for p in prompts]
+    owners = [[i for i in range(3) if in_shard(p, (i, 3))] for p in prompts]
     assert all(len(o) == 1 for o in owners)
     assert 60 < sum(o == [0] for o in owners) < 140
     assert parse_shard("2/3") == (2, 3) and parse_shard(None) == (0, 1)

@@ -11,7 +11,7 @@ import torch
 from distillab import models
 from distillab.config import RunConfig
 from distillab.errors import UserError
-from distillab.evaluate import score_multiple_choice
+from distillab.scoring import score_multiple_choice
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install lm-eval")
 

@@ -18,14 +18,16 @@ import pytest
 
 from distillab.cache import RequestCache
 from distillab.config import TeacherConfig, to_toml
-from distillab.files import write_atomic
-from distillab.errors import UserError
 from distillab.dataset import read_dataset
+from distillab.errors import UserError
+from distillab.files import write_atomic
 from distillab.generate import run_generate
 from distillab.lab.tokenizer import build_tokenizer
 from distillab.serve import FaultConfig, ServeLimits
 from distillab.teachers.openai_compat import OpenAITeacher, _retry_after_s, map_top_tokens
-from tests.serve_fixture import generate_config, metric_sum, metrics, server_thread
+from distillab.testing import metric_sum, server_thread
+from distillab.testing import read_metrics as metrics
+from tests.serve_fixture import generate_config
 
 quiet = dict(log=lambda *_: None)
 # A teacher on 127.0.0.1 is unpriced, and says so; that warning is expected here.

@@ -12,7 +12,8 @@ from distillab.config import TeacherConfig
 from distillab.errors import UserError
 from distillab.generate import run_generate
 from distillab.pricing import TeacherPricing, UnpricedTeacherWarning
-from tests.serve_fixture import generate_config, server_thread
+from distillab.testing import server_thread
+from tests.serve_fixture import generate_config
 
 quiet = dict(log=lambda *_: None)
 

@@ -11,18 +11,16 @@ import pytest
 import yaml
 
 from distillab.errors import UserError
+from distillab.modelcard import format_lineage, update_lineage, write_model_card
 from distillab.provenance import (
     PROVENANCE_COLUMNS,
     build_lineage,
     declared_rows,
-    format_lineage,
     load_lineage,
     provenance_row,
     provenance_table,
     require_lineage,
     teacher_params_hash,
-    update_lineage,
-    write_model_card,
 )
 
 

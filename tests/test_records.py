@@ -12,8 +12,9 @@ from pydantic import BaseModel
 from distillab import records
 from distillab.config import RunConfig
 from distillab.errors import UserError
-from distillab.evaluate import evaluate_model
-from distillab.pipeline import load_evals
+from distillab.scoring import evaluate_model
+from distillab.report.finish import load_evals
+from distillab.rundir import RunDir
 from distillab.records import EvalResult, Ledger, read_eval, read_ledger, suite_score, write_record
 from distillab.report import build_report
 from distillab.report.html import task_skills
@@ -105,7 +106,7 @@ def test_report_from_an_old_run(tmp_path):
         (cfg.run_dir / "eval" / f"{label}.json").write_text(OLD_EVAL)
     (cfg.run_dir / "eval" / "lm_eval_base.json").write_text('{"results": {}}')  # lm-eval's own file: not read
     (cfg.run_dir / "ledger.json").write_text(OLD_LEDGER)
-    evals = load_evals(cfg)
+    evals = load_evals(RunDir(cfg.run_dir))
     assert list(evals) == ["base", "distilled", "teacher"]
     assert task_skills(cfg, evals) == {"add"}  # no "suites" in the files: the config says
     page = build_report(cfg, evals, read_ledger(cfg.run_dir / "ledger.json")).read_text()
@@ -139,7 +140,7 @@ def test_bad_eval_file_is_one_line_naming_it(tmp_path, content, says):
     path.parent.mkdir(parents=True)
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(UserError) as err:
-        load_evals(cfg)
+        load_evals(RunDir(cfg.run_dir))
     message = str(err.value)
     assert str(path) in message and says in message and "\n" not in message
 

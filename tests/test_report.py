@@ -16,9 +16,9 @@ import pytest
 from rich.console import Console
 
 from distillab.config import RunConfig
-from distillab.evaluate import bootstrap_ci
 from distillab.report import build_report, terminal_summary, verdict
 from distillab.report.html import pareto_frontier
+from distillab.scoring import bootstrap_ci
 
 CHROMIUM = "/usr/bin/chromium"
 SKILLS = {"add": True, "reverse": False, "upper": False, "recall": False}  # name -> in the task suite

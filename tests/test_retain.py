@@ -8,13 +8,17 @@ import copy
 import pytest
 import torch
 
-from distillab import evaluate, retain
+from distillab import retain, scoring
 from distillab.config import ConfigError, from_dict
-from distillab.dataset import ArrowRows, read_dataset
+from distillab.dataset import read_dataset
+from distillab.general_prompts import SampledPrompts
 from distillab.generate import run_generate
 from distillab.models import load
 from distillab.retain import Candidate, batch_layout, interpolate, load_weights, replay_per_batch, select
+from distillab.select import choose_student
+from distillab.stage import run_stage
 from distillab.train import build_trainer, run_train
+from distillab.trainrows import ArrowRows
 
 
 def retain_config(tmp_path, teacher, student, name="kept", **retain_section):
@@ -70,7 +74,8 @@ def test_trainer_batches_hold_the_configured_replay_share(tmp_path, tiny_teacher
 
 
 def test_self_replay_asks_the_served_teacher_nothing(tmp_path, tiny_teacher, tiny_student):
-    from tests.serve_fixture import metric_sum, metrics, server_thread
+    from distillab.testing import metric_sum, server_thread
+    from distillab.testing import read_metrics as metrics
 
     with server_thread(tiny_teacher, model_name="tiny", max_batch=16) as server:
         cfg = retain_config(tmp_path, tiny_teacher, tiny_student, replay_fraction=0.25)
@@ -91,8 +96,8 @@ def test_with_no_outside_prompts_the_base_writes_its_own(tmp_path, tiny_teacher,
     run_generate(cfg, log=lambda *_: None)
     replay = read_dataset(cfg.run_dir / "data" / "replay.parquet")
     assert 0 < len(replay) <= 10 and all(r["prompt"].strip() for r in replay)
-    sampled = {p["prompt"] for p in retain.sampled_prompts(cfg)}  # cached: the same set on a rerun
-    assert {r["prompt"] for r in replay} <= sampled
+    again = run_stage(SampledPrompts(), cfg)  # stamped: a rerun reads the same set back
+    assert again.skipped and {r["prompt"] for r in replay} <= {p["prompt"] for p in again.prompts}
 
 
 def test_user_prompts_hold_out_a_dev_share_and_general_checks_come_from_a_file(tmp_path, tiny_teacher, tiny_student):
@@ -165,7 +170,7 @@ def test_selection_reads_the_dev_split_only_and_writes_the_choice(tmp_path, tiny
     run_generate(cfg, log=lambda *_: None)
     run_train(cfg, log=lambda *_: None)
     splits, given = [], []
-    real_score, real_select = evaluate.score_skill, retain.select
+    real_score, real_select = scoring.score_skill, retain.select
 
     def spy_score(model, tok, skill, n, max_new_tokens, split="test"):
         splits.append(split)
@@ -175,9 +180,9 @@ def test_selection_reads_the_dev_split_only_and_writes_the_choice(tmp_path, tiny
         given.append(list(candidates))
         return real_select(candidates, *args)
 
-    monkeypatch.setattr(evaluate, "score_skill", spy_score)
+    monkeypatch.setattr(scoring, "score_skill", spy_score)
     monkeypatch.setattr(retain, "select", spy_select)
-    record = retain.choose_student(cfg, log=lambda *_: None)
+    record = choose_student(cfg, log=lambda *_: None)
     assert splits and set(splits) == {"dev"}  # no test example was scored while choosing
     assert len(given[0]) == 2 * 3  # checkpoints 2 and 4 x α in {0, 0.5, 1}
     assert {(c.step, c.alpha) for c in given[0]} == {(s, a) for s in (2, 4) for a in (0.0, 0.5, 1.0)}
@@ -190,7 +195,7 @@ def test_selection_reads_the_dev_split_only_and_writes_the_choice(tmp_path, tiny
     assert (cfg.run_dir / "student" / "retain.json").is_file() and (cfg.run_dir / "student" / "README.md").is_file()
     # a rerun with nothing changed scores nothing
     splits.clear()
-    retain.choose_student(cfg, log=lambda *_: None)
+    choose_student(cfg, log=lambda *_: None)
     assert splits == []
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from distillab import models
-from distillab.serve import FaultConfig, ServeLimits, server_process
-from tests.serve_fixture import metric_sum, metrics, server_thread
+from distillab.serve import FaultConfig, ServeLimits
+from distillab.testing import metric_sum, read_metrics, server_process, server_thread
 
 KEY = "sk-serve-test-0000"
 
@@ -116,9 +116,9 @@ def test_errors_are_openai_shaped_4xx(server):
 
 
 def test_metrics_count_requests_and_tokens(server, client):
-    before = metrics(server.url, KEY)
+    before = read_metrics(server.url, KEY)
     r = client.completions.create(model="tiny", prompt=["reverse ab\n", "reverse cd\n"], max_tokens=3, temperature=0)
-    after = metrics(server.url, KEY)
+    after = read_metrics(server.url, KEY)
     ok = 'distillab_requests_total{endpoint="/v1/completions",code="200"}'
     assert after[ok] - before.get(ok, 0) == 1
     assert after["distillab_prompt_tokens_total"] - before["distillab_prompt_tokens_total"] == r.usage.prompt_tokens
@@ -131,7 +131,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client):
     prompts = [f"reverse {w}\n" for w in ["ab", "cde", "fghij", "klm", "no", "pqrs", "tuv", "wxyz"]]
     alone = [client.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0, logprobs=2)
              for p in prompts]
-    before = metrics(server.url, KEY)
+    before = read_metrics(server.url, KEY)
 
     async def together():
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as c:
@@ -139,7 +139,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client):
                                                                logprobs=2) for p in prompts])
 
     batched = asyncio.run(together())
-    after = metrics(server.url, KEY)
+    after = read_metrics(server.url, KEY)
     batches = after["distillab_batches_total"] - before["distillab_batches_total"]
     assert batches < len(prompts)  # some requests shared a model call
     for a, b in zip(alone, batched):
@@ -152,10 +152,10 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client):
 def test_idempotency_key_replays_instead_of_recomputing(server):
     body = {"model": "tiny", "prompt": "reverse idem\n", "max_tokens": 3, "temperature": 0}
     headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "abc123"}
-    before = metrics(server.url, KEY)
+    before = read_metrics(server.url, KEY)
     first = httpx.post(server.base_url + "/completions", headers=headers, json=body).json()
     again = httpx.post(server.base_url + "/completions", headers=headers, json=body).json()
-    after = metrics(server.url, KEY)
+    after = read_metrics(server.url, KEY)
     assert first == again
     assert after["distillab_answers_total"] - before["distillab_answers_total"] == 1
     assert after["distillab_idempotent_replays_total"] - before["distillab_idempotent_replays_total"] == 1
@@ -181,19 +181,19 @@ def test_injected_faults_on_the_wire(tiny_teacher):
         assert r.status_code == 200
         with pytest.raises(json.JSONDecodeError):
             r.json()
-        assert metric_sum(metrics(s.url), "distillab_faults_injected_total") == 1
+        assert metric_sum(read_metrics(s.url), "distillab_faults_injected_total") == 1
 
 
 def test_work_limit_refuses_the_53_second_request_at_once(server):
     # 256 prompts x 240 tokens with top-20 logprobs: 3 KB of JSON that cost 53 s of CPU and a 28.6 MB answer
     body = {"model": "tiny", "prompt": ["reverse abcdef\n"] * 256, "max_tokens": 240, "logprobs": 20}
-    before = metrics(server.url, KEY)
+    before = read_metrics(server.url, KEY)
     start = time.monotonic()
     r = httpx.post(server.base_url + "/completions", headers={"Authorization": f"Bearer {KEY}"}, json=body, timeout=60)
     assert r.status_code == 400, r.text[:300]
     assert "262,144" in r.json()["error"]["message"] and "1,290,240" in r.json()["error"]["message"]
     assert time.monotonic() - start < 5
-    assert metrics(server.url, KEY)["distillab_batches_total"] == before["distillab_batches_total"]  # no model call
+    assert read_metrics(server.url, KEY)["distillab_batches_total"] == before["distillab_batches_total"]  # no model call
 
 
 def test_malformed_bodies_are_400_not_500(server):
@@ -207,10 +207,10 @@ def test_malformed_bodies_are_400_not_500(server):
         ("/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}'),
         ("/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}], "max_tokens": 1}'),
     ]
-    before = metrics(server.url, KEY)
+    before = read_metrics(server.url, KEY)
     statuses = [httpx.post(url + path, headers=auth, content=raw, timeout=30).status_code for path, raw in bodies]
     assert statuses == [400] * 6 + [200]  # a text part without text is empty text
-    after = metrics(server.url, KEY)
+    after = read_metrics(server.url, KEY)
     errors = [k for k in after if 'code="500"' in k and after[k] != before.get(k, 0)]
     assert errors == []
 

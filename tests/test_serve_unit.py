@@ -11,9 +11,11 @@ import sys
 
 import pytest
 
-from distillab.sampling import Generation
 from distillab.lab.tokenizer import build_tokenizer
-from distillab.serve import APIError, Metrics, ServeLimits, Server, _json_bytes
+from distillab.sampling import Generation
+from distillab.serve import APIError, Metrics, ServeLimits, Server
+from distillab.serve.protocol import json_bytes
+from distillab.testing import parse_metrics
 
 CONTEXT = 64
 
@@ -158,7 +160,8 @@ def test_completion_response_shape_logprobs_and_metrics(tokenizer):
     assert lp["tokens"] == ["c", "b", "a", "<eos>"] and lp["token_logprobs"] == [-0.1] * 4
     assert lp["top_logprobs"][0] == {"c": -0.1, tokenizer.decode([4]): -0.2}  # k = 2 of the engine's 3
     assert lp["text_offset"] == [12, 13, 14, 15]  # from the start of the prompt; <eos> adds no text
-    assert server.metrics.answers == 2 and server.metrics.completion_tokens == 8
+    assert server.metrics.value("distillab_answers_total") == 2
+    assert server.metrics.value("distillab_completion_tokens_total") == 8
 
 
 def test_completion_stop_echo_and_token_ids(tokenizer):
@@ -238,11 +241,28 @@ def test_authorization(tokenizer):
 def test_json_bytes_is_the_payload_encoded_a_choice_at_a_time():
     payload = {"id": "x", "object": "text_completion", "choices": [{"text": "é\n", "n": [1, None]}, {"text": ""}],
                "usage": {"total_tokens": 3}}
-    raw = _json_bytes(payload)
+    raw = json_bytes(payload)
     assert json.loads(raw) == payload and "é".encode() in raw and b" " not in raw
-    assert json.loads(_json_bytes({"choices": []})) == {"choices": []}
+    assert json.loads(json_bytes({"choices": []})) == {"choices": []}
     with pytest.raises(ValueError):  # as JSONResponse: NaN and infinities are not JSON
-        _json_bytes({"id": "x", "choices": [{"logprob": -math.inf}]})
+        json_bytes({"id": "x", "choices": [{"logprob": -math.inf}]})
+
+
+def test_metrics_are_prometheus_text_with_the_served_names():
+    metrics, other = Metrics(), Metrics()
+    metrics.requests.labels(endpoint="/v1/completions", code="200").inc()
+    metrics.answers.inc(2)
+    metrics.faults.labels(kind="429").inc()
+    text = metrics.render().decode()
+    for name in ["requests", "prompt_tokens", "completion_tokens", "answers", "idempotent_replays", "batches",
+                 "batched_prompts", "faults_injected"]:
+        assert f"# TYPE distillab_{name}_total counter" in text
+    values = parse_metrics(text)
+    assert values['distillab_requests_total{endpoint="/v1/completions",code="200"}'] == 1  # labels in any order
+    assert values.get('distillab_requests_total{code="200",endpoint="/v1/completions"}') == 1
+    assert values['distillab_faults_injected_total{kind="429"}'] == 1
+    assert values["distillab_answers_total"] == 2 and values["distillab_batches_total"] == 0
+    assert parse_metrics(other.render().decode())["distillab_answers_total"] == 0  # each app counts apart
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Training data at scale: the streamed reader (dataset.ArrowRows) against the whole-file read, memory that does not
+"""Training data at scale: the streamed reader (trainrows.ArrowRows) against the whole-file read, memory that does not
 follow the row count, length-grouped batches, and packing (per-example losses equal to unpacked ones)."""
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from distillab import train
+from distillab.batching import DistillDataset, ListRows, collate, group_by_length
 from distillab.config import ConfigError, from_dict
-from distillab.dataset import (ArrowRows, DistillDataset, ListRows, collate, group_by_length, read_dataset,
-                               write_dataset)
+from distillab.dataset import read_dataset, write_dataset
 from distillab.errors import UserError
 from distillab.topk_codec import encode_topk
+from distillab.trainrows import ArrowRows
 
 VOCAB, K = 97, 5
 
@@ -225,7 +226,7 @@ def _per_example(head, batch, d, places) -> list[train.LossTerms]:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("chunk_size", [0, 4])
 def test_packed_losses_equal_unpacked_per_example(attn, chunk_size):
-    from distillab.dataset import pack_rows
+    from distillab.batching import pack_rows
 
     model = _tiny_llama(attn)
     rows = _rows_with_teacher()

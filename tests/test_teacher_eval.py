@@ -12,14 +12,16 @@ from rich.console import Console
 
 from distillab.cli import _print_scores
 from distillab.config import from_dict
-from distillab.evaluate import evaluate_model, load_task_suite, run_evaluate
+from distillab.evaluate import run_evaluate
 from distillab.generate import run_generate
 from distillab.pipeline import finish_run
 from distillab.records import Ledger, as_evals, read_eval, read_ledger
 from distillab.report import terminal_summary, verdict
 from distillab.report.html import ledger_rows, scores_table
+from distillab.scoring import evaluate_model, load_task_suite
+from distillab.testing import read_metrics as metrics
+from distillab.testing import server_thread
 from distillab.train import run_train
-from tests.serve_fixture import metrics, server_thread
 from tests.test_report import fake_evals, fake_ledger
 
 pytestmark = pytest.mark.filterwarnings("ignore::distillab.pricing.UnpricedTeacherWarning")

@@ -14,10 +14,13 @@ import pytest
 import torch
 
 from distillab import models, train
+from distillab.batching import collate
 from distillab.config import ConfigError, from_dict, to_toml
-from distillab.dataset import collate, read_dataset
+from distillab.dataset import read_dataset
 from distillab.errors import UserError
 from distillab.generate import run_generate
+from distillab.rundir import RunDir
+from distillab.stage import StageContext, run_stage
 from distillab.train import build_trainer, run_train
 from tests.helpers import save_tiny_llama, tiny_config
 
@@ -39,7 +42,7 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four(tmp_path, tiny_teache
     cfg = tiny_config(tmp_path, tiny_teacher, tiny_student, loss=loss, max_steps=1)
     cfg.data.n_prompts = 4
     run_generate(cfg, log=lambda *_: None)
-    rows = read_dataset(cfg.run_dir / "data" / "train.parquet")
+    rows = read_dataset(RunDir(cfg.run_dir).dataset("train"))
     for row, n in zip(rows, [1, 2, 4, 6]):  # a random teacher never stops: make the lengths differ
         row["completion_ids"], row["top_ids"], row["top_logprobs"] = (
             row["completion_ids"][:n], row["top_ids"][:n], row["top_logprobs"][:n])
@@ -63,8 +66,9 @@ def test_resume_after_interruption_continues_the_loss_curve(tmp_path, tiny_teach
     cfg = tiny_config(tmp_path / "b", tiny_teacher, tiny_student, max_steps=6, save_steps=3)
     run_generate(cfg, log=lambda *_: None)
     interrupted = run_train(cfg, log=lambda *_: None, stop_after_steps=3)
-    ckpt = cfg.run_dir / "checkpoints"
+    ckpt = RunDir(cfg.run_dir).checkpoints
     assert interrupted == {"interrupted_at": 3} and (ckpt / "checkpoint-3" / "trainer_state.json").is_file()
+    assert "train" not in RunDir(cfg.run_dir).stamps()  # not stamped: the rerun continues it
     # The first part's training seconds live in the checkpoint; make them big enough that losing them shows
     seconds = ckpt / "checkpoint-3" / train.SECONDS_FILE
     assert json.loads(seconds.read_text())["train_seconds"] > 0
@@ -87,6 +91,22 @@ def test_resume_after_interruption_continues_the_loss_curve(tmp_path, tiny_teach
     assert [s for s, _ in tail] == [4, 5, 6]
     for (_, got), (_, want) in zip(tail, [x for x in curve(reference) if x[0] > 3]):
         assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_the_train_stage_stamps_only_a_whole_run_of_process_zero(tmp_path, tiny_teacher, tiny_student, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_student, max_steps=2)
+    run_generate(cfg, log=lambda *_: None)
+    run, quiet = RunDir(cfg.run_dir), StageContext(log=lambda *_: None)
+    with monkeypatch.context() as patched:  # another process of a torchrun job: it trains, writes and stamps nothing
+        patched.setattr(train.DistillTrainer, "is_world_process_zero", lambda self: False)
+        other = run_stage(train.train_stage, cfg, quiet)
+    assert not other.complete and not run.student.exists() and "train" not in run.stamps()
+    record = run_stage(train.train_stage, cfg, quiet)
+    assert isinstance(record, train.TrainSummary) and record.complete and not record.skipped
+    assert json.loads(run.train_summary.read_text()) == record.to_dict() and "replay" not in record.to_dict()
+    assert "train" in run.stamps()
+    again = run_stage(train.train_stage, cfg, quiet)
+    assert again.skipped and again.to_dict() == record.to_dict()
 
 
 DIE_DURING_SAVE = textwrap.dedent('''
@@ -130,7 +150,7 @@ def test_a_kill_while_saving_a_checkpoint_resumes_from_the_last_complete_one(tmp
     killed = subprocess.run([sys.executable, str(tmp_path / "die.py"), str(tmp_path / "run.toml"), where, "4"],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 9, killed.stderr[-2000:]
-    ckpt = cfg.run_dir / "checkpoints"
+    ckpt = RunDir(cfg.run_dir).checkpoints
     assert (ckpt / "checkpoint-2" / "trainer_state.json").is_file() and not (ckpt / "checkpoint-4").exists()
     said = []
     resumed = run_train(cfg, log=said.append)
@@ -155,7 +175,7 @@ def test_a_student_tokenizer_with_one_more_token_trains_kd_on_the_teachers_ids(t
     tok.save_pretrained(str(other))
     cfg = tiny_config(tmp_path, tiny_teacher, other, max_steps=1, loss="forward_kl", kd_weight=1.0)
     run_generate(cfg, log=lambda *_: None)
-    assert all(r["top_ids"] is not None for r in read_dataset(cfg.run_dir / "data" / "train.parquet"))
+    assert all(r["top_ids"] is not None for r in read_dataset(RunDir(cfg.run_dir).dataset("train")))
     assert run_train(cfg, log=lambda *_: None)["steps"] == 1
 
 

@@ -21,8 +21,8 @@ import torch
 import transformers as tf
 
 from distillab import train
+from distillab.batching import collate
 from distillab.config import from_dict
-from distillab.dataset import collate
 from distillab.lab.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -49,9 +49,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distillab.files import write_atomic
-from distillab.dataset import right_pad
+from distillab.batching import right_pad
 from distillab.errors import UserError
+from distillab.files import write_atomic
 from distillab.jsonl import read_jsonl
 
 SCORE_NAMES = ("binoculars", "fast_detectgpt")
@@ -467,8 +467,9 @@ def run_audit(corpus_path: str | Path, out_dir: str | Path, observer: str = "lab
     primary = max(calibrated, key=lambda k: calibrated[k]["auroc_labelled"]) if calibrated else None
     flags = {}
     for name in calibrated:
-        t, d = by_score[name]["calibration"]["threshold"], TEACHER_DIRECTION[name]
-        flags[name] = [bool(math.isfinite(s[name]) and d * s[name] >= d * t) for s in corpus_scores]
+        threshold, direction = by_score[name]["calibration"]["threshold"], TEACHER_DIRECTION[name]
+        flags[name] = [bool(math.isfinite(s[name]) and direction * s[name] >= direction * threshold)
+                       for s in corpus_scores]
 
     out_dir = Path(out_dir)
     _write_scores(out_dir, corpus, corpus_scores, flags)

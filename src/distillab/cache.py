@@ -4,23 +4,22 @@ A response is committed (one transaction per response) before generate counts it
 loses at most the requests in flight, and a rerun never pays for a cached request again. Requests that
 failed after all retries go to `failures` with their error: counted and reported, retried on a rerun.
 
-Storage (caches of LAYOUT 3, the ones this version creates): a response is committed alone as a `loose` row: its
-canonical request (JSON), its blob (`encode_response`: the small fields as JSON, the completion token ids as int32,
-the teacher's top-k as the `topk_codec` bytes the dataset stores; zstd) and its counts. Compressed one at a time,
-short responses cost 1.4-2.4x what the dataset pays per token (Parquet compresses each column over thousands of
-rows; a lone response pays its own frame, its key twice and a row's overhead), so once PACK_ROWS loose rows exist
-(and when the cache is closed) they are repacked, in ONE transaction, into a `blocks` row: one zstd frame over
-their fields laid out column by column (requests together, the texts together, each codec plane together, the
-token ids as byte planes; `pack_block`), and each key goes to `packed` (key -> block, position, counts), a
-WITHOUT ROWID table, so the key is stored once. A kill before or during the repack leaves the loose rows as they
-were (the transaction rolls back); the repack runs again later. Freed pages go back (auto_vacuum = FULL). A read
-of a packed key decompresses its block; the last few decoded blocks are kept, so reading a chunk's keys in order
-costs one decompression a block. `responses` is a view over loose + packed rows (key and counts).
+Storage (LAYOUT): a response is committed alone as a `loose` row: its canonical request (JSON), its blob
+(`encode_response`: the small fields as JSON, the completion token ids as int32, the teacher's top-k as the
+`topk_codec` bytes the dataset stores; zstd) and its counts. Compressed one at a time, short responses cost 1.4-2.4x
+what the dataset pays per token (Parquet compresses each column over thousands of rows; a lone response pays its own
+frame, its key twice and a row's overhead), so once PACK_ROWS loose rows exist (and when the cache is closed) they are
+repacked, in ONE transaction, into a `blocks` row: one zstd frame over their fields laid out column by column
+(requests together, the texts together, each codec plane together, the token ids as byte planes; `pack_block`), and
+each key goes to `packed` (key -> block, position, counts), a WITHOUT ROWID table, so the key is stored once. A kill
+before or during the repack leaves the loose rows as they are (the transaction rolls back); the repack runs again
+later. Freed pages go back (auto_vacuum = FULL). A read of a packed key decompresses its block; the last few decoded
+blocks are kept, so reading a chunk's keys in order costs one decompression a block. `responses` is a view over loose
++ packed rows (key and counts).
 
-Older caches still read and grow in their own layout, without packing: LAYOUT 2 (one `responses` row a response,
-binary keys, blobs compressed with a zstd dictionary trained on the cache's first DICT_TRAIN_ROWS responses and
-stored in `dictionaries`), and before it hex keys, JSON text (written before the codec, and responses whose top-k
-the codec cannot hold, e.g. token strings) and blobs compressed without a dictionary ("DLR1").
+A cache of an earlier layout (PRAGMA user_version below LAYOUT: one `responses` row a response) is converted on
+open, in one transaction, into blocks (EarlierLayout, RequestCache._convert): a kill during the conversion leaves the
+file as it is, and the next open converts it.
 `get(key, raw_topk=True)` hands the codec bytes over without decoding: generate writes them to the
 dataset as they are, no decode/re-encode and no extra rounding.
 """
@@ -41,37 +40,13 @@ import numpy as np
 
 from distillab.errors import UserError
 
+# Loose rows, blocks of packed ones, and `responses` as a view of both (key and counts, so a COUNT(*) or SUM(...) over
+# it counts every cached response, packed or not).
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS responses (
-  key BLOB PRIMARY KEY,           -- the request_key's 32 bytes (TEXT, its hex, in caches of user_version 0)
-  request BLOB NOT NULL,          -- canonical request JSON, no secrets (RequestCache._pack_request)
-  response BLOB NOT NULL,         -- encode_response (or, in older caches, a DLR1 blob or response JSON)
-  prompt_tokens INTEGER NOT NULL,
-  completion_tokens INTEGER NOT NULL,
-  latency_s REAL NOT NULL,
-  attempts INTEGER NOT NULL,
-  created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS failures (
-  key TEXT PRIMARY KEY,           -- hex: few rows, kept readable
-  request TEXT NOT NULL,
-  error TEXT NOT NULL,
-  attempts INTEGER NOT NULL,
-  failed_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dictionaries (
-  id INTEGER PRIMARY KEY,         -- named by every blob compressed with it (0: none)
-  data BLOB NOT NULL,             -- a zstd dictionary trained on this cache's first responses and requests
-  created_at REAL NOT NULL
-);
-"""
-# LAYOUT 3 (a new file): loose rows, blocks of packed ones, and `responses` as a view of both (key and counts, so a
-# COUNT(*) or SUM(...) over it means what it meant before).
-PACKED_SCHEMA = """
 CREATE TABLE loose (
   key BLOB PRIMARY KEY,           -- the request_key's 32 bytes
   request TEXT NOT NULL,          -- canonical request JSON, no secrets
-  response BLOB NOT NULL,         -- encode_response without a dictionary, or the response JSON
+  response BLOB NOT NULL,         -- encode_response, or the response JSON (a top-k the codec cannot hold)
   prompt_tokens INTEGER NOT NULL,
   completion_tokens INTEGER NOT NULL,
   latency_s REAL NOT NULL,
@@ -95,7 +70,7 @@ CREATE TABLE packed (
   attempts INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE failures (
-  key TEXT PRIMARY KEY,
+  key TEXT PRIMARY KEY,           -- hex: few rows, kept readable
   request TEXT NOT NULL,
   error TEXT NOT NULL,
   attempts INTEGER NOT NULL,
@@ -105,11 +80,9 @@ CREATE VIEW responses AS
   SELECT key, prompt_tokens, completion_tokens, latency_s, attempts FROM loose
   UNION ALL SELECT key, prompt_tokens, completion_tokens, latency_ms / 1000.0, attempts FROM packed;
 """
-LAYOUT = 3  # PRAGMA user_version of caches this version creates: loose rows packed into blocks
+LAYOUT = 3  # PRAGMA user_version of the layout above; a cache with a lower one is converted on open
 PACK_ROWS = 512  # loose rows that trigger a repack into one block
 BLOCKS_KEPT = 4  # decoded blocks kept for reads
-DICT_TRAIN_ROWS = 256  # LAYOUT 2: responses stored before a dictionary is trained on them
-DICT_BYTES = 16 * 1024  # measured: 4-64 KiB dictionaries give the same sizes within 3%
 ZSTD_LEVEL = 9  # small blobs: a higher level costs little time, saves ~10%
 
 
@@ -119,48 +92,29 @@ def request_key(request: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-BLOB_MAGIC = b"DLR2"  # a blob: magic, the dictionary's id (u32, 0 = none), one zstd frame (its size inside)
-OLD_BLOB_MAGIC = b"DLR1"  # before dictionaries: magic, raw length (u32), zstd frame
 
-
-class Dictionary:
-    """A zstd dictionary and its id in the cache (id 0, no data: plain zstd). Not thread-safe, like the
-    connection that reads it."""
-
-    def __init__(self, id: int = 0, data: bytes | None = None):
-        import zstandard as zstd
-
-        self.id = id
-        shared = zstd.ZstdCompressionDict(data) if data else None
-        self._compressor = zstd.ZstdCompressor(level=ZSTD_LEVEL, dict_data=shared, write_checksum=False,
-                                               write_dict_id=False)  # our id is in the blob's header
-        self._decompressor = zstd.ZstdDecompressor(dict_data=shared)
-
-    def pack(self, raw: bytes) -> bytes:
-        return BLOB_MAGIC + struct.pack("<I", self.id) + self._compressor.compress(raw)
-
-    def unpack(self, blob: bytes) -> bytes:
-        return self._decompressor.decompress(blob[8:])
-
-
-NO_DICTIONARY = Dictionary()
+BLOB_MAGIC = b"DLR2"  # a blob: magic, a dictionary id (u32, 0: none), one zstd frame (its size inside)
+BLOB_HEADER = BLOB_MAGIC + struct.pack("<I", 0)
 
 
 def is_blob(value) -> bool:
-    return isinstance(value, bytes) and value[:4] in (BLOB_MAGIC, OLD_BLOB_MAGIC)
+    return isinstance(value, bytes) and value[:4] == BLOB_MAGIC
 
 
-def unpack(blob: bytes, dictionary=lambda id: NO_DICTIONARY) -> bytes:
-    """A blob's raw bytes; dictionary(id) gives the Dictionary a DLR2 blob names."""
-    if blob[:4] == OLD_BLOB_MAGIC:
-        (size,) = struct.unpack_from("<I", blob, 4)
-        return _old_zstd().decompress(blob[8:], max_output_size=size)
-    (id,) = struct.unpack_from("<I", blob, 4)
-    return dictionary(id).unpack(blob)
+def unpack(blob: bytes) -> bytes:
+    """A blob's raw bytes."""
+    return _zstd_decompressor().decompress(blob[len(BLOB_HEADER) :])
 
 
 @functools.cache
-def _old_zstd():
+def _zstd_compressor():
+    import zstandard as zstd
+
+    return zstd.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_dict_id=False)
+
+
+@functools.cache
+def _zstd_decompressor():
     import zstandard as zstd
 
     return zstd.ZstdDecompressor()
@@ -188,16 +142,16 @@ def response_raw(response: dict) -> bytes:
     return b"".join(struct.pack("<I", len(p)) + p for p in parts)
 
 
-def encode_response(response: dict, dictionary: Dictionary = NO_DICTIONARY) -> bytes:
-    """A teacher response -> a blob of response_raw's bytes, compressed with `dictionary`."""
-    return dictionary.pack(response_raw(response))
+
+def encode_response(response: dict) -> bytes:
+    """A teacher response -> a blob of response_raw's bytes."""
+    return BLOB_HEADER + _zstd_compressor().compress(response_raw(response))
 
 
-def decode_response(blob: bytes, raw_topk: bool = False, dictionary=lambda id: NO_DICTIONARY) -> dict:
-    """encode_response's bytes (or a DLR1 blob) -> the response dict. top-k decoded to top_ids/top_logprobs lists
-    (sorted by id per position, log-probs to 1/32 nat), or with raw_topk the codec's {field: bytes} under "topk"
-    (None if none). dictionary(id): the Dictionary the blob names (RequestCache.dictionary)."""
-    return _response(_split(unpack(blob, dictionary)), raw_topk)
+def decode_response(blob: bytes, raw_topk: bool = False) -> dict:
+    """encode_response's bytes -> the response dict. top-k decoded to top_ids/top_logprobs lists (sorted by id per
+    position, log-probs to 1/32 nat), or with raw_topk the codec's {field: bytes} under "topk" (None if none)."""
+    return _response(_split(unpack(blob)), raw_topk)
 
 
 def _split(raw: bytes) -> list[bytes]:
@@ -291,9 +245,38 @@ def _block_zstd():
     return zstd.ZstdCompressor(level=BLOCK_LEVEL, write_checksum=False)
 
 
-def _unpack_text(value, dictionary) -> str:
-    """A stored request: JSON text, or (once the cache has a dictionary) a blob of it."""
-    return unpack(value, dictionary).decode() if is_blob(value) else value
+class EarlierLayout:
+    """Reads the rows of a cache of an earlier layout (user_version 0 or 2) for RequestCache._convert: one
+    `responses` row a response; its key the hash's hex text (0) or its 32 bytes (2); its request JSON text or a blob
+    of it; its response JSON text or a blob of response_raw's bytes: DLR1 (magic, raw length (u32), zstd frame) or
+    DLR2 compressed with the zstd dictionary whose id it names, stored in `dictionaries` (0: none)."""
+
+    OLD_BLOB_MAGIC = b"DLR1"
+
+    def __init__(self, db: sqlite3.Connection, tables: set[str]):
+        import zstandard as zstd
+
+        stored = db.execute("SELECT id, data FROM dictionaries").fetchall() if "dictionaries" in tables else []
+        self.decompressors = {0: _zstd_decompressor()} | {
+            id: zstd.ZstdDecompressor(dict_data=zstd.ZstdCompressionDict(data)) for id, data in stored}
+
+    def row(self, key: str | bytes, request: str | bytes, response: str | bytes, *counts) -> tuple:
+        """A stored row -> the row _write_block takes: binary key, request JSON, response_raw's parts or JSON text."""
+        return (key if isinstance(key, bytes) else bytes.fromhex(key),
+                self._raw(request).decode() if self._is_blob(request) else request,
+                _split(self._raw(response)) if self._is_blob(response) else response, *counts)
+
+    def _is_blob(self, value) -> bool:
+        return isinstance(value, bytes) and value[:4] in (BLOB_MAGIC, self.OLD_BLOB_MAGIC)
+
+    def _raw(self, blob: bytes) -> bytes:
+        if blob[:4] == self.OLD_BLOB_MAGIC:
+            (size,) = struct.unpack_from("<I", blob, 4)
+            return _zstd_decompressor().decompress(blob[8:], max_output_size=size)
+        (id,) = struct.unpack_from("<I", blob, 4)
+        if id not in self.decompressors:
+            raise sqlite3.DatabaseError(f"a response needs zstd dictionary {id}, which is missing")
+        return self.decompressors[id].decompress(blob[8:])
 
 
 def _corrupt(path: Path, err: sqlite3.Error) -> UserError:
@@ -330,91 +313,57 @@ class RequestCache:
             self.db.execute("PRAGMA auto_vacuum = FULL")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against a process kill
-            self.layout = self._create()
-            row = None
-            if self.layout < LAYOUT:
-                row = self.db.execute("SELECT id, data FROM dictionaries ORDER BY id DESC LIMIT 1").fetchone()
-                self._until_training = 0 if row else DICT_TRAIN_ROWS - self.db.execute(
-                    "SELECT COUNT(*) FROM responses").fetchone()[0]
-            else:
-                self._loose = self.db.execute("SELECT COUNT(*) FROM loose").fetchone()[0]
+            converted = self._open_layout()
+            self._loose = self.db.execute("SELECT COUNT(*) FROM loose").fetchone()[0]
         except sqlite3.DatabaseError as err:
             raise _corrupt(path, err) from None
-        self._dictionaries = {0: NO_DICTIONARY}
         self._blocks: collections.OrderedDict[int, Block] = collections.OrderedDict()  # the last decoded ones
-        self.writer = self._dictionaries.setdefault(row[0], Dictionary(*row)) if row else NO_DICTIONARY
-        # keys: the hash's bytes, or its hex in caches from before layout 2
-        self._key = bytes.fromhex if self.layout >= 2 else str
+        if converted:
+            self._vacuum()
 
-    def _create(self) -> int:
-        """The tables (a new file gets LAYOUT; an older cache keeps its own, plus the dictionaries table);
-        returns the layout. One transaction: two processes opening one new file agree."""
+    def _open_layout(self) -> bool:
+        """The tables of LAYOUT in a new file; a cache of an earlier layout converted (_convert). Returns whether it
+        converted one. One transaction: two processes opening one file agree, and a kill leaves the file as it is."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            fresh = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'responses'").fetchone() is None
-            if fresh:
-                self.db.execute(f"PRAGMA user_version = {LAYOUT}")
-            layout = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if fresh or layout < LAYOUT:
-                for statement in filter(str.strip, (PACKED_SCHEMA if fresh else SCHEMA).split(";")):
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+            fresh = "responses" not in tables
+            converting = not fresh and self.db.execute("PRAGMA user_version").fetchone()[0] < LAYOUT
+            if converting:
+                for table in {"responses", "failures"} & tables:
+                    self.db.execute(f"ALTER TABLE {table} RENAME TO earlier_{table}")
+            if fresh or converting:
+                for statement in filter(str.strip, SCHEMA.split(";")):
                     self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {LAYOUT}")
+            if converting:
+                self._convert(tables)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        return layout
+        return converting
 
-    def dictionary(self, id: int) -> Dictionary:
-        """The stored dictionary `id` (read once)."""
-        if id not in self._dictionaries:
-            row = self.db.execute("SELECT data FROM dictionaries WHERE id = ?", (id,)).fetchone()
-            if row is None:
-                raise sqlite3.DatabaseError(f"a response needs zstd dictionary {id}, which is missing")
-            self._dictionaries[id] = Dictionary(id, row[0])
-        return self._dictionaries[id]
+    def _convert(self, tables: set[str]) -> None:
+        """An earlier layout's responses (renamed earlier_responses) -> blocks of 2 x PACK_ROWS rows in their order,
+        its failures (earlier_failures) kept; its tables dropped. Inside _open_layout's transaction."""
+        earlier = EarlierLayout(self.db, tables)
+        stored = self.db.execute("SELECT key, request, response, prompt_tokens, completion_tokens, latency_s, "
+                                 "attempts, created_at FROM earlier_responses ORDER BY rowid")
+        while rows := stored.fetchmany(2 * PACK_ROWS):
+            self._write_block([earlier.row(*row) for row in rows])
+        if "failures" in tables:
+            self.db.execute("INSERT INTO failures SELECT key, request, error, attempts, failed_at FROM earlier_failures")
+        for table in ("earlier_responses", "earlier_failures", "dictionaries"):
+            self.db.execute(f"DROP TABLE IF EXISTS {table}")
 
-    def _train_dictionary(self) -> None:
-        """Train the cache's dictionary on its latest DICT_TRAIN_ROWS responses and requests and re-encode them
-        with it, in one transaction (a crash leaves them as they were). Another process may have trained one
-        first: then that one is used."""
-        import zstandard as zstd
-
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            row = self.db.execute("SELECT id, data FROM dictionaries ORDER BY id DESC LIMIT 1").fetchone()
-            if row:
-                self.writer = self._dictionaries.setdefault(row[0], Dictionary(*row))
-                self.db.execute("COMMIT")
-                return
-            rows = self.db.execute("SELECT rowid, request, response FROM responses ORDER BY rowid DESC LIMIT ?",
-                                   (DICT_TRAIN_ROWS,)).fetchall()
-            raws = [(rowid, _unpack_text(request, self.dictionary).encode(),
-                     unpack(response, self.dictionary) if is_blob(response) else None)
-                    for rowid, request, response in rows]
-            # a few MB of samples at most: long responses are cut (training time grows with the samples)
-            cut = max(4096, (4 << 20) // (2 * len(raws) or 1))
-            samples = [raw[:cut] for _, request, response in raws for raw in (request, response) if raw]
-            try:
-                data = zstd.train_dictionary(DICT_BYTES, samples, level=ZSTD_LEVEL).as_bytes()
-            except zstd.ZstdError:  # too little to learn from (tiny responses): try again as many rows later
-                self._until_training = DICT_TRAIN_ROWS
-                self.db.execute("COMMIT")
-                return
-            id = self.db.execute("INSERT INTO dictionaries (data, created_at) VALUES (?, ?)",
-                                 (data, time.time())).lastrowid
-            self.writer = self._dictionaries[id] = Dictionary(id, data)
-            for rowid, request, response in raws:
-                self.db.execute("UPDATE responses SET request = ?, response = COALESCE(?, response) WHERE rowid = ?",
-                                (self.writer.pack(request), response and self.writer.pack(response), rowid))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        # The shrunk rows left their pages part-empty (~15% of a small cache); VACUUM is cheap while it is small.
+    def _vacuum(self) -> None:
+        """Give the pages a conversion freed back to the file system (and turn auto_vacuum on in a file that lacks
+        it). Skipped while another connection holds the database."""
         self.db.execute("PRAGMA busy_timeout = 100")  # not the 30 s a commit waits: it is worth no stall
         try:
             self.db.execute("VACUUM")
-        except sqlite3.OperationalError:  # another connection holds the database: left as it is
+        except sqlite3.OperationalError:
             pass
         finally:
             self.db.execute("PRAGMA busy_timeout = 30000")
@@ -436,25 +385,20 @@ class RequestCache:
                             "not a teacher cache: move it away and rerun")
 
     def close(self) -> None:
-        """Packs the loose rows left (LAYOUT 3), then closes. A cache another process holds is closed as it is."""
+        """Packs the loose rows left, then closes. A cache another process holds is closed as it is."""
         try:
-            if self.layout >= LAYOUT:
-                while self._pack():
-                    pass
+            while self._pack():
+                pass
         except sqlite3.DatabaseError:  # busy, read-only or damaged: the loose rows stay loose (the error, if any,
             pass                      # is the caller's to see on its own queries, not a second one from close)
         finally:
             self.db.close()
 
-    def _stored(self, key: str) -> tuple[str | bytes, list[bytes] | bytes | str] | None:
-        """(request, response) as stored: the request JSON or its blob; the response's blob, JSON text, or (packed)
-        response_raw's parts."""
-        if self.layout < LAYOUT:
-            return self.db.execute("SELECT request, response FROM responses WHERE key = ?",
-                                   (self._key(key),)).fetchone()
+    def _stored(self, key: str) -> tuple[str, list[bytes] | bytes | str] | None:
+        """(request JSON, response as stored: its blob or JSON text, or, packed, response_raw's parts)."""
         row = self.db.execute("SELECT request, response, NULL, NULL FROM loose WHERE key = ?1 UNION ALL "
                               "SELECT NULL, NULL, block, pos FROM packed WHERE key = ?1 LIMIT 1",
-                              (self._key(key),)).fetchone()  # one statement: one snapshot, whatever a repack does
+                              (bytes.fromhex(key),)).fetchone()  # one statement: one snapshot, whatever a repack does
         if row is None or row[2] is None:
             return row and row[:2]
         return self._block(row[2]).row(row[3])
@@ -480,8 +424,8 @@ class RequestCache:
         if isinstance(stored, list):
             return _response(stored, raw_topk)
         if is_blob(stored):
-            return decode_response(stored, raw_topk, self.dictionary)
-        resp = json.loads(stored)  # a cache from before the codec, or a top-k the codec cannot hold
+            return decode_response(stored, raw_topk)
+        resp = json.loads(stored)  # a top-k the codec cannot hold, or a response a converted cache held as JSON
         if raw_topk:
             resp["topk"] = None
         return resp
@@ -493,51 +437,40 @@ class RequestCache:
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
             found |= {r[0] for r in self.db.execute(f"SELECT key FROM responses WHERE key IN ({marks})",
-                                                    [self._key(k) for k in chunk])}
-        return {k.hex() if isinstance(k, bytes) else k for k in found}
+                                                    [bytes.fromhex(k) for k in chunk])}
+        return {k.hex() for k in found}
 
     @_guarded
     def request(self, key: str) -> dict | None:
         """The canonical request stored with a cached response, or None."""
         found = self._stored(key)
-        return json.loads(_unpack_text(found[0], self.dictionary)) if found else None
+        return json.loads(found[0]) if found else None
 
     @_guarded
     def put(self, key: str, request: dict, response: dict, latency_s: float = 0.0, attempts: int = 1) -> None:
-        row = (self._key(key), self._pack_request(request), self._encoded(response),
+        row = (bytes.fromhex(key), json.dumps(request, sort_keys=True), self._encoded(response),
                int(response.get("prompt_tokens", 0)), int(response.get("completion_tokens", 0)),
                float(latency_s), int(attempts), time.time())
-        with self.db:  # one committed transaction per response
-            if self.layout >= LAYOUT:  # a loose row, unless another process has it packed already
-                self.db.execute("INSERT OR IGNORE INTO loose SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
-                                "WHERE NOT EXISTS (SELECT 1 FROM packed WHERE key = ?1)", row)
-            else:
-                self.db.execute("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+        with self.db:  # one committed transaction per response: a loose row, unless another process packed it
+            self.db.execute("INSERT OR IGNORE INTO loose SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
+                            "WHERE NOT EXISTS (SELECT 1 FROM packed WHERE key = ?1)", row)
             self.db.execute("DELETE FROM failures WHERE key = ?", (key,))
-        if self.layout >= LAYOUT:
-            self._loose += 1
-            if self._loose >= PACK_ROWS:
-                with contextlib.suppress(sqlite3.OperationalError):  # busy: the next put or close packs them
-                    self._pack()
-        elif self.writer.id == 0:
-            self._until_training -= 1
-            if self._until_training <= 0:
-                self._train_dictionary()
+        self._loose += 1
+        if self._loose >= PACK_ROWS:
+            with contextlib.suppress(sqlite3.OperationalError):  # busy: the next put or close packs them
+                self._pack()
 
-    def _pack_request(self, request: dict) -> bytes | str:
-        text = json.dumps(request, sort_keys=True)
-        return self.writer.pack(text.encode()) if self.writer.id else text  # JSON text until there is a dictionary
-
-    def _encoded(self, response: dict) -> bytes | str:
+    @staticmethod
+    def _encoded(response: dict) -> bytes | str:
         try:
-            return encode_response(response, self.writer)
+            return encode_response(response)
         except (ValueError, TypeError):  # ragged or out-of-range top-k: kept as it came, in JSON
             return json.dumps(response)
 
     def _pack(self) -> bool:
         """Repack the loose rows (up to 2 x PACK_ROWS, oldest first) into one block, in one transaction: the block,
         an index row a key, the loose rows deleted. A kill at any point before COMMIT leaves the loose rows as they
-        were. Returns whether rows were packed."""
+        are. Returns whether rows were packed."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             rows = self.db.execute(
@@ -545,14 +478,8 @@ class RequestCache:
                 "FROM loose WHERE key NOT IN (SELECT key FROM packed) ORDER BY rowid LIMIT ?",
                 (2 * PACK_ROWS,)).fetchall()
             if rows:
-                raw = pack_block([(request, _split(unpack(response)) if is_blob(response) else response)
-                                  for _, request, response, *_ in rows])
-                data = BLOB_MAGIC + struct.pack("<I", 0) + _block_zstd().compress(raw)
-                id = self.db.execute("INSERT INTO blocks (data, rows, first_at, last_at) VALUES (?, ?, ?, ?)",
-                                     (data, len(rows), rows[0][-1], rows[-1][-1])).lastrowid
-                self.db.executemany("INSERT INTO packed VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                    [(key, id, pos, p, c, round(latency * 1000), attempts)
-                                     for pos, (key, _, _, p, c, latency, attempts, _) in enumerate(rows)])
+                self._write_block([(key, request, _split(unpack(response)) if is_blob(response) else response, *counts)
+                                   for key, request, response, *counts in rows])
             self.db.execute("DELETE FROM loose WHERE key IN (SELECT key FROM packed)")
             self.db.execute("COMMIT")
         except BaseException:
@@ -560,6 +487,17 @@ class RequestCache:
             raise
         self._loose = self.db.execute("SELECT COUNT(*) FROM loose").fetchone()[0]
         return bool(rows)
+
+    def _write_block(self, rows: list[tuple]) -> None:
+        """One block of rows (key, request JSON, response: response_raw's parts or JSON text, prompt_tokens,
+        completion_tokens, latency_s, attempts, created_at) and a `packed` row a key, in the caller's transaction."""
+        raw = pack_block([(request, response) for _, request, response, *_ in rows])
+        data = BLOB_HEADER + _block_zstd().compress(raw)
+        id = self.db.execute("INSERT INTO blocks (data, rows, first_at, last_at) VALUES (?, ?, ?, ?)",
+                             (data, len(rows), rows[0][-1], rows[-1][-1])).lastrowid
+        self.db.executemany("INSERT INTO packed VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [(key, id, pos, p, c, round(latency * 1000), attempts)
+                             for pos, (key, _, _, p, c, latency, attempts, _) in enumerate(rows)])
 
     @_guarded
     def put_failure(self, key: str, request: dict, error: str, attempts: int) -> None:
@@ -585,9 +523,10 @@ class RequestCache:
             n, p, c, lat = self.db.execute(
                 f"SELECT COUNT(*), COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), "
                 f"COALESCE(SUM(latency_s),0) FROM responses WHERE key IN ({marks})",
-                [self._key(k) for k in chunk]).fetchone()
+                [bytes.fromhex(k) for k in chunk]).fetchone()
             totals["requests"] += n
             totals["prompt_tokens"] += p
             totals["completion_tokens"] += c
             totals["latency_s"] += lat
         return totals
+

@@ -132,14 +132,14 @@ def prompt_ids(tokenizer, turns: list[dict]) -> list[int]:
 def encode(tokenizer, turns: list[dict], completion: str) -> tuple[list[int], list[int]]:
     """(prompt_ids, completion_ids) of the conversation answered by `completion` (module docstring)."""
     eos = tokenizer.eos_token_id
-    if not has_template(tokenizer):  # as every stage always did: the lab's ids never change
+    if not has_template(tokenizer):  # the lab's models: the plain encoding every stage uses
         from distillab.sampling import encode_example
 
         return encode_example(tokenizer, plain_text(turns), completion)
     asked = _apply(tokenizer, turns, True)
     whole = _apply(tokenizer, turns + [{"role": "assistant", "content": completion}], False)
-    # The assistant turn as the template writes it; a template that rewrites history when a turn is added (not
-    # a prefix any more) falls back to the bare completion.
+    # The assistant turn as the template writes it; a template that rewrites earlier turns when one is added (the
+    # prompt is then no prefix of the whole) falls back to the bare completion.
     turn = whole[len(asked):] if whole.startswith(asked) else completion
     ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
     ids = ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]  # nothing after end-of-sequence is generated

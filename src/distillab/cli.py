@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -40,7 +41,7 @@ def _global_options(debug: bool = typer.Option(False, "--debug", envvar="DISTILL
 def _config(path: Path, overrides: dict[str, dict] | None = None):
     """The run config, with command-line overrides ({section: {key: value}}) validated like the file's own."""
     from distillab.config import from_dict, load_config
-    from distillab.rundir import check_run_dir
+    from distillab.rundir import RunDir
 
     cfg = load_config(path)
     if overrides:
@@ -48,137 +49,150 @@ def _config(path: Path, overrides: dict[str, dict] | None = None):
         for section, values in overrides.items():
             data[section] |= values
         cfg = from_dict(data)
-    check_run_dir(cfg.run_dir)  # a run directory that cannot be created fails here, before any work
+    RunDir(cfg.run_dir).check_creatable()  # a run directory that cannot be created fails here, before any work
     return cfg
 
 
-def _write_resolved(cfg) -> None:
-    from distillab.config import to_toml
-    from distillab.files import write_atomic
-
-    write_atomic(cfg.run_dir / "run.toml", to_toml(cfg))
-
-
 class _RecordConfig:
-    """Writes run.toml once the stage has started a run directory, even when the stage then fails: a run
-    directory says how it was made, and input rejected before any work leaves nothing on disk."""
+    """Writes run.toml when a command succeeds, and when one fails after starting a new run directory: a run
+    directory says how it was made, and input rejected in an existing run leaves nothing new on disk."""
 
     def __init__(self, cfg):
-        self.cfg = cfg
+        from distillab.rundir import RunDir
+
+        self.cfg, self.run = cfg, RunDir(cfg.run_dir)
 
     def __enter__(self):
+        self.existed = self.run.root.is_dir()
         return self
 
-    def __exit__(self, *exc):
-        if self.cfg.run_dir.is_dir():
-            _write_resolved(self.cfg)
+    def __exit__(self, exc_type, *exc):
+        from distillab.config import to_toml
+        from distillab.files import write_atomic
+
+        if self.run.root.is_dir() and (exc_type is None or not self.existed):
+            write_atomic(self.run.config, to_toml(self.cfg))
         return False
 
 
-def _progress_generate():
-    """A rich progress bar fed by generate's progress(done, total, budget) callback."""
+@contextmanager
+def _progress_bar(cfg, stage):
+    """The progress callback a stage reports to, drawn as a rich bar: the teacher's answers for a dataset stage
+    (progress(done, total, budget)), the steps for train (progress(step, total, loss)); None for the others."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[money]}"),
+    kind = stage.name.split(":")[0]
+    if kind not in ("generate", "train"):
+        yield None
+        return
+    label, field = ("teacher", "money") if kind == "generate" else (f"train {cfg.name}", "loss")
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(f"{{task.fields[{field}]}}"),
                         TimeRemainingColumn(), console=console, transient=True)
-    task = progress.add_task("generate", total=None, money="")
+    task = progress.add_task(kind, total=None, **{field: "" if kind == "generate" else "-"})
 
-    def update(done: int, total: int, budget) -> None:
+    def teacher_answers(done: int, total: int, budget) -> None:
         spent, projected = budget.spent, budget.projected
         money = ("unpriced" if spent is None else f"${spent:.4f} spent, ${projected or 0:.4f} projected")
         tokens = f"{budget.prompt_tokens + budget.completion_tokens} tok"
         progress.update(task, completed=done, total=total, money=f"{tokens}  {money}")
 
-    return progress, update
+    def train_steps(step: int, total: int, loss: float) -> None:
+        progress.update(task, completed=step, total=total, loss=f"{loss:.4f}")
 
-
-def do_generate(cfg) -> None:
-    from distillab.generate import run_generate
-
-    progress, update = _progress_generate()
     with progress:
-        s = run_generate(cfg, progress=update, log=console.print)
-    money = "unpriced" if s.usd is None else f"${s.usd:.4f}"
-    state = "up to date" if s.skipped else f"{s.requests_sent} sent, {s.cached} cached, {s.failed} failed"
-    console.print(f"generate: {s.rows} rows ({state}); teacher tokens {s.prompt_tokens} in / {s.completion_tokens} out, {money}")
+        yield teacher_answers if kind == "generate" else train_steps
 
 
-def do_train(cfg) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def run_shown(cfg, stages, shard=None) -> dict:
+    """The stages through run_stage in order, with progress bars and one line per finished dataset and student;
+    {stage name: record}. Also what `distillab demo` runs each of its lists with."""
+    from distillab.rundir import WHOLE
+    from distillab.stage import StageContext, run_stage
 
-    from distillab.train import run_train
+    ctx = StageContext(log=console.print, shard=shard or WHOLE)
+    records = {}
+    with _RecordConfig(cfg):
+        for stage in stages:
+            with _progress_bar(cfg, stage) as progress:
+                records[stage.name] = run_stage(stage, cfg, replace(ctx, progress=progress))
+            line = _finished_line(cfg, stage.name, records[stage.name], ctx.shard)
+            if line:
+                console.print(line)
+    return records
 
-    progress = Progress(TextColumn(f"train {cfg.name}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console, transient=True)
-    task = progress.add_task("train", total=None, loss="-")
-    with progress:
-        s = run_train(cfg, log=console.print,
-                      progress=lambda step, total, loss: progress.update(task, completed=step, total=total, loss=f"{loss:.4f}"))
-    console.print(f"train {cfg.name}: {'up to date' if s.get('skipped') else 'done'}: {s['steps']} steps, "
-                  f"{s['train_seconds']}s, final loss {s['final_loss']:.4f}")
-    return s
+
+def _finished_line(cfg, name: str, record, shard) -> str | None:
+    from distillab.generate import GenerateSummary
+    from distillab.rundir import WHOLE
+    from distillab.train import TrainSummary
+
+    if isinstance(record, GenerateSummary) and name == "generate:train":
+        if shard != WHOLE:
+            return (f"generate shard {shard[0]}/{shard[1]}: {record.rows} rows ({record.requests_sent} sent, "
+                    f"{record.cached} cached, {record.failed} failed); per endpoint: {record.endpoints}")
+        money = "unpriced" if record.usd is None else f"${record.usd:.4f}"
+        state = ("up to date" if record.skipped
+                 else f"{record.requests_sent} sent, {record.cached} cached, {record.failed} failed")
+        return (f"generate: {record.rows} rows ({state}); teacher tokens {record.prompt_tokens} in / "
+                f"{record.completion_tokens} out, {money}")
+    if isinstance(record, TrainSummary) and record.complete:
+        return (f"train {cfg.name}: {'up to date' if record.skipped else 'done'}: {record.steps} steps, "
+                f"{record.train_seconds}s, final loss {record.final_loss:.4f}")
+    return None
 
 
 @app.command()
-def generate(config: Path = ConfigArg, max_usd: Optional[float] = typer.Option(None, help="stop before projected teacher spend passes this"),
-             shard: Optional[str] = typer.Option(None, help="I/N: answer only shard I of N of the prompts (by hash), "
+def generate(config: Path = ConfigArg, max_usd: float | None = typer.Option(None, help="stop before projected teacher spend passes this"),
+             shard: str | None = typer.Option(None, help="I/N: answer only shard I of N of the prompts (by hash), "
                                                  "writing data/train/part-I-of-N-* into the shared run directory")):
     """Teacher answers the task prompts -> data/train.parquet, or its shards with --shard (cached, resumable)."""
-    from distillab.generate import parse_shard, run_generate
+    from distillab.generate import generate_stages
+    from distillab.shards import parse_shard
 
     spec = parse_shard(shard)  # a bad --shard is one line, before anything
     cfg = _config(config, {"teacher": {"max_usd": max_usd}} if max_usd is not None else None)
-    with _RecordConfig(cfg):
-        if shard is None:
-            do_generate(cfg)
-            return
-        progress, update = _progress_generate()
-        with progress:
-            s = run_generate(cfg, progress=update, log=console.print, shard=spec)
-        console.print(f"generate shard {spec[0]}/{spec[1]}: {s.rows} rows ({s.requests_sent} sent, {s.cached} cached, "
-                      f"{s.failed} failed); per endpoint: {s.endpoints}")
+    run_shown(cfg, generate_stages(cfg), shard=spec)
 
 
 @app.command()
 def train(config: Path = ConfigArg):
     """The student learns from the teacher's data -> student/ (resumes from checkpoints/)."""
-    do_train(_config(config))
+    from distillab.train import train_stage
+
+    cfg = _config(config)
+    run_shown(cfg, [train_stage])
 
 
 @app.command()
 def evaluate(config: Path = ConfigArg,
-             lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval-tasks", help="lm-eval task names or a YAML file")):
+             lm_eval_tasks: str | None = typer.Option(None, "--lm-eval-tasks", help="lm-eval task names or a YAML file")):
     """Teacher, base and student on the task and general suites -> eval/<model>.json."""
-    from distillab.evaluate import run_evaluate
+    from distillab.pipeline import evaluation_stages, records_by_label
 
     cfg = _config(config)
-    results = run_evaluate(cfg, log=console.print)
-    if lm_eval_tasks or cfg.eval.lm_eval_tasks:
-        from distillab.lm_eval_bridge import run_lm_eval
-
-        run_lm_eval(cfg, lm_eval_tasks or "", log=console.print)
-    _print_scores(results)
+    records = run_shown(cfg, evaluation_stages(cfg, lm_eval_tasks or ""))
+    _print_scores(records_by_label(records, "evaluate"))
 
 
 @app.command()
 def report(config: Path = ConfigArg):
     """Ledger, leaderboard entry and report.html for a run."""
-    from distillab.pipeline import finish_run
+    from distillab.pipeline import report_stages
 
     cfg = _config(config)
-    path = finish_run(cfg, log=console.print)
+    records = run_shown(cfg, report_stages(cfg))
     _print_terminal_summary(cfg)
-    console.print(f"report: {path}")
+    console.print(f"report: {records['report'].report}")
 
 
 @app.command()
 def run(config: Path = ConfigArg):
     """generate -> train -> evaluate -> report."""
-    from distillab.pipeline import run_all
+    from distillab.pipeline import run_all_stages
 
     cfg = _config(config)
-    with _RecordConfig(cfg):
-        run_all(cfg, generate_stage=do_generate, train_stage=do_train, log=console.print)
+    records = run_shown(cfg, run_all_stages(cfg))
+    console.print(f"report: {records['report'].report}")
     _print_terminal_summary(cfg)
 
 
@@ -190,16 +204,16 @@ def demo(runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"
     from distillab.files import check_creatable
 
     check_creatable(runs_dir, "runs directory", "choose another --runs-dir")
-    run_demo(runs_dir, fresh=fresh, generate_stage=do_generate, train_stage=do_train, log=console.print)
+    run_demo(runs_dir, fresh=fresh, runner=run_shown, log=console.print)
 
 
 @app.command()
 def serve(model_dir: str = typer.Argument(..., help="HF model directory or lab:NAME"),
           host: str = typer.Option("127.0.0.1", help="bind address (loopback unless you mean it)"),
           port: int = typer.Option(8000, help="TCP port, 1-65535"),
-          api_key: Optional[str] = typer.Option(None, envvar="DISTILLAB_SERVE_API_KEY", help="require this bearer key"),
+          api_key: str | None = typer.Option(None, envvar="DISTILLAB_SERVE_API_KEY", help="require this bearer key"),
           max_batch: int = typer.Option(32, help="most prompts in one model call (1: no batching)"),
-          max_request_work: Optional[int] = typer.Option(
+          max_request_work: int | None = typer.Option(
               None, help="most token slots one request may fill: (prompts x max_tokens + echoed prompt tokens) "
                          "x (1 + top logprobs); default 262144"),
           fault_rate: float = typer.Option(0.0, help="inject faults (429/500/hang/truncated) at this rate: for tests"),
@@ -217,7 +231,8 @@ def serve(model_dir: str = typer.Argument(..., help="HF model directory or lab:N
 @app.command()
 def lineage(model_dir: Path = typer.Argument(..., help="a student directory distillab wrote")):
     """Print a model's distillation lineage: base, teachers, token fractions per generation."""
-    from distillab.provenance import format_lineage, load_lineage
+    from distillab.modelcard import format_lineage
+    from distillab.provenance import load_lineage
 
     if not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
@@ -230,7 +245,7 @@ def lineage(model_dir: Path = typer.Argument(..., help="a student directory dist
 @app.command()
 def export(run: Path = typer.Argument(..., help="a run directory, or the run config (TOML) that names it"),
            fmt: str = typer.Option("plain", "--format", help="plain (Parquet, top-k as list columns) or openai-chat (JSONL)"),
-           out: Optional[Path] = typer.Option(None, help="output directory (default RUN/export/FORMAT)")):
+           out: Path | None = typer.Option(None, help="output directory (default RUN/export/FORMAT)")):
     """Write a run's dataset for other tools: plain Parquet (TRL, DistillKit) or OpenAI fine-tuning JSONL."""
     from distillab.export import export_run
 
@@ -240,10 +255,10 @@ def export(run: Path = typer.Argument(..., help="a run directory, or the run con
 
 @app.command()
 def audit(corpus: Path = typer.Argument(..., help="JSONL or Parquet with a text column"),
-          labelled: Optional[Path] = typer.Option(None, help="labelled sample (text, label 1=teacher) to calibrate on"),
+          labelled: Path | None = typer.Option(None, help="labelled sample (text, label 1=teacher) to calibrate on"),
           observer: str = typer.Option("lab:teacher", help="scores the text (must know the domain)"),
           performer: str = typer.Option("lab:base", help="gives the expected distribution"),
-          text_field: str = typer.Option("text"), prompt_field: Optional[str] = typer.Option(None),
+          text_field: str = typer.Option("text"), prompt_field: str | None = typer.Option(None),
           out: Path = typer.Option(Path("audit"), help="output directory")):
     """Estimate how much of a corpus a teacher model wrote (Binoculars and Fast-DetectGPT scores)."""
     from distillab.audit import run_audit
@@ -268,12 +283,12 @@ def leaderboard(registry: Path = typer.Option(Path("runs/registry.sqlite"), help
 @lab_app.command("pretrain")
 def lab_pretrain(which: str = typer.Argument("all", help="teacher, base or all"),
                  out: Path = typer.Option(None, help="directory for the checkpoints (default: the package's own)"),
-                 steps: Optional[int] = typer.Option(None, min=1, help="override the first phase's step count"),
+                 steps: int | None = typer.Option(None, min=1, help="override the first phase's step count"),
                  from_phase: int = typer.Option(0, min=0, help="continue from the checkpoint in --out after this many phases")):
     """Reproduce the shipped lab checkpoints (the teacher takes about an hour on 2 cores)."""
+    from distillab.files import check_creatable
     from distillab.lab.pretrain import PRESETS, pretrain
     from distillab.models import LAB_CHECKPOINTS
-    from distillab.files import check_creatable
 
     names = list(PRESETS) if which == "all" else [which]
     unknown = [name for name in names if name not in PRESETS]
@@ -299,11 +314,13 @@ def lab_skills():
 
 
 def _print_terminal_summary(cfg) -> None:
-    from distillab.pipeline import load_evals
     from distillab.records import read_ledger
     from distillab.report import terminal_summary
+    from distillab.report.finish import load_evals
+    from distillab.rundir import RunDir
 
-    Console().print(terminal_summary(load_evals(cfg), read_ledger(cfg.run_dir / "ledger.json")))
+    run = RunDir(cfg.run_dir)
+    Console().print(terminal_summary(load_evals(run), read_ledger(run.ledger)))
 
 
 def _print_scores(results: dict) -> None:

@@ -12,17 +12,27 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from distillab.errors import UserError
 
 # = losses.LOSS_NAMES (tests/test_losses.py holds them equal), written out: importing losses would make config, and
 # so `distillab --help`, import torch (1.7 s -> 3+ s here)
 LossName = Literal["ce", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
 
-from distillab.errors import UserError
-
-
 class ConfigError(UserError):
     """A config problem, worded for one line on the terminal."""
+
+
+def check_hub_id(hub_id: str) -> str:
+    """A Hugging Face Hub model id ("name" or "namespace/name"), or a UserError saying why it is not one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(hub_id)
+    except HFValidationError as err:
+        raise UserError(f"student_hub_id {hub_id!r} is not a Hugging Face Hub id ({str(err).splitlines()[0]}); "
+                        "give one like \"HuggingFaceTB/SmolLM2-135M\", or leave it unset") from None
+    return hub_id
 
 
 class _Strict(BaseModel):
@@ -50,7 +60,7 @@ class TeacherConfig(_Strict):
     usd_per_1m_output: float | None = None
 
     @model_validator(mode="after")
-    def _check_url(self) -> "TeacherConfig":
+    def _check_url(self) -> TeacherConfig:
         urls = self.urls
         if isinstance(self.base_url, list) and not urls:
             raise ValueError("base_url is an empty list: give one endpoint or more, or leave it unset")
@@ -87,7 +97,7 @@ class DataConfig(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _check_columns(self) -> "DataConfig":
+    def _check_columns(self) -> DataConfig:
         columns = {"prompt_column": self.prompt_column, "messages_column": self.messages_column,
                    "answer_column": self.answer_column}
         for key, name in columns.items():
@@ -125,15 +135,13 @@ class TrainConfig(_Strict):
     packing: bool = False  # a batch's short examples share rows (position ids restart per example)
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.loss == "ce" and self.kd_weight > 0:  # the weight of a term that does not exist
             raise ValueError("loss = \"ce\" is SFT only (cross-entropy on the text, at sft_weight): set kd_weight = 0, "
                              "or choose a KD loss")
         if self.kd_weight == 0 and self.sft_weight == 0:
             raise ValueError("kd_weight and sft_weight are both 0: nothing to train")
         if self.student_hub_id is not None:
-            from distillab.provenance import check_hub_id
-
             check_hub_id(self.student_hub_id)
         if self.on_policy_fraction > 0 and (self.loss == "ce" or self.kd_weight == 0):
             raise ValueError("on-policy steps train the KD term alone (no cross-entropy on the student's own samples): "
@@ -172,7 +180,7 @@ class RetainConfig(_Strict):
     dev_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # of a user's prompts file, held out as the dev task split
 
     @model_validator(mode="after")
-    def _check(self) -> "RetainConfig":
+    def _check(self) -> RetainConfig:
         bad = [a for a in self.merge_alphas if not 0.0 <= a <= 1.0]
         if bad:
             raise ValueError(f"merge_alphas must lie in [0, 1] (got {bad[0]})")
@@ -205,7 +213,7 @@ class RunConfig(_Strict):
     costs: CostConfig = CostConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
+    def _check(self) -> RunConfig:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"run name {self.name!r} must be a plain directory name")
         return self
@@ -227,13 +235,13 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 def _edit_distance(a: str, b: str) -> int:
     """Optimal-string-alignment distance: a swapped pair of letters ("modle") costs one edit, as typos do.
     Only a tie-break among difflib's candidates: difflib alone ranks "mode" above "model" for "modle"."""
-    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    distance = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
     for i in range(1, len(a) + 1):
         for j in range(1, len(b) + 1):
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            distance[i][j] = min(distance[i - 1][j] + 1, distance[i][j - 1] + 1, distance[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
             if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
-    return d[-1][-1]
+                distance[i][j] = min(distance[i][j], distance[i - 2][j - 2] + 1)
+    return distance[-1][-1]
 
 
 def did_you_mean(key: str, known: list[str]) -> str | None:

@@ -31,13 +31,30 @@ import json
 import math
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from distillab.config import RunConfig
-from distillab.records import (LEDGER_FORMAT, BreakEven, EvalResult, Ledger, RetainCost, ServingCost, SuiteQuality,
-                               TeacherEvaluation, TeacherGeneration, Throughput, TokensPerQuery, TrainingCost, as_evals,
-                               suite_score, write_record)
+from distillab.files import fingerprint, read_json
+from distillab.records import (
+    LEDGER_FORMAT,
+    BreakEven,
+    EvalResult,
+    Ledger,
+    RetainCost,
+    ServingCost,
+    SuiteQuality,
+    TeacherEvaluation,
+    TeacherGeneration,
+    Throughput,
+    TokensPerQuery,
+    TrainingCost,
+    as_evals,
+    suite_score,
+    write_record,
+)
+from distillab.rundir import RunDir
+from distillab.stage import StageContext, run_stage
 
 # A local teacher is priced as if it were a small hosted API model, so the break-even is still shown.
 # These are gpt-4o-mini's 2024 list prices: a cheap, common tier, i.e. a conservative stand-in
@@ -50,26 +67,27 @@ THROUGHPUT_SECONDS = 2.0  # timed generation, after one warm-up batch
 
 
 def build_ledger(cfg: RunConfig, evals: dict[str, EvalResult]) -> Ledger:
-    """Assemble the run's ledger from its summaries and a throughput measurement; write ledger.json."""
-    run_dir = cfg.run_dir
+    """Assemble the run's ledger from its summaries and the student's throughput (measured by throughput_stage
+    unless throughput.json is up to date); write ledger.json."""
+    run = RunDir(cfg.run_dir)
     pricing = teacher_pricing(cfg)
-    tokens = tokens_per_query(run_dir)
+    tokens = tokens_per_query(cfg.run_dir)
     teacher = teacher_generation(cfg, pricing)
     training = training_cost(cfg)
     kept = retain_cost(cfg, pricing)
-    throughput = measure_throughput(run_dir / "student", serving_prompts(cfg), cfg.teacher.max_new_tokens)
+    throughput = run_stage(throughput_stage, cfg)
     serving = serving_cost(cfg, pricing, throughput)
     basis = api_price_basis(pricing)
     be = break_even_section(cfg, teacher, training, serving, basis, tokens, kept)
     ledger = Ledger(
         format=LEDGER_FORMAT, run=cfg.name,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         teacher_generation=teacher, training=training, serving=serving, retain=kept, break_even=be,
         teacher_evaluation=teacher_evaluation(cfg, evals, pricing),
         quality=quality_given_up(evals),
         total_usd=_sum_or_none(teacher.usd, training.usd, kept.usd),  # actual one-off spend of this run
         notes=_notes(teacher, basis, throughput))
-    write_record(run_dir / "ledger.json", ledger)
+    write_record(run.ledger, ledger)
     return ledger
 
 
@@ -170,7 +188,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def teacher_generation(cfg: RunConfig, pricing) -> TeacherGeneration:
-    summary = _read_json(cfg.run_dir / "data" / "generate_summary.json")
+    summary = _read_json(RunDir(cfg.run_dir).generate_summary("train"))
     base = {"model": cfg.teacher.model, "data_source": cfg.data.source, "pricing": pricing.to_dict()}
     if summary is None:
         # Ground-truth data calls no teacher; a teacher run without a summary has unknown spend.
@@ -203,7 +221,7 @@ def teacher_evaluation(cfg: RunConfig, evals: dict[str, EvalResult], pricing) ->
 
 
 def training_cost(cfg: RunConfig) -> TrainingCost:
-    summary = _read_json(cfg.run_dir / "student" / "train_summary.json") or {}
+    summary = _read_json(RunDir(cfg.run_dir).train_summary) or {}
     seconds = summary.get("train_seconds")
     rate = cfg.costs.train_usd_per_hour
     return TrainingCost(flops=summary.get("flops"), train_seconds=seconds, steps=summary.get("steps"),
@@ -213,12 +231,12 @@ def training_cost(cfg: RunConfig) -> TrainingCost:
 def retain_cost(cfg: RunConfig, pricing) -> RetainCost:
     """Retain's extra spend: teacher tokens for teacher replay, and device seconds for the base model's own
     generation (self replay, sampled prompts) and for scoring candidates on dev."""
-    r, run_dir = cfg.retain, cfg.run_dir
+    r, run = cfg.retain, RunDir(cfg.run_dir)
     if not r.enabled:
         return RetainCost(enabled=False, usd=0.0)
-    replay = _read_json(run_dir / "data" / "replay_summary.json") or {}
-    sampled = _read_json(run_dir / "data" / "sampled_prompts.json") or {}
-    selection = _read_json(run_dir / "retain.json") or {}
+    replay = _read_json(run.generate_summary("replay")) or {}
+    sampled = _read_json(run.sampled_prompts) or {}
+    selection = _read_json(run.retain_record) or {}
     by_teacher = r.replay_fraction > 0 and r.replay_source == "teacher"
     selection_seconds = selection.get("selection_seconds", 0.0)
     generation_seconds = (0.0 if by_teacher else replay.get("answer_seconds", 0.0)) + sampled.get("seconds", 0.0)
@@ -235,11 +253,12 @@ def retain_cost(cfg: RunConfig, pricing) -> RetainCost:
 
 def tokens_per_query(run_dir: Path) -> TokensPerQuery:
     """Mean prompt and completion tokens per query: teacher-billed when it was called, else the dataset's."""
-    summary = _read_json(run_dir / "data" / "generate_summary.json")
+    run = RunDir(Path(run_dir))
+    summary = _read_json(run.generate_summary("train"))
     if summary and summary.get("rows"):
         return TokensPerQuery(prompt=summary["prompt_tokens"] / summary["rows"],
                               completion=summary["completion_tokens"] / summary["rows"], source="teacher usage")
-    data = run_dir / "data" / "train.parquet"
+    data = run.dataset("train")
     if data.is_file():
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
@@ -256,7 +275,7 @@ def serving_prompts(cfg: RunConfig) -> list[str]:
     """The task's own prompts (what will be served), else lab test prompts of the task skills."""
     from distillab.dataset import dataset_files
 
-    files = dataset_files(cfg.run_dir / "data" / "train.parquet")
+    files = dataset_files(RunDir(cfg.run_dir).dataset("train"))
     if files:
         import pyarrow.parquet as pq
 
@@ -294,6 +313,32 @@ def measure_throughput(model_dir: Path | str, prompts: list[str], max_new_tokens
     return Throughput(tokens_per_s=tokens / elapsed if tokens else None, tokens=tokens, seconds=round(elapsed, 3),
                       batch_size=len(prompts), batches=batches, device=device,
                       reason=None if tokens else "the student wrote no tokens")
+
+
+class ThroughputStage:
+    """The student's serving speed, measured once per student for stage.run_stage: throughput.json, stamped
+    "throughput" with what the measurement reads (the student's model files, the serving prompts, max_new_tokens).
+    A rerun of `report` reads it back; a retrained or reselected student is measured again."""
+
+    name = "throughput"
+
+    def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
+        return fingerprint("throughput", serving_prompts(cfg), cfg.teacher.max_new_tokens, THROUGHPUT_SECONDS,
+                           *run.student_model_files())
+
+    def outputs(self, cfg: RunConfig, run: RunDir) -> list[Path]:
+        return [run.throughput]
+
+    def run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> Throughput:
+        throughput = measure_throughput(run.student, serving_prompts(cfg), cfg.teacher.max_new_tokens)
+        write_record(run.throughput, throughput)
+        return throughput
+
+    def load(self, cfg: RunConfig, run: RunDir) -> Throughput:
+        return Throughput.model_validate(read_json(run.throughput, "delete it and rerun `distillab report`"))
+
+
+throughput_stage = ThroughputStage()
 
 
 def serving_cost(cfg: RunConfig, pricing, throughput: Throughput) -> ServingCost:
@@ -339,10 +384,10 @@ def quality_given_up(evals: dict[str, EvalResult]) -> dict[str, SuiteQuality]:
     evals = as_evals(evals)
     out = {}
     for suite in ("task", "general"):
-        t, b, d = (suite_score(evals, label, suite) for label in ("teacher", "base", "distilled"))
-        out[suite] = SuiteQuality(teacher=t, base=b, distilled=d,
-                                  given_up_vs_teacher=None if None in (t, d) else t - d,
-                                  change_vs_base=None if None in (b, d) else d - b)
+        teacher, base, distilled = (suite_score(evals, label, suite) for label in ("teacher", "base", "distilled"))
+        out[suite] = SuiteQuality(teacher=teacher, base=base, distilled=distilled,
+                                  given_up_vs_teacher=None if None in (teacher, distilled) else teacher - distilled,
+                                  change_vs_base=None if None in (base, distilled) else distilled - base)
     return out
 
 

@@ -74,12 +74,12 @@ class AlignStats:
     kept_sum: float = 0.0  # sum over aligned positions of (teacher mass kept / teacher top-k mass)
     kept_n: int = 0
 
-    def add(self, a: Aligned) -> None:
+    def add(self, alignment: Aligned) -> None:
         self.rows += 1
-        self.positions += len(a.mask)
-        self.aligned += sum(a.mask)
-        self.kept_sum += sum(a.kept)
-        self.kept_n += len(a.kept)
+        self.positions += len(alignment.mask)
+        self.aligned += sum(alignment.mask)
+        self.kept_sum += sum(alignment.kept)
+        self.kept_n += len(alignment.kept)
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "positions": self.positions,
@@ -87,9 +87,10 @@ class AlignStats:
                 "mass_kept": self.kept_sum / self.kept_n if self.kept_n else 0.0}
 
     def line(self) -> str:
-        d = self.to_dict()
-        return (f"{d['rows']} rows aligned across tokenizers by text spans: {d['aligned_share']:.1%} of student tokens "
-                f"get a teacher distribution, keeping {d['mass_kept']:.1%} of the teacher's top-k mass on average")
+        stats = self.to_dict()
+        return (f"{stats['rows']} rows aligned across tokenizers by text spans: {stats['aligned_share']:.1%} of student "
+                f"tokens get a teacher distribution, keeping {stats['mass_kept']:.1%} of the teacher's top-k mass on "
+                "average")
 
 
 def _logsumexp(values: list[float]) -> float:
@@ -120,7 +121,7 @@ def align(teacher: TeacherTokens, starts: list[int | None], ends: list[int | Non
     end_of = {i: teacher.starts[i] + len(teacher.pieces[i]) for i in real}  # type: ignore[operator]
     next_real = {a: b for a, b in zip(real, real[1:])}
     teacher_end = next((i for i, p in enumerate(teacher.pieces) if p == END), None)
-    out = Aligned([], [], [], [])
+    out = Aligned(ids=[], logprobs=[], tails=[], mask=[])
 
     def none() -> None:
         out.ids.append([])
@@ -187,13 +188,13 @@ def align(teacher: TeacherTokens, starts: list[int | None], ends: list[int | Non
     return out
 
 
-def rectangle(a: Aligned, k: int) -> tuple[list[list[int]], list[list[float]], list[float]]:
+def rectangle(alignment: Aligned, k: int) -> tuple[list[list[int]], list[list[float]], list[float]]:
     """(ids (Ts, k), logprobs (Ts, k), tails (Ts,)) for the codec: every row k distinct ids, missing ones at -inf;
     a row past k keeps its k most likely and adds the rest to its tail."""
     from distillab.teachers.openai_compat import pad_topk
 
     ids, lps, tails = [], [], []
-    for row_ids, row_lps, tail in zip(a.ids, a.logprobs, a.tails):
+    for row_ids, row_lps, tail in zip(alignment.ids, alignment.logprobs, alignment.tails):
         tails.append(min(0.0, _logsumexp([tail, *row_lps[k:]])))  # round-off must not make a mass over 1
         ids.append(row_ids[:k])
         lps.append(row_lps[:k])
@@ -279,8 +280,9 @@ def teacher_from_ids(resp: dict, ids, logprobs, tails, tokenizer, pieces_cache: 
         candidates.append([after(prev, c) for c in row])
         picked.append(row.index(tid) if tid in row else -1)
     n = len(token_ids)
-    return TeacherTokens(starts, pieces, candidates, [list(map(float, r)) for r in logprobs[:n]], picked,
-                         None if tails is None else [float(x) for x in tails[:n]])
+    return TeacherTokens(starts=starts, pieces=pieces, candidates=candidates,
+                         logprobs=[list(map(float, r)) for r in logprobs[:n]], picked=picked,
+                         tails=None if tails is None else [float(x) for x in tails[:n]])
 
 
 def teacher_from_strings(resp: dict) -> TeacherTokens | None:
@@ -302,15 +304,16 @@ def teacher_from_strings(resp: dict) -> TeacherTokens | None:
     candidates = [[END if (piece == END and s == tokens[t]) else s for s in row]
                   for t, (row, piece) in enumerate(zip(resp["top_tokens"], pieces))]
     picked = [row.index(tokens[t]) if tokens[t] in row else -1 for t, row in enumerate(resp["top_tokens"])]
-    return TeacherTokens(starts, pieces, candidates, [list(r) for r in resp["top_logprobs"]], picked)
+    return TeacherTokens(starts=starts, pieces=pieces, candidates=candidates,
+                         logprobs=[list(r) for r in resp["top_logprobs"]], picked=picked)
 
 
-def encode(a: Aligned, k: int) -> dict:
+def encode(alignment: Aligned, k: int) -> dict:
     """The codec's arrays of the aligned top-k, with its tails. A position without a teacher distribution is stored
     as one with no mass on its ids (all in the tail), which collate reads as none (kd mask false)."""
     from distillab.topk_codec import encode_topk
 
-    ids, lps, tails = rectangle(a, k)
+    ids, lps, tails = rectangle(alignment, k)
     return encode_topk(ids, lps, tail_logprob=tails)
 
 
@@ -353,7 +356,7 @@ class Aligner:
 
     def _align(self, teacher: TeacherTokens, resp: dict, completion_ids: list[int]) -> Aligned:
         starts, ends, is_end = student_spans(completion_ids, self.student_tok, resp["text"])
-        a = align(teacher, starts, ends, completion_ids, is_end, self.first, self.student_tok.eos_token_id,
-                  stopped=resp.get("finish_reason") == "stop")
-        self.stats.add(a)
-        return a
+        alignment = align(teacher, starts, ends, completion_ids, is_end, self.first, self.student_tok.eos_token_id,
+                          stopped=resp.get("finish_reason") == "stop")
+        self.stats.add(alignment)
+        return alignment

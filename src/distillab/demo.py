@@ -17,12 +17,16 @@ import shutil
 import time
 from pathlib import Path
 
+from distillab import stage
 from distillab.config import RunConfig, from_dict
+from distillab.evaluate import evaluate_stages
 from distillab.files import write_atomic
-from distillab.evaluate import gap_closed, run_evaluate
-from distillab.generate import run_generate
-from distillab.retain import choose_student
-from distillab.train import run_train
+from distillab.generate import generate_stages
+from distillab.pipeline import records_by_label, report_stages
+from distillab.rundir import RunDir
+from distillab.scoring import gap_closed
+from distillab.select import select_stages
+from distillab.train import train_stage
 
 DEMO_SKILLS = ["recall", "describe"]  # knowledge the base student never saw: what distillation transfers
 # The default retain recipe (benchmarks/retain_table.py compares the alternatives).
@@ -63,43 +67,39 @@ def share_teacher_cache(cfg: RunConfig, other: RunConfig) -> None:
     """The retain run asks the teacher the same requests: give it the demo's cache so nothing is asked twice."""
     import sqlite3
 
-    src, dst = cfg.run_dir / "teacher.sqlite", other.run_dir / "teacher.sqlite"
+    src, dst = RunDir(cfg.run_dir).cache(), RunDir(other.run_dir).cache()
     if src.is_file() and not dst.is_file():
         dst.parent.mkdir(parents=True, exist_ok=True)
         with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
             a.backup(b)
 
 
-def run_demo(runs_dir: Path, fresh: bool = False, generate_stage=None, train_stage=None, log=print) -> dict:
+def run_demo(runs_dir: Path, fresh: bool = False, runner=None, log=print) -> dict:
+    """The demo's four students and their scores. runner(cfg, stages) -> {stage name: record} runs each list of
+    stages (the CLI passes its own, with progress bars)."""
     began = time.time()
     cfg = demo_config(runs_dir)
     if fresh:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    generate_stage = generate_stage or (lambda c: run_generate(c, log=log))
-    train_stage = train_stage or (lambda c: run_train(c, log=log))
-    generate_stage(cfg)
-    train_stage(cfg)
-    control = control_config(cfg)
-    generate_stage(control)
-    train_stage(control)
-    kept = retain_config(cfg)
+    runner = runner or (lambda c, stages: stage.run_stages(stages, c, stage.StageContext(log=log)))
+    control, kept = control_config(cfg), retain_config(cfg)
+    for student in (cfg, control):
+        runner(student, [*generate_stages(student), train_stage])
     share_teacher_cache(cfg, kept)
-    generate_stage(kept)
-    train_stage(kept)
-    selection = choose_student(kept, log=log)
-    evals = run_evaluate(cfg, extra_models={"zero_distill": str(control.run_dir / "student"),
-                                            "retain": str(kept.run_dir / "student")}, log=log)
+    selection = runner(kept, [*generate_stages(kept), train_stage, *select_stages(kept)])["select"]
+    evaluated = runner(cfg, evaluate_stages(cfg, extra_models={"zero_distill": str(RunDir(control.run_dir).student),
+                                                                    "retain": str(RunDir(kept.run_dir).student)}))
+    evals = records_by_label(evaluated, "evaluate")
     summary = demo_summary(evals, time.time() - began, selection)
-    from distillab.pipeline import finish_run
-
-    report = finish_run(cfg, summary=summary, log=log)
+    report = runner(cfg, report_stages(cfg, summary))["report"].report
     # The retain run gets its own ledger (replay generation and dev scoring included), registry row and
     # report from the same test scores: teacher and base as scored above, its chosen student as "distilled".
+    demo_run, retain_run = RunDir(cfg.run_dir), RunDir(kept.run_dir)
     for label, source in (("teacher", "teacher"), ("base", "base"), ("distilled", "retain")):
-        write_atomic(kept.run_dir / "eval" / f"{label}.json", (cfg.run_dir / "eval" / f"{source}.json").read_bytes())
-    finish_run(kept, log=log)
+        write_atomic(retain_run.eval(label), demo_run.eval(source).read_bytes())
+    runner(kept, report_stages(kept))
     summary["wall_seconds"] = round(time.time() - began, 1)
-    write_atomic(cfg.run_dir / "summary.json", json.dumps(summary, indent=1))
+    write_atomic(demo_run.summary, json.dumps(summary, indent=1))
     print_summary(summary, report)
     return summary
 
@@ -107,18 +107,18 @@ def run_demo(runs_dir: Path, fresh: bool = False, generate_stage=None, train_sta
 def demo_summary(evals: dict[str, dict], seconds: float, selection: dict | None = None) -> dict:
     labels = [m for m in ("teacher", "base", "distilled", "zero_distill", "retain") if m in evals]
     models = {label: {"task": evals[label].task.score, "general": evals[label].general.score} for label in labels}
-    t, b, d = models["teacher"], models["base"], models["distilled"]
+    teacher, base, distilled = models["teacher"], models["base"], models["distilled"]
     summary = {
         "models": models,
-        "task_gap_closed": gap_closed(d["task"], b["task"], t["task"]),
-        "general_gap_closed": gap_closed(d["general"], b["general"], t["general"]),
+        "task_gap_closed": gap_closed(distilled["task"], base["task"], teacher["task"]),
+        "general_gap_closed": gap_closed(distilled["general"], base["general"], teacher["general"]),
         "wall_seconds": round(seconds, 1),
         "task_skills": DEMO_SKILLS,
     }
     if "retain" in models:
-        r = models["retain"]
-        summary |= {"retain_task_gap_closed": gap_closed(r["task"], b["task"], t["task"]),
-                    "retain_general_change": r["general"] - b["general"]}
+        retained = models["retain"]
+        summary |= {"retain_task_gap_closed": gap_closed(retained["task"], base["task"], teacher["task"]),
+                    "retain_general_change": retained["general"] - base["general"]}
     if selection:
         summary["retain_recipe"] = selection["recipe"] | {"rule": selection["rule"]}
         summary["retain_selection"] = selection  # every candidate's dev scores: the report's trade-off plot

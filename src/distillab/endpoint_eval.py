@@ -6,7 +6,7 @@ generate, so a run with `teacher.base_url` has a teacher row, a gap closed and a
   local models get). Prompts are asked as generate asks them: in chat mode a plain prompt as one user turn and a
   task line's conversation as given (the server applies its own chat template, as each local model is given its
   own); in completions mode the text (a conversation's plain text), as a model without a template sees it.
-- Every answer is committed to run_dir/teacher.sqlite before it counts; a rerun asks only for what the cache lacks
+- Every answer is committed to the run's teacher.sqlite before it counts; a rerun asks only for what the cache lacks
   (nothing, once the teacher was scored). The cache file is first created by an answer: an endpoint that answers
   nothing leaves nothing on disk.
 - Spend: the tokens the evaluation's requests were billed (the cache's usage over their keys) go in the EvalResult
@@ -21,16 +21,17 @@ generate, so a run with `teacher.base_url` has a teacher row, a gap closed and a
 
 from __future__ import annotations
 
-import json
 import time
 
 from distillab import chat
 from distillab.cache import RequestCache, request_key
 from distillab.config import RunConfig
 from distillab.errors import UserError
+from distillab.files import read_json
 from distillab.pricing import BudgetExceeded, BudgetGuard
-from distillab.evaluate import Complete, eval_record, score_with
 from distillab.records import EndpointUsage, EvalResult, SuiteScore
+from distillab.rundir import RunDir
+from distillab.scoring import Complete, eval_record, score_with
 from distillab.teachers import failure_digest
 
 
@@ -66,7 +67,8 @@ class EndpointCompletions:
         self.cfg, self.log = cfg, log
         self.teacher = OpenAITeacher(endpoint_eval_settings(cfg.teacher))
         self.pricing = teacher_pricing(cfg)
-        self.path = cfg.run_dir / "teacher.sqlite"
+        self.run = RunDir(cfg.run_dir)
+        self.path = self.run.cache()
         self.keys: dict[str, None] = {}  # every request this evaluation needs, in order
         self.sent = 0
         self._cache: RequestCache | None = None
@@ -135,11 +137,11 @@ class EndpointCompletions:
         """The run's teacher usage so far: the dataset's and teacher replay's (their summaries), and this
         evaluation's cached answers, as {requests, prompt_tokens, completion_tokens} for BudgetGuard."""
         total = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        data, retain = self.cfg.run_dir / "data", self.cfg.retain
-        summaries = [data / "generate_summary.json"]
+        retain = self.cfg.retain
+        summaries = [self.run.generate_summary("train")]
         if retain.replay_fraction > 0 and retain.replay_source == "teacher":  # other replay is not the teacher's bill
-            summaries.append(data / "replay_summary.json")
-        parts = [json.loads(p.read_text()) for p in summaries if p.is_file()]
+            summaries.append(self.run.generate_summary("replay"))
+        parts = [read_json(p) for p in summaries if p.is_file()]
         parts = [{"requests": s.get("rows", 0), **s} for s in parts]
         if held:
             parts.append(self.cache().usage(sorted(held)))

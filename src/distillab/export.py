@@ -23,7 +23,6 @@ batches, a shard at a time, so memory follows the batch, not the dataset (decode
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,6 +30,8 @@ import pyarrow.parquet as pq
 
 from distillab.dataset import TOPK_PREFIX, conform, dataset_files, decode_row_topk, unified_schema
 from distillab.errors import UserError
+from distillab.files import atomic_path, check_creatable
+from distillab.rundir import RunDir
 
 FORMATS = ("plain", "openai-chat")
 DATASETS = ("train", "replay")  # data/<name>.parquet or its shards, the datasets a run writes (replay: retain only)
@@ -59,11 +60,11 @@ def export_run(run_or_config: Path, fmt: str, out: Path | None = None) -> list[P
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    run_dir = resolve_run_dir(Path(run_or_config))
-    sources = {name: dataset_files(run_dir / "data" / f"{name}.parquet") for name in DATASETS}
+    run = RunDir(resolve_run_dir(Path(run_or_config)))
+    sources = {name: dataset_files(run.dataset(name)) for name in DATASETS}
     if not sources["train"]:
-        raise UserError(f"no dataset at {run_dir / 'data' / 'train.parquet'}: run `distillab generate` first")
-    out = Path(out) if out is not None else run_dir / "export" / fmt
+        raise UserError(f"no dataset at {run.dataset('train')}: run `distillab generate` first")
+    out = Path(out) if out is not None else run.export(fmt)
     _check_writable(out)
     write = export_plain if fmt == "plain" else export_openai_chat
     suffix = ".parquet" if fmt == "plain" else ".jsonl"
@@ -80,21 +81,16 @@ def export_plain(files: list[Path], dest: Path) -> Path:
     kept = [f for f in schema_in if f.name not in codec]
     has_topk = all(name in schema_in.names for name in codec)
     schema = pa.schema(kept + TOPK_SCHEMA)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for batch in _batches(files, schema_in):
-                columns = {f.name: batch.column(f.name) for f in kept}
-                # read_dataset's decoding (tests hold the two equal), a batch at a time
-                stored = batch.select(codec).to_pylist() if has_topk else [{}] * batch.num_rows
-                decoded = [decode_row_topk(row) for row in stored]
-                for field in TOPK_SCHEMA:
-                    columns[field.name] = pa.array([None if row[field.name] is None else row[field.name].tolist()
-                                                    for row in decoded], type=field.type)
-                writer.write_table(pa.table(columns, schema=schema))
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for batch in _batches(files, schema_in):
+            columns = {f.name: batch.column(f.name) for f in kept}
+            # read_dataset's decoding (tests hold the two equal), a batch at a time
+            stored = batch.select(codec).to_pylist() if has_topk else [{}] * batch.num_rows
+            decoded = [decode_row_topk(row) for row in stored]
+            for field in TOPK_SCHEMA:
+                columns[field.name] = pa.array([None if row[field.name] is None else row[field.name].tolist()
+                                                for row in decoded], type=field.type)
+            writer.write_table(pa.table(columns, schema=schema))
     return dest
 
 
@@ -105,16 +101,11 @@ def export_openai_chat(files: list[Path], dest: Path) -> Path:
         raise UserError(f"{files[0]}: needs a completion column and a prompt or messages column: "
                         "not a distillab dataset")
     columns = pa.schema([f for f in schema_in if f.name in ("system", "messages", "prompt", "completion")])
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for file, batch in _batches(files, columns, with_file=True):
-                for row in batch.to_pylist():
-                    messages = chat_messages(row, f"{file} row")
-                    f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(dest) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for file, batch in _batches(files, columns, with_file=True):
+            for row in batch.to_pylist():
+                messages = chat_messages(row, f"{file} row")
+                f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
     return dest
 
 
@@ -154,7 +145,5 @@ def _open(src: Path) -> pq.ParquetFile:
 
 def _check_writable(out: Path) -> None:
     """Refuse an output directory that cannot be made or written (before any work), then make it."""
-    from distillab.files import check_creatable
-
     check_creatable(out, "export directory", "choose another --out")
     out.mkdir(parents=True, exist_ok=True)

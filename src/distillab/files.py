@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +40,25 @@ def atomic_path(path: Path, suffix: str = ""):
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: Path, tag: str = "tmp"):
+    """A staging directory beside `path` to fill; when the block ends without an error it is swapped in for
+    `path` (the old directory renamed aside, the new one renamed in, the old one removed), so a kill leaves the
+    old directory or the new one whole. `tag` names the staging directory (two writers of one path differ)."""
+    path = Path(path)
+    staging, old = path.with_name(f"{path.name}.{tag}"), path.with_name(f"{path.name}.old.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: Path, hint: str = "delete it and rerun"):

@@ -1,30 +1,36 @@
-"""Stage 1, generate: prompts -> teacher -> request cache -> the dataset, streamed.
+"""Stage 1, generate: prompts -> teacher -> request cache -> the datasets, streamed.
 
-Prompts come from lab skills (train split) or a prompts file (JSONL, Parquet or a `datasets` save_to_disk
-directory, read lazily) whose records hold a plain prompt or an OpenAI conversation (`messages`; column names
-from [data] *_column). A conversation's final assistant turn is its reference answer; the teacher answers the
-user turn before it (distillab.chat renders it for each model, the student's rows included). Who writes the
-completions is the config's `data.source`: the teacher (through the cache), the lab's ground truth, or the
-answers a user brought ("human").
+Prompts come from lab skills (train split) or a prompts file (distillab.prompts). A conversation's final
+assistant turn is its reference answer; the teacher answers the user turn before it (distillab.chat renders it
+for each model, the student's rows included). Who writes the completions is the config's `data.source`: the
+teacher (through the cache), the lab's ground truth, or the answers a user brought ("human").
+
+The stages (generate_stages), each through stage.run_stage, which checks, skips and stamps:
+  generate:dev      a user's prompts hold out a dev share when retain selects: answered like the task
+  generate:train    data/train.parquet: the task prompts answered
+  sampled_prompts   general prompts the base model writes itself, when replay has no others
+  generate:replay   data/replay.parquet: the general prompts answered by retain.replay_source
+A dataset stage's fingerprint is its plan (pass 1): every chunk's request keys, read from the prompts once and
+kept on the stage for its run.
 
 Streaming. The prompts are cut into chunks of CHUNK_ROWS rows (a row: one prompt's sample). Requests are read
 from the chunks only as the teacher has room for them (its concurrency bounds what is in flight), and every
 answer is committed to the cache as it comes. When every request of a chunk is answered, its rows are written
-as one Parquet shard, atomically (temp + rename): data/<name>/part-<I>-of-<N>-<chunk>-<digest>.parquet, the
-digest covering the chunk's request keys and the student tokenizer. A chunk with a failed request is written
-with `-partial` in its name (its answered rows count; a rerun asks its failures again and replaces it). Memory
-follows the chunk and the requests in flight, not the dataset. Killing this stage at any moment and rerunning
-it skips every chunk whose shard exists and asks the teacher only for what the cache does not hold.
+as one Parquet part (distillab.shards), atomically, named by a digest of the chunk's request keys and the
+student tokenizer. A chunk with a failed request is written as `-partial` (its answered rows count; a rerun asks
+its failures again and replaces it). Memory follows the chunk and the requests in flight, not the dataset.
+Killing this stage at any moment and rerunning it skips every chunk whose part exists and asks the teacher only
+for what the cache does not hold.
 
-The dataset is the shard set: dataset.read_dataset(data/<name>.parquet) reads the file, else every shard in
-data/<name>/. A single process (shard 0/1) merges its shards into data/<name>.parquet at the end (streamed, a
-shard at a time) and removes them, so single-file readers keep working.
+The dataset is the part set: dataset.read_dataset(data/<name>.parquet) reads the file, else every part in
+data/<name>/. A single process (shard 0/1) merges its parts into data/<name>.parquet at the end.
 
-Many machines: `--shard I/N` takes the prompts whose hash (sha256 of "shard|" + prompt) is I mod N, with every
-sample of a prompt; each process writes only its own part-I-of-N files into the shared run directory, its own
-request cache (teacher.shard-I-of-N.sqlite: SQLite's WAL must not be shared over a network filesystem) and
-its own data/<name>/summary-I-of-N.json; data/generate_summary.json sums every shard's summary so far. A merge
-is just reading all shards. Shard runs never write stages.json (a shared file) and leave no merged file.
+Many machines: `--shard I/N` takes the prompts whose hash is I mod N (shards.in_shard), with every sample of a
+prompt; each process writes only its own part-I-of-N files, its own request cache (RunDir.cache(shard): SQLite's
+WAL must not be shared over a network filesystem) and its own summary; data/generate_summary.json sums every
+shard's summary so far. A merge is just reading all parts. Shard runs stamp no dataset in stages.json (a shared
+file) and leave no merged file; the sampled general prompts, the same for every shard, run as in a whole run
+(stamped), so a shard process that finds them done reads them back.
 
 samples_per_prompt (temperature > 0): each sample is its own request (keyed with "sample": s from the second
 on) and its own row, with a `sample` column.
@@ -32,110 +38,255 @@ on) and its own row, with a `sample` column.
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import itertools
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillab import chat, models, provenance
+from distillab import chat, models, provenance, retain
 from distillab.cache import RequestCache, request_key
-from distillab.config import RunConfig
-from distillab.files import write_atomic
-from distillab.dataset import SHARD_GLOB, shard_dir, write_dataset
-from distillab.errors import UserError, not_utf8
+from distillab.config import RunConfig, TeacherConfig
+from distillab.errors import UserError
+from distillab.files import read_json, write_json
+from distillab.general_prompts import SampledPrompts, general_prompts
 from distillab.pricing import BudgetGuard
-from distillab.lab.world import get_skill
-from distillab.rundir import check_stamps, is_fresh, mark_fresh
+from distillab.prompts import prompt_stream
+from distillab.rundir import WHOLE, RunDir
+from distillab.shards import ShardFiles, in_shard
+from distillab.stage import Stage, StageContext, run_stages
 from distillab.teachers import failure_digest
 
-CHUNK_ROWS = 2048  # rows a shard holds: the unit of writing and of resuming
-WHOLE = (0, 1)  # shard I of N: the whole prompt set
-# set by run_generate, so datasets other modules ask for (retain's replay) follow its shard; per thread/task
-_current_shard: contextvars.ContextVar = contextvars.ContextVar("distillab_generate_shard", default=WHOLE)
+CHUNK_ROWS = 2048  # rows a part holds: the unit of writing and of resuming
 
 
 @dataclass
 class GenerateSummary:
-    rows: int
-    requests_sent: int
-    cached: int
-    failed: int
-    prompt_tokens: int
-    completion_tokens: int
-    usd: float | None  # None: the teacher is unpriced
+    rows: int = 0
+    requests_sent: int = 0
+    cached: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usd: float | None = 0.0  # None: the teacher is unpriced
     skipped: bool = False
     endpoints: dict = field(default_factory=dict)  # url -> this run's {answered, errors, prompt/completion tokens}
+    # False: a request failed for good, or no row was this shard's: not stamped, so a rerun asks again
+    complete: bool = True
 
 
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """"I/N" (0 <= I < N) -> (I, N); None -> (0, 1)."""
-    if text is None:
-        return WHOLE
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise UserError(f"--shard {text!r}: give I/N, e.g. 0/4 (shard I of N, counted from 0)") from None
-    if n < 1 or not 0 <= i < n:
-        raise UserError(f"--shard {text!r}: need 0 <= I < N (shard I of N, counted from 0)")
-    return i, n
+def generate_stages(cfg: RunConfig) -> list[Stage]:
+    """The stages that write a run's datasets, in order: the dev share of a user's prompts (when retain selects),
+    the task dataset, and the retain replay set (after the general prompts the base model writes, when it has to)."""
+    task = TaskPrompts()
+    stages: list[Stage] = []
+    if cfg.retain.selects and cfg.data.prompts_file:
+        stages.append(DevDataset(task))
+    stages.append(TaskDataset(task))
+    if cfg.retain.replay_fraction > 0:
+        if retain.general_prompt_source(cfg) == "sampled":
+            stages.append(SampledPrompts())
+        stages.append(ReplayDataset())
+    return stages
 
 
-def in_shard(prompt: str, shard: tuple[int, int]) -> bool:
-    """Whether the prompt belongs to shard I of N: a stable hash, the same on every machine."""
-    i, n = shard
-    return n == 1 or int.from_bytes(hashlib.sha256(("shard|" + prompt).encode()).digest()[:8], "big") % n == i
+def run_generate(cfg: RunConfig, progress=None, log=print, shard: tuple[int, int] = WHOLE) -> GenerateSummary:
+    """The generate stages through run_stage; the task dataset's record. shard: (I, N) for `generate --shard I/N`
+    (module docstring)."""
+    records = run_stages(generate_stages(cfg), cfg, StageContext(log=log, progress=progress, shard=shard))
+    return records[TaskDataset.name]
 
 
-class PromptStream:
-    """A prompt source that can be read more than once, lazily: iter() starts it again."""
-
-    def __init__(self, make):
-        self._make = make
-
-    def __iter__(self):
-        return self._make()
+# ----------------------------------------------------------------------------------------------------
+# The stages.
 
 
 @dataclass(frozen=True)
-class Columns:
-    """Where a prompts file keeps each field ([data] prompt_column / messages_column / answer_column)."""
+class Answerer:
+    """Who writes a dataset's completions: the teacher `teacher` describes (source "teacher", through the run's
+    request cache) or the answers the prompts carry; `label` overrides the provenance teacher id."""
 
-    prompt: str = "prompt"
-    messages: str = "messages"
-    answer: str = "answer"
+    teacher: TeacherConfig
+    source: str
+    label: str | None = None
 
-    @classmethod
-    def of(cls, data) -> "Columns":
-        return cls(data.prompt_column, data.messages_column, data.answer_column)
-
-
-def load_prompts(cfg: RunConfig) -> list[dict]:
-    """[{prompt, messages, answer, skill}] from the prompts file when given, else from the lab skills' train split
-    (no messages: a plain prompt is one user turn)."""
-    return list(prompt_stream(cfg))
+    @property
+    def by_teacher(self) -> bool:
+        return self.source == "teacher"
 
 
-def prompt_stream(cfg: RunConfig):
-    """The prompts of load_prompts, read lazily from a prompts file (a list for lab skills: they are small)."""
-    if cfg.data.prompts_file:
-        path, columns = Path(cfg.data.prompts_file), Columns.of(cfg.data)
-        if path.is_dir():
-            return PromptStream(lambda: iter_hf_prompts(path, columns))
-        if path.suffix == ".parquet":
-            return PromptStream(lambda: iter_parquet_prompts(path, columns))
-        return PromptStream(lambda: iter_jsonl_prompts(path, columns))
-    rows = []
-    for name in cfg.data.skills:
-        try:
-            skill = get_skill(name)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        rows += [{"prompt": e.prompt, "answer": e.answer, "skill": name}
-                 for e in skill.examples("train", cfg.data.n_prompts, seed=cfg.data.seed)]
-    return rows
+@dataclass
+class DatasetPlan:
+    """Pass 1, from the prompts alone: each chunk's digest (its part's name) and the stamp they make; for a
+    teacher, what the cache holds. Nothing is asked and nothing written."""
+
+    files: ShardFiles
+    answerer: Answerer
+    chunks: Callable  # () -> this shard's rows, [(prompt record, sample)] lists of CHUNK_ROWS
+    student_tok: object
+    digests: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    rows: int = 0  # given answers: this shard's rows
+    teacher: object = None  # the teacher's client (source "teacher")
+    salt: str = ""  # what besides the request keys decides a part's rows
+    cached: int = 0  # distinct requests a chunk asks that the cache holds, summed over chunks
+    missing: int = 0  # ... and that it lacks
+    prior: dict = field(default_factory=lambda: _zero_usage())  # what the cached answers cost
+
+    def keys(self, chunk) -> list[str]:
+        return [request_key(ask(self.teacher, p, s)) for p, s in chunk]
+
+
+class AnsweredDataset:
+    """data/<dataset>.parquet (or its parts): prompts answered by an Answerer. A subclass says which prompts and
+    who answers; the plan (pass 1) is the fingerprint, kept from fingerprint() for the run() or load() after it."""
+
+    name: str  # the stage's name in stages.json
+    dataset: str  # data/<dataset>.parquet
+    sharded = True
+
+    def __init__(self):
+        self._planned: tuple | None = None  # (cfg, shard, plan) of the last fingerprint(), not yet used
+
+    def prompts(self, cfg: RunConfig, run: RunDir) -> Iterable[dict]:
+        raise NotImplementedError
+
+    def answerer(self, cfg: RunConfig) -> Answerer:
+        raise NotImplementedError
+
+    def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
+        plan = self._plan(cfg, run, WHOLE)
+        self._planned = (cfg, WHOLE, plan)
+        return plan.fingerprint
+
+    def outputs(self, cfg: RunConfig, run: RunDir) -> list[Path]:
+        summary = [run.generate_summary(self.dataset)] if self.answerer(cfg).by_teacher else []
+        return [run.dataset(self.dataset), *summary]
+
+    def run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> GenerateSummary:
+        plan = self._take_plan(cfg, run, ctx.shard)
+        if plan.answerer.by_teacher:
+            return _answer_by_teacher(cfg, run, plan, ctx)
+        return _write_given_answers(cfg, plan)
+
+    def load(self, cfg: RunConfig, run: RunDir) -> GenerateSummary:
+        """An up-to-date dataset's record: what the finished run counted (not a fresh $0), and what the cache
+        holds now."""
+        plan = self._take_plan(cfg, run, WHOLE)
+        if not plan.answerer.by_teacher:
+            return GenerateSummary(rows=plan.rows)
+        last = read_json(run.generate_summary(self.dataset))
+        return GenerateSummary(rows=last["rows"], cached=plan.cached, prompt_tokens=last["prompt_tokens"],
+                               completion_tokens=last["completion_tokens"], usd=last["usd"])
+
+    def _take_plan(self, cfg: RunConfig, run: RunDir, shard: tuple[int, int]) -> DatasetPlan:
+        planned, self._planned = self._planned, None
+        if planned is not None and planned[0] is cfg and planned[1] == shard:
+            return planned[2]
+        return self._plan(cfg, run, shard)
+
+    def _plan(self, cfg: RunConfig, run: RunDir, shard: tuple[int, int]) -> DatasetPlan:
+        prompts, answerer = self.prompts(cfg, run), self.answerer(cfg)
+        files = ShardFiles(run, self.dataset, shard)
+        files.check_layout()
+        samples = answerer.teacher.samples_per_prompt if answerer.by_teacher else 1
+
+        def chunks():
+            rows = ((p, s) for p in prompts if in_shard(p["prompt"], shard) for s in range(samples))
+            return iter(lambda: list(itertools.islice(rows, CHUNK_ROWS)), [])
+
+        plan = DatasetPlan(files=files, answerer=answerer, chunks=chunks,
+                           student_tok=models.load_tokenizer(cfg.train.student))
+        if answerer.by_teacher:
+            _plan_teacher(cfg, run, plan, shard, samples)
+        else:
+            _plan_given_answers(cfg, plan)
+        return plan
+
+
+class TaskPrompts:
+    """The run's task prompts, read and checked once for the stages that answer them: (train, dev). A user's
+    prompts hold out a dev share when retain selects (split by a stable hash: retain.split_dev_prompts)."""
+
+    def __init__(self):
+        self._split: tuple | None = None  # (cfg, train, dev)
+
+    def split(self, cfg: RunConfig) -> tuple[Iterable[dict], list[dict]]:
+        if self._split is None or self._split[0] is not cfg:
+            self._split = (cfg, *_task_prompts(cfg))
+        return self._split[1], self._split[2]
+
+
+class TaskDataset(AnsweredDataset):
+    """data/train.parquet: the task prompts answered by data.source."""
+
+    name, dataset = "generate:train", "train"
+
+    def __init__(self, task: TaskPrompts):
+        super().__init__()
+        self.task = task
+
+    def prompts(self, cfg: RunConfig, run: RunDir) -> Iterable[dict]:
+        return self.task.split(cfg)[0]
+
+    def answerer(self, cfg: RunConfig) -> Answerer:
+        return Answerer(teacher=cfg.teacher, source=cfg.data.source)
+
+
+class DevDataset(TaskDataset):
+    """data/dev.parquet: the dev share of a user's prompts, answered like the task (retain scores candidates on it)."""
+
+    name, dataset = "generate:dev", "dev"
+
+    def prompts(self, cfg: RunConfig, run: RunDir) -> Iterable[dict]:
+        return self.task.split(cfg)[1]
+
+
+class ReplayDataset(AnsweredDataset):
+    """data/replay.parquet: the general prompts answered by retain.replay_source: the frozen base student (its own
+    top-k: self-distillation), the teacher, or the answers a general prompts file carries."""
+
+    name, dataset = "generate:replay", "replay"
+
+    def prompts(self, cfg: RunConfig, run: RunDir) -> list[dict]:
+        r = cfg.retain
+        retain.check_retain(cfg)
+        prompts = general_prompts(cfg, run)
+        if r.replay_source == "dataset":
+            missing = [i for i, p in enumerate(prompts) if p.get("answer") is None]
+            if missing:
+                raise UserError(f"{r.general_prompts_file}: line {missing[0] + 1} has no \"answer\" "
+                                "(retain.replay_source = \"dataset\" trains on the answers you bring)")
+        return prompts
+
+    def answerer(self, cfg: RunConfig) -> Answerer:
+        if cfg.retain.replay_source == "dataset":
+            return Answerer(teacher=cfg.teacher, source="human")
+        if cfg.retain.replay_source == "teacher":
+            return Answerer(teacher=cfg.teacher, source="teacher")
+        base = cfg.teacher.model_copy(update={  # the frozen base student answers: local, greedy, free
+            "model": cfg.train.student, "base_url": None, "api_key_env": None, "mode": "completions", "max_usd": None,
+            "usd_per_1m_input": None, "usd_per_1m_output": None, "temperature": 0.0})
+        return Answerer(teacher=base, source="teacher", label=f"{cfg.train.student} (self)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The prompts.
+
+
+def _task_prompts(cfg: RunConfig) -> tuple[Iterable[dict], list[dict]]:
+    if cfg.retain.enabled:
+        retain.check_retain(cfg)
+    prompts = prompt_stream(cfg)
+    if next(iter(prompts), None) is None:
+        raise UserError("no prompts: data.skills is empty and data.prompts_file is not set")
+    if cfg.data.source == "teacher" and not cfg.teacher.base_url:
+        prompts = fit_teacher_context(cfg, list(prompts))
+    if cfg.retain.selects and cfg.data.prompts_file:  # a user's prompts: hold out a dev share, answered alike
+        return retain.split_dev_prompts(list(prompts), cfg.retain.dev_fraction)
+    return prompts, []
 
 
 def fit_teacher_context(cfg: RunConfig, prompts: list[dict]) -> list[dict]:
@@ -174,264 +325,54 @@ def fit_teacher_context(cfg: RunConfig, prompts: list[dict]) -> list[dict]:
                     f"{cfg.teacher.max_new_tokens} kept for the answer): line(s) {lines}; {fix}")
 
 
-def read_jsonl_prompts(path: Path, columns: Columns = Columns()) -> list[dict]:
-    return list(iter_jsonl_prompts(path, columns))
+# ----------------------------------------------------------------------------------------------------
+# Pass 1, the plan.
 
 
-def iter_jsonl_prompts(path: Path, columns: Columns = Columns()):
-    """{prompt, messages, answer, skill, line} per non-empty line, read a line at a time; errors name the file
-    and line."""
-    what = "prompt file"
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a directory: give a JSONL file")
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    seen = False
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise not_utf8(f"{path}:{lineno}", err) from None
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: malformed JSON ({err.msg})") from None
-            seen = True
-            yield _prompt_record(obj, where, lineno, columns)
-    if not seen:
-        raise UserError(f"{what} is empty: {path}")
-
-
-def iter_parquet_prompts(path: Path, columns: Columns = Columns()):
-    """The same records from a Parquet file with a prompt or messages column (optional answer, "skill"), a batch
-    at a time."""
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
-    reader = pq.ParquetFile(path)
-    lineno = 0
-    for batch in reader.iter_batches(batch_size=4096, columns=_columns_read(reader.schema_arrow.names, columns, path)):
-        for obj in batch.to_pylist():
-            lineno += 1
-            yield _prompt_record(obj, f"{path}: row {lineno}", lineno, columns)
-    if not lineno:
-        raise UserError(f"prompt file is empty: {path}")
-
-
-def iter_hf_prompts(path: Path, columns: Columns = Columns()):
-    """The same records from a Hugging Face `datasets` directory (Dataset.save_to_disk; of a DatasetDict, its
-    "train" split or its only one), memory-mapped and read a row at a time."""
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError:
-        raise UserError(f"prompt file {path} is a directory without a saved Hugging Face dataset (save_to_disk): "
-                        "give a JSONL or Parquet file, or such a directory") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds and len(ds) != 1:
-            raise UserError(f"{path}: a dataset with splits {', '.join(ds)}: save the split to use on its own "
-                            "(or name it train)")
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    ds = ds.select_columns(_columns_read(ds.column_names, columns, path))
-    for lineno, obj in enumerate(ds, 1):
-        yield _prompt_record(obj, f"{path}: row {lineno}", lineno, columns)
-    if not len(ds):
-        raise UserError(f"prompt file is empty: {path}")
-
-
-def _columns_read(names: list[str], columns: Columns, path: Path) -> list[str]:
-    """The columns of a table-shaped prompts file to read; one without a prompt or messages column is refused."""
-    if columns.prompt not in names and columns.messages not in names:
-        raise UserError(f"{path}: needs a \"{columns.prompt}\" or a \"{columns.messages}\" column (has "
-                        f"{', '.join(names[:8]) or 'none'}; [data] prompt_column / messages_column name others)")
-    return [c for c in (columns.prompt, columns.messages, columns.answer, "skill") if c in names]
-
-
-def _prompt_record(obj, where: str, line: int, columns: Columns = Columns()) -> dict:
-    """{prompt, messages, answer, skill, line}. A conversation: messages = the turns the teacher answers, prompt
-    = their plain text (chat.plain_text: what keys shards, splits and completions endpoints), and a final
-    assistant turn is the answer. A plain prompt: messages None."""
-    c = columns
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: each line needs a JSON object with \"{c.prompt}\" or \"{c.messages}\"")
-    answer = obj.get(c.answer)
-    if answer is not None and not isinstance(answer, str):
-        raise UserError(f"{where}: \"{c.answer}\" must be a string")
-    skill = obj.get("skill")
-    if obj.get(c.messages) is not None:  # the conversation, over a prompt beside it (often its first user turn)
-        turns, reference = chat.split_conversation(chat.check_messages(obj[c.messages], where, c.messages), where,
-                                                  c.messages)
-        if reference is not None and answer is not None:
-            raise UserError(f"{where}: two answers: \"{c.answer}\" and the conversation's final assistant turn; "
-                            "keep one")
-        return {"prompt": chat.plain_text(turns), "messages": turns, "answer": reference if answer is None else answer,
-                "skill": skill, "line": line}
-    if not isinstance(obj.get(c.prompt), str) or not obj[c.prompt]:
-        raise UserError(f"{where}: each line needs a non-empty string field \"{c.prompt}\" or a \"{c.messages}\" "
-                        "list")
-    return {"prompt": obj[c.prompt], "messages": None, "answer": answer, "skill": skill, "line": line}
-
-
-def run_generate(cfg: RunConfig, progress=None, log=print, shard: tuple[int, int] = WHOLE) -> GenerateSummary:
-    """The task dataset (data/train.parquet, or data/train/ shards), and the retain replay set when configured.
-    shard: (I, N) for `generate --shard I/N` (module docstring)."""
-    if cfg.retain.enabled:
-        from distillab.retain import check_retain
-
-        check_retain(cfg)
-    prompts = prompt_stream(cfg)
-    if next(iter(prompts), None) is None:
-        raise UserError("no prompts: data.skills is empty and data.prompts_file is not set")
-    if cfg.data.source == "teacher" and not cfg.teacher.base_url:
-        prompts = fit_teacher_context(cfg, list(prompts))
-    token = _current_shard.set(shard)
-    try:
-        if cfg.retain.selects and cfg.data.prompts_file:  # a user's prompts: hold out a dev share, answered alike
-            from distillab.retain import split_dev_prompts
-
-            prompts, dev = split_dev_prompts(list(prompts), cfg.retain.dev_fraction)
-            generate_dataset(cfg, dev, "dev", cfg.teacher, cfg.data.source, progress=progress, log=log, shard=shard)
-        summary = generate_dataset(cfg, prompts, "train", cfg.teacher, cfg.data.source, progress=progress, log=log,
-                                   shard=shard)
-        if cfg.retain.replay_fraction > 0:
-            from distillab.retain import generate_replay
-
-            generate_replay(cfg, progress=progress, log=log)
-    finally:
-        _current_shard.reset(token)
-    return summary
-
-
-def generate_dataset(cfg: RunConfig, prompts, name: str, teacher_cfg, source: str, progress=None, log=print,
-                     teacher_label: str | None = None, shard: tuple[int, int] | None = None) -> GenerateSummary:
-    """prompts (a list, or any iterable that can be read again) -> data/<name>.parquet (or its shards), written by
-    `source`: the teacher `teacher_cfg` describes (through the run's request cache) or the answers the prompts
-    carry. teacher_label overrides the provenance teacher id. shard: (I, N), default run_generate's."""
-    shard = shard or _current_shard.get()
-    run_dir = cfg.run_dir
-    stage = "generate" if name == "train" else f"generate:{name}"
-    out_path = run_dir / "data" / f"{name}.parquet"
-    parts = _Parts(out_path, shard)
-    parts.check_layout()
-    check_stamps(run_dir)  # a corrupt stages.json is an error before anything is written
-    student_tok = models.load_tokenizer(cfg.train.student)
-    samples = teacher_cfg.samples_per_prompt if source == "teacher" else 1
-
-    def chunks():
-        """[(prompt, sample)] lists of CHUNK_ROWS rows, this shard's only."""
-        rows = ((p, s) for p in prompts if in_shard(p["prompt"], shard) for s in range(samples))
-        return iter(lambda: list(itertools.islice(rows, CHUNK_ROWS)), [])
-
-    if source != "teacher":
-        return _generate_given(cfg, chunks, name, stage, source, parts, student_tok)
-
-    from distillab.pricing import TeacherPricing
+def _plan_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, shard: tuple[int, int], samples: int) -> None:
+    """Every chunk's request keys -> its digest and the stamp; what the cache holds of them. A conversation the
+    student cannot render is refused here, before any request."""
     from distillab.teachers import make_teacher
 
-    teacher = make_teacher(teacher_cfg)
-    salt = f"{cfg.train.student}|{teacher_label}|{samples}"  # what else decides a shard's rows
-
-    def keyed(chunk):
-        return [request_key(ask(teacher, p, s)) for p, s in chunk]
-
-    summary_path = parts.summary_path(run_dir, name)
-    cache = RequestCache(run_dir / parts.cache_name)
+    plan.teacher = make_teacher(plan.answerer.teacher)
+    plan.salt = f"{cfg.train.student}|{plan.answerer.label}|{samples}"
+    stamp = hashlib.sha256(plan.salt.encode())
+    path = run.cache(shard)
+    cache = RequestCache(path) if path.exists() else None  # planning creates nothing: an absent cache holds nothing
     try:
-        # Pass 1, the plan: every chunk's keys and digest (the stage's stamp), what the cache holds.
-        stamp, digests, n_cached, n_missing, prior = hashlib.sha256(salt.encode()), [], 0, 0, _zero_usage()
-        for chunk in chunks():
-            for p, _ in chunk:  # before any request: the student's template must take the conversation
-                _check_student_renders(student_tok, p)
-            keys = keyed(chunk)
-            digests.append(_digest(salt, keys))
-            stamp.update(digests[-1].encode())
+        for chunk in plan.chunks():
+            for p, _ in chunk:
+                _check_student_renders(plan.student_tok, p)
+            keys = plan.keys(chunk)
+            plan.digests.append(_digest(plan.salt, keys))
+            stamp.update(plan.digests[-1].encode())
             unique = list(dict.fromkeys(keys))
-            cached = cache.cached_keys(unique)
-            n_cached += len(cached)
-            n_missing += len(unique) - len(cached)
-            _add_usage(prior, cache.usage(unique))
-        stamp = stamp.hexdigest()[:16]
-        if not digests:  # every prompt hashed to other shards
-            log(f"generate {name}: no prompt falls in shard {shard[0]}/{shard[1]}")
-            return GenerateSummary(0, 0, 0, 0, 0, 0, 0.0)
-        if parts.whole and is_fresh(run_dir, stage, stamp) and out_path.is_file() and summary_path.is_file():
-            last = json.loads(summary_path.read_text())  # what the finished run counted, not a fresh $0
-            return GenerateSummary(last["rows"], 0, n_cached, 0, last["prompt_tokens"], last["completion_tokens"],
-                                   last["usd"], skipped=True)
-        parts.remove_stale(digests)
-
-        pricing = TeacherPricing.from_config(teacher_cfg.model_copy(update={"base_url": (teacher_cfg.urls or [None])[0]}),
-                                             teacher_is_local=not teacher_cfg.base_url)
-        # The budget counts what earlier (interrupted) runs already spent on these prompts: a resumed run
-        # must not get a fresh max_usd.
-        budget = BudgetGuard(teacher_cfg.max_usd, pricing, total=n_missing, prior_usage=prior)
-        run = _Run(cache, teacher, student_tok, parts, log, teacher_label)
-        began = time.time()
-        if n_missing:
-            # counted a chunk at a time: a prompt repeated in two chunks counts twice here and is asked once
-            log(f"generate {name}: {n_cached} of {n_cached + n_missing} cached, asking {teacher.teacher_id} "
-                f"for at most {n_missing}")
-            budget.check()
-        if progress:
-            progress(0, n_missing, budget)
-
-        def on_done(req, resp, error, latency, attempts):
-            key = request_key(req)
-            if resp is None:
-                cache.put_failure(key, req, error or "unknown error", attempts)
-            else:
-                cache.put(key, req, resp, latency, attempts)
-                budget.add(resp)
-            run.answered(key, resp is not None)
-            if progress:
-                progress(run.sent, n_missing, budget)
-            budget.check()
-
-        # Pass 2, the work: chunks with a shard are skipped; the others' uncached requests stream to the teacher.
-        stream = run.requests(chunks(), keyed, digests)
-        if teacher_cfg.base_url:  # an endpoint: one stream, read as its workers free up (no stall between chunks)
-            first = next(stream, None)  # a fully cached run sends nothing and needs no API key
-            if first is not None:
-                teacher.answer(itertools.chain([first], stream), on_done)
-        else:  # the local backend works a batch at a time anyway: a list per chunk's worth of requests
-            for window in iter(lambda: list(itertools.islice(stream, CHUNK_ROWS)), []):
-                teacher.answer(window, on_done)
-        run.close_all()
+            held = cache.cached_keys(unique) if cache else set()
+            plan.cached += len(held)
+            plan.missing += len(unique) - len(held)
+            if cache:
+                _add_usage(plan.prior, cache.usage(unique))
     finally:
-        cache.close()
-    if run.aligner.stats.rows:
-        log(f"generate: the teacher's tokenizer is not the student's: {run.aligner.stats.line()}")
-    if run.dropped_topk:
-        log(f"generate: the teacher's token ids are not the student's tokenizer's in {run.dropped_topk} rows: their "
-            "text was re-tokenized and their top-k logprobs left out (those rows train with SFT only)")
-    if not run.rows:  # nothing to train on: fail loudly, write no empty dataset, mark nothing fresh
-        raise UserError(f"generate {name}: every teacher request failed ({failure_digest(run.failures)}); "
-                        "fix the teacher and rerun: answered requests are cached")
-    if parts.whole:
-        parts.merge()
-        if not run.n_failed:
-            mark_fresh(run_dir, stage, stamp)
-    spent = pricing.usd_for(run.usage)
-    previous = json.loads(summary_path.read_text()).get("answer_seconds", 0.0) if summary_path.is_file() else 0.0
-    endpoints = {url: dict(stats) for url, stats in teacher.endpoint_stats.items()}
-    write_atomic(summary_path, json.dumps({
-        "rows": run.rows, "failed": run.n_failed, "teacher": teacher_cfg.model,
-        "prompt_tokens": run.usage["prompt_tokens"], "completion_tokens": run.usage["completion_tokens"],
-        "usd": spent, "priced": spent is not None, "pricing": pricing.to_dict(),
-        "answer_seconds": round(previous + time.time() - began, 2),  # wall time asking, over every resume
-        "endpoints": endpoints,  # this run's requests per endpoint: answered, errors, tokens
-        "failures": run.failures[:20],
-        **({"cross_tokenizer": run.aligner.stats.to_dict()} if run.aligner.stats.rows else {})}, indent=1))
-    if not parts.whole:
-        parts.combine_summaries(run_dir, name)
-    return GenerateSummary(run.rows, run.sent, n_cached, run.n_failed, run.usage["prompt_tokens"],
-                           run.usage["completion_tokens"], spent, endpoints=endpoints)
+        if cache:
+            cache.close()
+    plan.fingerprint = stamp.hexdigest()[:16]
+
+
+def _plan_given_answers(cfg: RunConfig, plan: DatasetPlan) -> None:
+    """Every chunk's digest and the stamp from the records themselves; every answer checked before anything is
+    written."""
+    source = plan.answerer.source
+    salt = json.dumps([cfg.data.model_dump(), cfg.train.student, source])
+    stamp = hashlib.sha256(salt.encode())
+    for i, chunk in enumerate(plan.chunks()):
+        plan.rows += len(chunk)
+        for j, (p, _) in enumerate(chunk):
+            if p["answer"] is None:
+                raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt "
+                                f"(prompt {i * CHUNK_ROWS + j + 1} has none)")
+        plan.digests.append(_digest(salt, [json.dumps(p, sort_keys=True) for p, _ in chunk]))
+        stamp.update(plan.digests[-1].encode())
+    plan.fingerprint = stamp.hexdigest()[:16]
 
 
 def _check_student_renders(student_tok, p: dict) -> None:
@@ -446,153 +387,97 @@ def _check_student_renders(student_tok, p: dict) -> None:
             raise UserError(f"{where}: {detail}") from None
 
 
-def _generate_given(cfg, chunks, name, stage, source, parts, student_tok) -> GenerateSummary:
-    """Rows whose completions are the answers the prompts carry: the same shards, no teacher."""
-    run_dir = cfg.run_dir
-    salt = json.dumps([cfg.data.model_dump(), cfg.train.student, source])
-    digests, stamp, n = [], hashlib.sha256(salt.encode()), 0
-    for i, chunk in enumerate(chunks()):  # every answer checked before anything is written
-        n += len(chunk)
-        for j, (p, _) in enumerate(chunk):
-            if p["answer"] is None:
-                raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt "
-                                f"(prompt {i * CHUNK_ROWS + j + 1} has none)")
-        digests.append(_digest(salt, [json.dumps(p, sort_keys=True) for p, _ in chunk]))
-        stamp.update(digests[-1].encode())
-    stamp = stamp.hexdigest()[:16]
-    out_path = run_dir / "data" / f"{name}.parquet"
-    if parts.whole and is_fresh(run_dir, stage, stamp) and out_path.is_file():
-        return GenerateSummary(n, 0, 0, 0, 0, 0, 0.0, skipped=True)
-    parts.remove_stale(digests)
-    for i, chunk in enumerate(chunks()):
-        if not parts.done(i, digests[i]):
-            parts.write(i, digests[i], _ground_truth_rows([p for p, _ in chunk], source, student_tok,
-                                                          cfg.data.declared_teacher), complete=True)
-    if parts.whole:
-        parts.merge()
-        mark_fresh(run_dir, stage, stamp)
-    return GenerateSummary(n, 0, 0, 0, 0, 0, 0.0)
+# ----------------------------------------------------------------------------------------------------
+# Pass 2, the work.
 
 
-def ask(teacher, record: dict, sample: int = 0) -> dict:
-    """The teacher's canonical request for a prompt record: its conversation when it has one."""
-    return teacher.request(record["prompt"], sample, messages=record.get("messages"))
+def _answer_by_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, ctx: StageContext) -> GenerateSummary:
+    """Chunks with a complete part are skipped; the others' uncached requests stream to the teacher, and each
+    chunk is written as a part when its last answer comes."""
+    from distillab.pricing import TeacherPricing
+
+    files, teacher, teacher_cfg, progress = plan.files, plan.teacher, plan.answerer.teacher, ctx.progress
+    name, shard = files.name, ctx.shard
+    if not plan.digests:  # every prompt hashed to other shards: nothing written, nothing for a stamp to vouch for
+        ctx.log(f"generate {name}: no prompt falls in shard {shard[0]}/{shard[1]}")
+        return GenerateSummary(complete=False)
+    cache = RequestCache(run.cache(shard))
+    try:
+        files.remove_stale(plan.digests)
+        pricing = TeacherPricing.from_config(teacher_cfg.model_copy(update={"base_url": (teacher_cfg.urls or [None])[0]}),
+                                             teacher_is_local=not teacher_cfg.base_url)
+        # The budget counts what earlier (interrupted) runs already spent on these prompts: a resumed run
+        # must not get a fresh max_usd.
+        budget = BudgetGuard(teacher_cfg.max_usd, pricing, total=plan.missing, prior_usage=plan.prior)
+        pending = PendingChunks(cache, teacher, plan.student_tok, files, plan.answerer.label)
+        began = time.time()
+        if plan.missing:
+            # counted a chunk at a time: a prompt repeated in two chunks counts twice here and is asked once
+            ctx.log(f"generate {name}: {plan.cached} of {plan.cached + plan.missing} cached, asking "
+                    f"{teacher.teacher_id} for at most {plan.missing}")
+            budget.check()
+        if progress:
+            progress(0, plan.missing, budget)
+
+        def on_done(req, resp, error, latency, attempts):
+            key = request_key(req)
+            if resp is None:
+                cache.put_failure(key, req, error or "unknown error", attempts)
+            else:
+                cache.put(key, req, resp, latency, attempts)
+                budget.add(resp)
+            pending.answered(key, resp is not None)
+            if progress:
+                progress(pending.sent, plan.missing, budget)
+            budget.check()
+
+        stream = pending.requests(plan.chunks(), plan.keys, plan.digests)
+        if teacher_cfg.base_url:  # an endpoint: one stream, read as its workers free up (no stall between chunks)
+            first = next(stream, None)  # a fully cached run sends nothing and needs no API key
+            if first is not None:
+                teacher.answer(itertools.chain([first], stream), on_done)
+        else:  # the local backend works a batch at a time anyway: a list per chunk's worth of requests
+            for window in iter(lambda: list(itertools.islice(stream, CHUNK_ROWS)), []):
+                teacher.answer(window, on_done)
+        pending.close_all()
+    finally:
+        cache.close()
+    if pending.aligner.stats.rows:
+        ctx.log(f"generate: the teacher's tokenizer is not the student's: {pending.aligner.stats.line()}")
+    if pending.dropped_topk:
+        ctx.log(f"generate: the teacher's token ids are not the student's tokenizer's in {pending.dropped_topk} rows: "
+                "their text was re-tokenized and their top-k logprobs left out (those rows train with SFT only)")
+    if not pending.rows:  # nothing to train on: fail loudly, write no empty dataset, stamp nothing
+        raise UserError(f"generate {name}: every teacher request failed ({failure_digest(pending.failures)}); "
+                        "fix the teacher and rerun: answered requests are cached")
+    if files.whole:
+        files.merge()
+    spent = pricing.usd_for(pending.usage)
+    previous = read_json(files.summary).get("answer_seconds", 0.0) if files.summary.is_file() else 0.0
+    endpoints = {url: dict(stats) for url, stats in teacher.endpoint_stats.items()}
+    write_json(files.summary, {
+        "rows": pending.rows, "failed": pending.n_failed, "teacher": teacher_cfg.model,
+        "prompt_tokens": pending.usage["prompt_tokens"], "completion_tokens": pending.usage["completion_tokens"],
+        "usd": spent, "priced": spent is not None, "pricing": pricing.to_dict(),
+        "answer_seconds": round(previous + time.time() - began, 2),  # wall time asking, over every resume
+        "endpoints": endpoints,  # this run's requests per endpoint: answered, errors, tokens
+        "failures": pending.failures[:20],
+        **({"cross_tokenizer": pending.aligner.stats.to_dict()} if pending.aligner.stats.rows else {})})
+    if not files.whole:
+        files.combine_summaries()
+    return GenerateSummary(rows=pending.rows, requests_sent=pending.sent, cached=plan.cached, failed=pending.n_failed,
+                           prompt_tokens=pending.usage["prompt_tokens"],
+                           completion_tokens=pending.usage["completion_tokens"], usd=spent, endpoints=endpoints,
+                           complete=not pending.n_failed)
 
 
-def _row_text(record: dict) -> dict:
-    """A prompt record's fields as a dataset row keeps them: its conversation (None: a plain prompt; the dataset
-    stores it as JSON text), no line number."""
-    return {**{k: v for k, v in record.items() if k != "line"}, "messages": record.get("messages") or None}
+class PendingChunks:
+    """Pass 2's bookkeeping: the chunks waiting for answers (each written as a part when its last one comes), and
+    the counts of what was written."""
 
-
-def _digest(salt: str, keys: list[str]) -> str:
-    h = hashlib.sha256(salt.encode())
-    for k in keys:
-        h.update(k.encode() + b"\n")
-    return h.hexdigest()[:12]
-
-
-def _zero_usage() -> dict:
-    return {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
-
-
-def _add_usage(total: dict, more: dict) -> None:
-    for k in total:
-        total[k] += more.get(k, 0)
-
-
-class _Parts:
-    """The shard files of one dataset that one process (shard I of N) writes, in data/<name>/."""
-
-    def __init__(self, out_path: Path, shard: tuple[int, int]):
-        self.out_path, self.dir = out_path, shard_dir(out_path)
-        self.whole = shard == WHOLE
-        self.tag = f"{shard[0]:05d}-of-{shard[1]:05d}"
-        self.n = shard[1]
-        self.cache_name = "teacher.sqlite" if self.whole else f"teacher.shard-{shard[0]}-of-{shard[1]}.sqlite"
-
-    def name(self, chunk: int, digest: str, complete: bool) -> Path:
-        return self.dir / f"part-{self.tag}-{chunk:06d}-{digest}{'' if complete else '-partial'}.parquet"
-
-    def summary_path(self, run_dir: Path, name: str) -> Path:
-        stem = "generate" if name == "train" else name
-        return run_dir / "data" / f"{stem}_summary.json" if self.whole else self.dir / f"summary-{self.tag}.json"
-
-    def check_layout(self) -> None:
-        """Shards of a different split (another N) in the same directory would mix two datasets: refused."""
-        if not self.dir.is_dir():
-            return
-        other = sorted({p.name.split("-")[3] for p in self.dir.glob(SHARD_GLOB)} - {f"{self.n:05d}"})
-        if other:
-            raise UserError(f"{self.dir} holds shards of a {int(other[0])}-way split (--shard I/{int(other[0])}): "
-                            f"rerun with that N, or move {self.dir} away (cached answers are kept)")
-
-    def remove_stale(self, digests: list[str]) -> None:
-        """Drop this process's shards that the current prompts and config no longer make, and (shard runs) a
-        merged file of an earlier whole run: it would shadow the shards."""
-        if not self.whole:
-            self.out_path.unlink(missing_ok=True)
-        keep = {self.name(i, d, c).name for i, d in enumerate(digests) for c in (True, False)}
-        for path in self.dir.glob(f"part-{self.tag}-*.parquet") if self.dir.is_dir() else []:
-            if path.name not in keep:
-                path.unlink()
-
-    def done(self, chunk: int, digest: str) -> bool:
-        return self.name(chunk, digest, True).is_file()
-
-    def write(self, chunk: int, digest: str, rows: list[dict], complete: bool) -> None:
-        if rows:  # a chunk whose every request failed is left unwritten: a rerun asks again
-            write_dataset(self.name(chunk, digest, complete), rows)
-        self.name(chunk, digest, not complete).unlink(missing_ok=True)
-
-    def merge(self) -> None:
-        """A whole run's shards -> data/<name>.parquet (a shard at a time), then the shards go."""
-        from distillab.dataset import write_merged
-
-        files = sorted(self.dir.glob(f"part-{self.tag}-*.parquet")) if self.dir.is_dir() else []
-        if not files:
-            return
-        write_merged(self.out_path, files)
-        for f in files:
-            f.unlink()
-        try:
-            self.dir.rmdir()
-        except OSError:
-            pass  # something else lives there: left alone
-
-    def combine_summaries(self, run_dir: Path, name: str) -> None:
-        """data/<stem>_summary.json = the sum of every shard's summary so far (under a lock: shards finish together)."""
-        import fcntl
-
-        stem = "generate" if name == "train" else name
-        with open(self.dir / ".summary.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            shards = {p.name[len("summary-"):-len(".json")]: json.loads(p.read_text())
-                      for p in sorted(self.dir.glob(f"summary-*-of-{self.n:05d}.json"))}
-            total = {"rows": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0,
-                     "answer_seconds": 0.0, "endpoints": {}, "failures": []}
-            for s in shards.values():
-                for k in ("rows", "failed", "prompt_tokens", "completion_tokens"):
-                    total[k] += s[k]
-                total["usd"] = None if total["usd"] is None or s["usd"] is None else total["usd"] + s["usd"]
-                total["answer_seconds"] = max(total["answer_seconds"], s["answer_seconds"])  # shards run side by side
-                for url, stats in s.get("endpoints", {}).items():
-                    into = total["endpoints"].setdefault(url, dict.fromkeys(stats, 0))
-                    for k, v in stats.items():
-                        into[k] = into.get(k, 0) + v
-                total["failures"] = (total["failures"] + s["failures"])[:20]
-            last = next(iter(shards.values()))
-            total.update(teacher=last["teacher"], priced=total["usd"] is not None, pricing=last["pricing"],
-                         shards={tag: s["rows"] for tag, s in shards.items()}, of=self.n)
-            write_atomic(run_dir / "data" / f"{stem}_summary.json", json.dumps(total, indent=1))
-
-
-class _Run:
-    """Pass 2's bookkeeping: the chunks waiting for answers, and what was written."""
-
-    def __init__(self, cache, teacher, tokenizer, parts: _Parts, log, teacher_label):
-        self.cache, self.teacher, self.tokenizer, self.parts = cache, teacher, tokenizer, parts
-        self.log, self.teacher_label = log, teacher_label
+    def __init__(self, cache, teacher, tokenizer, files: ShardFiles, teacher_label: str | None):
+        self.cache, self.teacher, self.tokenizer, self.files = cache, teacher, tokenizer, files
+        self.teacher_label = teacher_label
         from distillab.crosstok import Aligner  # a teacher with another tokenizer: its top-k aligned by text spans
 
         self.aligner = Aligner(tokenizer, None if teacher.cfg.base_url else teacher.cfg.model)
@@ -606,7 +491,7 @@ class _Run:
         for i, chunk in enumerate(chunks):
             keys = keyed(chunk)
             unique = list(dict.fromkeys(keys))
-            if self.parts.done(i, digests[i]):
+            if self.files.done(i, digests[i]):
                 self.rows += len(chunk)
                 _add_usage(self.usage, self.cache.usage(unique))
                 continue
@@ -639,7 +524,7 @@ class _Run:
         rows, dropped = _teacher_rows(state["chunk"], state["keys"], self.cache, self.teacher, self.tokenizer,
                                       self.teacher_label, self.aligner)
         failures = self.cache.failures(state["keys"])
-        self.parts.write(i, state["digest"], rows, complete=not failures)
+        self.files.write(i, state["digest"], rows, complete=not failures)
         self.rows += len(rows)
         self.dropped_topk += dropped
         self.n_failed += len(failures)
@@ -652,17 +537,34 @@ class _Run:
             self.flush(i)
 
 
+def _write_given_answers(cfg: RunConfig, plan: DatasetPlan) -> GenerateSummary:
+    """Rows whose completions are the answers the prompts carry: the same parts, no teacher."""
+    files, digests = plan.files, plan.digests
+    files.remove_stale(digests)
+    for i, chunk in enumerate(plan.chunks()):
+        if not files.done(i, digests[i]):
+            files.write(i, digests[i], _ground_truth_rows([p for p, _ in chunk], plan.answerer.source,
+                                                          plan.student_tok, cfg.data.declared_teacher), complete=True)
+    if files.whole:
+        files.merge()
+    return GenerateSummary(rows=plan.rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows.
+
+
 def _ground_truth_rows(prompts: list[dict], source: str, tokenizer, declared_teacher: str | None = None) -> list[dict]:
     """Rows whose completions are the answers we were given; tagged with the source the user declared."""
     tag = (provenance.provenance_row("teacher", teacher_id=declared_teacher) if declared_teacher
            else provenance.provenance_row(source))
     rows = []
-    for i, p in enumerate(prompts):
-        if p["answer"] is None:
+    for i, prompt in enumerate(prompts):
+        if prompt["answer"] is None:
             raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt (prompt {i + 1} has none)")
-        prompt_ids, completion_ids = chat.encode(tokenizer, chat.turns_of(p), p["answer"])
-        p = _row_text(p)
-        rows.append({**p, "completion": p["answer"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
+        prompt_ids, completion_ids = chat.encode(tokenizer, chat.turns_of(prompt), prompt["answer"])
+        fields = _row_text(prompt)
+        rows.append({**fields, "completion": fields["answer"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
                      "top_ids": None, "top_logprobs": None, **tag})
     return rows
 
@@ -676,13 +578,13 @@ def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | N
     sampling = {k: v for k, v in teacher.request("").items() if k not in ("prompt", "messages", "endpoint", "model")}
     many = teacher.cfg.samples_per_prompt > 1
     rows, dropped_topk = [], 0
-    for (p, sample), key in zip(chunk, keys):
+    for (prompt, sample), key in zip(chunk, keys):
         resp = cache.get(key, raw_topk=True)
         if resp is None:  # failed for good: recorded in the cache's failures, left out of the data
             continue
         topk, top_ids, top_lp = resp.get("topk"), resp.get("top_ids"), resp.get("top_logprobs")
         # the student's own rendering of the conversation (its chat template, or the plain text)
-        turns = chat.turns_of(p)
+        turns = chat.turns_of(prompt)
         if resp.get("token_ids") is not None and _ids_match(resp, tokenizer):
             prompt_ids = chat.prompt_ids(tokenizer, turns)
             completion_ids = resp["token_ids"]  # the teacher's own tokens: its top-k stays aligned to them
@@ -700,8 +602,7 @@ def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | N
             if top_ids is not None:
                 k = max((len(row) for row in resp["top_tokens"]), default=1)
                 top_ids, top_lp = fill_rows(top_ids, top_lp, max(k, 1))
-        p = _row_text(p)
-        rows.append({**p, **({"sample": sample} if many else {}), "completion": resp["text"],
+        rows.append({**_row_text(prompt), **({"sample": sample} if many else {}), "completion": resp["text"],
                      "prompt_ids": prompt_ids, "completion_ids": completion_ids,
                      "topk": topk, "top_ids": top_ids, "top_logprobs": top_lp,
                      **provenance.provenance_row("teacher", teacher_id=teacher_label or teacher.teacher_id,
@@ -739,3 +640,30 @@ def _aligned_topk(resp: dict, completion_ids: list[int], aligner) -> dict | None
         return None
     aligned = aligner.from_ids(resp, ids, lps, tails, completion_ids)
     return None if aligned is None else crosstok.encode(aligned, max(len(ids[0]) if ids else 1, 1))
+
+
+def ask(teacher, record: dict, sample: int = 0) -> dict:
+    """The teacher's canonical request for a prompt record: its conversation when it has one."""
+    return teacher.request(record["prompt"], sample, messages=record.get("messages"))
+
+
+def _row_text(record: dict) -> dict:
+    """A prompt record's fields as a dataset row keeps them: its conversation (None: a plain prompt; the dataset
+    stores it as JSON text), no line number."""
+    return {**{k: v for k, v in record.items() if k != "line"}, "messages": record.get("messages") or None}
+
+
+def _digest(salt: str, keys: list[str]) -> str:
+    h = hashlib.sha256(salt.encode())
+    for k in keys:
+        h.update(k.encode() + b"\n")
+    return h.hexdigest()[:12]
+
+
+def _zero_usage() -> dict:
+    return {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
+
+
+def _add_usage(total: dict, more: dict) -> None:
+    for k in total:
+        total[k] += more.get(k, 0)

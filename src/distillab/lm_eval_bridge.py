@@ -2,7 +2,8 @@
 
 Each model of the run (the distilled student, the base, and the teacher when it is local) is loaded by
 distillab's own loader (local directories, safetensors only) and handed to lm-eval's HFLM, so lm-eval never
-downloads weights. Results go to eval/lm_eval_<label>.json.
+downloads weights. Each model is its own stage, "lm_eval:<label>" -> eval/lm_eval_<label>.json, stamped on the
+task names, the document limit, the model's weights and the local task files.
 
 SPEC is a comma-separated list of:
   path/to/task.yaml   a local task file (its directory joins the include path, so `include:` siblings work);
@@ -19,17 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from distillab import models
 from distillab.config import RunConfig
-from distillab.files import write_atomic
 from distillab.errors import UserError
-from distillab.files import fingerprint
-from distillab.rundir import is_fresh, mark_fresh
+from distillab.files import fingerprint, read_json, write_atomic
+from distillab.rundir import RunDir
+from distillab.scoring import run_models
+from distillab.stage import StageContext, run_stages
 
 INCLUDE_ENV = "DISTILLAB_LM_EVAL_INCLUDE"
 
@@ -39,6 +45,37 @@ def run_lm_eval(cfg: RunConfig, tasks: str, log=print, limit: int | None = None,
 
     tasks: the SPEC above; empty means cfg.eval.lm_eval_tasks. limit: at most this many documents per task.
     """
+    records = run_stages(lm_eval_stages(cfg, tasks, limit=limit, batch_size=batch_size), cfg, StageContext(log=log))
+    return {record.label: record.result for record in records.values() if record.result is not None}
+
+
+def lm_eval_stages(cfg: RunConfig, tasks: str, limit: int | None = None, batch_size: int = 16) -> list[LmEvalModel]:
+    """One stage per local model of the run (local_models). The SPEC is resolved when the first stage needs it, once
+    for all of them (lm-eval's own registry takes seconds to index)."""
+    task_set = functools.cache(lambda: resolve_tasks(cfg, tasks))
+    return [LmEvalModel(label=label, model=name, tasks=task_set, limit=limit, batch_size=batch_size)
+            for label, name in local_models(cfg).items()]
+
+
+def local_models(cfg: RunConfig) -> dict[str, str]:
+    """The run's models by label; a remote teacher is left out (lm-eval here scores local weights only)."""
+    named = run_models(cfg)
+    if cfg.teacher.base_url:
+        named.pop("teacher")
+    return named
+
+
+@dataclass
+class TaskSet:
+    """What a SPEC names: lm-eval's TaskManager, the registered task names, and the local files they read."""
+
+    manager: Any
+    names: list[str]
+    files: list[Path]  # beside each local task YAML: part of every model's stamp
+
+
+def resolve_tasks(cfg: RunConfig, tasks: str) -> TaskSet:
+    """The SPEC's tasks (empty: cfg.eval.lm_eval_tasks), offline; a bad SPEC is a one-line UserError."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     specs = [s.strip() for s in (tasks or ",".join(cfg.eval.lm_eval_tasks)).split(",") if s.strip()]
@@ -46,41 +83,64 @@ def run_lm_eval(cfg: RunConfig, tasks: str, log=print, limit: int | None = None,
         raise UserError("no lm-eval tasks given: pass --lm-eval-tasks NAMES|YAML or set eval.lm_eval_tasks")
     task_manager = _task_manager(specs)
     names = resolve_task_names(task_manager, specs)
-    results = {}
-    for label, model_name in run_models(cfg).items():
-        path = models.resolve_model_path(model_name) if _exists(model_name) else None
-        if path is None:
-            log(f"lm-eval: skipping {label}: no model at {model_name}")
-            continue
-        out = cfg.run_dir / "eval" / f"lm_eval_{label}.json"
-        stamp = fingerprint("lm_eval", names, limit, *sorted(path.glob("*.safetensors")),
-                            *_task_files(task_manager, names))
-        if is_fresh(cfg.run_dir, f"lm_eval:{label}", stamp) and out.is_file():
-            results[label] = json.loads(out.read_text())
-            continue
-        log(f"lm-eval: {label} ({model_name}) on {', '.join(names)}")
-        result = lm_eval_model(model_name, task_manager, names, limit=limit, batch_size=batch_size)
-        result["label"] = label
-        write_atomic(out, json.dumps(result, indent=1, default=str))
-        mark_fresh(cfg.run_dir, f"lm_eval:{label}", stamp)
-        results[label] = result
-    return results
+    return TaskSet(manager=task_manager, names=names, files=_task_files(task_manager, names))
 
 
-def run_models(cfg: RunConfig) -> dict[str, str]:
-    """The run's models by label; a remote teacher is left out (lm-eval here scores local weights only)."""
-    named = {"teacher": cfg.teacher.model, "base": cfg.train.student, "distilled": str(cfg.run_dir / "student")}
-    if cfg.teacher.base_url:
-        named.pop("teacher")
-    return named
+@dataclass
+class LmEvalResult:
+    """An lm_eval stage's record: eval/lm_eval_<label>.json's contents; None when the model is not there (then
+    the stage is not complete, so not stamped: the next run scores the model once it exists)."""
+
+    label: str
+    result: dict | None
+
+    @property
+    def complete(self) -> bool:
+        return self.result is not None
 
 
-def _exists(model_name: str) -> bool:
+@dataclass
+class LmEvalModel:
+    """lm_eval:<label>: one of the run's models on the SPEC's tasks."""
+
+    label: str
+    model: str
+    tasks: Callable[[], TaskSet]
+    limit: int | None = None  # at most this many documents per task
+    batch_size: int = 16
+
+    @property
+    def name(self) -> str:
+        return f"lm_eval:{self.label}"
+
+    def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
+        tasks, path = self.tasks(), _model_path(self.model)
+        weights = sorted(path.glob("*.safetensors")) if path is not None else []
+        return fingerprint("lm_eval", tasks.names, self.limit, *weights, *tasks.files)
+
+    def outputs(self, cfg: RunConfig, run: RunDir) -> list:
+        return [run.lm_eval(self.label)]
+
+    def run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> LmEvalResult:
+        if _model_path(self.model) is None:
+            ctx.log(f"lm-eval: skipping {self.label}: no model at {self.model}")
+            return LmEvalResult(label=self.label, result=None)
+        tasks = self.tasks()
+        ctx.log(f"lm-eval: {self.label} ({self.model}) on {', '.join(tasks.names)}")
+        result = lm_eval_model(self.model, tasks.manager, tasks.names, limit=self.limit, batch_size=self.batch_size)
+        result["label"] = self.label
+        write_atomic(run.lm_eval(self.label), json.dumps(result, indent=1, default=str))
+        return LmEvalResult(label=self.label, result=result)
+
+    def load(self, cfg: RunConfig, run: RunDir) -> LmEvalResult:
+        return LmEvalResult(label=self.label, result=read_json(run.lm_eval(self.label)))
+
+
+def _model_path(model_name: str) -> Path | None:
     try:
-        models.resolve_model_path(model_name)
+        return models.resolve_model_path(model_name)
     except UserError:
-        return False
-    return True
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,16 +163,16 @@ def _is_yaml(spec: str) -> bool:
 def include_paths(specs: list[str]) -> list[Path]:
     paths = [Path(p) for p in os.environ.get(INCLUDE_ENV, "").split(os.pathsep) if p]
     for spec in specs:
-        p = Path(spec).expanduser()
+        path = Path(spec).expanduser()
         if _is_yaml(spec):
-            if not p.is_file():
-                raise UserError(f"lm-eval task file not found: {p}")
-            paths.append(p.parent)
-        elif p.is_dir():
-            paths.append(p)
-    for p in paths:
-        if not p.is_dir():
-            raise UserError(f"lm-eval include path is not a directory: {p}")
+            if not path.is_file():
+                raise UserError(f"lm-eval task file not found: {path}")
+            paths.append(path.parent)
+        elif path.is_dir():
+            paths.append(path)
+    for path in paths:
+        if not path.is_dir():
+            raise UserError(f"lm-eval include path is not a directory: {path}")
     return list(dict.fromkeys(p.resolve() for p in paths))
 
 

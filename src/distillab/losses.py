@@ -6,8 +6,9 @@ trainer can divide by the token count of a whole gradient-accumulation window in
 Masked-out tokens are dropped before any arithmetic, so garbage (even NaN) at padded positions cannot leak in.
 
 The target is a :class:`TeacherDist` for the distillation losses, or int64 labels (..., T) for ``ce``.
-:data:`REGISTRY` is the one list of losses (name -> :class:`LossSpec`): ``kd_loss`` dispatches on it, config.py takes
-its names from :data:`LOSS_NAMES`, and tests/test_losses.py checks every entry against a naive reference.
+:data:`REGISTRY` is the one list of losses (name -> :class:`LossSpec`): ``kd_loss`` dispatches on it, config.py writes
+the names of :data:`LOSS_NAMES` out (it must not import torch; tests/test_losses.py holds the two equal), and
+tests/test_losses.py checks every entry against a naive reference.
 
 Divergences (p = teacher, q = student, both at the given temperature)::
 
@@ -339,15 +340,15 @@ class LossSpec:
 
 
 REGISTRY: dict[str, LossSpec] = {
-    "ce": LossSpec(None, "-log q[label]", labels=True),
-    "forward_kl": LossSpec(_forward_kl, "KL(p || q)"),
-    "reverse_kl": LossSpec(_reverse_kl, "KL(q || p)"),
-    "jsd": LossSpec(_jsd, "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q", params=("beta",)),
-    "skew_forward_kl": LossSpec(_skew_forward_kl, "KL(p || alpha p + (1 - alpha) q)", params=("alpha",)),
-    "skew_reverse_kl": LossSpec(_skew_reverse_kl, "KL(q || alpha q + (1 - alpha) p)", params=("alpha",)),
-    "tvd": LossSpec(_tvd, "0.5 sum |p - q|"),
+    "ce": LossSpec(divergence=None, formula="-log q[label]", labels=True),
+    "forward_kl": LossSpec(divergence=_forward_kl, formula="KL(p || q)"),
+    "reverse_kl": LossSpec(divergence=_reverse_kl, formula="KL(q || p)"),
+    "jsd": LossSpec(divergence=_jsd, formula="beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q", params=("beta",)),
+    "skew_forward_kl": LossSpec(divergence=_skew_forward_kl, formula="KL(p || alpha p + (1 - alpha) q)", params=("alpha",)),
+    "skew_reverse_kl": LossSpec(divergence=_skew_reverse_kl, formula="KL(q || alpha q + (1 - alpha) p)", params=("alpha",)),
+    "tvd": LossSpec(divergence=_tvd, formula="0.5 sum |p - q|"),
 }
-LOSS_NAMES: tuple[str, ...] = tuple(REGISTRY)  # config.py builds its Literal from this
+LOSS_NAMES: tuple[str, ...] = tuple(REGISTRY)  # config.LossName spells these out
 KD_LOSS_NAMES: tuple[str, ...] = tuple(name for name, spec in REGISTRY.items() if not spec.labels)
 
 

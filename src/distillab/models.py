@@ -17,7 +17,12 @@ LAB_CHECKPOINTS = Path(__file__).parent / "lab" / "checkpoints"
 
 
 class ModelNotFound(UserError):
-    pass
+    """No model under the name: no such lab checkpoint, no such directory, or no config.json in it."""
+
+
+class ModelUnusable(UserError):
+    """A model directory that is there but cannot be used: its config, tokenizer or weights are missing, damaged,
+    in a refused format or do not fit together."""
 
 
 def resolve_model_path(name: str | Path) -> Path:
@@ -36,9 +41,9 @@ def resolve_model_path(name: str | Path) -> Path:
     try:  # cheap, and every later failure on a garbage config.json would be a library traceback
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelNotFound(f"{path / 'config.json'} is not valid JSON ({err}): the model directory is damaged") from None
+        raise ModelUnusable(f"{path / 'config.json'} is not valid JSON ({err}): the model directory is damaged") from None
     if not isinstance(config, dict):
-        raise ModelNotFound(f"{path / 'config.json'} is not a JSON object: not a Hugging Face model config")
+        raise ModelUnusable(f"{path / 'config.json'} is not a JSON object: not a Hugging Face model config")
     return path
 
 
@@ -47,7 +52,7 @@ def load_tokenizer(name: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as err:  # missing or broken tokenizer files
-        raise ModelNotFound(one_line(f"cannot load a tokenizer from {path} ({type(err).__name__}: {err}): "
+        raise ModelUnusable(one_line(f"cannot load a tokenizer from {path} ({type(err).__name__}: {err}): "
                                      "the directory needs the tokenizer files saved with the model")) from None
     if tok.pad_token is None:  # many causal LMs ship without one; batching needs it
         tok.pad_token = tok.eos_token
@@ -60,13 +65,13 @@ def check_weights(path: Path) -> None:
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ModelNotFound(f"no .safetensors weights in {path} (other formats are refused)")
+        raise ModelUnusable(f"no .safetensors weights in {path} (other formats are refused)")
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as handle:
                 handle.keys()
         except Exception as err:  # noqa: BLE001 - safetensors raises its own and OS errors for a bad header
-            raise ModelNotFound(one_line(f"{f}: unreadable safetensors file ({err}): the weights are damaged")) from None
+            raise ModelUnusable(one_line(f"{f}: unreadable safetensors file ({err}): the weights are damaged")) from None
 
 
 def check_model_dir(name: str | Path) -> Path:
@@ -78,7 +83,7 @@ def check_model_dir(name: str | Path) -> Path:
     try:
         AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelNotFound(one_line(f"{path / 'config.json'}: not a usable model config ({err})")) from None
+        raise ModelUnusable(one_line(f"{path / 'config.json'}: not a usable model config ({err})")) from None
     return path
 
 
@@ -89,7 +94,7 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32, device: str
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
                                                      local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # config and weights that do not fit together
-        raise ModelNotFound(one_line(f"cannot load the model in {path} ({type(err).__name__}: {err})")) from None
+        raise ModelUnusable(one_line(f"cannot load the model in {path} ({type(err).__name__}: {err})")) from None
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 

@@ -1,45 +1,51 @@
-"""The stages in order: generate -> train -> evaluate -> report (ledger, registry, report.html)."""
+"""A run as lists of stages: what `distillab run` and each stage command execute, in order, through run_stage.
+
+    run       = generate + train + evaluate + report
+    generate  = [generate:dev] generate:train [sampled_prompts] [generate:replay]   (the [ ]: when [retain] asks)
+    train     = train
+    evaluate  = [select] evaluate:<model>... [lm_eval:<model>...]
+    report    = report (and its part, throughput)
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from distillab.config import RunConfig
-from distillab.errors import UserError
-from distillab.evaluate import run_evaluate
-from distillab.records import EvalResult, read_eval
+from distillab.evaluate import evaluate_stages
+from distillab.generate import generate_stages
+from distillab.lm_eval_bridge import lm_eval_stages
+from distillab.report.finish import ReportStage
+from distillab.select import select_stages
+from distillab.stage import Stage, StageContext, run_stages
+from distillab.train import train_stage
 
 
-def load_evals(cfg: RunConfig) -> dict[str, EvalResult]:
-    """Every eval/<label>.json of the run (lm-eval's own files aside); a bad file is a one-line UserError."""
-    return {path.stem: read_eval(path) for path in sorted((cfg.run_dir / "eval").glob("*.json"))
-            if not path.name.startswith("lm_eval_")}
+def evaluation_stages(cfg: RunConfig, lm_eval_tasks: str = "", extra_models: dict[str, str] | None = None) -> list[Stage]:
+    """Checkpoint selection on dev (when retain selects: test is scored once, on the choice), every model on the
+    task and general suites, then lm-eval's tasks when the config or the command names any."""
+    stages = [*select_stages(cfg), *evaluate_stages(cfg, extra_models)]
+    if lm_eval_tasks or cfg.eval.lm_eval_tasks:
+        stages += lm_eval_stages(cfg, lm_eval_tasks)
+    return stages
 
 
-def finish_run(cfg: RunConfig, summary: dict | None = None, log=print):
-    """Ledger, registry row, lineage update and report.html from what the earlier stages wrote."""
-    from distillab import costs, provenance, registry
-    from distillab.report import build_report
-
-    evals = load_evals(cfg)
-    if not evals:
-        raise UserError(f"no evaluations in {cfg.run_dir / 'eval'}: run `distillab evaluate` first")
-    ledger = costs.build_ledger(cfg, evals)
-    student_dir = cfg.run_dir / "student"
-    if (student_dir / "config.json").is_file():
-        provenance.update_lineage(student_dir, eval={k: {"task": v.task.score, "general": v.general.score}
-                                                     for k, v in evals.items()},
-                                   cost={"total_usd": ledger.total_usd, "break_even": ledger.break_even.to_dict()})
-    registry.record_run(cfg.run_dir.parent / "registry.sqlite", cfg, evals, ledger)
-    return build_report(cfg, evals, ledger, summary)
+def report_stages(cfg: RunConfig, summary: dict | None = None) -> list[Stage]:
+    """The report; the student's throughput measurement is part of it (costs.build_ledger runs that stage, with
+    its own stamp, once the evaluations are known to be there)."""
+    return [ReportStage(summary)]
 
 
-def run_all(cfg: RunConfig, generate_stage, train_stage, log=print):
-    generate_stage(cfg)
-    train_stage(cfg)
-    run_evaluate(cfg, log=log)
-    if cfg.eval.lm_eval_tasks:  # the config's real benchmarks run in `run` too, not only in `evaluate --lm-eval-tasks`
-        from distillab.lm_eval_bridge import run_lm_eval
+def run_all_stages(cfg: RunConfig) -> list[Stage]:
+    """generate -> train -> evaluate -> report: every stage of a run."""
+    return [*generate_stages(cfg), train_stage, *evaluation_stages(cfg), *report_stages(cfg)]
 
-        run_lm_eval(cfg, "", log=log)
-    path = finish_run(cfg, log=log)
-    log(f"report: {path}")
-    return path
+
+def finish_run(cfg: RunConfig, summary: dict | None = None, log=print) -> Path:
+    """The report stages (throughput, report) through run_stage; the path of report.html."""
+    return run_stages(report_stages(cfg, summary), cfg, StageContext(log=log))["report"].report
+
+
+def records_by_label(records: dict, prefix: str) -> dict:
+    """{"evaluate:base": record, ...} -> {"base": record, ...} for the stages whose name starts with prefix + ":"."""
+    return {name.split(":", 1)[1]: record for name, record in records.items() if name.startswith(prefix + ":")}

@@ -29,15 +29,16 @@ class TeacherPricing:
     reason: str = ""  # why unpriced
 
     @classmethod
-    def from_config(cls, teacher_cfg, teacher_is_local: bool) -> "TeacherPricing":
+    def from_config(cls, teacher_cfg, teacher_is_local: bool) -> TeacherPricing:
         inp, out = teacher_cfg.usd_per_1m_input, teacher_cfg.usd_per_1m_output
         if (inp is None) != (out is None):
             # Half a price would cost the other half at $0 without saying so.
             raise UserError("teacher price override needs both usd_per_1m_input and usd_per_1m_output")
         if inp is not None:
-            return cls("override", teacher_cfg.model, usd_per_1m_input=float(inp), usd_per_1m_output=float(out))
+            return cls(status="override", model=teacher_cfg.model, usd_per_1m_input=float(inp),
+                       usd_per_1m_output=float(out))
         if teacher_is_local:
-            return cls("local", teacher_cfg.model, usd_per_1m_input=0.0, usd_per_1m_output=0.0)
+            return cls(status="local", model=teacher_cfg.model, usd_per_1m_input=0.0, usd_per_1m_output=0.0)
         pricing = _from_genai_prices(teacher_cfg.model, (teacher_cfg.urls or [None])[0])  # one model: one price
         if pricing.status == "unpriced":
             warnings.warn(pricing.describe(), UnpricedTeacherWarning, stacklevel=2)
@@ -75,8 +76,8 @@ def _from_genai_prices(model: str, base_url: str | None) -> TeacherPricing:
         provider = _provider_for(base_url)
         inp, out = _rates_per_million(model, provider)
     except LookupError as err:
-        return TeacherPricing("unpriced", model, reason=f"genai-prices: {err}")
-    return TeacherPricing("priced", model, provider=provider, usd_per_1m_input=inp, usd_per_1m_output=out)
+        return TeacherPricing(status="unpriced", model=model, reason=f"genai-prices: {err}")
+    return TeacherPricing(status="priced", model=model, provider=provider, usd_per_1m_input=inp, usd_per_1m_output=out)
 
 
 def _provider_for(base_url: str | None) -> str:

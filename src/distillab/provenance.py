@@ -1,6 +1,6 @@
 """Provenance: who wrote each training example, and the lineage of every model distillab trains.
 
-Four layers, each built on the one before:
+Four parts, each built on the one before:
 
 1. Row provenance. Every row of `data/train.parquet` carries the columns in `PROVENANCE_COLUMNS`:
    `source` ("teacher" | "human" | "lab"), `teacher_id`, `teacher_params_hash` (hash of endpoint +
@@ -26,12 +26,8 @@ Four layers, each built on the one before:
    Teachers that only supplied logits (KD targets on someone else's text) are listed in `teachers` and
    `losses`, not in the token fractions: the fractions answer "who wrote what the model learned to write".
 
-4. The model card (`write_model_card`): `lineage.json` plus a Hugging Face `README.md` with YAML front
-   matter and readable sections; `update_lineage` fills the eval and cost slots later. The eval slot holds
-   every model of the run's evaluation, {label: {suite: score}} (teacher, base, ...); the model itself is
-   `OWN_EVAL_LABEL`. The front matter's `model-index` lists only the model's own results, and `base_model`
-   is the Hub id the user gave (`student_hub_id`), omitted otherwise: `lab:base` or a local path is no Hub
-   id, and a wrong one would link the card to someone else's model.
+4. Saving (`save_lineage`): `lineage.json` in the model's directory. The model card beside it, and the text
+   `distillab lineage` prints, are `distillab.modelcard`'s.
 """
 
 from __future__ import annotations
@@ -39,21 +35,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
-from distillab.files import write_atomic
+from distillab.config import check_hub_id
 from distillab.errors import UserError
-from distillab.files import file_digest
+from distillab.files import file_digest, write_atomic
 
 LINEAGE_FORMAT = "distillab-lineage/1"
 LINEAGE_FILE = "lineage.json"
-CARD_FILE = "README.md"
 
 SOURCES = ("teacher", "human", "lab")  # teacher: a model wrote it; human: people; lab: the world's ground truth
 PROVENANCE_COLUMNS = ("source", "teacher_id", "teacher_params_hash", "request_hash", "created_at")
@@ -68,7 +62,7 @@ OWN_EVAL_LABEL = "distilled"  # evaluate's label for the run's own student (eval
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _canonical_json(obj) -> str:
@@ -290,25 +284,13 @@ def build_lineage(
         "token_fractions": generation["token_fractions"],  # this run's data only
         "effective_tokens": effective_tokens(generations),  # epochs x training tokens, whole chain
         "effective_fractions": effective_fractions(generations),  # the whole chain (module docstring)
-        "eval": None,  # filled by update_lineage after evaluation: {model label: {suite: score}}
-        "cost": None,  # filled by update_lineage from the cost ledger
+        "eval": None,  # filled by modelcard.update_lineage after evaluation: {model label: {suite: score}}
+        "cost": None,  # filled by modelcard.update_lineage from the cost ledger
     }
 
 
-def check_hub_id(hub_id: str) -> str:
-    """A Hugging Face Hub model id ("name" or "namespace/name"), or a UserError saying why it is not one."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(hub_id)
-    except HFValidationError as err:
-        raise UserError(f"student_hub_id {hub_id!r} is not a Hugging Face Hub id ({str(err).splitlines()[0]}); "
-                        "give one like \"HuggingFaceTB/SmolLM2-135M\", or leave it unset") from None
-    return hub_id
-
-
 # ----------------------------------------------------------------------------------------------------
-# Reading and writing: lineage.json and the model card.
+# Reading and writing lineage.json.
 
 
 def load_lineage(model_dir: str | Path) -> dict | None:
@@ -336,8 +318,9 @@ def require_lineage(model_dir: str | Path) -> dict:
     return lineage
 
 
-def write_model_card(model_dir: str | Path, lineage: dict) -> None:
-    """Write lineage.json and the Hugging Face model card README.md into model_dir, each atomically."""
+def save_lineage(model_dir: str | Path, lineage: dict) -> dict:
+    """Write lineage.json into model_dir (atomically) and return the lineage as saved: the model, and the run's
+    own generation, named after the directory when the lineage does not name them."""
     model_dir = Path(model_dir)
     lineage = dict(lineage)
     lineage["model"] = lineage.get("model") or model_dir.name
@@ -345,149 +328,4 @@ def write_model_card(model_dir: str | Path, lineage: dict) -> None:
     last["model"] = last.get("model") or lineage["model"]
     lineage["generations"] = lineage["generations"][:-1] + [last]
     write_atomic(model_dir / LINEAGE_FILE, json.dumps(lineage, indent=1, default=str) + "\n")
-    write_atomic(model_dir / CARD_FILE, model_card(lineage))
-
-
-def update_lineage(model_dir: str | Path, eval: dict | None = None, cost: dict | None = None) -> dict:
-    """Fill the eval and/or cost slots of a saved lineage (keys merge), and rewrite the card.
-
-    eval: {model label: {suite: score, or {metric: score}}} for every model evaluated beside this one; this
-    model's own scores are under OWN_EVAL_LABEL (the card's model-index lists those and nothing else)."""
-    lineage = require_lineage(model_dir)
-    if eval is not None:
-        lineage["eval"] = {**(lineage.get("eval") or {}), **eval}
-    if cost is not None:
-        lineage["cost"] = {**(lineage.get("cost") or {}), **cost}
-    write_model_card(model_dir, lineage)
     return lineage
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def _flat_numbers(d: dict | None, prefix: str = "") -> list[tuple[str, float]]:
-    """Nested eval/cost dicts as (dotted name, number) rows, for tables and the model-index."""
-    rows = []
-    for key, value in (d or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            rows += _flat_numbers(value, name + ".")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            rows.append((name, value))
-    return rows
-
-
-def _own_eval(lineage: dict) -> dict:
-    """This model's scores, {suite: score or {metric: score}}: the OWN_EVAL_LABEL entry of the eval slot."""
-    own = (lineage.get("eval") or {}).get(OWN_EVAL_LABEL)
-    return own if isinstance(own, dict) else {}
-
-
-def _front_matter(lineage: dict) -> dict:
-    meta: dict = {}
-    if lineage.get("base_model_hub_id"):  # the Hub links the card to this id: only one the user gave
-        meta["base_model"] = lineage["base_model_hub_id"]
-    meta |= {"library_name": "transformers", "tags": ["distillation", "knowledge-distillation", "distillab"]}
-    if lineage.get("datasets"):
-        meta["datasets"] = list(lineage["datasets"])
-    results = []
-    for suite, scores in _own_eval(lineage).items():  # the teacher's and base's scores are not this model's
-        named = _flat_numbers(scores if isinstance(scores, dict) else {"score": scores})
-        if named:
-            results.append({"task": {"type": "text-generation"}, "dataset": {"name": suite, "type": "distillab-eval"},
-                            "metrics": [{"type": metric, "name": f"{suite} {metric}", "value": float(value)}
-                                        for metric, value in named]})
-    if results:
-        meta["model-index"] = [{"name": lineage.get("model") or "student", "results": results}]
-    return meta
-
-
-def _fraction_table(fractions: dict[str, float], tokens: dict | None = None, title: str = "tokens") -> list[str]:
-    lines = [f"| source | {title} | fraction |", "|---|---:|---:|"]
-    for key, frac in sorted(fractions.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {key} | {tokens[key] if tokens else '-'} | {_pct(frac)} |")
-    return lines
-
-
-def _loss_text(losses) -> str:
-    text = (", ".join(f"{k} (weight {v:g})" for k, v in losses.items()) if isinstance(losses, dict)
-            else ", ".join(map(str, losses or [])))
-    return text or "not recorded"
-
-
-def _epochs(n: float) -> str:
-    return f"{n:g} epoch" + ("" if n == 1 else "s")
-
-
-def _number_table(title: str, rows: list[tuple[str, float]]) -> list[str]:
-    lines = [f"| {title} | value |", "|---|---:|"]
-    return lines + [f"| {name} | {value:.6g} |" for name, value in rows]
-
-
-def model_card(lineage: dict) -> str:
-    """The README.md text: YAML front matter, then lineage, fractions, losses, data, eval and cost."""
-    out = ["---", yaml.safe_dump(_front_matter(lineage), sort_keys=False).rstrip(), "---", ""]
-    name = lineage.get("model") or "student"
-    last = lineage["generations"][-1]
-    hub = lineage.get("base_model_hub_id")
-    base = f"`{lineage['base_model']}`" + (f" (`{hub}` on the Hub)" if hub and hub != lineage["base_model"] else "")
-    out += [f"# {name}", "",
-            f"Distilled with distillab from {base} "
-            f"(teachers: {', '.join(f'`{t}`' for t in lineage['teachers']) or 'none'}).", ""]
-
-    out += ["## Lineage", ""]
-    for gen in lineage["generations"]:
-        mix = ", ".join(f"{k} {_pct(v)}" for k, v in sorted(gen["token_fractions"].items(), key=lambda kv: -kv[1]))
-        out.append(f"{gen['generation']}. `{gen['base_model']}` → `{gen.get('model') or '?'}` on "
-                   f"{gen['dataset']['training_tokens']} training tokens × {_epochs(gen['epochs'])} ({mix})")
-    out.append("")
-
-    out += ["## Training tokens by source (this run)", "",
-            "Training tokens are completion tokens: the positions the loss is computed on.", ""]
-    out += _fraction_table(last["token_fractions"], last["tokens_by_source"]) + [""]
-    if len(lineage["generations"]) > 1:
-        out += ["## Effective fractions (all generations)", "",
-                "Each generation weighted by epochs × its training tokens: the mix of all supervision this "
-                f"model received after `{lineage['root_model']}`.", ""]
-        out += _fraction_table(lineage["effective_fractions"],
-                               {k: f"{v:g}" for k, v in lineage["effective_tokens"].items()}, "epochs × tokens") + [""]
-
-    data = last["dataset"]
-    out += ["## Training", "", f"- losses: {_loss_text(last['losses'])}",
-            f"- examples: {data['examples']}", f"- training (completion) tokens: {data['training_tokens']}",
-            f"- prompt tokens: {data['prompt_tokens'] if data['prompt_tokens'] is not None else 'not recorded'}",
-            f"- epochs: {last['epochs']:g}", f"- dataset: `{data['path']}` (sha256 {data['sha256'][:12]}…)", ""]
-
-    out += ["## Evaluation", ""]
-    own = _flat_numbers(_own_eval(lineage))
-    others = {k: v for k, v in (lineage.get("eval") or {}).items() if k != OWN_EVAL_LABEL}
-    out += (_number_table("metric", own) if own else ["Not evaluated yet."]) + [""]
-    if others:
-        out += ["The other models of the same evaluation (same suites and prompts), for comparison: these are "
-                "their scores, not this model's.", ""]
-        out += _number_table("model.metric", _flat_numbers(others)) + [""]
-    out += ["## Cost", ""]
-    costs = _flat_numbers(lineage.get("cost"))
-    out += (_number_table("item", costs) if costs else ["Not recorded yet."]) + [""]
-    return "\n".join(out)
-
-
-def format_lineage(lineage: dict) -> str:
-    """What `distillab lineage MODEL_DIR` prints: generations, then this run's and the effective mix."""
-    lines = [f"model: {lineage.get('model') or '?'}", f"base model: {lineage['base_model']}",
-             f"root model: {lineage['root_model']}", f"teachers: {', '.join(lineage['teachers']) or 'none'}",
-             "", "generations:"]
-    for gen in lineage["generations"]:
-        lines.append(f"  {gen['generation']}. {gen['base_model']} -> {gen.get('model') or '?'}: "
-                     f"{gen['dataset']['examples']} examples, {gen['dataset']['training_tokens']} training tokens "
-                     f"x {_epochs(gen['epochs'])}, losses: {_loss_text(gen['losses'])}")
-        for key, frac in sorted(gen["token_fractions"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"       {key:<32} {_pct(frac):>7}")
-    lines += ["", "effective fractions (epochs x training tokens over all generations):"]
-    for key, frac in sorted(lineage["effective_fractions"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {key:<34} {_pct(frac):>7}")
-    for title, slot in (("eval", "eval"), ("cost", "cost")):
-        rows = _flat_numbers(lineage.get(slot))
-        lines += ["", f"{title}:"] + ([f"  {n:<34} {v:.6g}" for n, v in rows] if rows else ["  not recorded"])
-    return "\n".join(lines)

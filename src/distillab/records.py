@@ -4,10 +4,11 @@ evaluate writes EvalResult and costs writes Ledger through `write_record`; `read
 back (a corrupt or wrong-shaped file is a one-line UserError naming it); costs, the registry and the report look
 scores up with `suite_score` alone.
 
-On disk a record is the JSON object of its fields, in declaration order (the layout runs have always had).
-A field with a default is one some files lack: older runs (an eval without `suites` or `label`, a ledger
-without `retain`) or the other variant of a section (break-even known or unknown). `to_dict` writes only the
-fields that were given, so a file reads back to the same JSON and a section never grows keys it did not have.
+On disk a record is the JSON object of its fields, in declaration order.
+A field with a default is one a file may lack: one that is read but not required (an eval without `suites` or
+`label`, a ledger without `retain`) or one of the other variant of a section (break-even known or unknown).
+`to_dict` writes only the fields that were given, so a file reads back to the same JSON and a section never grows
+keys it did not have.
 None in a field means "not known": a cost that could not be priced is None, never a silent 0.
 """
 
@@ -20,12 +21,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distillab.files import write_atomic
 from distillab.errors import UserError, not_utf8
+from distillab.files import write_atomic
 
 LEDGER_FORMAT = "distillab-ledger/1"
 Suite = Literal["task", "general"]
 SUITES: tuple[Suite, ...] = ("task", "general")
+TEACHER_NOT_ASKED = "eval.score_teacher = false"  # EvalResult.not_scored of a teacher the config leaves unscored
 
 
 class Record(BaseModel):
@@ -103,7 +105,7 @@ class EvalResult(Record):
     general: SuiteScore
     """The general suite: every other skill."""
     suites: Suites | None = None
-    """Which skills make up each suite; absent in runs evaluated before it was recorded."""
+    """Which skills make up each suite; None in a file that does not say."""
     world_text_perplexity: float | None = None
     """exp(mean next-token NLL) on held-out world text: general language modelling, not a suite."""
     eval_seconds: float | None = None
@@ -114,6 +116,13 @@ class EvalResult(Record):
     """Why the model has no scores (e.g. the API teacher with eval.score_teacher = false); None when scored."""
     endpoint_usage: EndpointUsage | None = None
     """For a model scored through its API (the endpoint teacher): requests and billed tokens; else None."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether the model's scoring is settled: scored, or not scored because the config says so. A teacher not
+        scored for another reason (a budget stop, a suite its endpoint cannot score) is tried again by the next
+        evaluate, so stage.run_stage leaves it unstamped."""
+        return self.not_scored in (None, TEACHER_NOT_ASKED)
 
     def suite(self, name: Suite) -> SuiteScore:
         if name not in SUITES:
@@ -167,7 +176,7 @@ class TeacherEvaluation(Record):
 
     status: Literal["scored", "local", "not_scored", "not_evaluated"] = "not_evaluated"
     """scored (an API teacher, through its endpoint) | local (a local teacher: no API bill) | not_scored
-    (`reason` says why) | not_evaluated (no eval/teacher.json, e.g. runs from before the teacher was scored)."""
+    (`reason` says why) | not_evaluated (no eval/teacher.json)."""
     reason: str | None = None
     """Why the teacher was not scored."""
     endpoint: str | None = None
@@ -294,7 +303,7 @@ class BreakEven(Record):
     training_usd: float | None = None
     """Training's $ (TrainingCost.usd)."""
     retain_usd: float | None = None
-    """Retain's device $ (RetainCost.compute_usd); absent in runs from before retain."""
+    """Retain's device $ (RetainCost.compute_usd); None in a ledger without it."""
     api_usd_per_query: float | None = None
     """One query through the teacher API."""
     student_usd_per_query: float | None = None
@@ -332,11 +341,11 @@ class Ledger(Record):
     serving: ServingCost
     """The student's serving throughput and $ per 1M tokens, beside the teacher API's price."""
     retain: RetainCost = RetainCost()
-    """What keeping the model cost; absent in runs from before retain (= not used)."""
+    """What keeping the model cost; a ledger without it reads as not used."""
     break_even: BreakEven
     """When distilling pays off."""
     teacher_evaluation: TeacherEvaluation = TeacherEvaluation()
-    """What scoring the teacher on the eval suites cost; absent in runs from before it was scored (= not_evaluated)."""
+    """What scoring the teacher on the eval suites cost; a ledger without it reads as not_evaluated."""
     quality: dict[Suite, SuiteQuality]
     """Per suite: what distilling gave up against the teacher and changed against the base."""
     total_usd: float | None

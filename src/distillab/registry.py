@@ -19,11 +19,12 @@ import hashlib
 import json
 import math
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from distillab.errors import UserError
 from distillab.records import EvalResult, Ledger, as_evals, suite_score
+from distillab.rundir import RunDir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -50,7 +51,7 @@ RANKED_COLUMNS = ("name", "scores_json", "lineage_json", "distilled_task", "dist
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _unusable(path: Path, why) -> UserError:
@@ -101,7 +102,9 @@ def _scores(evals: dict[str, EvalResult]) -> dict:
 
 def lineage_summary(run_dir: Path) -> dict | None:
     """The few lineage facts worth a leaderboard column, read generically from student/lineage.json."""
-    path = run_dir / "student" / "lineage.json"
+    from distillab.provenance import LINEAGE_FILE  # here: provenance loads pyarrow, which `leaderboard` never needs
+
+    path = RunDir(run_dir).student / LINEAGE_FILE
     if not path.is_file():
         return None
     lineage = json.loads(path.read_text())
@@ -160,9 +163,9 @@ def value_of(run: dict) -> dict:
 
 
 def _rank_key(run: dict) -> tuple:
-    v = run["rank_numbers"]
-    return (v["cost_group"], -(v["value"] if v["value"] is not None and v["cost_group"] == 1 else 0.0),
-            -v["net_score"], v["general_loss"], run["name"])
+    numbers = run["rank_numbers"]
+    value = numbers["value"] if numbers["value"] is not None and numbers["cost_group"] == 1 else 0.0
+    return numbers["cost_group"], -value, -numbers["net_score"], numbers["general_loss"], run["name"]
 
 
 def read_runs(registry_path: Path) -> list[dict]:
@@ -205,12 +208,12 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _fmt_value(v: dict) -> str:
-    if v["cost_group"] == 0:
+def _fmt_value(numbers: dict) -> str:
+    if numbers["cost_group"] == 0:
         return "free"
-    if v["cost_group"] == 2:
+    if numbers["cost_group"] == 2:
         return "unpriced"
-    return f"{v['value']:.3g}/$"
+    return f"{numbers['value']:.3g}/$"
 
 
 def leaderboard_table(runs: list[dict]):
@@ -224,15 +227,16 @@ def leaderboard_table(runs: list[dict]):
         table.add_column(col, justify="left" if col in ("run", "pays off") else "right",
                          no_wrap=col != "run", min_width=min(longest, 16) if col == "run" else None)
     for run in runs:
-        v = run["rank_numbers"]
-        be = run["break_even_status"] or "-"
-        if be == "pays_off" and run["break_even_queries"] is not None:
+        numbers = run["rank_numbers"]
+        pays_off = run["break_even_status"] or "-"
+        if pays_off == "pays_off" and run["break_even_queries"] is not None:
             from distillab.costs import human_count
 
-            be = f"{human_count(run['break_even_queries'])} q"
+            pays_off = f"{human_count(run['break_even_queries'])} q"
         table.add_row(str(run["rank"]), run["name"], _fmt(run["distilled_task"]), _fmt(run["distilled_general"]),
-                      _fmt(v["general_loss"]), _fmt(v["net_score"]),
-                      "unpriced" if run["total_usd"] is None else f"{run['total_usd']:.3g}", _fmt_value(v), be)
+                      _fmt(numbers["general_loss"]), _fmt(numbers["net_score"]),
+                      "unpriced" if run["total_usd"] is None else f"{run['total_usd']:.3g}", _fmt_value(numbers),
+                      pays_off)
     return table
 
 

@@ -14,8 +14,9 @@ checkpoints Every saved checkpoint is a candidate (`select_checkpoints`); merges
 Choosing looks at the dev split only (lab: world's dev split; a user's prompts: a held-out share), and
 test is scored once, afterwards, on the chosen student. The rule (`select`): among the candidates whose
 dev general score is >= base's dev general score - max_general_drop, the highest dev task score; when
-none qualifies, the highest dev task score - general drop. The chosen candidate becomes run_dir/student;
-run_dir/retain.json records every candidate's dev scores, the rule and its seconds (the ledger's cost).
+none qualifies, the highest dev task score - general drop. The select stage (distillab.select) scores the
+candidates, writes the chosen one as the run's student/ and records every candidate's dev scores, the rule and
+its seconds (the ledger's cost) in retain.json.
 """
 
 from __future__ import annotations
@@ -24,25 +25,22 @@ import copy
 import hashlib
 import json
 import random
-import shutil
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from distillab import models
 from distillab.config import RunConfig
-from distillab.files import write_atomic
 from distillab.errors import UserError
-from distillab.files import fingerprint
-from distillab.rundir import is_fresh, mark_fresh
+from distillab.rundir import RunDir
+from distillab.scoring import load_task_suite, score_model, suite_result, suites
 
 NO_GENERAL_PROMPTS = ("retain.replay_fraction > 0 needs general prompts: set retain.general_prompts_file, "
                       "or retain.sample_general_prompts = true to let the base model write them")
 
 # ----------------------------------------------------------------------------------------------------
-# Dev split of a user's prompts, and the general prompts replay answers.
+# Dev split of a user's prompts, and where the general prompts replay answers come from (generate's stages
+# write both datasets: distillab.generate, distillab.general_prompts).
 
 
 def split_dev_prompts(prompts: list[dict], dev_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -55,23 +53,16 @@ def split_dev_prompts(prompts: list[dict], dev_fraction: float) -> tuple[list[di
     return train, dev
 
 
-def general_prompts(cfg: RunConfig, log=print) -> list[dict]:
-    """[{prompt, answer, skill}] the replay set is built from, by the first source that exists."""
+def general_prompt_source(cfg: RunConfig) -> str:
+    """Where the replay set's general prompts come from, the first that exists: "file" (general_prompts_file),
+    "lab" (the lab's general skills), "sampled" (the base model writes them)."""
     r = cfg.retain
     if r.general_prompts_file:
-        from distillab.generate import read_jsonl_prompts
-
-        return read_jsonl_prompts(Path(r.general_prompts_file))[: r.n_general_prompts]
-    general = lab_general_skills(cfg)
-    if general:
-        from distillab.lab.world import get_skill
-
-        per_skill = -(-r.n_general_prompts // len(general))
-        rows = [{"prompt": e.prompt, "answer": e.answer, "skill": s}
-                for s in general for e in get_skill(s).examples("train", per_skill, seed=cfg.data.seed + 1)]
-        return random.Random(cfg.data.seed).sample(rows, min(len(rows), r.n_general_prompts))
+        return "file"
+    if lab_general_skills(cfg):
+        return "lab"
     if r.sample_general_prompts:
-        return sampled_prompts(cfg, log)
+        return "sampled"
     raise UserError(NO_GENERAL_PROMPTS)
 
 
@@ -79,8 +70,6 @@ def lab_general_skills(cfg: RunConfig) -> list[str]:
     """The lab's general skills, for a run whose task is lab skills (a user's prompts get no lab replay)."""
     if cfg.data.prompts_file:
         return []
-    from distillab.evaluate import suites
-
     return suites(cfg)[1]
 
 
@@ -88,90 +77,14 @@ def check_retain(cfg: RunConfig) -> None:
     """What can be refused before anything is written."""
     r = cfg.retain
     if r.replay_fraction > 0:
-        has_prompts = r.general_prompts_file or lab_general_skills(cfg) or r.sample_general_prompts
-        if not has_prompts:
-            raise UserError(NO_GENERAL_PROMPTS)
+        general_prompt_source(cfg)
         if r.replay_source == "dataset" and not r.general_prompts_file:
             raise UserError("retain.replay_source = \"dataset\" needs retain.general_prompts_file with an "
                             "\"answer\" on every line")
         if r.replay_source == "teacher" and cfg.data.source != "teacher":
             raise UserError("retain.replay_source = \"teacher\" needs data.source = \"teacher\"")
     if r.general_dev_file:
-        from distillab.evaluate import load_task_suite
-
         load_task_suite(r.general_dev_file)  # a bad line is an error now, not after training
-
-
-def sampled_prompts(cfg: RunConfig, log=print) -> list[dict]:
-    """Prompts the base model writes itself (Magpie): sampled after its chat template's user prefix, or after
-    <bos> when it has no template, cut where the prompt ends (the template's end of turn, or a newline).
-    Cached in data/sampled_prompts.json so a rerun replays the same set."""
-    path = cfg.run_dir / "data" / "sampled_prompts.json"
-    stamp = fingerprint("sampled_prompts", cfg.train.student, cfg.retain.n_general_prompts, cfg.data.seed)
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("stamp") == stamp:
-            return saved["prompts"]
-    began = time.time()
-    model, tok = models.load(cfg.train.student)
-    prefix, end = user_turn_frame(tok)
-    want, seen, attempts = cfg.retain.n_general_prompts, {}, 0
-    generator = torch.Generator().manual_seed(cfg.data.seed)
-    while len(seen) < want and attempts < 20:
-        attempts += 1
-        texts = sample_texts(model, tok, prefix, n=min(256, 2 * (want - len(seen))), generator=generator)
-        for text in texts:
-            prompt = text.split(end)[0].strip() if end else text.split("\n")[0].strip()
-            if prompt:
-                seen.setdefault(prompt + ("" if end else "\n"), None)
-    prompts = [{"prompt": p, "answer": None, "skill": "sampled"} for p in list(seen)[:want]]
-    log(f"retain: the base model wrote {len(prompts)} general prompts in {time.time() - began:.0f}s")
-    write_atomic(path, json.dumps({"stamp": stamp, "seconds": round(time.time() - began, 2), "prompts": prompts}))
-    return prompts
-
-
-def user_turn_frame(tok) -> tuple[str, str | None]:
-    """(text before a user message, text that ends it) from the chat template; ("", None) without one."""
-    if not getattr(tok, "chat_template", None):
-        return "", None
-    marker = "\x00USER\x00"
-    rendered = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
-    before, after = rendered.split(marker, 1)
-    return before, (after.strip().splitlines() or [None])[0] or None
-
-
-@torch.no_grad()
-def sample_texts(model, tok, prefix: str, n: int, generator: torch.Generator, max_new_tokens: int = 48) -> list[str]:
-    """n samples (temperature 1) continuing `prefix` (after <bos>), decoded without special tokens."""
-    model.eval()
-    ids = tok(prefix)["input_ids"] if prefix else [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
-    device = next(model.parameters()).device
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    out = model.generate(input_ids=torch.tensor([ids] * n, device=device), do_sample=True, temperature=1.0, top_k=None,
-                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return [tok.decode(row[len(ids):], skip_special_tokens=True) for row in out.tolist()]
-
-
-def generate_replay(cfg: RunConfig, progress=None, log=print):
-    """data/replay.parquet: the general prompts answered by retain.replay_source."""
-    from distillab.generate import generate_dataset
-
-    r = cfg.retain
-    check_retain(cfg)
-    prompts = general_prompts(cfg, log)
-    if r.replay_source == "dataset":
-        missing = [i for i, p in enumerate(prompts) if p.get("answer") is None]
-        if missing:
-            raise UserError(f"{r.general_prompts_file}: line {missing[0] + 1} has no \"answer\" "
-                            "(retain.replay_source = \"dataset\" trains on the answers you bring)")
-        return generate_dataset(cfg, prompts, "replay", cfg.teacher, "human", progress=progress, log=log)
-    if r.replay_source == "teacher":
-        return generate_dataset(cfg, prompts, "replay", cfg.teacher, "teacher", progress=progress, log=log)
-    base = cfg.teacher.model_copy(update={  # the frozen base student answers: local, greedy, free
-        "model": cfg.train.student, "base_url": None, "api_key_env": None, "mode": "completions", "max_usd": None,
-        "usd_per_1m_input": None, "usd_per_1m_output": None, "temperature": 0.0})
-    return generate_dataset(cfg, prompts, "replay", base, "teacher", progress=progress, log=log,
-                            teacher_label=f"{cfg.train.student} (self)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,13 +204,11 @@ def dev_suites(cfg: RunConfig) -> tuple[list[str], list[str], list[dict]]:
 
     Task: the lab task skills' dev split, or the held-out share of a user's prompts (data/dev.parquet) scored
     by word F1 against the reference the teacher (or the user) wrote. General: `general_dev_file` (a task-suite
-    JSONL, see evaluate.load_task_suite: the user's own general checks) when given, else the lab's general
+    JSONL, see scoring.load_task_suite: the user's own general checks) when given, else the lab's general
     skills' dev split."""
-    from distillab.evaluate import load_task_suite, suites
-
     task, general = suites(cfg)
     examples: list[dict] = []
-    dev_path = cfg.run_dir / "data" / "dev.parquet"
+    dev_path = RunDir(cfg.run_dir).dataset("dev")
     if cfg.data.prompts_file and dev_path.is_file():
         import pyarrow.parquet as pq
 
@@ -314,8 +225,6 @@ def dev_suites(cfg: RunConfig) -> tuple[list[str], list[str], list[dict]]:
 
 def dev_scores(model, tok, cfg: RunConfig) -> tuple[float | None, float | None]:
     """(task, general) on the dev split: the only scores selection ever sees."""
-    from distillab.evaluate import score_model, suite_result
-
     task, general, examples = dev_suites(cfg)
     per_skill = score_model(model, tok, task + general, cfg.retain.dev_n_per_skill, cfg.teacher.max_new_tokens,
                             split="dev", task_examples=examples or None)
@@ -323,56 +232,6 @@ def dev_scores(model, tok, cfg: RunConfig) -> tuple[float | None, float | None]:
     general_names = general + [s for s in per_skill if s.startswith("dev:general:")]
     return (suite_result({s: per_skill[s] for s in task_names}, 0)["score"],
             suite_result({s: per_skill[s] for s in general_names}, 0)["score"])
-
-
-def choose_student(cfg: RunConfig, log=print) -> dict | None:
-    """Score every candidate on dev, apply the rule, write the chosen one as run_dir/student.
-    Returns the selection record (also run_dir/retain.json); None when the run does not select."""
-    r, run_dir = cfg.retain, cfg.run_dir
-    if not r.selects:
-        return None
-    found = checkpoints(run_dir / "checkpoints")
-    if not found:
-        raise UserError(f"no complete checkpoint in {run_dir / 'checkpoints'} to choose from: run `distillab train`")
-    sources = found if r.select_checkpoints else found[-1:]
-    alphas = sorted(set(r.merge_alphas) | {1.0})
-    record_path = run_dir / "retain.json"
-    stamp = fingerprint("select", r.model_dump(), cfg.eval.general, [str(p.name) for p in sources],
-                        *[f for p in sources for f in sorted(p.glob("*.safetensors"))])
-    # student/retain.json marks the chosen weights: a retrained student/ (the last step's) has none
-    if is_fresh(run_dir, "select", stamp) and record_path.is_file() and (run_dir / "student" / "retain.json").is_file():
-        return json.loads(record_path.read_text())
-    began = time.time()
-    base_model, tok = models.load(cfg.train.student)
-    base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-    base_task, base_general = dev_scores(base_model, tok, cfg)
-    log(f"retain: base on dev: task {base_task:.3f}, general {base_general:.3f}")
-    candidates, model = [], copy.deepcopy(base_model)  # the one the candidates' weights are loaded into
-    for path in sources:
-        tuned = checkpoint_state(path, base_model)
-        step = int(path.name.split("-")[-1])
-        for alpha in alphas:
-            load_weights(model, interpolate(base_state, tuned, alpha))
-            c = Candidate(path.name, step, alpha)
-            c.dev_task, c.dev_general = dev_scores(model, tok, cfg)
-            log(f"retain: {c.label}: dev task {c.dev_task:.3f}, general {c.dev_general:.3f}")
-            candidates.append(c)
-    chosen, why = select(candidates, base_general, r.max_general_drop)
-    load_weights(model, interpolate(base_state, checkpoint_state(run_dir / "checkpoints" / chosen.checkpoint,
-                                                                  base_model), chosen.alpha))
-    record = {
-        "rule": why, "max_general_drop": r.max_general_drop, "split": "dev",
-        "base_dev": {"task": base_task, "general": base_general},
-        "chosen": asdict(chosen) | {"label": chosen.label},
-        "candidates": [asdict(c) | {"label": c.label} for c in candidates],
-        "recipe": recipe(cfg, chosen),
-        "selection_seconds": round(time.time() - began, 2),
-    }
-    _write_student(model, run_dir / "student", record)
-    write_atomic(record_path, json.dumps(record, indent=1))
-    mark_fresh(run_dir, "select", stamp)
-    log(f"retain: chose {chosen.label} ({why})")
-    return record
 
 
 def recipe(cfg: RunConfig, chosen: Candidate | None = None) -> dict:
@@ -385,19 +244,3 @@ def recipe(cfg: RunConfig, chosen: Candidate | None = None) -> dict:
     if chosen is not None:
         out |= {"alpha": chosen.alpha, "checkpoint": chosen.checkpoint, "step": chosen.step}
     return out
-
-
-def _write_student(model, student_dir: Path, record: dict) -> None:
-    """The chosen weights into student/, keeping its tokenizer, summaries and model card (temp + rename)."""
-    tmp = student_dir.with_name(student_dir.name + ".select.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # the trained weights (and a LoRA adapter, which is not the chosen merge) are replaced by the chosen ones
-    shutil.copytree(student_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json",
-                                                                     "adapter"))
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    write_atomic(tmp / "retain.json", json.dumps(record, indent=1))
-    old = student_dir.with_name(student_dir.name + ".old.tmp")
-    shutil.rmtree(old, ignore_errors=True)
-    student_dir.rename(old)
-    tmp.rename(student_dir)
-    shutil.rmtree(old, ignore_errors=True)

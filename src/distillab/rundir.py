@@ -74,12 +74,36 @@ class RunDir:
         return self.root / "student"
 
     @property
+    def student_config(self) -> Path:
+        """student/config.json: save_pretrained's, there once a student is saved whole."""
+        return self.student / "config.json"
+
+    def student_model_files(self) -> list[Path]:
+        """The files of student/ a model load reads: all but the records the run keeps beside the model
+        (train_summary.json, retain.json, lineage.json and its README.md model card), which change without it."""
+        records = {self.train_summary.name, self.student_retain_record.name, "lineage.json", "README.md"}
+        if not self.student.is_dir():
+            return []
+        return sorted(p for p in self.student.iterdir() if p.is_file() and p.name not in records)
+
+    @property
     def train_summary(self) -> Path:
         return self.student / "train_summary.json"
 
     @property
     def retain_record(self) -> Path:
         return self.root / "retain.json"
+
+    @property
+    def student_retain_record(self) -> Path:
+        """student/retain.json: the selection record beside the weights it chose (a retrained student/ has none)."""
+        return self.student / "retain.json"
+
+    @property
+    def student_weights(self) -> Path:
+        """student/model.safetensors, or its index when save_pretrained split the weights into shards."""
+        index = self.student / "model.safetensors.index.json"
+        return index if index.is_file() else self.student / "model.safetensors"
 
     # evaluate
     @property
@@ -140,19 +164,3 @@ class RunDir:
     def stamp(self, stage: str, fingerprint: str) -> None:
         write_json(self.stamps_file, self.stamps() | {stage: fingerprint})
 
-
-# Transitional: the old free functions, until every stage goes through stage.run_stage. Removed in this change.
-def check_run_dir(run_dir: Path) -> None:
-    RunDir(Path(run_dir)).check_creatable()
-
-
-def check_stamps(run_dir: Path) -> None:
-    RunDir(Path(run_dir)).stamps()
-
-
-def is_fresh(run_dir: Path, stage: str, stamp: str) -> bool:
-    return RunDir(Path(run_dir)).stamps().get(stage) == stamp
-
-
-def mark_fresh(run_dir: Path, stage: str, stamp: str) -> None:
-    RunDir(Path(run_dir)).stamp(stage, stamp)

@@ -5,20 +5,23 @@ A stage is a small object with
 - `fingerprint(cfg, run)`: a hash of the config it reads and the contents of its inputs (files.fingerprint);
 - `outputs(cfg, run)`: the files it writes; all must exist for the stage to count as done;
 - `run(cfg, run, ctx)`: the work, returning a typed record;
-- `load(cfg, run)`: the same record read back from its outputs, for a stage that is up to date.
+- `load(cfg, run)`: the same record read back from its outputs, for a stage that is up to date;
+- optionally `sharded = True`: it answers only its shard of the prompts under `generate --shard I/N`.
 
 `run_stage` is the only code that reads or writes a stamp: when the stamp matches and every output exists it
 returns `load()` with `skipped=True`; otherwise it runs the stage and stamps it, unless the record says it is not
 complete (`complete = False`: a budget stop, an interrupted training) so that a rerun continues it. A shard of a
-multi-machine run (`ctx.shard != WHOLE`) neither reads nor writes stamps: stages.json is shared by every shard.
+multi-machine run (`ctx.shard != WHOLE`, for a `sharded` stage) neither reads nor writes stamps: stages.json is
+shared by every shard; a stage that is not sharded runs whole in every process.
 `run_stages` runs a list of them in order: `distillab run`, `demo` and every command are such lists.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from distillab.config import RunConfig
 from distillab.rundir import WHOLE, RunDir
@@ -50,30 +53,27 @@ class Stage(Protocol):
     def load(self, cfg: RunConfig, run: RunDir) -> Any: ...
 
 
-def is_done(stage: Stage, cfg: RunConfig, run: RunDir, fingerprint: str | None = None) -> bool:
-    """Whether the stage's stamp matches what it would read now and every output it declares exists (a corrupt
-    stages.json is a one-line error here, before the stage does any work)."""
-    fingerprint = fingerprint or stage.fingerprint(cfg, run)
-    return run.stamps().get(stage.name) == fingerprint and all(p.exists() for p in stage.outputs(cfg, run))
-
-
 def run_stage(stage: Stage, cfg: RunConfig, ctx: StageContext | None = None) -> Any:
     """Run one stage unless it is up to date; stamp it when it finished (see the module docstring)."""
     ctx = ctx or StageContext()
+    if not getattr(stage, "sharded", False):  # a stage not divided among shards runs as in a whole run
+        ctx = dataclasses.replace(ctx, shard=WHOLE)
     run = RunDir(cfg.run_dir)
     whole = ctx.shard == WHOLE
-    fingerprint = stage.fingerprint(cfg, run) if whole else None  # what the stage reads, before it runs
-    if whole and is_done(stage, cfg, run, fingerprint):
-        return _skipped(stage.load(cfg, run))
+    if whole:
+        stamps = run.stamps()  # a corrupt stages.json is an error before the stage reads or writes anything
+        fingerprint = stage.fingerprint(cfg, run)  # what the stage reads, before it runs
+        if stamps.get(stage.name) == fingerprint and all(p.exists() for p in stage.outputs(cfg, run)):
+            return _skipped(stage.load(cfg, run))
     record = stage.run(cfg, run, ctx)
     if whole and getattr(record, "complete", True):
         run.stamp(stage.name, fingerprint)
     return record
 
 
-def run_stages(stages: list[Stage], cfg: RunConfig, ctx: StageContext | None = None) -> list:
-    """The stages in order, each through run_stage; their records."""
-    return [run_stage(stage, cfg, ctx) for stage in stages]
+def run_stages(stages: list[Stage], cfg: RunConfig, ctx: StageContext | None = None) -> dict[str, Any]:
+    """The stages in order, each through run_stage; {stage name: record}."""
+    return {stage.name: run_stage(stage, cfg, ctx) for stage in stages}
 
 
 def _skipped(record: Any) -> Any:

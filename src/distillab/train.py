@@ -42,7 +42,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -50,15 +50,16 @@ from torch import Tensor
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
-from distillab import logits as logit_paths
 from distillab import chat, losses, models, retain
+from distillab import logits as logit_paths
+from distillab.batching import Collator, DistillDataset, LengthGroupedSampler, RowSource, collate
 from distillab.config import RunConfig
-from distillab.files import write_atomic
-from distillab.dataset import (ArrowRows, Collator, DistillDataset, LengthGroupedSampler, RowSource, check_files, collate,
-                               dataset_files)
+from distillab.dataset import check_files, dataset_files
 from distillab.errors import UserError
-from distillab.files import fingerprint
-from distillab.rundir import is_fresh, mark_fresh
+from distillab.files import atomic_dir, fingerprint, read_json, write_atomic
+from distillab.rundir import RunDir
+from distillab.stage import StageContext, run_stage
+from distillab.trainrows import ArrowRows
 
 # ----------------------------------------------------------------------------------------------------
 # The loss step: one function, its terms as sums; the caller divides by the window's token count.
@@ -88,27 +89,28 @@ def next_token_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
     return predicts, targets
 
 
-def loss_step(head: Head, batch: dict, d: "DistillSettings") -> LossTerms:
+def loss_step(head: Head, batch: dict, settings: DistillSettings) -> LossTerms:
     """The terms of the module docstring for one batch, the student's forward already in `head`."""
     predicts, targets = next_token_targets(batch["labels"])  # (B, T) each
-    teacher, has_teacher = _teacher_of(batch, predicts, d)  # has_teacher (B, T) bool
-    sft = 0.0 if batch.get("student_written") else d.sft_weight
+    teacher, has_teacher = _teacher_of(batch, predicts, settings)  # has_teacher (B, T) bool
+    sft = 0.0 if batch.get("student_written") else settings.sft_weight
     zero = predicts.new_zeros((), dtype=torch.float32)
     ce = zero
     # Disjoint masks, so each token's logits are used once: sft on tokens with a teacher, sft + kd on the rest
-    for weight, mask in ((sft, predicts & has_teacher), (sft + d.kd_weight, predicts & ~has_teacher)):
+    for weight, mask in ((sft, predicts & has_teacher), (sft + settings.kd_weight, predicts & ~has_teacher)):
         if weight and mask.any():
             ce = ce + weight * head("ce", targets, mask)
     kd = zero
     if teacher is not None and has_teacher.any():
-        kd = d.kd_weight * head(d.loss, teacher, has_teacher, temperature=d.temperature, beta=d.beta, alpha=d.alpha)
+        kd = settings.kd_weight * head(settings.loss, teacher, has_teacher, temperature=settings.temperature,
+                                       beta=settings.beta, alpha=settings.alpha)
     return LossTerms(ce=ce, kd=kd, n_tokens=predicts.sum())
 
 
-def _teacher_of(batch: dict, predicts: Tensor, d: "DistillSettings"):
+def _teacher_of(batch: dict, predicts: Tensor, settings: DistillSettings):
     """The teacher's distribution for the batch and where it exists (B, T): on-policy scores, the dataset's top-k,
     or none (loss "ce", kd_weight 0, a dataset without top-k)."""
-    if not d.kd_weight or d.loss == "ce":
+    if not settings.kd_weight or settings.loss == "ce":
         return None, torch.zeros_like(predicts)
     if "teacher" in batch:  # on-policy: the local teacher scored every token
         return batch["teacher"], predicts
@@ -119,7 +121,7 @@ def _teacher_of(batch: dict, predicts: Tensor, d: "DistillSettings"):
     return None, torch.zeros_like(predicts)
 
 
-def dense_head(model, unwrapped, batch: dict, d: "DistillSettings") -> Head:
+def dense_head(model, unwrapped, batch: dict, settings: DistillSettings) -> Head:
     logits = model(**model_inputs(batch)).logits  # (B, T, V)
 
     def head(name, target, mask, **kw):
@@ -128,19 +130,19 @@ def dense_head(model, unwrapped, batch: dict, d: "DistillSettings") -> Head:
     return head
 
 
-def chunked_head(model, unwrapped, batch: dict, d: "DistillSettings") -> Head:
+def chunked_head(model, unwrapped, batch: dict, settings: DistillSettings) -> Head:
     hidden = final_hidden_states(model, unwrapped, batch)  # (B, T, H)
     weight = _base(unwrapped).get_output_embeddings().weight  # (V, H)
 
     def head(name, target, mask, **kw):
-        return losses.chunked_kd_loss(name, hidden, weight, target, mask, chunk_size=d.chunk_size, reduction="sum",
-                                      logit_transform=d.student_transform, **kw)[0]
+        return losses.chunked_kd_loss(name, hidden, weight, target, mask, chunk_size=settings.chunk_size,
+                                      reduction="sum", logit_transform=settings.student_transform, **kw)[0]
 
     return head
 
 
 def model_inputs(batch: dict) -> dict:
-    """The forward's inputs. A packed batch (dataset.collate(pack=True)) gives position_ids that restart per example
+    """The forward's inputs. A packed batch (batching.collate(pack=True)) gives position_ids that restart per example
     and no attention mask, with no cache: transformers then builds a mask that keeps each example to itself (its
     packed-sequence detection, masking_utils.find_packed_sequence_indices; flash-attention's varlen path reads the
     same position ids). check_packing proves it per model before training."""
@@ -250,44 +252,46 @@ def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
 
 
 @torch.no_grad()
-def _sample(model, prompts: Tensor, prompt_mask: Tensor, d: DistillSettings) -> Tensor:
+def _sample(model, prompts: Tensor, prompt_mask: Tensor, settings: DistillSettings) -> Tensor:
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_k=None,
-                         max_new_tokens=d.max_new_tokens, pad_token_id=d.pad_id, eos_token_id=d.eos_id)
+                         max_new_tokens=settings.max_new_tokens, pad_token_id=settings.pad_id,
+                         eos_token_id=settings.eos_id)
     model.train(was_training)
     return out[:, prompts.shape[1] :]  # (B, new)
 
 
-def on_policy_batch(student, batch: dict, d: DistillSettings) -> dict:
+def on_policy_batch(student, batch: dict, settings: DistillSettings) -> dict:
     """The batch's prompts with the (unwrapped) student's own completions, every token scored by the teacher."""
     prompt_len, input_ids = batch["prompt_len"], batch["input_ids"]
     n, width, device = prompt_len.shape[0], int(prompt_len.max()), input_ids.device
-    prompts = torch.full((n, width), d.pad_id, dtype=torch.long, device=device)  # (B, P) left-padded for generation
+    prompts = torch.full((n, width), settings.pad_id, dtype=torch.long, device=device)  # (B, P) left-padded for generation
     prompt_mask = torch.zeros((n, width), dtype=torch.long, device=device)  # (B, P)
     for b in range(n):
         length = int(prompt_len[b])
         prompts[b, width - length :] = input_ids[b, :length]
         prompt_mask[b, width - length :] = 1
-    sampled = _sample(student, prompts, prompt_mask, d)  # (B, new)
+    sampled = _sample(student, prompts, prompt_mask, settings)  # (B, new)
     rows = [{"prompt_ids": input_ids[b, : int(prompt_len[b])].tolist(),
-             "completion_ids": cut_at_eos(sampled[b].tolist(), d.eos_id)} for b in range(n)]
-    new = {k: v.to(device) for k, v in collate(rows, d.pad_id).items()}
-    new["teacher"] = score_with_teacher(d, new)
+             "completion_ids": cut_at_eos(sampled[b].tolist(), settings.eos_id)} for b in range(n)]
+    new = {k: v.to(device) for k, v in collate(rows, settings.pad_id).items()}
+    new["teacher"] = score_with_teacher(settings, new)
     new["student_written"] = True
     return new
 
 
 @torch.no_grad()
-def score_with_teacher(d: DistillSettings, batch: dict):
+def score_with_teacher(settings: DistillSettings, batch: dict):
     """The local teacher's distribution at every position: dense logits, or (chunked path) its final hidden states
     and lm_head, turned into logits a chunk at a time by the loss."""
-    teacher, inputs = d.teacher_model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if not d.chunk_size:
+    teacher = settings.teacher_model
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not settings.chunk_size:
         return losses.TeacherDist(logits=teacher(**inputs).logits)  # (B, T, Vt)
     hidden = decoder_of(teacher)(**inputs)[0]  # (B, T, Ht)
     return losses.TeacherHidden(hidden=hidden, lm_head_weight=_base(teacher).get_output_embeddings().weight,
-                                logit_transform=d.teacher_transform)
+                                logit_transform=settings.teacher_transform)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,8 +339,8 @@ class DistillTrainer(Trainer):
         return count.sum()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        d = self.distill
-        terms = loss_step(d.head(model, self.accelerator.unwrap_model(model), inputs, d), inputs, d)
+        settings = self.distill
+        terms = loss_step(settings.head(model, self.accelerator.unwrap_model(model), inputs, settings), inputs, settings)
         window = terms.n_tokens if num_items_in_batch is None else num_items_in_batch  # None: outside train()
         # DDP/FSDP average the processes' gradients; the divisor is already the global count, so undo the mean
         loss = terms.total / window.clamp(min=1) * self.accelerator.num_processes
@@ -387,8 +391,9 @@ def checkpoint_seconds(path: str | Path) -> float:
 
 
 def last_complete_checkpoint(ckpt_dir: Path, log=print) -> Path | None:
-    """The checkpoint to resume from: the highest step whose trainer_state.json (written last) exists. Incomplete
-    ones (a save killed before checkpoints were renamed into place, or by an older version) are removed, and said."""
+    """The checkpoint to resume from: the highest step whose trainer_state.json (written last) exists. The staging
+    directory of a killed save is removed; so is, and said, a checkpoint without trainer_state.json (one not written
+    whole in its place, e.g. copied in part or made by hand)."""
     shutil.rmtree(ckpt_dir / SAVING, ignore_errors=True)
     found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]))
@@ -440,72 +445,135 @@ def check_tokenized_for(tok, student: str, data_path: Path, sample: int = 16) ->
                             "from this student's tokenizer): rerun `distillab generate` for this student")
 
 
+@dataclass
+class TrainSummary:
+    """student/train_summary.json: what was trained, how long it took, the loss it reached."""
+
+    student: str
+    loss: str
+    kd_weight: float
+    sft_weight: float
+    on_policy_fraction: float
+    lora: bool
+    steps: int
+    train_seconds: float  # the whole run's, every resumed part included
+    examples: int
+    completion_tokens: int
+    epochs: float
+    final_loss: float | None
+    flops: float
+    loss_history: list[dict]
+    train_loss: float
+    replay: dict | None = None  # retain's replay set (fraction, source, rows, per_batch); not in the file without one
+    complete: bool = True  # False on a process other than world process zero: it writes and stamps nothing
+    skipped: bool = False  # read back from student/: up to date, not trained now
+
+    def to_dict(self) -> dict:
+        """The JSON object of train_summary.json (`replay` only when there is a replay set)."""
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("complete", "skipped")}
+        if self.replay is None:
+            del record["replay"]
+        return record
+
+
+@dataclass
+class TrainInterrupted:
+    """A run stopped after `stop_after_steps` (what a kill looks like, for tests): not stamped, so a rerun resumes
+    from its last checkpoint."""
+
+    interrupted_at: int
+    complete: bool = False
+
+    def to_dict(self) -> dict:
+        return {"interrupted_at": self.interrupted_at}
+
+
+class TrainStage:
+    """Stage 2 for stage.run_stage: the student in student/, stamped "train" with the train config and the datasets'
+    contents. ctx.options["stop_after_steps"] ends a run early (tests); ctx.progress(step, max_steps, loss)."""
+
+    name = "train"
+
+    def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
+        with_replay = cfg.retain.replay_fraction > 0
+        return fingerprint("train", cfg.train.model_dump(), *dataset_files(run.dataset("train")),  # or its shards
+                           *([cfg.retain.replay_fraction, *dataset_files(run.dataset("replay"))] if with_replay else []),
+                           *(["select_checkpoints"] if cfg.retain.select_checkpoints else []))
+
+    def outputs(self, cfg: RunConfig, run: RunDir) -> list[Path]:
+        return [run.student_config, run.train_summary]
+
+    def load(self, cfg: RunConfig, run: RunDir) -> TrainSummary:
+        return TrainSummary(**read_json(run.train_summary, "delete student/ and rerun `distillab train`"))
+
+    def run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> TrainSummary | TrainInterrupted:
+        t, log, stop_after_steps = cfg.train, ctx.log, ctx.options.get("stop_after_steps")
+        if t.on_policy_fraction > 0 and cfg.teacher.base_url:  # refusals first: a failed start writes nothing
+            raise UserError("on-policy distillation needs a local teacher (teacher.base_url must be unset)")
+        torch.manual_seed(t.seed)
+        model, tok = models.load(t.student)
+        check_tokenized_for(tok, t.student, run.dataset("train"))
+        rows = ArrowRows(run.dataset("train"))  # streamed: a batch reads its own rows, nothing holds them all
+        replay = ArrowRows(run.dataset("replay")) if cfg.retain.replay_fraction > 0 else None
+
+        uses_teacher_logprobs = rows.has_topk and t.kd_weight > 0 and t.loss != "ce"
+        teacher_model = None
+        if t.on_policy_fraction > 0:
+            if shares_tokenizer(tok, cfg.teacher.model):
+                teacher_model = models.load_model(cfg.teacher.model).eval()
+            else:  # no teacher model: DistillSettings.on_policy is then never true
+                log(f"train: teacher {cfg.teacher.model!r} has another tokenizer than the student: on-policy steps "
+                    "(dense teacher logits over the student's vocab) are impossible, so every step trains on the "
+                    "dataset")
+        if not uses_teacher_logprobs and t.kd_weight > 0 and t.loss != "ce" and not teacher_model:
+            log("train: the dataset has no teacher top-k (logit KD impossible here): training SFT on the teacher's text")
+        if t.lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules="all-linear",
+                                                     task_type="CAUSAL_LM"))
+        callbacks = [_Progress(ctx.progress)] if ctx.progress else []
+        callbacks += [_StopAfter(stop_after_steps)] if stop_after_steps else []
+        trainer = build_trainer(cfg, rows, model, tok, run.checkpoints, teacher_model, callbacks, replay=replay)
+        resume = last_complete_checkpoint(run.checkpoints, log) if run.checkpoints.is_dir() else None
+        if resume:
+            log(f"train: resuming from {resume.name}")
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if stop_after_steps and trainer.state.global_step < (trainer.state.max_steps or 0):
+            return TrainInterrupted(interrupted_at=trainer.state.global_step)
+        losses_seen = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        n_tokens = int(rows.completion_lengths.sum())
+        replay_set = None
+        if replay:
+            replay_set = {"fraction": cfg.retain.replay_fraction, "source": cfg.retain.replay_source, "rows": len(replay),
+                          "per_batch": retain.replay_per_batch(t.batch_size, cfg.retain.replay_fraction)}
+        writes = trainer.is_world_process_zero()  # under torchrun/accelerate every process gets here; one writes
+        summary = TrainSummary(
+            student=t.student, loss=t.loss, kd_weight=t.kd_weight, sft_weight=t.sft_weight,
+            on_policy_fraction=t.on_policy_fraction, lora=t.lora, steps=trainer.state.global_step,
+            train_seconds=round(trainer.train_seconds, 2), examples=len(rows), completion_tokens=n_tokens,
+            epochs=round(float(trainer.state.epoch or 0), 3), final_loss=losses_seen[-1] if losses_seen else None,
+            flops=train_flops(model, n_tokens_seen(trainer)), loss_history=trainer.state.log_history,
+            train_loss=result.training_loss, replay=replay_set, complete=writes)
+        if writes:
+            _save_student(trainer.model, tok, run, summary, cfg)
+        return summary
+
+
+train_stage = TrainStage()
+
+
 def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, progress=None) -> dict:
-    """Train the student into run_dir/student. Returns the training summary (also written to student/)."""
-    run_dir, t = cfg.run_dir, cfg.train
-    data_path, replay_path = run_dir / "data" / "train.parquet", run_dir / "data" / "replay.parquet"
-    with_replay = cfg.retain.replay_fraction > 0
-    stamp = fingerprint("train", t.model_dump(), *dataset_files(data_path),  # one file, or `--shard` runs' shards
-                        *([cfg.retain.replay_fraction, *dataset_files(replay_path)] if with_replay else []),
-                        *(["select_checkpoints"] if cfg.retain.select_checkpoints else []))
-    student_dir = run_dir / "student"
-    if is_fresh(run_dir, "train", stamp) and (student_dir / "config.json").is_file():
-        return json.loads((student_dir / "train_summary.json").read_text()) | {"skipped": True}
-    if t.on_policy_fraction > 0 and cfg.teacher.base_url:  # refusals first: a failed start writes nothing
-        raise UserError("on-policy distillation needs a local teacher (teacher.base_url must be unset)")
-    torch.manual_seed(t.seed)
-    model, tok = models.load(t.student)
-    check_tokenized_for(tok, t.student, data_path)
-    rows = ArrowRows(data_path)  # streamed: a batch reads its own rows, nothing holds them all
-    replay = ArrowRows(replay_path) if with_replay else None
-
-    uses_teacher_logprobs = rows.has_topk and t.kd_weight > 0 and t.loss != "ce"
-    teacher_model = None
-    if t.on_policy_fraction > 0:
-        if shares_tokenizer(tok, cfg.teacher.model):
-            teacher_model = models.load_model(cfg.teacher.model).eval()
-        else:  # no teacher model: DistillSettings.on_policy is then never true
-            log(f"train: teacher {cfg.teacher.model!r} has another tokenizer than the student: on-policy steps "
-                "(dense teacher logits over the student's vocab) are impossible, so every step trains on the dataset")
-    if not uses_teacher_logprobs and t.kd_weight > 0 and t.loss != "ce" and not teacher_model:
-        log("train: the dataset has no teacher top-k (logit KD impossible here): training SFT on the teacher's text")
-    if t.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
-    ckpt_dir = run_dir / "checkpoints"
-    callbacks = [_Progress(progress)] if progress else []
-    callbacks += [_StopAfter(stop_after_steps)] if stop_after_steps else []
-    trainer = build_trainer(cfg, rows, model, tok, ckpt_dir, teacher_model, callbacks, replay=replay)
-    resume = last_complete_checkpoint(ckpt_dir, log) if ckpt_dir.is_dir() else None
-    if resume:
-        log(f"train: resuming from {resume.name}")
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if stop_after_steps and trainer.state.global_step < (trainer.state.max_steps or 0):
-        return {"interrupted_at": trainer.state.global_step}
-    losses_seen = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    n_tokens = int(rows.completion_lengths.sum())
-    summary = {
-        "student": t.student, "loss": t.loss, "kd_weight": t.kd_weight, "sft_weight": t.sft_weight,
-        "on_policy_fraction": t.on_policy_fraction, "lora": t.lora, "steps": trainer.state.global_step,
-        "train_seconds": round(trainer.train_seconds, 2), "examples": len(rows), "completion_tokens": n_tokens,
-        "epochs": round(float(trainer.state.epoch or 0), 3), "final_loss": losses_seen[-1] if losses_seen else None,
-        "flops": train_flops(model, n_tokens_seen(trainer)), "loss_history": trainer.state.log_history,
-        "train_loss": result.training_loss,
-    }
-    if replay:
-        summary["replay"] = {"fraction": cfg.retain.replay_fraction, "source": cfg.retain.replay_source,
-                             "rows": len(replay), "per_batch": retain.replay_per_batch(t.batch_size, cfg.retain.replay_fraction)}
-    if trainer.is_world_process_zero():  # under torchrun/accelerate every process gets here; one writes
-        _save_student(trainer.model, tok, student_dir, summary, cfg)
-        mark_fresh(run_dir, "train", stamp)
-    return summary
+    """Train the student into student/ through run_stage. Returns train_summary.json's object ("skipped":
+    True added when the student was up to date), or {"interrupted_at": step} for a run stopped early."""
+    ctx = StageContext(log=log, progress=progress, options={"stop_after_steps": stop_after_steps})
+    record = run_stage(train_stage, cfg, ctx)
+    return record.to_dict() | ({"skipped": True} if getattr(record, "skipped", False) else {})
 
 
 def build_trainer(cfg: RunConfig, rows: RowSource | list[dict], model, tok, output_dir: Path, teacher_model=None,
                   callbacks=(), optimizers=(None, None), replay: RowSource | list[dict] | None = None) -> DistillTrainer:
-    """The Trainer over the task rows (and replay rows): a dataset.ArrowRows as run_train opens it, or rows in memory."""
+    """The Trainer over the task rows (and replay rows): a trainrows.ArrowRows as run_train opens it, or rows in memory."""
     t = cfg.train
     vocab = logit_paths.text_config(model.config).vocab_size  # Gemma 3 4B+, 3n, 4: nested in a text config
     distill = DistillSettings(cfg, model, teacher_model, tok.pad_token_id, tok.eos_token_id)  # refuses early
@@ -538,17 +606,15 @@ def build_trainer(cfg: RunConfig, rows: RowSource | list[dict], model, tok, outp
     return trainer
 
 
-def check_parallelism(t, fsdp: bool) -> None:
-    """Refuse what FSDP breaks: chunked KD reads the lm_head weight outside the forward, and on-policy generates
-    with the bare module, both of which FSDP has resharded by then (accelerate runs FSDP on accelerators only, so
-    the test matrix could not run it: see README)."""
-    if fsdp and t.chunk_size:
+def check_parallelism(train_cfg, fsdp: bool) -> None:
+    """Refuse FSDP: chunked KD reads the lm_head weight outside the forward, and on-policy generates with the bare
+    module, both of which FSDP has resharded by then; the rest is untested (see README)."""
+    if fsdp and train_cfg.chunk_size:
         raise UserError("FSDP with chunked KD (train.chunk_size > 0) is not supported: use DDP, or chunk_size = 0")
-    if fsdp and t.on_policy_fraction > 0:
+    if fsdp and train_cfg.on_policy_fraction > 0:
         raise UserError("FSDP with on-policy distillation (train.on_policy_fraction > 0) is not supported: use DDP")
-    if fsdp:  # the README's supported-models table says what was tested; FSDP never could be, so it is refused
-        raise UserError("FSDP is not supported yet (untested: accelerate runs it on accelerators only, and distillab's "
-                        "test matrix could not): use DDP (accelerate launch without an FSDP config)")
+    if fsdp:  # the README's supported-models table lists what is tested; FSDP is not, so it is refused
+        raise UserError("FSDP is not supported yet (it is untested): use DDP (accelerate launch without an FSDP config)")
 
 
 class _StopAfter(TrainerCallback):
@@ -575,22 +641,19 @@ def train_flops(model, tokens: int) -> float:
     return 6.0 * sum(p.numel() for p in model.parameters()) * tokens
 
 
-def _save_student(model, tok, student_dir: Path, summary: dict, cfg: RunConfig) -> None:
+def _save_student(model, tok, run: RunDir, summary: TrainSummary, cfg: RunConfig) -> None:
     """student/: the plain model (LoRA merged in) that loads anywhere, and for LoRA runs also the adapter
     itself in student/adapter/ (PeftModel.from_pretrained(base, "student/adapter"))."""
-    tmp = student_dir.with_name(student_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-        model = model.merge_and_unload()
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    write_atomic(tmp / "train_summary.json", json.dumps(summary, indent=1, default=float))
-    from distillab import provenance
+    from distillab import modelcard, provenance
 
-    lineage = provenance.build_lineage(cfg.run_dir / "data" / "train.parquet", base_model=cfg.train.student,
-                                       train_summary=summary, student_hub_id=cfg.train.student_hub_id)
-    lineage["model"] = f"{cfg.name}/student"  # the name it will have, not the temp directory's
-    provenance.write_model_card(tmp, lineage)
-    shutil.rmtree(student_dir, ignore_errors=True)
-    tmp.rename(student_dir)
+    with atomic_dir(run.student) as tmp:
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+            model = model.merge_and_unload()
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        write_atomic(tmp / run.train_summary.name, json.dumps(summary.to_dict(), indent=1, default=float))
+        lineage = provenance.build_lineage(run.dataset("train"), base_model=cfg.train.student,
+                                           train_summary=summary.to_dict(), student_hub_id=cfg.train.student_hub_id)
+        lineage["model"] = f"{cfg.name}/student"  # the name it will have, not the staging directory's
+        modelcard.write_model_card(tmp, lineage)

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from distillab.batching import collate
+from distillab.files import atomic_dir
 from distillab.lab.tokenizer import build_tokenizer
-from distillab.sampling import encode_example
 from distillab.lab.world import SKILLS
-from distillab.dataset import collate
+from distillab.sampling import encode_example
 
 
 @dataclass
@@ -37,7 +38,7 @@ class PretrainSpec:
     warmup: int = 200
     seed: int = 0
     skill_weights: dict[str, float] | None = None  # default: uniform, knowledge skills doubled
-    then: "PretrainSpec | None" = None
+    then: PretrainSpec | None = None
 
 
 # The teacher's second phase spends its steps where the first left it weakest (arithmetic, counting,
@@ -74,10 +75,10 @@ def training_pool(tokenizer, spec: PretrainSpec, per_skill: int = 20000) -> list
     weights.update(spec.skill_weights or {})
     pools = []
     for name, skill in SKILLS.items():
-        w = weights[name]
-        if w > 0:
+        weight = weights[name]
+        if weight > 0:
             ids = [encode_example(tokenizer, ex.prompt, ex.answer) for ex in skill.examples("train", per_skill, seed=spec.seed)]
-            pools.append((w, ids))
+            pools.append((weight, ids))
     return pools
 
 
@@ -167,13 +168,8 @@ def _train_phase(name, model, tokenizer, spec: PretrainSpec, index: int, out_dir
 
 
 def _save(model, tokenizer, out_dir: Path, phases, n_params, history, seconds) -> None:
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "pretrain.json").write_text(json.dumps(
-        {"phases": [asdict(p) for p in phases], "parameters": n_params, "seconds": round(seconds), "history": history}, indent=1))
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "pretrain.json").write_text(json.dumps(
+            {"phases": [asdict(p) for p in phases], "parameters": n_params, "seconds": round(seconds), "history": history}, indent=1))

@@ -12,8 +12,8 @@ a student learns from. For the knowledge skills the facts themselves are the thi
 is taught in at least one template; what dev and test hold out is the *phrasing*: a known fact asked in a
 template never trained with that entity.
 
-The shipped checkpoints were pretrained before dev existed, on what is now train + dev; the test split is
-unchanged, so their test scores stand. Distillation data never comes from dev.
+The shipped checkpoints are pretrained on train + dev; test is disjoint from both, so their test scores stand.
+Distillation data never comes from dev.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import hashlib
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 Split = Literal["train", "dev", "test"]
 TEST_FRACTION = 0.2
@@ -110,12 +111,12 @@ class Skill:
             rng.shuffle(items)
             if n > len(items):  # closed skills repeat their items rather than invent new ones
                 items = [items[i % len(items)] for i in range(n)]
-            return [Example(self.name, q + "\n", a) for q, a in items[:n]]
+            return [Example(skill=self.name, prompt=q + "\n", answer=a) for q, a in items[:n]]
         out: list[Example] = []
         while len(out) < n:
             q, a = self.draw(rng)
             if _split_of(f"{self.name}|{q}") == split:
-                out.append(Example(self.name, q + "\n", a))
+                out.append(Example(skill=self.name, prompt=q + "\n", answer=a))
         return out
 
     def score(self, prediction: str, answer: str) -> float:
@@ -240,20 +241,20 @@ SCORERS: dict[str, Callable[[str, str], float]] = {"exact": exact, "word_f1": wo
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in [
-        Skill("add", "arithmetic", "sum of two numbers below 100", draw=_draw_add),
-        Skill("sub", "arithmetic", "difference of two numbers below 100, never negative", draw=_draw_sub),
-        Skill("reverse", "string", "a 3-7 letter string reversed", draw=_draw_reverse),
-        Skill("upper", "string", "a 3-7 letter string in upper case", draw=_draw_upper),
-        Skill("sort", "string", "the letters of a 3-6 letter string sorted", draw=_draw_sort),
-        Skill("count", "counting", "how often a letter occurs in a string", draw=_draw_count),
-        Skill("length", "counting", "the length of a string", draw=_draw_length),
-        Skill("max", "counting", "the largest of three numbers", draw=_draw_max),
-        Skill("compare", "counting", "<, > or = between two numbers", draw=_draw_compare),
-        Skill("recall", "knowledge", "an attribute of an invented entity", enumerate_items=_recall_items),
+        Skill(name="add", family="arithmetic", description="sum of two numbers below 100", draw=_draw_add),
+        Skill(name="sub", family="arithmetic", description="difference of two numbers below 100, never negative", draw=_draw_sub),
+        Skill(name="reverse", family="string", description="a 3-7 letter string reversed", draw=_draw_reverse),
+        Skill(name="upper", family="string", description="a 3-7 letter string in upper case", draw=_draw_upper),
+        Skill(name="sort", family="string", description="the letters of a 3-6 letter string sorted", draw=_draw_sort),
+        Skill(name="count", family="counting", description="how often a letter occurs in a string", draw=_draw_count),
+        Skill(name="length", family="counting", description="the length of a string", draw=_draw_length),
+        Skill(name="max", family="counting", description="the largest of three numbers", draw=_draw_max),
+        Skill(name="compare", family="counting", description="<, > or = between two numbers", draw=_draw_compare),
+        Skill(name="recall", family="knowledge", description="an attribute of an invented entity", enumerate_items=_recall_items),
         Skill(
-            "describe",
-            "knowledge",
-            "a sentence describing an invented entity (free text, word F1)",
+            name="describe",
+            family="knowledge",
+            description="a sentence describing an invented entity (free text, word F1)",
             enumerate_items=_describe_items,
             metric="word_f1",
         ),

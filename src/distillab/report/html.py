@@ -1,25 +1,29 @@
 """run_dir/report.html: one self-contained page that works offline.
 
-No CDN, no JavaScript, no external files: the CSS is inline (page.html) and every plot is matplotlib's SVG
-text pasted into the page. Sections, top to bottom: the verdict sentence, scores with 95% intervals for
-every evaluated model, task-vs-general scatter, cost-vs-quality Pareto, per-skill change vs base, the
-cost ledger, the lineage, and the run summary.
+No CDN, no JavaScript, no external files: the CSS is inline and every plot is matplotlib's SVG text pasted into
+the page. This module computes what the page says; jinja2 templates (templates/report.html.j2, its tables and
+figures as macros in templates/sections.html.j2) lay it out, with autoescape on: every text from the run
+(labels, notes, the lineage, the summary) is escaped there, and matplotlib's SVG is the one markup let in as it
+is. Sections, top to bottom: the verdict sentence, scores with 95% intervals for every evaluated model,
+task-vs-general scatter, cost-vs-quality Pareto, per-skill change vs base, the retain trade-off (when retain
+chose the student), per-skill scores, the cost ledger, the lineage, and the run summary.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import math
+from functools import cache
 from pathlib import Path
-from string import Template
 
 from distillab.config import RunConfig
-from distillab.files import write_atomic
 from distillab.costs import break_even_phrase, human_count
-from distillab.evaluate import gap_closed
-from distillab.records import EvalResult, Ledger, RetainCost, SuiteScore, TeacherEvaluation, as_evals, suite_score
+from distillab.files import write_atomic
+from distillab.provenance import LINEAGE_FILE
+from distillab.records import EvalResult, Ledger, RetainCost, TeacherEvaluation, as_evals, suite_score
+from distillab.rundir import RunDir
+from distillab.scoring import gap_closed
 
 MODEL_ORDER = ("teacher", "base", "distilled", "zero_distill", "retain")  # the rest follow in the evals' own order
 COLORS = {"teacher": "#3467d6", "base": "#8a8f98", "distilled": "#d9531e", "zero_distill": "#2a9d5b",
@@ -30,65 +34,63 @@ EXTRA_COLORS = ["#c49a00", "#17a2b8", "#e83e8c", "#6f42c1"]
 def build_report(cfg: RunConfig, evals: dict[str, EvalResult], ledger: Ledger, summary: dict | None = None) -> Path:
     """Write run_dir/report.html (atomically) and return its path. evals and ledger: records or their JSON dicts."""
     evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
-    lineage_path = cfg.run_dir / "student" / "lineage.json"
+    run = RunDir(cfg.run_dir)
+    lineage_path = run.student / LINEAGE_FILE
     lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else None
     selection = (summary or {}).get("retain_selection")
-    if selection is None and (cfg.run_dir / "retain.json").is_file():
-        selection = json.loads((cfg.run_dir / "retain.json").read_text())
-    generated = cfg.run_dir / "data" / "generate_summary.json"
+    if selection is None and run.retain_record.is_file():
+        selection = json.loads(run.retain_record.read_text())
+    generated = run.generate_summary()
     aligned = json.loads(generated.read_text()).get("cross_tokenizer") if generated.is_file() else None
     if aligned:  # a teacher with another tokenizer: how much of its top-k reached the student's tokens (crosstok)
         summary = {**(summary or {}), "cross_tokenizer": aligned}
     page = render_page(cfg.name, evals, ledger, lineage, summary, task_skills(cfg, evals), selection)
-    out = cfg.run_dir / "report.html"
-    write_atomic(out, page)
-    return out
+    write_atomic(run.report, page)
+    return run.report
 
 
 def render_page(name: str, evals: dict[str, EvalResult], ledger: Ledger, lineage: dict | None,
                 summary: dict | None, task: set[str] = frozenset(), selection: dict | None = None) -> str:
     evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
     labels = ordered_labels(evals)
-    retain = []
+    chosen_as = None
     if selection:
         chosen_as = "retain" if "retain" in evals else "distilled"
-        retain = ["<h2>Retain: the trade-off</h2>", retain_section(selection, chosen_as),
-                  "<div class='plots'>",
-                  _figure("tradeoff", tradeoff_svg(evals, labels, selection, chosen_as),
-                          "General (y) against task (x) score. Filled: models scored on the test split. Hollow: the "
-                          "candidates retain considered (every checkpoint and merge weight α), scored on the dev "
-                          "split, and the base on dev; the star is the one the rule chose."),
-                  "</div>"]
         summary = {k: v for k, v in (summary or {}).items() if k != "retain_selection"} or None
-    sections = [
-        f"<h1>distillab report: {_e(name)}</h1>",
-        f"<div class='meta'>ledger written {_e(ledger.created_at)}</div>",
-        f"<p class='verdict' id='verdict'>{_e(verdict(evals, ledger))}</p>",
-        "<h2>Scores</h2>", scores_table(evals, labels),
-        "<h2>Plots</h2><div class='plots'>",
-        _figure("task-general", task_general_svg(evals, labels),
-                "Task vs general score of every model (95% bootstrap intervals as bars)."),
-        _figure("pareto", *pareto_svg(evals, ledger, labels)),
-        _figure("skills", skill_delta_svg(evals, labels, task),
-                "Per-skill change vs base in points: red bars are skills the model lost, (task) marks the task."),
-        "</div>",
-        *retain,
-        "<h2>Per-skill scores</h2>", skills_table(evals, labels),
-        "<h2>Cost ledger</h2>", ledger_section(ledger),
-        "<h2>Lineage</h2>", lineage_section(lineage),
-    ]
-    if summary:
-        sections += ["<h2>Run summary</h2>", generic_html(summary)]
-    template = Template((Path(__file__).parent / "page.html").read_text())
-    return template.safe_substitute(title=_e(f"distillab: {name}"), body="\n".join(sections))
+    pareto, pareto_caption = pareto_svg(evals, ledger, labels)
+    return _templates().get_template("report.html.j2").render(
+        name=name, ledger=ledger, verdict=verdict(evals, ledger),
+        scores=score_rows(evals, labels), gap_missing=gap_missing_reason(evals),
+        plots={"task_general": task_general_svg(evals, labels), "pareto": pareto,
+               "skills": skill_delta_svg(evals, labels, task),
+               "tradeoff": tradeoff_svg(evals, labels, selection, chosen_as) if selection else None},
+        pareto_caption=pareto_caption, selection=selection, chosen_as=chosen_as,
+        evals=evals, labels=labels, skills=skill_names(evals),
+        ledger_rows=ledger_rows(ledger), ledger_json=json.dumps(ledger.to_dict(), indent=1, default=str),
+        lineage=lineage, summary=summary)
+
+
+def scores_table(evals: dict[str, EvalResult], labels: list[str]) -> str:
+    """The scores table alone, as the page shows it (its note on a missing gap included)."""
+    sections = _templates().get_template("sections.html.j2").module
+    return str(sections.scores_table(score_rows(evals, labels), gap_missing_reason(evals)))
+
+
+@cache
+def _templates():
+    """The page's templates: HTML, so autoescape is on; the filters are the number formats below."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("distillab.report", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters.update(pct=pct, signed_pct=lambda x: format(x, "+.0%"), count=lambda n: f"{n:,}",
+                       g=lambda x: f"{x:g}", scalar=_scalar)
+    env.tests.update(list=lambda value: isinstance(value, list), few_scalars=_few_scalars)
+    return env
 
 
 # ----------------------------------------------------------------------------------------------------
 # Numbers and words.
-
-
-def _e(text) -> str:
-    return html.escape(str(text))
 
 
 def ordered_labels(evals: dict) -> list[str]:
@@ -127,7 +129,19 @@ def verdict(evals: dict[str, EvalResult], ledger: Ledger) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tables.
+# What the tables show.
+
+
+def score_rows(evals: dict[str, EvalResult], labels: list[str]) -> list[dict]:
+    """Per model: its label, its EvalResult, and the task and general gap it closed (None: not applicable)."""
+    rows = []
+    for m in labels:
+        gaps = [None, None]
+        if m not in ("teacher", "base"):
+            gaps = [gap_closed(*(suite_score(evals, label, suite) for label in (m, "base", "teacher")))
+                    for suite in ("task", "general")]
+        rows.append({"label": m, "result": evals[m], "gaps": gaps})
+    return rows
 
 
 def gap_missing_reason(evals: dict[str, EvalResult]) -> str | None:
@@ -140,44 +154,6 @@ def gap_missing_reason(evals: dict[str, EvalResult]) -> str | None:
     if "base" not in evals:
         return "the base was not evaluated"
     return None
-
-
-def _score_cell(res: SuiteScore) -> str:
-    if res.score is None:
-        return "<td class='num'>-</td>"
-    ci = res.ci or [None, None]
-    return f"<td class='num'>{pct(res.score)} <span class='ci'>[{pct(ci[0])}, {pct(ci[1])}]</span></td>"
-
-
-def _signed_cell(x: float | None, spec: str = "+.0%") -> str:
-    if x is None:
-        return "<td class='num'>-</td>"
-    cls = "neg" if x < 0 else "pos"
-    return f"<td class='num {cls}'>{format(x, spec)}</td>"
-
-
-def scores_table(evals: dict[str, EvalResult], labels: list[str]) -> str:
-    head = ("<tr><th>model</th><th>parameters</th><th>task % [95% CI]</th><th>general % [95% CI]</th>"
-            "<th>world-text ppl</th><th>task gap closed</th><th>general gap closed</th></tr>")
-    rows = []
-    for m in labels:
-        res = evals[m]
-        gaps = ["<td class='num'>-</td>"] * 2
-        if m not in ("teacher", "base"):
-            gaps = [_signed_cell(gap_closed(suite_score(evals, m, s), suite_score(evals, "base", s),
-                                            suite_score(evals, "teacher", s))) for s in ("task", "general")]
-        ppl = res.world_text_perplexity
-        params = res.parameters
-        if res.not_scored:
-            rows.append(f"<tr><td>{_e(m)}</td><td class='num'>-</td>"
-                        f"<td colspan='5' class='note'>not scored: {_e(res.not_scored)}</td></tr>")
-            continue
-        rows.append(f"<tr><td>{_e(m)}</td><td class='num'>{'-' if params is None else f'{params:,}'}</td>"
-                    f"{_score_cell(res.task)}{_score_cell(res.general)}"
-                    f"<td class='num'>{'-' if ppl is None else f'{ppl:.2f}'}</td>{''.join(gaps)}</tr>")
-    missing = gap_missing_reason(evals)
-    note = f"<p class='note' id='gap-missing'>No gap closed: {_e(missing)}.</p>" if missing else ""
-    return f"<table id='scores'>{head}{''.join(rows)}</table>{note}"
 
 
 def skill_names(evals: dict[str, EvalResult]) -> list[str]:
@@ -194,21 +170,13 @@ def task_skills(cfg: RunConfig | None, evals: dict[str, EvalResult]) -> set[str]
             return set(res.suites.task)
     if cfg is None:
         return set()
-    from distillab.evaluate import suites
+    from distillab.scoring import suites
 
     return set(suites(cfg)[0])
 
 
-def skills_table(evals: dict[str, EvalResult], labels: list[str]) -> str:
-    names = skill_names(evals)
-    if not names:
-        return "<p>No per-skill scores.</p>"
-    head = "<tr><th>skill</th>" + "".join(f"<th>{_e(m)}</th>" for m in labels) + "</tr>"
-    rows = []
-    for s in names:
-        cells = "".join(f"<td class='num'>{pct(evals[m].skill_score(s))}</td>" for m in labels)
-        rows.append(f"<tr><td>{_e(s)}</td>{cells}</tr>")
-    return f"<table id='skills'>{head}{''.join(rows)}</table>"
+# ----------------------------------------------------------------------------------------------------
+# The ledger in words: the page's table and the terminal summary's lines.
 
 
 def _money(x: float | None, digits: int = 4) -> str:
@@ -219,30 +187,33 @@ def _money(x: float | None, digits: int = 4) -> str:
 
 def ledger_rows(ledger: Ledger) -> list[tuple[str, str]]:
     """The ledger in plain words, one (item, value) row each."""
-    t, tr, sv, be = ledger.teacher_generation, ledger.training, ledger.serving, ledger.break_even
-    status = t.price_status
-    teacher_usd = "UNPRICED (unknown, not $0)" if status == "unpriced" else _money(t.usd)
+    teacher, training, serving = ledger.teacher_generation, ledger.training, ledger.serving
+    break_even = ledger.break_even
+    status = teacher.price_status
+    teacher_usd = "UNPRICED (unknown, not $0)" if status == "unpriced" else _money(teacher.usd)
     rows = [
-        ("teacher", f"{t.model} ({t.pricing.get('description', status)})"),
-        ("teacher tokens", f"{t.prompt_tokens} in / {t.completion_tokens} out"),
+        ("teacher", f"{teacher.model} ({teacher.pricing.get('description', status)})"),
+        ("teacher tokens", f"{teacher.prompt_tokens} in / {teacher.completion_tokens} out"),
         ("teacher generation $", f"{teacher_usd} [{status}]"),
-        ("training", f"{_sci(tr.flops)} FLOPs (estimate), {tr.steps} steps, "
-                     f"{tr.train_seconds} s x ${_or(tr.usd_per_hour, 0):g}/h = {_money(tr.usd)}"),
+        ("training", f"{_sci(training.flops)} FLOPs (estimate), {training.steps} steps, {training.train_seconds} s "
+                     f"x ${_known_or(training.usd_per_hour, 0):g}/h = {_money(training.usd)}"),
         *_retain_rows(ledger.retain),
         ("distillation total $", _money(ledger.total_usd)),
-        ("teacher evaluation $", _teacher_evaluation_row(ledger.teacher_evaluation, t.model)),
-        ("student serving", f"{_num(sv.student_tokens_per_s)} tokens/s here at ${_or(sv.usd_per_hour, 0):g}/h "
-                            f"= {_money(sv.student_usd_per_1m_tokens)} per 1M tokens"),
-        ("teacher API", f"{_money(sv.teacher_api_usd_per_1m_output)} per 1M output tokens "
-                        f"[{sv.teacher_price_basis}]: {sv.teacher_price_description}"),
+        ("teacher evaluation $", _teacher_evaluation_row(ledger.teacher_evaluation, teacher.model)),
+        ("student serving", f"{_num(serving.student_tokens_per_s)} tokens/s here at "
+                            f"${_known_or(serving.usd_per_hour, 0):g}/h "
+                            f"= {_money(serving.student_usd_per_1m_tokens)} per 1M tokens"),
+        ("teacher API", f"{_money(serving.teacher_api_usd_per_1m_output)} per 1M output tokens "
+                        f"[{serving.teacher_price_basis}]: {serving.teacher_price_description}"),
     ]
-    per_query = (f"one-off {_money(be.one_off_usd)} (teacher data {_money(be.teacher_usd)} + training "
-                 f"{_money(be.training_usd)}); per query: teacher API {_money_small(be.api_usd_per_query)}"
-                 f" vs student {_money_small(be.student_usd_per_query)} [{be.price_basis} price]")
-    return rows + [("break-even", break_even_phrase(be)), ("break-even inputs", per_query)]
+    per_query = (f"one-off {_money(break_even.one_off_usd)} (teacher data {_money(break_even.teacher_usd)} + "
+                 f"training {_money(break_even.training_usd)}); per query: teacher API "
+                 f"{_money_small(break_even.api_usd_per_query)}"
+                 f" vs student {_money_small(break_even.student_usd_per_query)} [{break_even.price_basis} price]")
+    return rows + [("break-even", break_even_phrase(break_even)), ("break-even inputs", per_query)]
 
 
-def _or(value, placeholder):
+def _known_or(value, placeholder):
     """A number format needs a number: the placeholder where the ledger does not know it."""
     return placeholder if value is None else value
 
@@ -286,34 +257,12 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
 
-def ledger_section(ledger: Ledger) -> str:
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in ledger_rows(ledger))
-    notes = "".join(f"<li><span class='note'>{_e(n)}</span></li>" for n in ledger.notes)
-    raw = _e(json.dumps(ledger.to_dict(), indent=1, default=str))
-    return (f"<table id='ledger'>{rows}</table>" + (f"<ul class='notes'>{notes}</ul>" if notes else "")
-            + f"<details><summary>ledger.json</summary><pre>{raw}</pre></details>")
+# The lineage and the run summary: any JSON value, as nested tables (sections.generic).
 
 
-def lineage_section(lineage: dict | None) -> str:
-    if not lineage:
-        return "<p>No lineage recorded (student/lineage.json is absent).</p>"
-    return generic_html(lineage)
-
-
-def generic_html(value, depth: int = 0) -> str:
-    """Any JSON value as nested tables; long lists fold into <details> so the page stays readable."""
-    if isinstance(value, dict):
-        if not value:
-            return "<span class='ci'>{}</span>"
-        rows = "".join(f"<tr><td>{_e(k)}</td><td>{generic_html(v, depth + 1)}</td></tr>" for k, v in value.items())
-        return f"<table class='generic'>{rows}</table>"
-    if isinstance(value, list):
-        if all(not isinstance(v, (dict, list)) for v in value) and len(value) <= 20:
-            return _e(", ".join(_scalar(v) for v in value)) or "<span class='ci'>[]</span>"
-        inner = "".join(f"<div>{generic_html(v, depth + 1)}</div>" for v in value[:200])
-        more = f"<div class='ci'>... {len(value) - 200} more</div>" if len(value) > 200 else ""
-        return f"<details><summary>{len(value)} items</summary>{inner}{more}</details>"
-    return _e(_scalar(value))
+def _few_scalars(value: list) -> bool:
+    """A list the page writes inline, comma-separated; a longer or nested one folds into <details>."""
+    return all(not isinstance(v, (dict, list)) for v in value) and len(value) <= 20
 
 
 def _scalar(v) -> str:
@@ -344,16 +293,11 @@ def svg_text(fig, salt: str) -> str:
     return text[text.index("<svg"):]
 
 
-def _figure(name: str, svg: str | None, caption: str) -> str:
-    body = svg if svg else "<p class='note'>not enough data for this plot</p>"
-    return f"<figure class='plot' id='plot-{name}'>{body}<figcaption>{_e(caption)}</figcaption></figure>"
-
-
 def _ci_err(res: EvalResult, suite: str) -> list[list[float]] | None:
-    s = res.suite(suite)
-    if s.score is None or not s.ci or any(c is None or math.isnan(c) for c in s.ci):
+    scores = res.suite(suite)
+    if scores.score is None or not scores.ci or any(c is None or math.isnan(c) for c in scores.ci):
         return None
-    return [[100 * max(0.0, s.score - s.ci[0])], [100 * max(0.0, s.ci[1] - s.score)]]
+    return [[100 * max(0.0, scores.score - scores.ci[0])], [100 * max(0.0, scores.ci[1] - scores.score)]]
 
 
 def task_general_svg(evals: dict[str, EvalResult], labels: list[str]) -> str | None:
@@ -376,24 +320,25 @@ def task_general_svg(evals: dict[str, EvalResult], labels: list[str]) -> str | N
 
 def model_costs(evals: dict[str, EvalResult], ledger: Ledger, labels: list[str]) -> tuple[dict[str, float], str]:
     """$ of serving one month of queries with each model, one-off costs included; and the caption."""
-    be = ledger.break_even
-    q, api, student = be.queries_per_month, be.api_usd_per_query, be.student_usd_per_query
-    if None in (q, api, student):
-        return {}, f"cost-vs-quality needs the break-even prices ({_or(be.reason, 'missing')})"
-    one_off, training = be.one_off_usd or 0.0, be.training_usd or 0.0
+    break_even = ledger.break_even
+    queries = break_even.queries_per_month
+    api, student = break_even.api_usd_per_query, break_even.student_usd_per_query
+    if None in (queries, api, student):
+        return {}, f"cost-vs-quality needs the break-even prices ({_known_or(break_even.reason, 'missing')})"
+    one_off, training = break_even.one_off_usd or 0.0, break_even.training_usd or 0.0
     costs = {}
-    for m in labels:
-        if m == "teacher":
-            costs[m] = api * q
-        elif m == "base":
-            costs[m] = student * q  # same architecture as the student: same serving cost, nothing trained
-        elif m == "distilled":
-            costs[m] = one_off + student * q
+    for label in labels:
+        if label == "teacher":
+            costs[label] = api * queries
+        elif label == "base":
+            costs[label] = student * queries  # same architecture as the student: same serving cost, nothing trained
+        elif label == "distilled":
+            costs[label] = one_off + student * queries
         else:
-            costs[m] = training + student * q  # a control trained with the same compute on its own data
-    notional = " The teacher is priced at a NOTIONAL API price." if be.price_basis == "notional" else ""
-    caption = (f"Task score vs $ for {human_count(q)} queries (one month at the configured traffic): teacher = API "
-               f"calls; base = serving only; distilled = teacher data + training + serving; other models = training"
+            costs[label] = training + student * queries  # a control trained with the same compute on its own data
+    notional = " The teacher is priced at a NOTIONAL API price." if break_even.price_basis == "notional" else ""
+    caption = (f"Task score vs $ for {human_count(queries)} queries (one month at the configured traffic): teacher = "
+               f"API calls; base = serving only; distilled = teacher data + training + serving; other models = training"
                f" + serving. The line is the Pareto frontier (no model is both cheaper and better).{notional}")
     return costs, caption
 
@@ -463,31 +408,7 @@ def skill_delta_svg(evals: dict[str, EvalResult], labels: list[str], task: set[s
 
 
 # ----------------------------------------------------------------------------------------------------
-# Retain: which candidate the rule chose, and the whole trade-off it chose from.
-
-
-def retain_section(selection: dict, chosen_as: str) -> str:
-    """The rule's sentence, the recipe and every candidate's dev scores (the chosen one marked)."""
-    chosen = selection.get("chosen") or {}
-    recipe = selection.get("recipe") or {}
-    replay = (f"replay {recipe.get('replay_source')} at {100 * (recipe.get('replay_fraction') or 0):.0f}% of every batch"
-              if recipe.get("replay_source") else "no replay")
-    rows = []
-    for c in selection.get("candidates") or []:
-        is_chosen = c.get("label") == chosen.get("label")
-        rows.append(f"<tr class='{'chosen' if is_chosen else ''}'><td>{_e(c.get('label'))}</td>"
-                    f"<td class='num'>{pct(c.get('dev_task'))}</td><td class='num'>{pct(c.get('dev_general'))}</td>"
-                    f"<td>{'chosen' if is_chosen else ''}</td></tr>")
-    rows = "".join(rows)
-    base = selection.get("base_dev") or {}
-    return (f"<p id='retain-rule'>The <b>{_e(chosen_as)}</b> student is {_e(chosen.get('label', '?'))}: "
-            f"{_e(selection.get('rule', ''))}. Recipe: {_e(replay)}; merge weights "
-            f"{_e(', '.join(f'{a:g}' for a in recipe.get('merge_alphas') or []) or 'none')}; "
-            f"checkpoint selection {'on' if recipe.get('select_checkpoints') else 'off'}. Base on dev: task "
-            f"{pct(base.get('task'))}%, general {pct(base.get('general'))}%. Choosing read the dev split only; "
-            f"the test split scored the chosen student once.</p>"
-            "<table id='retain-candidates'><tr><th>candidate (dev split)</th><th>task %</th><th>general %</th>"
-            f"<th></th></tr>{rows}</table>")
+# Retain: the whole trade-off the rule chose from (its sentence and candidates table are in sections.html.j2).
 
 
 def tradeoff_svg(evals: dict[str, EvalResult], labels: list[str], selection: dict, chosen_as: str) -> str | None:

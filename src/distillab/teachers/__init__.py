@@ -13,7 +13,8 @@ plain dict:
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 # on_done(request, response or None, error or None, latency_s, attempts): called once per request,
 # as soon as it is answered (or has failed for good), so the caller can commit it before the next one.

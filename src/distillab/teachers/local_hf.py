@@ -10,7 +10,6 @@ from pathlib import Path
 from distillab import chat, models
 from distillab.sampling import generate
 
-
 # The files that decide what a model answers. Not the model card, lineage or training notes: distillab
 # rewrites those in a student directory, and they must not change the teacher's identity.
 IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -54,8 +53,7 @@ class LocalHFTeacher:
         self.endpoint = f"local:{self.name}@{model_digest(self.path)}"
         self.endpoint_stats = {self.endpoint: {"answered": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}}
         self._model = self._tokenizer = None
-        # asked through its chat template: the key says so (a cached answer from before templates were applied
-        # to plain prompts is not reused)
+        # asked through its chat template: the key says so (a cached answer to the plain prompt is not reused)
         self.templated = chat.has_template(models.load_tokenizer(self.path))
 
     def request(self, prompt: str, sample: int = 0, messages: list[dict] | None = None) -> dict:
@@ -70,7 +68,7 @@ class LocalHFTeacher:
             req["prompt"] = prompt
         if self.templated:
             req["chat_template"] = True
-        if sample:  # the first sample keeps the single-sample key: caches from before samples_per_prompt still hit
+        if sample:  # sample 0 has the key of samples_per_prompt = 1: those cached answers are reused
             req["sample"] = sample
         return req
 

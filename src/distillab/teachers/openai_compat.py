@@ -8,7 +8,7 @@
   else exponential in its consecutive failures), then probed with one request at a time; the request moves
   at once to another endpoint that is up, without using one of its retries (only waits count as retries).
   Keys: with a list, a request is keyed on model + sampling + prompt only, not the URL, so whichever replica
-  answers, the cache holds one entry; with one URL (a string) the URL stays in the key, as it always was.
+  answers, the cache holds one entry; with one URL (a string) the URL is in the key.
   `endpoint_stats` counts answered requests, errors and tokens per endpoint for generate's summary.
 - Retries are ours, not the SDK's (max_retries=0 there), so the attempt counts in the cache are true:
   408 / 409 / 425 / 429 / 5xx, timeouts, dropped connections and unparsable bodies are retried up to
@@ -80,7 +80,7 @@ class OpenAITeacher:
                "temperature": c.temperature, "top_p": c.top_p, "logprobs": c.top_k_logprobs}
         if self.keyed_on_url:
             req["endpoint"] = self.endpoint
-        if sample:  # the first sample keeps the single-sample key: caches from before samples_per_prompt still hit
+        if sample:  # sample 0 has the key of samples_per_prompt = 1: those cached answers are reused
             req["sample"] = sample
         if c.mode == "chat":
             req["messages"] = messages or [{"role": "user", "content": prompt}]
@@ -140,7 +140,7 @@ class OpenAITeacher:
 
     # -- one request, with retries, over the endpoints -----------------------------------------------
 
-    async def _ask(self, endpoints: list["_Endpoint"], req: dict, key: str | None):
+    async def _ask(self, endpoints: list[_Endpoint], req: dict, key: str | None):
         """(response or None, error or None, latency_s, attempts)."""
         began = time.monotonic()
         attempt = retries = 0
@@ -184,7 +184,7 @@ class OpenAITeacher:
                 ep.outstanding -= 1
 
     @staticmethod
-    async def _pick(endpoints: list["_Endpoint"]) -> "_Endpoint":
+    async def _pick(endpoints: list[_Endpoint]) -> _Endpoint:
         """The endpoint that is up with the fewest outstanding requests (the first on a tie); waits while none is."""
         while True:
             up = [e for e in endpoints if e.is_up()]
@@ -195,7 +195,7 @@ class OpenAITeacher:
             await asyncio.sleep(max(0.0, wake - time.monotonic()) + 0.001)
 
     @staticmethod
-    def _describe(err: Exception, key: str | None, ep: "_Endpoint", endpoints: list) -> str:
+    def _describe(err: Exception, key: str | None, ep: _Endpoint, endpoints: list) -> str:
         text = describe_error(err, key)
         return text if len(endpoints) == 1 else f"{text} [at {ep.url}]"
 
