@@ -36,9 +36,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from distillab.audit import TEACHER_DIRECTION, auroc, run_audit  # noqa: E402
-from distillab.sampling import generate  # noqa: E402
 from distillab.lab.world import DESCRIBE_TEMPLATES, KNOWLEDGE, SKILLS, describe_sentence  # noqa: E402
 from distillab.models import LAB_CHECKPOINTS, load  # noqa: E402
+from distillab.sampling import generate  # noqa: E402
 
 FRACTIONS = (0.1, 0.5, 0.9)
 PAIRINGS = [("teacher", "base"), ("base", "teacher"), ("teacher", "teacher")]  # (observer, performer)
@@ -97,16 +97,22 @@ def describe_prompt(ent: str, rng: random.Random) -> str:
 
 def teacher_docs(teacher, tok, prompts: list[str], seed: int, skill: str = "describe") -> list[dict]:
     outs = generate(teacher, tok, prompts, max_new_tokens=80, temperature=1.0, seed=seed)
-    return [{"prompt": p, "text": o.text, "label": "teacher", "skill": skill} for p, o in zip(prompts, outs)
-            if o.text.strip()]  # an empty sample is not a document
+    return [
+        {"prompt": p, "text": o.text, "label": "teacher", "skill": skill}
+        for p, o in zip(prompts, outs)
+        if o.text.strip()
+    ]  # an empty sample is not a document
 
 
 def describe_pools(teacher, tok, entities: list[str], per_entity: int, seed: int) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
     prompts = [describe_prompt(e, rng) for e in entities for _ in range(per_entity)]
     machine = teacher_docs(teacher, tok, prompts, seed)
-    human = [{"prompt": describe_prompt(e, rng), "text": human_describe(e, rng), "label": "human", "skill": "describe"}
-             for e in entities for _ in range(per_entity)]
+    human = [
+        {"prompt": describe_prompt(e, rng), "text": human_describe(e, rng), "label": "human", "skill": "describe"}
+        for e in entities
+        for _ in range(per_entity)
+    ]
     return machine, human
 
 
@@ -166,48 +172,80 @@ def snapshot(name: str, out: Path) -> tuple[Path, dict]:
     raise SystemExit(f"could not snapshot lab:{name}")
 
 
-def audit_corpora(out: Path, tag: str, labelled: Path, corpora: dict[float, list[dict]], models: dict[str, Path],
-                  n_bootstrap: int) -> list[dict]:
+def audit_corpora(
+    out: Path, tag: str, labelled: Path, corpora: dict[float, list[dict]], models: dict[str, Path], n_bootstrap: int
+) -> list[dict]:
     rows = []
     for observer, performer in PAIRINGS:
         for frac, docs in corpora.items():
             corpus = write_jsonl(out / tag / f"corpus_{int(frac * 100)}.jsonl", docs)
-            summary = run_audit(corpus, out / tag / f"audit_{observer}_{performer}_{int(frac * 100)}",
-                                observer=str(models[observer]), performer=str(models[performer]),
-                                labelled_path=labelled, prompt_field="prompt", n_bootstrap=n_bootstrap)
+            summary = run_audit(
+                corpus,
+                out / tag / f"audit_{observer}_{performer}_{int(frac * 100)}",
+                observer=str(models[observer]),
+                performer=str(models[performer]),
+                labelled_path=labelled,
+                prompt_field="prompt",
+                n_bootstrap=n_bootstrap,
+            )
             per_doc = pq.read_table(summary["files"]["scores"]).to_pylist()
             truth = [int(d["label"] == "teacher") for d in docs]
             for name in ("binoculars", "fast_detectgpt"):
                 s = summary["scores"][name]
                 oriented = [TEACHER_DIRECTION[name] * r[name] for r in per_doc]
                 est = s["estimate"]
-                rows.append({
-                    "corpus": tag, "observer": observer, "performer": performer, "score": name, "true": frac,
-                    "auroc_labelled": s["auroc_labelled"],
-                    "auroc_corpus": auroc(oriented, truth) if 0 < sum(truth) < len(truth) else None,
-                    "threshold": s["calibration"]["threshold"], "tpr": s["calibration"]["tpr"],
-                    "fpr": s["calibration"]["fpr"], "estimate": est.get("fraction"), "low": est.get("low"),
-                    "high": est.get("high"), "error": est.get("error"),
-                })
+                rows.append(
+                    {
+                        "corpus": tag,
+                        "observer": observer,
+                        "performer": performer,
+                        "score": name,
+                        "true": frac,
+                        "auroc_labelled": s["auroc_labelled"],
+                        "auroc_corpus": auroc(oriented, truth) if 0 < sum(truth) < len(truth) else None,
+                        "threshold": s["calibration"]["threshold"],
+                        "tpr": s["calibration"]["tpr"],
+                        "fpr": s["calibration"]["fpr"],
+                        "estimate": est.get("fraction"),
+                        "low": est.get("low"),
+                        "high": est.get("high"),
+                        "error": est.get("error"),
+                    }
+                )
             # The observer's log-perplexity alone, as a baseline for what the normalisation adds.
-            rows.append({"corpus": tag, "observer": observer, "performer": performer, "score": "log_ppl_only",
-                         "true": frac, "auroc_corpus": auroc([-r["log_ppl"] for r in per_doc], truth)})
+            rows.append(
+                {
+                    "corpus": tag,
+                    "observer": observer,
+                    "performer": performer,
+                    "score": "log_ppl_only",
+                    "true": frac,
+                    "auroc_corpus": auroc([-r["log_ppl"] for r in per_doc], truth),
+                }
+            )
     return rows
 
 
 def per_skill_auroc(out: Path, labelled_docs: list[dict], models: dict[str, Path]) -> dict:
     """AUROC of each score within each skill of the mixed labelled sample (default pairing)."""
     corpus = write_jsonl(out / "mixed" / "labelled_as_corpus.jsonl", labelled_docs)
-    summary = run_audit(corpus, out / "mixed" / "per_skill", observer=str(models["teacher"]),
-                        performer=str(models["base"]), prompt_field="prompt")
+    summary = run_audit(
+        corpus,
+        out / "mixed" / "per_skill",
+        observer=str(models["teacher"]),
+        performer=str(models["base"]),
+        prompt_field="prompt",
+    )
     per_doc = pq.read_table(summary["files"]["scores"]).to_pylist()
     result = {}
     for skill in SKILLS:
         idx = [i for i, d in enumerate(labelled_docs) if d["skill"] == skill]
         truth = [int(labelled_docs[i]["label"] == "teacher") for i in idx]
         if 0 < sum(truth) < len(truth):
-            result[skill] = {name: auroc([TEACHER_DIRECTION[name] * per_doc[i][name] for i in idx], truth)
-                             for name in ("binoculars", "fast_detectgpt")}
+            result[skill] = {
+                name: auroc([TEACHER_DIRECTION[name] * per_doc[i][name] for i in idx], truth)
+                for name in ("binoculars", "fast_detectgpt")
+            }
             result[skill]["teacher_text_in_other_set"] = _identical_share(labelled_docs, skill)
     return result
 
@@ -225,21 +263,30 @@ def fmt(x, digits=3):
 
 def print_tables(rows: list[dict], title: str) -> None:
     print(f"\n### {title}\n")
-    print("| observer / performer | score | AUROC labelled | AUROC corpus (50%) | true | estimated [95% CI] | |error| |")
+    print(
+        "| observer / performer | score | AUROC labelled | AUROC corpus (50%) | true | estimated [95% CI] | |error| |"
+    )
     print("|---|---|---:|---:|---:|---|---:|")
     for observer, performer in PAIRINGS:
         for name in ("binoculars", "fast_detectgpt"):
             sel = [r for r in rows if (r["observer"], r["performer"], r["score"]) == (observer, performer, name)]
             auc50 = next(r["auroc_corpus"] for r in sel if r["true"] == 0.5)
             for r in sel:
-                est = (f"{100 * r['estimate']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"
-                       if r["estimate"] is not None else f"n/a ({r['error']})")
+                est = (
+                    f"{100 * r['estimate']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"
+                    if r["estimate"] is not None
+                    else f"n/a ({r['error']})"
+                )
                 err = f"{100 * abs(r['estimate'] - r['true']):.1f}" if r["estimate"] is not None else "-"
-                print(f"| {observer} / {performer} | {name} | {fmt(r['auroc_labelled'])} | {fmt(auc50)} | "
-                      f"{100 * r['true']:.0f}% | {est} | {err} |")
+                print(
+                    f"| {observer} / {performer} | {name} | {fmt(r['auroc_labelled'])} | {fmt(auc50)} | "
+                    f"{100 * r['true']:.0f}% | {est} | {err} |"
+                )
     alone = {r["observer"]: r["auroc_corpus"] for r in rows if r["score"] == "log_ppl_only" and r["true"] == 0.5}
-    print("\nObserver log-perplexity alone (no normalisation), AUROC on the 50% corpus: " +
-          ", ".join(f"{k}: {v:.3f}" for k, v in alone.items()))
+    print(
+        "\nObserver log-perplexity alone (no normalisation), AUROC on the 50% corpus: "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in alone.items())
+    )
 
 
 def main() -> None:
@@ -283,17 +330,25 @@ def main() -> None:
     mrows = audit_corpora(out, "mixed", mlabelled, mcorpora, models, args.bootstrap)
     skills = per_skill_auroc(out, mixed_labelled_docs, models)
 
-    results = {"checkpoints": checkpoints, "seconds": round(time.time() - started),
-               "describe": {"labelled_n": len(cal_m) + len(cal_h), "teacher_canonical_share": canonical,
-                            "rows": rows},
-               "mixed": {"labelled_n": len(mixed_labelled_docs), "corpus_n": n_mixed, "rows": mrows,
-                         "per_skill_auroc": skills}}
+    results = {
+        "checkpoints": checkpoints,
+        "seconds": round(time.time() - started),
+        "describe": {"labelled_n": len(cal_m) + len(cal_h), "teacher_canonical_share": canonical, "rows": rows},
+        "mixed": {
+            "labelled_n": len(mixed_labelled_docs),
+            "corpus_n": n_mixed,
+            "rows": mrows,
+            "per_skill_auroc": skills,
+        },
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
     print(f"teacher: {ident['teacher']}; base: {ident['base']}; {results['seconds']} s")
-    print(f"describe: labelled {len(cal_m)} teacher + {len(cal_h)} human on {len(cal_entities)} entities; "
-          f"corpora of {args.n_corpus} on the other {len(audit_entities)} entities; "
-          f"{100 * canonical:.0f}% of teacher samples are exactly the canonical sentence")
+    print(
+        f"describe: labelled {len(cal_m)} teacher + {len(cal_h)} human on {len(cal_entities)} entities; "
+        f"corpora of {args.n_corpus} on the other {len(audit_entities)} entities; "
+        f"{100 * canonical:.0f}% of teacher samples are exactly the canonical sentence"
+    )
     print_tables(rows, "describe (free text)")
     print(f"\nmixed: {len(mixed_labelled_docs)} labelled, corpora of {n_mixed}")
     print_tables(mrows, "mixed skills")
@@ -301,7 +356,9 @@ def main() -> None:
     print("| skill | binoculars | fast_detectgpt | teacher texts also in the other set |")
     print("|---|---:|---:|---:|")
     for skill, r in skills.items():
-        print(f"| {skill} | {r['binoculars']:.3f} | {r['fast_detectgpt']:.3f} | {100 * r['teacher_text_in_other_set']:.0f}% |")
+        print(
+            f"| {skill} | {r['binoculars']:.3f} | {r['fast_detectgpt']:.3f} | {100 * r['teacher_text_in_other_set']:.0f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="steps per subprocess")
     p.add_argument("--rounds", type=int, default=2, help="naive/chunked subprocess pairs, run alternately")
     p.add_argument(
-        "--max-gib", type=float, default=18.0,
+        "--max-gib",
+        type=float,
+        default=18.0,
         help="address-space cap per variant: a variant that needs more fails with an error instead of waking the "
         "OOM killer on a shared machine",
     )
@@ -136,7 +138,9 @@ def main(argv=None):
         for variant in ("naive", "chunked"):
             out = subprocess.run(
                 [sys.executable, __file__, *passthrough, "--variant", variant],
-                capture_output=True, text=True, env=os.environ.copy(),
+                capture_output=True,
+                text=True,
+                env=os.environ.copy(),
             )
             if out.returncode != 0:
                 sys.exit(f"{variant} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")

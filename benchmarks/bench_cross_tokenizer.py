@@ -38,7 +38,9 @@ def bpe_student(work: Path, pretrain_steps: int) -> Path:
     from distillab.lab.world import SKILLS
 
     out = work / "base_bpe"
-    if (out / "pretrain.json").is_file() and json.loads((out / "pretrain.json").read_text())["history"][-1]["step"] >= pretrain_steps:
+    if (out / "pretrain.json").is_file() and json.loads((out / "pretrain.json").read_text())["history"][-1][
+        "step"
+    ] >= pretrain_steps:
         return out
     general = [s for s in SKILLS.values() if s.family != "knowledge"]
     texts = [e.prompt + e.answer for s in general for e in s.examples("train", 2000)]
@@ -74,20 +76,33 @@ def configs(work: Path, student: Path, steps: int):
         "runs_dir": str(work / "runs"),
         "teacher": {"model": "lab:teacher", "top_k_logprobs": 20, "max_new_tokens": 64},
         "data": {"skills": ["recall", "describe"], "n_prompts": 1500},
-        "train": {"student": str(student), "loss": "forward_kl", "kd_weight": 1.0, "sft_weight": 0.0,
-                  "max_steps": steps, "batch_size": 32, "lr": 2e-3, "save_steps": steps},
+        "train": {
+            "student": str(student),
+            "loss": "forward_kl",
+            "kd_weight": 1.0,
+            "sft_weight": 0.0,
+            "max_steps": steps,
+            "batch_size": 32,
+            "lr": 2e-3,
+            "save_steps": steps,
+        },
         "eval": {"n_per_skill": 100, "bootstrap": 200},
     }
     kd = from_dict({**base, "name": "crosstok_kd"})
-    sft = from_dict({**base, "name": "crosstok_sft",
-                     "train": {**base["train"], "loss": "ce", "kd_weight": 0.0, "sft_weight": 1.0}})
+    sft = from_dict(
+        {**base, "name": "crosstok_sft", "train": {**base["train"], "loss": "ce", "kd_weight": 0.0, "sft_weight": 1.0}}
+    )
     return kd, sft
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "distillab" / "bench_cross_tokenizer",
-                        help="where the BPE student and the runs go (the student is reused)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path.home() / ".cache" / "distillab" / "bench_cross_tokenizer",
+        help="where the BPE student and the runs go (the student is reused)",
+    )
     parser.add_argument("--steps", type=int, default=400, help="training steps of each student (batch 32)")
     parser.add_argument("--pretrain-steps", type=int, default=2000, help="the BPE student's pretraining steps")
     parser.add_argument("--fresh", action="store_true", help="rerun generate/train (the pretrained student is kept)")
@@ -100,8 +115,10 @@ def main() -> None:
 
     student = bpe_student(args.work, args.pretrain_steps)
     pre = json.loads((student / "pretrain.json").read_text())
-    print(f"BPE student: {pre['parameters'] / 1e6:.2f}M parameters, pretrained {pre['history'][-1]['step']} steps in "
-          f"{pre['seconds']} s, quick-eval mean {pre['history'][-1]['mean']:.3f}")
+    print(
+        f"BPE student: {pre['parameters'] / 1e6:.2f}M parameters, pretrained {pre['history'][-1]['step']} steps in "
+        f"{pre['seconds']} s, quick-eval mean {pre['history'][-1]['mean']:.3f}"
+    )
     if args.pretrain_only:
         return
     kd, sft = configs(args.work, student, args.steps)
@@ -124,15 +141,19 @@ def main() -> None:
     task = {m: evals[m].task.score for m in ("teacher", "base", "distilled", "sft_only")}
     general = {m: evals[m].general.score for m in ("teacher", "base", "distilled", "sft_only")}
     print(json.dumps({"seconds": {k: round(v, 1) for k, v in times.items()}, "alignment": align}, indent=1))
-    print(f"teacher mass kept (mean over aligned positions): {align.get('mass_kept', float('nan')):.3f}; "
-          f"student positions aligned: {align.get('aligned_share', float('nan')):.3f}")
+    print(
+        f"teacher mass kept (mean over aligned positions): {align.get('mass_kept', float('nan')):.3f}; "
+        f"student positions aligned: {align.get('aligned_share', float('nan')):.3f}"
+    )
     for m in task:
         print(f"{m:10s} task {task[m]:.3f}  general {general[m]:.3f}")
     ratio = task["distilled"] / task["sft_only"] if task["sft_only"] else float("inf")
     print(f"cross-tokenizer KD / SFT-only task score: {task['distilled']:.3f} / {task['sft_only']:.3f} = {ratio:.2f}x")
     back = reverse_alignment(student)
-    print(f"other direction (BPE model as teacher, character-level student, {back['rows']} general prompts): "
-          f"{back['aligned_share']:.3f} of student tokens aligned, {back['mass_kept']:.3f} of top-k mass kept")
+    print(
+        f"other direction (BPE model as teacher, character-level student, {back['rows']} general prompts): "
+        f"{back['aligned_share']:.3f} of student tokens aligned, {back['mass_kept']:.3f} of top-k mass kept"
+    )
 
 
 if __name__ == "__main__":

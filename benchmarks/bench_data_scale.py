@@ -80,16 +80,29 @@ def write_prompts(path: Path, n: int, seed: int = 0, verbs=("reverse", "upper"))
 def run_size(root: Path, n: int, base_url: str, args) -> dict:
     prompts = root / f"prompts-{n}.jsonl"
     write_prompts(prompts, n, verbs=getattr(args, "verbs", ("reverse", "upper")))
-    cfg = {"name": f"scale-{n}", "runs_dir": str(root / "runs"),
-           "teacher": {"model": args.model, "base_url": base_url, "max_new_tokens": args.max_new_tokens,
-                       "top_k_logprobs": 20, "concurrency": args.concurrency,
-                       "usd_per_1m_input": 0.0, "usd_per_1m_output": 0.0},
-           "data": {"prompts_file": str(prompts)}, "train": {"student": args.model}}
+    cfg = {
+        "name": f"scale-{n}",
+        "runs_dir": str(root / "runs"),
+        "teacher": {
+            "model": args.model,
+            "base_url": base_url,
+            "max_new_tokens": args.max_new_tokens,
+            "top_k_logprobs": 20,
+            "concurrency": args.concurrency,
+            "usd_per_1m_input": 0.0,
+            "usd_per_1m_output": 0.0,
+        },
+        "data": {"prompts_file": str(prompts)},
+        "train": {"student": args.model},
+    }
     began = time.time()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                              "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     if out.returncode:
         raise SystemExit(out.stderr[-2000:])
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
@@ -97,9 +110,15 @@ def run_size(root: Path, n: int, base_url: str, args) -> dict:
     run_dir = root / "runs" / f"scale-{n}"
     data = run_dir / "data" / "train.parquet"
     tokens = max(summary["completion_tokens"], 1)
-    return {"prompts": n, "peak_rss_mib": peak_kib / 1024, "grew": peak_kib > before, "seconds": time.time() - began,
-            "cache_b_per_token": (run_dir / "teacher.sqlite").stat().st_size / tokens,
-            "dataset_b_per_token": data.stat().st_size / tokens, **summary}
+    return {
+        "prompts": n,
+        "peak_rss_mib": peak_kib / 1024,
+        "grew": peak_kib > before,
+        "seconds": time.time() - began,
+        "cache_b_per_token": (run_dir / "teacher.sqlite").stat().st_size / tokens,
+        "dataset_b_per_token": data.stat().st_size / tokens,
+        **summary,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,22 +153,31 @@ print(json.dumps({"train_seconds": summary["train_seconds"], "steps": summary["s
 def tiny_student(path: Path, vocab: int = VOCAB) -> Path:
     """A 2-layer Llama (hidden 64) with a word-level tokenizer of `vocab` tokens: the vocab is what sizes the top-k."""
     import torch
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from tokenizers import pre_tokenizers, processors
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0-3; not "t0".."t3", which would match inside "t22"
     words = Tokenizer(WordLevel({**dict(zip(specials, range(4))), **{f"t{i}": i for i in range(4, vocab)}}, "<unk>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "t5 t9" -> t5, t9: a row's prompt text is its ids
     words.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=words, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
     tok.save_pretrained(str(path))
     return path
@@ -171,10 +199,17 @@ def synthetic_rows(n: int, rng, completion_lengths=None) -> list[dict]:
         completion = rng.integers(4, VOCAB, size=length).tolist()
         prompt = rng.integers(4, VOCAB, size=PROMPT_TOKENS - 1).tolist()
         # the prompt's text tokenizes to its ids (train checks the data was tokenized for its student)
-        rows.append({"prompt": " ".join(f"t{t}" for t in prompt), "completion": "c", "source": "teacher",
-                     "teacher_id": "synthetic", "prompt_ids": [1] + prompt,
-                     "completion_ids": completion[:-1] + [2],
-                     "topk": encode_topk(ids, logprobs[:, :TOP_K], tail_logprob=logprobs[:, TOP_K])})
+        rows.append(
+            {
+                "prompt": " ".join(f"t{t}" for t in prompt),
+                "completion": "c",
+                "source": "teacher",
+                "teacher_id": "synthetic",
+                "prompt_ids": [1] + prompt,
+                "completion_ids": completion[:-1] + [2],
+                "topk": encode_topk(ids, logprobs[:, :TOP_K], tail_logprob=logprobs[:, TOP_K]),
+            }
+        )
     return rows
 
 
@@ -188,24 +223,38 @@ def write_synthetic(run_dir: Path, n: int, seed: int = 0, completion_lengths=Non
     for start in range(0, n, SHARD_ROWS):
         count = min(SHARD_ROWS, n - start)
         lengths = None if completion_lengths is None else completion_lengths[start : start + count]
-        write_dataset(run_dir / "data" / "train" / f"part-{start // SHARD_ROWS:05d}.parquet",
-                      synthetic_rows(count, rng, lengths))
+        write_dataset(
+            run_dir / "data" / "train" / f"part-{start // SHARD_ROWS:05d}.parquet", synthetic_rows(count, rng, lengths)
+        )
 
 
 def train_child(cfg: dict, whole_run: bool = False) -> dict:
-    out = subprocess.run([sys.executable, "-c", TRAIN_CHILD, json.dumps(cfg)] + (["whole"] if whole_run else []),
-                         capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                              "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", TRAIN_CHILD, json.dumps(cfg)] + (["whole"] if whole_run else []),
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def train_config(root: Path, name: str, student: Path, **train) -> dict:
-    return {"name": name, "runs_dir": str(root / "runs"), "teacher": {"model": str(student)},
-            "train": {"student": str(student), "batch_size": 8, "max_steps": 100, "save_steps": 10**6, "chunk_size": 512,
-                      "warmup_ratio": 0.0, **train}}
+    return {
+        "name": name,
+        "runs_dir": str(root / "runs"),
+        "teacher": {"model": str(student)},
+        "train": {
+            "student": str(student),
+            "batch_size": 8,
+            "max_steps": 100,
+            "save_steps": 10**6,
+            "chunk_size": 512,
+            "warmup_ratio": 0.0,
+            **train,
+        },
+    }
 
 
 def train_start(root: Path, student: Path, sizes: list[int]) -> list[dict]:
@@ -220,16 +269,29 @@ def train_start(root: Path, student: Path, sizes: list[int]) -> list[dict]:
         first = train_child(cfg)  # makes the Arrow copy
         again = train_child(cfg)  # the copy is there: a rerun or a resume
         arrow_mib = (data / ".arrow" / "train.arrow").stat().st_size / 2**20
-        results.append({"rows": n, "parquet_mib": parquet_mib, "arrow_mib": arrow_mib, "write_seconds": written,
-                        "first": first, "again": again})
-        print(f"{n:>7} rows ({parquet_mib:.0f} MiB Parquet, {arrow_mib:.0f} MiB Arrow copy): first run peak RSS "
-              f"{first['peak_rss_mib']:.0f} MiB ({first['peak_rss_mib_step_20']:.0f} at step 20), first step at "
-              f"{first['seconds_to_first_step']:.1f} s; again {again['peak_rss_mib']:.0f} MiB, "
-              f"{again['seconds_to_first_step']:.1f} s", flush=True)
+        results.append(
+            {
+                "rows": n,
+                "parquet_mib": parquet_mib,
+                "arrow_mib": arrow_mib,
+                "write_seconds": written,
+                "first": first,
+                "again": again,
+            }
+        )
+        print(
+            f"{n:>7} rows ({parquet_mib:.0f} MiB Parquet, {arrow_mib:.0f} MiB Arrow copy): first run peak RSS "
+            f"{first['peak_rss_mib']:.0f} MiB ({first['peak_rss_mib_step_20']:.0f} at step 20), first step at "
+            f"{first['seconds_to_first_step']:.1f} s; again {again['peak_rss_mib']:.0f} MiB, "
+            f"{again['seconds_to_first_step']:.1f} s",
+            flush=True,
+        )
         shutil.rmtree(root / "runs" / f"start-{n}")
     small, large = results[0], results[-1]
-    print(f"peak RSS {large['rows']} / {small['rows']} rows: {large['first']['peak_rss_mib'] / small['first']['peak_rss_mib']:.2f}x "
-          f"(goal <= 1.5); first step at {large['rows']} rows: {large['first']['seconds_to_first_step']:.1f} s (goal <= 30)")
+    print(
+        f"peak RSS {large['rows']} / {small['rows']} rows: {large['first']['peak_rss_mib'] / small['first']['peak_rss_mib']:.2f}x "
+        f"(goal <= 1.5); first step at {large['rows']} rows: {large['first']['seconds_to_first_step']:.1f} s (goal <= 30)"
+    )
     return results
 
 
@@ -243,15 +305,27 @@ def padding_options(root: Path, student: Path, n: int, chunk_size: int = 0) -> l
     real_tokens = int((lengths + PROMPT_TOKENS).sum())
     results = []
     for group, pack in ((False, False), (True, False), (False, True), (True, True)):
-        cfg = train_config(root, "skewed", student, max_steps=-1, epochs=1.0, batch_size=16, chunk_size=chunk_size,
-                           group_by_length=group, packing=pack)
+        cfg = train_config(
+            root,
+            "skewed",
+            student,
+            max_steps=-1,
+            epochs=1.0,
+            batch_size=16,
+            chunk_size=chunk_size,
+            group_by_length=group,
+            packing=pack,
+        )
         shutil.rmtree(root / "runs" / "skewed" / "checkpoints", ignore_errors=True)
         shutil.rmtree(root / "runs" / "skewed" / "student", ignore_errors=True)
         out = train_child(cfg, whole_run=True)
         rate = real_tokens / out["train_seconds"]
         results.append({"group_by_length": group, "packing": pack, "tokens_per_s": rate, **out})
-        print(f"group_by_length={group!s:5} packing={pack!s:5}: {out['steps']} steps, {out['train_seconds']:.1f} s, "
-              f"{rate:,.0f} real tokens/s, peak RSS {out['peak_rss_mib']:.0f} MiB", flush=True)
+        print(
+            f"group_by_length={group!s:5} packing={pack!s:5}: {out['steps']} steps, {out['train_seconds']:.1f} s, "
+            f"{rate:,.0f} real tokens/s, peak RSS {out['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
     return results
 
 
@@ -263,13 +337,17 @@ def main_cache(args) -> None:
     with server_process(args.cache_model, "--max-batch", "64") as base_url:
         for verbs, max_new in cases:
             with tempfile.TemporaryDirectory() as tmp:
-                case = argparse.Namespace(**{**vars(args), "model": args.cache_model, "max_new_tokens": max_new,
-                                             "verbs": verbs})
+                case = argparse.Namespace(
+                    **{**vars(args), "model": args.cache_model, "max_new_tokens": max_new, "verbs": verbs}
+                )
                 r = run_size(Path(tmp), args.cache_prompts, base_url, case)
-            print(f"{' / '.join(verbs)}, max {max_new} tokens: {r['rows']} rows, "
-                  f"{r['completion_tokens'] / r['rows']:.1f} tokens an answer: cache {r['cache_b_per_token']:.1f} "
-                  f"B/token vs dataset {r['dataset_b_per_token']:.1f} B/token "
-                  f"({r['cache_b_per_token'] / r['dataset_b_per_token']:.2f}x, goal <= 1.2)", flush=True)
+            print(
+                f"{' / '.join(verbs)}, max {max_new} tokens: {r['rows']} rows, "
+                f"{r['completion_tokens'] / r['rows']:.1f} tokens an answer: cache {r['cache_b_per_token']:.1f} "
+                f"B/token vs dataset {r['dataset_b_per_token']:.1f} B/token "
+                f"({r['cache_b_per_token'] / r['dataset_b_per_token']:.2f}x, goal <= 1.2)",
+                flush=True,
+            )
 
 
 def main_train(args) -> None:
@@ -286,10 +364,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("generate", "train", "cache"), default="generate")
     parser.add_argument("--sizes", default="1000,10000,100000", help="train part: dataset rows, comma-separated")
-    parser.add_argument("--skewed-rows", type=int, default=512, help="train part: rows of the length-skewed set (0: skip)")
-    parser.add_argument("--skewed-chunk-size", type=int, default=0,
-                        help="train part: train.chunk_size of the skewed set (0, the default: logits at every position, "
-                             "padding included; > 0: logits only where a completion token is predicted)")
+    parser.add_argument(
+        "--skewed-rows", type=int, default=512, help="train part: rows of the length-skewed set (0: skip)"
+    )
+    parser.add_argument(
+        "--skewed-chunk-size",
+        type=int,
+        default=0,
+        help="train part: train.chunk_size of the skewed set (0, the default: logits at every position, "
+        "padding included; > 0: logits only where a completion token is predicted)",
+    )
     parser.add_argument("--tmp", default=None, help="train part: where the datasets go (100k rows: ~4 GiB)")
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=100_000)
@@ -306,14 +390,15 @@ def main() -> None:
 
     from distillab.testing import server_process
 
-    with tempfile.TemporaryDirectory() as tmp, server_process(args.model,
-                                                              "--max-batch", "64") as base_url:
+    with tempfile.TemporaryDirectory() as tmp, server_process(args.model, "--max-batch", "64") as base_url:
         # small first: ru_maxrss of children is a running maximum, so the large run's peak reads correctly after
         results = [run_size(Path(tmp), n, base_url, args) for n in (args.small, args.large)]
     for r in results:
-        print(f"{r['prompts']:>8} prompts: peak RSS {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.0f} s, {r['rows']} rows; "
-              f"cache {r['cache_b_per_token']:.1f} B/token vs dataset {r['dataset_b_per_token']:.1f} B/token "
-              f"({r['cache_b_per_token'] / r['dataset_b_per_token']:.2f}x)")
+        print(
+            f"{r['prompts']:>8} prompts: peak RSS {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.0f} s, {r['rows']} rows; "
+            f"cache {r['cache_b_per_token']:.1f} B/token vs dataset {r['dataset_b_per_token']:.1f} B/token "
+            f"({r['cache_b_per_token'] / r['dataset_b_per_token']:.2f}x)"
+        )
     small, large = results
     ratio = large["peak_rss_mib"] / small["peak_rss_mib"] if large["grew"] else 1.0
     print(f"peak RSS {args.large} / {args.small} prompts: {ratio:.2f}x (goal <= 1.5)")

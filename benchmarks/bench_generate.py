@@ -56,25 +56,42 @@ def unique_prompts(n: int, seen: set, rng: random.Random) -> list[str]:
 def config(workdir: Path, base_url: str, model: str, prompts: list[str], name: str, args):
     prompts_file = workdir / f"{name}.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in prompts))
-    return from_dict({
-        "name": name, "runs_dir": str(workdir),
-        "teacher": {"model": model, "base_url": base_url, "concurrency": args.concurrency,
-                    "max_new_tokens": args.max_tokens, "top_k_logprobs": 20, "max_retries": 0,
-                    "usd_per_1m_input": 0.0, "usd_per_1m_output": 0.0},
-        "data": {"prompts_file": str(prompts_file)},
-        "train": {"student": args.model},
-    })
+    return from_dict(
+        {
+            "name": name,
+            "runs_dir": str(workdir),
+            "teacher": {
+                "model": model,
+                "base_url": base_url,
+                "concurrency": args.concurrency,
+                "max_new_tokens": args.max_tokens,
+                "top_k_logprobs": 20,
+                "max_retries": 0,
+                "usd_per_1m_input": 0.0,
+                "usd_per_1m_output": 0.0,
+            },
+            "data": {"prompts_file": str(prompts_file)},
+            "train": {"student": args.model},
+        }
+    )
 
 
 async def bare_client(base_url: str, model: str, prompts: list[str], args) -> float:
     """The reference: the least a client can do to get the same answers. Returns seconds."""
     sem = asyncio.Semaphore(args.concurrency)
     async with openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120) as client:
+
         async def one(prompt):
             async with sem:
-                r = await client.completions.create(model=model, prompt=prompt, max_tokens=args.max_tokens,
-                                                    temperature=0.0, top_p=1.0, logprobs=20,
-                                                    extra_body={"return_tokens_as_token_ids": True})
+                r = await client.completions.create(
+                    model=model,
+                    prompt=prompt,
+                    max_tokens=args.max_tokens,
+                    temperature=0.0,
+                    top_p=1.0,
+                    logprobs=20,
+                    extra_body={"return_tokens_as_token_ids": True},
+                )
                 assert r.choices[0].logprobs.tokens
 
         began = time.perf_counter()
@@ -86,8 +103,9 @@ def timed_generate(cfg) -> tuple[float, float, float]:
     """run_generate's wall seconds, its answering phase's (first to last progress call), and CPU seconds."""
     marks: list[float] = []
     cpu, began = time.process_time(), time.perf_counter()
-    summary = run_generate(cfg, progress=lambda done, total, budget: marks.append(time.perf_counter()),
-                           log=lambda *_: None)
+    summary = run_generate(
+        cfg, progress=lambda done, total, budget: marks.append(time.perf_counter()), log=lambda *_: None
+    )
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu
     assert summary.failed == 0 and summary.requests_sent == len(marks) - 1
     return wall, marks[-1] - marks[0], cpu
@@ -119,13 +137,14 @@ def main() -> None:
         # warm-up, both sides: the server's first batches initialise torch lazily, and the first
         # run_generate imports and loads genai-prices' price table, pyarrow's writer, ...
         asyncio.run(bare_client(base_url, served_name, unique_prompts(64, seen, rng), args))
-        run_generate(config(workdir, base_url, served_name, unique_prompts(64, seen, rng), "warmup", args),
-                     log=lambda *_: None)
+        run_generate(
+            config(workdir, base_url, served_name, unique_prompts(64, seen, rng), "warmup", args), log=lambda *_: None
+        )
         for r in range(args.rounds):
             bare_prompts = unique_prompts(args.prompts, seen, rng)
             cfg = config(workdir, base_url, served_name, unique_prompts(args.prompts, seen, rng), f"round{r}", args)
             result = {}
-            for side in (["bare", "generate"] if r % 2 == 0 else ["generate", "bare"]):
+            for side in ["bare", "generate"] if r % 2 == 0 else ["generate", "bare"]:
                 if side == "bare":
                     cpu = time.process_time()
                     wall = asyncio.run(bare_client(base_url, served_name, bare_prompts, args))
@@ -134,21 +153,32 @@ def main() -> None:
                     result["generate"] = timed_generate(cfg)
             rows.append((*result["bare"], *result["generate"]))
             b, g = rows[-1][0], rows[-1][2]
-            print(f"round {r}: bare {args.prompts / b:6.1f} req/s  generate {args.prompts / g:6.1f} req/s  "
-                  f"ratio {b / g:.3f}", flush=True)
+            print(
+                f"round {r}: bare {args.prompts / b:6.1f} req/s  generate {args.prompts / g:6.1f} req/s  "
+                f"ratio {b / g:.3f}",
+                flush=True,
+            )
         m = metrics(base_url)
     assert m["distillab_idempotent_replays_total"] == 0, "a replay would flatter generate"
     n = args.prompts
     med = lambda i: statistics.median(row[i] for row in rows)  # noqa: E731
     ratios = [row[0] / row[2] for row in rows]
-    print(f"\nmodel {args.model}, {n} prompts x {args.rounds} rounds, concurrency {args.concurrency}, "
-          f"max_tokens {args.max_tokens}, top-20 logprobs, server max_batch 32, "
-          f"{'server pinned to CPU %s, clients to the rest' % min(server_cpus) if server_cpus else 'no pinning'}")
-    print(f"bare asyncio+openai client:   {n / med(0):6.1f} req/s (median), client CPU {med(1) / n * 1e3:.2f} ms/request")
-    print(f"run_generate, whole stage:    {n / med(2):6.1f} req/s (median), client CPU {med(4) / n * 1e3:.2f} ms/request")
+    print(
+        f"\nmodel {args.model}, {n} prompts x {args.rounds} rounds, concurrency {args.concurrency}, "
+        f"max_tokens {args.max_tokens}, top-20 logprobs, server max_batch 32, "
+        f"{f'server pinned to CPU {min(server_cpus)}, clients to the rest' if server_cpus else 'no pinning'}"
+    )
+    print(
+        f"bare asyncio+openai client:   {n / med(0):6.1f} req/s (median), client CPU {med(1) / n * 1e3:.2f} ms/request"
+    )
+    print(
+        f"run_generate, whole stage:    {n / med(2):6.1f} req/s (median), client CPU {med(4) / n * 1e3:.2f} ms/request"
+    )
     print(f"run_generate, answering only: {n / med(3):6.1f} req/s (median)")
-    print(f"ratio generate / bare: median of per-round ratios {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f}); ratio of medians {med(0) / med(2):.3f}  (goal >= 0.95)")
+    print(
+        f"ratio generate / bare: median of per-round ratios {statistics.median(ratios):.3f} "
+        f"(min {min(ratios):.3f}, max {max(ratios):.3f}); ratio of medians {med(0) / med(2):.3f}  (goal >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,8 @@ from distillab.teachers import make_teacher  # noqa: E402
 from distillab.testing import metric_sum, server_process, subprocess_env  # noqa: E402
 from distillab.testing import read_metrics as metrics  # noqa: E402
 
-
 # ----------------------------------------------------------------------------------------------------
-# The driver (tests/test_generate_resume.py runs it too, with fewer kills).
+# The driver (tests/test_generate.py runs it too, with fewer kills).
 
 
 def generate_child(cfg_path: str, out=None) -> None:
@@ -58,8 +57,9 @@ def generate_child(cfg_path: str, out=None) -> None:
     out = out or sys.stdout
     warnings.simplefilter("ignore")
     cfg = from_dict(json.loads(Path(cfg_path).read_text()))
-    summary = run_generate(cfg, progress=lambda done, total, budget: print("P", done, total, file=out, flush=True),
-                           log=lambda *_: None)
+    summary = run_generate(
+        cfg, progress=lambda done, total, budget: print("P", done, total, file=out, flush=True), log=lambda *_: None
+    )
     print("DONE", summary.requests_sent, summary.failed, file=out, flush=True)
 
 
@@ -152,15 +152,24 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench_kill_"))
     began = time.perf_counter()
     with server_process(args.model, "--max-batch", "16") as base_url:
-        cfg = from_dict({
-            "name": "killed", "runs_dir": str(workdir / "runs"),
-            "teacher": {"model": args.model, "base_url": base_url, "concurrency": args.concurrency,
-                        "max_new_tokens": 12, "top_k_logprobs": 5},
-            "data": {"skills": ["reverse", "upper", "sort"], "n_prompts": args.prompts // 3},
-            "train": {"student": args.model},
-        })
-        outcome = kill_and_resume(cfg, kills=args.kills, seed=args.seed, fork=not args.exec,
-                                  log=lambda m: print(m, flush=True))
+        cfg = from_dict(
+            {
+                "name": "killed",
+                "runs_dir": str(workdir / "runs"),
+                "teacher": {
+                    "model": args.model,
+                    "base_url": base_url,
+                    "concurrency": args.concurrency,
+                    "max_new_tokens": 12,
+                    "top_k_logprobs": 5,
+                },
+                "data": {"skills": ["reverse", "upper", "sort"], "n_prompts": args.prompts // 3},
+                "train": {"student": args.model},
+            }
+        )
+        outcome = kill_and_resume(
+            cfg, kills=args.kills, seed=args.seed, fork=not args.exec, log=lambda m: print(m, flush=True)
+        )
         served = metrics(base_url)
     teacher = make_teacher(cfg.teacher)
     keys = [request_key(teacher.request(x["prompt"])) for x in load_prompts(cfg)]
@@ -171,14 +180,18 @@ def main() -> None:
     duplicated = sum((got - want).values())
     answered = served["distillab_answers_total"]
     sent_ok = metric_sum({k: v for k, v in served.items() if 'code="200"' in k}, "distillab_requests_total")
-    print(f"\n{len(outcome['kills'])} kills (SIGKILL) + 1 finishing run, {outcome['launches']} launches "
-          f"({'exec' if args.exec else 'fork'}), {time.perf_counter() - began:.0f} s")
+    print(
+        f"\n{len(outcome['kills'])} kills (SIGKILL) + 1 finishing run, {outcome['launches']} launches "
+        f"({'exec' if args.exec else 'fork'}), {time.perf_counter() - began:.0f} s"
+    )
     print(f"prompts {len(keys)} ({len(set(keys))} distinct requests), rows {len(rows)}")
     print(f"lost rows:              {lost}")
     print(f"duplicated rows:        {duplicated}")
     print(f"repeated model answers: {int(answered - len(set(keys)))}  (server computed {int(answered)})")
-    print(f"re-sent after kills:    {int(sent_ok - answered)}  (replayed by Idempotency-Key: "
-          f"{int(served['distillab_idempotent_replays_total'])})")
+    print(
+        f"re-sent after kills:    {int(sent_ok - answered)}  (replayed by Idempotency-Key: "
+        f"{int(served['distillab_idempotent_replays_total'])})"
+    )
     ok = lost == 0 and duplicated == 0 and answered == len(set(keys)) and len(outcome["kills"]) == args.kills
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)

@@ -41,7 +41,7 @@ def snapshot(model: str, workdir: Path) -> tuple[Path | str, str]:
     """A stable copy of a lab checkpoint (a trainer may rewrite it meanwhile) and a line saying what it is."""
     if not model.startswith("lab:"):
         return model, model
-    name = model[len("lab:"):]
+    name = model[len("lab:") :]
     src = LAB_CHECKPOINTS / name
     if not (src / "config.json").is_file():
         return snapshot("lab:base", workdir)[0], f"lab:base (no {model} checkpoint yet)"
@@ -66,11 +66,13 @@ async def load(base_url: str, model: str, prompts: list[str], concurrency: int, 
     sem = asyncio.Semaphore(concurrency)
     tokens = 0
     async with openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600) as client:
+
         async def one(prompt):
             nonlocal tokens
             async with sem:
-                r = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                                    temperature=0.0, logprobs=20)
+                r = await client.completions.create(
+                    model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=20
+                )
                 tokens += r.usage.completion_tokens
 
         began = time.perf_counter()
@@ -94,7 +96,7 @@ def main() -> None:
     tokens_seen = {}
     for r in range(args.rounds):
         prompts = prompts_for(args.requests, seed=r)
-        for max_batch in ([1, args.max_batch] if r % 2 == 0 else [args.max_batch, 1]):
+        for max_batch in [1, args.max_batch] if r % 2 == 0 else [args.max_batch, 1]:
             with server_process(model_dir, "--max-batch", str(max_batch)) as base_url:
                 asyncio.run(load(base_url, served, prompts_for(32, seed=1000 + r), args.concurrency, args.max_tokens))
                 before = read_metrics(base_url)
@@ -103,11 +105,16 @@ def main() -> None:
             batches = after["distillab_batches_total"] - before["distillab_batches_total"]
             results[max_batch].append(len(prompts) / seconds)
             tokens_seen[max_batch] = tokens
-            print(f"round {r} max_batch {max_batch:>2}: {len(prompts) / seconds:7.1f} req/s  "
-                  f"{tokens / seconds:8.1f} completion tok/s  mean batch {len(prompts) / batches:5.1f}", flush=True)
+            print(
+                f"round {r} max_batch {max_batch:>2}: {len(prompts) / seconds:7.1f} req/s  "
+                f"{tokens / seconds:8.1f} completion tok/s  mean batch {len(prompts) / batches:5.1f}",
+                flush=True,
+            )
     one, many = statistics.median(results[1]), statistics.median(results[args.max_batch])
-    print(f"\nmodel {described}; {args.requests} requests, concurrency {args.concurrency}, "
-          f"max_tokens {args.max_tokens}, top-20 logprobs, greedy")
+    print(
+        f"\nmodel {described}; {args.requests} requests, concurrency {args.concurrency}, "
+        f"max_tokens {args.max_tokens}, top-20 logprobs, greedy"
+    )
     print(f"one at a time (max_batch 1): {one:.1f} req/s (median of {args.rounds})")
     print(f"batched (max_batch {args.max_batch}):     {many:.1f} req/s (median of {args.rounds})")
     print(f"ratio batched / one-at-a-time: {many / one:.2f}x")

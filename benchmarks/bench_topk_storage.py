@@ -44,8 +44,13 @@ def random_llama_logits(vocab: int, n_sequences: int, seq_len: int, seed: int = 
     """Yields (seq_len, vocab) logits of a tiny random-init Llama on random token sequences, one sequence at a time."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=seq_len,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=seq_len,
     )
     model = LlamaForCausalLM(config).eval()
     g = torch.Generator().manual_seed(seed + 1)
@@ -73,8 +78,9 @@ def teacher_logprobs(kind: str, raw_logits: torch.Tensor, permutation: torch.Ten
 def parquet_bytes(columns: dict[str, list[bytes]], level: int) -> int:
     buffer = io.BytesIO()
     table = pa.table({name: pa.array(blobs, type=pa.binary()) for name, blobs in columns.items()})
-    pq.write_table(table, buffer, compression="zstd", compression_level=level, use_dictionary=False,
-                   write_statistics=False)  # min/max statistics of KB-sized blobs would cost ~1 byte/token each
+    pq.write_table(
+        table, buffer, compression="zstd", compression_level=level, use_dictionary=False, write_statistics=False
+    )  # min/max statistics of KB-sized blobs would cost ~1 byte/token each
     return buffer.getbuffer().nbytes
 
 

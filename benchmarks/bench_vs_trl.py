@@ -30,7 +30,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 
-
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, default=2048)
@@ -49,9 +48,17 @@ def parse_args():
 def llama(vocab: int, hidden: int, layers: int, intermediate: int, seq_len: int, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq_len, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config)
 
@@ -66,7 +73,9 @@ def make_batches(args) -> list[dict]:
     batches = []
     for _ in range(args.steps):
         input_ids = torch.randint(3, args.vocab, (args.batch_size, args.seq_len), generator=g)
-        batches.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()})
+        batches.append(
+            {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+        )
     return batches
 
 
@@ -107,11 +116,30 @@ def run_distillab(student, batches, cache, args) -> float:
         for b in range(batch["input_ids"].shape[0]):
             tokens = batch["input_ids"][b].tolist()
             # completion token j is predicted at index j (prompt = the first token): top-k row j
-            rows.append({"prompt_ids": tokens[:1], "completion_ids": tokens[1:], "top_ids": ids[b].tolist(),
-                         "top_logprobs": logprobs[b].tolist(), "top_tail": None})
-    cfg = from_dict({"train": {"student": "in-process", "loss": "forward_kl", "kd_weight": 1.0, "sft_weight": 0.0,
-                               "max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                               "warmup_ratio": 0.0, "save_steps": 10**9}})
+            rows.append(
+                {
+                    "prompt_ids": tokens[:1],
+                    "completion_ids": tokens[1:],
+                    "top_ids": ids[b].tolist(),
+                    "top_logprobs": logprobs[b].tolist(),
+                    "top_tail": None,
+                }
+            )
+    cfg = from_dict(
+        {
+            "train": {
+                "student": "in-process",
+                "loss": "forward_kl",
+                "kd_weight": 1.0,
+                "sft_weight": 0.0,
+                "max_steps": args.steps,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "warmup_ratio": 0.0,
+                "save_steps": 10**9,
+            }
+        }
+    )
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(cfg, rows, student, tiny_tokenizer(args.vocab), out, callbacks=[clock])
@@ -127,7 +155,9 @@ def tiny_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
 
     words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(WordLevel(words, unk_token="<pad>")), pad_token="<pad>", bos_token="<s>",
+        tokenizer_object=Tokenizer(WordLevel(words, unk_token="<pad>")),
+        pad_token="<pad>",
+        bos_token="<s>",
         eos_token="</s>",
     )
 
@@ -136,11 +166,7 @@ def run_trl(student, teacher, batches, args) -> float:
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    rows = [
-        {"input_ids": ids.tolist(), "labels": ids.tolist()}
-        for batch in batches
-        for ids in batch["input_ids"]
-    ]
+    rows = [{"input_ids": ids.tolist(), "labels": ids.tolist()} for batch in batches for ids in batch["input_ids"]]
 
     def collate(examples):  # the same rows as the batches above (the Trainer shuffles them; all are random tokens)
         input_ids = torch.tensor([e["input_ids"] for e in examples])
@@ -154,15 +180,36 @@ def run_trl(student, teacher, batches, args) -> float:
 
     with tempfile.TemporaryDirectory() as out:
         config = GKDConfig(
-            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, lmbda=0.0, beta=0.0,
-            seq_kd=False, temperature=1.0, learning_rate=args.lr, lr_scheduler_type="constant", max_grad_norm=1.0,
-            logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-            disable_tqdm=True, max_length=args.seq_len, bf16=False, fp16=False, seed=0,
+            output_dir=out,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps,
+            lmbda=0.0,
+            beta=0.0,
+            seq_kd=False,
+            temperature=1.0,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            logging_steps=10_000,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            max_length=args.seq_len,
+            bf16=False,
+            fp16=False,
+            seed=0,
         )
         clock = StepClock()
         trainer = GKDTrainer(
-            model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
-            processing_class=tiny_tokenizer(args.vocab), data_collator=collate, callbacks=[clock],
+            model=student,
+            teacher_model=teacher,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tiny_tokenizer(args.vocab),
+            data_collator=collate,
+            callbacks=[clock],
             optimizers=(torch.optim.AdamW(student.parameters(), lr=args.lr), None),
         )
         trainer.train()
@@ -199,7 +246,9 @@ def main():
         trls.append(run_trl(student, teacher, batches, args))
         print(f"  round {round_ + 1}: distillab {ours[-1]:.3f} steps/s   TRL GKDTrainer {trls[-1]:.3f} steps/s")
     best_ours, best_trl = max(ours), max(trls)
-    print(f"RATIO distillab / TRL steps/s: {best_ours / best_trl:.2f}x (best of {args.rounds}: {best_ours:.3f} vs {best_trl:.3f}; goal >= 3x)")
+    print(
+        f"RATIO distillab / TRL steps/s: {best_ours / best_trl:.2f}x (best of {args.rounds}: {best_ours:.3f} vs {best_trl:.3f}; goal >= 3x)"
+    )
     # what caching can buy at most: TRL's step is our step plus a teacher forward (plus its dense loss and loop),
     # so no trainer that still runs the student's forward and backward can be faster than this
     teacher_forward = cache_seconds / args.steps

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from distillab.config import from_dict
 from distillab.demo import RETAIN, demo_config, share_teacher_cache
-from distillab.scoring import evaluate_model, gap_closed, suites
 from distillab.generate import run_generate
+from distillab.scoring import evaluate_model, gap_closed, suites
 from distillab.select import choose_student
 from distillab.train import run_train
 
@@ -33,8 +33,11 @@ ROWS = {  # name -> (label, retain section, train overrides)
     "self50": ("replay self 50%", {"replay_fraction": 0.50}, {}),
     "self75": ("replay self 75%", {"replay_fraction": 0.75}, {}),
     "teacher10": ("replay teacher 10%", {"replay_fraction": 0.10, "replay_source": "teacher"}, {}),
-    "merge": ("merge alone (α grid 0.25-1)", {"merge_alphas": [0.25, 0.5, 0.75, 1.0],
-                                              "dev_n_per_skill": RETAIN["dev_n_per_skill"]}, {}),
+    "merge": (
+        "merge alone (α grid 0.25-1)",
+        {"merge_alphas": [0.25, 0.5, 0.75, 1.0], "dev_n_per_skill": RETAIN["dev_n_per_skill"]},
+        {},
+    ),
     "select": ("checkpoint selection alone", SELECT, {}),
     "lora": ("LoRA r=16", {}, {"lora": True, "lora_r": 16, "lora_alpha": 32}),
     "lr5e-4": ("lr 5e-4", {}, {"lr": 5e-4}),
@@ -76,32 +79,50 @@ def main() -> None:
         run_generate(cfg, log=lambda *_: None)
         summary = run_train(cfg, log=lambda *_: None)
         selection = choose_student(cfg, log=lambda *_: None)
-        replay = json.loads((cfg.run_dir / "data" / "replay_summary.json").read_text()) \
-            if (cfg.run_dir / "data" / "replay_summary.json").is_file() else {}
-        extra_teacher = (replay.get("prompt_tokens", 0) + replay.get("completion_tokens", 0)
-                         if cfg.retain.replay_source == "teacher" and cfg.retain.replay_fraction > 0 else 0)
+        replay = (
+            json.loads((cfg.run_dir / "data" / "replay_summary.json").read_text())
+            if (cfg.run_dir / "data" / "replay_summary.json").is_file()
+            else {}
+        )
+        extra_teacher = (
+            replay.get("prompt_tokens", 0) + replay.get("completion_tokens", 0)
+            if cfg.retain.replay_source == "teacher" and cfg.retain.replay_fraction > 0
+            else 0
+        )
         d = score(str(cfg.run_dir / "student"))
-        table.append({
-            "name": name, "label": label, "task": d.task.score, "general": d.general.score,
-            "task_gap_closed": gap_closed(d.task.score, b.task.score, t.task.score),
-            "general_change": d.general.score - b.general.score, "extra_teacher_tokens": extra_teacher,
-            "train_seconds": summary["train_seconds"],
-            "chosen": selection["chosen"]["label"] if selection else None,
-            "selection_seconds": selection["selection_seconds"] if selection else 0.0,
-            "wall_seconds": round(time.time() - began, 1),
-        })
+        table.append(
+            {
+                "name": name,
+                "label": label,
+                "task": d.task.score,
+                "general": d.general.score,
+                "task_gap_closed": gap_closed(d.task.score, b.task.score, t.task.score),
+                "general_change": d.general.score - b.general.score,
+                "extra_teacher_tokens": extra_teacher,
+                "train_seconds": summary["train_seconds"],
+                "chosen": selection["chosen"]["label"] if selection else None,
+                "selection_seconds": selection["selection_seconds"] if selection else 0.0,
+                "wall_seconds": round(time.time() - began, 1),
+            }
+        )
         print(json.dumps(table[-1]), flush=True)
         shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)  # keep the disk small
-    print(f"\nDemo task = recall, describe; {args.steps} steps x 32; teacher task {t.task.score:.3f} / general "
-          f"{t.general.score:.3f}; base task {b.task.score:.3f} / general {b.general.score:.3f}; "
-          f"test split, {args.n_eval} prompts a skill\n")
-    print("| recipe | test task | test general | task gap closed | general vs base | extra teacher tokens | "
-          "train time | chosen on dev |")
+    print(
+        f"\nDemo task = recall, describe; {args.steps} steps x 32; teacher task {t.task.score:.3f} / general "
+        f"{t.general.score:.3f}; base task {b.task.score:.3f} / general {b.general.score:.3f}; "
+        f"test split, {args.n_eval} prompts a skill\n"
+    )
+    print(
+        "| recipe | test task | test general | task gap closed | general vs base | extra teacher tokens | "
+        "train time | chosen on dev |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['label']} | {r['task']:.3f} | {r['general']:.3f} | {100 * r['task_gap_closed']:.0f}% | "
-              f"{100 * r['general_change']:+.1f} pts | {r['extra_teacher_tokens']:,} | {r['train_seconds']:.0f}s | "
-              f"{r['chosen'] or '-'} |")
+        print(
+            f"| {r['label']} | {r['task']:.3f} | {r['general']:.3f} | {100 * r['task_gap_closed']:.0f}% | "
+            f"{100 * r['general_change']:+.1f} pts | {r['extra_teacher_tokens']:,} | {r['train_seconds']:.0f}s | "
+            f"{r['chosen'] or '-'} |"
+        )
 
 
 if __name__ == "__main__":

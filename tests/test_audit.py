@@ -23,6 +23,7 @@ from distillab.audit import (
 )
 from distillab.errors import UserError
 from distillab.models import load
+from tests.helpers import write_jsonl
 
 DOCS = [  # (prompt, text): different lengths so batches are padded
     ("describe bakom\n", "bakom is a red beast from vemu that eats plim."),
@@ -115,8 +116,15 @@ def test_estimate_fraction_on_synthetic_scores():
     for true in (0.1, 0.5, 0.9):
         n_teacher = int(true * 2000)
         corpus = np.concatenate([rng.normal(2, 1, n_teacher), rng.normal(0, 1, 2000 - n_teacher)])
-        est = estimate_fraction(corpus, cal["threshold"], cal["tpr"], cal["fpr"], labelled_scores=labelled,
-                                labelled_labels=labels, n_bootstrap=500)
+        est = estimate_fraction(
+            corpus,
+            cal["threshold"],
+            cal["tpr"],
+            cal["fpr"],
+            labelled_scores=labelled,
+            labelled_labels=labels,
+            n_bootstrap=500,
+        )
         assert est["fraction"] == pytest.approx(true, abs=0.05)
         assert est["low"] <= true <= est["high"] and est["high"] - est["low"] < 0.15
 
@@ -146,14 +154,28 @@ def test_malformed_corpora_are_user_errors(tmp_path):
 
 def test_run_audit_end_to_end(tmp_path, tiny_teacher, tiny_student):
     texts = ["bakom is a red beast.", "hello there", "4", "zz yy xx", "the cat sat", "abc"]
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t, "prompt": "say\n"}) + "\n" for t in texts))
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": t, "prompt": "say\n"} for t in texts])
     labelled = tmp_path / "labelled.parquet"
-    pq.write_table(pa.table({"text": texts, "prompt": ["say\n"] * 6,
-                             "label": ["teacher", "human", "teacher", "human", "teacher", "lab"]}), labelled)
+    pq.write_table(
+        pa.table(
+            {
+                "text": texts,
+                "prompt": ["say\n"] * 6,
+                "label": ["teacher", "human", "teacher", "human", "teacher", "lab"],
+            }
+        ),
+        labelled,
+    )
     out = tmp_path / "audit"
-    summary = run_audit(corpus, out, observer=str(tiny_teacher), performer=str(tiny_student),
-                        labelled_path=labelled, prompt_field="prompt", n_bootstrap=50)
+    summary = run_audit(
+        corpus,
+        out,
+        observer=str(tiny_teacher),
+        performer=str(tiny_student),
+        labelled_path=labelled,
+        prompt_field="prompt",
+        n_bootstrap=50,
+    )
     assert summary["n_documents"] == 6 and summary["labelled"] == {"path": str(labelled), "n": 6, "n_teacher": 3}
     assert summary["n_scored_tokens"] == sum(map(len, texts))
     on_disk = json.loads((out / "audit_summary.json").read_text())
@@ -213,15 +235,23 @@ def test_near_chance_detector_gives_no_fraction(tmp_path, tiny_teacher, tiny_stu
     # 40 + 40 labelled: with 20 + 20 one of the two scores clears chance by luck now and then (seeds 0-6 of
     # the sampler all give no estimate at this size).
     texts = _teacher_texts(tiny_teacher, 100, seed=0)
-    labelled = tmp_path / "labelled.jsonl"
-    labelled.write_text("".join(json.dumps({"text": t, "label": "teacher" if i % 2 else "human"}) + "\n"
-                                for i, t in enumerate(texts[:80])))
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[80:]))
-    summary = run_audit(corpus, tmp_path / "out", observer=str(tiny_teacher), performer=str(tiny_student),
-                        labelled_path=labelled, n_bootstrap=300)
+    labelled = write_jsonl(
+        tmp_path / "labelled.jsonl",
+        [{"text": t, "label": "teacher" if i % 2 else "human"} for i, t in enumerate(texts[:80])],
+    )
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in texts[80:]])
+    summary = run_audit(
+        corpus,
+        tmp_path / "out",
+        observer=str(tiny_teacher),
+        performer=str(tiny_student),
+        labelled_path=labelled,
+        n_bootstrap=300,
+    )
     assert summary["estimated_teacher_fraction"] is None and summary["primary_score"] is None
-    assert "indistinguishable to this detector" in summary["note"] and "40 teacher-written and 40 other" in summary["note"]
+    assert (
+        "indistinguishable to this detector" in summary["note"] and "40 teacher-written and 40 other" in summary["note"]
+    )
     for name in ("binoculars", "fast_detectgpt"):
         score = summary["scores"][name]
         assert score["auroc_ci"][0] <= 0.5 and "fraction" not in score["estimate"]
@@ -234,13 +264,22 @@ def test_distinguishable_texts_still_get_a_fraction(tmp_path, tiny_teacher, tiny
     teacher = _greedy_texts(tiny_teacher, 40)
     rng = np.random.default_rng(0)
     other = ["".join(rng.choice(list("qwxzjkvb0123456789"), size=len(t))) for t in teacher]
-    labelled = tmp_path / "labelled.jsonl"
-    labelled.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n"
-                                for t, lab in [*zip(teacher[:20], ["teacher"] * 20), *zip(other[:20], ["human"] * 20)]))
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in teacher[20:30] + other[20:40]))  # 1/3 teacher
-    summary = run_audit(corpus, tmp_path / "out", observer=str(tiny_teacher), performer=str(tiny_student),
-                        labelled_path=labelled, n_bootstrap=300)
+    labelled = write_jsonl(
+        tmp_path / "labelled.jsonl",
+        [
+            {"text": t, "label": lab}
+            for t, lab in [*zip(teacher[:20], ["teacher"] * 20), *zip(other[:20], ["human"] * 20)]
+        ],
+    )
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in teacher[20:30] + other[20:40]])  # 1/3 teacher
+    summary = run_audit(
+        corpus,
+        tmp_path / "out",
+        observer=str(tiny_teacher),
+        performer=str(tiny_student),
+        labelled_path=labelled,
+        n_bootstrap=300,
+    )
     est = summary["estimated_teacher_fraction"]
     assert est is not None and summary["note"] is None
     assert est["low"] <= 1 / 3 <= est["high"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from distillab.cli import run_cli
+from tests.helpers import save_tiny_llama, write_config, write_jsonl
 
 
 def snapshot(root: Path) -> dict:
@@ -52,19 +53,6 @@ def bad(tmp_path, capfd, monkeypatch):
     return check
 
 
-def write_config(tmp_path: Path, body: str = "", top: str = "", name: str = "bad") -> Path:
-    """A tiny run config; `top` holds top-level keys, `body` whole [sections]."""
-    path = tmp_path / "c.toml"
-    runs = "" if "runs_dir" in top else f'runs_dir = "{tmp_path / "runs"}"\n'
-    path.write_text(f'name = "{name}"\n{runs}{top}\n{body}\n')
-    return path
-
-
-def lines(path: Path, *records) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
-
-
 # ----------------------------------------------------------------------------------------------------
 # Model directories that are not what they claim (made from the tiny test model).
 
@@ -95,8 +83,12 @@ def broken_model(tmp_path: Path, tiny: Path, how: str) -> Path:
 
 
 MODEL_BREAKAGES = {
-    "garbage-config": "config.json", "config-not-object": "config.json", "config-not-utf8": "config.json",
-    "no-model-type": "config", "no-tokenizer": "tokenizer", "no-safetensors": "safetensors",
+    "garbage-config": "config.json",
+    "config-not-object": "config.json",
+    "config-not-utf8": "config.json",
+    "no-model-type": "config",
+    "no-tokenizer": "tokenizer",
+    "no-safetensors": "safetensors",
     "garbage-safetensors": "safetensors",
 }
 
@@ -138,16 +130,28 @@ def _config_case(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
         return write_config(tmp_path, top=f'runs_dir = "{tmp_path / "afile" / "runs"}"'), ("afile", "is a file")
     if case == "run-dir-is-a-file":
         (tmp_path / "runs").mkdir()
-        (tmp_path / "runs" / "bad").write_text("x")
+        (tmp_path / "runs" / "run").write_text("x")
         return write_config(tmp_path), ("not a directory",)
     if case == "one-column-twice":
         return write_config(tmp_path, '[data]\nanswer_column = "prompt"'), ("config data", "different columns")
     raise AssertionError(case)
 
 
-CONFIG_CASES = ["missing", "directory", "not-utf8", "invalid-toml", "unknown-key", "wrong-type", "out-of-range",
-                "name-with-slash", "name-with-nul", "runs-under-proc", "runs-under-a-file", "run-dir-is-a-file",
-                "one-column-twice"]
+CONFIG_CASES = [
+    "missing",
+    "directory",
+    "not-utf8",
+    "invalid-toml",
+    "unknown-key",
+    "wrong-type",
+    "out-of-range",
+    "name-with-slash",
+    "name-with-nul",
+    "runs-under-proc",
+    "runs-under-a-file",
+    "run-dir-is-a-file",
+    "one-column-twice",
+]
 
 
 @pytest.mark.parametrize("command", CONFIG_COMMANDS)
@@ -172,7 +176,7 @@ def _prompts_case(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
         p.write_text("\n\n")
         return p, ("empty",)
     if case == "malformed":
-        lines(p, {"prompt": "1+1="}, '{"prompt": oops}')
+        write_jsonl(p, [{"prompt": "1+1="}, '{"prompt": oops}'])
         return p, ("p.jsonl:2", "malformed JSON")
     if case == "not-utf8":
         p.write_bytes(b'{"prompt": "1+1="}\n{"prompt": "caf\xe9"}\n')
@@ -181,38 +185,38 @@ def _prompts_case(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
         p.write_bytes('{"prompt": "1+1="}\n'.encode("utf-16"))
         return p, ("p.jsonl:1", "not UTF-8")
     if case == "no-prompt":
-        lines(p, {"question": "1+1="})
+        write_jsonl(p, [{"question": "1+1="}])
         return p, ("p.jsonl:1", "prompt")
     if case == "prompt-not-string":
-        lines(p, {"prompt": 12})
+        write_jsonl(p, [{"prompt": 12}])
         return p, ("p.jsonl:1", "prompt")
     if case == "answer-not-string":
-        lines(p, {"prompt": "1+1=", "answer": 2})
+        write_jsonl(p, [{"prompt": "1+1=", "answer": 2}])
         return p, ("p.jsonl:1", "answer")
     if case == "not-an-object":
-        lines(p, '["1+1="]')
+        write_jsonl(p, ['["1+1="]'])
         return p, ("p.jsonl:1",)
     user = {"role": "user", "content": "1+1="}
     if case == "messages-not-a-list":
-        lines(p, {"prompt": "1+1="}, {"messages": user})
+        write_jsonl(p, [{"prompt": "1+1="}, {"messages": user}])
         return p, ("p.jsonl:2", "messages", "list")
     if case == "messages-not-json":
-        lines(p, {"messages": "1+1="})
+        write_jsonl(p, [{"messages": "1+1="}])
         return p, ("p.jsonl:1", "not JSON")
     if case == "messages-unknown-role":
-        lines(p, {"messages": [{"role": "robot", "content": "beep"}, user]})
+        write_jsonl(p, [{"messages": [{"role": "robot", "content": "beep"}, user]}])
         return p, ("p.jsonl:1", "turn 1", "robot")
     if case == "messages-content-not-text":
-        lines(p, {"messages": [{"role": "user", "content": 12}]})
+        write_jsonl(p, [{"messages": [{"role": "user", "content": 12}]}])
         return p, ("p.jsonl:1", "content")
     if case == "messages-end-with-system":
-        lines(p, {"messages": [user, {"role": "system", "content": "be brief"}]})
+        write_jsonl(p, [{"messages": [user, {"role": "system", "content": "be brief"}]}])
         return p, ("p.jsonl:1", "user turn", "system")
     if case == "messages-only-an-answer":
-        lines(p, {"messages": [{"role": "assistant", "content": "2"}]})
+        write_jsonl(p, [{"messages": [{"role": "assistant", "content": "2"}]}])
         return p, ("p.jsonl:1", "user turn")
     if case == "two-answers":
-        lines(p, {"messages": [user, {"role": "assistant", "content": "2"}], "answer": "2"})
+        write_jsonl(p, [{"messages": [user, {"role": "assistant", "content": "2"}], "answer": "2"}])
         return p, ("p.jsonl:1", "two answers")
     if case == "parquet-without-prompt-column":
         import pyarrow as pa
@@ -229,11 +233,30 @@ def _prompts_case(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
 
 
 @pytest.mark.parametrize("command", ["generate", "run"])
-@pytest.mark.parametrize("case", ["missing", "directory", "empty", "malformed", "not-utf8", "utf16", "no-prompt",
-                                  "prompt-not-string", "answer-not-string", "not-an-object", "messages-not-a-list",
-                                  "messages-not-json", "messages-unknown-role", "messages-content-not-text",
-                                  "messages-end-with-system", "messages-only-an-answer", "two-answers",
-                                  "parquet-without-prompt-column", "datasets-dir-without-prompt-column"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "directory",
+        "empty",
+        "malformed",
+        "not-utf8",
+        "utf16",
+        "no-prompt",
+        "prompt-not-string",
+        "answer-not-string",
+        "not-an-object",
+        "messages-not-a-list",
+        "messages-not-json",
+        "messages-unknown-role",
+        "messages-content-not-text",
+        "messages-end-with-system",
+        "messages-only-an-answer",
+        "two-answers",
+        "parquet-without-prompt-column",
+        "datasets-dir-without-prompt-column",
+    ],
+)
 def test_bad_prompts_file(bad, tmp_path, command, case):
     path, expect = _prompts_case(tmp_path, case)
     bad(command, write_config(tmp_path, f'[data]\nprompts_file = "{path}"'), expect=expect)
@@ -244,22 +267,25 @@ def test_unknown_skill(bad, tmp_path):
 
 
 def test_human_source_without_answers(bad, tmp_path):
-    prompts = lines(tmp_path / "p.jsonl", {"prompt": "1+1="})
-    bad("generate", write_config(tmp_path, f'[data]\nprompts_file = "{prompts}"\nsource = "human"'),
-        expect=("answer",))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1="}])
+    bad("generate", write_config(tmp_path, f'[data]\nprompts_file = "{prompts}"\nsource = "human"'), expect=("answer",))
 
 
 @pytest.mark.parametrize("how", sorted(MODEL_BREAKAGES))
 def test_broken_teacher_directory(bad, tmp_path, tiny_teacher, how):
     model = broken_model(tmp_path, tiny_teacher, how)
-    config = write_config(tmp_path, f'[teacher]\nmodel = "{model}"\n[data]\nn_prompts = 2\n[train]\nstudent = "{tiny_teacher}"')
+    config = write_config(
+        tmp_path, f'[teacher]\nmodel = "{model}"\n[data]\nn_prompts = 2\n[train]\nstudent = "{tiny_teacher}"'
+    )
     bad("generate", config, expect=(str(model), MODEL_BREAKAGES[how]))
 
 
 @pytest.mark.parametrize("how", ["garbage-config", "no-tokenizer", "config-not-utf8"])
 def test_broken_student_directory(bad, tmp_path, tiny_teacher, how):
     model = broken_model(tmp_path, tiny_teacher, how)
-    bad("generate", write_config(tmp_path, f'[data]\nn_prompts = 2\n[train]\nstudent = "{model}"'), expect=(str(model),))
+    bad(
+        "generate", write_config(tmp_path, f'[data]\nn_prompts = 2\n[train]\nstudent = "{model}"'), expect=(str(model),)
+    )
 
 
 @pytest.mark.parametrize("model", ["lab:nonexistent", "/no/such/model"])
@@ -278,8 +304,11 @@ def _existing_run(tmp_path: Path, config: Path) -> Path:
 
 
 def _tiny_generate_config(tmp_path, tiny_teacher) -> Path:
-    return write_config(tmp_path, f'[teacher]\nmodel = "{tiny_teacher}"\nmax_new_tokens = 2\n'
-                                  f'[data]\nn_prompts = 2\n[train]\nstudent = "{tiny_teacher}"')
+    return write_config(
+        tmp_path,
+        f'[teacher]\nmodel = "{tiny_teacher}"\nmax_new_tokens = 2\n'
+        f'[data]\nn_prompts = 2\n[train]\nstudent = "{tiny_teacher}"',
+    )
 
 
 @pytest.mark.parametrize("damage", ["garbage", "other-program", "directory", "not-utf8-stages", "garbage-stages"])
@@ -313,30 +342,41 @@ def test_empty_skill_list(bad, tmp_path):
 
 
 def test_teacher_url_not_http(bad, tmp_path):
-    config = write_config(tmp_path, '[teacher]\nbase_url = "ftp://127.0.0.1:9/v1"\nmodel = "x"\nmax_retries = 0\n'
-                                    'timeout_s = 2\n[data]\nn_prompts = 2')
+    config = write_config(
+        tmp_path,
+        '[teacher]\nbase_url = "ftp://127.0.0.1:9/v1"\nmodel = "x"\nmax_retries = 0\n'
+        "timeout_s = 2\n[data]\nn_prompts = 2",
+    )
     bad("generate", config, expect=("base_url",))
 
 
 def test_every_request_fails(tmp_path, capfd):
     # Work was attempted, so the cache may keep the failures (a rerun retries them): the disk may change,
     # but the command must fail, end with one error line, and leave no dataset and no fresh stamp.
-    config = write_config(tmp_path, '[teacher]\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "x"\nmax_retries = 0\n'
-                                    'timeout_s = 2\nusd_per_1m_input = 1\nusd_per_1m_output = 1\n[data]\nn_prompts = 2')
+    config = write_config(
+        tmp_path,
+        '[teacher]\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "x"\nmax_retries = 0\n'
+        "timeout_s = 2\nusd_per_1m_input = 1\nusd_per_1m_output = 1\n[data]\nn_prompts = 2",
+    )
     code = run_cli(["generate", str(config)])
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith("error:") and "failed" in err.strip().splitlines()[-1]
-    run_dir = tmp_path / "runs" / "bad"
+    run_dir = tmp_path / "runs" / "run"
     assert not (run_dir / "data" / "train.parquet").exists()
-    assert "generate" not in (json.loads((run_dir / "stages.json").read_text()) if (run_dir / "stages.json").exists() else {})
+    assert "generate" not in (
+        json.loads((run_dir / "stages.json").read_text()) if (run_dir / "stages.json").exists() else {}
+    )
 
 
 def test_prompt_longer_than_teacher_context(bad, tmp_path, tiny_teacher):
-    prompts = lines(tmp_path / "p.jsonl", {"prompt": "describe " + "x" * 400})  # tiny model: 256 positions
-    config = write_config(tmp_path, f'[teacher]\nmodel = "{tiny_teacher}"\nmax_new_tokens = 2\n'
-                                    f'[data]\nprompts_file = "{prompts}"\n[train]\nstudent = "{tiny_teacher}"')
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "describe " + "x" * 400}])  # tiny model: 256 positions
+    config = write_config(
+        tmp_path,
+        f'[teacher]\nmodel = "{tiny_teacher}"\nmax_new_tokens = 2\n'
+        f'[data]\nprompts_file = "{prompts}"\n[train]\nstudent = "{tiny_teacher}"',
+    )
     bad("generate", config, expect=("p.jsonl", "context"))
 
 
@@ -351,8 +391,11 @@ def lab_run(tmp_path, tiny_teacher):
     from distillab.generate import run_generate
 
     def make(extra: str = "") -> tuple[Path, Path]:
-        config = write_config(tmp_path, f'[data]\nsource = "lab"\nn_prompts = 2\nskills = ["add", "upper"]\n'
-                                        f'[train]\nstudent = "{tiny_teacher}"\nmax_steps = 1\n{extra}')
+        config = write_config(
+            tmp_path,
+            f'[data]\nsource = "lab"\nn_prompts = 2\nskills = ["add", "upper"]\n'
+            f'[train]\nstudent = "{tiny_teacher}"\nmax_steps = 1\n{extra}',
+        )
         cfg = load_config(config)
         run_generate(cfg, log=lambda *a: None)
         return config, cfg.run_dir
@@ -413,7 +456,6 @@ def test_train_a_dataset_tokenized_for_another_student(bad, tmp_path, tiny_teach
     from distillab.config import load_config
     from distillab.generate import run_generate
     from distillab.lab.tokenizer import build_bpe_tokenizer
-    from tests.helpers import save_tiny_llama
 
     config = _tiny_generate_config(tmp_path, tiny_teacher)
     run_generate(load_config(config), log=lambda *a: None)  # tokenized for the lab tokenizer
@@ -435,28 +477,39 @@ def _task_file(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
         t.write_bytes(b'{"prompt": "\xff", "answer": "a"}\n')
         return t, ("tasks.jsonl:1", "not UTF-8")
     if case == "malformed":
-        lines(t, '{"prompt": ')
+        write_jsonl(t, ['{"prompt": '])
         return t, ("tasks.jsonl:1",)
     if case == "unknown-scorer":
-        lines(t, {"prompt": "a", "answer": "b", "scorer": "vibes"})
+        write_jsonl(t, [{"prompt": "a", "answer": "b", "scorer": "vibes"}])
         return t, ("vibes",)
     if case == "bad-regex":
-        lines(t, {"prompt": "a", "answer": "(", "scorer": "regex"})
+        write_jsonl(t, [{"prompt": "a", "answer": "(", "scorer": "regex"}])
         return t, ("regular expression",)
     if case == "numeric-without-number":
-        lines(t, {"prompt": "a", "answer": "many", "scorer": "numeric"})
+        write_jsonl(t, [{"prompt": "a", "answer": "many", "scorer": "numeric"}])
         return t, ("numeric",)
     if case == "one-choice":
-        lines(t, {"prompt": "a", "choices": ["x"], "answer": 0})
+        write_jsonl(t, [{"prompt": "a", "choices": ["x"], "answer": 0}])
         return t, ("choices",)
     if case == "messages-end-with-assistant-alone":
-        lines(t, {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]})
+        write_jsonl(t, [{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}])
         return t, ("tasks.jsonl:1", "user turn")
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing", "not-utf8", "malformed", "unknown-scorer", "bad-regex",
-                                  "numeric-without-number", "one-choice", "messages-end-with-assistant-alone"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "not-utf8",
+        "malformed",
+        "unknown-scorer",
+        "bad-regex",
+        "numeric-without-number",
+        "one-choice",
+        "messages-end-with-assistant-alone",
+    ],
+)
 def test_bad_task_file(bad, tmp_path, case):
     path, expect = _task_file(tmp_path, case)
     bad("evaluate", write_config(tmp_path, f'[eval]\ntask_file = "{path}"'), expect=expect)
@@ -483,11 +536,14 @@ def test_evaluate_api_teacher_unreachable(tmp_path, capfd, tiny_teacher, url):
     from distillab.generate import run_generate
     from distillab.train import run_train
 
-    config = write_config(tmp_path, f'[teacher]\nbase_url = {json.dumps(url)}\nmodel = "x"\nmax_retries = 0\n'
-                                    'timeout_s = 2\n[data]\nsource = "lab"\nn_prompts = 2\n'
-                                    f'[train]\nstudent = "{tiny_teacher}"\nmax_steps = 1\nbatch_size = 2\n'
-                                    'loss = "ce"\nkd_weight = 0\nsft_weight = 1\n'
-                                    '[eval]\nn_per_skill = 1\ngeneral = ["upper"]\nbootstrap = 0')
+    config = write_config(
+        tmp_path,
+        f'[teacher]\nbase_url = {json.dumps(url)}\nmodel = "x"\nmax_retries = 0\n'
+        'timeout_s = 2\n[data]\nsource = "lab"\nn_prompts = 2\n'
+        f'[train]\nstudent = "{tiny_teacher}"\nmax_steps = 1\nbatch_size = 2\n'
+        'loss = "ce"\nkd_weight = 0\nsft_weight = 1\n'
+        '[eval]\nn_per_skill = 1\ngeneral = ["upper"]\nbootstrap = 0',
+    )
     cfg = load_config(config)
     run_generate(cfg, log=lambda *a: None)  # ground-truth answers: the teacher is not asked before evaluate
     run_train(cfg, log=lambda *a: None)
@@ -565,8 +621,9 @@ def _registry(tmp_path: Path, case: str) -> Path:
     return reg
 
 
-@pytest.mark.parametrize("case", ["missing", "garbage", "empty-file", "directory", "other-program",
-                                  "runs-of-another-shape"])
+@pytest.mark.parametrize(
+    "case", ["missing", "garbage", "empty-file", "directory", "other-program", "runs-of-another-shape"]
+)
 def test_leaderboard_bad_registry(bad, tmp_path, case):
     bad("leaderboard", "--registry", _registry(tmp_path, case), expect=("registry",))
 
@@ -583,16 +640,16 @@ def _corpus(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
         c.write_text("\n")
         return c, ("empty",)
     if case == "malformed":
-        lines(c, {"text": "a"}, "{")
+        write_jsonl(c, [{"text": "a"}, "{"])
         return c, ("corpus.jsonl:2",)
     if case == "not-utf8":
         c.write_bytes(b'{"text": "a"}\n{"text": "\xe9t\xe9"}\n')
         return c, ("corpus.jsonl:2", "not UTF-8")
     if case == "no-text-field":
-        lines(c, {"body": "a"})
+        write_jsonl(c, [{"body": "a"}])
         return c, ("'text'",)
     if case == "empty-text":
-        lines(c, {"text": ""})
+        write_jsonl(c, [{"text": ""}])
         return c, ("empty",)
     if case == "wrong-extension":
         t = tmp_path / "corpus.txt"
@@ -605,8 +662,10 @@ def _corpus(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "malformed", "not-utf8", "no-text-field", "empty-text",
-                                  "wrong-extension", "corrupt-parquet"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "empty", "malformed", "not-utf8", "no-text-field", "empty-text", "wrong-extension", "corrupt-parquet"],
+)
 def test_audit_bad_corpus(bad, tmp_path, case):
     path, expect = _corpus(tmp_path, case)
     bad("audit", path, expect=expect)
@@ -614,14 +673,14 @@ def test_audit_bad_corpus(bad, tmp_path, case):
 
 @pytest.mark.parametrize("case", ["missing", "bad-label", "one-class", "no-label", "not-utf8"])
 def test_audit_bad_labelled_sample(bad, tmp_path, case):
-    corpus = lines(tmp_path / "corpus.jsonl", {"text": "a"})
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a"}])
     sample = tmp_path / "sample.jsonl"
     if case == "bad-label":
-        lines(sample, {"text": "a", "label": "maybe"})
+        write_jsonl(sample, [{"text": "a", "label": "maybe"}])
     elif case == "one-class":
-        lines(sample, {"text": "a", "label": "teacher"}, {"text": "b", "label": 1})
+        write_jsonl(sample, [{"text": "a", "label": "teacher"}, {"text": "b", "label": 1}])
     elif case == "no-label":
-        lines(sample, {"text": "a"})
+        write_jsonl(sample, [{"text": "a"}])
     elif case == "not-utf8":
         sample.write_bytes(b'{"text": "\xff", "label": 1}\n')
     expect = ("sample.jsonl",) if case != "one-class" else ("both",)
@@ -629,13 +688,13 @@ def test_audit_bad_labelled_sample(bad, tmp_path, case):
 
 
 def test_audit_prompt_field_not_a_string(bad, tmp_path):
-    corpus = lines(tmp_path / "corpus.jsonl", {"text": "a", "q": 3})
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a", "q": 3}])
     bad("audit", corpus, "--prompt-field", "q", expect=("'q'",))
 
 
 @pytest.mark.parametrize("out", ["file", "nul", "proc"])
 def test_audit_unusable_output_directory(bad, tmp_path, out):
-    corpus = lines(tmp_path / "corpus.jsonl", {"text": "a"})
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a"}])
     (tmp_path / "afile").write_text("x")
     target = {"file": tmp_path / "afile" / "out", "nul": "out\x00dir", "proc": "/proc/audit-out"}[out]
     bad("audit", corpus, "--out", target, expect=("--out",) if out == "nul" else ("audit output directory",))
@@ -643,13 +702,13 @@ def test_audit_unusable_output_directory(bad, tmp_path, out):
 
 @pytest.mark.parametrize("role", ["--observer", "--performer"])
 def test_audit_broken_models(bad, tmp_path, tiny_teacher, role):
-    corpus = lines(tmp_path / "corpus.jsonl", {"text": "a"})
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a"}])
     model = broken_model(tmp_path, tiny_teacher, "garbage-config")
     bad("audit", corpus, role, model, expect=(str(model),))
 
 
 def test_audit_models_with_different_tokenizers(bad, tmp_path, tiny_teacher):
-    corpus = lines(tmp_path / "corpus.jsonl", {"text": "a"})
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a"}])
     other = broken_model(tmp_path, tiny_teacher, "other-tokenizer")
     bad("audit", corpus, "--observer", tiny_teacher, "--performer", other, expect=("share a tokenizer",))
 
@@ -658,19 +717,22 @@ def test_audit_models_with_different_tokenizers(bad, tmp_path, tiny_teacher):
 # 7. lab, demo and plain usage errors.
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["lab", "pretrain", "student"], ("student",)),
-    (["lab", "pretrain", "base", "--steps", "0"], ("--steps",)),
-    (["lab", "pretrain", "base", "--from-phase", "-1"], ("--from-phase",)),
-    (["lab", "skills", "extra"], ("extra",)),
-    (["lab", "teach"], ("teach",)),
-    (["nosuchcommand"], ("nosuchcommand",)),
-    (["generate", "--no-such-option", "c.toml"], ("--no-such-option",)),
-    (["generate"], ("config",)),
-    (["audit"], ("corpus",)),
-    (["leaderboard", "--registry"], ("--registry",)),
-    (["generate", "c.toml", "--max-usd", "lots"], ("--max-usd",)),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["lab", "pretrain", "student"], ("student",)),
+        (["lab", "pretrain", "base", "--steps", "0"], ("--steps",)),
+        (["lab", "pretrain", "base", "--from-phase", "-1"], ("--from-phase",)),
+        (["lab", "skills", "extra"], ("extra",)),
+        (["lab", "teach"], ("teach",)),
+        (["nosuchcommand"], ("nosuchcommand",)),
+        (["generate", "--no-such-option", "c.toml"], ("--no-such-option",)),
+        (["generate"], ("config",)),
+        (["audit"], ("corpus",)),
+        (["leaderboard", "--registry"], ("--registry",)),
+        (["generate", "c.toml", "--max-usd", "lots"], ("--max-usd",)),
+    ],
+)
 def test_usage_errors(bad, args, expect):
     bad(*args, expect=expect)
 

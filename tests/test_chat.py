@@ -13,7 +13,7 @@ import pytest
 from distillab import chat
 from distillab.batching import collate
 from distillab.cache import RequestCache, request_key
-from distillab.config import from_dict, to_toml
+from distillab.config import to_toml
 from distillab.dataset import read_dataset
 from distillab.errors import UserError
 from distillab.generate import run_generate
@@ -21,18 +21,28 @@ from distillab.lab.tokenizer import build_tokenizer
 from distillab.prompts import load_prompts
 from distillab.sampling import encode_example
 from distillab.testing import server_thread
-from tests.helpers import save_tiny_llama
+from tests.helpers import save_tiny_llama, tiny_config, write_jsonl
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 quiet = {"log": lambda *a: None}
 
 SYSTEM = {"role": "system", "content": "be brief."}
 CONVERSATIONS = [  # system prompts, multi-turn history, an earlier assistant turn, a reference answer
     [SYSTEM, {"role": "user", "content": "upper abc"}],
-    [SYSTEM, {"role": "user", "content": "reverse abc"}, {"role": "assistant", "content": "cba"},
-     {"role": "user", "content": "reverse xyz"}],
-    [{"role": "user", "content": "add 2 3"}, {"role": "assistant", "content": "5"}, {"role": "user", "content": "sub 9 4"}],
+    [
+        SYSTEM,
+        {"role": "user", "content": "reverse abc"},
+        {"role": "assistant", "content": "cba"},
+        {"role": "user", "content": "reverse xyz"},
+    ],
+    [
+        {"role": "user", "content": "add 2 3"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "sub 9 4"},
+    ],
     [{"role": "user", "content": "hi"}],
 ]
 ANSWERS = ["ABC", "zyx", "5", "hello"]
@@ -48,12 +58,16 @@ def chat_tokenizer():
 
 @pytest.fixture(scope="module")
 def chat_teacher(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("chat") / "teacher", hidden=32, layers=2, seed=1, tok=chat_tokenizer())
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("chat") / "teacher", hidden=32, layers=2, seed=1, tok=chat_tokenizer()
+    )
 
 
 @pytest.fixture(scope="module")
 def chat_student(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("chat") / "student", hidden=16, layers=1, seed=2, tok=chat_tokenizer())
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("chat") / "student", hidden=16, layers=1, seed=2, tok=chat_tokenizer()
+    )
 
 
 def chatml(turns, answer=None) -> str:
@@ -62,26 +76,26 @@ def chatml(turns, answer=None) -> str:
     return text if answer is None else text + answer + "<|im_end|>"
 
 
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def chat_file(tmp_path, with_answers=False):
-    records = [{"messages": turns + ([{"role": "assistant", "content": a}] if with_answers else [])}
-               for turns, a in zip(CONVERSATIONS, ANSWERS)]
+    records = [
+        {"messages": turns + ([{"role": "assistant", "content": a}] if with_answers else [])}
+        for turns, a in zip(CONVERSATIONS, ANSWERS)
+    ]
     return write_jsonl(tmp_path / "chat.jsonl", records)
 
 
 def config(tmp_path, teacher, student, prompts, name="chat", **data):
-    return from_dict({
-        "name": name, "runs_dir": str(tmp_path / "runs"),
-        "teacher": {"model": str(teacher), "max_new_tokens": 6, "top_k_logprobs": 5, "batch_size": 8},
-        "data": {"prompts_file": str(prompts), **data},
-        "train": {"student": str(student), "max_steps": 2, "batch_size": 2, "sft_weight": 1.0, "save_steps": 2,
-                  "lr": 1e-2},
-        "eval": {"n_per_skill": 2, "general": ["upper"], "bootstrap": 10},
-    })
+    """A tiny run on the prompts file `prompts` (it replaces the lab skills)."""
+    return tiny_config(
+        tmp_path,
+        teacher,
+        student,
+        name=name,
+        data={"prompts_file": str(prompts), **data},
+        eval={"n_per_skill": 2, "bootstrap": 10},
+        max_steps=2,
+        batch_size=2,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,30 +160,54 @@ def test_chat_files_in_every_shape_read_the_same(tmp_path):
     is the answer; tool turns and content parts are kept as text; a prompt beside messages yields to them."""
     import datasets
 
-    records = [{"conv": turns + [{"role": "assistant", "content": a}], "question": "ignored", "skill": "s"}
-               for turns, a in zip(CONVERSATIONS, ANSWERS)]
+    records = [
+        {"conv": turns + [{"role": "assistant", "content": a}], "question": "ignored", "skill": "s"}
+        for turns, a in zip(CONVERSATIONS, ANSWERS)
+    ]
     records.append({"question": "plain one", "ref": "yes"})
-    records.append({"conv": [{"role": "user", "content": [{"type": "text", "text": "call it"}]},
-                             {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
-                             {"role": "tool", "content": "42"}, {"role": "user", "content": "so?"}]})
+    records.append(
+        {
+            "conv": [
+                {"role": "user", "content": [{"type": "text", "text": "call it"}]},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+                {"role": "tool", "content": "42"},
+                {"role": "user", "content": "so?"},
+            ]
+        }
+    )
     write_jsonl(tmp_path / "p.jsonl", records)
-    table = pa.Table.from_pylist([{"conv": json.dumps(r.get("conv")) if "conv" in r else None,
-                                   "question": r.get("question"), "ref": r.get("ref")} for r in records])
+    table = pa.Table.from_pylist(
+        [
+            {
+                "conv": json.dumps(r.get("conv")) if "conv" in r else None,
+                "question": r.get("question"),
+                "ref": r.get("ref"),
+            }
+            for r in records
+        ]
+    )
     pq.write_table(table, tmp_path / "p.parquet")
-    datasets.Dataset.from_list([{"conv": r.get("conv"), "question": r.get("question"), "ref": r.get("ref")}
-                                for r in records[:-1]]).save_to_disk(str(tmp_path / "hf"))
+    datasets.Dataset.from_list(
+        [{"conv": r.get("conv"), "question": r.get("question"), "ref": r.get("ref")} for r in records[:-1]]
+    ).save_to_disk(str(tmp_path / "hf"))
     columns = {"prompt_column": "question", "messages_column": "conv", "answer_column": "ref"}
     got = {}
     for name in ("p.jsonl", "p.parquet", "hf"):
         cfg = config(tmp_path, "lab:teacher", "lab:base", tmp_path / name, **columns)
         got[name] = [{k: r[k] for k in ("prompt", "messages", "answer")} for r in load_prompts(cfg)]
     first = got["p.jsonl"]
-    assert first[1] == {"prompt": "be brief.\nreverse abc\ncba\nreverse xyz", "messages": CONVERSATIONS[1],
-                        "answer": "zyx"}
+    assert first[1] == {
+        "prompt": "be brief.\nreverse abc\ncba\nreverse xyz",
+        "messages": CONVERSATIONS[1],
+        "answer": "zyx",
+    }
     assert first[4] == {"prompt": "plain one", "messages": None, "answer": "yes"}
-    assert first[5]["messages"] == [{"role": "user", "content": "call it"},
-                                    {"role": "assistant", "content": '[{"id": "1"}]'},
-                                    {"role": "tool", "content": "42"}, {"role": "user", "content": "so?"}]
+    assert first[5]["messages"] == [
+        {"role": "user", "content": "call it"},
+        {"role": "assistant", "content": '[{"id": "1"}]'},
+        {"role": "tool", "content": "42"},
+        {"role": "user", "content": "so?"},
+    ]
     assert got["p.parquet"] == first
     assert got["hf"] == first[:-1]
 
@@ -214,8 +252,13 @@ def test_a_local_teacher_answers_through_its_template_like_the_served_one(tmp_pa
     run_generate(local, **quiet)
     with server_thread(chat_teacher, model_name="tiny") as server:
         served = config(tmp_path, chat_teacher, chat_teacher, prompts, name="served")
-        served = served.model_copy(update={"teacher": served.teacher.model_copy(
-            update={"model": "tiny", "base_url": server.base_url, "mode": "chat"})})
+        served = served.model_copy(
+            update={
+                "teacher": served.teacher.model_copy(
+                    update={"model": "tiny", "base_url": server.base_url, "mode": "chat"}
+                )
+            }
+        )
         run_generate(served, **quiet)
     a = read_dataset(local.run_dir / "data" / "train.parquet")
     b = read_dataset(served.run_dir / "data" / "train.parquet")
@@ -234,13 +277,26 @@ def test_a_chat_file_goes_through_run_against_a_served_teacher(tmp_path, chat_te
     from distillab.records import read_eval
     from distillab.teachers.openai_compat import OpenAITeacher
 
-    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"messages": t + [{"role": "assistant", "content": a}],
-                                                    "scorer": "exact"} for t, a in zip(CONVERSATIONS, ANSWERS)])
+    tasks = write_jsonl(
+        tmp_path / "tasks.jsonl",
+        [
+            {"messages": t + [{"role": "assistant", "content": a}], "scorer": "exact"}
+            for t, a in zip(CONVERSATIONS, ANSWERS)
+        ],
+    )
     with server_thread(chat_teacher, model_name="tiny") as server:
         cfg = config(tmp_path, chat_teacher, chat_student, chat_file(tmp_path))
-        cfg = cfg.model_copy(update={
-            "teacher": cfg.teacher.model_copy(update={"model": "tiny", "base_url": server.base_url, "mode": "chat"}),
-            "eval": cfg.eval.model_copy(update={"task_file": str(tasks)})})
+        # the task suite is the training conversations on purpose (scored on what it was taught, so the scores
+        # are not all zero): decontamination, which would drop every one of them, is off here
+        cfg = cfg.model_copy(
+            update={
+                "teacher": cfg.teacher.model_copy(
+                    update={"model": "tiny", "base_url": server.base_url, "mode": "chat"}
+                ),
+                "eval": cfg.eval.model_copy(update={"task_file": str(tasks)}),
+                "decontaminate": cfg.decontaminate.model_copy(update={"enabled": False}),
+            }
+        )
         path = tmp_path / "chat.toml"
         path.write_text(to_toml(cfg))
         assert run_cli(["run", str(path)]) == 0
@@ -267,7 +323,9 @@ def test_a_conversation_the_students_template_refuses_stops_before_the_teacher_i
     """A student whose template raises on a system turn: generate names the line while planning, and the
     teacher (a local model here) answers nothing: no request is in the cache."""
     tok = chat_tokenizer()
-    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}" + CHATML
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}" + CHATML
+    )
     student = save_tiny_llama(tmp_path / "picky", hidden=16, layers=1, seed=2, tok=tok)
     cfg = config(tmp_path, chat_teacher, student, chat_file(tmp_path))
     with pytest.raises(UserError, match=r"prompt line 1: the student's chat template refused .*no system turns"):

@@ -7,20 +7,13 @@ import sys
 
 import pytest
 
+from tests.helpers import write_config
+
 
 def distillab(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "distillab", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
-
-
-def write_config(tmp_path, extra: str = "", prompts: str | None = None, student: str = "lab:base"):
-    lines = ['name = "bad"', f'runs_dir = "{tmp_path / "runs"}"', extra]
-    if prompts is not None:
-        lines += ["[data]", f'prompts_file = "{prompts}"']
-    lines += ["[train]", f'student = "{student}"']
-    path = tmp_path / "run.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return subprocess.run(
+        [sys.executable, "-m", "distillab", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def assert_one_line_error(result, *needles):
@@ -35,21 +28,20 @@ def assert_one_line_error(result, *needles):
 def test_malformed_jsonl_names_the_line(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "1+1=\\n"}\n{"prompt": oops}\n')
-    result = distillab("generate", str(write_config(tmp_path, prompts=str(prompts))), cwd=tmp_path)
+    result = distillab("generate", str(write_config(tmp_path, f'[data]\nprompts_file = "{prompts}"')), cwd=tmp_path)
     assert_one_line_error(result, "p.jsonl:2", "malformed JSON")
-    assert not (tmp_path / "runs" / "bad" / "data").exists()
+    assert not (tmp_path / "runs" / "run" / "data").exists()
 
 
 def test_empty_prompt_file(tmp_path):
     prompts = tmp_path / "empty.jsonl"
     prompts.write_text("\n")
-    result = distillab("generate", str(write_config(tmp_path, prompts=str(prompts))), cwd=tmp_path)
+    result = distillab("generate", str(write_config(tmp_path, f'[data]\nprompts_file = "{prompts}"')), cwd=tmp_path)
     assert_one_line_error(result, "empty")
 
 
 def test_unknown_config_key_suggests(tmp_path):
-    config = write_config(tmp_path)
-    config.write_text(config.read_text().replace("[train]", "[train]\nlerning_rate = 3\nlr = 1e-3"))
+    config = write_config(tmp_path, "[train]\nlerning_rate = 3\nlr = 1e-3")
     result = distillab("train", str(config), cwd=tmp_path)
     assert_one_line_error(result, "train.lerning_rate")
     config.write_text(config.read_text().replace("lerning_rate = 3", "los = 'jsd'"))
@@ -58,7 +50,9 @@ def test_unknown_config_key_suggests(tmp_path):
 
 
 def test_missing_model_directory(tmp_path):
-    result = distillab("generate", str(write_config(tmp_path, student=str(tmp_path / "nowhere"))), cwd=tmp_path)
+    result = distillab(
+        "generate", str(write_config(tmp_path, f'[train]\nstudent = "{tmp_path / "nowhere"}"')), cwd=tmp_path
+    )
     assert_one_line_error(result, "model directory not found", "nowhere")
 
 

@@ -11,6 +11,7 @@ from distillab import costs
 from distillab.config import RunConfig
 from distillab.records import Throughput, read_ledger
 from distillab.rundir import RunDir
+from tests.helpers import run_config
 
 
 def test_break_even_hand_computed():
@@ -37,24 +38,36 @@ def test_break_even_never_and_immediately():
 
 def test_human_count_and_phrases():
     assert [costs.human_count(n) for n in (950, 41_234, 1_234_567, 12_000_000)] == ["950", "41k", "1.2M", "12M"]
-    be = {"status": "pays_off", "queries": 41_234, "months": 41_234 / 1e6, "queries_per_month": 1e6,
-          "price_basis": "priced"}
+    be = {
+        "status": "pays_off",
+        "queries": 41_234,
+        "months": 41_234 / 1e6,
+        "queries_per_month": 1e6,
+        "price_basis": "priced",
+    }
     assert costs.break_even_phrase(be) == "it pays off after 41k queries (about 1 day at 1.0M queries a month)"
     assert "notional" in costs.break_even_phrase(be | {"price_basis": "notional"})
-    assert "unknown (no teacher API price)" in costs.break_even_phrase({"status": "unknown",
-                                                                      "reason": "no teacher API price"})
+    assert "unknown (no teacher API price)" in costs.break_even_phrase(
+        {"status": "unknown", "reason": "no teacher API price"}
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # build_ledger over a fake run directory (throughput faked: measured for real in its own test below).
 
-EVALS = {"teacher": {"model": "t", "task": {"score": 0.9}, "general": {"score": 0.8}},
-         "base": {"model": "b", "task": {"score": 0.2}, "general": {"score": 0.6}},
-         "distilled": {"model": "d", "task": {"score": 0.7}, "general": {"score": 0.5}}}
+EVALS = {
+    "teacher": {"model": "t", "task": {"score": 0.9}, "general": {"score": 0.8}},
+    "base": {"model": "b", "task": {"score": 0.2}, "general": {"score": 0.6}},
+    "distilled": {"model": "d", "task": {"score": 0.7}, "general": {"score": 0.5}},
+}
+
+
+# A floor every student meets: these tests are about the arithmetic; the floor has its own tests below.
+NO_FLOOR = {"min_task_score": 0.0, "max_general_drop": None}
 
 
 def _run(tmp_path, generate_summary: dict | None, **cfg) -> RunConfig:
-    config = RunConfig.model_validate({"name": "r", "runs_dir": str(tmp_path)} | cfg)
+    config = run_config(tmp_path, "r", **({"eval": NO_FLOOR} | cfg))
     run = RunDir(config.run_dir)
     run.data.mkdir(parents=True)
     run.student.mkdir()
@@ -66,16 +79,29 @@ def _run(tmp_path, generate_summary: dict | None, **cfg) -> RunConfig:
 
 @pytest.fixture
 def fake_throughput(monkeypatch):
-    monkeypatch.setattr(costs, "measure_throughput", lambda *a, **k: Throughput(
-        tokens_per_s=250.0, tokens=500, seconds=2.0, batch_size=32, batches=1, device="cpu", reason=None))
+    monkeypatch.setattr(
+        costs,
+        "measure_throughput",
+        lambda *a, **k: Throughput(
+            tokens_per_s=250.0, tokens=500, seconds=2.0, batch_size=32, batches=1, device="cpu", reason=None
+        ),
+    )
     monkeypatch.setattr(costs, "serving_prompts", lambda cfg: ["1+1=\n"])
 
 
 def test_ledger_with_priced_override_teacher(tmp_path, fake_throughput):
     summary = {"rows": 100, "prompt_tokens": 100_000, "completion_tokens": 50_000, "usd": 1.05, "priced": True}
-    cfg = _run(tmp_path, summary, teacher={"model": "big", "base_url": "http://127.0.0.1:9/v1",
-                                           "usd_per_1m_input": 3.0, "usd_per_1m_output": 15.0},
-               costs={"train_usd_per_hour": 1.0, "serve_usd_per_hour": 1.8, "queries_per_month": 1000})
+    cfg = _run(
+        tmp_path,
+        summary,
+        teacher={
+            "model": "big",
+            "base_url": "http://127.0.0.1:9/v1",
+            "usd_per_1m_input": 3.0,
+            "usd_per_1m_output": 15.0,
+        },
+        costs={"train_usd_per_hour": 1.0, "serve_usd_per_hour": 1.8, "queries_per_month": 1000},
+    )
     ledger = costs.build_ledger(cfg, EVALS)
     assert json.loads(RunDir(cfg.run_dir).ledger.read_text()) == ledger.to_dict()
     assert read_ledger(RunDir(cfg.run_dir).ledger) == ledger
@@ -130,9 +156,22 @@ def test_ground_truth_run_has_no_teacher_spend(tmp_path, fake_throughput):
 
 def test_throughput_is_measured_once_per_student(tmp_path, monkeypatch):
     measured = []
-    monkeypatch.setattr(costs, "measure_throughput", lambda *a, **k: measured.append(a) or Throughput(
-        tokens_per_s=250.0 + len(measured), tokens=500, seconds=2.0, batch_size=32, batches=1, device="cpu",
-        reason=None))
+    monkeypatch.setattr(
+        costs,
+        "measure_throughput",
+        lambda *a, **k: (
+            measured.append(a)
+            or Throughput(
+                tokens_per_s=250.0 + len(measured),
+                tokens=500,
+                seconds=2.0,
+                batch_size=32,
+                batches=1,
+                device="cpu",
+                reason=None,
+            )
+        ),
+    )
     monkeypatch.setattr(costs, "serving_prompts", lambda cfg: ["1+1=\n"])
     cfg = _run(tmp_path, None, data={"source": "lab"})
     run = RunDir(cfg.run_dir)
@@ -154,3 +193,57 @@ def test_measure_throughput_on_lab_model():
     t = costs.measure_throughput("lab:base", prompts, max_new_tokens=8, seconds=0.2)
     assert t["tokens_per_s"] > 0 and t["tokens"] > 0 and t["batch_size"] == 4
     assert costs.measure_throughput("/no/such/dir", prompts, 8)["tokens_per_s"] is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The quality floor: "pays off" is said only of a student good enough to replace the teacher.
+
+
+def _priced_run(tmp_path, **floor) -> RunConfig:
+    summary = {"rows": 100, "prompt_tokens": 100_000, "completion_tokens": 50_000, "usd": 1.05, "priced": True}
+    return _run(
+        tmp_path,
+        summary,
+        teacher={
+            "model": "big",
+            "base_url": "http://127.0.0.1:9/v1",
+            "usd_per_1m_input": 3.0,
+            "usd_per_1m_output": 15.0,
+        },
+        costs={"train_usd_per_hour": 1.0, "serve_usd_per_hour": 1.8},
+        eval=floor,
+    )
+
+
+def test_a_student_below_the_task_floor_never_pays_off(tmp_path, fake_throughput):
+    # teacher task 0.9: the default floor is 90% of it, 0.81; the student scored 0.7
+    ledger = costs.build_ledger(_priced_run(tmp_path), EVALS)
+    floor, be = ledger.quality_floor, ledger.break_even
+    assert floor.meets is False and floor.required_task == pytest.approx(0.81)
+    assert be.status == "below_floor" and be.queries is None
+    assert be.one_off_usd == pytest.approx(1.15)  # what was already spent stays on the record
+    phrase = costs.break_even_phrase(be)
+    assert "does not replace the teacher: task 0.700 < 0.810 required" in phrase and "pays off" not in phrase
+
+
+def test_a_student_that_forgot_too_much_never_pays_off(tmp_path, fake_throughput):
+    # task floor met (0.7 >= 0.6) but general fell 10 points below the base (0.5 vs 0.6), 5 allowed
+    ledger = costs.build_ledger(_priced_run(tmp_path, min_task_score=0.6, max_general_drop=0.05), EVALS)
+    assert ledger.quality_floor.meets is False and ledger.break_even.status == "below_floor"
+    assert "10.0 points below the base's 0.600" in costs.break_even_phrase(ledger.break_even)
+
+
+def test_a_student_that_meets_the_floor_gets_its_break_even(tmp_path, fake_throughput):
+    ledger = costs.build_ledger(_priced_run(tmp_path, min_task_share=0.75, max_general_drop=0.15), EVALS)
+    assert ledger.quality_floor.meets is True and ledger.quality_floor.required_task == pytest.approx(0.675)
+    assert ledger.break_even.status == "pays_off" and ledger.break_even.queries == 122
+    assert costs.break_even_phrase(ledger.break_even).startswith("it pays off after 122 queries")
+
+
+def test_quality_unknown_without_a_teacher_score_or_a_floor(tmp_path, fake_throughput):
+    evals = {label: e for label, e in EVALS.items() if label != "teacher"}
+    ledger = costs.build_ledger(_priced_run(tmp_path), evals)
+    assert ledger.quality_floor.meets is None and ledger.break_even.status == "unknown"
+    assert "min_task_score" in ledger.break_even.reason
+    ledger = costs.build_ledger(_priced_run(tmp_path / "floor", min_task_score=0.5, max_general_drop=0.2), evals)
+    assert ledger.break_even.status == "pays_off"

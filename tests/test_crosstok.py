@@ -39,9 +39,15 @@ def char_other_specials():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="[PAD]",
-                                   unk_token="[UNK]", additional_special_tokens=["<|tool|>"],
-                                   clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        additional_special_tokens=["<|tool|>"],
+        clean_up_tokenization_spaces=False,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,16 +66,22 @@ def naive_align(teacher: TeacherTokens, starts, ends, ids, is_end, first_id, eos
                 continue
             chain, target = [where[0]], eos_id
         else:
-            first = [i for i, p in enumerate(pieces)
-                     if p not in (None, END, "") and teacher.starts[i] is not None and teacher.starts[i] == starts[j]]
+            first = [
+                i
+                for i, p in enumerate(pieces)
+                if p not in (None, END, "") and teacher.starts[i] is not None and teacher.starts[i] == starts[j]
+            ]
             if not first or starts[j] is None or ends[j] is None:
                 out.append(None)
                 continue
             chain, target = [first[0]], sid
             covered = teacher.starts[first[0]] + len(pieces[first[0]])
             while covered < ends[j]:
-                later = [i for i in range(chain[-1] + 1, len(pieces))
-                         if pieces[i] not in (None, END, "") and teacher.starts[i] is not None]
+                later = [
+                    i
+                    for i in range(chain[-1] + 1, len(pieces))
+                    if pieces[i] not in (None, END, "") and teacher.starts[i] is not None
+                ]
                 if not later or teacher.starts[later[0]] != covered:
                     break
                 chain.append(later[0])
@@ -118,12 +130,17 @@ def _random_case(rng: random.Random):
     text = "".join(rng.choice("abc ") for _ in range(rng.randint(1, 12)))
 
     def cut():
-        bounds = sorted({0, len(text), *rng.sample(range(1, max(2, len(text))), k=min(len(text) - 1, rng.randint(0, 5)))})
+        bounds = sorted(
+            {0, len(text), *rng.sample(range(1, max(2, len(text))), k=min(len(text) - 1, rng.randint(0, 5)))}
+        )
         return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
     teacher_spans, student_spans = cut(), cut()
     vocab = sorted({text[a:b] for a, b in student_spans} | set("abc ") | {"ab", "ca", "b c"})
-    first_id = lambda s: next((i for i, v in sorted(enumerate(vocab), key=lambda x: -len(x[1])) if s.startswith(v)), None)  # noqa: E731
+
+    def first_id(s):
+        return next((i for i, v in sorted(enumerate(vocab), key=lambda x: -len(x[1])) if s.startswith(v)), None)
+
     k = 4
     starts, pieces, cands, lps, picked = [], [], [], [], []
     for a, b in teacher_spans + [(len(text), len(text))]:
@@ -155,8 +172,10 @@ def test_align_matches_the_naive_reference_on_random_cases():
     rng = random.Random(0)
     for _ in range(300):
         teacher, starts, ends, ids, is_end, first_id, eos = _random_case(rng)
-        _same(align(teacher, starts, ends, ids, is_end, first_id, eos),
-              naive_align(teacher, starts, ends, ids, is_end, first_id, eos))
+        _same(
+            align(teacher, starts, ends, ids, is_end, first_id, eos),
+            naive_align(teacher, starts, ends, ids, is_end, first_id, eos),
+        )
 
 
 def test_a_student_token_spanning_teacher_tokens_gets_the_sampled_path():
@@ -164,8 +183,13 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_sampled_path():
     vocab = {"hello": 0, "h": 1, "x": 2, "<eos>": 3}
     first_id = lambda s: vocab.get(s) if s in vocab else vocab.get(s[0])  # noqa: E731
     lp_he, lp_hx, lp_llo = math.log(0.6), math.log(0.3), math.log(0.5)
-    teacher = TeacherTokens(starts=[0, 2], pieces=["he", "llo"], candidates=[["he", "x"], ["llo", "p"]],
-                            logprobs=[[lp_he, lp_hx], [lp_llo, math.log(0.4)]], picked=[0, 0])
+    teacher = TeacherTokens(
+        starts=[0, 2],
+        pieces=["he", "llo"],
+        candidates=[["he", "x"], ["llo", "p"]],
+        logprobs=[[lp_he, lp_hx], [lp_llo, math.log(0.4)]],
+        picked=[0, 0],
+    )
     a = align(teacher, [0], [5], [0], [False], first_id, eos_id=3)
     got = dict(zip(a.ids[0], (math.exp(x) for x in a.logprobs[0])))
     assert got == pytest.approx({0: 0.3, 2: 0.3})  # 0.6 * 0.5 on "hello", "x" on itself
@@ -177,13 +201,20 @@ def test_a_student_token_inside_a_teacher_token_merges_candidates_by_first_token
     # teacher "hello" | "help" | "x"; char student at "h": "hello" and "help" both begin with "h"
     vocab = {c: i for i, c in enumerate("helopx")} | {"<eos>": 9}
     first_id = lambda s: vocab.get(s[0])  # noqa: E731
-    teacher = TeacherTokens(starts=[0, 5], pieces=["hello", END], candidates=[["hello", "help", "x"], [END, "x"]],
-                            logprobs=[[math.log(0.5), math.log(0.2), math.log(0.2)], [math.log(0.9), math.log(0.1)]],
-                            picked=[0, 0], tails=[math.log(0.1), math.log(1e-9)])
+    teacher = TeacherTokens(
+        starts=[0, 5],
+        pieces=["hello", END],
+        candidates=[["hello", "help", "x"], [END, "x"]],
+        logprobs=[[math.log(0.5), math.log(0.2), math.log(0.2)], [math.log(0.9), math.log(0.1)]],
+        picked=[0, 0],
+        tails=[math.log(0.1), math.log(1e-9)],
+    )
     ids = [vocab[c] for c in "hello"] + [9]
     a = align(teacher, [0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 5], ids, [False] * 5 + [True], first_id, eos_id=9)
     assert a.mask == [True, False, False, False, False, True]  # "e", "l", "l", "o" begin inside "hello"
-    assert dict(zip(a.ids[0], (math.exp(x) for x in a.logprobs[0]))) == pytest.approx({vocab["h"]: 0.7, vocab["x"]: 0.2})
+    assert dict(zip(a.ids[0], (math.exp(x) for x in a.logprobs[0]))) == pytest.approx(
+        {vocab["h"]: 0.7, vocab["x"]: 0.2}
+    )
     assert dict(zip(a.ids[5], (math.exp(x) for x in a.logprobs[5]))) == pytest.approx({9: 0.9, vocab["x"]: 0.1})
     stats = crosstok.AlignStats()
     stats.add(a)
@@ -209,17 +240,25 @@ def test_a_tokenizer_aligned_with_itself_gives_back_its_top_k():
     assert all(a.mask)
     for j in range(len(ids)):
         assert dict(zip(a.ids[j], a.logprobs[j])) == pytest.approx(dict(zip(top_ids[j], top_lps[j])))
-    assert aligner.stats.to_dict() == {"rows": 1, "positions": len(ids), "aligned_share": 1.0,
-                                       "mass_kept": pytest.approx(1.0)}
+    assert aligner.stats.to_dict() == {
+        "rows": 1,
+        "positions": len(ids),
+        "aligned_share": 1.0,
+        "mass_kept": pytest.approx(1.0),
+    }
 
 
 def test_api_strings_fall_back_to_spans_when_tokens_do_not_map_one_to_one():
     from distillab.teachers.openai_compat import map_top_tokens
 
     tok = build_tokenizer()  # char-level: "ab" is two student tokens
-    resp = {"text": "abc", "finish_reason": "stop", "tokens": ["ab", "c"],
-            "top_tokens": [["ab", "xy", "b"], ["c", "d", "<eos>"]],
-            "top_logprobs": [[-0.1, -2.0, -3.0], [-0.2, -2.5, -4.0]]}
+    resp = {
+        "text": "abc",
+        "finish_reason": "stop",
+        "tokens": ["ab", "c"],
+        "top_tokens": [["ab", "xy", "b"], ["c", "d", "<eos>"]],
+        "top_logprobs": [[-0.1, -2.0, -3.0], [-0.2, -2.5, -4.0]],
+    }
     aligner = crosstok.Aligner(tok)
     top_ids, top_lps, completion_ids = map_top_tokens(resp, tok, aligner)
     a, b, c, x = (tok.convert_tokens_to_ids(ch) for ch in "abcx")
@@ -236,12 +275,26 @@ def test_api_strings_fall_back_to_spans_when_tokens_do_not_map_one_to_one():
 def test_the_codec_keeps_unaligned_positions_out_of_the_kd_mask():
     from distillab.topk_codec import decode_topk
 
-    a = crosstok.Aligned(ids=[[5, 7], [], [2]], logprobs=[[-0.5, -1.5], [], [0.0]], tails=[math.log(0.1), 0.0, -50.0],
-                         mask=[True, False, True])
+    a = crosstok.Aligned(
+        ids=[[5, 7], [], [2]],
+        logprobs=[[-0.5, -1.5], [], [0.0]],
+        tails=[math.log(0.1), 0.0, -50.0],
+        mask=[True, False, True],
+    )
     ids, lps, tail = decode_topk(crosstok.encode(a, 3))
     assert ids.shape == (3, 3)
-    batch = collate([{"prompt_ids": [1], "completion_ids": [5, 9, 2], "top_ids": ids.tolist(),
-                      "top_logprobs": lps.tolist(), "top_tail": tail.tolist()}], 0)
+    batch = collate(
+        [
+            {
+                "prompt_ids": [1],
+                "completion_ids": [5, 9, 2],
+                "top_ids": ids.tolist(),
+                "top_logprobs": lps.tolist(),
+                "top_tail": tail.tolist(),
+            }
+        ],
+        0,
+    )
     assert batch["kd_mask"][0, :3].tolist() == [True, False, True]
 
 
@@ -260,14 +313,19 @@ def _model(tmp_path, name: str, seed: int, hidden: int):
 
 
 def _run_pair(tmp_path, teacher_name: str, student_name: str, **train):
+    from safetensors.torch import load_file
+
     from distillab.generate import run_generate
     from distillab.train import run_train
-    from safetensors.torch import load_file
 
     teacher = _model(tmp_path, teacher_name, 1, 32)
     student = _model(tmp_path, student_name, 2, 16)
-    cfg = tiny_config(tmp_path / f"{teacher_name}-{student_name}", teacher, student,
-                      **{"loss": "forward_kl", "kd_weight": 1.0, "sft_weight": 0.0, "max_steps": 2, **train})
+    cfg = tiny_config(
+        tmp_path / f"{teacher_name}-{student_name}",
+        teacher,
+        student,
+        **{"loss": "forward_kl", "kd_weight": 1.0, "sft_weight": 0.0, "max_steps": 2, **train},
+    )
     said = []
     run_generate(cfg, log=said.append)
     summary = json.loads((cfg.run_dir / "data" / "generate_summary.json").read_text())
@@ -309,17 +367,19 @@ def test_same_ids_but_another_end_token_is_not_taken_as_the_students():
 
     teacher, student = build_tokenizer(), build_tokenizer()
     student.eos_token = "<unk>"  # same vocab and ids, another end token
-    resp = {"text": "abc", "token_ids": teacher("abc", add_special_tokens=False)["input_ids"] + [teacher.eos_token_id],
-            "finish_reason": "stop"}
+    resp = {
+        "text": "abc",
+        "token_ids": teacher("abc", add_special_tokens=False)["input_ids"] + [teacher.eos_token_id],
+        "finish_reason": "stop",
+    }
     assert _ids_match(resp, teacher) and not _ids_match(resp, student)
 
 
 def test_the_report_shows_how_much_teacher_mass_the_alignment_kept(tmp_path):
-    from distillab.config import from_dict
     from distillab.report import build_report
-    from tests.test_report import fake_evals, fake_ledger
+    from tests.helpers import fake_evals, fake_ledger, run_config
 
-    cfg = from_dict({"name": "x", "runs_dir": str(tmp_path)})
+    cfg = run_config(tmp_path, "x")
     (cfg.run_dir / "data").mkdir(parents=True)
     stats = {"rows": 3, "positions": 40, "aligned_share": 0.75, "mass_kept": 0.9}
     (cfg.run_dir / "data" / "generate_summary.json").write_text(json.dumps({"rows": 3, "cross_tokenizer": stats}))
@@ -331,15 +391,20 @@ def test_the_report_shows_how_much_teacher_mass_the_alignment_kept(tmp_path):
 def test_kd_without_any_teacher_top_k_trains_sft_with_a_one_line_notice(tmp_path):
     """sft_weight = 0 and a dataset with no top-k at all (the teacher gave none): every token trains on its text
     at kd_weight, with one notice line; no traceback (the issue's 'element 0 of tensors does not require grad')."""
-    from distillab.config import from_dict
     from distillab.generate import run_generate
     from distillab.train import run_train
 
     teacher, student = _model(tmp_path, "char", 1, 32), _model(tmp_path, "bpe", 2, 16)
-    data = tiny_config(tmp_path, teacher, student, loss="forward_kl", kd_weight=1.0, sft_weight=0.0,
-                       max_steps=2).model_dump()
-    data["teacher"]["top_k_logprobs"] = 0
-    cfg = from_dict(data)
+    cfg = tiny_config(
+        tmp_path,
+        teacher,
+        student,
+        teacher={"top_k_logprobs": 0},
+        loss="forward_kl",
+        kd_weight=1.0,
+        sft_weight=0.0,
+        max_steps=2,
+    )
     said = []
     run_generate(cfg, **QUIET)
     assert run_train(cfg, log=said.append)["steps"] == 2

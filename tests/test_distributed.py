@@ -14,7 +14,7 @@ from distillab.generate import run_generate
 from distillab.rundir import RunDir
 from tests.helpers import tiny_config
 
-ONE_SGD_STEP = textwrap.dedent('''
+ONE_SGD_STEP = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
@@ -37,7 +37,7 @@ ONE_SGD_STEP = textwrap.dedent('''
     trainer.train()
     if trainer.accelerator.is_main_process:
         torch.save({k: v.detach() for k, v in model.named_parameters()}, out / "params.pt")
-''')
+""")
 
 
 @pytest.mark.slow
@@ -51,13 +51,19 @@ def test_two_processes_take_the_step_one_process_takes(tmp_path, tiny_teacher, t
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(out, batch, *launcher):
-        subprocess.run([*launcher, str(script), data, str(tiny_student), str(tmp_path / out), str(batch)],
-                       check=True, env=env, capture_output=True, timeout=300)
+        subprocess.run(
+            [*launcher, str(script), data, str(tiny_student), str(tmp_path / out), str(batch)],
+            check=True,
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
         return torch.load(tmp_path / out / "params.pt")
 
     one = run("one", 4, sys.executable)
-    two = run("two", 2, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-              "--master_port", "29517")
+    two = run(
+        "two", 2, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"
+    )
     from safetensors.torch import load_file
 
     before = load_file(str(tiny_student / "model.safetensors"))
@@ -66,7 +72,7 @@ def test_two_processes_take_the_step_one_process_takes(tmp_path, tiny_teacher, t
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
 
 
-MATRIX_CELLS = textwrap.dedent('''
+MATRIX_CELLS = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     import torch
@@ -81,7 +87,7 @@ MATRIX_CELLS = textwrap.dedent('''
         params = m.one_sgd_step(family, teacher_kind, path, 4 // world, 1, out / cell.replace(":", "-"))
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(params, out / (cell.replace(":", "-") + ".pt"))
-''')
+""")
 
 
 @pytest.mark.slow
@@ -97,8 +103,14 @@ def test_two_processes_take_the_step_one_process_takes_on_every_matrix_cell(tmp_
 
     def run(out, *launcher):
         (tmp_path / out).mkdir()
-        done = subprocess.run([*launcher, str(script), str(tmp_path / out), ",".join(cells)], env=env,
-                              capture_output=True, text=True, timeout=600, cwd=m.REPO)
+        done = subprocess.run(
+            [*launcher, str(script), str(tmp_path / out), ",".join(cells)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=m.REPO,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return tmp_path / out
 

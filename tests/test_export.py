@@ -16,6 +16,7 @@ from distillab.errors import UserError
 from distillab.export import BATCH_ROWS, export_run
 from distillab.provenance import provenance_row
 from distillab.rundir import RunDir
+from tests.helpers import write_config
 
 
 def _rows(n: int, k: int = 4, seed: int = 0, with_topk=lambda i: i % 3 != 2, system=None) -> list[dict]:
@@ -24,15 +25,21 @@ def _rows(n: int, k: int = 4, seed: int = 0, with_topk=lambda i: i % 3 != 2, sys
     rows = []
     for i in range(n):
         length = rng.randint(1, 6)
-        row = {"prompt": f"q{i}\n", "completion": f"a{i}é", "prompt_ids": [rng.randrange(50) for _ in range(3)],
-               "completion_ids": [rng.randrange(50) for _ in range(length)], "skill": "reverse",
-               **provenance_row("teacher", teacher_id="lab:teacher", request_hash=f"h{i}")}
+        row = {
+            "prompt": f"q{i}\n",
+            "completion": f"a{i}é",
+            "prompt_ids": [rng.randrange(50) for _ in range(3)],
+            "completion_ids": [rng.randrange(50) for _ in range(length)],
+            "skill": "reverse",
+            **provenance_row("teacher", teacher_id="lab:teacher", request_hash=f"h{i}"),
+        }
         if system is not None:
             row["system"] = system(i)
         if with_topk(i):
             row["top_ids"] = [rng.sample(range(300), k) for _ in range(length)]
-            row["top_logprobs"] = [sorted((-rng.expovariate(0.5) for _ in range(k)), reverse=True)
-                                   for _ in range(length)]
+            row["top_logprobs"] = [
+                sorted((-rng.expovariate(0.5) for _ in range(k)), reverse=True) for _ in range(length)
+            ]
         rows.append(row)
     return rows
 
@@ -55,8 +62,7 @@ def test_plain_parquet_through_datasets_equals_read_dataset(run_dir, tmp_path):
     assert schema.field("top_tail").type == pa.list_(pa.float32())
     assert not any(name.startswith(TOPK_PREFIX) for name in schema.names)  # no codec bytes left
 
-    loaded = datasets.load_dataset("parquet", data_files=str(path), split="train",
-                                   cache_dir=str(tmp_path / "hf_cache"))
+    loaded = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf_cache"))
     expected = read_dataset(RunDir(run_dir).dataset("train"))
     assert len(loaded) == len(expected) == 12
     for got, want in zip(loaded, expected):
@@ -75,7 +81,9 @@ def test_plain_top_k_is_the_teachers_to_the_codecs_precision(run_dir, tmp_path):
         if "top_ids" not in original:
             assert row["top_ids"] is row["top_logprobs"] is row["top_tail"] is None
             continue
-        for ids, lps, ids0, lps0 in zip(row["top_ids"], row["top_logprobs"], original["top_ids"], original["top_logprobs"]):
+        for ids, lps, ids0, lps0 in zip(
+            row["top_ids"], row["top_logprobs"], original["top_ids"], original["top_logprobs"]
+        ):
             assert ids == sorted(ids0)  # the codec stores each position's ids ascending
             want = dict(zip(ids0, lps0))
             assert max(abs(lp - want[i]) for i, lp in zip(ids, lps)) <= 1 / 32 + 1e-6  # topk_codec's bound
@@ -107,10 +115,14 @@ def test_a_sharded_dataset_exports_as_one_file_a_shard_at_a_time(tmp_path, monke
     rows = _rows(30)
     shards = RunDir(run).data / "train"  # the shards of data/train.parquet
     write_dataset(shards / "part-00000-of-00002-000000-aaaa.parquet", rows[:12])
-    write_dataset(shards / "part-00000-of-00002-000001-bbbb.parquet",
-                  [{k: v for k, v in r.items() if not k.startswith("top_")} for r in rows[12:20]])
-    write_dataset(shards / "part-00001-of-00002-000000-cccc.parquet",
-                  [{k: v for k, v in r.items() if k != "skill"} for r in rows[20:]])
+    write_dataset(
+        shards / "part-00000-of-00002-000001-bbbb.parquet",
+        [{k: v for k, v in r.items() if not k.startswith("top_")} for r in rows[12:20]],
+    )
+    write_dataset(
+        shards / "part-00001-of-00002-000000-cccc.parquet",
+        [{k: v for k, v in r.items() if k != "skill"} for r in rows[20:]],
+    )
     assert not RunDir(run).dataset("train").exists()
 
     (plain,) = export_run(run, "plain", tmp_path / "plain")
@@ -138,24 +150,30 @@ def test_openai_chat_jsonl_matches_the_rows(tmp_path):
     for line, row in zip(lines, rows):
         messages = json.loads(line)["messages"]
         expected = ([{"role": "system", "content": row["system"]}] if row["system"] else []) + [
-            {"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["completion"]},
+        ]
         assert messages == expected
     assert "é" in lines[0]  # UTF-8 as is, not \u escapes: what the fine-tuning upload expects either way
 
 
 def test_openai_chat_uses_a_rows_earlier_turns(tmp_path):
     run = tmp_path / "run"
-    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2="}]
-    write_dataset(RunDir(run).dataset("train"),
-                  [{"prompt": "2+2=", "completion": "4", "messages": turns, "completion_ids": [1]}])
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "2+2="},
+    ]
+    write_dataset(
+        RunDir(run).dataset("train"), [{"prompt": "2+2=", "completion": "4", "messages": turns, "completion_ids": [1]}]
+    )
     (path,) = export_run(run, "openai-chat")
     assert json.loads(path.read_text())["messages"] == turns + [{"role": "assistant", "content": "4"}]
 
 
 def test_export_from_the_config_and_through_the_cli(run_dir, tmp_path, capsys):
-    config = tmp_path / "run.toml"
-    config.write_text(f'name = "r"\nruns_dir = "{run_dir.parent}"\n')
+    config = write_config(tmp_path, name="r")  # the run of the run_dir fixture
     assert run_cli(["export", str(config), "--format", "openai-chat"]) == 0
     assert capsys.readouterr().out.strip() == str(RunDir(run_dir).export("openai-chat") / "train.jsonl")
     assert len((RunDir(run_dir).export("openai-chat") / "train.jsonl").read_text().splitlines()) == 12
@@ -163,17 +181,23 @@ def test_export_from_the_config_and_through_the_cli(run_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["no dataset", "unknown format", "out is a file", "no such run"])
 def test_bad_input_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys, case):
-    args = {"no dataset": [str(tmp_path / "runs")],  # a directory, but not a run
-            "unknown format": [str(run_dir), "--format", "jsonl"],
-            "out is a file": [str(run_dir), "--out", str(tmp_path / "blocker" / "sub")],
-            "no such run": [str(tmp_path / "missing")]}[case]
+    args = {
+        "no dataset": [str(tmp_path / "runs")],  # a directory, but not a run
+        "unknown format": [str(run_dir), "--format", "jsonl"],
+        "out is a file": [str(run_dir), "--out", str(tmp_path / "blocker" / "sub")],
+        "no such run": [str(tmp_path / "missing")],
+    }[case]
     (tmp_path / "blocker").write_text("a file where a directory would go")
     before = sorted(p for p in tmp_path.rglob("*"))
     assert run_cli(["export", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert {"no dataset": "run `distillab generate` first", "unknown format": "plain, openai-chat",
-            "out is a file": "is a file", "no such run": "no such run directory"}[case] in err
+    assert {
+        "no dataset": "run `distillab generate` first",
+        "unknown format": "plain, openai-chat",
+        "out is a file": "is a file",
+        "no such run": "no such run directory",
+    }[case] in err
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 

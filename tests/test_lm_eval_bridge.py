@@ -6,16 +6,16 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from distillab import models
-from distillab.config import RunConfig
 from distillab.errors import UserError
 from distillab.scoring import score_multiple_choice
+from tests.helpers import run_config, save_tiny_llama, write_jsonl
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install lm-eval")
 
-from distillab.lm_eval_bridge import flat_scores, resolve_task_names, run_lm_eval  # noqa: E402
+from distillab.lm_eval_bridge import flat_scores, run_lm_eval  # noqa: E402
+from distillab.lm_eval_tasks import resolve_task_names  # noqa: E402
 
 DOCS = [
     {"question": "upper abc", "choices": ["ABC", "XYZ"], "label": 0},
@@ -51,35 +51,23 @@ metadata:
 def task_yaml(tmp_path):
     folder = tmp_path / "tasks"
     folder.mkdir()
-    (folder / "tiny_mc.jsonl").write_text("\n".join(json.dumps(d) for d in DOCS) + "\n")
+    write_jsonl(folder / "tiny_mc.jsonl", DOCS)
     (folder / "tiny_mc.yaml").write_text(TASK_YAML)
     return folder / "tiny_mc.yaml"
 
 
-def tiny_model(path):
-    """An untrained 2-layer Llama with the lab tokenizer: a second local model, built in-process."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = models.load_tokenizer("lab:base")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def our_accuracy(model_name) -> float:
     model, tok = models.load(model_name)
-    return sum(score_multiple_choice(model, tok, d["question"] + "\n", d["choices"], d["label"]) for d in DOCS) / len(DOCS)
+    return sum(score_multiple_choice(model, tok, d["question"] + "\n", d["choices"], d["label"]) for d in DOCS) / len(
+        DOCS
+    )
 
 
 @pytest.mark.slow
 def test_lm_eval_on_run_models_offline(tmp_path, task_yaml, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-    cfg = RunConfig.model_validate({"name": "r", "runs_dir": str(tmp_path / "runs"),
-                                    "teacher": {"model": tiny_model(tmp_path / "teacher")}})
+    # an untrained 2-layer Llama with the lab tokenizer: a second local model, built in-process
+    cfg = run_config(tmp_path, "r", teacher={"model": str(save_tiny_llama(tmp_path / "teacher", hidden=16))})
     shutil.copytree(models.resolve_model_path("lab:base"), cfg.run_dir / "student")  # stands in for the student
     logs = []
     results = run_lm_eval(cfg, str(task_yaml), log=logs.append)  # cwd is not the YAML's directory
@@ -110,7 +98,7 @@ def test_task_names_from_include_path(task_yaml):
 
 
 def test_bad_specs_are_one_line_errors(tmp_path):
-    cfg = RunConfig(name="r", runs_dir=str(tmp_path))
+    cfg = run_config(tmp_path, "r")
     with pytest.raises(UserError, match="task file not found"):
         run_lm_eval(cfg, str(tmp_path / "missing.yaml"))
     with pytest.raises(UserError, match="no lm-eval tasks given"):

@@ -12,8 +12,16 @@ from distillab.logits import IDENTITY_ARCHITECTURES, KNOWN_ARCHITECTURES, logit_
 from distillab.losses import TeacherDist, chunked_kd_loss, kd_loss
 
 VOCAB = 48
-TINY = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+)
 
 # family -> (config class, model class, the settings that make its transform matter at this size). Random tiny models
 # have logits near 0, where a softcap of 30 or a scale near 1 is invisible: the settings push them into the range
@@ -25,9 +33,11 @@ FAMILIES = {
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=4.0)),
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(logit_scale=4.0)),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=0.25)),
-    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
-        logits_scaling=0.25, num_local_experts=2, num_experts_per_tok=1,
-        experts_implementation="eager")),  # the grouped-mm kernel has no float64
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(logits_scaling=0.25, num_local_experts=2, num_experts_per_tok=1, experts_implementation="eager"),
+    ),  # the grouped-mm kernel has no float64
     "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(logits_scaling=4.0)),
 }
 
@@ -54,8 +64,9 @@ def test_chunked_with_transform_equals_model_logits(family):
     transform = logit_transform(model)
     hidden = model.model(input_ids=input_ids).last_hidden_state  # (B, T, H), as train.hidden_states makes it
     weight = model.get_output_embeddings().weight  # (V, H)
-    got = chunked_kd_loss("jsd", hidden, weight, teacher, mask, chunk_size=3, temperature=1.3, beta=0.3,
-                          logit_transform=transform)
+    got = chunked_kd_loss(
+        "jsd", hidden, weight, teacher, mask, chunk_size=3, temperature=1.3, beta=0.3, logit_transform=transform
+    )
     got_grads = torch.autograd.grad(got, params)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     for p_got, p_want in zip(got_grads, want_grads):

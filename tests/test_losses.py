@@ -332,7 +332,7 @@ def test_sparse_id_outside_student_vocab_names_both_sizes():
 def test_every_registered_loss_has_a_reference():
     assert set(REFERENCES) == set(KD_LOSS_NAMES)  # ce's reference is ref_ce
     assert LOSS_NAMES == tuple(REGISTRY) and set(LOSS_NAMES) == set(KD_LOSS_NAMES) | {"ce"}
-    for name, spec in REGISTRY.items():
+    for spec in REGISTRY.values():
         assert spec.formula and set(spec.params) <= {"beta", "alpha"}
         assert (spec.divergence is None) == spec.labels
 
@@ -484,7 +484,6 @@ def test_student_with_no_mass_outside_the_ids_keeps_the_teacher_tail(name):
     assert torch.isfinite(grad(got, student)[..., :2]).all()
 
 
-
 def test_duplicate_ids_and_more_ids_than_vocab_are_refused():
     student = make_logits(46, (1, 2, 5))
     logprobs = torch.full((1, 2, 3), -2.0)
@@ -584,8 +583,9 @@ def test_chunked_applies_the_logit_transform(teacher_kind):
         ids, logprobs = top_k(softcap(teacher_hidden @ teacher_weight.T), 5)
         target = full_target = TeacherDist(ids=ids, logprobs=logprobs)
     want = kd("jsd", softcap(hidden @ weight.T), full_target, mask, 1.2)
-    got = chunked_kd_loss("jsd", hidden, weight, target, mask, chunk_size=4, temperature=1.2, beta=BETA,
-                          logit_transform=softcap)
+    got = chunked_kd_loss(
+        "jsd", hidden, weight, target, mask, chunk_size=4, temperature=1.2, beta=BETA, logit_transform=softcap
+    )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     got_grads, want_grads = torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))
     for got_grad, want_grad in zip(got_grads, want_grads):

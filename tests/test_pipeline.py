@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distillab.evaluate import run_evaluate
 from distillab.dataset import read_dataset
+from distillab.evaluate import run_evaluate
 from distillab.generate import run_generate
 from distillab.train import run_train
 from tests.helpers import tiny_config
@@ -101,8 +101,10 @@ def test_evaluate_writes_every_model_and_reruns_are_cached(tmp_path, tiny_teache
 
 def test_user_task_suite_is_scored_as_the_task(tmp_path, tiny_teacher, tiny_student):
     suite = tmp_path / "suite.jsonl"
-    suite.write_text('{"prompt": "1+1=\\n", "answer": "2", "skill": "sums"}\n'
-                     '{"prompt": "pick\\n", "choices": ["a", "b"], "answer": 0, "skill": "choice"}\n')
+    suite.write_text(
+        '{"prompt": "1+1=\\n", "answer": "2", "skill": "sums"}\n'
+        '{"prompt": "pick\\n", "choices": ["a", "b"], "answer": 0, "skill": "choice"}\n'
+    )
     cfg = tiny_config(tmp_path, tiny_teacher, tiny_student)
     cfg.eval.task_file = str(suite)
     run_generate(cfg, log=lambda *_: None)

@@ -13,7 +13,7 @@ from distillab.errors import UserError
 from distillab.generate import run_generate
 from distillab.pricing import TeacherPricing, UnpricedTeacherWarning
 from distillab.testing import server_thread
-from tests.serve_fixture import generate_config
+from tests.helpers import generate_config
 
 quiet = dict(log=lambda *_: None)
 
@@ -22,14 +22,17 @@ def test_known_model_is_priced_through_genai_prices():
     cfg = TeacherConfig(model="gpt-4o-mini", base_url="https://api.openai.com/v1")
     pricing = TeacherPricing.from_config(cfg, teacher_is_local=False)
     assert pricing.status == "priced" and pricing.provider == "openai"
-    expected = float(calc_price(Usage(input_tokens=2000, output_tokens=500), "gpt-4o-mini", provider_id="openai").total_price)
+    expected = float(
+        calc_price(Usage(input_tokens=2000, output_tokens=500), "gpt-4o-mini", provider_id="openai").total_price
+    )
     assert math.isclose(pricing.usd_for({"prompt_tokens": 2000, "completion_tokens": 500}), expected, rel_tol=1e-9)
     assert "genai-prices" in pricing.describe() and "openai" in pricing.describe()
 
 
 def test_override_wins_and_must_be_whole():
-    cfg = TeacherConfig(model="gpt-4o-mini", base_url="https://api.openai.com/v1", usd_per_1m_input=2.0,
-                        usd_per_1m_output=8.0)
+    cfg = TeacherConfig(
+        model="gpt-4o-mini", base_url="https://api.openai.com/v1", usd_per_1m_input=2.0, usd_per_1m_output=8.0
+    )
     pricing = TeacherPricing.from_config(cfg, teacher_is_local=False)
     assert pricing.status == "override"
     assert math.isclose(pricing.usd_for({"prompt_tokens": 1_000_000, "completion_tokens": 500_000}), 6.0)
@@ -42,8 +45,13 @@ def test_local_teacher_costs_nothing():
     assert pricing.status == "local" and pricing.usd_for({"prompt_tokens": 10**9, "completion_tokens": 10**9}) == 0.0
 
 
-@pytest.mark.parametrize("model, base_url", [("my-model", "http://127.0.0.1:8000/v1"),  # unknown provider
-                                             ("no-such-model-xyz", "https://api.openai.com/v1")])  # unknown model
+@pytest.mark.parametrize(
+    "model, base_url",
+    [
+        ("my-model", "http://127.0.0.1:8000/v1"),  # unknown provider
+        ("no-such-model-xyz", "https://api.openai.com/v1"),
+    ],
+)  # unknown model
 def test_unpriced_is_explicit_never_zero(model, base_url):
     with pytest.warns(UnpricedTeacherWarning, match="UNPRICED"):
         pricing = TeacherPricing.from_config(TeacherConfig(model=model, base_url=base_url), teacher_is_local=False)
@@ -94,8 +102,9 @@ def test_progress_reports_done_total_and_spend(tmp_path, server, tiny_teacher):
     teacher = {"model": "tiny", "base_url": server.base_url, "concurrency": 4, "max_new_tokens": 4, **PRICE}
     cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=10)
     calls = []
-    summary = run_generate(cfg, progress=lambda done, total, b: calls.append((done, total, b.spent, b.projected)),
-                           **quiet)
+    summary = run_generate(
+        cfg, progress=lambda done, total, b: calls.append((done, total, b.spent, b.projected)), **quiet
+    )
     assert [c[:2] for c in calls] == [(i, 10) for i in range(11)]  # 0 first, then one call per answer
     assert calls[0][2] == 0.0
     spends = [c[2] for c in calls]

@@ -10,14 +10,14 @@ import pytest
 from pydantic import BaseModel
 
 from distillab import records
-from distillab.config import RunConfig
 from distillab.errors import UserError
-from distillab.scoring import evaluate_model
-from distillab.report.finish import load_evals
-from distillab.rundir import RunDir
 from distillab.records import EvalResult, Ledger, read_eval, read_ledger, suite_score, write_record
 from distillab.report import build_report
+from distillab.report.finish import load_evals
 from distillab.report.html import task_skills
+from distillab.rundir import RunDir
+from distillab.scoring import evaluate_model
+from tests.helpers import run_config
 
 # An eval file as the first evaluate wrote it (76d479c): no "suites", no "label".
 OLD_EVAL = """{
@@ -72,11 +72,27 @@ def _model_types(annotation) -> list[type[BaseModel]]:
 
 def test_every_field_of_every_record_has_a_docstring():
     classes = _records()
-    assert {c.__name__ for c in classes} >= {"EvalResult", "SuiteScore", "SkillScore", "Suites", "Ledger",
-                                             "TeacherGeneration", "TrainingCost", "RetainCost", "ServingCost",
-                                             "Throughput", "BreakEven", "TokensPerQuery", "SuiteQuality"}
-    undocumented = [f"{c.__name__}.{name}" for c in classes for name, f in c.model_fields.items()
-                    if not (f.description or "").strip()]
+    assert {c.__name__ for c in classes} >= {
+        "EvalResult",
+        "SuiteScore",
+        "SkillScore",
+        "Suites",
+        "Ledger",
+        "TeacherGeneration",
+        "TrainingCost",
+        "RetainCost",
+        "ServingCost",
+        "Throughput",
+        "BreakEven",
+        "TokensPerQuery",
+        "SuiteQuality",
+    }
+    undocumented = [
+        f"{c.__name__}.{name}"
+        for c in classes
+        for name, f in c.model_fields.items()
+        if not (f.description or "").strip()
+    ]
     assert undocumented == []
 
 
@@ -100,7 +116,7 @@ def test_old_ledger_loads_and_writes_back_the_same_json(tmp_path):
 
 
 def test_report_from_an_old_run(tmp_path):
-    cfg = RunConfig.model_validate({"name": "old", "runs_dir": str(tmp_path), "data": {"skills": ["add"]}})
+    cfg = run_config(tmp_path, "old", data={"skills": ["add"]})
     (cfg.run_dir / "eval").mkdir(parents=True)
     for label in ("teacher", "base", "distilled"):
         (cfg.run_dir / "eval" / f"{label}.json").write_text(OLD_EVAL)
@@ -117,8 +133,12 @@ def test_a_record_writes_only_the_fields_it_was_given(tmp_path):
     # A run without retain writes the short retain section it always wrote; unknown break-even, only its keys.
     assert records.RetainCost(enabled=False, usd=0.0).to_dict() == {"enabled": False, "usd": 0.0}
     be = records.BreakEven(price_basis="unpriced", status="unknown", queries=None, reason="no teacher API price")
-    assert be.to_dict() == {"price_basis": "unpriced", "status": "unknown", "queries": None,
-                            "reason": "no teacher API price"}
+    assert be.to_dict() == {
+        "price_basis": "unpriced",
+        "status": "unknown",
+        "queries": None,
+        "reason": "no teacher API price",
+    }
     # A bootstrap of 0 gives NaN intervals: written as NaN (as json.dumps always did) and read back as NaN.
     res = EvalResult(model="m", task={"score": 0.5, "ci": [math.nan, math.nan]}, general={"score": None})
     write_record(tmp_path / "m.json", res)
@@ -126,16 +146,22 @@ def test_a_record_writes_only_the_fields_it_was_given(tmp_path):
     assert all(math.isnan(c) for c in read_eval(tmp_path / "m.json").task.ci)
 
 
-@pytest.mark.parametrize("content, says", [
-    ('{"task": ', "is corrupt"),
-    ("[1, 2]", "is not an eval result (top level: Input should be a valid dictionary"),
-    ('{"model": "m", "task": {"score": "high"}, "general": {"score": 0.5}}', "(task.score: Input should be a valid"),
-    ('{"model": "m", "general": {"score": 0.5}}', "(task: Field required)"),
-    ('{"model": "m", "task": {"score": 0.5}, "general": {"score": 0.5}, "tasks": 1}', "(tasks: Extra inputs"),
-    (b"\xff\xfe{}", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ('{"task": ', "is corrupt"),
+        ("[1, 2]", "is not an eval result (top level: Input should be a valid dictionary"),
+        (
+            '{"model": "m", "task": {"score": "high"}, "general": {"score": 0.5}}',
+            "(task.score: Input should be a valid",
+        ),
+        ('{"model": "m", "general": {"score": 0.5}}', "(task: Field required)"),
+        ('{"model": "m", "task": {"score": 0.5}, "general": {"score": 0.5}, "tasks": 1}', "(tasks: Extra inputs"),
+        (b"\xff\xfe{}", "not UTF-8"),
+    ],
+)
 def test_bad_eval_file_is_one_line_naming_it(tmp_path, content, says):
-    cfg = RunConfig(name="r", runs_dir=str(tmp_path))
+    cfg = run_config(tmp_path, "r")
     path = cfg.run_dir / "eval" / "teacher.json"
     path.parent.mkdir(parents=True)
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -145,12 +171,15 @@ def test_bad_eval_file_is_one_line_naming_it(tmp_path, content, says):
     assert str(path) in message and says in message and "\n" not in message
 
 
-@pytest.mark.parametrize("change, says", [
-    (lambda d: d.pop("format"), "(format: Field required)"),
-    (lambda d: d.update(format="distillab-ledger/2"), "(format: Input should be 'distillab-ledger/1')"),
-    (lambda d: d["break_even"].update(status="maybe"), "(break_even.status: Input should be"),
-    (lambda d: d["teacher_generation"].update(usd="free"), "(teacher_generation.usd: Input should be"),
-])
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (lambda d: d.pop("format"), "(format: Field required)"),
+        (lambda d: d.update(format="distillab-ledger/2"), "(format: Input should be 'distillab-ledger/1')"),
+        (lambda d: d["break_even"].update(status="maybe"), "(break_even.status: Input should be"),
+        (lambda d: d["teacher_generation"].update(usd="free"), "(teacher_generation.usd: Input should be"),
+    ],
+)
 def test_wrong_shaped_ledger_is_one_line_naming_it(tmp_path, change, says):
     data = json.loads(OLD_LEDGER)
     change(data)
@@ -188,6 +217,48 @@ def test_evaluate_writes_a_record_that_reads_back_equal(tmp_path, tiny_student):
     write_record(tmp_path / "base.json", res)
     on_disk = json.loads((tmp_path / "base.json").read_text())
     # The layout eval files have always had, in this order, with the label last.
-    assert list(on_disk) == ["model", "parameters", "skills", "task", "general", "suites", "world_text_perplexity",
-                             "eval_seconds", "label"]
+    assert list(on_disk) == [
+        "model",
+        "parameters",
+        "skills",
+        "task",
+        "general",
+        "suites",
+        "world_text_perplexity",
+        "eval_seconds",
+        "label",
+    ]
     assert read_eval(tmp_path / "base.json") == res
+
+
+def test_lm_eval_results_reach_the_summary_the_report_and_the_leaderboard(tmp_path):
+    from rich.console import Console
+
+    from distillab import registry
+    from distillab.report import terminal_summary
+
+    cfg = run_config(tmp_path, "lm", data={"skills": ["add"]})
+    run = RunDir(cfg.run_dir)
+    run.evals.mkdir(parents=True)
+    for label in ("teacher", "base", "distilled"):
+        run.eval(label).write_text(OLD_EVAL)
+    # lm-eval's own file, as lm_eval_bridge writes it: flat scores per task, acc preferred over its stderr
+    for label, acc in (("base", 0.25), ("distilled", 0.625)):
+        run.lm_eval(label).write_text(
+            json.dumps({"scores": {"arc_tiny": {"acc": acc, "acc_stderr": 0.1}, "wiki": {"word_perplexity": 31.5}}})
+        )
+    lm_evals = records.read_lm_evals(run.lm_eval_files())
+    assert lm_evals["distilled"] == {"arc_tiny": ("acc", 0.625), "wiki": ("word_perplexity", 31.5)}
+    evals, ledger = load_evals(run), Ledger.model_validate(json.loads(OLD_LEDGER))
+    run.ledger.write_text(OLD_LEDGER)
+    page = build_report(cfg, evals, ledger).read_text()
+    assert "lm-evaluation-harness" in page and "<td>0.625</td>" in page and "<td>0.250</td>" in page
+    console = Console(record=True, width=160)
+    console.print(terminal_summary(evals, ledger, lm_evals))
+    text = console.export_text()
+    assert "arc_tiny (acc)" in text and "0.625" in text
+    registry.record_run(run.registry, cfg, evals, ledger, lm_evals)
+    console = Console(record=True, width=200)
+    console.print(registry.leaderboard_table(registry.rank_runs(run.registry)))
+    board = console.export_text()
+    assert "lm-eval" in board and "0.625" in board  # the accuracy alone: a perplexity is not averaged in

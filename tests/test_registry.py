@@ -12,28 +12,52 @@ import pytest
 from distillab import registry
 from distillab.config import RunConfig
 from distillab.errors import UserError
+from tests.helpers import run_config
 
 
 def evals(task: float, general: float, base_general: float = 0.6) -> dict:
-    return {"teacher": {"model": "t", "task": {"score": 0.95, "ci": [0.9, 1.0]},
-                        "general": {"score": 0.9, "ci": [0.85, 0.95]}},
-            "base": {"model": "b", "task": {"score": 0.1, "ci": [0.05, 0.15]},
-                     "general": {"score": base_general, "ci": [0.5, 0.7]}},
-            "distilled": {"model": "d", "task": {"score": task, "ci": [task - 0.05, task + 0.05]},
-                          "general": {"score": general, "ci": [general - 0.05, general + 0.05]}}}
+    return {
+        "teacher": {
+            "model": "t",
+            "task": {"score": 0.95, "ci": [0.9, 1.0]},
+            "general": {"score": 0.9, "ci": [0.85, 0.95]},
+        },
+        "base": {
+            "model": "b",
+            "task": {"score": 0.1, "ci": [0.05, 0.15]},
+            "general": {"score": base_general, "ci": [0.5, 0.7]},
+        },
+        "distilled": {
+            "model": "d",
+            "task": {"score": task, "ci": [task - 0.05, task + 0.05]},
+            "general": {"score": general, "ci": [general - 0.05, general + 0.05]},
+        },
+    }
 
 
 def ledger(teacher_usd: float | None, train_usd: float, teacher_tokens: int) -> dict:
     total = None if teacher_usd is None else teacher_usd + train_usd
-    return {"format": "distillab-ledger/1", "run": "r", "created_at": "2026-01-01T00:00:00Z",
-            "teacher_generation": {"usd": teacher_usd, "price_status": "override" if teacher_usd is not None else "unpriced",
-                                   "prompt_tokens": teacher_tokens, "completion_tokens": teacher_tokens // 2},
-            "training": {"usd": train_usd}, "serving": {}, "total_usd": total,
-            "break_even": {"status": "pays_off", "queries": 41_234}, "quality": {}, "notes": []}
+    return {
+        "format": "distillab-ledger/1",
+        "run": "r",
+        "created_at": "2026-01-01T00:00:00Z",
+        "teacher_generation": {
+            "usd": teacher_usd,
+            "price_status": "override" if teacher_usd is not None else "unpriced",
+            "prompt_tokens": teacher_tokens,
+            "completion_tokens": teacher_tokens // 2,
+        },
+        "training": {"usd": train_usd},
+        "serving": {},
+        "total_usd": total,
+        "break_even": {"status": "pays_off", "queries": 41_234},
+        "quality": {},
+        "notes": [],
+    }
 
 
 def record(path, tmp_path, name: str, ev: dict, led: dict, **cfg) -> RunConfig:
-    config = RunConfig.model_validate({"name": name, "runs_dir": str(tmp_path / "runs")} | cfg)
+    config = run_config(tmp_path, name, **cfg)
     registry.record_run(path, config, ev, led)
     return config
 
@@ -94,8 +118,13 @@ def test_registry_is_sqlite_with_one_row_per_run(three_runs):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = os.environ | {"COLUMNS": "200", "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-c", "from distillab.cli import main; main()", *args],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", "from distillab.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_leaderboard_cli_orders_runs(three_runs):

@@ -8,74 +8,41 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from distillab.config import RunConfig
 from distillab.report import build_report, terminal_summary, verdict
 from distillab.report.html import pareto_frontier
-from distillab.scoring import bootstrap_ci
+from tests.helpers import fake_eval, fake_evals, fake_ledger, run_config
 
 CHROMIUM = "/usr/bin/chromium"
-SKILLS = {"add": True, "reverse": False, "upper": False, "recall": False}  # name -> in the task suite
-
-
-def fake_eval(label: str, rates: dict[str, float], seed: int) -> dict:
-    rng = random.Random(seed)
-    per_skill = {s: [float(rng.random() < p) for _ in range(50)] for s, p in rates.items()}
-    task = {s: v for s, v in per_skill.items() if SKILLS[s]}
-    general = {s: v for s, v in per_skill.items() if not SKILLS[s]}
-
-    def suite(d):
-        return {"score": sum(sum(v) / len(v) for v in d.values()) / len(d), "ci": bootstrap_ci(d, 200)}
-
-    return {"model": label, "label": label, "parameters": 1_100_000,
-            "skills": {s: {"score": sum(v) / len(v), "n": len(v), "ci": bootstrap_ci({s: v}, 200), "scores": v}
-                       for s, v in per_skill.items()},
-            "task": suite(task), "general": suite(general), "world_text_perplexity": 3.2, "eval_seconds": 1.0}
-
-
-def fake_evals() -> dict[str, dict]:
-    return {
-        "teacher": fake_eval("teacher", {"add": 0.9, "reverse": 0.95, "upper": 0.9, "recall": 0.8}, 1),
-        "base": fake_eval("base", {"add": 0.1, "reverse": 0.7, "upper": 0.8, "recall": 0.3}, 2),
-        "distilled": fake_eval("distilled", {"add": 0.8, "reverse": 0.5, "upper": 0.75, "recall": 0.1}, 3),
-        "zero_distill": fake_eval("zero_distill", {"add": 0.6, "reverse": 0.6, "upper": 0.7, "recall": 0.2}, 4),
-    }
-
-
-def fake_ledger() -> dict:
-    return {
-        "format": "distillab-ledger/1", "run": "demo", "created_at": "2026-01-01T00:00:00Z",
-        "teacher_generation": {"model": "lab:teacher", "data_source": "teacher", "price_status": "local",
-                               "prompt_tokens": 9000, "completion_tokens": 3000, "rows": 1000, "usd": 0.0,
-                               "pricing": {"description": "lab:teacher: local teacher, no API cost"}},
-        "training": {"flops": 1.3e14, "train_seconds": 300.0, "steps": 200, "usd_per_hour": 0.1, "usd": 300 / 3600 * 0.1},
-        "serving": {"student_tokens_per_s": 1500.0, "usd_per_hour": 0.1, "student_usd_per_1m_tokens": 0.0185,
-                    "teacher_api_usd_per_1m_output": 0.6, "teacher_api_usd_per_1m_input": 0.15,
-                    "teacher_price_basis": "notional", "teacher_price_description": "notional: priced like a small API"},
-        "break_even": {"price_basis": "notional", "status": "pays_off", "queries": 41_234, "months": 0.04123,
-                       "queries_per_month": 1_000_000, "one_off_usd": 0.01, "training_usd": 0.0083,
-                       "api_usd_per_query": 3.15e-6, "student_usd_per_query": 5.6e-8},
-        "quality": {}, "total_usd": 0.0083,
-        "notes": ["break-even uses a NOTIONAL teacher API price: notional: priced like a small API"],
-    }
 
 
 def fake_lineage() -> dict:
-    return {"format": "distillab-lineage/1", "model": "student", "base_model": "lab:base", "teachers": ["lab:teacher"],
-            "generations": [{"generation": 1, "token_fractions": {"teacher:lab:teacher": 1.0},
-                             "train": {"loss_history": [{"loss": 1.0 / (i + 1), "step": i} for i in range(60)]}}],
-            "effective_fractions": {"teacher:lab:teacher": 1.0}, "eval": None, "cost": None}
+    return {
+        "format": "distillab-lineage/1",
+        "model": "student",
+        "base_model": "lab:base",
+        "teachers": ["lab:teacher"],
+        "generations": [
+            {
+                "generation": 1,
+                "token_fractions": {"teacher:lab:teacher": 1.0},
+                "train": {"loss_history": [{"loss": 1.0 / (i + 1), "step": i} for i in range(60)]},
+            }
+        ],
+        "effective_fractions": {"teacher:lab:teacher": 1.0},
+        "eval": None,
+        "cost": None,
+    }
 
 
 @pytest.fixture
 def report_path(tmp_path) -> Path:
-    cfg = RunConfig(name="demo", runs_dir=str(tmp_path))
+    cfg = run_config(tmp_path, "demo")
     (cfg.run_dir / "student").mkdir(parents=True)
     (cfg.run_dir / "student" / "lineage.json").write_text(json.dumps(fake_lineage()))
     return build_report(cfg, fake_evals(), fake_ledger(), {"stages": {"generate": "done"}})
@@ -141,8 +108,15 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"])
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -171,19 +145,40 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
 
 
 def fake_selection() -> dict:
-    cands = [{"checkpoint": f"checkpoint-{s}", "step": s, "alpha": a, "dev_task": 0.2 + 0.1 * a + s / 1000,
-              "dev_general": 0.6 - 0.3 * a, "label": f"step {s}, α={a:g}"} for s in (100, 200) for a in (0.5, 0.75, 1.0)]
+    cands = [
+        {
+            "checkpoint": f"checkpoint-{s}",
+            "step": s,
+            "alpha": a,
+            "dev_task": 0.2 + 0.1 * a + s / 1000,
+            "dev_general": 0.6 - 0.3 * a,
+            "label": f"step {s}, α={a:g}",
+        }
+        for s in (100, 200)
+        for a in (0.5, 0.75, 1.0)
+    ]
     chosen = cands[1]
-    return {"rule": "highest dev task score (0.375) among the 2 of 6 candidates whose dev general score stayed >= "
-                    "base 0.550 - 0.02", "base_dev": {"task": 0.0, "general": 0.55}, "chosen": chosen,
-            "candidates": cands, "split": "dev",
-            "recipe": {"replay_source": "base", "replay_fraction": 0.25, "merge_alphas": [0.5, 0.75, 1.0],
-                       "select_checkpoints": True, "alpha": 0.75, "step": 100}}
+    return {
+        "rule": "highest dev task score (0.375) among the 2 of 6 candidates whose dev general score stayed >= "
+        "base 0.550 - 0.02",
+        "base_dev": {"task": 0.0, "general": 0.55},
+        "chosen": chosen,
+        "candidates": cands,
+        "split": "dev",
+        "recipe": {
+            "replay_source": "base",
+            "replay_fraction": 0.25,
+            "merge_alphas": [0.5, 0.75, 1.0],
+            "select_checkpoints": True,
+            "alpha": 0.75,
+            "step": 100,
+        },
+    }
 
 
 @pytest.fixture
 def retain_report_path(tmp_path) -> Path:
-    cfg = RunConfig(name="demo", runs_dir=str(tmp_path))
+    cfg = run_config(tmp_path, "demo")
     evals = fake_evals()
     evals["retain"] = fake_eval("retain", {"add": 0.7, "reverse": 0.7, "upper": 0.8, "recall": 0.3}, 5)
     return build_report(cfg, evals, fake_ledger(), {"retain_selection": fake_selection()})
@@ -203,7 +198,8 @@ def test_tradeoff_plot_renders_every_candidate_in_headless_chromium(retain_repor
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
+        )
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(retain_report_path.as_uri(), wait_until="load")

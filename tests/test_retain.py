@@ -19,25 +19,31 @@ from distillab.select import choose_student
 from distillab.stage import run_stage
 from distillab.train import build_trainer, run_train
 from distillab.trainrows import ArrowRows
+from tests.helpers import run_config, tiny_config
 
 
 def retain_config(tmp_path, teacher, student, name="kept", **retain_section):
-    return from_dict({
-        "name": name, "runs_dir": str(tmp_path / "runs"),
-        "teacher": {"model": str(teacher), "max_new_tokens": 6, "top_k_logprobs": 5, "batch_size": 16},
-        "data": {"skills": ["add"], "n_prompts": 12},
-        "train": {"student": str(student), "max_steps": 4, "batch_size": 4, "save_steps": 2, "lr": 1e-2},
-        "eval": {"n_per_skill": 4, "general": ["upper", "reverse"], "bootstrap": 20},
-        "retain": {"n_general_prompts": 10, "dev_n_per_skill": 3, **retain_section},
-    })
+    """A tiny run with a [retain] section: 10 general prompts, a dev split of 3 per skill."""
+    return tiny_config(
+        tmp_path,
+        teacher,
+        student,
+        name=name,
+        teacher={"batch_size": 16},
+        eval={"general": ["upper", "reverse"]},
+        retain={"n_general_prompts": 10, "dev_n_per_skill": 3, **retain_section},
+        max_steps=4,
+        sft_weight=0.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Replay in every batch.
 
 
-@pytest.mark.parametrize("batch_size,fraction,expected", [(32, 0.25, 8), (32, 0.1, 3), (4, 0.05, 1), (4, 0.9, 3),
-                                                          (8, 0.0, 0)])
+@pytest.mark.parametrize(
+    "batch_size,fraction,expected", [(32, 0.25, 8), (32, 0.1, 3), (4, 0.05, 1), (4, 0.9, 3), (8, 0.0, 0)]
+)
 def test_replay_per_batch(batch_size, fraction, expected):
     assert replay_per_batch(batch_size, fraction) == expected
 
@@ -104,10 +110,13 @@ def test_user_prompts_hold_out_a_dev_share_and_general_checks_come_from_a_file(t
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(f'{{"prompt": "{a}+{a + 1}=\\n"}}\n' for a in range(40)))
     checks = tmp_path / "general.jsonl"
-    checks.write_text('{"prompt": "upper ab\\n", "answer": "AB", "skill": "upper"}\n'
-                      '{"prompt": "1+1=\\n", "choices": ["2", "3"], "answer": 0, "skill": "mc"}\n')
-    cfg = retain_config(tmp_path, tiny_teacher, tiny_student, merge_alphas=[0.5], dev_fraction=0.25,
-                        general_dev_file=str(checks))
+    checks.write_text(
+        '{"prompt": "upper ab\\n", "answer": "AB", "skill": "upper"}\n'
+        '{"prompt": "1+1=\\n", "choices": ["2", "3"], "answer": 0, "skill": "mc"}\n'
+    )
+    cfg = retain_config(
+        tmp_path, tiny_teacher, tiny_student, merge_alphas=[0.5], dev_fraction=0.25, general_dev_file=str(checks)
+    )
     cfg.data.prompts_file = str(prompts)
     run_generate(cfg, log=lambda *_: None)
     train = {r["prompt"] for r in read_dataset(cfg.run_dir / "data" / "train.parquet")}
@@ -203,25 +212,35 @@ def test_selection_reads_the_dev_split_only_and_writes_the_choice(tmp_path, tiny
 # Bad input.
 
 
-@pytest.mark.parametrize("section,needle", [
-    ({"merge_alphas": [0.5, 1.5]}, "merge_alphas must lie in [0, 1]"),
-    ({"merge_alphas": [-0.1]}, "merge_alphas must lie in [0, 1]"),
-    ({"max_general_drop": -0.01}, "retain.max_general_drop"),
-    ({"replay_fraction": 1.0}, "retain.replay_fraction"),
-    ({"replay_sourc": "base"}, "did you mean 'retain.replay_source'"),
-])
+@pytest.mark.parametrize(
+    "section,needle",
+    [
+        ({"merge_alphas": [0.5, 1.5]}, "merge_alphas must lie in [0, 1]"),
+        ({"merge_alphas": [-0.1]}, "merge_alphas must lie in [0, 1]"),
+        ({"max_general_drop": -0.01}, "retain.max_general_drop"),
+        ({"replay_fraction": 1.0}, "retain.replay_fraction"),
+        ({"replay_sourc": "base"}, "did you mean 'retain.replay_source'"),
+    ],
+)
 def test_bad_retain_section_is_one_line(section, needle):
     with pytest.raises(ConfigError) as err:
         from_dict({"retain": section})
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def test_replay_with_no_general_prompts_and_sampling_off_is_refused_before_writing(tmp_path, tiny_teacher, tiny_student):
+def test_replay_with_no_general_prompts_and_sampling_off_is_refused_before_writing(
+    tmp_path, tiny_teacher, tiny_student
+):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello\\n"}\n')
-    cfg = from_dict({"name": "x", "runs_dir": str(tmp_path / "runs"), "teacher": {"model": str(tiny_teacher)},
-                     "data": {"prompts_file": str(prompts)}, "train": {"student": str(tiny_student)},
-                     "retain": {"replay_fraction": 0.1, "sample_general_prompts": False}})
+    cfg = run_config(
+        tmp_path,
+        "x",
+        teacher={"model": str(tiny_teacher)},
+        data={"prompts_file": str(prompts)},
+        train={"student": str(tiny_student)},
+        retain={"replay_fraction": 0.1, "sample_general_prompts": False},
+    )
     from distillab.errors import UserError
 
     with pytest.raises(UserError, match="needs general prompts"):

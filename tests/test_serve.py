@@ -16,6 +16,7 @@ import torch
 from distillab import models
 from distillab.serve import FaultConfig, ServeLimits
 from distillab.testing import metric_sum, read_metrics, server_process, server_thread
+from tests.helpers import write_jsonl
 
 KEY = "sk-serve-test-0000"
 
@@ -58,13 +59,24 @@ def test_completions_with_logprobs_through_the_sdk(client):
 
 
 def test_chat_with_top_logprobs_through_the_sdk(client):
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "reverse abc\n"}],
-                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=20)
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "reverse abc\n"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=20,
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert all(len(c.top_logprobs) == 20 and c.logprob == c.top_logprobs[0].logprob for c in content)
-    bare = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "reverse abc\n"}],
-                                          max_tokens=6, temperature=0, logprobs=True)
+    bare = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "reverse abc\n"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+    )
     assert [c.logprob for c in bare.choices[0].logprobs.content] == [c.logprob for c in content]
     assert all(c.top_logprobs == [] for c in bare.choices[0].logprobs.content)
     # the lab tokenizer has no chat template: a one-message chat is the bare prompt, as in completions
@@ -84,8 +96,14 @@ def test_echo_scores_the_prompt_like_the_model_does(client, model_and_tokenizer)
 
 def test_token_ids_on_request(client, model_and_tokenizer):
     _, tok = model_and_tokenizer
-    r = client.completions.create(model="tiny", prompt="reverse abc\n", max_tokens=4, temperature=0, logprobs=3,
-                                  extra_body={"return_tokens_as_token_ids": True})
+    r = client.completions.create(
+        model="tiny",
+        prompt="reverse abc\n",
+        max_tokens=4,
+        temperature=0,
+        logprobs=3,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
     ids = [int(t.removeprefix("token_id:")) for t in r.choices[0].logprobs.tokens]
     assert tok.decode(ids, skip_special_tokens=True) == r.choices[0].text
     assert all(k.startswith("token_id:") for top in r.choices[0].logprobs.top_logprobs for k in top)
@@ -122,21 +140,28 @@ def test_metrics_count_requests_and_tokens(server, client):
     ok = 'distillab_requests_total{endpoint="/v1/completions",code="200"}'
     assert after[ok] - before.get(ok, 0) == 1
     assert after["distillab_prompt_tokens_total"] - before["distillab_prompt_tokens_total"] == r.usage.prompt_tokens
-    assert (after["distillab_completion_tokens_total"] - before["distillab_completion_tokens_total"]
-            == r.usage.completion_tokens)
+    assert (
+        after["distillab_completion_tokens_total"] - before["distillab_completion_tokens_total"]
+        == r.usage.completion_tokens
+    )
     assert after["distillab_answers_total"] - before["distillab_answers_total"] == 2
 
 
 def test_concurrent_requests_are_batched_and_answer_as_alone(server, client):
     prompts = [f"reverse {w}\n" for w in ["ab", "cde", "fghij", "klm", "no", "pqrs", "tuv", "wxyz"]]
-    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0, logprobs=2)
-             for p in prompts]
+    alone = [
+        client.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0, logprobs=2) for p in prompts
+    ]
     before = read_metrics(server.url, KEY)
 
     async def together():
         async with openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as c:
-            return await asyncio.gather(*[c.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0,
-                                                               logprobs=2) for p in prompts])
+            return await asyncio.gather(
+                *[
+                    c.completions.create(model="tiny", prompt=p, max_tokens=5, temperature=0, logprobs=2)
+                    for p in prompts
+                ]
+            )
 
     batched = asyncio.run(together())
     after = read_metrics(server.url, KEY)
@@ -145,8 +170,11 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(server, client):
     for a, b in zip(alone, batched):
         assert a.choices[0].text == b.choices[0].text
         assert a.choices[0].logprobs.tokens == b.choices[0].logprobs.tokens
-        assert torch.allclose(torch.tensor(a.choices[0].logprobs.token_logprobs),
-                              torch.tensor(b.choices[0].logprobs.token_logprobs), atol=1e-4)
+        assert torch.allclose(
+            torch.tensor(a.choices[0].logprobs.token_logprobs),
+            torch.tensor(b.choices[0].logprobs.token_logprobs),
+            atol=1e-4,
+        )
 
 
 def test_idempotency_key_replays_instead_of_recomputing(server):
@@ -173,7 +201,9 @@ def test_fault_schedule_is_seeded_and_near_the_rate():
 
 
 def test_injected_faults_on_the_wire(tiny_teacher):
-    with server_thread(tiny_teacher, model_name="tiny", faults=FaultConfig(rate=1.0, kinds=("429",), retry_after_s=0.3)) as s:
+    with server_thread(
+        tiny_teacher, model_name="tiny", faults=FaultConfig(rate=1.0, kinds=("429",), retry_after_s=0.3)
+    ) as s:
         r = httpx.post(s.base_url + "/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
         assert r.status_code == 429 and r.headers["retry-after-ms"] == "300" and r.headers["retry-after"] == "1"
     with server_thread(tiny_teacher, model_name="tiny", faults=FaultConfig(rate=1.0, kinds=("truncate",))) as s:
@@ -193,7 +223,9 @@ def test_work_limit_refuses_the_53_second_request_at_once(server):
     assert r.status_code == 400, r.text[:300]
     assert "262,144" in r.json()["error"]["message"] and "1,290,240" in r.json()["error"]["message"]
     assert time.monotonic() - start < 5
-    assert read_metrics(server.url, KEY)["distillab_batches_total"] == before["distillab_batches_total"]  # no model call
+    assert (
+        read_metrics(server.url, KEY)["distillab_batches_total"] == before["distillab_batches_total"]
+    )  # no model call
 
 
 def test_malformed_bodies_are_400_not_500(server):
@@ -204,8 +236,14 @@ def test_malformed_bodies_are_400_not_500(server):
         ("/completions", rb'{"model": "tiny", "prompt": "\ud800", "max_tokens": 1}'),
         ("/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"1" * 5000 + b"}"),
         ("/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": 1, "seed": 100000000000000000000}'),
-        ("/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}'),
-        ("/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}], "max_tokens": 1}'),
+        (
+            "/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+        ),
+        (
+            "/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}], "max_tokens": 1}',
+        ),
     ]
     before = read_metrics(server.url, KEY)
     statuses = [httpx.post(url + path, headers=auth, content=raw, timeout=30).status_code for path, raw in bodies]
@@ -217,8 +255,9 @@ def test_malformed_bodies_are_400_not_500(server):
 
 def test_chat_without_max_tokens_gets_the_rest_of_the_context(client):
     # the tiny model has 256 positions: the old default of 256 new tokens made every such chat a 400
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "reverse abc\n"}],
-                                       temperature=0)
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "reverse abc\n"}], temperature=0
+    )
     prompt_tokens = len("reverse abc\n") + 1
     assert r.usage.prompt_tokens == prompt_tokens
     assert r.usage.completion_tokens <= 256 - prompt_tokens
@@ -270,22 +309,33 @@ def test_lm_eval_local_completions_loglikelihood(tmp_path, server, model_and_tok
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # local-completions sends it as the bearer token
-    docs = [{"question": "reverse ab\n", "choices": ["ba", "ab"], "answer": 0},
-            {"question": "reverse xyz\n", "choices": ["zyx", "xzy", "yxz"], "answer": 0},
-            {"question": "upper hi\n", "choices": ["HI", "hi"], "answer": 0}]
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    docs = [
+        {"question": "reverse ab\n", "choices": ["ba", "ab"], "answer": 0},
+        {"question": "reverse xyz\n", "choices": ["zyx", "xzy", "yxz"], "answer": 0},
+        {"question": "upper hi\n", "choices": ["HI", "hi"], "answer": 0},
+    ]
+    data = write_jsonl(tmp_path / "docs.jsonl", docs)
     (tmp_path / "tiny_mc.yaml").write_text(
         "task: distillab_tiny_mc\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
         "test_split: test\noutput_type: multiple_choice\n"
-        "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
-        "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n")
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        'target_delimiter: ""\nmetric_list:\n  - metric: acc\n'
+    )
     out = lm_eval.simple_evaluate(
         model="local-completions",
-        model_args={"model": "tiny", "base_url": server.base_url + "/completions", "tokenizer_backend": "huggingface",
-                    "tokenizer": str(tiny_teacher), "add_bos_token": True, "max_retries": 1, "num_concurrent": 2},
-        tasks=["distillab_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+        model_args={
+            "model": "tiny",
+            "base_url": server.base_url + "/completions",
+            "tokenizer_backend": "huggingface",
+            "tokenizer": str(tiny_teacher),
+            "add_bos_token": True,
+            "max_retries": 1,
+            "num_concurrent": 2,
+        },
+        tasks=["distillab_tiny_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
     )
     assert 0.0 <= out["results"]["distillab_tiny_mc"]["acc,none"] <= 1.0
     # every loglikelihood lm-eval got equals the model's own
@@ -297,7 +347,7 @@ def test_lm_eval_local_completions_loglikelihood(tmp_path, server, model_and_tok
             ll = resp[0][0]
             # lm-eval moves the context's trailing whitespace (our "\n") into the continuation
             stripped = context.rstrip()
-            context, continuation = stripped, context[len(stripped):] + continuation
+            context, continuation = stripped, context[len(stripped) :] + continuation
             whole = tok(context + continuation)["input_ids"]
             n_ctx = len(tok(context)["input_ids"])
             expected = direct_logprobs(model, whole)[n_ctx - 1 :].sum().item()

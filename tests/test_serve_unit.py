@@ -31,13 +31,21 @@ class FakeEngine:
         self.calls.append((kind, prompt, k, group))
         if kind == "score":
             n = len(prompt) - 1
-            return {"token_logprobs": [-1.0] * n, "top_ids": [list(range(4, 4 + k))] * n,
-                    "top_logprobs": [[-0.5 - j for j in range(k)]] * n}
+            return {
+                "token_logprobs": [-1.0] * n,
+                "top_ids": [list(range(4, 4 + k))] * n,
+                "top_logprobs": [[-0.5 - j for j in range(k)]] * n,
+            }
         ids = self.tokenizer(self.completion, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return Generation(text=self.completion, token_ids=ids, prompt_tokens=len(self.tokenizer(prompt)["input_ids"]),
-                          finish_reason="stop", top_ids=[[t] + list(range(4, 4 + k - 1)) for t in ids],
-                          top_logprobs=[[-0.1 * (j + 1) for j in range(k)] for _ in ids],
-                          token_logprobs=[-0.1] * len(ids))
+        return Generation(
+            text=self.completion,
+            token_ids=ids,
+            prompt_tokens=len(self.tokenizer(prompt)["input_ids"]),
+            finish_reason="stop",
+            top_ids=[[t] + list(range(4, 4 + k - 1)) for t in ids],
+            top_logprobs=[[-0.1 * (j + 1) for j in range(k)] for _ in ids],
+            token_logprobs=[-0.1] * len(ids),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +132,23 @@ def test_work_limit_refuses_the_53_second_request_before_the_engine(tokenizer):
     # at the limit exactly it passes; echo counts the prompt tokens it returns; the limit is configurable
     small, _ = make_server(tokenizer, max_request_work=2 * 10 * 3)
     small.plan_completion({"model": "tiny", "prompt": ["ab", "cd"], "max_tokens": 10, "logprobs": 2})
-    err = api_error(small.plan_completion, {"model": "tiny", "prompt": ["ab", "cd"], "max_tokens": 10, "logprobs": 2,
-                                            "echo": True})
+    err = api_error(
+        small.plan_completion, {"model": "tiny", "prompt": ["ab", "cd"], "max_tokens": 10, "logprobs": 2, "echo": True}
+    )
     assert "6 echoed prompt tokens" in err.message and "limit of 60" in err.message  # <bos>ab twice
-    assert api_error(small.plan_chat, {"model": "tiny", "messages": [{"role": "user", "content": "ab"}],
-                                       "max_tokens": 21, "logprobs": True, "top_logprobs": 2}).status == 400
+    assert (
+        api_error(
+            small.plan_chat,
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "ab"}],
+                "max_tokens": 21,
+                "logprobs": True,
+                "top_logprobs": 2,
+            },
+        ).status
+        == 400
+    )
 
 
 def test_greedy_requests_share_a_group_whatever_their_sampling_knobs(tokenizer):
@@ -148,10 +168,21 @@ def test_greedy_requests_share_a_group_whatever_their_sampling_knobs(tokenizer):
 
 def test_completion_response_shape_logprobs_and_metrics(tokenizer):
     server, engine = make_server(tokenizer)
-    body = {"model": "tiny", "prompt": ["reverse abc\n", "reverse xy\n"], "max_tokens": 5, "logprobs": 2,
-            "temperature": 0}
+    body = {
+        "model": "tiny",
+        "prompt": ["reverse abc\n", "reverse xy\n"],
+        "max_tokens": 5,
+        "logprobs": 2,
+        "temperature": 0,
+    }
     r = asyncio.run(server.complete(body))
-    assert [c[0] for c in engine.calls] == ["generate", "generate"] and engine.calls[0][3] == ("generate", 5, 0.0, 1.0, 0)
+    assert [c[0] for c in engine.calls] == ["generate", "generate"] and engine.calls[0][3] == (
+        "generate",
+        5,
+        0.0,
+        1.0,
+        0,
+    )
     prompt_tokens = len("reverse abc\n") + len("reverse xy\n") + 2  # a token per character, plus <bos> each
     assert r["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 8, "total_tokens": prompt_tokens + 8}
     first = r["choices"][0]
@@ -167,8 +198,19 @@ def test_completion_response_shape_logprobs_and_metrics(tokenizer):
 def test_completion_stop_echo_and_token_ids(tokenizer):
     server, engine = make_server(tokenizer)
     ids = tokenizer("ab")["input_ids"]
-    r = asyncio.run(server.complete({"model": "tiny", "prompt": ids, "max_tokens": 4, "echo": True, "logprobs": 1,
-                                     "stop": "a", "return_tokens_as_token_ids": True}))
+    r = asyncio.run(
+        server.complete(
+            {
+                "model": "tiny",
+                "prompt": ids,
+                "max_tokens": 4,
+                "echo": True,
+                "logprobs": 1,
+                "stop": "a",
+                "return_tokens_as_token_ids": True,
+            }
+        )
+    )
     choice = r["choices"][0]
     assert choice["text"] == "ab" + "cb" and choice["finish_reason"] == "stop"  # echoed prompt, cut before "a"
     lp = choice["logprobs"]
@@ -185,9 +227,25 @@ def test_completion_stop_echo_and_token_ids(tokenizer):
 
 def test_chat_response_and_logprobs_format(tokenizer):
     server, engine = make_server(tokenizer)
-    r = asyncio.run(server.chat({"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "reverse abc\n"}, {"type": "image_url", "image_url": {"url": "x"}}]}],
-        "max_tokens": 6, "logprobs": True, "top_logprobs": 2}))
+    r = asyncio.run(
+        server.chat(
+            {
+                "model": "tiny",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "reverse abc\n"},
+                            {"type": "image_url", "image_url": {"url": "x"}},
+                        ],
+                    }
+                ],
+                "max_tokens": 6,
+                "logprobs": True,
+                "top_logprobs": 2,
+            }
+        )
+    )
     assert engine.calls[0][1] == "reverse abc\n"  # text parts only; no template: the bare content
     message = r["choices"][0]
     assert message["message"] == {"role": "assistant", "content": "cba"}
@@ -195,7 +253,9 @@ def test_chat_response_and_logprobs_format(tokenizer):
     assert [c["token"] for c in content] == ["c", "b", "a", "<eos>"]
     assert content[0]["bytes"] == [ord("c")] and len(content[0]["top_logprobs"]) == 2
     assert content[0]["top_logprobs"][0] == {"token": "c", "logprob": -0.1, "bytes": [ord("c")]}
-    plain = asyncio.run(server.chat({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}))
+    plain = asyncio.run(
+        server.chat({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6})
+    )
     assert plain["choices"][0]["logprobs"] is None
 
 
@@ -210,8 +270,9 @@ def test_chat_without_max_tokens_gets_the_rest_of_the_context(tokenizer):
     capped, _ = make_server(tokenizer, max_tokens=10)
     assert capped.plan_chat({"model": "tiny", "messages": [{"role": "user", "content": prompt}]}).max_tokens == 10
     budget, _ = make_server(tokenizer, max_request_work=63)
-    plan = budget.plan_chat({"model": "tiny", "messages": [{"role": "user", "content": prompt}], "logprobs": True,
-                             "top_logprobs": 20})
+    plan = budget.plan_chat(
+        {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "logprobs": True, "top_logprobs": 20}
+    )
     assert plan.max_tokens == 3  # 3 x (1 + 20) = 63
     full = {"model": "tiny", "messages": [{"role": "user", "content": "x" * (CONTEXT - 1)}]}
     err = api_error(server.plan_chat, full)
@@ -222,9 +283,11 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400(tokenizer):
     import copy
 
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.first %}"
-                         "{{ raise_exception('Conversation must start with the user') }}{% endif %}"
-                         "{{ m['content'] }}{% endfor %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and loop.first %}"
+        "{{ raise_exception('Conversation must start with the user') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
     server = Server(FakeEngine(tok), tok, "tiny", CONTEXT)
     err = api_error(server.plan_chat, {"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]})
     assert err.status == 400 and "start with the user" in err.message  # was a 500
@@ -239,8 +302,12 @@ def test_authorization(tokenizer):
 
 
 def test_json_bytes_is_the_payload_encoded_a_choice_at_a_time():
-    payload = {"id": "x", "object": "text_completion", "choices": [{"text": "é\n", "n": [1, None]}, {"text": ""}],
-               "usage": {"total_tokens": 3}}
+    payload = {
+        "id": "x",
+        "object": "text_completion",
+        "choices": [{"text": "é\n", "n": [1, None]}, {"text": ""}],
+        "usage": {"total_tokens": 3},
+    }
     raw = json_bytes(payload)
     assert json.loads(raw) == payload and "é".encode() in raw and b" " not in raw
     assert json.loads(json_bytes({"choices": []})) == {"choices": []}
@@ -254,8 +321,16 @@ def test_metrics_are_prometheus_text_with_the_served_names():
     metrics.answers.inc(2)
     metrics.faults.labels(kind="429").inc()
     text = metrics.render().decode()
-    for name in ["requests", "prompt_tokens", "completion_tokens", "answers", "idempotent_replays", "batches",
-                 "batched_prompts", "faults_injected"]:
+    for name in [
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "answers",
+        "idempotent_replays",
+        "batches",
+        "batched_prompts",
+        "faults_injected",
+    ]:
         assert f"# TYPE distillab_{name}_total counter" in text
     values = parse_metrics(text)
     assert values['distillab_requests_total{endpoint="/v1/completions",code="200"}'] == 1  # labels in any order
@@ -271,8 +346,13 @@ def test_metrics_are_prometheus_text_with_the_served_names():
 
 @pytest.mark.parametrize("port", ["70000", "-1"])
 def test_serve_port_out_of_range_is_one_line(port, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "distillab", "serve", "lab:base", f"--port={port}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "distillab", "serve", "lab:base", f"--port={port}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -140,8 +140,15 @@ def test_a_teachers_tiny_tail_survives_the_request_cache():
     top_lp, top_id = logprobs.topk(20, dim=-1)
     exact = tail_logprob_outside(logits.double().log_softmax(-1), top_id)  # (T,) float64 reference
     assert float(exact.exp().max()) < 1e-5
-    response = {"text": "x", "token_ids": [5] * 6, "top_ids": top_id.tolist(), "top_logprobs": top_lp.tolist(),
-                "top_tail": tail_logprob_outside(logprobs, top_id).tolist(), "prompt_tokens": 3, "completion_tokens": 6}
+    response = {
+        "text": "x",
+        "token_ids": [5] * 6,
+        "top_ids": top_id.tolist(),
+        "top_logprobs": top_lp.tolist(),
+        "top_tail": tail_logprob_outside(logprobs, top_id).tolist(),
+        "prompt_tokens": 3,
+        "completion_tokens": 6,
+    }
     _, _, tail = decode_topk(decode_response(encode_response(response), raw_topk=True)["topk"])
     assert np.allclose(np.exp(np.asarray(tail)), exact.exp().numpy(), rtol=2e-3)
     # without the teacher's tail the cache derives 1 - sum(p) from the fp32 log-probs: the test above can fail

@@ -21,31 +21,31 @@ from distillab.errors import UserError
 from distillab.generate import run_generate
 from distillab.rundir import RunDir
 from distillab.stage import StageContext, run_stage
-from distillab.train import build_trainer, run_train
-from tests.helpers import save_tiny_llama, tiny_config
+from distillab.train import run_train
+from tests.helpers import save_tiny_llama, sgd_step, tiny_config
 
 
 def _one_sgd_step(cfg, rows, student_dir, out_dir, accepts_loss_kwargs=None):
     model, tok = models.load(student_dir)
     if accepts_loss_kwargs is not None:  # Gemma 3/3n/4 declare False: the Trainer then scales the loss itself
         model.accepts_loss_kwargs = accepts_loss_kwargs
-    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-    trainer = build_trainer(cfg, rows, model, tok, out_dir, optimizers=(sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0)))
-    trainer.args.max_grad_norm = 0.0  # no clipping: it would hide a wrong gradient scale
-    trainer.train()
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
+    return sgd_step(cfg, rows, model, tok, out_dir)
 
 
 @pytest.mark.parametrize("loss, accepts_loss_kwargs", [("forward_kl", None), ("jsd", None), ("forward_kl", False)])
-def test_four_micro_batches_of_one_equal_one_batch_of_four(tmp_path, tiny_teacher, tiny_student, loss,
-                                                           accepts_loss_kwargs):
+def test_four_micro_batches_of_one_equal_one_batch_of_four(
+    tmp_path, tiny_teacher, tiny_student, loss, accepts_loss_kwargs
+):
     cfg = tiny_config(tmp_path, tiny_teacher, tiny_student, loss=loss, max_steps=1)
     cfg.data.n_prompts = 4
     run_generate(cfg, log=lambda *_: None)
     rows = read_dataset(RunDir(cfg.run_dir).dataset("train"))
     for row, n in zip(rows, [1, 2, 4, 6]):  # a random teacher never stops: make the lengths differ
         row["completion_ids"], row["top_ids"], row["top_logprobs"] = (
-            row["completion_ids"][:n], row["top_ids"][:n], row["top_logprobs"][:n])
+            row["completion_ids"][:n],
+            row["top_ids"][:n],
+            row["top_logprobs"][:n],
+        )
     assert len(rows) == 4 and len({len(r["completion_ids"]) for r in rows}) == 4
     cfg.train.batch_size, cfg.train.grad_accum = 4, 1
     whole = _one_sgd_step(cfg, rows, tiny_student, tmp_path / "a", accepts_loss_kwargs)
@@ -109,7 +109,7 @@ def test_the_train_stage_stamps_only_a_whole_run_of_process_zero(tmp_path, tiny_
     assert again.skipped and again.to_dict() == record.to_dict()
 
 
-DIE_DURING_SAVE = textwrap.dedent('''
+DIE_DURING_SAVE = textwrap.dedent("""
     import os, sys
     import transformers
     from distillab.config import load_config
@@ -133,12 +133,13 @@ DIE_DURING_SAVE = textwrap.dedent('''
             return original(self, path)
         transformers.TrainerState.save_to_json = die
     run_train(load_config(sys.argv[1]), log=lambda *_: None)
-''')
+""")
 
 
 @pytest.mark.parametrize("where", ["rng", "trainer_state"])
-def test_a_kill_while_saving_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, tiny_teacher, tiny_student,
-                                                                               where):
+def test_a_kill_while_saving_a_checkpoint_resumes_from_the_last_complete_one(
+    tmp_path, tiny_teacher, tiny_student, where
+):
     straight = tiny_config(tmp_path / "a", tiny_teacher, tiny_student, max_steps=6, save_steps=2)
     run_generate(straight, log=lambda *_: None)
     reference = run_train(straight, log=lambda *_: None)
@@ -147,8 +148,13 @@ def test_a_kill_while_saving_a_checkpoint_resumes_from_the_last_complete_one(tmp
     run_generate(cfg, log=lambda *_: None)
     (tmp_path / "run.toml").write_text(to_toml(cfg))
     (tmp_path / "die.py").write_text(DIE_DURING_SAVE)
-    killed = subprocess.run([sys.executable, str(tmp_path / "die.py"), str(tmp_path / "run.toml"), where, "4"],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, str(tmp_path / "die.py"), str(tmp_path / "run.toml"), where, "4"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == 9, killed.stderr[-2000:]
     ckpt = RunDir(cfg.run_dir).checkpoints
     assert (ckpt / "checkpoint-2" / "trainer_state.json").is_file() and not (ckpt / "checkpoint-4").exists()
@@ -184,8 +190,12 @@ def test_a_student_tokenizer_with_one_more_token_trains_kd_on_the_teachers_ids(t
 
 
 def _settings(tiny_teacher, tiny_student, pad_id, eos_id, **train_cfg):
-    cfg = from_dict({"teacher": {"model": str(tiny_teacher), "max_new_tokens": 5},
-                     "train": {"student": str(tiny_student), "on_policy_fraction": 1.0, **train_cfg}})
+    cfg = from_dict(
+        {
+            "teacher": {"model": str(tiny_teacher), "max_new_tokens": 5},
+            "train": {"student": str(tiny_student), "on_policy_fraction": 1.0, **train_cfg},
+        }
+    )
     student = models.load_model(tiny_student)
     return student, train.DistillSettings(cfg, student, models.load_model(tiny_teacher), pad_id, eos_id)
 
@@ -194,8 +204,10 @@ def test_on_policy_samples_keep_their_eos_when_pad_is_eos(tiny_teacher, tiny_stu
     tok = models.load_tokenizer(tiny_student)
     eos = tok.eos_token_id
     student, d = _settings(tiny_teacher, tiny_student, pad_id=eos, eos_id=eos)  # the tokenizer fallback's choice
-    prompts = [{"prompt_ids": [1, 20, 21], "completion_ids": [30, eos]},
-               {"prompt_ids": [1, 22], "completion_ids": [eos]}]
+    prompts = [
+        {"prompt_ids": [1, 20, 21], "completion_ids": [30, eos]},
+        {"prompt_ids": [1, 22], "completion_ids": [eos]},
+    ]
     sampled = torch.tensor([[40, 41, eos, eos, eos], [42, 43, 44, 45, 46]])  # (B, new): finished, cut at max length
     monkeypatch.setattr(train, "_sample", lambda *a: sampled)
     batch = train.on_policy_batch(student, collate(prompts, eos), d)
@@ -218,11 +230,14 @@ def test_no_cross_entropy_on_the_students_own_samples(tiny_teacher, tiny_student
     assert totals[0] == totals[1]
 
 
-@pytest.mark.parametrize("train_cfg, message", [
-    ({"loss": "ce"}, 'loss = "ce" is SFT only'),
-    ({"kd_weight": 0.0, "sft_weight": 0.0}, "nothing to train"),
-    ({"loss": "ce", "kd_weight": 0.0, "sft_weight": 1.0, "on_policy_fraction": 0.5}, "need a KD loss"),
-])
+@pytest.mark.parametrize(
+    "train_cfg, message",
+    [
+        ({"loss": "ce"}, 'loss = "ce" is SFT only'),
+        ({"kd_weight": 0.0, "sft_weight": 0.0}, "nothing to train"),
+        ({"loss": "ce", "kd_weight": 0.0, "sft_weight": 1.0, "on_policy_fraction": 0.5}, "need a KD loss"),
+    ],
+)
 def test_loss_weights_that_mean_nothing_are_one_line_errors(train_cfg, message):
     with pytest.raises(ConfigError, match=message) as err:
         from_dict({"train": train_cfg})
@@ -233,8 +248,9 @@ def test_sft_only_is_loss_ce_with_no_kd_weight():
     assert from_dict({"train": {"loss": "ce", "kd_weight": 0.0, "sft_weight": 1.0}}).train.loss == "ce"
 
 
-@pytest.mark.parametrize("train_cfg, named", [({"chunk_size": 64}, "chunked KD"),
-                                              ({"on_policy_fraction": 0.5}, "on-policy")])
+@pytest.mark.parametrize(
+    "train_cfg, named", [({"chunk_size": 64}, "chunked KD"), ({"on_policy_fraction": 0.5}, "on-policy")]
+)
 def test_fsdp_refuses_what_it_would_break(train_cfg, named):
     t = from_dict({"train": train_cfg}).train
     train.check_parallelism(t, fsdp=False)

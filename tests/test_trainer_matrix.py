@@ -24,6 +24,7 @@ from distillab import train
 from distillab.batching import collate
 from distillab.config import from_dict
 from distillab.lab.tokenizer import build_tokenizer
+from tests.helpers import sgd_step
 
 REPO = Path(__file__).resolve().parents[1]
 TOK = build_tokenizer()
@@ -41,8 +42,11 @@ FAMILIES = {
     "cohere": (tf.CohereConfig, tf.CohereForCausalLM, {"logit_scale": 4.0}),
     "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, {"logits_scaling": 0.25}),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),
-    "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel,  # its body is .transformer, not .model
-             {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),  # no dropout: runs must compare exactly
+    "gpt2": (
+        tf.GPT2Config,
+        tf.GPT2LMHeadModel,  # its body is .transformer, not .model
+        {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    ),  # no dropout: runs must compare exactly
 }
 TEACHERS = ("sparse", "dense", "on_policy")  # dataset top-5, dataset top-V (the whole distribution), local teacher
 PATHS = ("logits", "chunked")
@@ -50,15 +54,36 @@ PATHS = ("logits", "chunked")
 
 def _config(family: str):
     config_cls, _, extra = FAMILIES[family]
-    common = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=128, bos_token_id=TOK.bos_token_id,
-                  eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        bos_token_id=TOK.bos_token_id,
+        eos_token_id=TOK.eos_token_id,
+        pad_token_id=TOK.pad_token_id,
+    )
     if family == "gemma3_multimodal":
         text = tf.Gemma3TextConfig(**common, head_dim=8, final_logit_softcapping=2.0)
-        vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       image_size=16, patch_size=8)
-        return tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-                               image_token_index=VOCAB + 1, boi_token_index=VOCAB + 2, eoi_token_index=VOCAB + 3)
+        vision = tf.SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        )
+        return tf.Gemma3Config(
+            text_config=text.to_dict(),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=4,
+            image_token_index=VOCAB + 1,
+            boi_token_index=VOCAB + 2,
+            eoi_token_index=VOCAB + 3,
+        )
     return config_cls(**common, **extra)
 
 
@@ -89,8 +114,13 @@ def _rows(family: str, k: int | None) -> list[dict]:
     for i, n in enumerate(COMPLETION_LENGTHS):
         prompt = [TOK.bos_token_id] + torch.randint(4, VOCAB, (2 + i,), generator=gen).tolist()
         completion = torch.randint(4, VOCAB, (n - 1,), generator=gen).tolist() + [TOK.eos_token_id]
-        row = {"prompt_ids": prompt, "completion_ids": completion, "top_ids": None, "top_logprobs": None,
-               "top_tail": None}
+        row = {
+            "prompt_ids": prompt,
+            "completion_ids": completion,
+            "top_ids": None,
+            "top_logprobs": None,
+            "top_tail": None,
+        }
         if k:
             with torch.no_grad():
                 logits = teacher(family)(input_ids=torch.tensor([prompt + completion])).logits[0]  # (T, V)
@@ -116,11 +146,24 @@ def fake_sample(model, prompts, prompt_mask, d):
 
 
 def cell_config(teacher_kind: str, path: str, batch_size: int = 4, grad_accum: int = 1):
-    return from_dict({"teacher": {"max_new_tokens": 7},
-                      "train": {"student": "in-process", "loss": "forward_kl", "kd_weight": 1.0, "sft_weight": 0.5,
-                                "on_policy_fraction": 1.0 if teacher_kind == "on_policy" else 0.0,
-                                "chunk_size": 3 if path == "chunked" else 0, "max_steps": 1, "batch_size": batch_size,
-                                "grad_accum": grad_accum, "warmup_ratio": 0.0, "save_steps": 10**9}})
+    return from_dict(
+        {
+            "teacher": {"max_new_tokens": 7},
+            "train": {
+                "student": "in-process",
+                "loss": "forward_kl",
+                "kd_weight": 1.0,
+                "sft_weight": 0.5,
+                "on_policy_fraction": 1.0 if teacher_kind == "on_policy" else 0.0,
+                "chunk_size": 3 if path == "chunked" else 0,
+                "max_steps": 1,
+                "batch_size": batch_size,
+                "grad_accum": grad_accum,
+                "warmup_ratio": 0.0,
+                "save_steps": 10**9,
+            },
+        }
+    )
 
 
 def cell_rows(family: str, teacher_kind: str) -> list[dict]:
@@ -129,15 +172,14 @@ def cell_rows(family: str, teacher_kind: str) -> list[dict]:
 
 def one_sgd_step(family: str, teacher_kind: str, path: str, batch_size: int, grad_accum: int, out: Path):
     """Parameters after one SGD step (lr 1, no clipping) through build_trainer."""
-    model = student(family)
-    cfg = cell_config(teacher_kind, path, batch_size, grad_accum)
-    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-    trainer = train.build_trainer(cfg, cell_rows(family, teacher_kind), model, TOK, out,
-                                  teacher(family) if teacher_kind == "on_policy" else None,
-                                  optimizers=(sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0)))
-    trainer.args.max_grad_norm = 0.0  # clipping would hide a wrong gradient scale
-    trainer.train()
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
+    return sgd_step(
+        cell_config(teacher_kind, path, batch_size, grad_accum),
+        cell_rows(family, teacher_kind),
+        student(family),
+        TOK,
+        out,
+        teacher(family) if teacher_kind == "on_policy" else None,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -157,8 +199,9 @@ def _one_thread():
 def _loss_and_grads(family: str, teacher_kind: str, path: str):
     model = student(family)
     cfg = cell_config(teacher_kind, path)
-    d = train.DistillSettings(cfg, model, teacher(family) if teacher_kind == "on_policy" else None,
-                              TOK.pad_token_id, TOK.eos_token_id)
+    d = train.DistillSettings(
+        cfg, model, teacher(family) if teacher_kind == "on_policy" else None, TOK.pad_token_id, TOK.eos_token_id
+    )
     batch = collate(cell_rows(family, teacher_kind), TOK.pad_token_id)
     if teacher_kind == "on_policy":
         batch = train.on_policy_batch(model, batch, d)

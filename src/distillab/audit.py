@@ -69,7 +69,9 @@ SCORES_FILE = "scores.parquet"
 # Tokenising documents: (ids, number of context tokens that are not scored).
 
 
-def encode_document(tokenizer, text: str, prompt: str | None = None, max_length: int = 2048) -> tuple[list[int], int, bool]:
+def encode_document(
+    tokenizer, text: str, prompt: str | None = None, max_length: int = 2048
+) -> tuple[list[int], int, bool]:
     """Token ids of context + text, the context length, and whether it was truncated to max_length.
 
     Prompt and text are tokenised separately so the scored tokens are exactly the text's tokens.
@@ -92,8 +94,9 @@ def encode_document(tokenizer, text: str, prompt: str | None = None, max_length:
 # Per-token statistics and per-document scores.
 
 
-def _token_sums(obs_logits: torch.Tensor, perf_logits: torch.Tensor, input_ids: torch.Tensor,
-                scored: torch.Tensor) -> dict[str, torch.Tensor]:
+def _token_sums(
+    obs_logits: torch.Tensor, perf_logits: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-document sums over scored tokens. Logits (B, T, V), input_ids (B, T), scored (B, T) bool.
 
     Position t's logits predict token t+1, so token t+1 is scored when scored[:, t+1] is true.
@@ -130,8 +133,9 @@ def _max_length(*models) -> int:
 
 
 @torch.no_grad()
-def score_documents(observer, performer, tokenizer, texts: list[str], prompts: list[str | None] | None = None,
-                    batch_size: int = 16) -> list[dict]:
+def score_documents(
+    observer, performer, tokenizer, texts: list[str], prompts: list[str | None] | None = None, batch_size: int = 16
+) -> list[dict]:
     """Binoculars and Fast-DetectGPT scores per document (see the module docstring), batched, no grad.
 
     Returns per document: n_tokens, truncated, log_ppl, log_xppl, binoculars, fast_detectgpt.
@@ -157,14 +161,24 @@ def score_documents(observer, performer, tokenizer, texts: list[str], prompts: l
             scored[row, n_context : len(ids)] = True
         input_ids, attention = input_ids.to(device), attention.to(device)
         obs_logits = observer(input_ids=input_ids, attention_mask=attention).logits  # (B, T, V)
-        perf_logits = obs_logits if performer is observer else performer(
-            input_ids=input_ids.to(next(performer.parameters()).device),
-            attention_mask=attention.to(next(performer.parameters()).device)).logits.to(device)  # (B, T, V')
-        sums = {k: v.cpu().tolist() for k, v in _token_sums(obs_logits, perf_logits, input_ids, scored.to(device)).items()}
+        perf_logits = (
+            obs_logits
+            if performer is observer
+            else performer(
+                input_ids=input_ids.to(next(performer.parameters()).device),
+                attention_mask=attention.to(next(performer.parameters()).device),
+            ).logits.to(device)
+        )  # (B, T, V')
+        sums = {
+            k: v.cpu().tolist() for k, v in _token_sums(obs_logits, perf_logits, input_ids, scored.to(device)).items()
+        }
         for row, i in enumerate(idx):
             n = sums["n"][row]
-            stats = (_scores_from_sums(n, sums["loglik"][row], sums["mean"][row], sums["var"][row]) if n > 0
-                     else dict.fromkeys(("log_ppl", "log_xppl", "binoculars", "fast_detectgpt"), math.nan))
+            stats = (
+                _scores_from_sums(n, sums["loglik"][row], sums["mean"][row], sums["var"][row])
+                if n > 0
+                else dict.fromkeys(("log_ppl", "log_xppl", "binoculars", "fast_detectgpt"), math.nan)
+            )
             results[i] = {"n_tokens": int(n), "truncated": encoded[i][2], **stats}
     return results  # type: ignore[return-value]
 
@@ -223,18 +237,21 @@ def auroc_interval(scores, labels, n_bootstrap: int = 1000, seed: int = 0, level
     rng = np.random.default_rng(seed)
     boot = np.empty(n_bootstrap)
     for b in range(n_bootstrap):
-        boot[b] = _auroc_sorted(pos[rng.integers(0, len(pos), len(pos))],
-                                np.sort(neg[rng.integers(0, len(neg), len(neg))]))
+        boot[b] = _auroc_sorted(
+            pos[rng.integers(0, len(pos), len(pos))], np.sort(neg[rng.integers(0, len(neg), len(neg))])
+        )
     low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
     return float(low), float(high)
 
 
 def indistinguishable_note(name: str, auc: float, interval: tuple[float, float], n_teacher: int, n_other: int) -> str:
-    return (f"indistinguishable to this detector: on the labelled sample {name} has AUROC {auc:.3f} "
-            f"[{CHANCE_LEVEL:.1%} CI {interval[0]:.3f}, {interval[1]:.3f}], which includes 0.5 (chance), so no fraction is "
-            f"estimated: any number would be noise. What would help: an observer that knows the texts' domain "
-            f"(the suspected teacher itself) paired with a performer that differs from it, or a larger labelled "
-            f"sample ({n_teacher} teacher-written and {n_other} other documents now)")
+    return (
+        f"indistinguishable to this detector: on the labelled sample {name} has AUROC {auc:.3f} "
+        f"[{CHANCE_LEVEL:.1%} CI {interval[0]:.3f}, {interval[1]:.3f}], which includes 0.5 (chance), so no fraction is "
+        f"estimated: any number would be noise. What would help: an observer that knows the texts' domain "
+        f"(the suspected teacher itself) paired with a performer that differs from it, or a larger labelled "
+        f"sample ({n_teacher} teacher-written and {n_other} other documents now)"
+    )
 
 
 def _rates(s: np.ndarray, y: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -255,8 +272,12 @@ def calibrate_threshold(scores, labels) -> dict:
     tpr = 1.0 - np.searchsorted(pos, candidates, side="left") / len(pos)  # share of positives >= candidate
     fpr = 1.0 - np.searchsorted(neg, candidates, side="left") / len(neg)
     best = int(np.argmax(tpr - fpr))
-    return {"threshold": float(candidates[best]), "tpr": float(tpr[best]), "fpr": float(fpr[best]),
-            "youden_j": float(tpr[best] - fpr[best])}
+    return {
+        "threshold": float(candidates[best]),
+        "tpr": float(tpr[best]),
+        "fpr": float(fpr[best]),
+        "youden_j": float(tpr[best] - fpr[best]),
+    }
 
 
 def _adjusted(rate, tpr, fpr):
@@ -264,16 +285,27 @@ def _adjusted(rate, tpr, fpr):
     return np.clip((rate - fpr) / np.maximum(tpr - fpr, 1e-12), 0.0, 1.0)
 
 
-def estimate_fraction(scores, threshold: float, tpr: float, fpr: float, *, labelled_scores=None,
-                      labelled_labels=None, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+def estimate_fraction(
+    scores,
+    threshold: float,
+    tpr: float,
+    fpr: float,
+    *,
+    labelled_scores=None,
+    labelled_labels=None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Estimated teacher-written fraction of a corpus, with a bootstrap 95% interval.
 
     The interval resamples the corpus; given the labelled sample it also resamples that and recomputes
     tpr/fpr at the fixed threshold, so the interval includes calibration uncertainty.
     """
     if tpr - fpr <= 0:
-        raise UserError(f"the detector has no skill on the labelled sample (tpr {tpr:.2f} <= fpr {fpr:.2f}); "
-                        "no fraction can be estimated")
+        raise UserError(
+            f"the detector has no skill on the labelled sample (tpr {tpr:.2f} <= fpr {fpr:.2f}); "
+            "no fraction can be estimated"
+        )
     s = _arrays(scores)
     rng = np.random.default_rng(seed)
     flagged = (s >= threshold).astype(np.float64)
@@ -288,8 +320,13 @@ def estimate_fraction(scores, threshold: float, tpr: float, fpr: float, *, label
         boot_tpr, boot_fpr = np.full(n_bootstrap, tpr), np.full(n_bootstrap, fpr)
     boot = _adjusted(boot_rates, boot_tpr, boot_fpr)
     low, high = np.percentile(boot, [2.5, 97.5])
-    return {"fraction": float(_adjusted(rate, tpr, fpr)), "low": float(low), "high": float(high),
-            "flagged_rate": rate, "n": len(s)}
+    return {
+        "fraction": float(_adjusted(rate, tpr, fpr)),
+        "low": float(low),
+        "high": float(high),
+        "flagged_rate": rate,
+        "n": len(s),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,16 +366,19 @@ def _check_row(record, where: str, text_field: str, prompt_field: str | None, la
     return row
 
 
-def read_corpus(path: str | Path, text_field: str = "text", prompt_field: str | None = None,
-                label_field: str | None = None) -> list[dict]:
+def read_corpus(
+    path: str | Path, text_field: str = "text", prompt_field: str | None = None, label_field: str | None = None
+) -> list[dict]:
     """Rows {where, text, prompt[, label]} from a .jsonl or .parquet file; bad input is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"corpus not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = [_check_row(record, where, text_field, prompt_field, label_field)
-                for where, record in read_jsonl(path, "corpus")]
+        rows = [
+            _check_row(record, where, text_field, prompt_field, label_field)
+            for where, record in read_jsonl(path, "corpus")
+        ]
     elif suffix == ".parquet":
         try:
             table = pq.read_table(path)
@@ -347,8 +387,10 @@ def read_corpus(path: str | Path, text_field: str = "text", prompt_field: str | 
         for name in [text_field, prompt_field, label_field]:
             if name is not None and name not in table.column_names:
                 raise UserError(f"{path}: no column {name!r} (columns: {', '.join(table.column_names)})")
-        rows = [_check_row(r, f"{path} row {i}", text_field, prompt_field, label_field)
-                for i, r in enumerate(table.to_pylist())]
+        rows = [
+            _check_row(r, f"{path} row {i}", text_field, prompt_field, label_field)
+            for i, r in enumerate(table.to_pylist())
+        ]
     else:
         raise UserError(f"{path}: corpus must be .jsonl or .parquet")
     if not rows:
@@ -378,8 +420,14 @@ def _score_stats(raw: list[float]) -> dict:
     return {"mean": float(x.mean()), "median": float(np.median(x)), "std": float(x.std())} if len(x) else {}
 
 
-def _analyse(name: str, corpus_raw: list[float], labelled_raw: list[float] | None, labels: list[int] | None,
-             n_bootstrap: int, seed: int) -> dict:
+def _analyse(
+    name: str,
+    corpus_raw: list[float],
+    labelled_raw: list[float] | None,
+    labels: list[int] | None,
+    n_bootstrap: int,
+    seed: int,
+) -> dict:
     """Summary of one score: stats, and with a labelled sample its AUROC, threshold and fraction estimate."""
     direction = TEACHER_DIRECTION[name]
     out = {"teacher_is": "lower" if direction < 0 else "higher", **_score_stats(corpus_raw)}
@@ -392,25 +440,40 @@ def _analyse(name: str, corpus_raw: list[float], labelled_raw: list[float] | Non
     corpus = [direction * v for v in corpus_raw if math.isfinite(v)]
     out["auroc_labelled"] = auroc(ls, ly)
     out["auroc_ci"] = list(auroc_interval(ls, ly, n_bootstrap, seed, level=CHANCE_LEVEL))
-    out["calibration"] = {**cal, "threshold": direction * cal["threshold"],
-                          "rule": f"teacher if {name} {'<=' if direction < 0 else '>='} threshold"}
+    out["calibration"] = {
+        **cal,
+        "threshold": direction * cal["threshold"],
+        "rule": f"teacher if {name} {'<=' if direction < 0 else '>='} threshold",
+    }
     if out["auroc_ci"][0] <= 0.5:
         # Near chance the best threshold on the labelled sample fits its noise, and classify-and-adjust turns
         # that noise into a confident fraction (a true 30% read as 95% [75, 100]): report no number instead.
-        out["estimate"] = {"indistinguishable": True, "error": indistinguishable_note(
-            name, out["auroc_labelled"], out["auroc_ci"], sum(ly), len(ly) - sum(ly))}
+        out["estimate"] = {
+            "indistinguishable": True,
+            "error": indistinguishable_note(name, out["auroc_labelled"], out["auroc_ci"], sum(ly), len(ly) - sum(ly)),
+        }
         return out
     try:
-        out["estimate"] = estimate_fraction(corpus, cal["threshold"], cal["tpr"], cal["fpr"], labelled_scores=ls,
-                                            labelled_labels=ly, n_bootstrap=n_bootstrap, seed=seed)
+        out["estimate"] = estimate_fraction(
+            corpus,
+            cal["threshold"],
+            cal["tpr"],
+            cal["fpr"],
+            labelled_scores=ls,
+            labelled_labels=ly,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
     except UserError as err:  # one useless score should not sink the other's estimate
         out["estimate"] = {"error": str(err)}
     return out
 
 
 def _write_scores(out_dir: Path, rows: list[dict], scores: list[dict], flags: dict[str, list[bool]]) -> None:
-    records = [{"index": i, "where": r["where"], **s, **{f"teacher_{k}": v[i] for k, v in flags.items()}}
-               for i, (r, s) in enumerate(zip(rows, scores))]
+    records = [
+        {"index": i, "where": r["where"], **s, **{f"teacher_{k}": v[i] for k, v in flags.items()}}
+        for i, (r, s) in enumerate(zip(rows, scores))
+    ]
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(records), sink)
     write_atomic(out_dir / SCORES_FILE, sink.getvalue().to_pybytes())
@@ -433,10 +496,19 @@ def _note(has_labelled: bool, by_score: dict) -> str | None:
     return "; ".join(f"{k}: {v['estimate']['error']}" for k, v in by_score.items())
 
 
-def run_audit(corpus_path: str | Path, out_dir: str | Path, observer: str = "lab:teacher",
-              performer: str = "lab:base", labelled_path: str | Path | None = None, text_field: str = "text",
-              prompt_field: str | None = None, label_field: str = "label", batch_size: int = 16,
-              n_bootstrap: int = 1000, seed: int = 0) -> dict:
+def run_audit(
+    corpus_path: str | Path,
+    out_dir: str | Path,
+    observer: str = "lab:teacher",
+    performer: str = "lab:base",
+    labelled_path: str | Path | None = None,
+    text_field: str = "text",
+    prompt_field: str | None = None,
+    label_field: str = "label",
+    batch_size: int = 16,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Score every document of a corpus and estimate its teacher-written fraction.
 
     corpus_path: .jsonl or .parquet with a `text_field` column (and `prompt_field` when given).
@@ -453,23 +525,38 @@ def run_audit(corpus_path: str | Path, out_dir: str | Path, observer: str = "lab
     obs_model, perf_model, tokenizer = load_pair(observer, performer)
 
     def score(rows):
-        return score_documents(obs_model, perf_model, tokenizer, [r["text"] for r in rows],
-                               [r["prompt"] for r in rows], batch_size=batch_size)
+        return score_documents(
+            obs_model,
+            perf_model,
+            tokenizer,
+            [r["text"] for r in rows],
+            [r["prompt"] for r in rows],
+            batch_size=batch_size,
+        )
 
     corpus_scores = score(corpus)
     labelled_scores = score(labelled) if labelled else None
     labels = [r["label"] for r in labelled] if labelled else None
-    by_score = {name: _analyse(name, [s[name] for s in corpus_scores],
-                               [s[name] for s in labelled_scores] if labelled_scores else None,
-                               labels, n_bootstrap, seed) for name in SCORE_NAMES}
+    by_score = {
+        name: _analyse(
+            name,
+            [s[name] for s in corpus_scores],
+            [s[name] for s in labelled_scores] if labelled_scores else None,
+            labels,
+            n_bootstrap,
+            seed,
+        )
+        for name in SCORE_NAMES
+    }
 
     calibrated = {k: v for k, v in by_score.items() if "fraction" in v.get("estimate", {})}
     primary = max(calibrated, key=lambda k: calibrated[k]["auroc_labelled"]) if calibrated else None
     flags = {}
     for name in calibrated:
         threshold, direction = by_score[name]["calibration"]["threshold"], TEACHER_DIRECTION[name]
-        flags[name] = [bool(math.isfinite(s[name]) and direction * s[name] >= direction * threshold)
-                       for s in corpus_scores]
+        flags[name] = [
+            bool(math.isfinite(s[name]) and direction * s[name] >= direction * threshold) for s in corpus_scores
+        ]
 
     out_dir = Path(out_dir)
     _write_scores(out_dir, corpus, corpus_scores, flags)
@@ -482,8 +569,9 @@ def run_audit(corpus_path: str | Path, out_dir: str | Path, observer: str = "lab
         "performer": performer,
         "text_field": text_field,
         "prompt_field": prompt_field,
-        "labelled": ({"path": str(labelled_path), "n": len(labelled), "n_teacher": int(sum(labels))}
-                     if labelled else None),
+        "labelled": (
+            {"path": str(labelled_path), "n": len(labelled), "n_teacher": int(sum(labels))} if labelled else None
+        ),
         "primary_score": primary,
         "estimated_teacher_fraction": by_score[primary]["estimate"] if primary else None,
         "scores": by_score,

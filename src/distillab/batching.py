@@ -1,7 +1,8 @@
 """Rows -> torch: the training set (task rows, with retain replay in a fixed batch-by-batch order), its order
 (length-grouped batches), its batches (collate, packing), and right padding for scoring.
 
-Rows come from a RowSource: trainrows.ArrowRows (a dataset streamed from its Arrow copy) or ListRows (rows in memory).
+Rows come from a RowSource: trainrows.ArrowRows (a dataset streamed from its Arrow copy) or ListRows (rows in memory),
+either seen through LengthLimit where train.max_length is set.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from distillab.dataset import TOPK_KEYS
 from distillab.errors import UserError
 from distillab.trainrows import ArrowRows
 
@@ -20,6 +22,9 @@ class ListRows:
         self.rows = rows
         self.prompt_lengths = np.array([len(r["prompt_ids"]) for r in rows], dtype=np.int64)
         self.completion_lengths = np.array([len(r["completion_ids"]) for r in rows], dtype=np.int64)
+        self.answer_lengths = np.array(
+            [-1 if r.get("answer_ids") is None else len(r["answer_ids"]) for r in rows], dtype=np.int64
+        )  # a reasoning row's answer alone; -1: a row without a trace
         with_topk = [r["top_ids"] for r in rows if r.get("top_ids") is not None and len(r["top_ids"])]
         self.max_teacher_id = max((int(torch.as_tensor(ids).max()) for ids in with_topk), default=-1)
         self.has_topk = bool(with_topk)
@@ -32,6 +37,93 @@ class ListRows:
 
 
 RowSource = ArrowRows | ListRows
+
+PER_TOKEN = ("completion_ids", *TOPK_KEYS)  # a row's columns with one entry per completion token
+
+
+class LengthLimit:
+    """train.max_length over a RowSource, itself one: a row longer than max_length tokens (prompt + completion) has its
+    completion cut at the end, the teacher's top-k with it position for position (overflow "truncate"), or is left
+    out ("drop"). A row whose prompt alone leaves no room for one completion token is left out either way: cutting
+    its prompt would train on an answer to a question the student never saw. The counts go to train_summary.json."""
+
+    def __init__(self, source: RowSource, max_length: int, overflow: str):
+        self.source, self.max_length = source, max_length
+        prompt, completion = source.prompt_lengths.astype(np.int64), source.completion_lengths.astype(np.int64)
+        over = prompt + completion > max_length
+        left_out = over if overflow == "drop" else prompt >= max_length
+        self.kept = np.flatnonzero(~left_out)  # (kept,) the source's row of each of these rows
+        self.prompt_lengths = prompt[self.kept]
+        self.completion_lengths = np.minimum(completion, max_length - prompt)[self.kept]
+        self.truncated_rows = int((over & ~left_out).sum())
+        self.dropped_rows = int(left_out.sum())
+        self.tokens_cut = int(completion.sum() - self.completion_lengths.sum())  # cut ends + dropped completions
+        self.max_teacher_id, self.has_topk = source.max_teacher_id, source.has_topk
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def fetch(self, indices) -> list[dict]:
+        rows = self.source.fetch(self.kept[np.asarray(indices, dtype=np.int64)].tolist())
+        return [cut_row(row, self.max_length - len(row["prompt_ids"])) for row in rows]
+
+
+def cut_row(row: dict, n: int) -> dict:
+    """The row with its completion and every per-token column cut to the first n positions."""
+    if len(row["completion_ids"]) <= n:
+        return row
+    return row | {key: row[key][:n] for key in PER_TOKEN if row.get(key) is not None}
+
+
+class AnswersOnly:
+    """[train] traces = false over a RowSource, itself one: a row with a reasoning trace trains on its answer alone
+    (answer_ids: the answer as the student's template writes it without a trace) instead of trace + answer, for
+    comparison. The teacher's top-k stays on the answer's tokens when they are the last tokens of completion_ids (the
+    answer tokenized alike inside the whole), else the row trains on its text. Rows without a trace are unchanged."""
+
+    def __init__(self, source: RowSource):
+        self.source = source
+        answers = source.answer_lengths
+        self.prompt_lengths = source.prompt_lengths
+        self.completion_lengths = np.where(answers >= 0, answers, source.completion_lengths)
+        self.answer_lengths = np.full(len(answers), -1)  # no trace left to leave out
+        self.max_teacher_id, self.has_topk = source.max_teacher_id, source.has_topk
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def fetch(self, indices) -> list[dict]:
+        return [answer_only(row) for row in self.source.fetch(indices)]
+
+
+def answer_only(row: dict) -> dict:
+    """A row with a reasoning trace as its answer alone (AnswersOnly); a row without one as it is."""
+    if row.get("answer_ids") is None:
+        return row
+    answer, completion = list(row["answer_ids"]), list(row["completion_ids"])
+    start = len(completion) - len(answer)
+    at_end = start >= 0 and completion[start:] == answer
+    return (
+        row
+        | {"completion_ids": answer, "answer_ids": None}
+        | {key: row[key][start:] if at_end and row.get(key) is not None else None for key in TOPK_KEYS}
+    )
+
+
+def answers_only(rows: RowSource | list[dict] | None, traces: bool) -> RowSource | list[dict] | None:
+    """rows as [train] traces lets them through: unchanged when the traces are trained on (or without rows)."""
+    if traces or rows is None:
+        return rows
+    return AnswersOnly(ListRows(rows) if isinstance(rows, list) else rows)
+
+
+def limit_length(
+    rows: RowSource | list[dict] | None, max_length: int | None, overflow: str
+) -> RowSource | list[dict] | None:
+    """rows as train.max_length lets them through: unchanged without a limit (or without rows)."""
+    if max_length is None or rows is None:
+        return rows
+    return LengthLimit(ListRows(rows) if isinstance(rows, list) else rows, max_length, overflow)
 
 
 def right_pad(id_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,15 +143,22 @@ class DistillDataset(torch.utils.data.Dataset):
     (retain.batch_layout), read sequentially so every batch holds the configured replay share. An item is its own
     index: the collator (Collator) fetches and decodes a whole batch at once."""
 
-    def __init__(self, task: RowSource | list[dict], vocab_size: int, replay: RowSource | list[dict] | None = None,
-                 layout: list[tuple[str, int]] | None = None):
+    def __init__(
+        self,
+        task: RowSource | list[dict],
+        vocab_size: int,
+        replay: RowSource | list[dict] | None = None,
+        layout: list[tuple[str, int]] | None = None,
+    ):
         self.task = task if not isinstance(task, list) else ListRows(task)
         self.replay = replay if not isinstance(replay, list) else ListRows(replay)
         self.sources = [self.task] + ([self.replay] if self.replay is not None else [])
         for name, source in zip(("task", "replay"), self.sources):
             if source.max_teacher_id >= vocab_size:
-                raise UserError(f"teacher token ids reach past the student's vocabulary ({vocab_size}) in the {name} "
-                                f"rows (up to {source.max_teacher_id}): teacher and student tokenizers differ")
+                raise UserError(
+                    f"teacher token ids reach past the student's vocabulary ({vocab_size}) in the {name} "
+                    f"rows (up to {source.max_teacher_id}): teacher and student tokenizers differ"
+                )
         if layout is None:  # item i is task row i
             self.group, self.index = np.zeros(len(self.task), np.int8), np.arange(len(self.task))
         else:  # (n,) each: 0 task / 1 replay, and the row in that source
@@ -83,8 +182,10 @@ class DistillDataset(torch.utils.data.Dataset):
 
     def pass_tokens(self) -> tuple[int, int]:
         """(rows, prompt + completion tokens) of one pass over the training data: task and replay rows, each once."""
-        return (sum(len(s) for s in self.sources),
-                int(sum((s.prompt_lengths + s.completion_lengths).sum() for s in self.sources)))
+        return (
+            sum(len(s) for s in self.sources),
+            int(sum((s.prompt_lengths + s.completion_lengths).sum() for s in self.sources)),
+        )
 
     def fetch(self, items) -> list[dict]:
         """The items' rows, decoded, in order: one fetch per source."""
@@ -108,8 +209,14 @@ class Collator:
         return collate(self.data.fetch(items), self.pad_id, pack=self.pack)
 
 
-def group_by_length(order: np.ndarray, lengths: np.ndarray, groups: np.ndarray, batch_size: int,
-                    rng: np.random.Generator, span: int = 64) -> np.ndarray:
+def group_by_length(
+    order: np.ndarray,
+    lengths: np.ndarray,
+    groups: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    span: int = 64,
+) -> np.ndarray:
     """`order` (items, batch after batch) with rows moved between the batches of each window of `span` batches so
     that a batch holds rows of similar length: in a window, each group's items (task, replay) are sorted by length,
     longest first, and dealt back into that group's places in order, so every batch keeps its count of each group
@@ -168,7 +275,9 @@ def collate(rows: list[dict], pad_id: int, pack: bool | int = False) -> dict[str
     labels = torch.full((n_rows, width), -100, dtype=torch.long)  # (B, T) HF convention: label[t] = input[t]
     top_ids = torch.zeros((n_rows, width, max(k, 1)), dtype=torch.long)  # (B, T, k) at the predicting index
     top_logprobs = torch.full((n_rows, width, max(k, 1)), -1e4)  # (B, T, k)
-    top_tail = torch.full((n_rows, width), float("nan"))  # (B, T) log of the teacher's mass outside its top-k; NaN: none stored
+    top_tail = torch.full(
+        (n_rows, width), float("nan")
+    )  # (B, T) log of the teacher's mass outside its top-k; NaN: none stored
     kd_mask = torch.zeros((n_rows, width), dtype=torch.bool)  # (B, T) where a teacher distribution exists
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)  # (B, T) packed only
     prompt_len = torch.zeros(n_rows, dtype=torch.long)

@@ -17,9 +17,12 @@ later. Freed pages go back (auto_vacuum = FULL). A read of a packed key decompre
 blocks are kept, so reading a chunk's keys in order costs one decompression a block. `responses` is a view over loose
 + packed rows (key and counts).
 
-A cache of an earlier layout (PRAGMA user_version below LAYOUT: one `responses` row a response) is converted on
+A cache of an earlier layout (PRAGMA user_version below 3: one `responses` row a response) is converted on
 open, in one transaction, into blocks (EarlierLayout, RequestCache._convert): a kill during the conversion leaves the
-file as it is, and the next open converts it.
+file as it is, and the next open converts it. A cache of layout 3 gets layout 4's reasoning_tokens columns (a reasoning
+trace's share of completion_tokens, summed by usage() for the ledger; 0 for every response it already holds), in
+place, in one transaction: its blocks are not touched. The trace's text itself is a response field like the others
+(in the meta JSON part, absent when there is none), so a response without one reads back exactly as before.
 `get(key, raw_topk=True)` hands the codec bytes over without decoding: generate writes them to the
 dataset as they are, no decode/re-encode and no extra rounding.
 """
@@ -51,7 +54,8 @@ CREATE TABLE loose (
   completion_tokens INTEGER NOT NULL,
   latency_s REAL NOT NULL,
   attempts INTEGER NOT NULL,
-  created_at REAL NOT NULL
+  created_at REAL NOT NULL,
+  reasoning_tokens INTEGER NOT NULL DEFAULT 0  -- of completion_tokens, a reasoning trace's (layout 4)
 );
 CREATE TABLE blocks (
   id INTEGER PRIMARY KEY,
@@ -67,7 +71,8 @@ CREATE TABLE packed (
   prompt_tokens INTEGER NOT NULL,
   completion_tokens INTEGER NOT NULL,
   latency_ms INTEGER NOT NULL,    -- 1-3 bytes, not a REAL's 8
-  attempts INTEGER NOT NULL
+  attempts INTEGER NOT NULL,
+  reasoning_tokens INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE failures (
   key TEXT PRIMARY KEY,           -- hex: few rows, kept readable
@@ -77,10 +82,17 @@ CREATE TABLE failures (
   failed_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE VIEW responses AS
-  SELECT key, prompt_tokens, completion_tokens, latency_s, attempts FROM loose
-  UNION ALL SELECT key, prompt_tokens, completion_tokens, latency_ms / 1000.0, attempts FROM packed;
+  SELECT key, prompt_tokens, completion_tokens, latency_s, attempts, reasoning_tokens FROM loose
+  UNION ALL SELECT key, prompt_tokens, completion_tokens, latency_ms / 1000.0, attempts, reasoning_tokens FROM packed;
 """
-LAYOUT = 3  # PRAGMA user_version of the layout above; a cache with a lower one is converted on open
+LAYOUT = 4  # PRAGMA user_version of the layout above; a cache with a lower one is converted on open
+# Layout 3 is layout 4 without the reasoning_tokens columns: it gets them in place (REASONING_UPGRADE), its blocks
+# as they are.
+REASONING_UPGRADE = SCHEMA[SCHEMA.index("CREATE VIEW") :]
+LOOSE_COLUMNS = (
+    "key, request, response, prompt_tokens, completion_tokens, latency_s, attempts, created_at, "
+    "reasoning_tokens"
+)  # named: a layout-3 cache upgraded in place has them in this order too
 PACK_ROWS = 512  # loose rows that trigger a repack into one block
 BLOCKS_KEPT = 4  # decoded blocks kept for reads
 ZSTD_LEVEL = 9  # small blobs: a higher level costs little time, saves ~10%
@@ -90,7 +102,6 @@ def request_key(request: dict) -> str:
     """Hash of the canonical request: every field counts (endpoint, model, sampling, prompt); order does not."""
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
 
 
 BLOB_MAGIC = b"DLR2"  # a blob: magic, a dictionary id (u32, 0: none), one zstd frame (its size inside)
@@ -130,17 +141,23 @@ def response_raw(response: dict) -> bytes:
     ids, lps = response.get("top_ids"), response.get("top_logprobs")
     if lps is not None and not ids:
         raise ValueError("log-probs of token strings (no ids): not codec-shaped")
-    meta = {k: v for k, v in response.items()
-            if k not in ("token_ids", "top_ids", "top_logprobs", "top_tail") and v is not None}
+    meta = {
+        k: v
+        for k, v in response.items()
+        if k not in ("token_ids", "top_ids", "top_logprobs", "top_tail") and v is not None
+    }
     meta["has_token_ids"] = response.get("token_ids") is not None
     meta["has_topk"] = bool(ids)
-    parts = [json.dumps(meta, separators=(",", ":")).encode(),
-             np.asarray(response.get("token_ids") or [], dtype="<i4").tobytes()]
+    parts = [
+        json.dumps(meta, separators=(",", ":")).encode(),
+        np.asarray(response.get("token_ids") or [], dtype="<i4").tobytes(),
+    ]
     if ids:
-        encoded = encode_topk(ids, lps, tail_logprob=response.get("top_tail"))  # the teacher's own tail when it gave one
+        encoded = encode_topk(
+            ids, lps, tail_logprob=response.get("top_tail")
+        )  # the teacher's own tail when it gave one
         parts += [encoded[f].tobytes() for f in FIELDS]
     return b"".join(struct.pack("<I", len(p)) + p for p in parts)
-
 
 
 def encode_response(response: dict) -> bytes:
@@ -258,13 +275,17 @@ class EarlierLayout:
 
         stored = db.execute("SELECT id, data FROM dictionaries").fetchall() if "dictionaries" in tables else []
         self.decompressors = {0: _zstd_decompressor()} | {
-            id: zstd.ZstdDecompressor(dict_data=zstd.ZstdCompressionDict(data)) for id, data in stored}
+            id: zstd.ZstdDecompressor(dict_data=zstd.ZstdCompressionDict(data)) for id, data in stored
+        }
 
     def row(self, key: str | bytes, request: str | bytes, response: str | bytes, *counts) -> tuple:
         """A stored row -> the row _write_block takes: binary key, request JSON, response_raw's parts or JSON text."""
-        return (key if isinstance(key, bytes) else bytes.fromhex(key),
-                self._raw(request).decode() if self._is_blob(request) else request,
-                _split(self._raw(response)) if self._is_blob(response) else response, *counts)
+        return (
+            key if isinstance(key, bytes) else bytes.fromhex(key),
+            self._raw(request).decode() if self._is_blob(request) else request,
+            _split(self._raw(response)) if self._is_blob(response) else response,
+            *counts,
+        )
 
     def _is_blob(self, value) -> bool:
         return isinstance(value, bytes) and value[:4] in (BLOB_MAGIC, self.OLD_BLOB_MAGIC)
@@ -280,18 +301,21 @@ class EarlierLayout:
 
 
 def _corrupt(path: Path, err: sqlite3.Error) -> UserError:
-    return UserError(f"{path}: unusable teacher cache ({err}): move it away and rerun "
-                     "(its cached answers are then asked again)")
+    return UserError(
+        f"{path}: unusable teacher cache ({err}): move it away and rerun (its cached answers are then asked again)"
+    )
 
 
 def _guarded(method):
     """A corrupt page can surface on any query, not only at open: each becomes a one-line error naming the file."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except sqlite3.DatabaseError as err:
             raise _corrupt(self.path, err) from None
+
     return wrapper
 
 
@@ -328,7 +352,10 @@ class RequestCache:
         try:
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
             fresh = "responses" not in tables
-            converting = not fresh and self.db.execute("PRAGMA user_version").fetchone()[0] < LAYOUT
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if not fresh and version == 3:
+                self._add_reasoning_tokens()
+            converting = not fresh and version < 3
             if converting:
                 for table in {"responses", "failures"} & tables:
                     self.db.execute(f"ALTER TABLE {table} RENAME TO earlier_{table}")
@@ -344,16 +371,28 @@ class RequestCache:
             raise
         return converting
 
+    def _add_reasoning_tokens(self) -> None:
+        """Layout 3 -> 4, inside _open_layout's transaction: the reasoning_tokens columns, and the view over them."""
+        for table in ("loose", "packed"):
+            self.db.execute(f"ALTER TABLE {table} ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0")
+        self.db.execute("DROP VIEW responses")
+        self.db.execute(REASONING_UPGRADE)
+        self.db.execute(f"PRAGMA user_version = {LAYOUT}")
+
     def _convert(self, tables: set[str]) -> None:
         """An earlier layout's responses (renamed earlier_responses) -> blocks of 2 x PACK_ROWS rows in their order,
         its failures (earlier_failures) kept; its tables dropped. Inside _open_layout's transaction."""
         earlier = EarlierLayout(self.db, tables)
-        stored = self.db.execute("SELECT key, request, response, prompt_tokens, completion_tokens, latency_s, "
-                                 "attempts, created_at FROM earlier_responses ORDER BY rowid")
+        stored = self.db.execute(
+            "SELECT key, request, response, prompt_tokens, completion_tokens, latency_s, "
+            "attempts, created_at FROM earlier_responses ORDER BY rowid"
+        )
         while rows := stored.fetchmany(2 * PACK_ROWS):
             self._write_block([earlier.row(*row) for row in rows])
         if "failures" in tables:
-            self.db.execute("INSERT INTO failures SELECT key, request, error, attempts, failed_at FROM earlier_failures")
+            self.db.execute(
+                "INSERT INTO failures SELECT key, request, error, attempts, failed_at FROM earlier_failures"
+            )
         for table in ("earlier_responses", "earlier_failures", "dictionaries"):
             self.db.execute(f"DROP TABLE IF EXISTS {table}")
 
@@ -381,8 +420,10 @@ class RequestCache:
         except sqlite3.DatabaseError as err:
             raise _corrupt(path, err) from None
         if tables and "responses" not in tables:
-            raise UserError(f"{path} is a SQLite database of another program (tables: {', '.join(sorted(tables))}), "
-                            "not a teacher cache: move it away and rerun")
+            raise UserError(
+                f"{path} is a SQLite database of another program (tables: {', '.join(sorted(tables))}), "
+                "not a teacher cache: move it away and rerun"
+            )
 
     def close(self) -> None:
         """Packs the loose rows left, then closes. A cache another process holds is closed as it is."""
@@ -390,15 +431,17 @@ class RequestCache:
             while self._pack():
                 pass
         except sqlite3.DatabaseError:  # busy, read-only or damaged: the loose rows stay loose (the error, if any,
-            pass                      # is the caller's to see on its own queries, not a second one from close)
+            pass  # is the caller's to see on its own queries, not a second one from close)
         finally:
             self.db.close()
 
     def _stored(self, key: str) -> tuple[str, list[bytes] | bytes | str] | None:
         """(request JSON, response as stored: its blob or JSON text, or, packed, response_raw's parts)."""
-        row = self.db.execute("SELECT request, response, NULL, NULL FROM loose WHERE key = ?1 UNION ALL "
-                              "SELECT NULL, NULL, block, pos FROM packed WHERE key = ?1 LIMIT 1",
-                              (bytes.fromhex(key),)).fetchone()  # one statement: one snapshot, whatever a repack does
+        row = self.db.execute(
+            "SELECT request, response, NULL, NULL FROM loose WHERE key = ?1 UNION ALL "
+            "SELECT NULL, NULL, block, pos FROM packed WHERE key = ?1 LIMIT 1",
+            (bytes.fromhex(key),),
+        ).fetchone()  # one statement: one snapshot, whatever a repack does
         if row is None or row[2] is None:
             return row and row[:2]
         return self._block(row[2]).row(row[3])
@@ -436,8 +479,12 @@ class RequestCache:
         for start in range(0, len(keys), 500):  # SQLite caps the number of bound parameters
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            found |= {r[0] for r in self.db.execute(f"SELECT key FROM responses WHERE key IN ({marks})",
-                                                    [bytes.fromhex(k) for k in chunk])}
+            found |= {
+                r[0]
+                for r in self.db.execute(
+                    f"SELECT key FROM responses WHERE key IN ({marks})", [bytes.fromhex(k) for k in chunk]
+                )
+            }
         return {k.hex() for k in found}
 
     @_guarded
@@ -448,12 +495,23 @@ class RequestCache:
 
     @_guarded
     def put(self, key: str, request: dict, response: dict, latency_s: float = 0.0, attempts: int = 1) -> None:
-        row = (bytes.fromhex(key), json.dumps(request, sort_keys=True), self._encoded(response),
-               int(response.get("prompt_tokens", 0)), int(response.get("completion_tokens", 0)),
-               float(latency_s), int(attempts), time.time())
+        row = (
+            bytes.fromhex(key),
+            json.dumps(request, sort_keys=True),
+            self._encoded(response),
+            int(response.get("prompt_tokens", 0)),
+            int(response.get("completion_tokens", 0)),
+            float(latency_s),
+            int(attempts),
+            time.time(),
+            int(response.get("reasoning_tokens") or 0),
+        )
         with self.db:  # one committed transaction per response: a loose row, unless another process packed it
-            self.db.execute("INSERT OR IGNORE INTO loose SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 "
-                            "WHERE NOT EXISTS (SELECT 1 FROM packed WHERE key = ?1)", row)
+            self.db.execute(
+                f"INSERT OR IGNORE INTO loose ({LOOSE_COLUMNS}) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 "
+                "WHERE NOT EXISTS (SELECT 1 FROM packed WHERE key = ?1)",
+                row,
+            )
             self.db.execute("DELETE FROM failures WHERE key = ?", (key,))
         self._loose += 1
         if self._loose >= PACK_ROWS:
@@ -474,12 +532,16 @@ class RequestCache:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             rows = self.db.execute(
-                "SELECT key, request, response, prompt_tokens, completion_tokens, latency_s, attempts, created_at "
-                "FROM loose WHERE key NOT IN (SELECT key FROM packed) ORDER BY rowid LIMIT ?",
-                (2 * PACK_ROWS,)).fetchall()
+                f"SELECT {LOOSE_COLUMNS} FROM loose WHERE key NOT IN (SELECT key FROM packed) ORDER BY rowid LIMIT ?",
+                (2 * PACK_ROWS,),
+            ).fetchall()
             if rows:
-                self._write_block([(key, request, _split(unpack(response)) if is_blob(response) else response, *counts)
-                                   for key, request, response, *counts in rows])
+                self._write_block(
+                    [
+                        (key, request, _split(unpack(response)) if is_blob(response) else response, *counts)
+                        for key, request, response, *counts in rows
+                    ]
+                )
             self.db.execute("DELETE FROM loose WHERE key IN (SELECT key FROM packed)")
             self.db.execute("COMMIT")
         except BaseException:
@@ -490,14 +552,22 @@ class RequestCache:
 
     def _write_block(self, rows: list[tuple]) -> None:
         """One block of rows (key, request JSON, response: response_raw's parts or JSON text, prompt_tokens,
-        completion_tokens, latency_s, attempts, created_at) and a `packed` row a key, in the caller's transaction."""
+        completion_tokens, latency_s, attempts, created_at, and reasoning_tokens but from an earlier layout) and a
+        `packed` row a key, in the caller's transaction."""
         raw = pack_block([(request, response) for _, request, response, *_ in rows])
         data = BLOB_HEADER + _block_zstd().compress(raw)
-        id = self.db.execute("INSERT INTO blocks (data, rows, first_at, last_at) VALUES (?, ?, ?, ?)",
-                             (data, len(rows), rows[0][-1], rows[-1][-1])).lastrowid
-        self.db.executemany("INSERT INTO packed VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [(key, id, pos, p, c, round(latency * 1000), attempts)
-                             for pos, (key, _, _, p, c, latency, attempts, _) in enumerate(rows)])
+        id = self.db.execute(
+            "INSERT INTO blocks (data, rows, first_at, last_at) VALUES (?, ?, ?, ?)",
+            (data, len(rows), rows[0][7], rows[-1][7]),
+        ).lastrowid
+        self.db.executemany(
+            "INSERT INTO packed (key, block, pos, prompt_tokens, completion_tokens, latency_ms, attempts, "
+            "reasoning_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (key, id, pos, p, c, round(latency * 1000), attempts, reasoning[0] if reasoning else 0)
+                for pos, (key, _, _, p, c, latency, attempts, _, *reasoning) in enumerate(rows)
+            ],
+        )
 
     @_guarded
     def put_failure(self, key: str, request: dict, error: str, attempts: int) -> None:
@@ -516,17 +586,18 @@ class RequestCache:
     @_guarded
     def usage(self, keys: list[str]) -> dict:
         """Token totals over the given keys (the requests of one dataset)."""
-        totals = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
+        totals = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "reasoning_tokens": 0}
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            n, p, c, lat = self.db.execute(
+            n, p, c, lat, r = self.db.execute(
                 f"SELECT COUNT(*), COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), "
-                f"COALESCE(SUM(latency_s),0) FROM responses WHERE key IN ({marks})",
-                [bytes.fromhex(k) for k in chunk]).fetchone()
+                f"COALESCE(SUM(latency_s),0), COALESCE(SUM(reasoning_tokens),0) FROM responses WHERE key IN ({marks})",
+                [bytes.fromhex(k) for k in chunk],
+            ).fetchone()
             totals["requests"] += n
             totals["prompt_tokens"] += p
             totals["completion_tokens"] += c
             totals["latency_s"] += lat
+            totals["reasoning_tokens"] += r
         return totals
-

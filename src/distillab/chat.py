@@ -14,6 +14,8 @@ Each model renders it with **its own** chat template:
   only there). Without a template: the completion's ids + end-of-sequence, as sampling.encode_example always
   did. The collator puts labels and KD only on completion_ids: no system, user or earlier-turn token ever
   carries loss.
+- assistant_turn / encode_turn: the same for any assistant message (distillab.reasoning renders one with a
+  reasoning trace through them: its `reasoning_content`, or its trace written into the content).
 """
 
 from __future__ import annotations
@@ -39,17 +41,17 @@ def check_messages(value, where: str, field: str = "messages") -> list[dict]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise UserError(f"{where}: \"{field}\" is text but not JSON ({err.msg})") from None
+            raise UserError(f'{where}: "{field}" is text but not JSON ({err.msg})') from None
     if not isinstance(value, list) or not value:
-        raise UserError(f"{where}: \"{field}\" must be a non-empty list of {{role, content}} turns")
+        raise UserError(f'{where}: "{field}" must be a non-empty list of {{role, content}} turns')
     turns = []
     for i, m in enumerate(value, 1):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             got = repr(m.get("role")) if isinstance(m, dict) else "not an object"
-            raise UserError(f"{where}: turn {i} of \"{field}\": role must be one of {', '.join(ROLES)} (got {got})")
+            raise UserError(f'{where}: turn {i} of "{field}": role must be one of {", ".join(ROLES)} (got {got})')
         content = text_content(m.get("content"))
         if content is not None and not isinstance(content, str):
-            raise UserError(f"{where}: turn {i} of \"{field}\": content must be text")
+            raise UserError(f'{where}: turn {i} of "{field}": content must be text')
         if m.get("tool_calls"):
             content = ((content or "") + "\n" + json.dumps(m["tool_calls"], ensure_ascii=False)).lstrip("\n")
         turns.append({"role": m["role"], "content": content or ""})
@@ -71,8 +73,10 @@ def split_conversation(turns: list[dict], where: str, field: str = "messages") -
         answer, turns = turns[-1]["content"], turns[:-1]
     if not turns or turns[-1]["role"] != "user":
         last = turns[-1]["role"] if turns else "nothing"
-        raise UserError(f"{where}: \"{field}\" must end with a user turn (or a user turn then the assistant's "
-                        f"reference answer), not {last}")
+        raise UserError(
+            f'{where}: "{field}" must end with a user turn (or a user turn then the assistant\'s '
+            f"reference answer), not {last}"
+        )
     return turns, answer
 
 
@@ -114,7 +118,7 @@ def _without_bos(tokenizer, text: str) -> str:
     give two."""
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        return text[len(bos):]
+        return text[len(bos) :]
     return text
 
 
@@ -131,16 +135,28 @@ def prompt_ids(tokenizer, turns: list[dict]) -> list[int]:
 
 def encode(tokenizer, turns: list[dict], completion: str) -> tuple[list[int], list[int]]:
     """(prompt_ids, completion_ids) of the conversation answered by `completion` (module docstring)."""
-    eos = tokenizer.eos_token_id
     if not has_template(tokenizer):  # the lab's models: the plain encoding every stage uses
         from distillab.sampling import encode_example
 
         return encode_example(tokenizer, plain_text(turns), completion)
+    # A template that rewrites earlier turns when one is added falls back to the bare completion.
+    asked, turn = assistant_turn(tokenizer, turns, {"role": "assistant", "content": completion})
+    return encode_turn(tokenizer, asked, completion if turn is None else turn)
+
+
+def assistant_turn(tokenizer, turns: list[dict], message: dict) -> tuple[str, str | None]:
+    """(the prompt text with the generation prompt, the assistant `message` as the template writes it after that
+    prompt), or (prompt, None) when the template rewrites the earlier turns once the message is added (the prompt is
+    then no prefix of the whole). For a tokenizer with a chat template."""
     asked = _apply(tokenizer, turns, True)
-    whole = _apply(tokenizer, turns + [{"role": "assistant", "content": completion}], False)
-    # The assistant turn as the template writes it; a template that rewrites earlier turns when one is added (the
-    # prompt is then no prefix of the whole) falls back to the bare completion.
-    turn = whole[len(asked):] if whole.startswith(asked) else completion
+    whole = _apply(tokenizer, turns + [message], False)
+    return asked, whole[len(asked) :] if whole.startswith(asked) else None
+
+
+def encode_turn(tokenizer, asked: str, turn: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids of the prompt text `asked`, completion_ids of the assistant turn's text `turn`) for a tokenizer with
+    a chat template: the turn's ids up to and including the first end-of-sequence, or with one appended."""
+    eos = tokenizer.eos_token_id
     ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
     ids = ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]  # nothing after end-of-sequence is generated
     return tokenizer(_without_bos(tokenizer, asked))["input_ids"], ids

@@ -21,8 +21,12 @@ from rich.text import Text
 
 from distillab.errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_USER, UserError, one_line, user_message
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Distill a teacher into a student; measure what it gained, what it forgot and what it cost.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distill a teacher into a student; measure what it gained, what it forgot and what it cost.",
+)
 lab_app = typer.Typer(no_args_is_help=True, help="The embedded lab world and its shipped checkpoints.")
 app.add_typer(lab_app, name="lab")
 console = Console(stderr=True)
@@ -32,8 +36,11 @@ _debug = {"on": False}  # set by the global --debug option; read by the boundary
 
 
 @app.callback()
-def _global_options(debug: bool = typer.Option(False, "--debug", envvar="DISTILLAB_DEBUG",
-                                               help="show the traceback of an unexpected error")):
+def _global_options(
+    debug: bool = typer.Option(
+        False, "--debug", envvar="DISTILLAB_DEBUG", help="show the traceback of an unexpected error"
+    ),
+):
     """Distill a teacher into a student; measure what it gained, what it forgot and what it cost."""
     _debug["on"] = debug
 
@@ -86,13 +93,20 @@ def _progress_bar(cfg, stage):
         yield None
         return
     label, field = ("teacher", "money") if kind == "generate" else (f"train {cfg.name}", "loss")
-    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(f"{{task.fields[{field}]}}"),
-                        TimeRemainingColumn(), console=console, transient=True)
+    progress = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(f"{{task.fields[{field}]}}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
     task = progress.add_task(kind, total=None, **{field: "" if kind == "generate" else "-"})
 
     def teacher_answers(done: int, total: int, budget) -> None:
         spent, projected = budget.spent, budget.projected
-        money = ("unpriced" if spent is None else f"${spent:.4f} spent, ${projected or 0:.4f} projected")
+        money = "unpriced" if spent is None else f"${spent:.4f} spent, ${projected or 0:.4f} projected"
         tokens = f"{budget.prompt_tokens + budget.completion_tokens} tok"
         progress.update(task, completed=done, total=total, money=f"{tokens}  {money}")
 
@@ -117,7 +131,7 @@ def run_shown(cfg, stages, shard=None) -> dict:
                 records[stage.name] = run_stage(stage, cfg, replace(ctx, progress=progress))
             line = _finished_line(cfg, stage.name, records[stage.name], ctx.shard)
             if line:
-                console.print(line)
+                console.print(line, markup=False)  # it quotes prompts: their brackets are text, not rich markup
     return records
 
 
@@ -127,24 +141,53 @@ def _finished_line(cfg, name: str, record, shard) -> str | None:
     from distillab.train import TrainSummary
 
     if isinstance(record, GenerateSummary) and name == "generate:train":
+        from distillab.verify import summary_line
+
+        checked = f"\n{summary_line(record.verification)}" if record.verification else ""  # [verify]'s yield and cost
+        if record.decontamination:  # [decontaminate]: what the prompts were checked against, what was dropped
+            from distillab.decontaminate import summary_line as decontaminated
+
+            checked += f"\ndecontaminate: {decontaminated(record.decontamination)}"
         if shard != WHOLE:
-            return (f"generate shard {shard[0]}/{shard[1]}: {record.rows} rows ({record.requests_sent} sent, "
-                    f"{record.cached} cached, {record.failed} failed); per endpoint: {record.endpoints}")
+            return (
+                f"generate shard {shard[0]}/{shard[1]}: {record.rows} rows ({record.requests_sent} sent, "
+                f"{record.cached} cached, {record.failed} failed); per endpoint: {record.endpoints}{checked}"
+            )
         money = "unpriced" if record.usd is None else f"${record.usd:.4f}"
-        state = ("up to date" if record.skipped
-                 else f"{record.requests_sent} sent, {record.cached} cached, {record.failed} failed")
-        return (f"generate: {record.rows} rows ({state}); teacher tokens {record.prompt_tokens} in / "
-                f"{record.completion_tokens} out, {money}")
+        state = (
+            "up to date"
+            if record.skipped
+            else f"{record.requests_sent} sent, {record.cached} cached, {record.failed} failed"
+        )
+        traces = f" ({record.reasoning_tokens} reasoning)" if record.reasoning_tokens else ""
+        return (
+            f"generate: {record.rows} rows ({state}); teacher tokens {record.prompt_tokens} in / "
+            f"{record.completion_tokens} out{traces}, {money}{checked}"
+        )
     if isinstance(record, TrainSummary) and record.complete:
-        return (f"train {cfg.name}: {'up to date' if record.skipped else 'done'}: {record.steps} steps, "
-                f"{record.train_seconds}s, final loss {record.final_loss:.4f}")
+        cut = (
+            f"; max_length {record.max_length}: {record.truncated_rows} rows truncated, {record.dropped_rows} "
+            f"dropped, {record.tokens_cut} completion tokens cut"
+            if record.truncated_rows or record.dropped_rows
+            else ""
+        )
+        return (
+            f"train {cfg.name}: {'up to date' if record.skipped else 'done'}: {record.steps} steps, "
+            f"{record.train_seconds}s, final loss {record.final_loss:.4f}{cut}"
+        )
     return None
 
 
 @app.command()
-def generate(config: Path = ConfigArg, max_usd: float | None = typer.Option(None, help="stop before projected teacher spend passes this"),
-             shard: str | None = typer.Option(None, help="I/N: answer only shard I of N of the prompts (by hash), "
-                                                 "writing data/train/part-I-of-N-* into the shared run directory")):
+def generate(
+    config: Path = ConfigArg,
+    max_usd: float | None = typer.Option(None, help="stop before projected teacher spend passes this"),
+    shard: str | None = typer.Option(
+        None,
+        help="I/N: answer only shard I of N of the prompts (by hash), "
+        "writing data/train/part-I-of-N-* into the shared run directory",
+    ),
+):
     """Teacher answers the task prompts -> data/train.parquet, or its shards with --shard (cached, resumable)."""
     from distillab.generate import generate_stages
     from distillab.shards import parse_shard
@@ -164,8 +207,10 @@ def train(config: Path = ConfigArg):
 
 
 @app.command()
-def evaluate(config: Path = ConfigArg,
-             lm_eval_tasks: str | None = typer.Option(None, "--lm-eval-tasks", help="lm-eval task names or a YAML file")):
+def evaluate(
+    config: Path = ConfigArg,
+    lm_eval_tasks: str | None = typer.Option(None, "--lm-eval-tasks", help="lm-eval task names or a YAML file"),
+):
     """Teacher, base and student on the task and general suites -> eval/<model>.json."""
     from distillab.pipeline import evaluation_stages, records_by_label
 
@@ -197,8 +242,10 @@ def run(config: Path = ConfigArg):
 
 
 @app.command()
-def demo(runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"),
-         fresh: bool = typer.Option(False, help="delete runs/demo first")):
+def demo(
+    runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"),
+    fresh: bool = typer.Option(False, help="delete runs/demo first"),
+):
     """The lab demo: distill the base student on a task, with a zero-distillation control; ~2 minutes on 2 cores."""
     from distillab.demo import run_demo
     from distillab.files import check_creatable
@@ -208,24 +255,42 @@ def demo(runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"
 
 
 @app.command()
-def serve(model_dir: str = typer.Argument(..., help="HF model directory or lab:NAME"),
-          host: str = typer.Option("127.0.0.1", help="bind address (loopback unless you mean it)"),
-          port: int = typer.Option(8000, help="TCP port, 1-65535"),
-          api_key: str | None = typer.Option(None, envvar="DISTILLAB_SERVE_API_KEY", help="require this bearer key"),
-          max_batch: int = typer.Option(32, help="most prompts in one model call (1: no batching)"),
-          max_request_work: int | None = typer.Option(
-              None, help="most token slots one request may fill: (prompts x max_tokens + echoed prompt tokens) "
-                         "x (1 + top logprobs); default 262144"),
-          fault_rate: float = typer.Option(0.0, help="inject faults (429/500/hang/truncated) at this rate: for tests"),
-          fault_seed: int = typer.Option(0, help="seed of the fault schedule")):
+def serve(
+    model_dir: str = typer.Argument(..., help="HF model directory or lab:NAME"),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback unless you mean it)"),
+    port: int = typer.Option(8000, help="TCP port, 1-65535"),
+    api_key: str | None = typer.Option(None, envvar="DISTILLAB_SERVE_API_KEY", help="require this bearer key"),
+    max_batch: int = typer.Option(32, help="most prompts in one model call (1: no batching)"),
+    max_request_work: int | None = typer.Option(
+        None,
+        help="most token slots one request may fill: (prompts x max_tokens + echoed prompt tokens) "
+        "x (1 + top logprobs); default 262144",
+    ),
+    fault_rate: float = typer.Option(0.0, help="inject faults (429/500/hang/truncated) at this rate: for tests"),
+    fault_seed: int = typer.Option(0, help="seed of the fault schedule"),
+    reasoning_parser: str | None = typer.Option(
+        None,
+        help="think (or vLLM's deepseek_r1 / qwen3): a chat answer's inline <think> trace is returned in "
+        "message.reasoning_content, apart from its content; unset: inline",
+    ),
+):
     """Serve a local model behind an OpenAI-compatible API."""
     from distillab.models import resolve_model_path
     from distillab.serve import serve as serve_model
 
     resolve_model_path(model_dir)  # a missing directory is a one-line error before uvicorn starts
     # serve_model checks the port and limits before it loads the model: a bad one is a one-line UserError
-    serve_model(model_dir, host=host, port=port, api_key=api_key, max_batch=max_batch,
-                max_request_work=max_request_work, fault_rate=fault_rate, fault_seed=fault_seed)
+    serve_model(
+        model_dir,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_request_work=max_request_work,
+        fault_rate=fault_rate,
+        fault_seed=fault_seed,
+        reasoning_parser=reasoning_parser,
+    )
 
 
 @app.command()
@@ -243,9 +308,11 @@ def lineage(model_dir: Path = typer.Argument(..., help="a student directory dist
 
 
 @app.command()
-def export(run: Path = typer.Argument(..., help="a run directory, or the run config (TOML) that names it"),
-           fmt: str = typer.Option("plain", "--format", help="plain (Parquet, top-k as list columns) or openai-chat (JSONL)"),
-           out: Path | None = typer.Option(None, help="output directory (default RUN/export/FORMAT)")):
+def export(
+    run: Path = typer.Argument(..., help="a run directory, or the run config (TOML) that names it"),
+    fmt: str = typer.Option("plain", "--format", help="plain (Parquet, top-k as list columns) or openai-chat (JSONL)"),
+    out: Path | None = typer.Option(None, help="output directory (default RUN/export/FORMAT)"),
+):
     """Write a run's dataset for other tools: plain Parquet (TRL, DistillKit) or OpenAI fine-tuning JSONL."""
     from distillab.export import export_run
 
@@ -254,17 +321,27 @@ def export(run: Path = typer.Argument(..., help="a run directory, or the run con
 
 
 @app.command()
-def audit(corpus: Path = typer.Argument(..., help="JSONL or Parquet with a text column"),
-          labelled: Path | None = typer.Option(None, help="labelled sample (text, label 1=teacher) to calibrate on"),
-          observer: str = typer.Option("lab:teacher", help="scores the text (must know the domain)"),
-          performer: str = typer.Option("lab:base", help="gives the expected distribution"),
-          text_field: str = typer.Option("text"), prompt_field: str | None = typer.Option(None),
-          out: Path = typer.Option(Path("audit"), help="output directory")):
+def audit(
+    corpus: Path = typer.Argument(..., help="JSONL or Parquet with a text column"),
+    labelled: Path | None = typer.Option(None, help="labelled sample (text, label 1=teacher) to calibrate on"),
+    observer: str = typer.Option("lab:teacher", help="scores the text (must know the domain)"),
+    performer: str = typer.Option("lab:base", help="gives the expected distribution"),
+    text_field: str = typer.Option("text"),
+    prompt_field: str | None = typer.Option(None),
+    out: Path = typer.Option(Path("audit"), help="output directory"),
+):
     """Estimate how much of a corpus a teacher model wrote (Binoculars and Fast-DetectGPT scores)."""
     from distillab.audit import run_audit
 
-    summary = run_audit(corpus, out, observer=observer, performer=performer, labelled_path=labelled,
-                        text_field=text_field, prompt_field=prompt_field)
+    summary = run_audit(
+        corpus,
+        out,
+        observer=observer,
+        performer=performer,
+        labelled_path=labelled,
+        text_field=text_field,
+        prompt_field=prompt_field,
+    )
     from rich.pretty import pprint
 
     pprint(summary, console=Console())
@@ -281,10 +358,12 @@ def leaderboard(registry: Path = typer.Option(Path("runs/registry.sqlite"), help
 
 
 @lab_app.command("pretrain")
-def lab_pretrain(which: str = typer.Argument("all", help="teacher, base or all"),
-                 out: Path = typer.Option(None, help="directory for the checkpoints (default: the package's own)"),
-                 steps: int | None = typer.Option(None, min=1, help="override the first phase's step count"),
-                 from_phase: int = typer.Option(0, min=0, help="continue from the checkpoint in --out after this many phases")):
+def lab_pretrain(
+    which: str = typer.Argument("all", help="teacher, base or all"),
+    out: Path = typer.Option(None, help="directory for the checkpoints (default: the package's own)"),
+    steps: int | None = typer.Option(None, min=1, help="override the first phase's step count"),
+    from_phase: int = typer.Option(0, min=0, help="continue from the checkpoint in --out after this many phases"),
+):
     """Reproduce the shipped lab checkpoints (the teacher takes about an hour on 2 cores)."""
     from distillab.files import check_creatable
     from distillab.lab.pretrain import PRESETS, pretrain
@@ -314,13 +393,13 @@ def lab_skills():
 
 
 def _print_terminal_summary(cfg) -> None:
-    from distillab.records import read_ledger
+    from distillab.records import read_ledger, read_lm_evals
     from distillab.report import terminal_summary
     from distillab.report.finish import load_evals
     from distillab.rundir import RunDir
 
     run = RunDir(cfg.run_dir)
-    Console().print(terminal_summary(load_evals(run), read_ledger(run.ledger)))
+    Console().print(terminal_summary(load_evals(run), read_ledger(run.ledger), read_lm_evals(run.lm_eval_files())))
 
 
 def _print_scores(results: dict) -> None:
@@ -332,8 +411,12 @@ def _print_scores(results: dict) -> None:
         if res.not_scored:
             table.add_row(label, f"not scored: {res.not_scored}", "-", "-")
             continue
-        table.add_row(label, "-" if t is None else f"{t:.3f}", "-" if g is None else f"{g:.3f}",
-                      "-" if ppl is None else f"{ppl:.2f}")  # an API teacher has no perplexity
+        table.add_row(
+            label,
+            "-" if t is None else f"{t:.3f}",
+            "-" if g is None else f"{g:.3f}",
+            "-" if ppl is None else f"{ppl:.2f}",
+        )  # an API teacher has no perplexity
     Console().print(table)
 
 
@@ -372,8 +455,10 @@ def run_cli(args: list[str] | None = None) -> int:
             _error(message)
             return EXIT_USER
         if not _debug["on"]:
-            _error(f"internal error (this is a bug): {type(err).__name__}: {err}; "
-                   "rerun with `distillab --debug ...` for the traceback")
+            _error(
+                f"internal error (this is a bug): {type(err).__name__}: {err}; "
+                "rerun with `distillab --debug ...` for the traceback"
+            )
         return EXIT_BUG
     if code == EXIT_INTERRUPTED:  # typer turns a KeyboardInterrupt inside a command into exit code 130
         console.print("interrupted: rerun the same command to resume")

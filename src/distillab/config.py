@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -17,6 +17,10 @@ from distillab.errors import UserError
 # = losses.LOSS_NAMES (tests/test_losses.py holds them equal), written out: importing losses would make config, and
 # so `distillab --help`, import torch (1.7 s -> 3+ s here)
 LossName = Literal["ce", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+
+
+THINK_TAGS = ("<think>", "</think>")  # a reasoning model's inline trace, as DeepSeek-R1 and Qwen3 write it
+TRACE_FORMAT = "<think>\n{reasoning}\n</think>\n{answer}"  # trace + answer for a student without a thinking template
 
 
 class ConfigError(UserError):
@@ -30,8 +34,10 @@ def check_hub_id(hub_id: str) -> str:
     try:
         validate_repo_id(hub_id)
     except HFValidationError as err:
-        raise UserError(f"student_hub_id {hub_id!r} is not a Hugging Face Hub id ({str(err).splitlines()[0]}); "
-                        "give one like \"HuggingFaceTB/SmolLM2-135M\", or leave it unset") from None
+        raise UserError(
+            f"student_hub_id {hub_id!r} is not a Hugging Face Hub id ({str(err).splitlines()[0]}); "
+            'give one like "HuggingFaceTB/SmolLM2-135M", or leave it unset'
+        ) from None
     return hub_id
 
 
@@ -58,6 +64,9 @@ class TeacherConfig(_Strict):
     max_usd: float | None = None  # stop before projected spend passes this
     usd_per_1m_input: float | None = None  # price override; otherwise genai-prices; local models cost 0
     usd_per_1m_output: float | None = None
+    # a reasoning teacher's inline trace: [opening, closing] tags cut off its answer as answers arrive (a separate
+    # reasoning_content / reasoning field needs none); [] keeps the text whole (distillab.reasoning)
+    think_tags: list[str] = list(THINK_TAGS)
 
     @model_validator(mode="after")
     def _check_url(self) -> TeacherConfig:
@@ -69,9 +78,13 @@ class TeacherConfig(_Strict):
                 raise ValueError(f"base_url must be an http:// or https:// URL (got {url!r})")
         if len({u.rstrip("/") for u in urls}) < len(urls):
             raise ValueError("base_url lists the same endpoint twice")
+        if self.think_tags and (len(self.think_tags) != 2 or not all(t.strip() for t in self.think_tags)):
+            raise ValueError(f"think_tags must be [opening, closing] non-empty tags, or [] (got {self.think_tags})")
         if self.samples_per_prompt > 1 and self.temperature == 0:
-            raise ValueError(f"samples_per_prompt = {self.samples_per_prompt} needs temperature > 0 "
-                             "(greedy decoding gives the same answer every time)")
+            raise ValueError(
+                f"samples_per_prompt = {self.samples_per_prompt} needs temperature > 0 "
+                "(greedy decoding gives the same answer every time)"
+            )
         return self
 
     @property
@@ -98,14 +111,19 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_columns(self) -> DataConfig:
-        columns = {"prompt_column": self.prompt_column, "messages_column": self.messages_column,
-                   "answer_column": self.answer_column}
+        columns = {
+            "prompt_column": self.prompt_column,
+            "messages_column": self.messages_column,
+            "answer_column": self.answer_column,
+        }
         for key, name in columns.items():
             if not name.strip():
                 raise ValueError(f"{key} is empty: name the prompts file's column")
         if len(set(columns.values())) < len(columns):
-            raise ValueError(f"prompt_column, messages_column and answer_column must name different columns "
-                             f"(got {', '.join(columns.values())})")
+            raise ValueError(
+                f"prompt_column, messages_column and answer_column must name different columns "
+                f"(got {', '.join(columns.values())})"
+            )
         return self
 
 
@@ -133,24 +151,57 @@ class TrainConfig(_Strict):
     seed: int = 0
     group_by_length: bool = False  # batches of similar-length rows (less padding); deterministic with the seed
     packing: bool = False  # a batch's short examples share rows (position ids restart per example)
+    # Long sequences. max_length: prompt + completion tokens a row may hold (None: any); a longer row has its
+    # completion cut at the end ("truncate") or is left out ("drop"); a row whose prompt alone leaves no room for
+    # one completion token is left out either way. Counted in train_summary.json.
+    max_length: int | None = Field(None, ge=2)
+    overflow: Literal["truncate", "drop"] = "truncate"
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward: memory for time
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast over fp32 weights (mixed precision)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None  # None: the model's default
+    # Reasoning traces (distillab.reasoning): train on the teacher's trace + answer (true) or the answers alone;
+    # trace_format: how trace and answer are written for a student whose chat template has no thinking format
+    traces: bool = True
+    trace_format: str = TRACE_FORMAT
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.loss == "ce" and self.kd_weight > 0:  # the weight of a term that does not exist
-            raise ValueError("loss = \"ce\" is SFT only (cross-entropy on the text, at sft_weight): set kd_weight = 0, "
-                             "or choose a KD loss")
+            raise ValueError(
+                'loss = "ce" is SFT only (cross-entropy on the text, at sft_weight): set kd_weight = 0, '
+                "or choose a KD loss"
+            )
         if self.kd_weight == 0 and self.sft_weight == 0:
             raise ValueError("kd_weight and sft_weight are both 0: nothing to train")
         if self.student_hub_id is not None:
             check_hub_id(self.student_hub_id)
         if self.on_policy_fraction > 0 and (self.loss == "ce" or self.kd_weight == 0):
-            raise ValueError("on-policy steps train the KD term alone (no cross-entropy on the student's own samples): "
-                             "they need a KD loss and kd_weight > 0")
+            raise ValueError(
+                "on-policy steps train the KD term alone (no cross-entropy on the student's own samples): "
+                "they need a KD loss and kd_weight > 0"
+            )
+        _check_trace_format(self.trace_format)
         if self.packing and self.on_policy_fraction > 0:  # on_policy_batch reads one prompt per row
-            raise ValueError("packing = true with on_policy_fraction > 0: an on-policy step rebuilds each row's prompt "
-                             "and samples a new completion of unknown length, so rows cannot be packed ahead; "
-                             "set packing = false")
+            raise ValueError(
+                "packing = true with on_policy_fraction > 0: an on-policy step rebuilds each row's prompt "
+                "and samples a new completion of unknown length, so rows cannot be packed ahead; "
+                "set packing = false"
+            )
         return self
+
+
+def _check_trace_format(trace_format: str) -> None:
+    """{reasoning} then {answer}, and nothing else in braces."""
+    reasoning_at, answer_at = trace_format.find("{reasoning}"), trace_format.find("{answer}")
+    if reasoning_at < 0 or answer_at < reasoning_at:
+        raise ValueError(f"trace_format must hold {{reasoning}} and then {{answer}} (got {trace_format!r})")
+    try:
+        trace_format.format(reasoning="", answer="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(
+            f"trace_format {trace_format!r}: {err!r}: only {{reasoning}} and {{answer}} may be in "
+            "braces (write a literal brace twice)"
+        ) from None
 
 
 class EvalConfig(_Strict):
@@ -162,6 +213,12 @@ class EvalConfig(_Strict):
     # score the teacher too; an API teacher (base_url) through its endpoint, cached, its spend a ledger line.
     # false: the report shows the teacher as not scored, and says why gap closed is missing
     score_teacher: bool = True
+    # What "good enough to replace the teacher" means; a student below it is never said to pay off. The task floor
+    # is min_task_score when set, else min_task_share of the teacher's task score; the general suite may drop at
+    # most max_general_drop (absolute score points, e.g. 0.05) below the base student.
+    min_task_score: float | None = Field(None, ge=0.0, le=1.0)
+    min_task_share: float = Field(0.9, ge=0.0, le=1.0)
+    max_general_drop: float | None = Field(0.05, ge=0.0)
 
 
 class RetainConfig(_Strict):
@@ -202,6 +259,75 @@ class CostConfig(_Strict):
     queries_per_month: float = Field(1_000_000, ge=0)
 
 
+class DecontaminateConfig(_Strict):
+    """[decontaminate]: the training prompts checked against every suite the run scores, and duplicate prompts
+    collapsed, before the teacher is asked (distillab.decontaminate). On by default: the lab's train, dev and test
+    splits are disjoint, so a lab run loses no prompt to it."""
+
+    enabled: bool = True
+    ngram: int = Field(8, ge=1)  # a prompt sharing this many consecutive words with a suite item is contaminated
+    # which scored suites to check against: the task and general suites, retain's dev split (when retain selects),
+    # the local lm-eval tasks of eval.lm_eval_tasks
+    suites: list[Literal["task", "general", "dev", "lm_eval"]] = ["task", "general", "dev", "lm_eval"]
+    # duplicate training prompts: kept ("off": the lab draws its prompts with replacement), collapsed when their
+    # normalised text is equal ("exact"), or also when their word shingles are near_duplicate_threshold alike
+    deduplicate: Literal["off", "exact", "near"] = "off"
+    near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0)  # Jaccard similarity of the word shingles
+    shingle: int = Field(3, ge=1)  # words a shingle holds (a shorter prompt is one shingle)
+    action: Literal["drop", "flag"] = "drop"  # flag: kept, marked in the dataset's "decontamination" column
+
+    @model_validator(mode="after")
+    def _check(self) -> DecontaminateConfig:
+        if len(set(self.suites)) < len(self.suites):
+            raise ValueError(f"suites names one twice ({', '.join(self.suites)})")
+        return self
+
+
+VERIFIERS = ("lab", "exact", "normalized", "regex", "math")  # besides a user's "module:function" (distillab.verify)
+
+
+class VerifyConfig(_Strict):
+    """[verify]: check every teacher sample of the task dataset against the prompt's reference answer and train only
+    on those that pass (distillab.verify). Absent: nothing is checked, every sample is kept."""
+
+    method: str = "lab"  # lab | exact | normalized | regex | math | "module:function" (prompt, completion, reference)
+    by_skill: dict[str, str] = {}  # a verifier per skill (lab skill, or a prompts file's "skill"), over `method`
+    pattern: str | None = None  # regex: extracts the answer from the completion (group 1, else the whole match)
+    keep: Literal["all", "first"] = "all"  # of a prompt's verified samples, in sample order
+    max_per_prompt: int | None = Field(None, ge=1)  # keep = "all": at most this many verified samples a prompt
+    # draws a prompt may have in all: one with none verified is drawn again, samples_per_prompt more at a time, up to
+    # this; None: samples_per_prompt (no re-draws)
+    max_draws: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> VerifyConfig:
+        import re
+
+        for where, method in [("method", self.method), *((f"by_skill.{k}", v) for k, v in self.by_skill.items())]:
+            if method not in VERIFIERS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", method):
+                raise ValueError(
+                    f'{where} = {method!r}: choose {", ".join(VERIFIERS)}, or "module:function" '
+                    "(a Python function (prompt, completion, reference) -> bool)"
+                )
+        if "regex" in self.methods and not self.pattern:
+            raise ValueError(
+                'method "regex" needs a pattern: the regular expression that extracts the answer '
+                "from the completion (group 1, else the whole match)"
+            )
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {err}") from None
+        if self.keep == "first" and (self.max_per_prompt or 1) > 1:
+            raise ValueError('keep = "first" keeps one sample a prompt: max_per_prompt applies to keep = "all"')
+        return self
+
+    @property
+    def methods(self) -> set[str]:
+        return {self.method, *self.by_skill.values()}
+
+
 class RunConfig(_Strict):
     name: str = "run"
     runs_dir: str = "runs"
@@ -211,12 +337,34 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     retain: RetainConfig = RetainConfig()
     costs: CostConfig = CostConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
+    verify: VerifyConfig | None = None  # absent: the teacher's samples are kept unchecked
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"run name {self.name!r} must be a plain directory name")
+        if self.verify is not None:
+            self._check_verify(self.verify)
         return self
+
+    def _check_verify(self, v: VerifyConfig) -> None:
+        if self.data.source != "teacher":
+            raise ValueError(
+                f"[verify] checks the teacher's samples; data.source = {self.data.source!r} asks no "
+                'teacher: remove [verify] or set data.source = "teacher"'
+            )
+        samples = self.teacher.samples_per_prompt
+        if v.max_draws is not None and v.max_draws < samples:
+            raise ValueError(
+                f"verify.max_draws = {v.max_draws} is below teacher.samples_per_prompt = {samples}: "
+                "max_draws counts every draw of a prompt, the first samples_per_prompt included"
+            )
+        if (v.max_draws or samples) > samples and self.teacher.temperature == 0:
+            raise ValueError(
+                "verify.max_draws > samples_per_prompt draws a prompt again, which needs "
+                "teacher.temperature > 0 (greedy decoding gives the same answer every time)"
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -227,8 +375,16 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            keys += _known_keys(field.annotation, prefix + name + ".")
+        section = next(
+            (
+                t
+                for t in (field.annotation, *get_args(field.annotation))  # a section, or an optional one
+                if isinstance(t, type) and issubclass(t, BaseModel)
+            ),
+            None,
+        )
+        if section is not None:
+            keys += _known_keys(section, prefix + name + ".")
     return keys
 
 
@@ -238,7 +394,9 @@ def _edit_distance(a: str, b: str) -> int:
     distance = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
     for i in range(1, len(a) + 1):
         for j in range(1, len(b) + 1):
-            distance[i][j] = min(distance[i - 1][j] + 1, distance[i][j - 1] + 1, distance[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            distance[i][j] = min(
+                distance[i - 1][j] + 1, distance[i][j - 1] + 1, distance[i - 1][j - 1] + (a[i - 1] != b[j - 1])
+            )
             if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
                 distance[i][j] = min(distance[i][j], distance[i - 2][j - 2] + 1)
     return distance[-1][-1]
@@ -272,8 +430,9 @@ def load_config(path: str | Path) -> RunConfig:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
-                          "save it as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
     return from_dict(data)

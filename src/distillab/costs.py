@@ -5,6 +5,8 @@ run_dir/ledger.json is a distillab.records.Ledger (each field's docstring there)
   teacher_generation  the teacher's tokens and dollars for the dataset. The price status comes from
                       distillab.pricing: priced (genai-prices) | override (config) | local (no API bill) |
                       unpriced (nobody knows: usd is null, never a silent $0) | not_used (ground-truth data).
+                      With [verify], its `verification` block: yield, prompts left without a verified sample,
+                      tokens and $ per kept example, per skill (every sample paid for, rejected ones included).
   training            the FLOP estimate and the measured wall seconds x costs.train_usd_per_hour.
   serving             the student's measured tokens/s here (batched greedy generation on the task's prompts)
                       and costs.serve_usd_per_hour -> $ per 1M tokens, beside the teacher API's $ per 1M
@@ -41,6 +43,7 @@ from distillab.records import (
     BreakEven,
     EvalResult,
     Ledger,
+    QualityFloor,
     RetainCost,
     ServingCost,
     SuiteQuality,
@@ -59,8 +62,11 @@ from distillab.stage import StageContext, run_stage
 # A local teacher is priced as if it were a small hosted API model, so the break-even is still shown.
 # These are gpt-4o-mini's 2024 list prices: a cheap, common tier, i.e. a conservative stand-in
 # (a frontier teacher costs 10-100x more, which makes distilling pay off sooner).
-NOTIONAL_API_PRICE = {"usd_per_1m_input": 0.15, "usd_per_1m_output": 0.60,
-                      "like": "a small hosted API model (gpt-4o-mini's 2024 list price)"}
+NOTIONAL_API_PRICE = {
+    "usd_per_1m_input": 0.15,
+    "usd_per_1m_output": 0.60,
+    "like": "a small hosted API model (gpt-4o-mini's 2024 list price)",
+}
 
 THROUGHPUT_PROMPTS = 32  # one batch of the task's prompts
 THROUGHPUT_SECONDS = 2.0  # timed generation, after one warm-up batch
@@ -78,15 +84,23 @@ def build_ledger(cfg: RunConfig, evals: dict[str, EvalResult]) -> Ledger:
     throughput = run_stage(throughput_stage, cfg)
     serving = serving_cost(cfg, pricing, throughput)
     basis = api_price_basis(pricing)
-    be = break_even_section(cfg, teacher, training, serving, basis, tokens, kept)
+    floor = quality_floor(cfg, evals)
+    be = held_to_floor(break_even_section(cfg, teacher, training, serving, basis, tokens, kept), floor)
     ledger = Ledger(
-        format=LEDGER_FORMAT, run=cfg.name,
+        format=LEDGER_FORMAT,
+        run=cfg.name,
         created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        teacher_generation=teacher, training=training, serving=serving, retain=kept, break_even=be,
+        teacher_generation=teacher,
+        training=training,
+        serving=serving,
+        retain=kept,
+        break_even=be,
         teacher_evaluation=teacher_evaluation(cfg, evals, pricing),
         quality=quality_given_up(evals),
+        quality_floor=floor,
         total_usd=_sum_or_none(teacher.usd, training.usd, kept.usd),  # actual one-off spend of this run
-        notes=_notes(teacher, basis, throughput))
+        notes=_notes(teacher, basis, throughput),
+    )
     write_record(run.ledger, ledger)
     return ledger
 
@@ -95,8 +109,9 @@ def build_ledger(cfg: RunConfig, evals: dict[str, EvalResult]) -> Ledger:
 # Break-even arithmetic: pure functions, tested by hand.
 
 
-def api_usd_per_query(prompt_tokens: float, completion_tokens: float, usd_per_1m_input: float,
-                      usd_per_1m_output: float) -> float:
+def api_usd_per_query(
+    prompt_tokens: float, completion_tokens: float, usd_per_1m_input: float, usd_per_1m_output: float
+) -> float:
     return (prompt_tokens * usd_per_1m_input + completion_tokens * usd_per_1m_output) / 1e6
 
 
@@ -143,14 +158,24 @@ def break_even_phrase(be: BreakEven | dict) -> str:
     notional = ["at a notional teacher API price"] if be.price_basis == "notional" else []
     status = be.status
     if status == "pays_off":
-        when = ([f"{_duration(be.months)} at {human_count(be.queries_per_month)} queries a month"]
-                if be.months is not None else [])
+        when = (
+            [f"{_duration(be.months)} at {human_count(be.queries_per_month)} queries a month"]
+            if be.months is not None
+            else []
+        )
         return f"it pays off after {human_count(be.queries)} queries" + _aside(when + notional)
     if status == "immediately":
         return "it pays off from the first query" + _aside(notional)
     if status == "never":
         return "it never pays off: serving the student costs more per query than the teacher API" + _aside(notional)
+    if status == "below_floor":
+        spent = [f"{_money_words(be.one_off_usd)} already spent"] if be.one_off_usd is not None else []
+        return f"it does not replace the teacher: {be.reason}" + _aside(spent + notional)
     return f"its break-even is unknown ({be.reason or 'missing costs'})"
+
+
+def _money_words(usd: float) -> str:
+    return f"${usd:.4f}" if usd < 1 else f"${usd:,.2f}"
 
 
 def _aside(parts: list[str]) -> str:
@@ -173,14 +198,20 @@ def teacher_pricing(cfg: RunConfig):
 def api_price_basis(pricing) -> dict:
     """The teacher-API price the break-even uses, and where it came from."""
     if pricing.status in ("priced", "override"):
-        return {"basis": pricing.status, "usd_per_1m_input": pricing.usd_per_1m_input,
-                "usd_per_1m_output": pricing.usd_per_1m_output, "description": pricing.describe()}
+        return {
+            "basis": pricing.status,
+            "usd_per_1m_input": pricing.usd_per_1m_input,
+            "usd_per_1m_output": pricing.usd_per_1m_output,
+            "description": pricing.describe(),
+        }
     if pricing.status == "local":
-        return {"basis": "notional", "usd_per_1m_input": NOTIONAL_API_PRICE["usd_per_1m_input"],
-                "usd_per_1m_output": NOTIONAL_API_PRICE["usd_per_1m_output"],
-                "description": f"{pricing.model} is local; priced like {NOTIONAL_API_PRICE['like']}"}
-    return {"basis": "unpriced", "usd_per_1m_input": None, "usd_per_1m_output": None,
-            "description": pricing.describe()}
+        return {
+            "basis": "notional",
+            "usd_per_1m_input": NOTIONAL_API_PRICE["usd_per_1m_input"],
+            "usd_per_1m_output": NOTIONAL_API_PRICE["usd_per_1m_output"],
+            "description": f"{pricing.model} is local; priced like {NOTIONAL_API_PRICE['like']}",
+        }
+    return {"basis": "unpriced", "usd_per_1m_input": None, "usd_per_1m_output": None, "description": pricing.describe()}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -193,14 +224,25 @@ def teacher_generation(cfg: RunConfig, pricing) -> TeacherGeneration:
     if summary is None:
         # Ground-truth data calls no teacher; a teacher run without a summary has unknown spend.
         if cfg.data.source != "teacher":
-            return TeacherGeneration(**base, price_status="not_used", prompt_tokens=0, completion_tokens=0, rows=None,
-                                     usd=0.0)
-        return TeacherGeneration(**base, price_status="missing", prompt_tokens=None, completion_tokens=None,
-                                 rows=None, usd=None)
+            return TeacherGeneration(
+                **base, price_status="not_used", prompt_tokens=0, completion_tokens=0, rows=None, usd=0.0
+            )
+        return TeacherGeneration(
+            **base, price_status="missing", prompt_tokens=None, completion_tokens=None, rows=None, usd=None
+        )
     usd = summary.get("usd")
     status = pricing.status if usd is not None else "unpriced"
-    return TeacherGeneration(**base, price_status=status, prompt_tokens=summary.get("prompt_tokens"),
-                             completion_tokens=summary.get("completion_tokens"), rows=summary.get("rows"), usd=usd)
+    checked = {"verification": summary["verification"]} if summary.get("verification") else {}  # [verify]'s yield, $
+    return TeacherGeneration(
+        **base,
+        price_status=status,
+        prompt_tokens=summary.get("prompt_tokens"),
+        completion_tokens=summary.get("completion_tokens"),
+        reasoning_tokens=summary.get("reasoning_tokens"),
+        rows=summary.get("rows"),
+        usd=usd,
+        **checked,
+    )
 
 
 def teacher_evaluation(cfg: RunConfig, evals: dict[str, EvalResult], pricing) -> TeacherEvaluation:
@@ -212,20 +254,32 @@ def teacher_evaluation(cfg: RunConfig, evals: dict[str, EvalResult], pricing) ->
     usage = res.endpoint_usage
     if usage is None:  # nothing asked of an API: a local teacher, or not scored before any request
         status = "not_scored" if res.not_scored else "local"
-        return TeacherEvaluation(status=status, reason=res.not_scored, price_status="local" if status == "local"
-                                 else None, usd=0.0)
+        return TeacherEvaluation(
+            status=status, reason=res.not_scored, price_status="local" if status == "local" else None, usd=0.0
+        )
     tokens = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
-    return TeacherEvaluation(status="not_scored" if res.not_scored else "scored", reason=res.not_scored,
-                             endpoint=usage.endpoint, requests=usage.requests, **tokens,
-                             price_status=pricing.status, usd=pricing.usd_for(tokens))
+    return TeacherEvaluation(
+        status="not_scored" if res.not_scored else "scored",
+        reason=res.not_scored,
+        endpoint=usage.endpoint,
+        requests=usage.requests,
+        **tokens,
+        price_status=pricing.status,
+        usd=pricing.usd_for(tokens),
+    )
 
 
 def training_cost(cfg: RunConfig) -> TrainingCost:
     summary = _read_json(RunDir(cfg.run_dir).train_summary) or {}
     seconds = summary.get("train_seconds")
     rate = cfg.costs.train_usd_per_hour
-    return TrainingCost(flops=summary.get("flops"), train_seconds=seconds, steps=summary.get("steps"),
-                        usd_per_hour=rate, usd=None if seconds is None else seconds / 3600 * rate)
+    return TrainingCost(
+        flops=summary.get("flops"),
+        train_seconds=seconds,
+        steps=summary.get("steps"),
+        usd_per_hour=rate,
+        usd=None if seconds is None else seconds / 3600 * rate,
+    )
 
 
 def retain_cost(cfg: RunConfig, pricing) -> RetainCost:
@@ -242,13 +296,19 @@ def retain_cost(cfg: RunConfig, pricing) -> RetainCost:
     generation_seconds = (0.0 if by_teacher else replay.get("answer_seconds", 0.0)) + sampled.get("seconds", 0.0)
     teacher_usd = replay.get("usd", 0.0) if by_teacher else 0.0
     compute_usd = (generation_seconds + selection_seconds) / 3600 * cfg.costs.train_usd_per_hour
-    return RetainCost(enabled=True, replay_source=r.replay_source if r.replay_fraction > 0 else None,
-                      replay_rows=replay.get("rows", 0),
-                      teacher_prompt_tokens=replay.get("prompt_tokens", 0) if by_teacher else 0,
-                      teacher_completion_tokens=replay.get("completion_tokens", 0) if by_teacher else 0,
-                      teacher_usd=teacher_usd, base_generation_seconds=round(generation_seconds, 2),
-                      selection_seconds=selection_seconds, candidates=len(selection.get("candidates") or []),
-                      compute_usd=compute_usd, usd=None if teacher_usd is None else teacher_usd + compute_usd)
+    return RetainCost(
+        enabled=True,
+        replay_source=r.replay_source if r.replay_fraction > 0 else None,
+        replay_rows=replay.get("rows", 0),
+        teacher_prompt_tokens=replay.get("prompt_tokens", 0) if by_teacher else 0,
+        teacher_completion_tokens=replay.get("completion_tokens", 0) if by_teacher else 0,
+        teacher_usd=teacher_usd,
+        base_generation_seconds=round(generation_seconds, 2),
+        selection_seconds=selection_seconds,
+        candidates=len(selection.get("candidates") or []),
+        compute_usd=compute_usd,
+        usd=None if teacher_usd is None else teacher_usd + compute_usd,
+    )
 
 
 def tokens_per_query(run_dir: Path) -> TokensPerQuery:
@@ -256,8 +316,13 @@ def tokens_per_query(run_dir: Path) -> TokensPerQuery:
     run = RunDir(Path(run_dir))
     summary = _read_json(run.generate_summary("train"))
     if summary and summary.get("rows"):
-        return TokensPerQuery(prompt=summary["prompt_tokens"] / summary["rows"],
-                              completion=summary["completion_tokens"] / summary["rows"], source="teacher usage")
+        # [verify]: the tokens paid for every sample drawn, rejected ones included: per request, not per row kept
+        requests = (summary.get("verification") or {}).get("total", {}).get("drawn") or summary["rows"]
+        return TokensPerQuery(
+            prompt=summary["prompt_tokens"] / requests,
+            completion=summary["completion_tokens"] / requests,
+            source="teacher usage",
+        )
     data = run.dataset("train")
     if data.is_file():
         import pyarrow.compute as pc
@@ -265,9 +330,11 @@ def tokens_per_query(run_dir: Path) -> TokensPerQuery:
 
         table = pq.read_table(data, columns=["prompt_ids", "completion_ids"])
         if table.num_rows:
-            return TokensPerQuery(prompt=pc.mean(pc.list_value_length(table["prompt_ids"])).as_py(),
-                                  completion=pc.mean(pc.list_value_length(table["completion_ids"])).as_py(),
-                                  source="dataset")
+            return TokensPerQuery(
+                prompt=pc.mean(pc.list_value_length(table["prompt_ids"])).as_py(),
+                completion=pc.mean(pc.list_value_length(table["completion_ids"])).as_py(),
+                source="dataset",
+            )
     return TokensPerQuery(prompt=None, completion=None, source="unknown")
 
 
@@ -289,8 +356,9 @@ def serving_prompts(cfg: RunConfig) -> list[str]:
     return [e.prompt for s in skills for e in get_skill(s).examples("test", per_skill)][:THROUGHPUT_PROMPTS]
 
 
-def measure_throughput(model_dir: Path | str, prompts: list[str], max_new_tokens: int,
-                       seconds: float = THROUGHPUT_SECONDS) -> Throughput:
+def measure_throughput(
+    model_dir: Path | str, prompts: list[str], max_new_tokens: int, seconds: float = THROUGHPUT_SECONDS
+) -> Throughput:
     """Completion tokens per second of batched greedy generation (one warm-up batch, then timed batches).
 
     Only tokens up to the end-of-sequence count: padding steps of finished rows serve nobody.
@@ -310,9 +378,15 @@ def measure_throughput(model_dir: Path | str, prompts: list[str], max_new_tokens
         batches += 1
     elapsed = time.perf_counter() - began
     device = str(next(model.parameters()).device)
-    return Throughput(tokens_per_s=tokens / elapsed if tokens else None, tokens=tokens, seconds=round(elapsed, 3),
-                      batch_size=len(prompts), batches=batches, device=device,
-                      reason=None if tokens else "the student wrote no tokens")
+    return Throughput(
+        tokens_per_s=tokens / elapsed if tokens else None,
+        tokens=tokens,
+        seconds=round(elapsed, 3),
+        batch_size=len(prompts),
+        batches=batches,
+        device=device,
+        reason=None if tokens else "the student wrote no tokens",
+    )
 
 
 class ThroughputStage:
@@ -323,8 +397,13 @@ class ThroughputStage:
     name = "throughput"
 
     def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
-        return fingerprint("throughput", serving_prompts(cfg), cfg.teacher.max_new_tokens, THROUGHPUT_SECONDS,
-                           *run.student_model_files())
+        return fingerprint(
+            "throughput",
+            serving_prompts(cfg),
+            cfg.teacher.max_new_tokens,
+            THROUGHPUT_SECONDS,
+            *run.student_model_files(),
+        )
 
     def outputs(self, cfg: RunConfig, run: RunDir) -> list[Path]:
         return [run.throughput]
@@ -345,38 +424,118 @@ def serving_cost(cfg: RunConfig, pricing, throughput: Throughput) -> ServingCost
     rate = cfg.costs.serve_usd_per_hour
     tps = throughput.tokens_per_s
     basis = api_price_basis(pricing)
-    return ServingCost(student_tokens_per_s=tps, throughput=throughput, usd_per_hour=rate,
-                       student_usd_per_1m_tokens=usd_per_1m_tokens(tps, rate) if tps else None,
-                       teacher_api_usd_per_1m_output=basis["usd_per_1m_output"],
-                       teacher_api_usd_per_1m_input=basis["usd_per_1m_input"],
-                       teacher_price_basis=basis["basis"], teacher_price_description=basis["description"])
+    return ServingCost(
+        student_tokens_per_s=tps,
+        throughput=throughput,
+        usd_per_hour=rate,
+        student_usd_per_1m_tokens=usd_per_1m_tokens(tps, rate) if tps else None,
+        teacher_api_usd_per_1m_output=basis["usd_per_1m_output"],
+        teacher_api_usd_per_1m_input=basis["usd_per_1m_input"],
+        teacher_price_basis=basis["basis"],
+        teacher_price_description=basis["description"],
+    )
 
 
-def break_even_section(cfg: RunConfig, teacher: TeacherGeneration, training: TrainingCost, serving: ServingCost,
-                       basis: dict, tokens: TokensPerQuery, kept: RetainCost | None = None) -> BreakEven:
+def break_even_section(
+    cfg: RunConfig,
+    teacher: TeacherGeneration,
+    training: TrainingCost,
+    serving: ServingCost,
+    basis: dict,
+    tokens: TokensPerQuery,
+    kept: RetainCost | None = None,
+) -> BreakEven:
     """Break-even on one price basis: the one-off teacher $ is priced like the per-query API calls."""
     out = {"price_basis": basis["basis"], "tokens_per_query": tokens, "queries_per_month": cfg.costs.queries_per_month}
-    missing = [name for name, value in (
-        ("teacher API price", basis["usd_per_1m_output"]), ("student throughput", serving.student_tokens_per_s),
-        ("training time", training.usd), ("tokens per query", tokens.completion),
-        ("teacher tokens", teacher.completion_tokens)) if value is None]
+    missing = [
+        name
+        for name, value in (
+            ("teacher API price", basis["usd_per_1m_output"]),
+            ("student throughput", serving.student_tokens_per_s),
+            ("training time", training.usd),
+            ("tokens per query", tokens.completion),
+            ("teacher tokens", teacher.completion_tokens),
+        )
+        if value is None
+    ]
     if missing:
         return BreakEven(**out, status="unknown", queries=None, reason="no " + ", no ".join(missing))
     # Notional basis: the dataset's teacher tokens cost what the notional API would have charged.
     kept = kept or RetainCost()
     replay_in, replay_out = kept.teacher_prompt_tokens or 0, kept.teacher_completion_tokens or 0
-    teacher_usd = (teacher.usd + (kept.teacher_usd or 0.0) if basis["basis"] != "notional" else
-                   api_usd_per_query(teacher.prompt_tokens + replay_in, teacher.completion_tokens + replay_out,
-                                     basis["usd_per_1m_input"], basis["usd_per_1m_output"]))
+    teacher_usd = (
+        teacher.usd + (kept.teacher_usd or 0.0)
+        if basis["basis"] != "notional"
+        else api_usd_per_query(
+            teacher.prompt_tokens + replay_in,
+            teacher.completion_tokens + replay_out,
+            basis["usd_per_1m_input"],
+            basis["usd_per_1m_output"],
+        )
+    )
     retain_usd = kept.compute_usd or 0.0
     one_off = teacher_usd + training.usd + retain_usd
     api = api_usd_per_query(tokens.prompt, tokens.completion, basis["usd_per_1m_input"], basis["usd_per_1m_output"])
     student = student_usd_per_query(tokens.completion, serving.student_tokens_per_s, serving.usd_per_hour)
     result = break_even(one_off, api, student)
-    months = (result["queries"] / cfg.costs.queries_per_month
-              if result["queries"] is not None and cfg.costs.queries_per_month > 0 else None)
-    return BreakEven(**out, **result, one_off_usd=one_off, teacher_usd=teacher_usd, training_usd=training.usd,
-                     retain_usd=retain_usd, api_usd_per_query=api, student_usd_per_query=student, months=months)
+    months = (
+        result["queries"] / cfg.costs.queries_per_month
+        if result["queries"] is not None and cfg.costs.queries_per_month > 0
+        else None
+    )
+    return BreakEven(
+        **out,
+        **result,
+        one_off_usd=one_off,
+        teacher_usd=teacher_usd,
+        training_usd=training.usd,
+        retain_usd=retain_usd,
+        api_usd_per_query=api,
+        student_usd_per_query=student,
+        months=months,
+    )
+
+
+def quality_floor(cfg: RunConfig, evals: dict[str, EvalResult]) -> QualityFloor:
+    """Whether the distilled student is good enough to replace the teacher: its task score at least
+    [eval] min_task_score (else min_task_share of the teacher's), its general score at most max_general_drop
+    below the base's."""
+    e, evals = cfg.eval, as_evals(evals)
+    task, teacher_task = suite_score(evals, "distilled", "task"), suite_score(evals, "teacher", "task")
+    base_general, general = suite_score(evals, "base", "general"), suite_score(evals, "distilled", "general")
+    if e.min_task_score is not None:
+        required, basis = e.min_task_score, "[eval] min_task_score"
+    elif teacher_task is not None:
+        required = e.min_task_share * teacher_task
+        basis = f"{e.min_task_share:.0%} of the teacher's {teacher_task:.3f}"
+    else:
+        required, basis = None, None
+    change = None if None in (base_general, general) else general - base_general
+    out = {"required_task": required, "task": task, "max_general_drop": e.max_general_drop, "general_change": change}
+    if required is None or task is None:
+        missing = "the teacher's task score (set [eval] min_task_score)" if required is None else "the task score"
+        return QualityFloor(**out, meets=None, reason=f"quality unknown: no {missing}")
+    if task < required:
+        return QualityFloor(**out, meets=False, reason=f"task {task:.3f} < {required:.3f} required ({basis})")
+    if e.max_general_drop is not None and change is not None and -change > e.max_general_drop:
+        return QualityFloor(
+            **out,
+            meets=False,
+            reason=(
+                f"general {general:.3f} is {-change * 100:.1f} points below the "
+                f"base's {base_general:.3f} (at most {e.max_general_drop * 100:.1f} allowed)"
+            ),
+        )
+    return QualityFloor(**out, meets=True, reason=f"task {task:.3f} >= {required:.3f} required ({basis})")
+
+
+def held_to_floor(be: BreakEven, floor: QualityFloor) -> BreakEven:
+    """The break-even of a student that replaces the teacher; for one below the floor (or of unknown quality)
+    the status says so, with the costs already spent kept for the record."""
+    if floor.meets:
+        return be
+    status = "below_floor" if floor.meets is False else "unknown"
+    return be.model_copy(update={"status": status, "queries": None, "months": None, "reason": floor.reason})
 
 
 def quality_given_up(evals: dict[str, EvalResult]) -> dict[str, SuiteQuality]:
@@ -385,9 +544,13 @@ def quality_given_up(evals: dict[str, EvalResult]) -> dict[str, SuiteQuality]:
     out = {}
     for suite in ("task", "general"):
         teacher, base, distilled = (suite_score(evals, label, suite) for label in ("teacher", "base", "distilled"))
-        out[suite] = SuiteQuality(teacher=teacher, base=base, distilled=distilled,
-                                  given_up_vs_teacher=None if None in (teacher, distilled) else teacher - distilled,
-                                  change_vs_base=None if None in (base, distilled) else distilled - base)
+        out[suite] = SuiteQuality(
+            teacher=teacher,
+            base=base,
+            distilled=distilled,
+            given_up_vs_teacher=None if None in (teacher, distilled) else teacher - distilled,
+            change_vs_base=None if None in (base, distilled) else distilled - base,
+        )
     return out
 
 

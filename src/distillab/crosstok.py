@@ -82,15 +82,20 @@ class AlignStats:
         self.kept_n += len(alignment.kept)
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "positions": self.positions,
-                "aligned_share": self.aligned / self.positions if self.positions else 0.0,
-                "mass_kept": self.kept_sum / self.kept_n if self.kept_n else 0.0}
+        return {
+            "rows": self.rows,
+            "positions": self.positions,
+            "aligned_share": self.aligned / self.positions if self.positions else 0.0,
+            "mass_kept": self.kept_sum / self.kept_n if self.kept_n else 0.0,
+        }
 
     def line(self) -> str:
         stats = self.to_dict()
-        return (f"{stats['rows']} rows aligned across tokenizers by text spans: {stats['aligned_share']:.1%} of student "
-                f"tokens get a teacher distribution, keeping {stats['mass_kept']:.1%} of the teacher's top-k mass on "
-                "average")
+        return (
+            f"{stats['rows']} rows aligned across tokenizers by text spans: {stats['aligned_share']:.1%} of student "
+            f"tokens get a teacher distribution, keeping {stats['mass_kept']:.1%} of the teacher's top-k mass on "
+            "average"
+        )
 
 
 def _logsumexp(values: list[float]) -> float:
@@ -105,8 +110,16 @@ def _log1mexp(x: float) -> float:
     return math.log(-math.expm1(x)) if x > -0.693 else math.log1p(-math.exp(x))
 
 
-def align(teacher: TeacherTokens, starts: list[int | None], ends: list[int | None], ids: list[int], is_end: list[bool],
-          first_id: Callable[[str], int | None], eos_id: int, stopped: bool = False) -> Aligned:
+def align(
+    teacher: TeacherTokens,
+    starts: list[int | None],
+    ends: list[int | None],
+    ids: list[int],
+    is_end: list[bool],
+    first_id: Callable[[str], int | None],
+    eos_id: int,
+    stopped: bool = False,
+) -> Aligned:
     """The teacher's top-k onto the student's completion tokens (the module docstring's rules).
 
     starts, ends (Ts,): each student token's character span in the completion (None: not on a character boundary);
@@ -262,7 +275,7 @@ def teacher_from_ids(resp: dict, ids, logprobs, tails, tokenizer, pieces_cache: 
         if key not in cache:
             head = decode([prev]) if prev is not None else ""
             both = decode([prev, cand] if prev is not None else [cand])
-            cache[key] = both[len(head):] if both.startswith(head) and len(both) > len(head) else None
+            cache[key] = both[len(head) :] if both.startswith(head) and len(both) > len(head) else None
         return cache[key]
 
     starts, pieces, candidates, picked = [], [], [], []
@@ -280,9 +293,14 @@ def teacher_from_ids(resp: dict, ids, logprobs, tails, tokenizer, pieces_cache: 
         candidates.append([after(prev, c) for c in row])
         picked.append(row.index(tid) if tid in row else -1)
     n = len(token_ids)
-    return TeacherTokens(starts=starts, pieces=pieces, candidates=candidates,
-                         logprobs=[list(map(float, r)) for r in logprobs[:n]], picked=picked,
-                         tails=None if tails is None else [float(x) for x in tails[:n]])
+    return TeacherTokens(
+        starts=starts,
+        pieces=pieces,
+        candidates=candidates,
+        logprobs=[list(map(float, r)) for r in logprobs[:n]],
+        picked=picked,
+        tails=None if tails is None else [float(x) for x in tails[:n]],
+    )
 
 
 def teacher_from_strings(resp: dict) -> TeacherTokens | None:
@@ -301,11 +319,18 @@ def teacher_from_strings(resp: dict) -> TeacherTokens | None:
         at += len(s)
     if at != len(text):
         return None
-    candidates = [[END if (piece == END and s == tokens[t]) else s for s in row]
-                  for t, (row, piece) in enumerate(zip(resp["top_tokens"], pieces))]
+    candidates = [
+        [END if (piece == END and s == tokens[t]) else s for s in row]
+        for t, (row, piece) in enumerate(zip(resp["top_tokens"], pieces))
+    ]
     picked = [row.index(tokens[t]) if tokens[t] in row else -1 for t, row in enumerate(resp["top_tokens"])]
-    return TeacherTokens(starts=starts, pieces=pieces, candidates=candidates,
-                         logprobs=[list(r) for r in resp["top_logprobs"]], picked=picked)
+    return TeacherTokens(
+        starts=starts,
+        pieces=pieces,
+        candidates=candidates,
+        logprobs=[list(r) for r in resp["top_logprobs"]],
+        picked=picked,
+    )
 
 
 def encode(alignment: Aligned, k: int) -> dict:
@@ -356,7 +381,15 @@ class Aligner:
 
     def _align(self, teacher: TeacherTokens, resp: dict, completion_ids: list[int]) -> Aligned:
         starts, ends, is_end = student_spans(completion_ids, self.student_tok, resp["text"])
-        alignment = align(teacher, starts, ends, completion_ids, is_end, self.first, self.student_tok.eos_token_id,
-                          stopped=resp.get("finish_reason") == "stop")
+        alignment = align(
+            teacher,
+            starts,
+            ends,
+            completion_ids,
+            is_end,
+            self.first,
+            self.student_tok.eos_token_id,
+            stopped=resp.get("finish_reason") == "stop",
+        )
         self.stats.add(alignment)
         return alignment

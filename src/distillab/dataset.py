@@ -8,6 +8,12 @@ A row (one Parquet record; columns beyond these are kept as they are):
                                their plain text), null for a plain prompt (one user turn)
   prompt_ids, completion_ids   int32 lists: the student tokenizer's ids (completion ends with end-of-sequence);
                                prompt_ids render the conversation with the student's chat template (chat.encode)
+  reasoning                    a reasoning teacher's trace (null: none); completion is then its answer alone, and
+                               completion_ids are trace + answer in the student's thinking format (reasoning.encode)
+  answer_ids                   int32 list, rows with a trace only: the answer alone as the student would be trained
+                               on it without the trace ([train] traces = false)
+  decontamination              [decontaminate] action = "flag" only: why the prompt would have been dropped
+                               (contaminated by a suite, a duplicate of a line), null on a clean row
   topk_top, topk_...           the teacher's top-k per completion token through topk_codec (binary columns,
                                null when the row has none); read_dataset decodes them into top_ids,
                                top_logprobs and top_tail (log of the mass outside the top-k)
@@ -31,8 +37,20 @@ TOPK_PREFIX = "topk_"  # the teacher's top-k is stored through topk_codec: ids l
 SHARD_GLOB = "part-*.parquet"  # a sharded dataset: data/<name>/part-*.parquet, read in name order
 # Columns whose type is known whatever a shard holds (an all-null column would otherwise be `null`, and shards
 # with different types for one column would not read as one dataset).
-STRING_COLUMNS = ("prompt", "completion", "answer", "source", "teacher_id", "teacher_params_hash",
-                  "request_hash", "created_at", "messages")  # messages: the conversation as JSON text (chat.py)
+STRING_COLUMNS = (
+    "prompt",
+    "completion",
+    "answer",
+    "source",
+    "teacher_id",
+    "teacher_params_hash",
+    "request_hash",
+    "created_at",
+    "messages",  # messages: the conversation as JSON text (chat.py)
+    "reasoning",
+    "decontamination",
+)  # decontamination: why [decontaminate] flagged it
+ID_COLUMNS = ("prompt_ids", "completion_ids", "answer_ids")  # int32 lists
 COPY_BATCH_ROWS = 1024  # Parquet rows read at a time while merging or copying (trainrows): their memory
 
 
@@ -68,7 +86,7 @@ def write_dataset(path: Path, rows: list[dict]) -> None:
             value = encoded[field] if encoded else None
             row[TOPK_PREFIX + field] = value if value is None or isinstance(value, bytes) else value.tobytes()
         stored.append(row)
-    schema_hint = {"prompt_ids": pa.list_(pa.int32()), "completion_ids": pa.list_(pa.int32())}
+    schema_hint = {name: pa.list_(pa.int32()) for name in ID_COLUMNS}
     schema_hint |= {TOPK_PREFIX + field: pa.binary() for field in FIELDS}
     schema_hint |= {name: pa.string() for name in STRING_COLUMNS}
     columns = {name: [row[name] for row in stored] for name in stored[0]} if stored else {}
@@ -86,8 +104,10 @@ def unified_schema(schemas: list[pa.Schema]) -> pa.Schema:
 def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     """The batch with schema's columns in schema's order: each cast to its type, nulls where the batch has none."""
     names = batch.schema.names
-    return pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) if f.name in names
-                                       else pa.nulls(batch.num_rows, f.type) for f in schema], schema=schema)
+    return pa.RecordBatch.from_arrays(
+        [batch.column(f.name).cast(f.type) if f.name in names else pa.nulls(batch.num_rows, f.type) for f in schema],
+        schema=schema,
+    )
 
 
 def write_merged(path: Path, files: list[Path]) -> None:
@@ -125,8 +145,9 @@ TOPK_KEYS = ("top_ids", "top_logprobs", "top_tail")
 def _check_columns(file: Path, names: list[str], n_rows: int) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing and n_rows:
-        raise UserError(f"{file} is not a distillab dataset: column {missing[0]!r} is missing "
-                        "(rerun `distillab generate`)")
+        raise UserError(
+            f"{file} is not a distillab dataset: column {missing[0]!r} is missing (rerun `distillab generate`)"
+        )
 
 
 def decode_row_topk(row: dict) -> dict:
@@ -148,7 +169,9 @@ def check_files(files: list[Path]) -> int:
         try:
             parquet = pq.ParquetFile(file)
         except (pa.ArrowException, OSError) as err:
-            raise UserError(f"{file}: not a readable Parquet file ({err}); delete it and rerun `distillab generate`") from None
+            raise UserError(
+                f"{file}: not a readable Parquet file ({err}); delete it and rerun `distillab generate`"
+            ) from None
         _check_columns(file, parquet.schema_arrow.names, parquet.metadata.num_rows)
         total += parquet.metadata.num_rows
     return total

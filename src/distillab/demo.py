@@ -30,19 +30,36 @@ from distillab.train import train_stage
 
 DEMO_SKILLS = ["recall", "describe"]  # knowledge the base student never saw: what distillation transfers
 # The default retain recipe (benchmarks/retain_table.py compares the alternatives).
-RETAIN = {"replay_fraction": 0.75, "replay_source": "base", "merge_alphas": [0.5, 0.75, 1.0],
-          "select_checkpoints": True, "max_general_drop": 0.02, "dev_n_per_skill": 30}
+RETAIN = {
+    "replay_fraction": 0.75,
+    "replay_source": "base",
+    "merge_alphas": [0.5, 0.75, 1.0],
+    "select_checkpoints": True,
+    "max_general_drop": 0.02,
+    "dev_n_per_skill": 30,
+}
 
 
 def demo_config(runs_dir: Path) -> RunConfig:
-    return from_dict({
-        "name": "demo", "runs_dir": str(runs_dir),
-        "teacher": {"model": "lab:teacher", "top_k_logprobs": 20, "max_new_tokens": 64},
-        "data": {"skills": DEMO_SKILLS, "n_prompts": 1500},
-        "train": {"student": "lab:base", "loss": "forward_kl", "kd_weight": 1.0, "sft_weight": 0.0,
-                  "max_steps": 400, "batch_size": 32, "lr": 2e-3, "save_steps": 200},
-        "eval": {"n_per_skill": 100, "bootstrap": 1000},
-    })
+    return from_dict(
+        {
+            "name": "demo",
+            "runs_dir": str(runs_dir),
+            "teacher": {"model": "lab:teacher", "top_k_logprobs": 20, "max_new_tokens": 64},
+            "data": {"skills": DEMO_SKILLS, "n_prompts": 1500},
+            "train": {
+                "student": "lab:base",
+                "loss": "forward_kl",
+                "kd_weight": 1.0,
+                "sft_weight": 0.0,
+                "max_steps": 400,
+                "batch_size": 32,
+                "lr": 2e-3,
+                "save_steps": 200,
+            },
+            "eval": {"n_per_skill": 100, "bootstrap": 1000},
+        }
+    )
 
 
 def control_config(cfg: RunConfig) -> RunConfig:
@@ -87,8 +104,16 @@ def run_demo(runs_dir: Path, fresh: bool = False, runner=None, log=print) -> dic
         runner(student, [*generate_stages(student), train_stage])
     share_teacher_cache(cfg, kept)
     selection = runner(kept, [*generate_stages(kept), train_stage, *select_stages(kept)])["select"]
-    evaluated = runner(cfg, evaluate_stages(cfg, extra_models={"zero_distill": str(RunDir(control.run_dir).student),
-                                                                    "retain": str(RunDir(kept.run_dir).student)}))
+    evaluated = runner(
+        cfg,
+        evaluate_stages(
+            cfg,
+            extra_models={
+                "zero_distill": str(RunDir(control.run_dir).student),
+                "retain": str(RunDir(kept.run_dir).student),
+            },
+        ),
+    )
     evals = records_by_label(evaluated, "evaluate")
     summary = demo_summary(evals, time.time() - began, selection)
     report = runner(cfg, report_stages(cfg, summary))["report"].report
@@ -117,8 +142,10 @@ def demo_summary(evals: dict[str, dict], seconds: float, selection: dict | None 
     }
     if "retain" in models:
         retained = models["retain"]
-        summary |= {"retain_task_gap_closed": gap_closed(retained["task"], base["task"], teacher["task"]),
-                    "retain_general_change": retained["general"] - base["general"]}
+        summary |= {
+            "retain_task_gap_closed": gap_closed(retained["task"], base["task"], teacher["task"]),
+            "retain_general_change": retained["general"] - base["general"],
+        }
     if selection:
         summary["retain_recipe"] = selection["recipe"] | {"rule": selection["rule"]}
         summary["retain_selection"] = selection  # every candidate's dev scores: the report's trade-off plot
@@ -139,11 +166,15 @@ def print_summary(summary: dict, report_path) -> None:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.0f}%"
 
-    console.print(f"gap closed: task {pct(summary['task_gap_closed'])}, general {pct(summary['general_gap_closed'])}"
-                  f"  |  {summary['wall_seconds']:.0f}s  |  {report_path}")
+    console.print(
+        f"gap closed: task {pct(summary['task_gap_closed'])}, general {pct(summary['general_gap_closed'])}"
+        f"  |  {summary['wall_seconds']:.0f}s  |  {report_path}"
+    )
     if "retain_task_gap_closed" in summary:
         recipe = summary.get("retain_recipe") or {}
-        console.print(f"distilled + retain: task gap closed {pct(summary['retain_task_gap_closed'])}, general "
-                      f"{100 * summary['retain_general_change']:+.1f} points vs base  |  replay "
-                      f"{recipe.get('replay_source')} {pct(recipe.get('replay_fraction'))}, chose step "
-                      f"{recipe.get('step')} at α={recipe.get('alpha')} on the dev split")
+        console.print(
+            f"distilled + retain: task gap closed {pct(summary['retain_task_gap_closed'])}, general "
+            f"{100 * summary['retain_general_change']:+.1f} points vs base  |  replay "
+            f"{recipe.get('replay_source')} {pct(recipe.get('replay_fraction'))}, chose step "
+            f"{recipe.get('step')} at α={recipe.get('alpha')} on the dev split"
+        )

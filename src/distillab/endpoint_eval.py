@@ -39,18 +39,26 @@ class NotScored(Exception):
     """The teacher cannot be scored; str() is the reason the report shows."""
 
 
-def not_scored_record(cfg: RunConfig, task: list[str], general: list[str], reason: str,
-                      usage: EndpointUsage | None = None) -> EvalResult:
+def not_scored_record(
+    cfg: RunConfig, task: list[str], general: list[str], reason: str, usage: EndpointUsage | None = None
+) -> EvalResult:
     """eval/teacher.json for a teacher that was not scored: no scores, the reason, what was spent trying."""
-    return EvalResult(model=cfg.teacher.model, task=SuiteScore(score=None), general=SuiteScore(score=None),
-                      suites={"task": task, "general": general}, label="teacher", not_scored=reason,
-                      endpoint_usage=usage)
+    return EvalResult(
+        model=cfg.teacher.model,
+        task=SuiteScore(score=None),
+        general=SuiteScore(score=None),
+        suites={"task": task, "general": general},
+        label="teacher",
+        not_scored=reason,
+        endpoint_usage=usage,
+    )
 
 
 def endpoint_eval_settings(teacher_cfg):
     """The teacher's config as evaluation asks it: greedy, text only, one sample."""
-    return teacher_cfg.model_copy(update={"temperature": 0.0, "top_p": 1.0, "top_k_logprobs": 0,
-                                          "samples_per_prompt": 1})
+    return teacher_cfg.model_copy(
+        update={"temperature": 0.0, "top_p": 1.0, "top_k_logprobs": 0, "samples_per_prompt": 1}
+    )
 
 
 class EndpointCompletions:
@@ -90,10 +98,13 @@ class EndpointCompletions:
         todo = [r for k, r in requests.items() if k not in held]
         if not todo:
             return
-        budget = BudgetGuard(self.cfg.teacher.max_usd, self.pricing, total=len(todo),
-                             prior_usage=self._prior_spend(held))
-        self.log(f"evaluate: teacher: {len(held)} of {len(requests)} answers cached, asking {self.teacher.endpoint} "
-                 f"for {len(todo)}")
+        budget = BudgetGuard(
+            self.cfg.teacher.max_usd, self.pricing, total=len(todo), prior_usage=self._prior_spend(held)
+        )
+        self.log(
+            f"evaluate: teacher: {len(held)} of {len(requests)} answers cached, asking {self.teacher.endpoint} "
+            f"for {len(todo)}"
+        )
         failures: list[dict] = []
 
         def on_done(req, resp, error, latency, attempts):
@@ -111,9 +122,11 @@ class EndpointCompletions:
         except BudgetExceeded as err:
             raise NotScored(f"teacher.max_usd: {err}") from None
         if failures:
-            raise UserError(f"evaluate teacher: {len(failures)} of {len(todo)} requests to {self.teacher.endpoint} "
-                            f"failed ({failure_digest(failures)}); answers so far are cached: fix the endpoint and "
-                            "rerun, or set [eval] score_teacher = false")
+            raise UserError(
+                f"evaluate teacher: {len(failures)} of {len(todo)} requests to {self.teacher.endpoint} "
+                f"failed ({failure_digest(failures)}); answers so far are cached: fix the endpoint and "
+                "rerun, or set [eval] score_teacher = false"
+            )
 
     def __call__(self, prompts: list) -> list[str]:
         self.fetch(prompts)
@@ -130,8 +143,13 @@ class EndpointCompletions:
     def usage(self) -> EndpointUsage:
         cache = self.cache()
         totals = cache.usage(list(self.keys)) if cache else {"prompt_tokens": 0, "completion_tokens": 0}
-        return EndpointUsage(endpoint=self.teacher.endpoint, requests=len(self.keys), sent=self.sent,
-                             prompt_tokens=totals["prompt_tokens"], completion_tokens=totals["completion_tokens"])
+        return EndpointUsage(
+            endpoint=self.teacher.endpoint,
+            requests=len(self.keys),
+            sent=self.sent,
+            prompt_tokens=totals["prompt_tokens"],
+            completion_tokens=totals["completion_tokens"],
+        )
 
     def _prior_spend(self, held: set[str]) -> dict:
         """The run's teacher usage so far: the dataset's and teacher replay's (their summaries), and this
@@ -151,12 +169,17 @@ class EndpointCompletions:
         return total
 
 
-def evaluate_endpoint_teacher(cfg: RunConfig, task: list[str], general: list[str], examples: list[dict] | None,
-                              log=print) -> EvalResult:
+def evaluate_endpoint_teacher(
+    cfg: RunConfig, task: list[str], general: list[str], examples: list[dict] | None, log=print
+) -> EvalResult:
     """The API teacher's EvalResult: scored through its endpoint, or a not-scored record with the reason."""
     if any(ex["scorer"] == "multiple_choice" for ex in examples or []):
-        return not_scored_record(cfg, task, general, "the task suite has multiple-choice lines, which need "
-                                 "log-likelihoods the endpoint is not asked for")
+        return not_scored_record(
+            cfg,
+            task,
+            general,
+            "the task suite has multiple-choice lines, which need log-likelihoods the endpoint is not asked for",
+        )
     complete = EndpointCompletions(cfg, log=log)
     try:
         # A dry pass with a recording completer lists every prompt the suites ask, so one fetch sends them all.
@@ -168,8 +191,15 @@ def evaluate_endpoint_teacher(cfg: RunConfig, task: list[str], general: list[str
         except NotScored as why:
             return not_scored_record(cfg, task, general, str(why), complete.usage())
         per_skill = score_with(complete, task + general, cfg.eval.n_per_skill, "test", examples)
-        res = eval_record(cfg.teacher.model, per_skill, task, general, cfg.eval.bootstrap, time.time() - began,
-                          endpoint_usage=complete.usage())
+        res = eval_record(
+            cfg.teacher.model,
+            per_skill,
+            task,
+            general,
+            cfg.eval.bootstrap,
+            time.time() - began,
+            endpoint_usage=complete.usage(),
+        )
     finally:
         complete.close()
     return res

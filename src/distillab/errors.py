@@ -30,8 +30,9 @@ def one_line(text: str) -> str:
 
 def not_utf8(path, err: UnicodeDecodeError) -> UserError:
     """The UserError for a text file that is not UTF-8, naming the file and the first bad byte."""
-    return UserError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
-                     "save it as UTF-8")
+    return UserError(
+        f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): save it as UTF-8"
+    )
 
 
 def user_message(err: BaseException) -> str | None:
@@ -44,15 +45,19 @@ def user_message(err: BaseException) -> str | None:
     if isinstance(err, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({err.reason} at byte offset {err.start}): save it as UTF-8"
     if isinstance(err, json.JSONDecodeError):
-        return (f"a JSON file is corrupt ({err.msg}, line {err.lineno}): delete or restore it "
-                "(distillab rewrites its own files on the next run)")
+        return (
+            f"a JSON file is corrupt ({err.msg}, line {err.lineno}): delete or restore it "
+            "(distillab rewrites its own files on the next run)"
+        )
     if isinstance(err, OSError):
         where = err.filename if err.filename is not None else ""
         if err.filename2 is not None:
             where = f"{where} -> {err.filename2}"
         what = err.strerror or str(err)
-        return one_line(f"{where + ': ' if where else ''}{what}: check the path exists, is the right kind "
-                        "(file or directory) and is writable")
+        return one_line(
+            f"{where + ': ' if where else ''}{what}: check the path exists, is the right kind "
+            "(file or directory) and is writable"
+        )
     if isinstance(err, sqlite3.DatabaseError):
         return one_line(f"a SQLite file is corrupt or is not distillab's ({err}): move it away and rerun")
     if isinstance(err, ValueError) and "null byte" in str(err):  # os functions refuse a path with NUL in it

@@ -21,13 +21,17 @@ from distillab.scoring import evaluate_model, load_task_suite, run_models, suite
 from distillab.stage import StageContext, run_stage
 
 
-def evaluate_stages(cfg: RunConfig, extra_models: dict[str, str] | None = None) -> list[EvaluateModel | EvaluateTeacher]:
+def evaluate_stages(
+    cfg: RunConfig, extra_models: dict[str, str] | None = None
+) -> list[EvaluateModel | EvaluateTeacher]:
     """The stages in order: teacher, base, distilled, then the extra models (label -> model name or path)."""
     named = run_models(cfg) | (extra_models or {})
     elsewhere = cfg.teacher.base_url or not cfg.eval.score_teacher
     local = {label: name for label, name in named.items() if not (label == "teacher" and elsewhere)}
-    return [EvaluateTeacher(local) if label not in local else EvaluateModel(label=label, model=name, local=local)
-            for label, name in named.items()]
+    return [
+        EvaluateTeacher(local) if label not in local else EvaluateModel(label=label, model=name, local=local)
+        for label, name in named.items()
+    ]
 
 
 def run_evaluate(cfg: RunConfig, extra_models: dict[str, str] | None = None, log=print) -> dict[str, EvalResult]:
@@ -71,8 +75,16 @@ class EvaluateModel:
         path = models.resolve_model_path(self.model)
         # the weights and what renders and reads the prompts (tokenizer, chat template): a new template re-scores
         weights = sorted(f for pattern in ("*.safetensors", "tokenizer*", "chat_template*") for f in path.glob(pattern))
-        return fingerprint("evaluate", task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, examples,
-                           cfg.teacher.max_new_tokens, *weights)
+        return fingerprint(
+            "evaluate",
+            task,
+            general,
+            cfg.eval.n_per_skill,
+            cfg.eval.bootstrap,
+            examples,
+            cfg.teacher.max_new_tokens,
+            *weights,
+        )
 
     def outputs(self, cfg: RunConfig, run: RunDir) -> list:
         return [run.eval(self.label)]
@@ -80,8 +92,15 @@ class EvaluateModel:
     def run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> EvalResult:
         task, general, examples = suite_inputs(cfg)
         ctx.log(f"evaluate: {self.label} ({self.model})")
-        res = evaluate_model(self.model, task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap,
-                             cfg.teacher.max_new_tokens, task_examples=examples)
+        res = evaluate_model(
+            self.model,
+            task,
+            general,
+            cfg.eval.n_per_skill,
+            cfg.eval.bootstrap,
+            cfg.teacher.max_new_tokens,
+            task_examples=examples,
+        )
         res.label = self.label
         write_record(run.eval(self.label), res)
         return res
@@ -105,8 +124,9 @@ class EvaluateTeacher:
         task, general, examples = suite_inputs(cfg)
         check_models(self.local)
         asks = cfg.teacher.model_dump(include={"base_url", "model", "mode", "max_new_tokens"})
-        return fingerprint("evaluate", task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, examples, asks,
-                           cfg.eval.score_teacher)
+        return fingerprint(
+            "evaluate", task, general, cfg.eval.n_per_skill, cfg.eval.bootstrap, examples, asks, cfg.eval.score_teacher
+        )
 
     def outputs(self, cfg: RunConfig, run: RunDir) -> list:
         return [run.eval(self.label)]

@@ -10,11 +10,15 @@ of the same name in the output directory; a dataset still in shards, data/<name>
                  top_logprobs  list<list<float32>> their log-probs, exactly what read_dataset decodes
                  top_tail      list<float32>       log of the teacher's mass outside the top-k
                null where a row has no top-k. `datasets.load_dataset("parquet", data_files=...)`, pyarrow
-               and pandas read it as is (TRL / DistillKit-style pipelines).
+               and pandas read it as is (TRL / DistillKit-style pipelines). A reasoning teacher's trace is the
+               `reasoning` column (null: none), `completion` its answer alone.
   openai-chat  <name>.jsonl: one OpenAI fine-tuning example a row,
                {"messages": [system?, user, assistant]}: the row's `messages` (the turns before the
                teacher's, as {role, content}) when it has them, else a system turn when the row has a
-               non-empty `system` and the user turn `prompt`; the assistant turn is `completion`.
+               non-empty `system` and the user turn `prompt`; the assistant turn is `completion`, with the
+               teacher's trace as its `reasoning_content` when the row has one: the field reasoning APIs answer
+               with (vLLM, DeepSeek) and thinking chat templates read (Qwen3's, TRL's), so the trace stays apart
+               from the answer instead of being pasted into it in one model's tag format.
 
 Files are written to a temp name and renamed: an export either exists whole or not at all. Rows are read in
 batches, a shard at a time, so memory follows the batch, not the dataset (decoded top-k is ~30x its stored size).
@@ -36,9 +40,11 @@ from distillab.rundir import RunDir
 FORMATS = ("plain", "openai-chat")
 DATASETS = ("train", "replay")  # data/<name>.parquet or its shards, the datasets a run writes (replay: retain only)
 BATCH_ROWS = 1024
-TOPK_SCHEMA = [pa.field("top_ids", pa.list_(pa.list_(pa.int32()))),
-               pa.field("top_logprobs", pa.list_(pa.list_(pa.float32()))),
-               pa.field("top_tail", pa.list_(pa.float32()))]
+TOPK_SCHEMA = [
+    pa.field("top_ids", pa.list_(pa.list_(pa.int32()))),
+    pa.field("top_logprobs", pa.list_(pa.list_(pa.float32()))),
+    pa.field("top_tail", pa.list_(pa.float32())),
+]
 
 
 def resolve_run_dir(path: Path) -> Path:
@@ -88,8 +94,9 @@ def export_plain(files: list[Path], dest: Path) -> Path:
             stored = batch.select(codec).to_pylist() if has_topk else [{}] * batch.num_rows
             decoded = [decode_row_topk(row) for row in stored]
             for field in TOPK_SCHEMA:
-                columns[field.name] = pa.array([None if row[field.name] is None else row[field.name].tolist()
-                                                for row in decoded], type=field.type)
+                columns[field.name] = pa.array(
+                    [None if row[field.name] is None else row[field.name].tolist() for row in decoded], type=field.type
+                )
             writer.write_table(pa.table(columns, schema=schema))
     return dest
 
@@ -98,9 +105,10 @@ def export_openai_chat(files: list[Path], dest: Path) -> Path:
     """One dataset (its file, or its shards) -> OpenAI fine-tuning JSONL, a conversation a row (module docstring)."""
     schema_in = unified_schema([_open(f).schema_arrow for f in files])
     if "completion" not in schema_in.names or not {"prompt", "messages"} & set(schema_in.names):
-        raise UserError(f"{files[0]}: needs a completion column and a prompt or messages column: "
-                        "not a distillab dataset")
-    columns = pa.schema([f for f in schema_in if f.name in ("system", "messages", "prompt", "completion")])
+        raise UserError(
+            f"{files[0]}: needs a completion column and a prompt or messages column: not a distillab dataset"
+        )
+    columns = pa.schema([f for f in schema_in if f.name in ("system", "messages", "prompt", "completion", "reasoning")])
     with atomic_path(dest) as tmp, tmp.open("w", encoding="utf-8") as f:
         for file, batch in _batches(files, columns, with_file=True):
             for row in batch.to_pylist():
@@ -122,7 +130,7 @@ def _batches(files: list[Path], schema: pa.Schema, with_file: bool = False):
 
 def chat_messages(row: dict, where: str = "row") -> list[dict]:
     """The OpenAI messages of one row: its earlier turns (`messages`, or `system` + `prompt`), then the
-    teacher's `completion` as the assistant turn."""
+    teacher's `completion` as the assistant turn (its trace, if any, as the turn's `reasoning_content`)."""
     turns = row.get("messages")
     if isinstance(turns, str):  # a conversation stored as JSON text
         turns = json.loads(turns)
@@ -133,7 +141,10 @@ def chat_messages(row: dict, where: str = "row") -> list[dict]:
             raise UserError(f"{where}: neither messages nor prompt")
         messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
         messages.append({"role": "user", "content": row["prompt"]})
-    return messages + [{"role": "assistant", "content": row["completion"] or ""}]
+    answer = {"role": "assistant", "content": row["completion"] or ""}
+    if row.get("reasoning"):
+        answer["reasoning_content"] = row["reasoning"]
+    return messages + [answer]
 
 
 def _open(src: Path) -> pq.ParquetFile:

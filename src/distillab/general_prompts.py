@@ -33,8 +33,11 @@ def general_prompts(cfg: RunConfig, run: RunDir) -> list[dict]:
 
         general = retain.lab_general_skills(cfg)
         per_skill = -(-r.n_general_prompts // len(general))
-        rows = [{"prompt": e.prompt, "answer": e.answer, "skill": s}
-                for s in general for e in get_skill(s).examples("train", per_skill, seed=cfg.data.seed + 1)]
+        rows = [
+            {"prompt": e.prompt, "answer": e.answer, "skill": s}
+            for s in general
+            for e in get_skill(s).examples("train", per_skill, seed=cfg.data.seed + 1)
+        ]
         return random.Random(cfg.data.seed).sample(rows, min(len(rows), r.n_general_prompts))
     return SampledPrompts().load(cfg, run).prompts
 
@@ -77,8 +80,10 @@ class SampledPrompts:
         prompts = [{"prompt": p, "answer": None, "skill": "sampled"} for p in list(seen)[:want]]
         ctx.log(f"retain: the base model wrote {len(prompts)} general prompts in {time.time() - began:.0f}s")
         seconds = round(time.time() - began, 2)
-        write_atomic(run.sampled_prompts, json.dumps({"stamp": self.fingerprint(cfg, run), "seconds": seconds,
-                                                      "prompts": prompts}))
+        write_atomic(
+            run.sampled_prompts,
+            json.dumps({"stamp": self.fingerprint(cfg, run), "seconds": seconds, "prompts": prompts}),
+        )
         return PromptSet(prompts=prompts, seconds=seconds)
 
     def load(self, cfg: RunConfig, run: RunDir) -> PromptSet:
@@ -101,12 +106,19 @@ def sample_texts(model, tok, prefix: str, n: int, generator, max_new_tokens: int
     import torch
 
     model.eval()
-    ids = tok(prefix)["input_ids"] if prefix else [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+    ids = (
+        tok(prefix)["input_ids"] if prefix else [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+    )
     device = next(model.parameters()).device
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids] * n, device=device), do_sample=True, temperature=1.0,
-                             top_k=None, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-    return [tok.decode(row[len(ids):], skip_special_tokens=True) for row in out.tolist()]
-
+        out = model.generate(
+            input_ids=torch.tensor([ids] * n, device=device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=None,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    return [tok.decode(row[len(ids) :], skip_special_tokens=True) for row in out.tolist()]

@@ -34,10 +34,18 @@ file) and leave no merged file; the sampled general prompts, the same for every 
 
 samples_per_prompt (temperature > 0): each sample is its own request (keyed with "sample": s from the second
 on) and its own row, with a `sample` column.
+
+[verify] (distillab.verify, the task dataset only): a chunk holds whole prompts (all their samples). When its answers
+are in, each sample is judged (Verifying); a prompt none of whose samples verified gets its next samples as extra
+requests of the same chunk, queued between chunks (or sent after the stream when it has ended), until one verifies
+or max_draws is reached. Then the chunk is written: its kept samples as its rows, its rejected ones as its part of
+data/rejected/ (merged into data/rejected.parquet). A re-draw is keyed like any sample, so a rerun reads it from the
+cache; a chunk written by an earlier run is counted again from the cache (its verdicts and re-draws), nothing sent.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -46,11 +54,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillab import chat, models, provenance, retain
+from distillab import chat, models, provenance, reasoning, retain, verify
 from distillab.cache import RequestCache, request_key
-from distillab.config import RunConfig, TeacherConfig
+from distillab.config import THINK_TAGS, TRACE_FORMAT, RunConfig, TeacherConfig, VerifyConfig
+from distillab.decontaminate import decontaminate
 from distillab.errors import UserError
-from distillab.files import read_json, write_json
+from distillab.files import fingerprint, read_json, write_json
 from distillab.general_prompts import SampledPrompts, general_prompts
 from distillab.pricing import BudgetGuard
 from distillab.prompts import prompt_stream
@@ -70,11 +79,14 @@ class GenerateSummary:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0  # of completion_tokens: a reasoning teacher's traces (distillab.reasoning)
     usd: float | None = 0.0  # None: the teacher is unpriced
     skipped: bool = False
     endpoints: dict = field(default_factory=dict)  # url -> this run's {answered, errors, prompt/completion tokens}
     # False: a request failed for good, or no row was this shard's: not stamped, so a rerun asks again
     complete: bool = True
+    verification: dict | None = None  # [verify]: records.Verification's JSON (yield, re-draws, $ per kept example)
+    decontamination: dict | None = None  # [decontaminate]: decontaminate.Decontamination's JSON (the task prompts)
 
 
 def generate_stages(cfg: RunConfig) -> list[Stage]:
@@ -111,6 +123,7 @@ class Answerer:
     teacher: TeacherConfig
     source: str
     label: str | None = None
+    verify: VerifyConfig | None = None  # [verify]: only the samples that pass are kept (distillab.verify)
 
     @property
     def by_teacher(self) -> bool:
@@ -134,6 +147,8 @@ class DatasetPlan:
     cached: int = 0  # distinct requests a chunk asks that the cache holds, summed over chunks
     missing: int = 0  # ... and that it lacks
     prior: dict = field(default_factory=lambda: _zero_usage())  # what the cached answers cost
+    verifiers: verify.Verifiers | None = None  # [verify] (built while planning: a bad module:function costs nothing)
+    decontamination: dict | None = None  # [decontaminate]'s record of the prompts (the task dataset's)
 
     def keys(self, chunk) -> list[str]:
         return [request_key(ask(self.teacher, p, s)) for p, s in chunk]
@@ -176,10 +191,18 @@ class AnsweredDataset:
         holds now."""
         plan = self._take_plan(cfg, run, WHOLE)
         if not plan.answerer.by_teacher:
-            return GenerateSummary(rows=plan.rows)
+            return GenerateSummary(rows=plan.rows, decontamination=plan.decontamination)
         last = read_json(run.generate_summary(self.dataset))
-        return GenerateSummary(rows=last["rows"], cached=plan.cached, prompt_tokens=last["prompt_tokens"],
-                               completion_tokens=last["completion_tokens"], usd=last["usd"])
+        return GenerateSummary(
+            rows=last["rows"],
+            cached=plan.cached,
+            prompt_tokens=last["prompt_tokens"],
+            completion_tokens=last["completion_tokens"],
+            reasoning_tokens=last.get("reasoning_tokens", 0),
+            usd=last["usd"],
+            verification=last.get("verification"),
+            decontamination=plan.decontamination,
+        )
 
     def _take_plan(self, cfg: RunConfig, run: RunDir, shard: tuple[int, int]) -> DatasetPlan:
         planned, self._planned = self._planned, None
@@ -192,13 +215,21 @@ class AnsweredDataset:
         files = ShardFiles(run, self.dataset, shard)
         files.check_layout()
         samples = answerer.teacher.samples_per_prompt if answerer.by_teacher else 1
+        verifying = answerer.by_teacher and answerer.verify is not None
+        # verified: a prompt's samples share one chunk, which settles them (and their re-draws) together
+        size = max(samples, CHUNK_ROWS - CHUNK_ROWS % samples) if verifying else CHUNK_ROWS
 
         def chunks():
             rows = ((p, s) for p in prompts if in_shard(p["prompt"], shard) for s in range(samples))
-            return iter(lambda: list(itertools.islice(rows, CHUNK_ROWS)), [])
+            return iter(lambda: list(itertools.islice(rows, size)), [])
 
-        plan = DatasetPlan(files=files, answerer=answerer, chunks=chunks,
-                           student_tok=models.load_tokenizer(cfg.train.student))
+        plan = DatasetPlan(
+            files=files,
+            answerer=answerer,
+            chunks=chunks,
+            student_tok=models.load_tokenizer(cfg.train.student),
+            verifiers=verify.Verifiers(answerer.verify, answerer.teacher.think_tags) if verifying else None,
+        )
         if answerer.by_teacher:
             _plan_teacher(cfg, run, plan, shard, samples)
         else:
@@ -208,19 +239,37 @@ class AnsweredDataset:
 
 class TaskPrompts:
     """The run's task prompts, read and checked once for the stages that answer them: (train, dev). A user's
-    prompts hold out a dev share when retain selects (split by a stable hash: retain.split_dev_prompts)."""
+    prompts hold out a dev share when retain selects (split by a stable hash: retain.split_dev_prompts). The train
+    share is decontaminated here, before any request is planned (distillab.decontaminate): against the suites the
+    run scores, the dev share included; its record says what was checked, dropped or flagged."""
 
     def __init__(self):
-        self._split: tuple | None = None  # (cfg, train, dev)
+        self._split: tuple | None = None  # (cfg, train, dev, decontamination record or None)
 
     def split(self, cfg: RunConfig) -> tuple[Iterable[dict], list[dict]]:
         if self._split is None or self._split[0] is not cfg:
-            self._split = (cfg, *_task_prompts(cfg))
+            train, dev = _task_prompts(cfg)
+            kept, record = decontaminate(cfg, train, held_out=dev)
+            if record is not None and record.checked and record.dropped == record.checked:
+                found = ", ".join(f"{suite} {n}" for suite, n in record.contaminated.items() if n)
+                raise UserError(
+                    f"[decontaminate] dropped every training prompt ({record.checked}): they match the "
+                    f"suites this run scores ({found or 'duplicates'}); give prompts that are not "
+                    'test items, or set [decontaminate] action = "flag" (or enabled = false) to keep them'
+                )
+            self._split = (cfg, kept, dev, record)
         return self._split[1], self._split[2]
+
+    def decontamination(self, cfg: RunConfig) -> dict | None:
+        """[decontaminate]'s record of the train share (None: off)."""
+        self.split(cfg)
+        return None if self._split[3] is None else self._split[3].to_dict()
 
 
 class TaskDataset(AnsweredDataset):
-    """data/train.parquet: the task prompts answered by data.source."""
+    """data/train.parquet: the task prompts answered by data.source. [decontaminate]'s record of them is part of
+    the fingerprint (a changed eval suite plans again) and is written beside the dataset (data/decontamination.json)
+    and into its generate_summary.json."""
 
     name, dataset = "generate:train", "train"
 
@@ -231,8 +280,30 @@ class TaskDataset(AnsweredDataset):
     def prompts(self, cfg: RunConfig, run: RunDir) -> Iterable[dict]:
         return self.task.split(cfg)[0]
 
+    def decontamination(self, cfg: RunConfig) -> dict | None:
+        return self.task.decontamination(cfg)
+
+    def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
+        planned, record = super().fingerprint(cfg, run), self.decontamination(cfg)
+        return planned if record is None else fingerprint(planned, record)
+
+    def outputs(self, cfg: RunConfig, run: RunDir) -> list[Path]:
+        record = [run.decontamination] if self.decontamination(cfg) is not None else []
+        return [*super().outputs(cfg, run), *record]
+
+    def run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> GenerateSummary:
+        summary = super().run(cfg, run, ctx)
+        if summary.decontamination is not None:
+            write_json(run.decontamination, summary.decontamination)
+        return summary
+
+    def _plan(self, cfg: RunConfig, run: RunDir, shard: tuple[int, int]) -> DatasetPlan:
+        plan = super()._plan(cfg, run, shard)
+        plan.decontamination = self.decontamination(cfg)
+        return plan
+
     def answerer(self, cfg: RunConfig) -> Answerer:
-        return Answerer(teacher=cfg.teacher, source=cfg.data.source)
+        return Answerer(teacher=cfg.teacher, source=cfg.data.source, verify=cfg.verify)
 
 
 class DevDataset(TaskDataset):
@@ -242,6 +313,12 @@ class DevDataset(TaskDataset):
 
     def prompts(self, cfg: RunConfig, run: RunDir) -> Iterable[dict]:
         return self.task.split(cfg)[1]
+
+    def decontamination(self, cfg: RunConfig) -> dict | None:
+        return None  # the dev share is what selection scores: the train share is checked against it
+
+    def answerer(self, cfg: RunConfig) -> Answerer:
+        return Answerer(teacher=cfg.teacher, source=cfg.data.source)  # dev is scored against, never verified
 
 
 class ReplayDataset(AnsweredDataset):
@@ -257,8 +334,10 @@ class ReplayDataset(AnsweredDataset):
         if r.replay_source == "dataset":
             missing = [i for i, p in enumerate(prompts) if p.get("answer") is None]
             if missing:
-                raise UserError(f"{r.general_prompts_file}: line {missing[0] + 1} has no \"answer\" "
-                                "(retain.replay_source = \"dataset\" trains on the answers you bring)")
+                raise UserError(
+                    f'{r.general_prompts_file}: line {missing[0] + 1} has no "answer" '
+                    '(retain.replay_source = "dataset" trains on the answers you bring)'
+                )
         return prompts
 
     def answerer(self, cfg: RunConfig) -> Answerer:
@@ -266,9 +345,18 @@ class ReplayDataset(AnsweredDataset):
             return Answerer(teacher=cfg.teacher, source="human")
         if cfg.retain.replay_source == "teacher":
             return Answerer(teacher=cfg.teacher, source="teacher")
-        base = cfg.teacher.model_copy(update={  # the frozen base student answers: local, greedy, free
-            "model": cfg.train.student, "base_url": None, "api_key_env": None, "mode": "completions", "max_usd": None,
-            "usd_per_1m_input": None, "usd_per_1m_output": None, "temperature": 0.0})
+        base = cfg.teacher.model_copy(
+            update={  # the frozen base student answers: local, greedy, free
+                "model": cfg.train.student,
+                "base_url": None,
+                "api_key_env": None,
+                "mode": "completions",
+                "max_usd": None,
+                "usd_per_1m_input": None,
+                "usd_per_1m_output": None,
+                "temperature": 0.0,
+            }
+        )
         return Answerer(teacher=base, source="teacher", label=f"{cfg.train.student} (self)")
 
 
@@ -302,8 +390,9 @@ def fit_teacher_context(cfg: RunConfig, prompts: list[dict]) -> list[dict]:
     tok = models.load_tokenizer(cfg.teacher.model)
     room = context - cfg.teacher.max_new_tokens
     if room < 1:
-        raise UserError(f"teacher.max_new_tokens {cfg.teacher.max_new_tokens} fills the teacher's whole context "
-                        f"({context} tokens)")
+        raise UserError(
+            f"teacher.max_new_tokens {cfg.teacher.max_new_tokens} fills the teacher's whole context ({context} tokens)"
+        )
     # what the teacher is asked: the prompt through its own chat template, if it has one
     lengths = [len(ids) for ids in tok([chat.render_prompt(tok, chat.turns_of(p)) for p in prompts])["input_ids"]]
     too_long = [i for i, n in enumerate(lengths) if n > room]
@@ -318,11 +407,18 @@ def fit_teacher_context(cfg: RunConfig, prompts: list[dict]) -> list[dict]:
             out[i] = prompts[i] | {"prompt": tok.decode(ids[-keep:])}
         return out
     where = cfg.data.prompts_file or "data.skills"
-    lines = ", ".join(str(prompts[i].get("line", i + 1)) for i in too_long[:10]) + (" ..." if len(too_long) > 10 else "")
-    fix = ("drop their earliest turns (conversations are not truncated)" if any(prompts[i].get("messages")
-           for i in too_long) else "shorten them, or set [data] truncate = \"left\"")
-    raise UserError(f"{where}: {len(too_long)} prompt(s) do not fit the teacher's context ({context} tokens, "
-                    f"{cfg.teacher.max_new_tokens} kept for the answer): line(s) {lines}; {fix}")
+    lines = ", ".join(str(prompts[i].get("line", i + 1)) for i in too_long[:10]) + (
+        " ..." if len(too_long) > 10 else ""
+    )
+    fix = (
+        "drop their earliest turns (conversations are not truncated)"
+        if any(prompts[i].get("messages") for i in too_long)
+        else 'shorten them, or set [data] truncate = "left"'
+    )
+    raise UserError(
+        f"{where}: {len(too_long)} prompt(s) do not fit the teacher's context ({context} tokens, "
+        f"{cfg.teacher.max_new_tokens} kept for the answer): line(s) {lines}; {fix}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,7 +431,9 @@ def _plan_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, shard: tuple[i
     from distillab.teachers import make_teacher
 
     plan.teacher = make_teacher(plan.answerer.teacher)
-    plan.salt = f"{cfg.train.student}|{plan.answerer.label}|{samples}"
+    plan.salt = f"{cfg.train.student}|{plan.answerer.label}|{samples}" + _trace_salt(cfg, plan.answerer)
+    if plan.verifiers:  # what is kept depends on the verifiers (a user's function's source included)
+        plan.salt += f"|verify:{plan.verifiers.fingerprint()}"
     stamp = hashlib.sha256(plan.salt.encode())
     path = run.cache(shard)
     cache = RequestCache(path) if path.exists() else None  # planning creates nothing: an absent cache holds nothing
@@ -343,8 +441,10 @@ def _plan_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, shard: tuple[i
         for chunk in plan.chunks():
             for p, _ in chunk:
                 _check_student_renders(plan.student_tok, p)
+                if plan.verifiers:
+                    plan.verifiers.check_prompt(p)
             keys = plan.keys(chunk)
-            plan.digests.append(_digest(plan.salt, keys))
+            plan.digests.append(_digest(plan.salt, keys + _marks(chunk)))
             stamp.update(plan.digests[-1].encode())
             unique = list(dict.fromkeys(keys))
             held = cache.cached_keys(unique) if cache else set()
@@ -358,18 +458,29 @@ def _plan_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, shard: tuple[i
     plan.fingerprint = stamp.hexdigest()[:16]
 
 
+def _trace_salt(cfg: RunConfig, answerer: Answerer) -> str:
+    """How reasoning traces are cut (think_tags) and rendered (trace_format) decides the rows: in a part's digest when
+    set otherwise than by default (the defaults add nothing: a run's parts keep their names)."""
+    tags, trace_format = answerer.teacher.think_tags, cfg.train.trace_format
+    if tuple(tags) == THINK_TAGS and trace_format == TRACE_FORMAT:
+        return ""
+    return f"|traces:{json.dumps([tags, trace_format])}"
+
+
 def _plan_given_answers(cfg: RunConfig, plan: DatasetPlan) -> None:
     """Every chunk's digest and the stamp from the records themselves; every answer checked before anything is
     written."""
     source = plan.answerer.source
-    salt = json.dumps([cfg.data.model_dump(), cfg.train.student, source])
+    salt = json.dumps([cfg.data.model_dump(), cfg.train.student, source]) + _trace_salt(cfg, plan.answerer)
     stamp = hashlib.sha256(salt.encode())
     for i, chunk in enumerate(plan.chunks()):
         plan.rows += len(chunk)
         for j, (p, _) in enumerate(chunk):
             if p["answer"] is None:
-                raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt "
-                                f"(prompt {i * CHUNK_ROWS + j + 1} has none)")
+                raise UserError(
+                    f'data.source = {source!r} needs an "answer" for every prompt '
+                    f"(prompt {i * CHUNK_ROWS + j + 1} has none)"
+                )
         plan.digests.append(_digest(salt, [json.dumps(p, sort_keys=True) for p, _ in chunk]))
         stamp.update(plan.digests[-1].encode())
     plan.fingerprint = stamp.hexdigest()[:16]
@@ -404,17 +515,32 @@ def _answer_by_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, ctx: Stag
     cache = RequestCache(run.cache(shard))
     try:
         files.remove_stale(plan.digests)
-        pricing = TeacherPricing.from_config(teacher_cfg.model_copy(update={"base_url": (teacher_cfg.urls or [None])[0]}),
-                                             teacher_is_local=not teacher_cfg.base_url)
+        pricing = TeacherPricing.from_config(
+            teacher_cfg.model_copy(update={"base_url": (teacher_cfg.urls or [None])[0]}),
+            teacher_is_local=not teacher_cfg.base_url,
+        )
         # The budget counts what earlier (interrupted) runs already spent on these prompts: a resumed run
         # must not get a fresh max_usd.
         budget = BudgetGuard(teacher_cfg.max_usd, pricing, total=plan.missing, prior_usage=plan.prior)
-        pending = PendingChunks(cache, teacher, plan.student_tok, files, plan.answerer.label)
+        verifying = (
+            Verifying(plan.verifiers, teacher_cfg.samples_per_prompt, ShardFiles(run, "rejected", shard))
+            if plan.verifiers
+            else None
+        )
+        if name == "train" and files.whole:
+            run.rejected.unlink(missing_ok=True)  # an earlier run's rejections: this run writes its own, or none
+        if verifying:
+            verifying.rejected.remove_stale(plan.digests)
+        pending = PendingChunks(
+            cache, teacher, plan.student_tok, files, plan.answerer.label, verifying, cfg.train.trace_format
+        )
         began = time.time()
         if plan.missing:
             # counted a chunk at a time: a prompt repeated in two chunks counts twice here and is asked once
-            ctx.log(f"generate {name}: {plan.cached} of {plan.cached + plan.missing} cached, asking "
-                    f"{teacher.teacher_id} for at most {plan.missing}")
+            ctx.log(
+                f"generate {name}: {plan.cached} of {plan.cached + plan.missing} cached, asking "
+                f"{teacher.teacher_id} for at most {plan.missing}"
+            )
             budget.check()
         if progress:
             progress(0, plan.missing, budget)
@@ -429,55 +555,192 @@ def _answer_by_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, ctx: Stag
             pending.answered(key, resp is not None)
             if progress:
                 progress(pending.sent, plan.missing, budget)
+            budget.total = plan.missing + pending.redrawn  # [verify]'s re-draws are requests this run sends too
             budget.check()
 
-        stream = pending.requests(plan.chunks(), plan.keys, plan.digests)
-        if teacher_cfg.base_url:  # an endpoint: one stream, read as its workers free up (no stall between chunks)
-            first = next(stream, None)  # a fully cached run sends nothing and needs no API key
-            if first is not None:
-                teacher.answer(itertools.chain([first], stream), on_done)
-        else:  # the local backend works a batch at a time anyway: a list per chunk's worth of requests
-            for window in iter(lambda: list(itertools.islice(stream, CHUNK_ROWS)), []):
-                teacher.answer(window, on_done)
+        def send(stream) -> None:
+            if teacher_cfg.base_url:  # an endpoint: one stream, read as its workers free up (no stall between chunks)
+                first = next(stream, None)  # a fully cached run sends nothing and needs no API key
+                if first is not None:
+                    teacher.answer(itertools.chain([first], stream), on_done)
+            else:  # the local backend works a batch at a time anyway: a list per chunk's worth of requests
+                for window in iter(lambda: list(itertools.islice(stream, CHUNK_ROWS)), []):
+                    teacher.answer(window, on_done)
+
+        send(pending.requests(plan.chunks(), plan.keys, plan.digests))
+        while pending.queue:  # [verify]'s re-draws asked for after the stream had ended
+            send(pending.redraws())
         pending.close_all()
     finally:
         cache.close()
     if pending.aligner.stats.rows:
         ctx.log(f"generate: the teacher's tokenizer is not the student's: {pending.aligner.stats.line()}")
     if pending.dropped_topk:
-        ctx.log(f"generate: the teacher's token ids are not the student's tokenizer's in {pending.dropped_topk} rows: "
-                "their text was re-tokenized and their top-k logprobs left out (those rows train with SFT only)")
+        ctx.log(
+            f"generate: the teacher's token ids are not the student's tokenizer's in {pending.dropped_topk} rows: "
+            "their text was re-tokenized and their top-k logprobs left out (those rows train with SFT only)"
+        )
+    if pending.traces["topk_dropped"]:
+        ctx.log(
+            f"generate: {pending.traces['topk_dropped']} of {pending.traces['rows']} rows with a reasoning trace: "
+            "the teacher's tokens do not spell the student's rendering of trace + answer (another thinking format "
+            "or tokenizer: see [train] trace_format), so their top-k logprobs were left out (SFT on those rows)"
+        )
+    if verifying and files.whole:
+        verifying.rejected.merge()
+    if not pending.rows and verifying and not pending.n_failed:  # every sample answered, none verified
+        raise UserError(
+            f"generate {name}: no sample passed [verify] (0 of {verifying.drawn} verified); the rejected ones "
+            f"are in {run.rejected if files.whole else verifying.rejected.dir}: check the verifier and the "
+            "reference answers, then rerun (answers are cached)"
+        )
     if not pending.rows:  # nothing to train on: fail loudly, write no empty dataset, stamp nothing
-        raise UserError(f"generate {name}: every teacher request failed ({failure_digest(pending.failures)}); "
-                        "fix the teacher and rerun: answered requests are cached")
+        raise UserError(
+            f"generate {name}: every teacher request failed ({failure_digest(pending.failures)}); "
+            "fix the teacher and rerun: answered requests are cached"
+        )
     if files.whole:
         files.merge()
     spent = pricing.usd_for(pending.usage)
+    checked = verifying.record(pricing, run, files.whole) if verifying else None
     previous = read_json(files.summary).get("answer_seconds", 0.0) if files.summary.is_file() else 0.0
     endpoints = {url: dict(stats) for url, stats in teacher.endpoint_stats.items()}
-    write_json(files.summary, {
-        "rows": pending.rows, "failed": pending.n_failed, "teacher": teacher_cfg.model,
-        "prompt_tokens": pending.usage["prompt_tokens"], "completion_tokens": pending.usage["completion_tokens"],
-        "usd": spent, "priced": spent is not None, "pricing": pricing.to_dict(),
-        "answer_seconds": round(previous + time.time() - began, 2),  # wall time asking, over every resume
-        "endpoints": endpoints,  # this run's requests per endpoint: answered, errors, tokens
-        "failures": pending.failures[:20],
-        **({"cross_tokenizer": pending.aligner.stats.to_dict()} if pending.aligner.stats.rows else {})})
+    write_json(
+        files.summary,
+        {
+            "rows": pending.rows,
+            "failed": pending.n_failed,
+            "teacher": teacher_cfg.model,
+            "prompt_tokens": pending.usage["prompt_tokens"],
+            "completion_tokens": pending.usage["completion_tokens"],
+            "reasoning_tokens": pending.usage["reasoning_tokens"],  # of completion_tokens: the teacher's traces
+            **({"traces": dict(pending.traces)} if pending.traces else {}),  # this run's rows with a trace
+            "usd": spent,
+            "priced": spent is not None,
+            "pricing": pricing.to_dict(),
+            "answer_seconds": round(previous + time.time() - began, 2),  # wall time asking, over every resume
+            "endpoints": endpoints,  # this run's requests per endpoint: answered, errors, tokens
+            "failures": pending.failures[:20],
+            **({"cross_tokenizer": pending.aligner.stats.to_dict()} if pending.aligner.stats.rows else {}),
+            **({"verification": checked} if checked else {}),
+            **({"decontamination": plan.decontamination} if plan.decontamination else {}),
+        },
+    )
     if not files.whole:
         files.combine_summaries()
-    return GenerateSummary(rows=pending.rows, requests_sent=pending.sent, cached=plan.cached, failed=pending.n_failed,
-                           prompt_tokens=pending.usage["prompt_tokens"],
-                           completion_tokens=pending.usage["completion_tokens"], usd=spent, endpoints=endpoints,
-                           complete=not pending.n_failed)
+    return GenerateSummary(
+        rows=pending.rows,
+        requests_sent=pending.sent,
+        cached=plan.cached,
+        failed=pending.n_failed,
+        prompt_tokens=pending.usage["prompt_tokens"],
+        completion_tokens=pending.usage["completion_tokens"],
+        reasoning_tokens=pending.usage["reasoning_tokens"],
+        usd=spent,
+        endpoints=endpoints,
+        complete=not pending.n_failed,
+        verification=checked,
+        decontamination=plan.decontamination,
+    )
+
+
+@dataclass
+class Verifying:
+    """[verify] in pass 2 (distillab.verify): each chunk's prompts and their draws (request keys, by sample number),
+    drawn again while none verified, then split into the kept samples (the chunk's rows) and the rejected ones
+    (its part of data/rejected/). Verdicts are read from the cache, so a chunk written by an earlier run is counted
+    again (replay) without a request."""
+
+    verifiers: verify.Verifiers
+    samples: int  # teacher.samples_per_prompt: a prompt's first draws, and how many a re-draw adds
+    rejected: ShardFiles
+    stats: verify.VerifyStats = field(default_factory=verify.VerifyStats)
+
+    @property
+    def drawn(self) -> int:
+        return sum(t.drawn for t in self.stats.skills.values())
+
+    def start(self, chunk: list[tuple[dict, int]], keys: list[str]) -> dict:
+        """A chunk's draws by prompt (a prompt's samples_per_prompt rows are consecutive and share the chunk)."""
+        n = self.samples
+        return {
+            "prompts": [p for p, _ in chunk[::n]],
+            "draws": [keys[j : j + n] for j in range(0, len(keys), n)],
+            "verdicts": [[] for _ in range(0, len(keys), n)],
+        }
+
+    def verdicts(self, state: dict, j: int, cache) -> list[bool | None]:
+        """Prompt j's verdicts, a draw each (None: no answer), each judged once."""
+        record, known = state["prompts"][j], state["verdicts"][j]
+        for key in state["draws"][j][len(known) :]:
+            resp = cache.get(key, raw_topk=True)
+            known.append(None if resp is None else self.verifiers.response(record, resp))
+        return known
+
+    def grow(self, state: dict, cache, teacher) -> list[tuple[dict, int, str]]:
+        """The chunk's next re-draws, (prompt, sample, key), added to its draws: for each prompt none of whose
+        answered draws verified, the next samples_per_prompt up to max_draws (verify.more_draws)."""
+        limit = verify.max_draws(self.verifiers.cfg, self.samples)
+        added = []
+        for j, record in enumerate(state["prompts"]):
+            for s in verify.more_draws(self.verdicts(state, j, cache), self.samples, limit):
+                key = request_key(ask(teacher, record, s))
+                state["draws"][j].append(key)
+                state["chunk"].append((record, s))
+                state["keys"].append(key)
+                added.append((record, s, key))
+        return added
+
+    def split(self, state: dict, cache) -> tuple[list, list]:
+        """(kept, rejected) ((prompt, sample), key) pairs in prompt and sample order; counted per skill."""
+        kept, rejected, by_skill = [], [], {}
+        for j, record in enumerate(state["prompts"]):
+            verdicts = self.verdicts(state, j, cache)
+            keep = set(verify.kept(verdicts, self.verifiers.cfg))
+            for s, (key, verdict) in enumerate(zip(state["draws"][j], verdicts)):
+                if s in keep:
+                    kept.append(((record, s), key))
+                elif verdict is False:  # verified samples past the keep policy are neither kept nor rejected
+                    rejected.append(((record, s), key))
+            self.stats.prompt(record, verdicts, len(keep))
+            by_skill.setdefault(verify.skill_of(record), []).extend(state["draws"][j])
+        for skill, keys in by_skill.items():
+            self.stats.usage(skill, cache.usage(list(dict.fromkeys(keys))))
+        return kept, rejected
+
+    def replay(self, chunk: list[tuple[dict, int]], keys: list[str], cache, teacher) -> tuple[int, list[str]]:
+        """A written chunk's (rows kept, every draw's key), its draws and verdicts read back from the cache (nothing
+        is sent)."""
+        state = {"chunk": list(chunk), "keys": list(keys), **self.start(chunk, keys)}
+        while self.grow(state, cache, teacher):
+            pass  # its re-draws were answered before it was written: the cache holds them
+        return len(self.split(state, cache)[0]), state["keys"]
+
+    def record(self, pricing, run: RunDir, whole: bool) -> dict:
+        """generate_summary.json's "verification" block (records.Verification)."""
+        rejected = run.rejected if whole else self.rejected.dir
+        return self.stats.record(self.verifiers, self.samples, pricing.usd_for, str(rejected)).to_dict()
 
 
 class PendingChunks:
     """Pass 2's bookkeeping: the chunks waiting for answers (each written as a part when its last one comes), and
     the counts of what was written."""
 
-    def __init__(self, cache, teacher, tokenizer, files: ShardFiles, teacher_label: str | None):
+    def __init__(
+        self,
+        cache,
+        teacher,
+        tokenizer,
+        files: ShardFiles,
+        teacher_label: str | None,
+        verifying: Verifying | None = None,
+        trace_format: str = TRACE_FORMAT,
+    ):
         self.cache, self.teacher, self.tokenizer, self.files = cache, teacher, tokenizer, files
-        self.teacher_label = teacher_label
+        self.trace_format, self.traces = trace_format, collections.Counter()  # reasoning traces: how rendered, counts
+        self.teacher_label, self.verifying = teacher_label, verifying
+        self.queue: collections.deque = collections.deque()  # [verify]'s re-draws, waiting to be sent
+        self.redrawn = 0  # re-draws queued
         from distillab.crosstok import Aligner  # a teacher with another tokenizer: its top-k aligned by text spans
 
         self.aligner = Aligner(tokenizer, None if teacher.cfg.base_url else teacher.cfg.model)
@@ -487,28 +750,54 @@ class PendingChunks:
         self.usage, self.failures = _zero_usage(), []
 
     def requests(self, chunks, keyed, digests):
-        """The requests to send, chunk by chunk, read only as the teacher takes them."""
+        """The requests to send, chunk by chunk, read only as the teacher takes them ([verify]'s re-draws between
+        chunks)."""
         for i, chunk in enumerate(chunks):
+            yield from self.redraws()
             keys = keyed(chunk)
             unique = list(dict.fromkeys(keys))
+            if self.files.done(i, digests[i]) and self.verifying:  # its rows: the verified samples, counted again
+                kept, drawn = self.verifying.replay(chunk, keys, self.cache, self.teacher)
+                self.rows += kept
+                _add_usage(self.usage, self.cache.usage(list(dict.fromkeys(drawn))))
+                continue
             if self.files.done(i, digests[i]):
                 self.rows += len(chunk)
                 _add_usage(self.usage, self.cache.usage(unique))
                 continue
             cached = self.cache.cached_keys(unique)
             waiting = {k for k in unique if k not in cached}
-            self.open[i] = {"chunk": chunk, "keys": keys, "digest": digests[i], "waiting": waiting, "failed": False}
-            todo = []
-            for (p, s), k in zip(chunk, keys):
-                if k in waiting and k not in self.waiters:
-                    todo.append(ask(self.teacher, p, s))
-                if k in waiting:
-                    self.waiters.setdefault(k, [])
-                    if i not in self.waiters[k]:
-                        self.waiters[k].append(i)
+            self.open[i] = {
+                "chunk": chunk,
+                "keys": keys,
+                "digest": digests[i],
+                "waiting": waiting,
+                "failed": False,
+                **(self.verifying.start(chunk, keys) if self.verifying else {}),
+            }
+            todo = self._wait(i, chunk, keys, waiting)
             if not waiting:
                 self.flush(i)
             yield from todo
+        yield from self.redraws()
+
+    def redraws(self):
+        """[verify]'s re-draws queued so far (more may come as answers settle their chunks)."""
+        while self.queue:
+            yield self.queue.popleft()
+
+    def _wait(self, i: int, pairs: list[tuple[dict, int]], keys: list[str], waiting: set[str]) -> list[dict]:
+        """Chunk i waits for the `waiting` keys among its (prompt, sample) pairs: the requests to send for them (a key
+        another chunk already waits for is sent once)."""
+        todo = []
+        for (p, s), k in zip(pairs, keys):
+            if k in waiting and k not in self.waiters:
+                todo.append(ask(self.teacher, p, s))
+            if k in waiting:
+                self.waiters.setdefault(k, [])
+                if i not in self.waiters[k]:
+                    self.waiters[k].append(i)
+        return todo
 
     def answered(self, key: str, ok: bool) -> None:
         self.sent += 1
@@ -519,11 +808,19 @@ class PendingChunks:
             if not state["waiting"]:
                 self.flush(i)
 
-    def flush(self, i: int) -> None:
+    def flush(self, i: int, final: bool = False) -> None:
+        if self.verifying and not final and self._redraw(i):
+            return  # the chunk waits for its re-draws
         state = self.open.pop(i)
-        rows, dropped = _teacher_rows(state["chunk"], state["keys"], self.cache, self.teacher, self.tokenizer,
-                                      self.teacher_label, self.aligner)
         failures = self.cache.failures(state["keys"])
+        if self.verifying:  # the kept samples are the rows; the rejected ones go to data/rejected/
+            kept, rejected = self.verifying.split(state, self.cache)
+            rows, dropped = self._rows(kept)
+            self.verifying.rejected.write(
+                i, state["digest"], self._rows(rejected, counted=False)[0], complete=not failures
+            )
+        else:
+            rows, dropped = self._rows(list(zip(state["chunk"], state["keys"])))
         self.files.write(i, state["digest"], rows, complete=not failures)
         self.rows += len(rows)
         self.dropped_topk += dropped
@@ -534,7 +831,40 @@ class PendingChunks:
     def close_all(self) -> None:
         for i in sorted(self.open):  # none, unless the teacher dropped a request: written as they are
             self.open[i]["waiting"].clear()
-            self.flush(i)
+            self.flush(i, final=True)
+
+    def _rows(self, pairs: list[tuple[tuple[dict, int], str]], counted: bool = True) -> tuple[list[dict], int]:
+        """_teacher_rows of ((prompt, sample), key) pairs; verified rows say which sample they are. counted=False:
+        rows that are not trained on (rejected ones) stay out of the trace counts."""
+        traces = self.traces if counted else collections.Counter()
+        rows, dropped = _teacher_rows(
+            [pair for pair, _ in pairs],
+            [key for _, key in pairs],
+            self.cache,
+            self.teacher,
+            self.tokenizer,
+            self.teacher_label,
+            self.aligner,
+            self.trace_format,
+            traces,
+        )
+        if self.verifying:  # every pair was answered (it has a verdict): rows and pairs align
+            for row, ((_, sample), _) in zip(rows, pairs):
+                row["sample"] = sample
+        return rows, dropped
+
+    def _redraw(self, i: int) -> bool:
+        """[verify]: adds chunk i's next re-draws; True while it waits for some (those the cache lacks are queued)."""
+        state = self.open[i]
+        while added := self.verifying.grow(state, self.cache, self.teacher):
+            missing = {key for *_, key in added} - self.cache.cached_keys(list({key for *_, key in added}))
+            if missing:
+                state["waiting"] |= missing
+                todo = self._wait(i, [(record, s) for record, s, _ in added], [key for *_, key in added], missing)
+                self.queue.extend(todo)
+                self.redrawn += len(todo)
+                return True
+        return False
 
 
 def _write_given_answers(cfg: RunConfig, plan: DatasetPlan) -> GenerateSummary:
@@ -543,38 +873,92 @@ def _write_given_answers(cfg: RunConfig, plan: DatasetPlan) -> GenerateSummary:
     files.remove_stale(digests)
     for i, chunk in enumerate(plan.chunks()):
         if not files.done(i, digests[i]):
-            files.write(i, digests[i], _ground_truth_rows([p for p, _ in chunk], plan.answerer.source,
-                                                          plan.student_tok, cfg.data.declared_teacher), complete=True)
+            files.write(
+                i,
+                digests[i],
+                _ground_truth_rows(
+                    [p for p, _ in chunk],
+                    plan.answerer.source,
+                    plan.student_tok,
+                    cfg.data.declared_teacher,
+                    plan.answerer.teacher.think_tags,
+                    cfg.train.trace_format,
+                ),
+                complete=True,
+            )
     if files.whole:
         files.merge()
-    return GenerateSummary(rows=plan.rows)
+    return GenerateSummary(rows=plan.rows, decontamination=plan.decontamination)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Rows.
 
 
-def _ground_truth_rows(prompts: list[dict], source: str, tokenizer, declared_teacher: str | None = None) -> list[dict]:
-    """Rows whose completions are the answers we were given; tagged with the source the user declared."""
-    tag = (provenance.provenance_row("teacher", teacher_id=declared_teacher) if declared_teacher
-           else provenance.provenance_row(source))
+def _ground_truth_rows(
+    prompts: list[dict],
+    source: str,
+    tokenizer,
+    declared_teacher: str | None = None,
+    think_tags=THINK_TAGS,
+    trace_format: str = TRACE_FORMAT,
+) -> list[dict]:
+    """Rows whose completions are the answers we were given; tagged with the source the user declared. An answer that
+    holds a reasoning trace (a brought set of DeepSeek-R1-style traces) is split and rendered as a teacher's is (see
+    _teacher_rows); the reasoning columns are there only when some answer has one."""
+    tag = (
+        provenance.provenance_row("teacher", teacher_id=declared_teacher)
+        if declared_teacher
+        else provenance.provenance_row(source)
+    )
     rows = []
     for i, prompt in enumerate(prompts):
         if prompt["answer"] is None:
-            raise UserError(f"data.source = {source!r} needs an \"answer\" for every prompt (prompt {i + 1} has none)")
-        prompt_ids, completion_ids = chat.encode(tokenizer, chat.turns_of(prompt), prompt["answer"])
+            raise UserError(f'data.source = {source!r} needs an "answer" for every prompt (prompt {i + 1} has none)')
+        turns = chat.turns_of(prompt)
+        trace, answer = reasoning.split_response({"text": prompt["answer"]}, think_tags)
+        prompt_ids, completion_ids = reasoning.encode(tokenizer, turns, trace, answer, trace_format)
         fields = _row_text(prompt)
-        rows.append({**fields, "completion": fields["answer"], "prompt_ids": prompt_ids, "completion_ids": completion_ids,
-                     "top_ids": None, "top_logprobs": None, **tag})
+        rows.append(
+            {
+                **fields,
+                "completion": answer,
+                "prompt_ids": prompt_ids,
+                "completion_ids": completion_ids,
+                "top_ids": None,
+                "top_logprobs": None,
+                **tag,
+                "reasoning": trace,
+                "answer_ids": None if trace is None else chat.encode(tokenizer, turns, answer)[1],
+            }
+        )
+    if all(row["reasoning"] is None for row in rows):  # the rows as they always were
+        rows = [{k: v for k, v in row.items() if k not in ("reasoning", "answer_ids")} for row in rows]
     return rows
 
 
-def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | None = None,
-                  aligner=None) -> tuple[list[dict], int]:
+def _teacher_rows(
+    chunk,
+    keys,
+    cache,
+    teacher,
+    tokenizer,
+    teacher_label: str | None = None,
+    aligner=None,
+    trace_format: str = TRACE_FORMAT,
+    traces: collections.Counter | None = None,
+) -> tuple[list[dict], int]:
     """(rows of the chunk's answered requests in prompt order, rows whose top-k was dropped). The top-k goes from
     the cache to the row as the codec's bytes ("topk"): no decode, no second rounding. A teacher with another
     tokenizer: its top-k is aligned onto the student's tokens by text spans (aligner, a crosstok.Aligner; its
-    stats count them); student tokens with no teacher distribution get a top-k with no mass (crosstok.encode)."""
+    stats count them); student tokens with no teacher distribution get a top-k with no mass (crosstok.encode).
+
+    A reasoning teacher's row (distillab.reasoning): `completion` is its answer, `reasoning` its trace, and
+    completion_ids are trace + answer in the student's thinking format (trace_format where its template has none),
+    `answer_ids` the answer alone. The teacher's tokens (which cover its trace) are used as they are when they spell
+    exactly that rendering in the student's vocabulary; otherwise they go the cross-tokenizer way above, aligned as
+    far as their text matches the rendering. `traces` counts rows with a trace ("rows") and those whose top-k was
+    left out because it could not be placed on the rendering ("topk_dropped")."""
     sampling = {k: v for k, v in teacher.request("").items() if k not in ("prompt", "messages", "endpoint", "model")}
     many = teacher.cfg.samples_per_prompt > 1
     rows, dropped_topk = [], 0
@@ -585,29 +969,58 @@ def _teacher_rows(chunk, keys, cache, teacher, tokenizer, teacher_label: str | N
         topk, top_ids, top_lp = resp.get("topk"), resp.get("top_ids"), resp.get("top_logprobs")
         # the student's own rendering of the conversation (its chat template, or the plain text)
         turns = chat.turns_of(prompt)
+        trace, answer = reasoning.split_response(resp, teacher.cfg.think_tags)
+        rendered = answer_ids = None
+        if trace is not None:  # the text the teacher's tokens must spell: the student's rendering of trace + answer
+            prompt_ids, rendered = reasoning.encode(tokenizer, turns, trace, answer, trace_format)
+            answer_ids = chat.encode(tokenizer, turns, answer)[1]
+            resp = resp | {"text": tokenizer.decode(rendered, skip_special_tokens=True)}
         if resp.get("token_ids") is not None and _ids_match(resp, tokenizer):
-            prompt_ids = chat.prompt_ids(tokenizer, turns)
+            prompt_ids = chat.prompt_ids(tokenizer, turns) if trace is None else prompt_ids
             completion_ids = resp["token_ids"]  # the teacher's own tokens: its top-k stays aligned to them
         else:  # no ids, or the teacher's ids are not the student's: the student's tokenizer reads the text
-            prompt_ids, completion_ids = chat.encode(tokenizer, turns, resp["text"])
+            prompt_ids, completion_ids = (
+                chat.encode(tokenizer, turns, answer) if trace is None else (prompt_ids, rendered)
+            )
             if resp.get("token_ids") is not None:  # teacher-vocabulary ids: aligned by text spans, else dropped
-                topk = _aligned_topk(resp, completion_ids, aligner)
+                aligns = trace is None or _spells_rendering(resp, aligner)
+                topk = _aligned_topk(resp, completion_ids, aligner) if aligns else None
                 top_ids = top_lp = None
-                dropped_topk += topk is None
+                dropped_topk += topk is None and trace is None
         if topk is None and top_ids is None and resp.get("top_tokens") is not None:
             from distillab.crosstok import fill_rows
             from distillab.teachers.openai_compat import map_top_tokens
 
-            top_ids, top_lp, completion_ids = map_top_tokens(resp, tokenizer, aligner)
+            top_ids, top_lp, mapped_ids = map_top_tokens(resp, tokenizer, aligner)
+            completion_ids = mapped_ids if trace is None or top_ids is not None else completion_ids
             if top_ids is not None:
                 k = max((len(row) for row in resp["top_tokens"]), default=1)
                 top_ids, top_lp = fill_rows(top_ids, top_lp, max(k, 1))
-        rows.append({**_row_text(prompt), **({"sample": sample} if many else {}), "completion": resp["text"],
-                     "prompt_ids": prompt_ids, "completion_ids": completion_ids,
-                     "topk": topk, "top_ids": top_ids, "top_logprobs": top_lp,
-                     **provenance.provenance_row("teacher", teacher_id=teacher_label or teacher.teacher_id,
-                                                 endpoint=teacher.endpoint,
-                                                 sampling=sampling, request_hash=key)})
+        if trace is not None and traces is not None:
+            traces["rows"] += 1
+            had_topk = resp.get("topk") is not None or resp.get("top_ids") is not None or resp.get("top_tokens")
+            traces["topk_dropped"] += bool(had_topk) and topk is None and top_ids is None
+        rows.append(
+            {
+                **_row_text(prompt),
+                **({"sample": sample} if many else {}),
+                "completion": answer,
+                "reasoning": trace,
+                "prompt_ids": prompt_ids,
+                "completion_ids": completion_ids,
+                "answer_ids": answer_ids,
+                "topk": topk,
+                "top_ids": top_ids,
+                "top_logprobs": top_lp,
+                **provenance.provenance_row(
+                    "teacher",
+                    teacher_id=teacher_label or teacher.teacher_id,
+                    endpoint=teacher.endpoint,
+                    sampling=sampling,
+                    request_hash=key,
+                ),
+            }
+        )
     return rows, dropped_topk
 
 
@@ -618,10 +1031,21 @@ def _ids_match(resp: dict, tokenizer) -> bool:
     ids = resp["token_ids"]
     if any(not 0 <= i < len(tokenizer) for i in ids):
         return False
-    if (resp.get("finish_reason") == "stop" and ids and ids[-1] != tokenizer.eos_token_id
-            and not tokenizer.decode(ids[-1:], skip_special_tokens=True)):
+    if (
+        resp.get("finish_reason") == "stop"
+        and ids
+        and ids[-1] != tokenizer.eos_token_id
+        and not tokenizer.decode(ids[-1:], skip_special_tokens=True)
+    ):
         return False
     return tokenizer.decode(ids, skip_special_tokens=True) == resp["text"]
+
+
+def _spells_rendering(resp: dict, aligner) -> bool:
+    """Whether a reasoning row's teacher ids, read with the teacher's own tokenizer, spell the student's rendering
+    (resp's text): only then are they aligned by text spans; another thinking format is no tokenizer to align."""
+    tok = aligner.teacher_tok() if aligner is not None else None
+    return tok is not None and tok.decode(resp["token_ids"], skip_special_tokens=True) == resp["text"]
 
 
 def _aligned_topk(resp: dict, completion_ids: list[int], aligner) -> dict | None:
@@ -653,6 +1077,11 @@ def _row_text(record: dict) -> dict:
     return {**{k: v for k, v in record.items() if k != "line"}, "messages": record.get("messages") or None}
 
 
+def _marks(chunk) -> list[str]:
+    """[decontaminate] action = "flag": the marks a chunk's prompts carry into its rows, so part of its digest."""
+    return [f"{i}:{p['decontamination']}" for i, (p, _) in enumerate(chunk) if p.get("decontamination")]
+
+
 def _digest(salt: str, keys: list[str]) -> str:
     h = hashlib.sha256(salt.encode())
     for k in keys:
@@ -661,7 +1090,7 @@ def _digest(salt: str, keys: list[str]) -> str:
 
 
 def _zero_usage() -> dict:
-    return {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
+    return {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "reasoning_tokens": 0}
 
 
 def _add_usage(total: dict, more: dict) -> None:

@@ -31,35 +31,98 @@ from torch import Tensor
 from distillab.errors import UserError
 
 # forward: `logits = self.lm_head(hidden_states)`, lm_head = nn.Linear(..., bias=False): read in transformers 5.24
-IDENTITY_ARCHITECTURES: frozenset[str] = frozenset({
-    "ApertusForCausalLM", "ArceeForCausalLM", "BloomForCausalLM", "DbrxForCausalLM", "DeepseekV2ForCausalLM",
-    "DeepseekV3ForCausalLM", "DiffLlamaForCausalLM", "Ernie4_5ForCausalLM", "Exaone4ForCausalLM",
-    "FlexOlmoForCausalLM", "Gemma3ForConditionalGeneration", "GemmaForCausalLM", "Glm4ForCausalLM",
-    "Glm4MoeForCausalLM", "GlmForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTNeoForCausalLM",
-    "GPTNeoXForCausalLM", "GptOssForCausalLM", "HeliumForCausalLM", "HunYuanDenseV1ForCausalLM",
-    "HunYuanMoEV1ForCausalLM", "JambaForCausalLM", "JetMoeForCausalLM", "Lfm2ForCausalLM", "Lfm2MoeForCausalLM",
-    "Llama4ForCausalLM", "LlamaForCausalLM", "MiniCPM3ForCausalLM", "MiniMaxForCausalLM", "Ministral3ForCausalLM",
-    "MinistralForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "MptForCausalLM", "NemotronForCausalLM",
-    "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoForCausalLM", "OlmoeForCausalLM", "PersimmonForCausalLM",
-    "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-    "Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM",
-    "StableLmForCausalLM", "Starcoder2ForCausalLM", "ZambaForCausalLM", "Zamba2ForCausalLM",
-})
-SOFTCAP_ARCHITECTURES: frozenset[str] = frozenset({
-    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3nForCausalLM", "Gemma3nForConditionalGeneration",
-    "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration", "NanoChatForCausalLM", "PaliGemmaForConditionalGeneration",
-    "VaultGemmaForCausalLM",
-})
+IDENTITY_ARCHITECTURES: frozenset[str] = frozenset(
+    {
+        "ApertusForCausalLM",
+        "ArceeForCausalLM",
+        "BloomForCausalLM",
+        "DbrxForCausalLM",
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
+        "DiffLlamaForCausalLM",
+        "Ernie4_5ForCausalLM",
+        "Exaone4ForCausalLM",
+        "FlexOlmoForCausalLM",
+        "Gemma3ForConditionalGeneration",
+        "GemmaForCausalLM",
+        "Glm4ForCausalLM",
+        "Glm4MoeForCausalLM",
+        "GlmForCausalLM",
+        "GPT2LMHeadModel",
+        "GPTBigCodeForCausalLM",
+        "GPTNeoForCausalLM",
+        "GPTNeoXForCausalLM",
+        "GptOssForCausalLM",
+        "HeliumForCausalLM",
+        "HunYuanDenseV1ForCausalLM",
+        "HunYuanMoEV1ForCausalLM",
+        "JambaForCausalLM",
+        "JetMoeForCausalLM",
+        "Lfm2ForCausalLM",
+        "Lfm2MoeForCausalLM",
+        "Llama4ForCausalLM",
+        "LlamaForCausalLM",
+        "MiniCPM3ForCausalLM",
+        "MiniMaxForCausalLM",
+        "Ministral3ForCausalLM",
+        "MinistralForCausalLM",
+        "MistralForCausalLM",
+        "MixtralForCausalLM",
+        "MptForCausalLM",
+        "NemotronForCausalLM",
+        "Olmo2ForCausalLM",
+        "Olmo3ForCausalLM",
+        "OlmoForCausalLM",
+        "OlmoeForCausalLM",
+        "PersimmonForCausalLM",
+        "Phi3ForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "Qwen3NextForCausalLM",
+        "Qwen3_5ForCausalLM",
+        "Qwen3_5MoeForCausalLM",
+        "SeedOssForCausalLM",
+        "SmolLM3ForCausalLM",
+        "StableLmForCausalLM",
+        "Starcoder2ForCausalLM",
+        "ZambaForCausalLM",
+        "Zamba2ForCausalLM",
+    }
+)
+SOFTCAP_ARCHITECTURES: frozenset[str] = frozenset(
+    {
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Gemma3nForCausalLM",
+        "Gemma3nForConditionalGeneration",
+        "Gemma4ForCausalLM",
+        "Gemma4ForConditionalGeneration",
+        "NanoChatForCausalLM",
+        "PaliGemmaForConditionalGeneration",
+        "VaultGemmaForCausalLM",
+    }
+)
 # architecture -> the config attribute its forward multiplies (or below: divides) the logits by
 MULTIPLY_ARCHITECTURES: dict[str, str] = {
-    "CohereForCausalLM": "logit_scale", "Cohere2ForCausalLM": "logit_scale", "Cohere2MoeForCausalLM": "logit_scale",
+    "CohereForCausalLM": "logit_scale",
+    "Cohere2ForCausalLM": "logit_scale",
+    "Cohere2MoeForCausalLM": "logit_scale",
     "CohereCompassForCausalLM": "logit_scale",  # None -> 1.0 in its __init__
-    "HyperCLOVAXForCausalLM": "logits_scaling", "FalconH1ForCausalLM": "lm_head_multiplier",
+    "HyperCLOVAXForCausalLM": "logits_scaling",
+    "FalconH1ForCausalLM": "lm_head_multiplier",
 }
 DIVIDE_ARCHITECTURES: dict[str, str] = {
-    name: "logits_scaling" for name in ("GraniteForCausalLM", "GraniteSWAForCausalLM", "GraniteMoeForCausalLM",
-                                        "GraniteMoeSWAForCausalLM", "GraniteMoeHybridForCausalLM",
-                                        "GraniteMoeSharedForCausalLM")
+    name: "logits_scaling"
+    for name in (
+        "GraniteForCausalLM",
+        "GraniteSWAForCausalLM",
+        "GraniteMoeForCausalLM",
+        "GraniteMoeSWAForCausalLM",
+        "GraniteMoeHybridForCausalLM",
+        "GraniteMoeSharedForCausalLM",
+    )
 }
 KNOWN_ARCHITECTURES: frozenset[str] = (
     IDENTITY_ARCHITECTURES | SOFTCAP_ARCHITECTURES | frozenset(MULTIPLY_ARCHITECTURES) | frozenset(DIVIDE_ARCHITECTURES)
@@ -101,8 +164,10 @@ def logit_transform(model_or_config) -> Callable[[Tensor], Tensor]:
         architecture, config = type(model).__name__, model.config
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if getattr(head, "bias", None) is not None:
-            raise UserError(f"{architecture}'s lm_head has a bias, which chunked KD (hidden @ lm_head.T) leaves out: "
-                            "set train.chunk_size = 0 for this model")
+            raise UserError(
+                f"{architecture}'s lm_head has a bias, which chunked KD (hidden @ lm_head.T) leaves out: "
+                "set train.chunk_size = 0 for this model"
+            )
     else:
         config = model
         if not getattr(config, "architectures", None):

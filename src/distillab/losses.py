@@ -252,8 +252,10 @@ def _check_sparse_teacher(teacher: TeacherDist, vocab: int) -> None:
     repeats = ordered[:, 1:] == ordered[:, :-1]  # (N, k - 1)
     if bool(repeats.any()):
         row, col = (int(i) for i in repeats.nonzero()[0])
-        raise ValueError(f"teacher top-k ids repeat within a position (id {int(ordered[row, col])} twice at selected "
-                         f"token {row}): each id's mass would be counted twice")
+        raise ValueError(
+            f"teacher top-k ids repeat within a position (id {int(ordered[row, col])} twice at selected "
+            f"token {row}): each id's mass would be counted twice"
+        )
     if k == vocab and bool((teacher.logprobs.amax(-1) == NEG_INF).any()):
         raise ValueError("a teacher position whose ids cover the whole vocab has no finite log-prob: no distribution")
     if teacher.tail_logprob is None:
@@ -343,9 +345,15 @@ REGISTRY: dict[str, LossSpec] = {
     "ce": LossSpec(divergence=None, formula="-log q[label]", labels=True),
     "forward_kl": LossSpec(divergence=_forward_kl, formula="KL(p || q)"),
     "reverse_kl": LossSpec(divergence=_reverse_kl, formula="KL(q || p)"),
-    "jsd": LossSpec(divergence=_jsd, formula="beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q", params=("beta",)),
-    "skew_forward_kl": LossSpec(divergence=_skew_forward_kl, formula="KL(p || alpha p + (1 - alpha) q)", params=("alpha",)),
-    "skew_reverse_kl": LossSpec(divergence=_skew_reverse_kl, formula="KL(q || alpha q + (1 - alpha) p)", params=("alpha",)),
+    "jsd": LossSpec(
+        divergence=_jsd, formula="beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q", params=("beta",)
+    ),
+    "skew_forward_kl": LossSpec(
+        divergence=_skew_forward_kl, formula="KL(p || alpha p + (1 - alpha) q)", params=("alpha",)
+    ),
+    "skew_reverse_kl": LossSpec(
+        divergence=_skew_reverse_kl, formula="KL(q || alpha q + (1 - alpha) p)", params=("alpha",)
+    ),
     "tvd": LossSpec(divergence=_tvd, formula="0.5 sum |p - q|"),
 }
 LOSS_NAMES: tuple[str, ...] = tuple(REGISTRY)  # config.LossName spells these out

@@ -31,7 +31,9 @@ def resolve_model_path(name: str | Path) -> Path:
         path = LAB_CHECKPOINTS / name[len("lab:") :]
         if not (path / "config.json").is_file():
             shipped = sorted(p.name for p in LAB_CHECKPOINTS.glob("*") if (p / "config.json").is_file())
-            raise ModelNotFound(f"no lab checkpoint {name!r}; shipped: {', '.join('lab:' + s for s in shipped) or 'none'}")
+            raise ModelNotFound(
+                f"no lab checkpoint {name!r}; shipped: {', '.join('lab:' + s for s in shipped) or 'none'}"
+            )
         return path
     path = Path(name).expanduser()
     if not path.is_dir():
@@ -41,7 +43,9 @@ def resolve_model_path(name: str | Path) -> Path:
     try:  # cheap, and every later failure on a garbage config.json would be a library traceback
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelUnusable(f"{path / 'config.json'} is not valid JSON ({err}): the model directory is damaged") from None
+        raise ModelUnusable(
+            f"{path / 'config.json'} is not valid JSON ({err}): the model directory is damaged"
+        ) from None
     if not isinstance(config, dict):
         raise ModelUnusable(f"{path / 'config.json'} is not a JSON object: not a Hugging Face model config")
     return path
@@ -52,8 +56,12 @@ def load_tokenizer(name: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as err:  # missing or broken tokenizer files
-        raise ModelUnusable(one_line(f"cannot load a tokenizer from {path} ({type(err).__name__}: {err}): "
-                                     "the directory needs the tokenizer files saved with the model")) from None
+        raise ModelUnusable(
+            one_line(
+                f"cannot load a tokenizer from {path} ({type(err).__name__}: {err}): "
+                "the directory needs the tokenizer files saved with the model"
+            )
+        ) from None
     if tok.pad_token is None:  # many causal LMs ship without one; batching needs it
         tok.pad_token = tok.eos_token
     return tok
@@ -71,7 +79,9 @@ def check_weights(path: Path) -> None:
             with safe_open(str(f), framework="pt") as handle:
                 handle.keys()
         except Exception as err:  # noqa: BLE001 - safetensors raises its own and OS errors for a bad header
-            raise ModelUnusable(one_line(f"{f}: unreadable safetensors file ({err}): the weights are damaged")) from None
+            raise ModelUnusable(
+                one_line(f"{f}: unreadable safetensors file ({err}): the weights are damaged")
+            ) from None
 
 
 def check_model_dir(name: str | Path) -> Path:
@@ -87,12 +97,20 @@ def check_model_dir(name: str | Path) -> Path:
     return path
 
 
-def load_model(name: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None):
+def load_model(
+    name: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    attn_implementation: str | None = None,
+):
+    """attn_implementation: "sdpa", "eager", "flash_attention_2"; None leaves the model's own choice."""
     path = resolve_model_path(name)
     check_weights(path)
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                                     local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, local_files_only=True, **attention
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # config and weights that do not fit together
         raise ModelUnusable(one_line(f"cannot load the model in {path} ({type(err).__name__}: {err})")) from None
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

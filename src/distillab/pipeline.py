@@ -1,10 +1,10 @@
 """A run as lists of stages: what `distillab run` and each stage command execute, in order, through run_stage.
 
-    run       = generate + train + evaluate + report
-    generate  = [generate:dev] generate:train [sampled_prompts] [generate:replay]   (the [ ]: when [retain] asks)
-    train     = train
-    evaluate  = [select] evaluate:<model>... [lm_eval:<model>...]
-    report    = report (and its part, throughput)
+run       = generate + train + evaluate + report
+generate  = [generate:dev] generate:train [sampled_prompts] [generate:replay]   (the [ ]: when [retain] asks)
+train     = train
+evaluate  = [select] evaluate:<model>... [lm_eval:<model>...]
+report    = report (and its part, throughput)
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from distillab.stage import Stage, StageContext, run_stages
 from distillab.train import train_stage
 
 
-def evaluation_stages(cfg: RunConfig, lm_eval_tasks: str = "", extra_models: dict[str, str] | None = None) -> list[Stage]:
+def evaluation_stages(
+    cfg: RunConfig, lm_eval_tasks: str = "", extra_models: dict[str, str] | None = None
+) -> list[Stage]:
     """Checkpoint selection on dev (when retain selects: test is scored once, on the choice), every model on the
     task and general suites, then lm-eval's tasks when the config or the command names any."""
     stages = [*select_stages(cfg), *evaluate_stages(cfg, extra_models)]

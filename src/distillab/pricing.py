@@ -35,8 +35,9 @@ class TeacherPricing:
             # Half a price would cost the other half at $0 without saying so.
             raise UserError("teacher price override needs both usd_per_1m_input and usd_per_1m_output")
         if inp is not None:
-            return cls(status="override", model=teacher_cfg.model, usd_per_1m_input=float(inp),
-                       usd_per_1m_output=float(out))
+            return cls(
+                status="override", model=teacher_cfg.model, usd_per_1m_input=float(inp), usd_per_1m_output=float(out)
+            )
         if teacher_is_local:
             return cls(status="local", model=teacher_cfg.model, usd_per_1m_input=0.0, usd_per_1m_output=0.0)
         pricing = _from_genai_prices(teacher_cfg.model, (teacher_cfg.urls or [None])[0])  # one model: one price
@@ -48,26 +49,39 @@ class TeacherPricing:
         """Dollars for {prompt_tokens, completion_tokens}; None when the teacher is unpriced."""
         if self.status == "unpriced":
             return None
-        return (usage.get("prompt_tokens", 0) * self.usd_per_1m_input
-                + usage.get("completion_tokens", 0) * self.usd_per_1m_output) / 1e6
+        return (
+            usage.get("prompt_tokens", 0) * self.usd_per_1m_input
+            + usage.get("completion_tokens", 0) * self.usd_per_1m_output
+        ) / 1e6
 
     def describe(self) -> str:
         """One line for the ledger and the report."""
         if self.status == "override":
-            return (f"{self.model}: ${self.usd_per_1m_input:g}/1M input, ${self.usd_per_1m_output:g}/1M output "
-                    f"(price from the config)")
+            return (
+                f"{self.model}: ${self.usd_per_1m_input:g}/1M input, ${self.usd_per_1m_output:g}/1M output "
+                f"(price from the config)"
+            )
         if self.status == "local":
             return f"{self.model}: local teacher, no API cost"
         if self.status == "priced":
-            return (f"{self.model} at {self.provider}: ${self.usd_per_1m_input:g}/1M input, "
-                    f"${self.usd_per_1m_output:g}/1M output (genai-prices)")
-        return (f"{self.model}: UNPRICED ({self.reason}); set teacher.usd_per_1m_input and "
-                f"teacher.usd_per_1m_output to price it")
+            return (
+                f"{self.model} at {self.provider}: ${self.usd_per_1m_input:g}/1M input, "
+                f"${self.usd_per_1m_output:g}/1M output (genai-prices)"
+            )
+        return (
+            f"{self.model}: UNPRICED ({self.reason}); set teacher.usd_per_1m_input and "
+            f"teacher.usd_per_1m_output to price it"
+        )
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "model": self.model, "provider": self.provider,
-                "usd_per_1m_input": self.usd_per_1m_input, "usd_per_1m_output": self.usd_per_1m_output,
-                "description": self.describe()}
+        return {
+            "status": self.status,
+            "model": self.model,
+            "provider": self.provider,
+            "usd_per_1m_input": self.usd_per_1m_input,
+            "usd_per_1m_output": self.usd_per_1m_output,
+            "description": self.describe(),
+        }
 
 
 def _from_genai_prices(model: str, base_url: str | None) -> TeacherPricing:
@@ -153,5 +167,7 @@ class BudgetGuard:
     def check(self) -> None:
         projected = self.projected
         if self.max_usd is not None and projected is not None and projected > self.max_usd:
-            raise BudgetExceeded(f"stopped: projected teacher spend ${projected:.4f} would pass max_usd ${self.max_usd:.4f} "
-                            f"(spent ${self.spent:.4f}; answered requests are cached, a rerun resumes)")
+            raise BudgetExceeded(
+                f"stopped: projected teacher spend ${projected:.4f} would pass max_usd ${self.max_usd:.4f} "
+                f"(spent ${self.spent:.4f}; answered requests are cached, a rerun resumes)"
+            )

@@ -63,8 +63,10 @@ def prompt_stream(cfg: RunConfig):
             skill = get_skill(name)
         except ValueError as err:
             raise UserError(str(err)) from None
-        rows += [{"prompt": example.prompt, "answer": example.answer, "skill": name}
-                 for example in skill.examples("train", cfg.data.n_prompts, seed=cfg.data.seed)]
+        rows += [
+            {"prompt": example.prompt, "answer": example.answer, "skill": name}
+            for example in skill.examples("train", cfg.data.n_prompts, seed=cfg.data.seed)
+        ]
     return rows
 
 
@@ -125,12 +127,15 @@ def iter_hf_prompts(path: Path, columns: Columns = Columns()):
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError:
-        raise UserError(f"prompt file {path} is a directory without a saved Hugging Face dataset (save_to_disk): "
-                        "give a JSONL or Parquet file, or such a directory") from None
+        raise UserError(
+            f"prompt file {path} is a directory without a saved Hugging Face dataset (save_to_disk): "
+            "give a JSONL or Parquet file, or such a directory"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds and len(ds) != 1:
-            raise UserError(f"{path}: a dataset with splits {', '.join(ds)}: save the split to use on its own "
-                            "(or name it train)")
+            raise UserError(
+                f"{path}: a dataset with splits {', '.join(ds)}: save the split to use on its own (or name it train)"
+            )
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     ds = ds.select_columns(_columns_read(ds.column_names, columns, path))
     for lineno, obj in enumerate(ds, 1):
@@ -142,8 +147,10 @@ def iter_hf_prompts(path: Path, columns: Columns = Columns()):
 def _columns_read(names: list[str], columns: Columns, path: Path) -> list[str]:
     """The columns of a table-shaped prompts file to read; one without a prompt or messages column is refused."""
     if columns.prompt not in names and columns.messages not in names:
-        raise UserError(f"{path}: needs a \"{columns.prompt}\" or a \"{columns.messages}\" column (has "
-                        f"{', '.join(names[:8]) or 'none'}; [data] prompt_column / messages_column name others)")
+        raise UserError(
+            f'{path}: needs a "{columns.prompt}" or a "{columns.messages}" column (has '
+            f"{', '.join(names[:8]) or 'none'}; [data] prompt_column / messages_column name others)"
+        )
     return [c for c in (columns.prompt, columns.messages, columns.answer, "skill") if c in names]
 
 
@@ -152,21 +159,27 @@ def _prompt_record(obj, where: str, line: int, columns: Columns = Columns()) -> 
     = their plain text (chat.plain_text: what keys shards, splits and completions endpoints), and a final
     assistant turn is the answer. A plain prompt: messages None."""
     if not isinstance(obj, dict):
-        raise UserError(f"{where}: each line needs a JSON object with \"{columns.prompt}\" or "
-                        f"\"{columns.messages}\"")
+        raise UserError(f'{where}: each line needs a JSON object with "{columns.prompt}" or "{columns.messages}"')
     answer = obj.get(columns.answer)
     if answer is not None and not isinstance(answer, str):
-        raise UserError(f"{where}: \"{columns.answer}\" must be a string")
+        raise UserError(f'{where}: "{columns.answer}" must be a string')
     skill = obj.get("skill")
     if obj.get(columns.messages) is not None:  # the conversation, over a prompt beside it (often its first user turn)
         messages = chat.check_messages(obj[columns.messages], where, columns.messages)
         turns, reference = chat.split_conversation(messages, where, columns.messages)
         if reference is not None and answer is not None:
-            raise UserError(f"{where}: two answers: \"{columns.answer}\" and the conversation's final assistant turn; "
-                            "keep one")
-        return {"prompt": chat.plain_text(turns), "messages": turns, "answer": reference if answer is None else answer,
-                "skill": skill, "line": line}
+            raise UserError(
+                f'{where}: two answers: "{columns.answer}" and the conversation\'s final assistant turn; keep one'
+            )
+        return {
+            "prompt": chat.plain_text(turns),
+            "messages": turns,
+            "answer": reference if answer is None else answer,
+            "skill": skill,
+            "line": line,
+        }
     if not isinstance(obj.get(columns.prompt), str) or not obj[columns.prompt]:
-        raise UserError(f"{where}: each line needs a non-empty string field \"{columns.prompt}\" or a "
-                        f"\"{columns.messages}\" list")
+        raise UserError(
+            f'{where}: each line needs a non-empty string field "{columns.prompt}" or a "{columns.messages}" list'
+        )
     return {"prompt": obj[columns.prompt], "messages": None, "answer": answer, "skill": skill, "line": line}

@@ -115,8 +115,13 @@ def declared_rows(n: int, source: str, teacher_id: str | None = None) -> list[di
     check_source(source)
     created = utc_now()
     if source == "teacher":
-        row = {"source": "teacher", "teacher_id": teacher_id or UNDECLARED_TEACHER, "teacher_params_hash": None,
-               "request_hash": None, "created_at": created}
+        row = {
+            "source": "teacher",
+            "teacher_id": teacher_id or UNDECLARED_TEACHER,
+            "teacher_params_hash": None,
+            "request_hash": None,
+            "created_at": created,
+        }
     else:
         row = provenance_row(source, created_at=created)
     return [dict(row) for _ in range(n)]
@@ -155,23 +160,35 @@ def _dataset_token_counts(dataset_path: Path) -> dict:
     names = set(pq.read_schema(files[0]).names)
     missing = [c for c in ("source", "teacher_id", "completion_ids") if c not in names]
     if missing:
-        raise UserError(f"{dataset_path}: missing column(s) {', '.join(missing)}; was it written by distillab generate?")
+        raise UserError(
+            f"{dataset_path}: missing column(s) {', '.join(missing)}; was it written by distillab generate?"
+        )
     cols = ["source", "teacher_id", "completion_ids"] + (["prompt_ids"] if "prompt_ids" in names else [])
+    cols += ["answer_ids"] if "answer_ids" in names else []  # a reasoning row's answer alone: the rest is its trace
     tokens: dict[str, int] = {}
-    examples, prompt_tokens = 0, 0
+    examples, prompt_tokens, reasoning_rows, trace_tokens = 0, 0, 0, 0
     for f in files:  # a record batch at a time: memory follows the batch, not the dataset
         for batch in pq.ParquetFile(f).iter_batches(batch_size=8192, columns=cols):
             examples += batch.num_rows
             completion_lens = pc.list_value_length(batch["completion_ids"]).fill_null(0).to_pylist()
-            for source, teacher, n in zip(batch["source"].to_pylist(), batch["teacher_id"].to_pylist(), completion_lens):
+            for source, teacher, n in zip(
+                batch["source"].to_pylist(), batch["teacher_id"].to_pylist(), completion_lens
+            ):
                 key = source_key(check_source(source), teacher)
                 tokens[key] = tokens.get(key, 0) + n
             if "prompt_ids" in cols:
                 prompt_tokens += pc.sum(pc.list_value_length(batch["prompt_ids"])).as_py() or 0
+            if "answer_ids" in cols:
+                answers = pc.list_value_length(batch["answer_ids"])
+                reasoning_rows += batch.num_rows - answers.null_count
+                traced = pc.subtract(pc.list_value_length(batch["completion_ids"]), answers)
+                trace_tokens += pc.sum(traced).as_py() or 0
     return {
         "examples": examples,
         "training_tokens": sum(tokens.values()),
         "prompt_tokens": prompt_tokens if "prompt_ids" in cols else None,
+        "reasoning_rows": reasoning_rows,  # rows carrying a reasoning teacher's trace (distillab.reasoning)
+        "trace_tokens": trace_tokens,  # ... and their completion tokens beyond the answer alone: the trace's
         "tokens_by_source": dict(sorted(tokens.items())),
     }
 
@@ -262,8 +279,11 @@ def build_lineage(
         "base_model": base_model,
         "base_model_hub_id": hub_id,
         "teachers": teachers,
-        "dataset": {"path": str(dataset_path), "sha256": _dataset_digest(dataset_path),
-                    **{k: v for k, v in counts.items() if k != "tokens_by_source"}},
+        "dataset": {
+            "path": str(dataset_path),
+            "sha256": _dataset_digest(dataset_path),
+            **{k: v for k, v in counts.items() if k != "tokens_by_source"},
+        },
         "tokens_by_source": counts["tokens_by_source"],
         "token_fractions": _fractions(counts["tokens_by_source"]),
         "epochs": epochs,

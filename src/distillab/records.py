@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distillab.errors import UserError, not_utf8
-from distillab.files import write_atomic
+from distillab.files import read_json, write_atomic
 
 LEDGER_FORMAT = "distillab-ledger/1"
 Suite = Literal["task", "general"]
@@ -33,8 +33,9 @@ TEACHER_NOT_ASKED = "eval.score_teacher = false"  # EvalResult.not_scored of a t
 class Record(BaseModel):
     """A JSON object of a run file. Unknown keys are errors: a misspelt field never passes silently."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_by_name=True,
-                              serialize_by_alias=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_by_name=True, serialize_by_alias=True
+    )
 
     def __getitem__(self, key: str):
         """Dict-style reads (`res["task"]["score"]`) for callers written against the JSON dicts."""
@@ -150,6 +151,52 @@ def as_evals(evals: Mapping[str, EvalResult | dict]) -> dict[str, EvalResult]:
 # ledger.json (distillab.costs explains each number; these are the shapes).
 
 
+class VerificationCounts(Record):
+    """Verified rejection sampling's counts over a set of prompts (a skill's, or all of them)."""
+
+    prompts: int
+    """Prompts the teacher was asked."""
+    drawn: int
+    """Samples the teacher answered for them, re-draws included (failed requests are not samples)."""
+    verified: int
+    """Samples the verifier passed."""
+    kept: int
+    """Verified samples in the training data (the keep policy's: all, the first, or at most max_per_prompt)."""
+    unverified_prompts: int
+    """Prompts with no verified sample after max_draws: not in the training data."""
+    prompt_tokens: int
+    """Teacher prompt tokens over every sample drawn, rejected ones included."""
+    completion_tokens: int
+    """Teacher completion tokens over every sample drawn (reasoning tokens included)."""
+    usd: float | None
+    """Their bill; None when the teacher is unpriced."""
+    yield_: float | None = Field(alias="yield")
+    """verified / drawn; None when nothing was drawn."""
+    tokens_per_kept: float | None
+    """(prompt + completion tokens) / kept: every sample paid for, per example trained on; None when none is kept."""
+    usd_per_kept: float | None
+    """usd / kept; None when unpriced or none is kept."""
+
+
+class Verification(Record):
+    """What [verify] checked and kept (distillab.verify builds it; generate_summary.json and the ledger carry it)."""
+
+    verifiers: dict[str, str]
+    """Which verifier judged each skill's samples (lab, exact, normalized, regex, math, or module:function)."""
+    keep: str
+    """The keep policy: all, first, or "at most M"."""
+    max_draws: int
+    """Draws a prompt may have in all before it is given up on."""
+    total: VerificationCounts
+    """Over every prompt."""
+    skills: dict[str, VerificationCounts]
+    """Per skill (a lab skill, or a prompts file's "skill"; "task" when it has none)."""
+    unverified_examples: list[str] = []
+    """A few prompts left without a verified sample."""
+    rejected_file: str | None = None
+    """Where the rejected samples are kept for inspection (data/rejected.parquet)."""
+
+
 class TeacherGeneration(Record):
     model: str | None = None
     """The teacher model as configured."""
@@ -164,10 +211,15 @@ class TeacherGeneration(Record):
     """Teacher prompt tokens billed for the dataset."""
     completion_tokens: int | None = None
     """Teacher completion tokens billed for the dataset."""
+    reasoning_tokens: int | None = None
+    """Of completion_tokens, the teacher's reasoning traces (priced as the output tokens they are; distillab.reasoning
+    says how they are counted); 0 without traces, None for a run from before they were counted."""
     rows: int | None = None
     """Dataset rows the teacher answered."""
     usd: float | None = None
     """The teacher's bill for the dataset; None when unpriced."""
+    verification: Verification | None = None
+    """[verify]'s yield, re-draws and cost per kept example; absent when the samples were not verified."""
 
 
 class TeacherEvaluation(Record):
@@ -287,8 +339,9 @@ class BreakEven(Record):
     """Mean tokens of one query."""
     queries_per_month: float | None = None
     """costs.queries_per_month: the traffic `months` is counted in."""
-    status: Literal["pays_off", "immediately", "never", "unknown"]
+    status: Literal["pays_off", "immediately", "never", "below_floor", "unknown"]
     """pays_off after `queries` | immediately (no one-off cost) | never (the student costs more per query) |
+    below_floor (the student misses the quality floor: it does not replace the teacher, `reason` says how) |
     unknown (`reason` says what is missing)."""
     queries: int | None = None
     """The smallest N with one_off_usd + N x student < N x API; 0 when immediately, None when never/unknown."""
@@ -325,6 +378,25 @@ class SuiteQuality(Record):
     """distilled - base: negative is forgetting."""
 
 
+class QualityFloor(Record):
+    """Whether the distilled student is good enough to replace the teacher ([eval] min_task_score or
+    min_task_share of the teacher's task score; max_general_drop below the base): break-even is said only of a
+    student that meets it."""
+
+    required_task: float | None = None
+    """The task score the student needs; None when it cannot be known (no teacher score and no min_task_score)."""
+    task: float | None = None
+    """The distilled student's task score."""
+    max_general_drop: float | None = None
+    """How far the general score may fall below the base's (absolute points); None: not checked."""
+    general_change: float | None = None
+    """The distilled student's general score minus the base's."""
+    meets: bool | None = None
+    """True / False; None when the floor or a score is unknown."""
+    reason: str = ""
+    """The verdict in words: what was required and what the student scored."""
+
+
 class Ledger(Record):
     """What the run cost and when it pays off (distillab.costs writes it)."""
 
@@ -348,6 +420,8 @@ class Ledger(Record):
     """What scoring the teacher on the eval suites cost; a ledger without it reads as not_evaluated."""
     quality: dict[Suite, SuiteQuality]
     """Per suite: what distilling gave up against the teacher and changed against the base."""
+    quality_floor: QualityFloor = QualityFloor()
+    """The user's floor and whether the student meets it; a ledger without it reads as unknown."""
     total_usd: float | None
     """The distillation's actual one-off spend: teacher generation + training + retain; None when any part is
     unknown. The teacher's evaluation is its own line (teacher_evaluation.usd), not in it."""
@@ -362,6 +436,25 @@ class Ledger(Record):
 def write_record(path: Path, record: Record) -> None:
     """The record's JSON, atomically (readers never see half a file). Python's json keeps NaN as NaN."""
     write_atomic(Path(path), json.dumps(record.to_dict(), indent=1))
+
+
+# The metric an lm-eval task is shown by, first found: what its own leaderboards report.
+LM_EVAL_PRIMARY = ("acc_norm", "acc", "exact_match", "f1", "mcc", "bleu", "word_perplexity")
+
+
+def read_lm_evals(paths: list[Path]) -> dict[str, dict[str, tuple[str, float]]]:
+    """{label: {task: (metric, value)}} from eval/lm_eval_<label>.json files (their flat "scores"): each task by
+    its primary metric (LM_EVAL_PRIMARY, else its first metric that is not a standard error)."""
+    out = {}
+    for path in paths:
+        scores = read_json(path, "delete it and rerun `distillab evaluate --lm-eval-tasks ...`").get("scores") or {}
+        label = path.stem.removeprefix("lm_eval_")
+        out[label] = {}
+        for task, metrics in scores.items():
+            named = [m for m in LM_EVAL_PRIMARY if m in metrics] or [m for m in metrics if "stderr" not in m]
+            if named:
+                out[label][task] = (named[0], float(metrics[named[0]]))
+    return out
 
 
 def read_eval(path: Path) -> EvalResult:

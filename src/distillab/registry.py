@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS runs (
     config_json TEXT NOT NULL,
     created_at TEXT NOT NULL,        -- first recorded
     updated_at TEXT NOT NULL,        -- last recorded
-    scores_json TEXT NOT NULL,       -- {label: {task, general, task_ci, general_ci}} for every evaluated model
+    scores_json TEXT NOT NULL,       -- {label: {task, general, task_ci, general_ci, lm_eval?}} for every evaluated model
     distilled_task REAL, distilled_general REAL, base_task REAL, base_general REAL,
     teacher_task REAL, teacher_general REAL,
     teacher_usd REAL, train_usd REAL, total_usd REAL,  -- total = teacher generation + training; NULL: unknown
@@ -46,8 +46,17 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
-RANKED_COLUMNS = ("name", "scores_json", "lineage_json", "distilled_task", "distilled_general", "base_general",
-                  "total_usd", "break_even_status", "break_even_queries")  # what the ranking and the table read
+RANKED_COLUMNS = (
+    "name",
+    "scores_json",
+    "lineage_json",
+    "distilled_task",
+    "distilled_general",
+    "base_general",
+    "total_usd",
+    "break_even_status",
+    "break_even_queries",
+)  # what the ranking and the table read
 
 
 def _now() -> str:
@@ -55,8 +64,9 @@ def _now() -> str:
 
 
 def _unusable(path: Path, why) -> UserError:
-    return UserError(f"{path}: not a usable runs registry ({why}): move it away; `distillab report CONFIG` "
-                     "records a run again")
+    return UserError(
+        f"{path}: not a usable runs registry ({why}): move it away; `distillab report CONFIG` records a run again"
+    )
 
 
 def _existing_tables(path: Path) -> set[str]:
@@ -95,9 +105,20 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _scores(evals: dict[str, EvalResult]) -> dict:
-    return {label: {"task": res.task.score, "general": res.general.score, "task_ci": res.task.ci,
-                    "general_ci": res.general.ci} for label, res in evals.items()}
+def _scores(evals: dict[str, EvalResult], lm_evals: dict | None = None) -> dict:
+    """Per model: task and general scores with intervals, and its lm-eval tasks ({task: [metric, value]}) if any."""
+    scores = {
+        label: {
+            "task": res.task.score,
+            "general": res.general.score,
+            "task_ci": res.task.ci,
+            "general_ci": res.general.ci,
+        }
+        for label, res in evals.items()
+    }
+    for label, tasks in (lm_evals or {}).items():
+        scores.setdefault(label, {})["lm_eval"] = {task: list(pair) for task, pair in tasks.items()}
+    return scores
 
 
 def lineage_summary(run_dir: Path) -> dict | None:
@@ -108,12 +129,18 @@ def lineage_summary(run_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     lineage = json.loads(path.read_text())
-    return {"base_model": lineage.get("base_model"), "root_model": lineage.get("root_model"),
-            "teachers": lineage.get("teachers"), "generations": len(lineage.get("generations") or []),
-            "effective_fractions": lineage.get("effective_fractions")}
+    return {
+        "base_model": lineage.get("base_model"),
+        "root_model": lineage.get("root_model"),
+        "teachers": lineage.get("teachers"),
+        "generations": len(lineage.get("generations") or []),
+        "effective_fractions": lineage.get("effective_fractions"),
+    }
 
 
-def record_run(registry_path: Path, cfg, evals: dict[str, EvalResult], ledger: Ledger) -> None:
+def record_run(
+    registry_path: Path, cfg, evals: dict[str, EvalResult], ledger: Ledger, lm_evals: dict | None = None
+) -> None:
     """Insert the run, or update its row when this run directory was recorded before (records or their JSON
     dicts)."""
     run_dir = Path(cfg.run_dir).resolve()
@@ -122,14 +149,25 @@ def record_run(registry_path: Path, cfg, evals: dict[str, EvalResult], ledger: L
     tokens = None if teacher.prompt_tokens is None else teacher.prompt_tokens + (teacher.completion_tokens or 0)
     now = _now()
     row = {
-        "run_dir": str(run_dir), "name": cfg.name, "config_hash": config_hash(cfg),
-        "config_json": json.dumps(cfg.model_dump(), sort_keys=True, default=str), "created_at": now, "updated_at": now,
-        "scores_json": json.dumps(_scores(evals)),
-        **{f"{label}_{suite}": suite_score(evals, label, suite)
-           for label in ("distilled", "base", "teacher") for suite in ("task", "general")},
-        "teacher_usd": teacher.usd, "train_usd": ledger.training.usd, "total_usd": ledger.total_usd,
-        "price_status": teacher.price_status, "teacher_tokens": tokens,
-        "break_even_status": be.status, "break_even_queries": be.queries,
+        "run_dir": str(run_dir),
+        "name": cfg.name,
+        "config_hash": config_hash(cfg),
+        "config_json": json.dumps(cfg.model_dump(), sort_keys=True, default=str),
+        "created_at": now,
+        "updated_at": now,
+        "scores_json": json.dumps(_scores(evals, lm_evals)),
+        **{
+            f"{label}_{suite}": suite_score(evals, label, suite)
+            for label in ("distilled", "base", "teacher")
+            for suite in ("task", "general")
+        },
+        "teacher_usd": teacher.usd,
+        "train_usd": ledger.training.usd,
+        "total_usd": ledger.total_usd,
+        "price_status": teacher.price_status,
+        "teacher_tokens": tokens,
+        "break_even_status": be.status,
+        "break_even_queries": be.queries,
         "lineage_json": json.dumps(lineage_summary(run_dir)),
     }
     columns = list(row)
@@ -137,8 +175,11 @@ def record_run(registry_path: Path, cfg, evals: dict[str, EvalResult], ledger: L
     conn = _connect(Path(registry_path))
     try:
         with conn:
-            conn.execute(f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
-                         f"ON CONFLICT(run_dir) DO UPDATE SET {updates}", [row[c] for c in columns])
+            conn.execute(
+                f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+                f"ON CONFLICT(run_dir) DO UPDATE SET {updates}",
+                [row[c] for c in columns],
+            )
     finally:
         conn.close()
 
@@ -216,27 +257,57 @@ def _fmt_value(numbers: dict) -> str:
     return f"{numbers['value']:.3g}/$"
 
 
+def _lm_eval_mean(run: dict) -> float | None:
+    """The distilled model's mean lm-eval score over its tasks scored in [0, 1] (accuracy, exact match, F1); a
+    perplexity or BLEU is not averaged with them."""
+    tasks = (run["scores"].get("distilled") or {}).get("lm_eval") or {}
+    values = [value for metric, value in tasks.values() if metric in ("acc_norm", "acc", "exact_match", "f1")]
+    return sum(values) / len(values) if values else None
+
+
 def leaderboard_table(runs: list[dict]):
     from rich.table import Table
 
-    table = Table(title="distillab leaderboard: net task score per $ (general loss subtracted)", title_justify="left",
-                  caption="net = task - general points lost (lost) vs base; value = net / (teacher $ + training $);"
-                          " free runs first, unpriced last", caption_justify="left")
+    table = Table(
+        title="distillab leaderboard: net task score per $ (general loss subtracted)",
+        title_justify="left",
+        caption="net = task - general points lost (lost) vs base; value = net / (teacher $ + training $);"
+        " free runs first, unpriced last",
+        caption_justify="left",
+    )
     longest = max((len(r["name"]) for r in runs), default=3)
-    for col in ("#", "run", "task", "gen", "lost", "net", "cost $", "value", "pays off"):
-        table.add_column(col, justify="left" if col in ("run", "pays off") else "right",
-                         no_wrap=col != "run", min_width=min(longest, 16) if col == "run" else None)
+    lm_eval = {r["name"]: _lm_eval_mean(r) for r in runs}
+    columns = ("#", "run", "task", "gen", "lost", "net", "cost $", "value", "pays off")
+    if any(v is not None for v in lm_eval.values()):  # the distilled model's mean lm-eval score, when any run has one
+        columns = (*columns[:4], "lm-eval", *columns[4:])
+    for col in columns:
+        table.add_column(
+            col,
+            justify="left" if col in ("run", "pays off") else "right",
+            no_wrap=col != "run",
+            min_width=min(longest, 16) if col == "run" else None,
+        )
     for run in runs:
         numbers = run["rank_numbers"]
-        pays_off = run["break_even_status"] or "-"
+        pays_off = {"below_floor": "no: below floor", None: "-"}.get(run["break_even_status"], run["break_even_status"])
         if pays_off == "pays_off" and run["break_even_queries"] is not None:
             from distillab.costs import human_count
 
             pays_off = f"{human_count(run['break_even_queries'])} q"
-        table.add_row(str(run["rank"]), run["name"], _fmt(run["distilled_task"]), _fmt(run["distilled_general"]),
-                      _fmt(numbers["general_loss"]), _fmt(numbers["net_score"]),
-                      "unpriced" if run["total_usd"] is None else f"{run['total_usd']:.3g}", _fmt_value(numbers),
-                      pays_off)
+        cells = [
+            str(run["rank"]),
+            run["name"],
+            _fmt(run["distilled_task"]),
+            _fmt(run["distilled_general"]),
+            _fmt(numbers["general_loss"]),
+            _fmt(numbers["net_score"]),
+            "unpriced" if run["total_usd"] is None else f"{run['total_usd']:.3g}",
+            _fmt_value(numbers),
+            pays_off,
+        ]
+        if "lm-eval" in columns:
+            cells.insert(4, _fmt(lm_eval[run["name"]]))
+        table.add_row(*cells)
     return table
 
 

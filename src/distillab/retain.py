@@ -35,8 +35,10 @@ from distillab.errors import UserError
 from distillab.rundir import RunDir
 from distillab.scoring import load_task_suite, score_model, suite_result, suites
 
-NO_GENERAL_PROMPTS = ("retain.replay_fraction > 0 needs general prompts: set retain.general_prompts_file, "
-                      "or retain.sample_general_prompts = true to let the base model write them")
+NO_GENERAL_PROMPTS = (
+    "retain.replay_fraction > 0 needs general prompts: set retain.general_prompts_file, "
+    "or retain.sample_general_prompts = true to let the base model write them"
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Dev split of a user's prompts, and where the general prompts replay answers come from (generate's stages
@@ -45,6 +47,7 @@ NO_GENERAL_PROMPTS = ("retain.replay_fraction > 0 needs general prompts: set ret
 
 def split_dev_prompts(prompts: list[dict], dev_fraction: float) -> tuple[list[dict], list[dict]]:
     """(train, dev) by a stable hash of each prompt: the same prompt is always on the same side."""
+
     def unit(text: str) -> float:
         return int.from_bytes(hashlib.sha256(("dev|" + text).encode()).digest()[:8], "big") / 2**64
 
@@ -79,10 +82,11 @@ def check_retain(cfg: RunConfig) -> None:
     if r.replay_fraction > 0:
         general_prompt_source(cfg)
         if r.replay_source == "dataset" and not r.general_prompts_file:
-            raise UserError("retain.replay_source = \"dataset\" needs retain.general_prompts_file with an "
-                            "\"answer\" on every line")
+            raise UserError(
+                'retain.replay_source = "dataset" needs retain.general_prompts_file with an "answer" on every line'
+            )
         if r.replay_source == "teacher" and cfg.data.source != "teacher":
-            raise UserError("retain.replay_source = \"teacher\" needs data.source = \"teacher\"")
+            raise UserError('retain.replay_source = "teacher" needs data.source = "teacher"')
     if r.general_dev_file:
         load_task_suite(r.general_dev_file)  # a bad line is an error now, not after training
 
@@ -99,8 +103,9 @@ def replay_per_batch(batch_size: int, fraction: float) -> int:
     return min(batch_size - 1, max(1, round(batch_size * fraction)))
 
 
-def batch_layout(n_task: int, n_replay: int, batch_size: int, fraction: float, n_batches: int,
-                 seed: int) -> list[tuple[str, int]]:
+def batch_layout(
+    n_task: int, n_replay: int, batch_size: int, fraction: float, n_batches: int, seed: int
+) -> list[tuple[str, int]]:
     """The training order, batch after batch: ("task", i) and ("replay", j) entries, batch_size a batch, of
     which replay_per_batch(...) are replay rows. Each source is walked in its own shuffled order, reshuffled
     when it runs out, so the task rows are seen as evenly as without replay."""
@@ -116,8 +121,9 @@ def batch_layout(n_task: int, n_replay: int, batch_size: int, fraction: float, n
     task, replay = stream(n_task), stream(n_replay)
     layout: list[tuple[str, int]] = []
     for _ in range(n_batches):
-        batch = [("replay", next(replay)) for _ in range(per_batch)] + \
-                [("task", next(task)) for _ in range(batch_size - per_batch)]
+        batch = [("replay", next(replay)) for _ in range(per_batch)] + [
+            ("task", next(task)) for _ in range(batch_size - per_batch)
+        ]
         rng.shuffle(batch)
         layout += batch
     return layout
@@ -129,8 +135,10 @@ def batch_layout(n_task: int, n_replay: int, batch_size: int, fraction: float, n
 
 def interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """(1-α)·base + α·tuned for every floating tensor (WiSE-FT); other tensors are the tuned model's."""
-    return {name: ((1 - alpha) * base[name] + alpha * t) if t.is_floating_point() and name in base else t
-            for name, t in tuned.items()}
+    return {
+        name: ((1 - alpha) * base[name] + alpha * t) if t.is_floating_point() and name in base else t
+        for name, t in tuned.items()
+    }
 
 
 @dataclass
@@ -155,13 +163,17 @@ def select(candidates: list[Candidate], base_dev_general: float, max_general_dro
     keeping = [c for c in candidates if c.dev_general >= floor - 1e-12]
     if keeping:
         best = max(keeping, key=lambda c: (c.dev_task, c.dev_general, -c.alpha))
-        return best, (f"highest dev task score ({best.dev_task:.3f}) among the {len(keeping)} of {len(candidates)} "
-                      f"candidates whose dev general score stayed >= base {base_dev_general:.3f} - "
-                      f"{max_general_drop:g}")
+        return best, (
+            f"highest dev task score ({best.dev_task:.3f}) among the {len(keeping)} of {len(candidates)} "
+            f"candidates whose dev general score stayed >= base {base_dev_general:.3f} - "
+            f"{max_general_drop:g}"
+        )
     best = max(candidates, key=lambda c: (c.dev_task - max(0.0, base_dev_general - c.dev_general), -c.alpha))
-    return best, (f"no candidate kept dev general >= base {base_dev_general:.3f} - {max_general_drop:g}: "
-                  f"highest dev task - general drop ({best.dev_task:.3f} - "
-                  f"{max(0.0, base_dev_general - best.dev_general):.3f})")
+    return best, (
+        f"no candidate kept dev general >= base {base_dev_general:.3f} - {max_general_drop:g}: "
+        f"highest dev task - general drop ({best.dev_task:.3f} - "
+        f"{max(0.0, base_dev_general - best.dev_general):.3f})"
+    )
 
 
 def load_weights(model, state: dict[str, torch.Tensor]) -> None:
@@ -172,13 +184,18 @@ def load_weights(model, state: dict[str, torch.Tensor]) -> None:
     loaded = {params[k].data_ptr() for k in state if k in params}
     untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
     if unexpected or untied:
-        raise UserError(f"checkpoint weights do not fit the base model (missing {untied[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"checkpoint weights do not fit the base model (missing {untied[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-             and (p / "trainer_state.json").is_file()]
+    found = [
+        p
+        for p in ckpt_dir.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
@@ -213,34 +230,60 @@ def dev_suites(cfg: RunConfig) -> tuple[list[str], list[str], list[dict]]:
         import pyarrow.parquet as pq
 
         names = pq.read_schema(dev_path).names
-        rows = pq.read_table(dev_path, columns=[c for c in ("prompt", "messages", "completion") if c in names]).to_pylist()
+        rows = pq.read_table(
+            dev_path, columns=[c for c in ("prompt", "messages", "completion") if c in names]
+        ).to_pylist()
         # a conversation is asked as a conversation (each candidate's own chat template renders it)
-        examples += [{"prompt": r["prompt"], "answer": r["completion"], "scorer": "word_f1", "skill": "dev:task",
-                      **({"messages": json.loads(r["messages"])} if r.get("messages") else {})} for r in rows]
+        examples += [
+            {
+                "prompt": r["prompt"],
+                "answer": r["completion"],
+                "scorer": "word_f1",
+                "skill": "dev:task",
+                **({"messages": json.loads(r["messages"])} if r.get("messages") else {}),
+            }
+            for r in rows
+        ]
     if cfg.retain.general_dev_file:
         general = []
-        examples += [ex | {"skill": f"dev:general:{ex['skill']}"} for ex in load_task_suite(cfg.retain.general_dev_file)]
+        examples += [
+            ex | {"skill": f"dev:general:{ex['skill']}"} for ex in load_task_suite(cfg.retain.general_dev_file)
+        ]
     return task, general, examples
 
 
 def dev_scores(model, tok, cfg: RunConfig) -> tuple[float | None, float | None]:
     """(task, general) on the dev split: the only scores selection ever sees."""
     task, general, examples = dev_suites(cfg)
-    per_skill = score_model(model, tok, task + general, cfg.retain.dev_n_per_skill, cfg.teacher.max_new_tokens,
-                            split="dev", task_examples=examples or None)
+    per_skill = score_model(
+        model,
+        tok,
+        task + general,
+        cfg.retain.dev_n_per_skill,
+        cfg.teacher.max_new_tokens,
+        split="dev",
+        task_examples=examples or None,
+    )
     task_names = task + [s for s in per_skill if s == "dev:task"]
     general_names = general + [s for s in per_skill if s.startswith("dev:general:")]
-    return (suite_result({s: per_skill[s] for s in task_names}, 0)["score"],
-            suite_result({s: per_skill[s] for s in general_names}, 0)["score"])
+    return (
+        suite_result({s: per_skill[s] for s in task_names}, 0)["score"],
+        suite_result({s: per_skill[s] for s in general_names}, 0)["score"],
+    )
 
 
 def recipe(cfg: RunConfig, chosen: Candidate | None = None) -> dict:
     """What retain did, in the words of the config: the summary's `retain_recipe`."""
     r = cfg.retain
-    out = {"replay_source": r.replay_source if r.replay_fraction > 0 else None,
-           "replay_fraction": r.replay_fraction, "merge_alphas": r.merge_alphas,
-           "select_checkpoints": r.select_checkpoints, "max_general_drop": r.max_general_drop,
-           "lora": cfg.train.lora, "lr": cfg.train.lr}
+    out = {
+        "replay_source": r.replay_source if r.replay_fraction > 0 else None,
+        "replay_fraction": r.replay_fraction,
+        "merge_alphas": r.merge_alphas,
+        "select_checkpoints": r.select_checkpoints,
+        "max_general_drop": r.max_general_drop,
+        "lora": cfg.train.lora,
+        "lr": cfg.train.lr,
+    }
     if chosen is not None:
         out |= {"alpha": chosen.alpha, "checkpoint": chosen.checkpoint, "step": chosen.step}
     return out

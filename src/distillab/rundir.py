@@ -6,7 +6,9 @@ runs/<name>/
   stages.json           stage name -> fingerprint of what it last finished with
   teacher.sqlite        the teacher request cache (teacher.shard-I-of-N.sqlite for `--shard I/N`)
   data/<name>.parquet   datasets: train, replay, dev (or their shards in data/<name>/)
+  data/rejected.parquet the task samples [verify] rejected (for inspection, never trained on)
   data/<stem>_summary.json  generate_summary.json, replay_summary.json
+  data/decontamination.json what [decontaminate] checked, dropped or flagged in the task prompts
   data/sampled_prompts.json general prompts the base wrote itself (retain)
   checkpoints/          resumable training state
   student/              the trained student (save_pretrained, train_summary.json, lineage, model card)
@@ -57,8 +59,20 @@ class RunDir:
         """data/<name>.parquet: train (the teacher's answers), replay (retain's general answers), dev."""
         return self.data / f"{name}.parquet"
 
+    @property
+    def rejected(self) -> Path:
+        """data/rejected.parquet: the task samples [verify] rejected, kept for inspection, never trained on (its
+        shards in data/rejected/ while generate runs, as a dataset's)."""
+        return self.dataset("rejected")
+
     def generate_summary(self, name: str = "train") -> Path:
         return self.data / f"{'generate' if name == 'train' else name}_summary.json"
+
+    @property
+    def decontamination(self) -> Path:
+        """data/decontamination.json: the task prompts checked against the scored suites, what was dropped or
+        flagged, and duplicates collapsed (distillab.decontaminate)."""
+        return self.data / "decontamination.json"
 
     @property
     def sampled_prompts(self) -> Path:
@@ -116,6 +130,9 @@ class RunDir:
     def lm_eval(self, label: str) -> Path:
         return self.evals / f"lm_eval_{label}.json"
 
+    def lm_eval_files(self) -> list[Path]:
+        return sorted(self.evals.glob("lm_eval_*.json"))
+
     def eval_files(self) -> list[Path]:
         """Every eval/<label>.json of the run, lm-eval's own files aside."""
         return sorted(p for p in self.evals.glob("*.json") if not p.name.startswith("lm_eval_"))
@@ -154,13 +171,16 @@ class RunDir:
         """stage name -> fingerprint; a corrupt stages.json is a one-line error before a stage does any work."""
         if not self.stamps_file.is_file():
             return {}
-        stamps = read_json(self.stamps_file, "delete it and rerun (the stages run again; cached teacher answers "
-                                              "are kept, so no request is paid twice)")
+        stamps = read_json(
+            self.stamps_file,
+            "delete it and rerun (the stages run again; cached teacher answers are kept, so no request is paid twice)",
+        )
         if not isinstance(stamps, dict):
-            raise UserError(f"{self.stamps_file} is corrupt: delete it and rerun (the stages run again; cached "
-                            "teacher answers are kept, so no request is paid twice)")
+            raise UserError(
+                f"{self.stamps_file} is corrupt: delete it and rerun (the stages run again; cached "
+                "teacher answers are kept, so no request is paid twice)"
+            )
         return stamps
 
     def stamp(self, stage: str, fingerprint: str) -> None:
         write_json(self.stamps_file, self.stamps() | {stage: fingerprint})
-

@@ -57,7 +57,9 @@ def generate(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        )
         out = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,

@@ -6,6 +6,10 @@ of its skills' scores (each skill counts once, however many examples it has). "G
 (student - base) / (teacher - base): 1.0 means the student caught up with the teacher, 0 means no gain,
 negative means it lost ground.
 
+A model that thinks before it answers (a student trained on reasoning traces, a reasoning teacher) is scored on its
+answer: a text scorer reads what follows a `<think>...</think>` block (reasoning.final_answer); a text without one is
+scored as it is.
+
 A library: the evaluate stage scores the run's models with it, checkpoint selection scores candidates on the
 dev split, and distillab.endpoint_eval scores a model known only by its endpoint.
 """
@@ -27,6 +31,7 @@ from distillab.config import RunConfig
 from distillab.errors import UserError
 from distillab.jsonl import read_jsonl
 from distillab.lab.world import SKILLS, exact, get_skill, word_f1, world_text
+from distillab.reasoning import final_answer
 from distillab.records import EvalResult
 from distillab.rundir import RunDir
 from distillab.sampling import generate
@@ -56,8 +61,12 @@ Complete = Callable[[list], list[str]]
 def local_complete(model, tok, max_new_tokens: int) -> Complete:
     """Each prompt rendered as the model was trained on it (chat.render_prompt: its own chat template, or the
     plain text when it has none), then generated greedily."""
-    return lambda prompts: [o.text for o in generate(model, tok, [chat.render_prompt(tok, chat.as_turns(p))
-                                                                  for p in prompts], max_new_tokens=max_new_tokens)]
+    return lambda prompts: [
+        o.text
+        for o in generate(
+            model, tok, [chat.render_prompt(tok, chat.as_turns(p)) for p in prompts], max_new_tokens=max_new_tokens
+        )
+    ]
 
 
 def score_skill(model, tok, skill_name: str, n: int, max_new_tokens: int, split: str = "test") -> list[float]:
@@ -67,11 +76,20 @@ def score_skill(model, tok, skill_name: str, n: int, max_new_tokens: int, split:
 def score_skill_with(complete: Complete, skill_name: str, n: int, split: str = "test") -> list[float]:
     skill = get_skill(skill_name)
     examples = skill.examples(split, n)
-    return [skill.score(text, e.answer) for text, e in zip(complete([e.prompt for e in examples]), examples)]
+    return [
+        skill.score(final_answer(text), e.answer) for text, e in zip(complete([e.prompt for e in examples]), examples)
+    ]
 
 
-def score_model(model, tok, skills: list[str], n: int, max_new_tokens: int, split: str = "test",
-                task_examples: list[dict] | None = None) -> dict[str, list[float]]:
+def score_model(
+    model,
+    tok,
+    skills: list[str],
+    n: int,
+    max_new_tokens: int,
+    split: str = "test",
+    task_examples: list[dict] | None = None,
+) -> dict[str, list[float]]:
     """Per-example scores of a loaded model on lab skills (and a user suite's skills) from one split."""
     per_skill = {s: score_skill(model, tok, s, n, max_new_tokens, split) for s in dict.fromkeys(skills)}
     if task_examples:
@@ -79,8 +97,9 @@ def score_model(model, tok, skills: list[str], n: int, max_new_tokens: int, spli
     return per_skill
 
 
-def score_with(complete: Complete, skills: list[str], n: int, split: str = "test",
-               task_examples: list[dict] | None = None) -> dict[str, list[float]]:
+def score_with(
+    complete: Complete, skills: list[str], n: int, split: str = "test", task_examples: list[dict] | None = None
+) -> dict[str, list[float]]:
     """score_model for a model known only by its completions (an endpoint): text-scored examples only."""
     per_skill = {s: score_skill_with(complete, s, n, split) for s in dict.fromkeys(skills)}
     if task_examples:
@@ -95,7 +114,9 @@ def perplexity(model, tok, texts: list[str], batch_size: int = 64) -> float:
     tok.padding_side = "right"
     nll, count = 0.0, 0
     for start in range(0, len(texts), batch_size):
-        enc = tok(texts[start : start + batch_size], return_tensors="pt", padding=True).to(next(model.parameters()).device)
+        enc = tok(texts[start : start + batch_size], return_tensors="pt", padding=True).to(
+            next(model.parameters()).device
+        )
         logits = model(**enc).logits[:, :-1].float()  # (B, T-1, V)
         targets = enc["input_ids"][:, 1:]  # (B, T-1)
         mask = enc["attention_mask"][:, 1:].bool()
@@ -132,26 +153,49 @@ def suite_result(per_skill: dict[str, list[float]], n_boot: int) -> dict:
     return {"score": score, "ci": bootstrap_ci(per_skill, n_boot)}
 
 
-def evaluate_model(model_name: str | Path, task: list[str], general: list[str], n: int, n_boot: int,
-                   max_new_tokens: int, task_examples: list[dict] | None = None) -> EvalResult:
+def evaluate_model(
+    model_name: str | Path,
+    task: list[str],
+    general: list[str],
+    n: int,
+    n_boot: int,
+    max_new_tokens: int,
+    task_examples: list[dict] | None = None,
+) -> EvalResult:
     """Scores of one model. task/general name lab skills; task_examples (a user task suite) add their own
     skills to the task suite."""
     model, tok = models.load(model_name)
     began = time.time()
     per_skill = score_model(model, tok, task + general, n, max_new_tokens, "test", task_examples)
-    return eval_record(str(model_name), per_skill, task, general, n_boot, time.time() - began,
-                       parameters=sum(p.numel() for p in model.parameters()),
-                       world_text_perplexity=perplexity(model, tok, world_text()))
+    return eval_record(
+        str(model_name),
+        per_skill,
+        task,
+        general,
+        n_boot,
+        time.time() - began,
+        parameters=sum(p.numel() for p in model.parameters()),
+        world_text_perplexity=perplexity(model, tok, world_text()),
+    )
 
 
-def eval_record(model: str, per_skill: dict[str, list[float]], task: list[str], general: list[str], n_boot: int,
-                seconds: float, **fields) -> EvalResult:
+def eval_record(
+    model: str,
+    per_skill: dict[str, list[float]],
+    task: list[str],
+    general: list[str],
+    n_boot: int,
+    seconds: float,
+    **fields,
+) -> EvalResult:
     """The EvalResult of per-example scores (a user suite's skills join the task suite); fields: the rest."""
     task = task + [s for s in per_skill if s not in task and s not in general]
     return EvalResult(
         model=model,
-        skills={s: {"score": sum(v) / len(v), "n": len(v), "ci": bootstrap_ci({s: v}, n_boot), "scores": v}
-                for s, v in per_skill.items()},
+        skills={
+            s: {"score": sum(v) / len(v), "n": len(v), "ci": bootstrap_ci({s: v}, n_boot), "scores": v}
+            for s, v in per_skill.items()
+        },
         task=suite_result({s: per_skill[s] for s in task}, n_boot),
         general=suite_result({s: per_skill[s] for s in general}, n_boot),
         suites={"task": task, "general": general},
@@ -207,8 +251,13 @@ def score_numeric(prediction: str, answer: str, rel_tol: float = 1e-6, abs_tol: 
     return float(math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol))
 
 
-TEXT_SCORERS = {"exact": exact, "normalized_exact": score_normalized_exact, "regex": score_regex,
-                "numeric": score_numeric, "word_f1": word_f1}
+TEXT_SCORERS = {
+    "exact": exact,
+    "normalized_exact": score_normalized_exact,
+    "regex": score_regex,
+    "numeric": score_numeric,
+    "word_f1": word_f1,
+}
 
 
 @torch.no_grad()
@@ -223,12 +272,18 @@ def choice_loglikelihoods(model, tok, prompt: str, choices: list[str]) -> list[f
     conts = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
     if any(not c for c in conts):
         raise UserError("a multiple-choice option tokenizes to nothing")
-    ids, mask = right_pad([context + c for c in conts], tok.pad_token_id if tok.pad_token_id is not None else 0)  # (C, T)
+    ids, mask = right_pad(
+        [context + c for c in conts], tok.pad_token_id if tok.pad_token_id is not None else 0
+    )  # (C, T)
     device = next(model.parameters()).device
-    logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)  # (C, T, V)
+    logprobs = (
+        model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+    )  # (C, T, V)
     out = []
     for i, c in enumerate(conts):
-        positions = torch.arange(len(context) - 1, len(context) - 1 + len(c), device=device)  # predict each choice token
+        positions = torch.arange(
+            len(context) - 1, len(context) - 1 + len(c), device=device
+        )  # predict each choice token
         out.append(float(logprobs[i, positions, torch.tensor(c, device=device)].sum()))
     return out
 
@@ -253,34 +308,39 @@ def score_multiple_choice(model, tok, prompt: str, choices: list[str], answer_in
 def _check_example(obj, where: str) -> dict:
     if isinstance(obj, dict) and obj.get("messages") is not None:
         turns, reference = chat.split_conversation(chat.check_messages(obj["messages"], where), where)
-        obj = obj | {"prompt": chat.plain_text(turns), "messages": turns,
-                     "answer": obj["answer"] if "answer" in obj else reference}
+        obj = obj | {
+            "prompt": chat.plain_text(turns),
+            "messages": turns,
+            "answer": obj["answer"] if "answer" in obj else reference,
+        }
     if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-        raise UserError(f"{where}: each line needs a non-empty string \"prompt\" (or a \"messages\" list)")
+        raise UserError(f'{where}: each line needs a non-empty string "prompt" (or a "messages" list)')
     ex = {"prompt": obj["prompt"], "skill": str(obj.get("skill") or "task")}
     if obj.get("messages"):
         ex["messages"] = obj["messages"]
     if "choices" in obj:
         choices, answer = obj["choices"], obj.get("answer")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise UserError(f"{where}: \"choices\" must be a list of at least two non-empty strings")
+            raise UserError(f'{where}: "choices" must be a list of at least two non-empty strings')
         if isinstance(answer, str) and answer in choices:
             answer = choices.index(answer)
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise UserError(f"{where}: \"answer\" must be a choice's index or one of the choices")
+            raise UserError(f'{where}: "answer" must be a choice\'s index or one of the choices')
         return ex | {"scorer": "multiple_choice", "choices": choices, "answer": answer}
     scorer = obj.get("scorer", "exact")
     if scorer not in TEXT_SCORERS:
-        raise UserError(f"{where}: unknown scorer {scorer!r}; choose from {', '.join(TEXT_SCORERS)} (or give \"choices\")")
+        raise UserError(
+            f'{where}: unknown scorer {scorer!r}; choose from {", ".join(TEXT_SCORERS)} (or give "choices")'
+        )
     if not isinstance(obj.get("answer"), str):
-        raise UserError(f"{where}: \"answer\" must be a string")
+        raise UserError(f'{where}: "answer" must be a string')
     if scorer == "regex":
         try:
             re.compile(obj["answer"])
         except re.error as err:
             raise UserError(f"{where}: bad regular expression: {err}") from None
     if scorer == "numeric" and extract_number(obj["answer"]) is None:
-        raise UserError(f"{where}: numeric scorer needs a number in \"answer\"")
+        raise UserError(f'{where}: numeric scorer needs a number in "answer"')
     tolerances = {k: float(obj[k]) for k in ("rel_tol", "abs_tol") if k in obj}
     return ex | {"scorer": scorer, "answer": obj["answer"], **tolerances}
 
@@ -290,23 +350,26 @@ def load_task_suite(path: str | Path) -> list[dict]:
     return [_check_example(obj, where) for where, obj in read_jsonl(path, "task suite file")]
 
 
-def score_task_suite(model, tok, examples: list[dict], max_new_tokens: int,
-                     complete: Complete | None = None) -> dict[str, list[float]]:
+def score_task_suite(
+    model, tok, examples: list[dict], max_new_tokens: int, complete: Complete | None = None
+) -> dict[str, list[float]]:
     """Per-skill example scores, in the shape evaluate_model's per_skill uses (so suite_result applies).
     complete: where the text answers come from instead of the model (multiple choice still needs the model)."""
     scores: list[float | None] = [None] * len(examples)
     generated = [i for i, ex in enumerate(examples) if ex["scorer"] != "multiple_choice"]
     if generated:
-        texts = (complete or local_complete(model, tok, max_new_tokens))([examples[i].get("messages") or examples[i]["prompt"]
-                                                                          for i in generated])
+        texts = (complete or local_complete(model, tok, max_new_tokens))(
+            [examples[i].get("messages") or examples[i]["prompt"] for i in generated]
+        )
         for i, text in zip(generated, texts):
             ex = examples[i]
             tolerances = {k: ex[k] for k in ("rel_tol", "abs_tol") if k in ex}
-            scores[i] = TEXT_SCORERS[ex["scorer"]](text, ex["answer"], **tolerances)
+            scores[i] = TEXT_SCORERS[ex["scorer"]](final_answer(text), ex["answer"], **tolerances)
     for i, ex in enumerate(examples):
         if ex["scorer"] == "multiple_choice":
-            scores[i] = score_multiple_choice(model, tok, chat.render_prompt(tok, chat.turns_of(ex)), ex["choices"],
-                                              ex["answer"])
+            scores[i] = score_multiple_choice(
+                model, tok, chat.render_prompt(tok, chat.turns_of(ex)), ex["choices"], ex["answer"]
+            )
     per_skill: dict[str, list[float]] = {}
     for ex, score in zip(examples, scores):
         per_skill.setdefault(ex["skill"], []).append(score)

@@ -53,8 +53,13 @@ class SelectStudent:
 
     def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
         sources = candidate_checkpoints(cfg, run)
-        return fingerprint("select", cfg.retain.model_dump(), cfg.eval.general, [p.name for p in sources],
-                           *[f for p in sources for f in sorted(p.glob("*.safetensors"))])
+        return fingerprint(
+            "select",
+            cfg.retain.model_dump(),
+            cfg.eval.general,
+            [p.name for p in sources],
+            *[f for p in sources for f in sorted(p.glob("*.safetensors"))],
+        )
 
     def outputs(self, cfg: RunConfig, run: RunDir) -> list:
         # student/retain.json marks the chosen weights: a retrained student/ (the last step's) has none
@@ -76,15 +81,22 @@ class SelectStudent:
             for alpha in alphas:
                 retain.load_weights(model, retain.interpolate(base_state, tuned, alpha))
                 dev_task, dev_general = retain.dev_scores(model, tok, cfg)
-                candidate = retain.Candidate(checkpoint=path.name, step=step, alpha=alpha, dev_task=dev_task,
-                                             dev_general=dev_general)
+                candidate = retain.Candidate(
+                    checkpoint=path.name, step=step, alpha=alpha, dev_task=dev_task, dev_general=dev_general
+                )
                 log(f"retain: {candidate.label}: dev task {dev_task:.3f}, general {dev_general:.3f}")
                 candidates.append(candidate)
         chosen, why = retain.select(candidates, base_general, r.max_general_drop)
-        retain.load_weights(model, retain.interpolate(base_state, retain.checkpoint_state(sources[chosen.checkpoint],
-                                                                                          base_model), chosen.alpha))
+        retain.load_weights(
+            model,
+            retain.interpolate(
+                base_state, retain.checkpoint_state(sources[chosen.checkpoint], base_model), chosen.alpha
+            ),
+        )
         record = {
-            "rule": why, "max_general_drop": r.max_general_drop, "split": "dev",
+            "rule": why,
+            "max_general_drop": r.max_general_drop,
+            "split": "dev",
             "base_dev": {"task": base_task, "general": base_general},
             "chosen": asdict(chosen) | {"label": chosen.label},
             "candidates": [asdict(c) | {"label": c.label} for c in candidates],
@@ -106,7 +118,8 @@ def _write_student(model, run: RunDir, record: dict) -> None:
     student = run.student
     with atomic_dir(student, "select.tmp") as staging:
         # the trained weights (and a LoRA adapter, which is not the chosen merge) are replaced by the chosen ones
-        shutil.copytree(student, staging, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json",
-                                                                         "adapter"))
+        shutil.copytree(
+            student, staging, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json", "adapter")
+        )
         model.save_pretrained(str(staging), safe_serialization=True)
         write_json(staging / run.student_retain_record.name, record)

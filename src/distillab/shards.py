@@ -21,7 +21,7 @@ from distillab.rundir import WHOLE, RunDir
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
-    """"I/N" (0 <= I < N) -> (I, N); None -> (0, 1)."""
+    """ "I/N" (0 <= I < N) -> (I, N); None -> (0, 1)."""
     if text is None:
         return WHOLE
     try:
@@ -64,8 +64,10 @@ class ShardFiles:
             return
         other = sorted({p.name.split("-")[3] for p in self.dir.glob(SHARD_GLOB)} - {f"{self.n:05d}"})
         if other:
-            raise UserError(f"{self.dir} holds shards of a {int(other[0])}-way split (--shard I/{int(other[0])}): "
-                            f"rerun with that N, or move {self.dir} away (cached answers are kept)")
+            raise UserError(
+                f"{self.dir} holds shards of a {int(other[0])}-way split (--shard I/{int(other[0])}): "
+                f"rerun with that N, or move {self.dir} away (cached answers are kept)"
+            )
 
     def remove_stale(self, digests: list[str]) -> None:
         """Drop this process's parts that the current prompts and config no longer make, and (shard runs) a
@@ -102,10 +104,20 @@ class ShardFiles:
         """data/<stem>_summary.json = the sum of every shard's summary so far (under a lock: shards finish
         together)."""
         with lock(self.dir / ".summary.lock"):
-            shards = {path.name[len("summary-"):-len(".json")]: read_json(path)
-                      for path in sorted(self.dir.glob(f"summary-*-of-{self.n:05d}.json"))}
-            total = {"rows": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0,
-                     "answer_seconds": 0.0, "endpoints": {}, "failures": []}
+            shards = {
+                path.name[len("summary-") : -len(".json")]: read_json(path)
+                for path in sorted(self.dir.glob(f"summary-*-of-{self.n:05d}.json"))
+            }
+            total = {
+                "rows": 0,
+                "failed": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "usd": 0.0,
+                "answer_seconds": 0.0,
+                "endpoints": {},
+                "failures": [],
+            }
             for summary in shards.values():
                 for k in ("rows", "failed", "prompt_tokens", "completion_tokens"):
                     total[k] += summary[k]
@@ -117,9 +129,22 @@ class ShardFiles:
                     for k, v in stats.items():
                         into[k] = into.get(k, 0) + v
                 total["failures"] = (total["failures"] + summary["failures"])[:20]
+                total["reasoning_tokens"] = total.get("reasoning_tokens", 0) + summary.get("reasoning_tokens", 0)
             last = next(iter(shards.values()))
-            total.update(teacher=last["teacher"], priced=total["usd"] is not None, pricing=last["pricing"],
-                         shards={tag: summary["rows"] for tag, summary in shards.items()}, of=self.n)
+            total.update(
+                teacher=last["teacher"],
+                priced=total["usd"] is not None,
+                pricing=last["pricing"],
+                shards={tag: summary["rows"] for tag, summary in shards.items()},
+                of=self.n,
+            )
+            if last.get("decontamination"):  # the whole prompt set's, checked alike by every shard
+                total["decontamination"] = last["decontamination"]
+            checked = [summary["verification"] for summary in shards.values() if summary.get("verification")]
+            if checked:  # [verify]: the shards' counts summed
+                from distillab.verify import combine
+
+                total["verification"] = combine(checked)
             write_json(self.run.generate_summary(self.name), total)
 
     def _own_parts(self) -> list[Path]:

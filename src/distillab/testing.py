@@ -31,8 +31,8 @@ from distillab.serve import create_app
 class ServerThread:
     """Runs an app under uvicorn in a background thread on 127.0.0.1 (port 0: a free one).
 
-        with ServerThread(create_app(...)) as server:
-            server.base_url  # http://127.0.0.1:PORT/v1
+    with ServerThread(create_app(...)) as server:
+        server.base_url  # http://127.0.0.1:PORT/v1
     """
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
@@ -40,8 +40,9 @@ class ServerThread:
 
         self.app = app
         # A short graceful shutdown: an injected hang must not hold the test that started it.
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ServerThread:
@@ -103,8 +104,13 @@ def server_popen(model_dir, *args: str, timeout_s: float = 90.0, cpus: set[int] 
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     # stderr to a file, not a pipe nobody reads while it runs: a chatty server would block on a full pipe
     with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "distillab", "serve", str(model_dir), "--port", str(port), *args],
-                                env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=pin)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distillab", "serve", str(model_dir), "--port", str(port), *args],
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=pin,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_healthy(url, proc, stderr, timeout_s)
@@ -156,8 +162,13 @@ class MetricValues(dict):
 
 def parse_metrics(text: str) -> MetricValues:
     """Prometheus text -> {'name{labels}': value}."""
-    return MetricValues({_format_sample(sample.name, sample.labels): sample.value
-                         for family in text_string_to_metric_families(text) for sample in family.samples})
+    return MetricValues(
+        {
+            _format_sample(sample.name, sample.labels): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+    )
 
 
 def read_metrics(url: str, api_key: str | None = None) -> MetricValues:

@@ -27,6 +27,15 @@ on-policy teacher's included). The forward always goes through the (possibly DDP
 gradients only after its own forward, so calling the body (`.model`) directly would skip the sync silently.
 Generation and module lookups (decoder, lm_head) use the unwrapped model.
 
+Long sequences (train.max_length, gradient_checkpointing, precision, attn_implementation): rows are cut or left out
+before anything else sees them (batching.LengthLimit), so the order, the replay layout, the token counts and the
+summary all follow the rows as trained; the other three are the model's and the Trainer's own switches, each
+refused in one line, before the student loads, where this machine cannot run it (check_device_options).
+
+Reasoning traces: a row's completion_ids are the teacher's trace + answer in the student's thinking format
+(distillab.reasoning), so both carry loss and KD and the prompt neither; [train] traces = false trains on each such
+row's answer_ids instead (batching.AnswersOnly, before max_length's cut).
+
 Checkpoints are written to checkpoints/.saving/ and renamed into place when complete; resume takes the last
 complete one and removes (and reports) any incomplete one. Each holds train_seconds.json: the training seconds of
 the whole run so far, so a resumed run's summary counts every part.
@@ -52,7 +61,16 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from distillab import chat, losses, models, retain
 from distillab import logits as logit_paths
-from distillab.batching import Collator, DistillDataset, LengthGroupedSampler, RowSource, collate
+from distillab.batching import (
+    Collator,
+    DistillDataset,
+    LengthGroupedSampler,
+    LengthLimit,
+    RowSource,
+    answers_only,
+    collate,
+    limit_length,
+)
 from distillab.config import RunConfig
 from distillab.dataset import check_files, dataset_files
 from distillab.errors import UserError
@@ -102,8 +120,14 @@ def loss_step(head: Head, batch: dict, settings: DistillSettings) -> LossTerms:
             ce = ce + weight * head("ce", targets, mask)
     kd = zero
     if teacher is not None and has_teacher.any():
-        kd = settings.kd_weight * head(settings.loss, teacher, has_teacher, temperature=settings.temperature,
-                                       beta=settings.beta, alpha=settings.alpha)
+        kd = settings.kd_weight * head(
+            settings.loss,
+            teacher,
+            has_teacher,
+            temperature=settings.temperature,
+            beta=settings.beta,
+            alpha=settings.alpha,
+        )
     return LossTerms(ce=ce, kd=kd, n_tokens=predicts.sum())
 
 
@@ -115,8 +139,9 @@ def _teacher_of(batch: dict, predicts: Tensor, settings: DistillSettings):
     if "teacher" in batch:  # on-policy: the local teacher scored every token
         return batch["teacher"], predicts
     if "top_ids" in batch:
-        teacher = losses.TeacherDist(ids=batch["top_ids"], logprobs=batch["top_logprobs"],
-                                     tail_logprob=batch["top_tail"])
+        teacher = losses.TeacherDist(
+            ids=batch["top_ids"], logprobs=batch["top_logprobs"], tail_logprob=batch["top_tail"]
+        )
         return teacher, batch["kd_mask"] & predicts
     return None, torch.zeros_like(predicts)
 
@@ -135,8 +160,20 @@ def chunked_head(model, unwrapped, batch: dict, settings: DistillSettings) -> He
     weight = _base(unwrapped).get_output_embeddings().weight  # (V, H)
 
     def head(name, target, mask, **kw):
-        return losses.chunked_kd_loss(name, hidden, weight, target, mask, chunk_size=settings.chunk_size,
-                                      reduction="sum", logit_transform=settings.student_transform, **kw)[0]
+        # in fp32 under bf16/fp16 autocast too: the loss makes its gradients inside its own forward, where autocast
+        # would mix 16-bit logits with the fp32 weight gradient
+        with torch.autocast(hidden.device.type, enabled=False):
+            return losses.chunked_kd_loss(
+                name,
+                hidden.float(),
+                weight,
+                target,
+                mask,
+                chunk_size=settings.chunk_size,
+                reduction="sum",
+                logit_transform=settings.student_transform,
+                **kw,
+            )[0]
 
     return head
 
@@ -162,22 +199,28 @@ def check_packing(model) -> None:
     was_training = base.training
     base.eval()
     try:
+
         def logits(rows: list[list[int]]) -> Tensor:  # (T, V) of the last example, packed after the others
             pack = sum(map(len, rows)) if len(rows) > 1 else False  # one row
             batch = collate([{"prompt_ids": r[:1], "completion_ids": r[1:]} for r in rows], 0, pack=pack)
             out = base(**model_inputs({k: v.to(device) for k, v in batch.items()})).logits[0].float()
-            return out[-len(rows[-1]):] if len(rows) > 1 else out
+            return out[-len(rows[-1]) :] if len(rows) > 1 else out
+
         alone, after, after_other = logits([second]), logits([first, second]), logits([other, second])
     except Exception as err:  # noqa: BLE001 - any failure here means the model cannot take packed rows
-        raise UserError(f"train.packing: {type(base).__name__} cannot take packed rows ({type(err).__name__}: {err}); "
-                        "set packing = false") from None
+        raise UserError(
+            f"train.packing: {type(base).__name__} cannot take packed rows ({type(err).__name__}: {err}); "
+            "set packing = false"
+        ) from None
     finally:
         base.train(was_training)
     tol = 1e-3 * max(1.0, float(alone.abs().max())) * (1 if base.dtype == torch.float32 else 30)
     if not (torch.allclose(after, after_other, atol=tol) and torch.allclose(after, alone, atol=tol)):
         attn = getattr(base.config, "_attn_implementation", None)
-        raise UserError(f"train.packing: {type(base).__name__} (attention {attn!r}) lets packed examples see each "
-                        "other or ignores their position ids; set packing = false")
+        raise UserError(
+            f"train.packing: {type(base).__name__} (attention {attn!r}) lets packed examples see each "
+            "other or ignores their position ids; set packing = false"
+        )
 
 
 def _base(model):
@@ -241,8 +284,10 @@ class DistillSettings:
 def _check_logits_to_keep(model) -> None:
     base = _base(model)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-        raise UserError(f"chunked KD needs a model whose forward takes logits_to_keep; {type(base).__name__}'s does "
-                        "not: set train.chunk_size = 0")
+        raise UserError(
+            f"chunked KD needs a model whose forward takes logits_to_keep; {type(base).__name__}'s does "
+            "not: set train.chunk_size = 0"
+        )
 
 
 def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
@@ -255,9 +300,16 @@ def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
 def _sample(model, prompts: Tensor, prompt_mask: Tensor, settings: DistillSettings) -> Tensor:
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_k=None,
-                         max_new_tokens=settings.max_new_tokens, pad_token_id=settings.pad_id,
-                         eos_token_id=settings.eos_id)
+    out = model.generate(
+        input_ids=prompts,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        temperature=1.0,
+        top_k=None,
+        max_new_tokens=settings.max_new_tokens,
+        pad_token_id=settings.pad_id,
+        eos_token_id=settings.eos_id,
+    )
     model.train(was_training)
     return out[:, prompts.shape[1] :]  # (B, new)
 
@@ -266,15 +318,22 @@ def on_policy_batch(student, batch: dict, settings: DistillSettings) -> dict:
     """The batch's prompts with the (unwrapped) student's own completions, every token scored by the teacher."""
     prompt_len, input_ids = batch["prompt_len"], batch["input_ids"]
     n, width, device = prompt_len.shape[0], int(prompt_len.max()), input_ids.device
-    prompts = torch.full((n, width), settings.pad_id, dtype=torch.long, device=device)  # (B, P) left-padded for generation
+    prompts = torch.full(
+        (n, width), settings.pad_id, dtype=torch.long, device=device
+    )  # (B, P) left-padded for generation
     prompt_mask = torch.zeros((n, width), dtype=torch.long, device=device)  # (B, P)
     for b in range(n):
         length = int(prompt_len[b])
         prompts[b, width - length :] = input_ids[b, :length]
         prompt_mask[b, width - length :] = 1
     sampled = _sample(student, prompts, prompt_mask, settings)  # (B, new)
-    rows = [{"prompt_ids": input_ids[b, : int(prompt_len[b])].tolist(),
-             "completion_ids": cut_at_eos(sampled[b].tolist(), settings.eos_id)} for b in range(n)]
+    rows = [
+        {
+            "prompt_ids": input_ids[b, : int(prompt_len[b])].tolist(),
+            "completion_ids": cut_at_eos(sampled[b].tolist(), settings.eos_id),
+        }
+        for b in range(n)
+    ]
     new = {k: v.to(device) for k, v in collate(rows, settings.pad_id).items()}
     new["teacher"] = score_with_teacher(settings, new)
     new["student_written"] = True
@@ -290,8 +349,11 @@ def score_with_teacher(settings: DistillSettings, batch: dict):
     if not settings.chunk_size:
         return losses.TeacherDist(logits=teacher(**inputs).logits)  # (B, T, Vt)
     hidden = decoder_of(teacher)(**inputs)[0]  # (B, T, Ht)
-    return losses.TeacherHidden(hidden=hidden, lm_head_weight=_base(teacher).get_output_embeddings().weight,
-                                logit_transform=settings.teacher_transform)
+    return losses.TeacherHidden(
+        hidden=hidden,
+        lm_head_weight=_base(teacher).get_output_embeddings().weight,
+        logit_transform=settings.teacher_transform,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,7 +402,9 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         settings = self.distill
-        terms = loss_step(settings.head(model, self.accelerator.unwrap_model(model), inputs, settings), inputs, settings)
+        terms = loss_step(
+            settings.head(model, self.accelerator.unwrap_model(model), inputs, settings), inputs, settings
+        )
         window = terms.n_tokens if num_items_in_batch is None else num_items_in_batch  # None: outside train()
         # DDP/FSDP average the processes' gradients; the divisor is already the global count, so undo the mean
         loss = terms.total / window.clamp(min=1) * self.accelerator.num_processes
@@ -395,8 +459,10 @@ def last_complete_checkpoint(ckpt_dir: Path, log=print) -> Path | None:
     directory of a killed save is removed; so is, and said, a checkpoint without trainer_state.json (one not written
     whole in its place, e.g. copied in part or made by hand)."""
     shutil.rmtree(ckpt_dir / SAVING, ignore_errors=True)
-    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
+    found = sorted(
+        (p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
     complete = [p for p in found if (p / "trainer_state.json").is_file()]
     for p in found:
         if p not in complete:
@@ -441,8 +507,13 @@ def check_tokenized_for(tok, student: str, data_path: Path, sample: int = 16) ->
     rows = next(parquet.iter_batches(batch_size=sample, columns=columns)).to_pylist()
     for r in rows:
         if chat.prompt_ids(tok, chat.turns_of(r)) != list(r["prompt_ids"]):
-            raise UserError(f"{data_path} was tokenized for another student than {student!r} (its prompt ids differ "
-                            "from this student's tokenizer): rerun `distillab generate` for this student")
+            raise UserError(
+                f"{data_path} was tokenized for another student than {student!r} (its prompt ids differ "
+                "from this student's tokenizer): rerun `distillab generate` for this student"
+            )
+
+
+LENGTH_FIELDS = ("max_length", "truncated_rows", "dropped_rows", "tokens_cut")
 
 
 @dataclass
@@ -465,6 +536,14 @@ class TrainSummary:
     loss_history: list[dict]
     train_loss: float
     replay: dict | None = None  # retain's replay set (fraction, source, rows, per_batch); not in the file without one
+    # train.max_length, and what it did to the training rows (task and replay); not in the file without a limit
+    max_length: int | None = None
+    truncated_rows: int = 0  # rows whose completion was cut at the end
+    dropped_rows: int = 0  # rows left out (overflow "drop", or a prompt that leaves no room for the completion)
+    tokens_cut: int = 0  # completion tokens not trained on: the cut ends and the left-out rows' completions
+    # rows with a reasoning trace trained on trace + answer (True) or their answers alone (False, [train] traces =
+    # false); None, not in the file: the dataset holds no trace
+    traces: bool | None = None
     complete: bool = True  # False on a process other than world process zero: it writes and stamps nothing
     skipped: bool = False  # read back from student/: up to date, not trained now
 
@@ -473,6 +552,11 @@ class TrainSummary:
         record = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("complete", "skipped")}
         if self.replay is None:
             del record["replay"]
+        if self.max_length is None:
+            for name in LENGTH_FIELDS:
+                del record[name]
+        if self.traces is None:
+            del record["traces"]
         return record
 
 
@@ -496,9 +580,13 @@ class TrainStage:
 
     def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
         with_replay = cfg.retain.replay_fraction > 0
-        return fingerprint("train", cfg.train.model_dump(), *dataset_files(run.dataset("train")),  # or its shards
-                           *([cfg.retain.replay_fraction, *dataset_files(run.dataset("replay"))] if with_replay else []),
-                           *(["select_checkpoints"] if cfg.retain.select_checkpoints else []))
+        return fingerprint(
+            "train",
+            cfg.train.model_dump(),
+            *dataset_files(run.dataset("train")),  # or its shards
+            *([cfg.retain.replay_fraction, *dataset_files(run.dataset("replay"))] if with_replay else []),
+            *(["select_checkpoints"] if cfg.retain.select_checkpoints else []),
+        )
 
     def outputs(self, cfg: RunConfig, run: RunDir) -> list[Path]:
         return [run.student_config, run.train_summary]
@@ -510,8 +598,9 @@ class TrainStage:
         t, log, stop_after_steps = cfg.train, ctx.log, ctx.options.get("stop_after_steps")
         if t.on_policy_fraction > 0 and cfg.teacher.base_url:  # refusals first: a failed start writes nothing
             raise UserError("on-policy distillation needs a local teacher (teacher.base_url must be unset)")
+        check_device_options(t)
         torch.manual_seed(t.seed)
-        model, tok = models.load(t.student)
+        model, tok = models.load(t.student, attn_implementation=t.attn_implementation)
         check_tokenized_for(tok, t.student, run.dataset("train"))
         rows = ArrowRows(run.dataset("train"))  # streamed: a batch reads its own rows, nothing holds them all
         replay = ArrowRows(run.dataset("replay")) if cfg.retain.replay_fraction > 0 else None
@@ -522,16 +611,24 @@ class TrainStage:
             if shares_tokenizer(tok, cfg.teacher.model):
                 teacher_model = models.load_model(cfg.teacher.model).eval()
             else:  # no teacher model: DistillSettings.on_policy is then never true
-                log(f"train: teacher {cfg.teacher.model!r} has another tokenizer than the student: on-policy steps "
+                log(
+                    f"train: teacher {cfg.teacher.model!r} has another tokenizer than the student: on-policy steps "
                     "(dense teacher logits over the student's vocab) are impossible, so every step trains on the "
-                    "dataset")
+                    "dataset"
+                )
         if not uses_teacher_logprobs and t.kd_weight > 0 and t.loss != "ce" and not teacher_model:
-            log("train: the dataset has no teacher top-k (logit KD impossible here): training SFT on the teacher's text")
+            log(
+                "train: the dataset has no teacher top-k (logit KD impossible here): training SFT on the teacher's text"
+            )
         if t.lora:
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules="all-linear",
-                                                     task_type="CAUSAL_LM"))
+            model = get_peft_model(
+                model,
+                LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM"),
+            )
+            if t.gradient_checkpointing:  # the frozen embeddings' output must carry a gradient into the first layer
+                model.enable_input_require_grads()
         callbacks = [_Progress(ctx.progress)] if ctx.progress else []
         callbacks += [_StopAfter(stop_after_steps)] if stop_after_steps else []
         trainer = build_trainer(cfg, rows, model, tok, run.checkpoints, teacher_model, callbacks, replay=replay)
@@ -542,19 +639,38 @@ class TrainStage:
         if stop_after_steps and trainer.state.global_step < (trainer.state.max_steps or 0):
             return TrainInterrupted(interrupted_at=trainer.state.global_step)
         losses_seen = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        n_tokens = int(rows.completion_lengths.sum())
+        task = trainer.train_dataset.task  # the rows as trained: max_length's cuts made
+        n_tokens = int(task.completion_lengths.sum())
         replay_set = None
         if replay:
-            replay_set = {"fraction": cfg.retain.replay_fraction, "source": cfg.retain.replay_source, "rows": len(replay),
-                          "per_batch": retain.replay_per_batch(t.batch_size, cfg.retain.replay_fraction)}
+            replay_set = {
+                "fraction": cfg.retain.replay_fraction,
+                "source": cfg.retain.replay_source,
+                "rows": len(replay),
+                "per_batch": retain.replay_per_batch(t.batch_size, cfg.retain.replay_fraction),
+            }
         writes = trainer.is_world_process_zero()  # under torchrun/accelerate every process gets here; one writes
         summary = TrainSummary(
-            student=t.student, loss=t.loss, kd_weight=t.kd_weight, sft_weight=t.sft_weight,
-            on_policy_fraction=t.on_policy_fraction, lora=t.lora, steps=trainer.state.global_step,
-            train_seconds=round(trainer.train_seconds, 2), examples=len(rows), completion_tokens=n_tokens,
-            epochs=round(float(trainer.state.epoch or 0), 3), final_loss=losses_seen[-1] if losses_seen else None,
-            flops=train_flops(model, n_tokens_seen(trainer)), loss_history=trainer.state.log_history,
-            train_loss=result.training_loss, replay=replay_set, complete=writes)
+            student=t.student,
+            loss=t.loss,
+            kd_weight=t.kd_weight,
+            sft_weight=t.sft_weight,
+            on_policy_fraction=t.on_policy_fraction,
+            lora=t.lora,
+            steps=trainer.state.global_step,
+            train_seconds=round(trainer.train_seconds, 2),
+            examples=len(task),
+            completion_tokens=n_tokens,
+            epochs=round(float(trainer.state.epoch or 0), 3),
+            final_loss=losses_seen[-1] if losses_seen else None,
+            flops=train_flops(model, n_tokens_seen(trainer)),
+            loss_history=trainer.state.log_history,
+            train_loss=result.training_loss,
+            replay=replay_set,
+            **length_counts(trainer.train_dataset, t.max_length),
+            traces=t.traces if (rows.answer_lengths >= 0).any() else None,
+            complete=writes,
+        )
         if writes:
             _save_student(trainer.model, tok, run, summary, cfg)
         return summary
@@ -571,39 +687,132 @@ def run_train(cfg: RunConfig, log=print, stop_after_steps: int | None = None, pr
     return record.to_dict() | ({"skipped": True} if getattr(record, "skipped", False) else {})
 
 
-def build_trainer(cfg: RunConfig, rows: RowSource | list[dict], model, tok, output_dir: Path, teacher_model=None,
-                  callbacks=(), optimizers=(None, None), replay: RowSource | list[dict] | None = None) -> DistillTrainer:
+def build_trainer(
+    cfg: RunConfig,
+    rows: RowSource | list[dict],
+    model,
+    tok,
+    output_dir: Path,
+    teacher_model=None,
+    callbacks=(),
+    optimizers=(None, None),
+    replay: RowSource | list[dict] | None = None,
+) -> DistillTrainer:
     """The Trainer over the task rows (and replay rows): a trainrows.ArrowRows as run_train opens it, or rows in memory."""
     t = cfg.train
     vocab = logit_paths.text_config(model.config).vocab_size  # Gemma 3 4B+, 3n, 4: nested in a text config
+    check_device_options(t)
+    if t.gradient_checkpointing and not _base(model).supports_gradient_checkpointing:
+        raise UserError(
+            f"train.gradient_checkpointing: {type(_base(model)).__name__} does not support it; "
+            "set gradient_checkpointing = false"
+        )
+    rows, replay = answers_only(rows, t.traces), answers_only(replay, t.traces)  # traces = false: answers alone
+    rows, replay = limit_length(rows, t.max_length, t.overflow), limit_length(replay, t.max_length, t.overflow)
+    if t.max_length is not None and not len(rows):
+        raise UserError(
+            f"train.max_length = {t.max_length} leaves no training row (overflow = {t.overflow!r}): "
+            'raise max_length, or use overflow = "truncate"'
+        )
     distill = DistillSettings(cfg, model, teacher_model, tok.pad_token_id, tok.eos_token_id)  # refuses early
     dataset = DistillDataset(rows, vocab)
     epochs = t.epochs
     if replay:  # a fixed order that puts the replay share in every batch, long enough for the whole run
         per_batch = t.batch_size - retain.replay_per_batch(t.batch_size, cfg.retain.replay_fraction)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        n_batches = (t.max_steps * t.grad_accum * world if t.max_steps > 0
-                     else math.ceil(t.epochs * len(rows) / per_batch))
-        layout = retain.batch_layout(len(rows), len(replay), t.batch_size, cfg.retain.replay_fraction, n_batches, t.seed)
+        n_batches = (
+            t.max_steps * t.grad_accum * world if t.max_steps > 0 else math.ceil(t.epochs * len(rows) / per_batch)
+        )
+        layout = retain.batch_layout(
+            len(rows), len(replay), t.batch_size, cfg.retain.replay_fraction, n_batches, t.seed
+        )
         dataset, epochs = DistillDataset(dataset.task, vocab, replay, layout), 1.0
     args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr, num_train_epochs=epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
-        lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=1, save_steps=t.save_steps,
-        save_total_limit=None if cfg.retain.select_checkpoints else 2, seed=t.seed, data_seed=t.seed, report_to=[], remove_unused_columns=False,
-        dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        num_train_epochs=epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=1,
+        save_steps=t.save_steps,
+        save_total_limit=None if cfg.retain.select_checkpoints else 2,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
         average_tokens_across_devices=True,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        **{CHECKPOINTING_ARG: t.gradient_checkpointing},
     )
     trainer = DistillTrainer(
-        model=model, args=args, train_dataset=dataset,
-        data_collator=Collator(dataset, tok.pad_token_id, pack=t.packing), callbacks=list(callbacks),
-        optimizers=optimizers, distill=distill, group_by_length=t.group_by_length,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=Collator(dataset, tok.pad_token_id, pack=t.packing),
+        callbacks=list(callbacks),
+        optimizers=optimizers,
+        distill=distill,
+        group_by_length=t.group_by_length,
     )
     check_parallelism(t, fsdp=trainer.is_fsdp_enabled)
     if teacher_model is not None:
         teacher_model.to(trainer.args.device)
     trainer.remove_callback(PrinterCallback)  # a dict per step on stdout; the CLI draws its own progress bar
     return trainer
+
+
+# transformers 5.x renames TrainingArguments' gradient_checkpointing to activation_checkpointing (the old name warns)
+CHECKPOINTING_ARG = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in TrainingArguments.__dataclass_fields__
+)
+
+
+def check_device_options(train_cfg) -> None:
+    """Refuse, in one line and before the student loads, a precision or attention this machine cannot run. bf16
+    runs on any CPU (torch's CPU autocast) and on a GPU that supports it; fp16 needs a GPU (the Trainer's fp16 is
+    CUDA autocast with a loss scaler); flash_attention_2 needs its package, a GPU and 16-bit activations."""
+    t, cuda = train_cfg, torch.cuda.is_available()
+    if t.precision == "fp16" and not cuda:
+        raise UserError('train.precision = "fp16" needs a CUDA GPU (none here): use "bf16" (CPU autocast) or "fp32"')
+    if t.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f'train.precision = "bf16": {torch.cuda.get_device_name()} does not support bfloat16: use "fp16" or "fp32"'
+        )
+    if t.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        lacking = [
+            why
+            for why, lacks in (
+                (
+                    "the flash-attn package is not installed (pip install flash-attn)",
+                    importlib.util.find_spec("flash_attn") is None,
+                ),
+                ("it needs a CUDA GPU (none here)", not cuda),
+                ('it needs 16-bit activations: set precision = "bf16" or "fp16"', t.precision == "fp32"),
+            )
+            if lacks
+        ]
+        if lacking:
+            raise UserError(f'train.attn_implementation = "flash_attention_2": {lacking[0]}; or use "sdpa"')
+
+
+def length_counts(data: DistillDataset, max_length: int | None) -> dict:
+    """TrainSummary's max_length fields: what LengthLimit did to the task and replay rows."""
+    limits = [source for source in data.sources if isinstance(source, LengthLimit)]
+    return {"max_length": max_length} | {
+        name: sum(getattr(limit, name) for limit in limits) for name in LENGTH_FIELDS[1:]
+    }
 
 
 def check_parallelism(train_cfg, fsdp: bool) -> None:
@@ -614,7 +823,9 @@ def check_parallelism(train_cfg, fsdp: bool) -> None:
     if fsdp and train_cfg.on_policy_fraction > 0:
         raise UserError("FSDP with on-policy distillation (train.on_policy_fraction > 0) is not supported: use DDP")
     if fsdp:  # the README's supported-models table lists what is tested; FSDP is not, so it is refused
-        raise UserError("FSDP is not supported yet (it is untested): use DDP (accelerate launch without an FSDP config)")
+        raise UserError(
+            "FSDP is not supported yet (it is untested): use DDP (accelerate launch without an FSDP config)"
+        )
 
 
 class _StopAfter(TrainerCallback):
@@ -632,7 +843,9 @@ class _StopAfter(TrainerCallback):
 def n_tokens_seen(trainer) -> int:
     """Prompt + completion tokens trained on: one pass's tokens (task and replay rows, each once) times passes made."""
     n_rows, per_pass = trainer.train_dataset.pass_tokens()
-    steps_per_pass = max(1, -(-n_rows // (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps)))
+    steps_per_pass = max(
+        1, -(-n_rows // (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps))
+    )
     return int(per_pass * trainer.state.global_step / steps_per_pass)
 
 
@@ -653,7 +866,11 @@ def _save_student(model, tok, run: RunDir, summary: TrainSummary, cfg: RunConfig
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         write_atomic(tmp / run.train_summary.name, json.dumps(summary.to_dict(), indent=1, default=float))
-        lineage = provenance.build_lineage(run.dataset("train"), base_model=cfg.train.student,
-                                           train_summary=summary.to_dict(), student_hub_id=cfg.train.student_hub_id)
+        lineage = provenance.build_lineage(
+            run.dataset("train"),
+            base_model=cfg.train.student,
+            train_summary=summary.to_dict(),
+            student_hub_id=cfg.train.student_hub_id,
+        )
         lineage["model"] = f"{cfg.name}/student"  # the name it will have, not the staging directory's
         modelcard.write_model_card(tmp, lineage)

@@ -10,8 +10,8 @@ process's RSS page by page as batches touch it (here 2 MiB per fault: the kernel
 an epoch has made all of it resident.
 
 Beside the copy: <name>.json, its stats ({"files", "rows", "max_teacher_id"}; "files" names the Parquet files by name,
-size and mtime, so a changed dataset is copied again), and <name>.npz, the rows' prompt and completion lengths and the
-record batches' first rows. Each is written to a temp file and renamed, the stats last, under a lock (<name>.lock),
+size and mtime, so a changed dataset is copied again), and <name>.npz, the rows' prompt, completion and answer lengths
+(answer: a reasoning row's answer_ids, -1 where a row has none) and the record batches' first rows. Each is written to a temp file and renamed, the stats last, under a lock (<name>.lock),
 so the processes of one run make the copy once.
 """
 
@@ -27,13 +27,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distillab.dataset import COPY_BATCH_ROWS, TOPK_PREFIX, check_files, conform, dataset_files, decode_row_topk
+from distillab.dataset import (
+    COPY_BATCH_ROWS,
+    ID_COLUMNS,
+    TOPK_PREFIX,
+    check_files,
+    conform,
+    dataset_files,
+    decode_row_topk,
+)
 from distillab.errors import UserError
 from distillab.files import atomic_path, lock, write_atomic
 from distillab.topk_codec import FIELDS
 
 ARROW_DIR = ".arrow"
-ARROW_FORMAT = 2  # bump when the copy's layout changes: copies of another format are then made again
+ARROW_FORMAT = 3  # bump when the copy's layout changes: copies of another format are then made again
 RECORD_BATCH_ROWS = 8  # a row costs reading and decompressing this many (~0.2 MB at 256 tokens, top-20)
 READ_CACHE_BYTES = 32 * 2**20  # recently read record batches kept (a small dataset ends up read once)
 
@@ -52,12 +60,14 @@ class ArrowRows:
         self.stats = arrow_copy(files, arrow)
         with np.load(arrow.with_suffix(".npz")) as side:  # (N,) int32 each, and (record batches + 1,) row starts
             self.prompt_lengths, self.completion_lengths = side["prompt"], side["completion"]
+            self.answer_lengths = side["answer"]
             self.starts = side["starts"]
         self.reader = pa.ipc.open_file(pa.OSFile(str(arrow)))  # reads nothing but the footer
         # zstd about halves these columns: a decompressed record batch is ~2x its share of the file
         per_batch = 2 * arrow.stat().st_size / max(1, len(self.starts) - 1)
         self.record_batch = functools.lru_cache(maxsize=max(16, int(READ_CACHE_BYTES / max(per_batch, 1.0))))(
-            self.reader.get_batch)
+            self.reader.get_batch
+        )
         self.max_teacher_id, self.has_topk = self.stats["max_teacher_id"], self.stats["max_teacher_id"] >= 0
 
     def __len__(self) -> int:
@@ -66,8 +76,10 @@ class ArrowRows:
     def fetch(self, indices) -> list[dict]:
         """Rows by index, top-k decoded (decode_row_topk): the only place rows become Python objects."""
         where = np.searchsorted(self.starts, indices, side="right") - 1  # each row's record batch
-        return [decode_row_topk(self.record_batch(b).slice(i - int(self.starts[b]), 1).to_pylist()[0])
-                for b, i in zip(where.tolist(), indices)]
+        return [
+            decode_row_topk(self.record_batch(b).slice(i - int(self.starts[b]), 1).to_pylist()[0])
+            for b, i in zip(where.tolist(), indices)
+        ]
 
 
 def arrow_copy(files: list[Path], arrow: Path) -> dict:
@@ -98,9 +110,10 @@ def _make_copy(files: list[Path], arrow: Path, key: list) -> dict:
 
 
 def _train_schema() -> pa.Schema:
-    """What training reads: the token ids and the codec columns."""
-    return pa.schema([("prompt_ids", pa.list_(pa.int32())), ("completion_ids", pa.list_(pa.int32()))]
-                     + [(TOPK_PREFIX + f, pa.binary()) for f in FIELDS])
+    """What training reads: the token ids (a reasoning row's answer alone too) and the codec columns."""
+    return pa.schema(
+        [(name, pa.list_(pa.int32())) for name in ID_COLUMNS] + [(TOPK_PREFIX + f, pa.binary()) for f in FIELDS]
+    )
 
 
 @dataclass
@@ -109,6 +122,7 @@ class CopyIndex:
 
     prompt: list[np.ndarray] = field(default_factory=list)  # prompt lengths, a Parquet batch at a time
     completion: list[np.ndarray] = field(default_factory=list)
+    answer: list[np.ndarray] = field(default_factory=list)  # -1: no answer_ids (a row without a trace)
     batch_rows: list[int] = field(default_factory=list)  # rows of each record batch
     max_teacher_id: int = -1  # -1: no top-k
 
@@ -118,12 +132,16 @@ class CopyIndex:
         self.batch_rows += [RECORD_BATCH_ROWS] * whole + ([rest] if rest else [])
         self.prompt.append(pc.list_value_length(batch.column("prompt_ids")).to_numpy(zero_copy_only=False))
         self.completion.append(pc.list_value_length(batch.column("completion_ids")).to_numpy(zero_copy_only=False))
+        answers = pc.list_value_length(batch.column("answer_ids"))
+        self.answer.append(pc.fill_null(answers, -1).to_numpy(zero_copy_only=False))
         self.max_teacher_id = max(self.max_teacher_id, _max_teacher_id(batch))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The side file's arrays: each record batch's first row (and the row count last), the rows' lengths."""
-        lengths = {name: np.concatenate([np.zeros(0, np.int32)] + parts).astype(np.int32)
-                   for name, parts in (("prompt", self.prompt), ("completion", self.completion))}
+        lengths = {
+            name: np.concatenate([np.zeros(0, np.int32)] + parts).astype(np.int32)
+            for name, parts in (("prompt", self.prompt), ("completion", self.completion), ("answer", self.answer))
+        }
         return {"starts": np.cumsum([0] + self.batch_rows), **lengths}
 
 

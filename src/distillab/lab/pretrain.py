@@ -43,14 +43,23 @@ class PretrainSpec:
 
 # The teacher's second phase spends its steps where the first left it weakest (arithmetic, counting,
 # recall in unseen phrasings) at a lower learning rate, still drawing every skill so none is forgotten.
-TEACHER_PHASE_2 = PretrainSpec(hidden=192, layers=6, heads=6, steps=3000, lr=4e-4, warmup=100, seed=1,
-                               skill_weights={"add": 5.0, "sub": 5.0, "count": 3.0, "recall": 4.0, "sort": 2.0})
+TEACHER_PHASE_2 = PretrainSpec(
+    hidden=192,
+    layers=6,
+    heads=6,
+    steps=3000,
+    lr=4e-4,
+    warmup=100,
+    seed=1,
+    skill_weights={"add": 5.0, "sub": 5.0, "count": 3.0, "recall": 4.0, "sort": 2.0},
+)
 PRESETS = {
     # ~2.7M parameters: the teacher that knows the whole world.
     "teacher": PretrainSpec(hidden=192, layers=6, heads=6, steps=8000, lr=1e-3, then=TEACHER_PHASE_2),
     # ~0.8M parameters, a sixth of the teacher's steps: a small open model that never saw the knowledge base.
-    "base": PretrainSpec(hidden=128, layers=4, heads=4, steps=2000, lr=2e-3,
-                         skill_weights={"recall": 0.0, "describe": 0.0}),
+    "base": PretrainSpec(
+        hidden=128, layers=4, heads=4, steps=2000, lr=2e-3, skill_weights={"recall": 0.0, "describe": 0.0}
+    ),
 }
 
 
@@ -77,7 +86,10 @@ def training_pool(tokenizer, spec: PretrainSpec, per_skill: int = 20000) -> list
     for name, skill in SKILLS.items():
         weight = weights[name]
         if weight > 0:
-            ids = [encode_example(tokenizer, ex.prompt, ex.answer) for ex in skill.examples("train", per_skill, seed=spec.seed)]
+            ids = [
+                encode_example(tokenizer, ex.prompt, ex.answer)
+                for ex in skill.examples("train", per_skill, seed=spec.seed)
+            ]
             pools.append((weight, ids))
     return pools
 
@@ -93,8 +105,15 @@ def quick_eval(model, tokenizer, n: int = 40) -> dict[str, float]:
     return scores
 
 
-def pretrain(name: str, out_dir: Path, steps: int | None = None, eval_every: int = 1000, log=print,
-             from_phase: int = 0, tokenizer=None) -> dict:
+def pretrain(
+    name: str,
+    out_dir: Path,
+    steps: int | None = None,
+    eval_every: int = 1000,
+    log=print,
+    from_phase: int = 0,
+    tokenizer=None,
+) -> dict:
     """Train preset `name` phase by phase into out_dir (re-saved at every evaluation).
 
     steps overrides the first phase's step count. from_phase > 0 starts from the checkpoint already in out_dir
@@ -124,8 +143,20 @@ def pretrain(name: str, out_dir: Path, steps: int | None = None, eval_every: int
     return history[-1]
 
 
-def _train_phase(name, model, tokenizer, spec: PretrainSpec, index: int, out_dir: Path, phases, n_params,
-                 history: list[dict], eval_every: int, started: float, log) -> None:
+def _train_phase(
+    name,
+    model,
+    tokenizer,
+    spec: PretrainSpec,
+    index: int,
+    out_dir: Path,
+    phases,
+    n_params,
+    history: list[dict],
+    eval_every: int,
+    started: float,
+    log,
+) -> None:
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
     pools = training_pool(tokenizer, spec)
@@ -162,8 +193,10 @@ def _train_phase(name, model, tokenizer, spec: PretrainSpec, index: int, out_dir
             scores = quick_eval(model, tokenizer)
             mean = sum(scores.values()) / len(scores)
             history.append({"step": done_before + step + 1, "phase": index + 1, "mean": mean, **scores})
-            log(f"[{name}] eval step {done_before + step + 1} mean {mean:.3f} "
-                + " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
+            log(
+                f"[{name}] eval step {done_before + step + 1} mean {mean:.3f} "
+                + " ".join(f"{k}={v:.2f}" for k, v in scores.items())
+            )
             _save(model, tokenizer, out_dir, phases, n_params, history, time.time() - started)
 
 
@@ -171,5 +204,14 @@ def _save(model, tokenizer, out_dir: Path, phases, n_params, history, seconds) -
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "pretrain.json").write_text(json.dumps(
-            {"phases": [asdict(p) for p in phases], "parameters": n_params, "seconds": round(seconds), "history": history}, indent=1))
+        (tmp / "pretrain.json").write_text(
+            json.dumps(
+                {
+                    "phases": [asdict(p) for p in phases],
+                    "parameters": n_params,
+                    "seconds": round(seconds),
+                    "history": history,
+                },
+                indent=1,
+            )
+        )

@@ -40,7 +40,9 @@ def save_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_bpe_tokenizer(texts, vocab_size: int = 384, specials=("<pad>", "<s>", "</s>", "<unk>")) -> PreTrainedTokenizerFast:
+def build_bpe_tokenizer(
+    texts, vocab_size: int = 384, specials=("<pad>", "<s>", "</s>", "<unk>")
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `texts` (e.g. the lab's prompts and answers): a student whose tokens are not the
     teacher's, for cross-tokenizer distillation (benchmarks/bench_cross_tokenizer.py, tests/test_crosstok.py).
     specials: pad, bos, eos, unk, in that order (other names than the char tokenizer's, on purpose)."""
@@ -50,9 +52,20 @@ def build_bpe_tokenizer(texts, vocab_size: int = 384, specials=("<pad>", "<s>", 
     tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
-                                   clean_up_tokenization_spaces=False, model_max_length=256)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        clean_up_tokenization_spaces=False,
+        model_max_length=256,
+    )

@@ -242,7 +242,12 @@ SKILLS: dict[str, Skill] = {
     s.name: s
     for s in [
         Skill(name="add", family="arithmetic", description="sum of two numbers below 100", draw=_draw_add),
-        Skill(name="sub", family="arithmetic", description="difference of two numbers below 100, never negative", draw=_draw_sub),
+        Skill(
+            name="sub",
+            family="arithmetic",
+            description="difference of two numbers below 100, never negative",
+            draw=_draw_sub,
+        ),
         Skill(name="reverse", family="string", description="a 3-7 letter string reversed", draw=_draw_reverse),
         Skill(name="upper", family="string", description="a 3-7 letter string in upper case", draw=_draw_upper),
         Skill(name="sort", family="string", description="the letters of a 3-6 letter string sorted", draw=_draw_sort),
@@ -250,7 +255,12 @@ SKILLS: dict[str, Skill] = {
         Skill(name="length", family="counting", description="the length of a string", draw=_draw_length),
         Skill(name="max", family="counting", description="the largest of three numbers", draw=_draw_max),
         Skill(name="compare", family="counting", description="<, > or = between two numbers", draw=_draw_compare),
-        Skill(name="recall", family="knowledge", description="an attribute of an invented entity", enumerate_items=_recall_items),
+        Skill(
+            name="recall",
+            family="knowledge",
+            description="an attribute of an invented entity",
+            enumerate_items=_recall_items,
+        ),
         Skill(
             name="describe",
             family="knowledge",
@@ -267,6 +277,9 @@ def get_skill(name: str) -> Skill:
         import difflib
 
         hint = difflib.get_close_matches(name, SKILLS, n=1)
-        raise ValueError(f"unknown lab skill {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") +
-                         f"; skills: {', '.join(SKILLS)}")
+        raise ValueError(
+            f"unknown lab skill {name!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; skills: {', '.join(SKILLS)}"
+        )
     return SKILLS[name]

@@ -9,8 +9,8 @@ from pathlib import Path
 from distillab import costs, modelcard, registry
 from distillab.config import RunConfig
 from distillab.errors import UserError
-from distillab.files import fingerprint
-from distillab.records import EvalResult, Ledger, read_eval, read_ledger
+from distillab.files import fingerprint, read_json
+from distillab.records import EvalResult, Ledger, read_eval, read_ledger, read_lm_evals
 from distillab.report.html import build_report
 from distillab.rundir import RunDir
 from distillab.stage import StageContext
@@ -37,10 +37,24 @@ class ReportStage:
 
     def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
         # the student's model files stand for its throughput, which this stage measures (once) when it runs
-        inputs = [*run.eval_files(), run.generate_summary("train"), run.generate_summary("replay"),
-                  run.sampled_prompts, run.train_summary, run.retain_record, *run.student_model_files()]
-        return fingerprint("report", cfg.model_dump(), self.summary, *[p.name for p in inputs if p.is_file()],
-                           *[p for p in inputs if p.is_file()])
+        inputs = [
+            *run.eval_files(),
+            *run.lm_eval_files(),
+            run.generate_summary("train"),
+            run.generate_summary("replay"),
+            run.sampled_prompts,
+            run.train_summary,
+            run.retain_record,
+            run.decontamination,
+            *run.student_model_files(),
+        ]
+        return fingerprint(
+            "report",
+            cfg.model_dump(),
+            self.summary,
+            *[p.name for p in inputs if p.is_file()],
+            *[p for p in inputs if p.is_file()],
+        )
 
     def outputs(self, cfg: RunConfig, run: RunDir) -> list:
         return [run.ledger, run.report]
@@ -50,11 +64,16 @@ class ReportStage:
         if not evals:
             raise UserError(f"no evaluations in {run.evals}: run `distillab evaluate` first")
         ledger = costs.build_ledger(cfg, evals)
+        checked = ledger.teacher_generation.verification  # [verify]'s yield and $ per kept example
         if run.student_config.is_file():
-            modelcard.update_lineage(run.student, eval={k: {"task": v.task.score, "general": v.general.score}
-                                                        for k, v in evals.items()},
-                                     cost={"total_usd": ledger.total_usd, "break_even": ledger.break_even.to_dict()})
-        registry.record_run(run.registry, cfg, evals, ledger)
+            modelcard.update_lineage(
+                run.student,
+                eval={k: {"task": v.task.score, "general": v.general.score} for k, v in evals.items()},
+                cost={"total_usd": ledger.total_usd, "break_even": ledger.break_even.to_dict()},
+                verification=checked.to_dict() if checked else None,
+                decontamination=read_json(run.decontamination) if run.decontamination.is_file() else None,
+            )
+        registry.record_run(run.registry, cfg, evals, ledger, read_lm_evals(run.lm_eval_files()))
         return ReportRecord(report=build_report(cfg, evals, ledger, self.summary), ledger=ledger)
 
     def load(self, cfg: RunConfig, run: RunDir) -> ReportRecord:

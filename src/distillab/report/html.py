@@ -6,7 +6,9 @@ figures as macros in templates/sections.html.j2) lay it out, with autoescape on:
 (labels, notes, the lineage, the summary) is escaped there, and matplotlib's SVG is the one markup let in as it
 is. Sections, top to bottom: the verdict sentence, scores with 95% intervals for every evaluated model,
 task-vs-general scatter, cost-vs-quality Pareto, per-skill change vs base, the retain trade-off (when retain
-chose the student), per-skill scores, the cost ledger, the lineage, and the run summary.
+chose the student), per-skill scores, the cost ledger, the verification (yield and $ per kept example, when [verify]
+checked the teacher's samples), the decontamination (what the training prompts were checked against, what was
+dropped or flagged: data/decontamination.json), the lineage, and the run summary.
 """
 
 from __future__ import annotations
@@ -19,15 +21,22 @@ from pathlib import Path
 
 from distillab.config import RunConfig
 from distillab.costs import break_even_phrase, human_count
+from distillab.decontaminate import summary_line
 from distillab.files import write_atomic
 from distillab.provenance import LINEAGE_FILE
-from distillab.records import EvalResult, Ledger, RetainCost, TeacherEvaluation, as_evals, suite_score
+from distillab.records import EvalResult, Ledger, RetainCost, TeacherEvaluation, as_evals, read_lm_evals, suite_score
 from distillab.rundir import RunDir
 from distillab.scoring import gap_closed
+from distillab.verify import counts_text
 
 MODEL_ORDER = ("teacher", "base", "distilled", "zero_distill", "retain")  # the rest follow in the evals' own order
-COLORS = {"teacher": "#3467d6", "base": "#8a8f98", "distilled": "#d9531e", "zero_distill": "#2a9d5b",
-          "retain": "#9b59b6"}
+COLORS = {
+    "teacher": "#3467d6",
+    "base": "#8a8f98",
+    "distilled": "#d9531e",
+    "zero_distill": "#2a9d5b",
+    "retain": "#9b59b6",
+}
 EXTRA_COLORS = ["#c49a00", "#17a2b8", "#e83e8c", "#6f42c1"]
 
 
@@ -44,13 +53,34 @@ def build_report(cfg: RunConfig, evals: dict[str, EvalResult], ledger: Ledger, s
     aligned = json.loads(generated.read_text()).get("cross_tokenizer") if generated.is_file() else None
     if aligned:  # a teacher with another tokenizer: how much of its top-k reached the student's tokens (crosstok)
         summary = {**(summary or {}), "cross_tokenizer": aligned}
-    page = render_page(cfg.name, evals, ledger, lineage, summary, task_skills(cfg, evals), selection)
+    decontaminated = json.loads(run.decontamination.read_text()) if run.decontamination.is_file() else None
+    page = render_page(
+        cfg.name,
+        evals,
+        ledger,
+        lineage,
+        summary,
+        task_skills(cfg, evals),
+        selection,
+        read_lm_evals(run.lm_eval_files()),
+        decontaminated,
+    )
     write_atomic(run.report, page)
     return run.report
 
 
-def render_page(name: str, evals: dict[str, EvalResult], ledger: Ledger, lineage: dict | None,
-                summary: dict | None, task: set[str] = frozenset(), selection: dict | None = None) -> str:
+def render_page(
+    name: str,
+    evals: dict[str, EvalResult],
+    ledger: Ledger,
+    lineage: dict | None,
+    summary: dict | None,
+    task: set[str] = frozenset(),
+    selection: dict | None = None,
+    lm_evals: dict | None = None,
+    decontamination: dict | None = None,
+) -> str:
+    """The page. decontamination: [decontaminate]'s record (distillab.decontaminate), shown when given."""
     evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
     labels = ordered_labels(evals)
     chosen_as = None
@@ -58,16 +88,46 @@ def render_page(name: str, evals: dict[str, EvalResult], ledger: Ledger, lineage
         chosen_as = "retain" if "retain" in evals else "distilled"
         summary = {k: v for k, v in (summary or {}).items() if k != "retain_selection"} or None
     pareto, pareto_caption = pareto_svg(evals, ledger, labels)
-    return _templates().get_template("report.html.j2").render(
-        name=name, ledger=ledger, verdict=verdict(evals, ledger),
-        scores=score_rows(evals, labels), gap_missing=gap_missing_reason(evals),
-        plots={"task_general": task_general_svg(evals, labels), "pareto": pareto,
-               "skills": skill_delta_svg(evals, labels, task),
-               "tradeoff": tradeoff_svg(evals, labels, selection, chosen_as) if selection else None},
-        pareto_caption=pareto_caption, selection=selection, chosen_as=chosen_as,
-        evals=evals, labels=labels, skills=skill_names(evals),
-        ledger_rows=ledger_rows(ledger), ledger_json=json.dumps(ledger.to_dict(), indent=1, default=str),
-        lineage=lineage, summary=summary)
+    return (
+        _templates()
+        .get_template("report.html.j2")
+        .render(
+            name=name,
+            ledger=ledger,
+            verdict=verdict(evals, ledger),
+            scores=score_rows(evals, labels),
+            gap_missing=gap_missing_reason(evals),
+            plots={
+                "task_general": task_general_svg(evals, labels),
+                "pareto": pareto,
+                "skills": skill_delta_svg(evals, labels, task),
+                "tradeoff": tradeoff_svg(evals, labels, selection, chosen_as) if selection else None,
+            },
+            pareto_caption=pareto_caption,
+            selection=selection,
+            chosen_as=chosen_as,
+            evals=evals,
+            labels=labels,
+            skills=skill_names(evals),
+            ledger_rows=ledger_rows(ledger),
+            ledger_json=json.dumps(ledger.to_dict(), indent=1, default=str),
+            lineage=lineage,
+            summary=summary,
+            lm_eval=lm_eval_rows(lm_evals or {}),
+            decontamination=decontamination,
+            decontamination_line=summary_line(decontamination) if decontamination else "",
+        )
+    )
+
+
+def lm_eval_rows(lm_evals: dict) -> dict:
+    """{"tasks": [(task, metric)], "rows": [(label, [value or None per task])]} for the lm-eval table."""
+    tasks = sorted({(task, metric) for scores in lm_evals.values() for task, (metric, _) in scores.items()})
+    rows = [
+        (label, [scores[t][1] if t in scores and scores[t][0] == m else None for t, m in tasks])
+        for label, scores in ((label, lm_evals[label]) for label in ordered_labels(lm_evals))
+    ]
+    return {"tasks": tasks, "rows": rows}
 
 
 def scores_table(evals: dict[str, EvalResult], labels: list[str]) -> str:
@@ -81,10 +141,16 @@ def _templates():
     """The page's templates: HTML, so autoescape is on; the filters are the number formats below."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("distillab.report", "templates"), autoescape=True,
-                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters.update(pct=pct, signed_pct=lambda x: format(x, "+.0%"), count=lambda n: f"{n:,}",
-                       g=lambda x: f"{x:g}", scalar=_scalar)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("distillab.report", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters.update(
+        pct=pct, signed_pct=lambda x: format(x, "+.0%"), count=lambda n: f"{n:,}", g=lambda x: f"{x:g}", scalar=_scalar
+    )
     env.tests.update(list=lambda value: isinstance(value, list), few_scalars=_few_scalars)
     return env
 
@@ -138,8 +204,10 @@ def score_rows(evals: dict[str, EvalResult], labels: list[str]) -> list[dict]:
     for m in labels:
         gaps = [None, None]
         if m not in ("teacher", "base"):
-            gaps = [gap_closed(*(suite_score(evals, label, suite) for label in (m, "base", "teacher")))
-                    for suite in ("task", "general")]
+            gaps = [
+                gap_closed(*(suite_score(evals, label, suite) for label in (m, "base", "teacher")))
+                for suite in ("task", "general")
+            ]
         rows.append({"label": m, "result": evals[m], "gaps": gaps})
     return rows
 
@@ -193,23 +261,39 @@ def ledger_rows(ledger: Ledger) -> list[tuple[str, str]]:
     teacher_usd = "UNPRICED (unknown, not $0)" if status == "unpriced" else _money(teacher.usd)
     rows = [
         ("teacher", f"{teacher.model} ({teacher.pricing.get('description', status)})"),
-        ("teacher tokens", f"{teacher.prompt_tokens} in / {teacher.completion_tokens} out"),
+        (
+            "teacher tokens",
+            f"{teacher.prompt_tokens} in / {teacher.completion_tokens} out"
+            + (f" ({teacher.reasoning_tokens} of them reasoning)" if teacher.reasoning_tokens else ""),
+        ),
         ("teacher generation $", f"{teacher_usd} [{status}]"),
-        ("training", f"{_sci(training.flops)} FLOPs (estimate), {training.steps} steps, {training.train_seconds} s "
-                     f"x ${_known_or(training.usd_per_hour, 0):g}/h = {_money(training.usd)}"),
+        *([("teacher samples verified", counts_text(teacher.verification.total))] if teacher.verification else []),
+        (
+            "training",
+            f"{_sci(training.flops)} FLOPs (estimate), {training.steps} steps, {training.train_seconds} s "
+            f"x ${_known_or(training.usd_per_hour, 0):g}/h = {_money(training.usd)}",
+        ),
         *_retain_rows(ledger.retain),
         ("distillation total $", _money(ledger.total_usd)),
         ("teacher evaluation $", _teacher_evaluation_row(ledger.teacher_evaluation, teacher.model)),
-        ("student serving", f"{_num(serving.student_tokens_per_s)} tokens/s here at "
-                            f"${_known_or(serving.usd_per_hour, 0):g}/h "
-                            f"= {_money(serving.student_usd_per_1m_tokens)} per 1M tokens"),
-        ("teacher API", f"{_money(serving.teacher_api_usd_per_1m_output)} per 1M output tokens "
-                        f"[{serving.teacher_price_basis}]: {serving.teacher_price_description}"),
+        (
+            "student serving",
+            f"{_num(serving.student_tokens_per_s)} tokens/s here at "
+            f"${_known_or(serving.usd_per_hour, 0):g}/h "
+            f"= {_money(serving.student_usd_per_1m_tokens)} per 1M tokens",
+        ),
+        (
+            "teacher API",
+            f"{_money(serving.teacher_api_usd_per_1m_output)} per 1M output tokens "
+            f"[{serving.teacher_price_basis}]: {serving.teacher_price_description}",
+        ),
     ]
-    per_query = (f"one-off {_money(break_even.one_off_usd)} (teacher data {_money(break_even.teacher_usd)} + "
-                 f"training {_money(break_even.training_usd)}); per query: teacher API "
-                 f"{_money_small(break_even.api_usd_per_query)}"
-                 f" vs student {_money_small(break_even.student_usd_per_query)} [{break_even.price_basis} price]")
+    per_query = (
+        f"one-off {_money(break_even.one_off_usd)} (teacher data {_money(break_even.teacher_usd)} + "
+        f"training {_money(break_even.training_usd)}); per query: teacher API "
+        f"{_money_small(break_even.api_usd_per_query)}"
+        f" vs student {_money_small(break_even.student_usd_per_query)} [{break_even.price_basis} price]"
+    )
     return rows + [("break-even", break_even_phrase(break_even)), ("break-even inputs", per_query)]
 
 
@@ -221,12 +305,21 @@ def _known_or(value, placeholder):
 def _retain_rows(kept: RetainCost) -> list[tuple[str, str]]:
     if not kept.enabled:
         return []
-    replay = (f"replay by {kept.replay_source}: {kept.replay_rows} rows, teacher tokens "
-              f"{kept.teacher_prompt_tokens} in / {kept.teacher_completion_tokens} out "
-              f"({_money(kept.teacher_usd)}); " if kept.replay_source else "")
-    return [("retain", f"{replay}base-model generation {kept.base_generation_seconds} s + scoring "
-                       f"{kept.candidates} candidates on dev {kept.selection_seconds} s = "
-                       f"{_money(kept.usd)}")]
+    replay = (
+        f"replay by {kept.replay_source}: {kept.replay_rows} rows, teacher tokens "
+        f"{kept.teacher_prompt_tokens} in / {kept.teacher_completion_tokens} out "
+        f"({_money(kept.teacher_usd)}); "
+        if kept.replay_source
+        else ""
+    )
+    return [
+        (
+            "retain",
+            f"{replay}base-model generation {kept.base_generation_seconds} s + scoring "
+            f"{kept.candidates} candidates on dev {kept.selection_seconds} s = "
+            f"{_money(kept.usd)}",
+        )
+    ]
 
 
 def _teacher_evaluation_row(ev: TeacherEvaluation, model: str | None) -> str:
@@ -235,8 +328,12 @@ def _teacher_evaluation_row(ev: TeacherEvaluation, model: str | None) -> str:
         return f"{model} scored locally: no API bill"
     if ev.status == "not_evaluated":
         return f"not evaluated ({ev.reason})" if ev.reason else "not evaluated"
-    spent = (f"{ev.requests} requests to {ev.endpoint}, {ev.prompt_tokens} in / {ev.completion_tokens} out = "
-             f"{'UNPRICED' if ev.usd is None else _money(ev.usd)} [{ev.price_status}]" if ev.requests else "$0")
+    spent = (
+        f"{ev.requests} requests to {ev.endpoint}, {ev.prompt_tokens} in / {ev.completion_tokens} out = "
+        f"{'UNPRICED' if ev.usd is None else _money(ev.usd)} [{ev.price_status}]"
+        if ev.requests
+        else "$0"
+    )
     return spent if ev.status == "scored" else f"not scored: {ev.reason}; spent {spent}"
 
 
@@ -290,7 +387,7 @@ def svg_text(fig, salt: str) -> str:
     with matplotlib.rc_context({"svg.hashsalt": f"distillab-{salt}", "svg.fonttype": "path"}):
         fig.savefig(buf, format="svg")
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
 def _ci_err(res: EvalResult, suite: str) -> list[list[float]] | None:
@@ -307,8 +404,17 @@ def task_general_svg(evals: dict[str, EvalResult], labels: list[str]) -> str | N
     fig, ax = _new_figure()
     for m in points:
         x, y = 100 * suite_score(evals, m, "general"), 100 * suite_score(evals, m, "task")
-        ax.errorbar(x, y, xerr=_ci_err(evals[m], "general"), yerr=_ci_err(evals[m], "task"), fmt="o", ms=8,
-                    color=color_of(m, labels), capsize=3, label=m)
+        ax.errorbar(
+            x,
+            y,
+            xerr=_ci_err(evals[m], "general"),
+            yerr=_ci_err(evals[m], "task"),
+            fmt="o",
+            ms=8,
+            color=color_of(m, labels),
+            capsize=3,
+            label=m,
+        )
         ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=9)
     ax.set_xlabel("general suite score (%)")
     ax.set_ylabel("task suite score (%)")
@@ -337,9 +443,11 @@ def model_costs(evals: dict[str, EvalResult], ledger: Ledger, labels: list[str])
         else:
             costs[label] = training + student * queries  # a control trained with the same compute on its own data
     notional = " The teacher is priced at a NOTIONAL API price." if break_even.price_basis == "notional" else ""
-    caption = (f"Task score vs $ for {human_count(queries)} queries (one month at the configured traffic): teacher = "
-               f"API calls; base = serving only; distilled = teacher data + training + serving; other models = training"
-               f" + serving. The line is the Pareto frontier (no model is both cheaper and better).{notional}")
+    caption = (
+        f"Task score vs $ for {human_count(queries)} queries (one month at the configured traffic): teacher = "
+        f"API calls; base = serving only; distilled = teacher data + training + serving; other models = training"
+        f" + serving. The line is the Pareto frontier (no model is both cheaper and better).{notional}"
+    )
     return costs, caption
 
 
@@ -355,8 +463,11 @@ def pareto_frontier(points: list[tuple[float, float, str]]) -> list[tuple[float,
 
 def pareto_svg(evals: dict[str, EvalResult], ledger: Ledger, labels: list[str]) -> tuple[str | None, str]:
     costs, caption = model_costs(evals, ledger, labels)
-    points = [(costs[m], 100 * suite_score(evals, m, "task"), m) for m in labels
-              if m in costs and suite_score(evals, m, "task") is not None]
+    points = [
+        (costs[m], 100 * suite_score(evals, m, "task"), m)
+        for m in labels
+        if m in costs and suite_score(evals, m, "task") is not None
+    ]
     if not points:
         return None, caption
     fig, ax = _new_figure()
@@ -364,8 +475,16 @@ def pareto_svg(evals: dict[str, EvalResult], ledger: Ledger, labels: list[str]) 
         ax.scatter([cost], [score], s=70, color=color_of(m, labels), zorder=3, label=m)
         ax.annotate(m, (cost, score), textcoords="offset points", xytext=(7, 6), fontsize=9)
     frontier = pareto_frontier(points)
-    ax.step([p[0] for p in frontier], [p[1] for p in frontier], where="post", color="#333", lw=1.2, alpha=0.7,
-            zorder=2, label="Pareto frontier")
+    ax.step(
+        [p[0] for p in frontier],
+        [p[1] for p in frontier],
+        where="post",
+        color="#333",
+        lw=1.2,
+        alpha=0.7,
+        zorder=2,
+        label="Pareto frontier",
+    )
     positive = [p[0] for p in points if p[0] > 0]
     if len(positive) == len(points) and max(positive) / min(positive) > 100:
         ax.set_xscale("log")
@@ -394,8 +513,15 @@ def skill_delta_svg(evals: dict[str, EvalResult], labels: list[str], task: set[s
         deltas = [100 * (mine - base) if None not in (mine, base) else 0.0 for mine, base in pairs]
         ys = [i + (j - (len(movers) - 1) / 2) * height for i in range(len(names))]
         hatch = hatches[j % len(hatches)]
-        ax.barh(ys, deltas, height=height * 0.92, color=["#d64541" if d < 0 else "#3a9d5d" for d in deltas],
-                edgecolor="white" if hatch else "none", hatch=hatch, linewidth=0)
+        ax.barh(
+            ys,
+            deltas,
+            height=height * 0.92,
+            color=["#d64541" if d < 0 else "#3a9d5d" for d in deltas],
+            edgecolor="white" if hatch else "none",
+            hatch=hatch,
+            linewidth=0,
+        )
         legend.append(Patch(facecolor="#9aa0a8", edgecolor="white", hatch=hatch, label=m))
     ax.axvline(0, color="#333", lw=0.8)
     ax.set_yticks(range(len(names)), [s + (" (task)" if s in task else "") for s in names], fontsize=9)
@@ -419,26 +545,58 @@ def tradeoff_svg(evals: dict[str, EvalResult], labels: list[str], selection: dic
         return None
     fig, ax = _new_figure(width=6.8, height=4.8)
     for i, c in enumerate(candidates):
-        ax.scatter([100 * c["dev_task"]], [100 * c["dev_general"]], s=40, facecolors="none",
-                   edgecolors=COLORS["retain"], linewidths=1.2, zorder=3, gid=f"candidate-{i}",
-                   label="candidates (dev)" if i == 0 else None)
-        ax.annotate(f"{c['step']}/α{c['alpha']:g}", (100 * c["dev_task"], 100 * c["dev_general"]),
-                    textcoords="offset points", xytext=(4, -9), fontsize=6.5, color="#555")
+        ax.scatter(
+            [100 * c["dev_task"]],
+            [100 * c["dev_general"]],
+            s=40,
+            facecolors="none",
+            edgecolors=COLORS["retain"],
+            linewidths=1.2,
+            zorder=3,
+            gid=f"candidate-{i}",
+            label="candidates (dev)" if i == 0 else None,
+        )
+        ax.annotate(
+            f"{c['step']}/α{c['alpha']:g}",
+            (100 * c["dev_task"], 100 * c["dev_general"]),
+            textcoords="offset points",
+            xytext=(4, -9),
+            fontsize=6.5,
+            color="#555",
+        )
     chosen = selection.get("chosen") or {}
     if chosen.get("dev_task") is not None:
-        ax.scatter([100 * chosen["dev_task"]], [100 * chosen["dev_general"]], s=220, marker="*", color="#f2b600",
-                   edgecolors="#333", zorder=4, gid="chosen", label=f"chosen (dev): {chosen.get('label')}")
+        ax.scatter(
+            [100 * chosen["dev_task"]],
+            [100 * chosen["dev_general"]],
+            s=220,
+            marker="*",
+            color="#f2b600",
+            edgecolors="#333",
+            zorder=4,
+            gid="chosen",
+            label=f"chosen (dev): {chosen.get('label')}",
+        )
     base = selection.get("base_dev") or {}
     if base.get("task") is not None:
-        ax.scatter([100 * base["task"]], [100 * base["general"]], s=60, facecolors="none", edgecolors=COLORS["base"],
-                   linewidths=1.5, zorder=3, label="base (dev)")
+        ax.scatter(
+            [100 * base["task"]],
+            [100 * base["general"]],
+            s=60,
+            facecolors="none",
+            edgecolors=COLORS["base"],
+            linewidths=1.5,
+            zorder=3,
+            label="base (dev)",
+        )
     for i, m in enumerate(labels):
         task, general = suite_score(evals, m, "task"), suite_score(evals, m, "general")
         if None in (task, general):
             continue
         ax.scatter([100 * task], [100 * general], s=70, color=color_of(m, labels), zorder=5, label=f"{m} (test)")
-        ax.annotate(m, (100 * task, 100 * general), textcoords="offset points", xytext=(7, 5 if i % 2 else -13),
-                    fontsize=9)  # alternate above/below: distilled and the control often sit side by side
+        ax.annotate(
+            m, (100 * task, 100 * general), textcoords="offset points", xytext=(7, 5 if i % 2 else -13), fontsize=9
+        )  # alternate above/below: distilled and the control often sit side by side
     ax.set_xlabel("task suite score (%)")
     ax.set_ylabel("general suite score (%)")
     ax.set_title(f"The retain trade-off: what {chosen_as} was chosen from")

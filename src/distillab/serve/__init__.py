@@ -50,5 +50,17 @@ from distillab.serve.metrics import Metrics
 from distillab.serve.protocol import APIError, ChatRequest, CompletionRequest
 from distillab.serve.server import ServeLimits, Server, chat_prompt
 
-__all__ = ["APIError", "ChatRequest", "CompletionRequest", "Engine", "FaultConfig", "Metrics", "ServeLimits", "Server",
-           "chat_prompt", "create_app", "score_prompts", "serve"]
+__all__ = [
+    "APIError",
+    "ChatRequest",
+    "CompletionRequest",
+    "Engine",
+    "FaultConfig",
+    "Metrics",
+    "ServeLimits",
+    "Server",
+    "chat_prompt",
+    "create_app",
+    "score_prompts",
+    "serve",
+]

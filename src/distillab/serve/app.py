@@ -17,17 +17,26 @@ from distillab.errors import UserError
 from distillab.serve.engine import Engine
 from distillab.serve.faults import FaultConfig
 from distillab.serve.protocol import APIError
-from distillab.serve.server import ServeLimits, Server
+from distillab.serve.server import REASONING_PARSERS, ServeLimits, Server
 
 
-def create_app(model_dir, api_key: str | None = None, faults: FaultConfig | None = None, max_batch: int = 32,
-               batch_wait_ms: float = 5.0, limits: ServeLimits | None = None, model_name: str | None = None,
-               token_ids_extension: bool = True) -> FastAPI:
+def create_app(
+    model_dir,
+    api_key: str | None = None,
+    faults: FaultConfig | None = None,
+    max_batch: int = 32,
+    batch_wait_ms: float = 5.0,
+    limits: ServeLimits | None = None,
+    model_name: str | None = None,
+    token_ids_extension: bool = True,
+    reasoning_parser: str | None = None,
+) -> FastAPI:
     """The FastAPI app serving `model_dir` (an HF directory or lab:NAME). Loads the model now.
 
     token_ids_extension=False answers `return_tokens_as_token_ids` with OpenAI's 400 for an unknown
     argument, to test clients against a server that only gives token strings. `app.state.server` is the
-    `Server`, `app.state.engine` its engine.
+    `Server`, `app.state.engine` its engine. reasoning_parser ("think", or vLLM's "deepseek_r1" / "qwen3"): a chat
+    answer's inline <think> trace is returned in message.reasoning_content, apart from its content.
     """
     model, tokenizer = models.load(model_dir)
     name = model_name or (str(model_dir) if str(model_dir).startswith("lab:") else Path(model_dir).name)
@@ -35,8 +44,18 @@ def create_app(model_dir, api_key: str | None = None, faults: FaultConfig | None
     # encodes, and two threads doing that at once fail ("Already borrowed").
     engine = Engine(model, copy.deepcopy(tokenizer), max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    server = Server(engine, tokenizer, name, context, limits=limits, metrics=engine.metrics, faults=faults,
-                    api_key=api_key, token_ids_extension=token_ids_extension)
+    server = Server(
+        engine,
+        tokenizer,
+        name,
+        context,
+        limits=limits,
+        metrics=engine.metrics,
+        faults=faults,
+        api_key=api_key,
+        token_ids_extension=token_ids_extension,
+        reasoning_parser=reasoning_parser,
+    )
 
     @asynccontextmanager
     async def lifespan(app):
@@ -68,8 +87,9 @@ def create_app(model_dir, api_key: str | None = None, faults: FaultConfig | None
 
     @app.get("/metrics")
     async def metrics_route(request: Request):
-        return unauthorized(request) or PlainTextResponse(server.metrics.render(),
-                                                          media_type="text/plain; version=0.0.4")
+        return unauthorized(request) or PlainTextResponse(
+            server.metrics.render(), media_type="text/plain; version=0.0.4"
+        )
 
     @app.get("/health")
     async def health():  # on the event loop, touching nothing the model or a request holds
@@ -78,15 +98,27 @@ def create_app(model_dir, api_key: str | None = None, faults: FaultConfig | None
     return app
 
 
-def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, fault_rate: float = 0.0,
-          fault_seed: int = 0, max_batch: int = 32, max_request_work: int | None = None, log_level: str = "warning",
-          **app_kwargs) -> None:
+def serve(
+    model_dir,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    fault_rate: float = 0.0,
+    fault_seed: int = 0,
+    max_batch: int = 32,
+    max_request_work: int | None = None,
+    log_level: str = "warning",
+    **app_kwargs,
+) -> None:
     """Serve until interrupted. Binds 127.0.0.1 unless told otherwise: exposing a model is a choice.
     A port outside 1-65535 or a max_request_work below 1 is a UserError, raised before the model loads."""
     import uvicorn
 
     if not 1 <= port <= 65535:
         raise UserError(f"port {port} is out of range: choose one from 1 to 65535")
+    parser = app_kwargs.get("reasoning_parser")
+    if parser is not None and parser not in REASONING_PARSERS:
+        raise UserError(f"--reasoning-parser {parser!r} is not known: choose one of {', '.join(REASONING_PARSERS)}")
     limits = app_kwargs.pop("limits", None) or ServeLimits()
     if max_request_work is not None:
         if max_request_work < 1:

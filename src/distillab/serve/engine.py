@@ -85,8 +85,17 @@ class Engine:
         if seed is None:  # no seed asked: vary it per batch, so samples differ between batches
             self._sample_seed += 1
             seed = self._sample_seed
-        return generate(self.model, self.tokenizer, [j.prompt for j in jobs], max_new_tokens=max_tokens,
-                        temperature=temperature, top_p=top_p, top_k_logprobs=k, batch_size=len(jobs), seed=seed)
+        return generate(
+            self.model,
+            self.tokenizer,
+            [j.prompt for j in jobs],
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k_logprobs=k,
+            batch_size=len(jobs),
+            seed=seed,
+        )
 
 
 @torch.no_grad()

@@ -42,8 +42,10 @@ class FaultConfig:
 async def fault_response(kind: str, faults: FaultConfig, request: Request) -> Response:
     """The response of an injected fault of this kind."""
     if kind == "429":
-        headers = {"Retry-After": str(max(1, math.ceil(faults.retry_after_s))),  # standard: whole seconds
-                   "retry-after-ms": str(int(faults.retry_after_s * 1000))}  # what OpenAI's clients read first
+        headers = {
+            "Retry-After": str(max(1, math.ceil(faults.retry_after_s))),  # standard: whole seconds
+            "retry-after-ms": str(int(faults.retry_after_s * 1000)),
+        }  # what OpenAI's clients read first
         response = APIError(429, "rate limited (injected fault)", "rate_limit_error").response()
         response.headers.update(headers)
         return response
@@ -57,5 +59,8 @@ async def fault_response(kind: str, faults: FaultConfig, request: Request) -> Re
             await asyncio.sleep(0.05)
         return APIError(504, "timed out (injected fault)", "server_error").response()
     # truncate: a 200 whose JSON body stops half-way, as a dropped connection would leave it
-    return Response('{"id": "cmpl-truncated", "object": "text_completion", "choices": [{"text": "',
-                    status_code=200, media_type="application/json")
+    return Response(
+        '{"id": "cmpl-truncated", "object": "text_completion", "choices": [{"text": "',
+        status_code=200,
+        media_type="application/json",
+    )

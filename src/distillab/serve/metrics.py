@@ -13,15 +13,16 @@ class Metrics:
         def counter(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, documentation, labels, registry=self.registry)
 
-        self.requests = counter("distillab_requests_total", "HTTP requests by endpoint and status code.",
-                                ("endpoint", "code"))
+        self.requests = counter(
+            "distillab_requests_total", "HTTP requests by endpoint and status code.", ("endpoint", "code")
+        )
         self.prompt_tokens = counter("distillab_prompt_tokens_total", "Prompt tokens processed.")
         self.completion_tokens = counter("distillab_completion_tokens_total", "Completion tokens generated.")
         # prompts the model actually computed; answers replayed from the idempotency store count apart
-        self.answers = counter("distillab_answers_total",
-                               "Prompts answered by the model (idempotent replays excluded).")
-        self.replays = counter("distillab_idempotent_replays_total",
-                               "Answers replayed for a repeated Idempotency-Key.")
+        self.answers = counter(
+            "distillab_answers_total", "Prompts answered by the model (idempotent replays excluded)."
+        )
+        self.replays = counter("distillab_idempotent_replays_total", "Answers replayed for a repeated Idempotency-Key.")
         self.batches = counter("distillab_batches_total", "Model calls made by the batching loop.")
         self.batched_prompts = counter("distillab_batched_prompts_total", "Prompts over all batches.")
         self.faults = counter("distillab_faults_injected_total", "Injected faults by kind.", ("kind",))

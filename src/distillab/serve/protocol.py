@@ -64,8 +64,10 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.status}}, status_code=self.status)
+        return JSONResponse(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}},
+            status_code=self.status,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -86,8 +88,10 @@ class TokenStrings:
     def _piece(self, token_id: int) -> tuple[str, int]:
         piece = self.cache.get(token_id)
         if piece is None:
-            piece = self.cache[token_id] = (self.tokenizer.decode([token_id]),
-                                            len(self.tokenizer.decode([token_id], skip_special_tokens=True)))
+            piece = self.cache[token_id] = (
+                self.tokenizer.decode([token_id]),
+                len(self.tokenizer.decode([token_id], skip_special_tokens=True)),
+            )
         return piece
 
     def __call__(self, token_id: int) -> str:
@@ -107,9 +111,15 @@ def apply_stop(gen: Generation, stops: list[str], tokenizer) -> Generation:
     n = 0
     while n < len(gen.token_ids) and len(tokenizer.decode(gen.token_ids[: n + 1], skip_special_tokens=True)) <= cut:
         n += 1
-    return Generation(text=gen.text[:cut], token_ids=gen.token_ids[:n], prompt_tokens=gen.prompt_tokens,
-                      finish_reason="stop", top_ids=gen.top_ids[:n], top_logprobs=gen.top_logprobs[:n],
-                      token_logprobs=gen.token_logprobs[:n])
+    return Generation(
+        text=gen.text[:cut],
+        token_ids=gen.token_ids[:n],
+        prompt_tokens=gen.prompt_tokens,
+        finish_reason="stop",
+        top_ids=gen.top_ids[:n],
+        top_logprobs=gen.top_logprobs[:n],
+        token_logprobs=gen.token_logprobs[:n],
+    )
 
 
 def choice_logprobs(prompt_ids, score, gen: Generation, k: int, tok: TokenStrings, prompt_text: str) -> dict:
@@ -136,8 +146,10 @@ def _legacy_logprobs(ids, token_lps, top_ids, top_lps, k, tok: TokenStrings, sta
     for i in ids:
         offsets.append(pos)
         pos += tok.text_len(i)
-    tops = [None if ids_ is None else {tok(a): b for a, b in zip(ids_[:k], lps_[:k])}
-            for ids_, lps_ in zip(top_ids, top_lps)]
+    tops = [
+        None if ids_ is None else {tok(a): b for a, b in zip(ids_[:k], lps_[:k])}
+        for ids_, lps_ in zip(top_ids, top_lps)
+    ]
     return {"tokens": [tok(i) for i in ids], "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -147,20 +159,29 @@ def chat_logprobs(gen: Generation, k: int, tok: TokenStrings) -> dict:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     no_top = [[] for _ in gen.token_ids]  # logprobs without top_logprobs: generate() computed no top-k
-    return {"content": [{**entry(i, lp), "top_logprobs": [entry(a, b) for a, b in zip(ids_[:k], lps_[:k])]}
-                        for i, lp, ids_, lps_ in zip(gen.token_ids, gen.token_logprobs, gen.top_ids or no_top,
-                                                     gen.top_logprobs or no_top)]}
+    return {
+        "content": [
+            {**entry(i, lp), "top_logprobs": [entry(a, b) for a, b in zip(ids_[:k], lps_[:k])]}
+            for i, lp, ids_, lps_ in zip(
+                gen.token_ids, gen.token_logprobs, gen.top_ids or no_top, gen.top_logprobs or no_top
+            )
+        ]
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def json_bytes(payload: dict) -> bytes:
     """The JSON JSONResponse would send (compact, UTF-8, NaN refused), with "choices" last and encoded one
     choice at a time: json.dumps holds the GIL until it returns, and one call over a 15 MB response would
     stall the event loop (and /health) for most of a second."""
+
     def dumps(obj) -> str:
         return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 

@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from distillab import chat
+from distillab import chat, reasoning
 from distillab.sampling import Generation
 from distillab.serve.faults import FaultConfig, fault_response
 from distillab.serve.metrics import Metrics
@@ -38,6 +38,12 @@ from distillab.serve.protocol import (
 )
 
 log = logging.getLogger("distillab.serve")
+# --reasoning-parser: the inline tags a model's trace is cut out by (vLLM's parser names for the <think> models too)
+REASONING_PARSERS = {
+    "think": ("<think>", "</think>"),
+    "deepseek_r1": ("<think>", "</think>"),
+    "qwen3": ("<think>", "</think>"),
+}
 
 
 @dataclass
@@ -86,10 +92,22 @@ class Server:
     uses `tokenizer`: the event loop stays free for /health, and the model thread has its own tokenizer.
     """
 
-    def __init__(self, engine, tokenizer, name: str, context: int, limits: ServeLimits | None = None,
-                 metrics: Metrics | None = None, faults: FaultConfig | None = None, api_key: str | None = None,
-                 token_ids_extension: bool = True):
+    def __init__(
+        self,
+        engine,
+        tokenizer,
+        name: str,
+        context: int,
+        limits: ServeLimits | None = None,
+        metrics: Metrics | None = None,
+        faults: FaultConfig | None = None,
+        api_key: str | None = None,
+        token_ids_extension: bool = True,
+        reasoning_parser: str | None = None,
+    ):
         self.engine, self.tokenizer, self.name, self.context = engine, tokenizer, name, context
+        # a chat answer's inline trace goes to message.reasoning_content (as vLLM's --reasoning-parser does)
+        self.think_tags = REASONING_PARSERS[reasoning_parser] if reasoning_parser else None
         self.limits = limits or ServeLimits()
         self.metrics = metrics or Metrics()
         self.faults = faults or FaultConfig()
@@ -129,8 +147,9 @@ class Server:
         """Auth, size limit, JSON, faults, idempotency; then `await answer(body)`. Counts every outcome."""
         try:
             if not self.authorized(request.headers.get("authorization")):  # the message never echoes what was sent
-                raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                               "authentication_error")
+                raise APIError(
+                    401, "invalid or missing API key (send Authorization: Bearer <key>)", "authentication_error"
+                )
             raw = await _read_body(request, self.limits.max_request_bytes)
             body, digest = await self._on_cpu(self.parse_body, raw)
             kind = self.faults.pick(digest)
@@ -139,8 +158,9 @@ class Server:
                 response = await fault_response(kind, self.faults, request)
             else:
                 key = request.headers.get("idempotency-key")
-                payload = await (self.idem.run(f"{key}:{digest}", lambda: answer(body), self.metrics) if key
-                                 else answer(body))
+                payload = await (
+                    self.idem.run(f"{key}:{digest}", lambda: answer(body), self.metrics) if key else answer(body)
+                )
                 response = Response(await self._on_cpu(json_bytes, payload), media_type="application/json")
         except APIError as err:
             response = err.response()
@@ -151,8 +171,18 @@ class Server:
         return response
 
     def models_list(self) -> dict:
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "distillab",
-                                            "max_model_len": self.context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "distillab",
+                    "max_model_len": self.context,
+                }
+            ],
+        }
 
     # -- checks ----------------------------------------------------------------------------------------
 
@@ -175,11 +205,18 @@ class Server:
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         if max_tokens > self.limits.max_tokens:
-            raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of {self.limits.max_tokens}",
-                           param="max_tokens")
+            raise APIError(
+                400,
+                f"max_tokens {max_tokens} is over this server's limit of {self.limits.max_tokens}",
+                param="max_tokens",
+            )
         if prompt_len + max_tokens > self.context:
-            raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) is over the model's "
-                                f"context of {self.context} tokens", param="max_tokens")
+            raise APIError(
+                400,
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) is over the model's "
+                f"context of {self.context} tokens",
+                param="max_tokens",
+            )
 
     def check_work(self, n_prompts: int, max_tokens: int, echoed_tokens: int, k: int) -> None:
         """Refuse a request that may fill more than max_request_work token slots (see ServeLimits)."""
@@ -187,10 +224,13 @@ class Server:
         limit = self.limits.max_request_work
         if work > limit:
             echo = f" + {echoed_tokens} echoed prompt tokens" if echoed_tokens else ""
-            raise APIError(400, f"request too large: ({n_prompts} prompts x {max_tokens} max_tokens{echo}) x "
-                                f"(1 + {k} top logprobs) = {work:,} token slots, over this server's limit of "
-                                f"{limit:,} per request; ask for fewer prompts, tokens or logprobs",
-                           param="max_tokens")
+            raise APIError(
+                400,
+                f"request too large: ({n_prompts} prompts x {max_tokens} max_tokens{echo}) x "
+                f"(1 + {k} top logprobs) = {work:,} token slots, over this server's limit of "
+                f"{limit:,} per request; ask for fewer prompts, tokens or logprobs",
+                param="max_tokens",
+            )
 
     @staticmethod
     def group(req: BaseRequest, max_tokens: int) -> tuple:
@@ -237,8 +277,9 @@ class Server:
         scores = results[-1] if plan.req.echo else None
         return await self._on_cpu(self.completion_response, plan, gens, scores)
 
-    def completion_response(self, plan: CompletionPlan, gens: list[Generation] | None,
-                            scores: list[dict] | None) -> dict:
+    def completion_response(
+        self, plan: CompletionPlan, gens: list[Generation] | None, scores: list[dict] | None
+    ) -> dict:
         """The response object from the engine's answers (gens: None when max_tokens is 0; scores: when echoed)."""
         req, tokenizer = plan.req, self.tokenizer
         if gens is not None:
@@ -257,8 +298,14 @@ class Server:
         self.metrics.answers.inc(len(plan.ids))
         self.metrics.prompt_tokens.inc(prompt_total)
         self.metrics.completion_tokens.inc(completion_total)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.name, "choices": choices, "usage": usage(prompt_total, completion_total)}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": choices,
+            "usage": usage(prompt_total, completion_total),
+        }
 
     # -- chat ------------------------------------------------------------------------------------------
 
@@ -271,8 +318,11 @@ class Server:
         if not max_tokens:  # not given: the rest of the context, as far as this server's limits allow
             room = self.context - prompt_len
             if room < 1:
-                raise APIError(400, f"prompt ({prompt_len} tokens) fills the model's context of {self.context} "
-                                    "tokens", param="messages")
+                raise APIError(
+                    400,
+                    f"prompt ({prompt_len} tokens) fills the model's context of {self.context} tokens",
+                    param="messages",
+                )
             max_tokens = max(1, min(room, self.limits.max_tokens, self.limits.max_request_work // (1 + k)))
         self.check_length(prompt_len, max_tokens)
         self.check_work(1, max_tokens, 0, k)
@@ -290,12 +340,40 @@ class Server:
         self.metrics.answers.inc()
         self.metrics.prompt_tokens.inc(gen.prompt_tokens)
         self.metrics.completion_tokens.inc(len(gen.token_ids))
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.name, "choices": [{
-                    "index": 0, "message": {"role": "assistant", "content": gen.text},
+        message, details = self._message(gen)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
                     "finish_reason": gen.finish_reason,
-                    "logprobs": chat_logprobs(gen, plan.k, tok) if req.logprobs else None}],
-                "usage": usage(gen.prompt_tokens, len(gen.token_ids))}
+                    "logprobs": chat_logprobs(gen, plan.k, tok) if req.logprobs else None,
+                }
+            ],
+            "usage": usage(gen.prompt_tokens, len(gen.token_ids)) | details,
+        }
+
+    def _message(self, gen: Generation) -> tuple[dict, dict]:
+        """(the assistant message, extra usage): with a reasoning parser, an inline trace goes to reasoning_content
+        (None when there is none) and its tokens, tags included, to usage.completion_tokens_details.reasoning_tokens;
+        logprobs still cover every generated token, the trace's too (as vLLM's do)."""
+        if self.think_tags is None:
+            return {"role": "assistant", "content": gen.text}, {}
+        split = reasoning.split_inline(gen.text, self.think_tags)
+        if split.reasoning is None:
+            return {"role": "assistant", "content": gen.text, "reasoning_content": None}, {}
+        ids = gen.token_ids
+        n = reasoning.count_tokens(
+            len(ids), lambda t: len(self.tokenizer.decode(ids[:t], skip_special_tokens=True)), split.end
+        )
+        return (
+            {"role": "assistant", "content": split.answer, "reasoning_content": split.reasoning},
+            {"completion_tokens_details": {"reasoning_tokens": n}},
+        )
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
@@ -313,6 +391,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
 def _check_json(body, max_depth: int) -> None:
     """400 for JSON nested deeper than max_depth, or holding a lone surrogate (JSON's \\ud800 escapes decode
     to strings no tokenizer takes)."""
+
     def check_text(text: str) -> None:
         try:
             text.encode("utf-8")

@@ -9,6 +9,11 @@ plain dict:
   top_logprobs    per completion token, their logprobs, or None,
   top_tokens      per completion token, the top-k token *strings* when the server gives no ids, or None,
   served_by       the endpoint that answered (not part of the key: replicas share cache entries).
+A reasoning teacher's response also holds (distillab.reasoning.capture; absent when it wrote no trace):
+  reasoning           the trace (a separate reasoning_content / reasoning field, or inline between think_tags);
+                      `text` is then the answer alone, while token_ids and the top-k cover every generated token
+  reasoning_tokens    the trace's tokens, part of completion_tokens
+  reasoning_counted   how they were counted: "usage" (the server's), "tokens" (the trace's own), "estimate"
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A local Hugging Face teacher: batched generation with KV cache, top-k logprobs with token ids."""
+"""A local Hugging Face teacher: batched generation with KV cache, top-k logprobs with token ids; an inline reasoning
+trace (teacher.think_tags) cut off its answer and its tokens counted (distillab.reasoning)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,26 @@ import itertools
 import time
 from pathlib import Path
 
-from distillab import chat, models
+from distillab import chat, models, reasoning
 from distillab.sampling import generate
 
 # The files that decide what a model answers. Not the model card, lineage or training notes: distillab
 # rewrites those in a student directory, and they must not change the teacher's identity.
-IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-                  "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json")
+IDENTITY_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 _digests: dict[tuple, str] = {}  # per process: hashing multi-GB weights once per run is enough
 
 
@@ -60,8 +73,14 @@ class LocalHFTeacher:
         """The canonical request; the teacher is asked with chat.render_prompt of its conversation (messages, else
         the prompt as one user turn) through its own chat template, or the plain text when it has none."""
         c = self.cfg
-        req = {"endpoint": self.endpoint, "model": self.name, "max_tokens": c.max_new_tokens,
-               "temperature": c.temperature, "top_p": c.top_p, "logprobs": c.top_k_logprobs}
+        req = {
+            "endpoint": self.endpoint,
+            "model": self.name,
+            "max_tokens": c.max_new_tokens,
+            "temperature": c.temperature,
+            "top_p": c.top_p,
+            "logprobs": c.top_k_logprobs,
+        }
         if messages:
             req["messages"] = messages
         else:
@@ -82,19 +101,47 @@ class LocalHFTeacher:
                 self._model, self._tokenizer = models.load(self.path)
             began = time.time()
             r0 = batch[0]
-            outs = generate(self._model, self._tokenizer, [chat.render_prompt(self._tokenizer, chat.turns_of(r))
-                                                           for r in batch],
-                            max_new_tokens=r0["max_tokens"], temperature=r0["temperature"], top_p=r0["top_p"],
-                            top_k_logprobs=r0["logprobs"], batch_size=len(batch), seed=start)
+            outs = generate(
+                self._model,
+                self._tokenizer,
+                [chat.render_prompt(self._tokenizer, chat.turns_of(r)) for r in batch],
+                max_new_tokens=r0["max_tokens"],
+                temperature=r0["temperature"],
+                top_p=r0["top_p"],
+                top_k_logprobs=r0["logprobs"],
+                batch_size=len(batch),
+                seed=start,
+            )
             latency = (time.time() - began) / len(batch)
             start += len(batch)
             for req, out in zip(batch, outs):
                 stats["answered"] += 1
                 stats["prompt_tokens"] += out.prompt_tokens
                 stats["completion_tokens"] += len(out.token_ids)
-                on_done(req, {
-                    "text": out.text, "finish_reason": out.finish_reason,
-                    "prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
-                    "token_ids": out.token_ids, "top_ids": out.top_ids or None,
-                    "top_logprobs": out.top_logprobs or None, "top_tail": out.top_tail or None, "top_tokens": None, "served_by": self.endpoint,
-                }, None, latency, 1)
+                on_done(
+                    req,
+                    reasoning.capture(
+                        {
+                            "text": out.text,
+                            "finish_reason": out.finish_reason,
+                            "prompt_tokens": out.prompt_tokens,
+                            "completion_tokens": len(out.token_ids),
+                            "token_ids": out.token_ids,
+                            "top_ids": out.top_ids or None,
+                            "top_logprobs": out.top_logprobs or None,
+                            "top_tail": out.top_tail or None,
+                            "top_tokens": None,
+                            "served_by": self.endpoint,
+                        },
+                        self.cfg.think_tags,
+                        prefix_len=self._prefix_len(out.token_ids),
+                        n_tokens=len(out.token_ids),
+                    ),
+                    None,
+                    latency,
+                    1,
+                )
+
+    def _prefix_len(self, ids: list[int]):
+        """An inline trace's tokens are counted exactly: the text of the first t ids, decoded as the answer was."""
+        return lambda t: len(self._tokenizer.decode(ids[:t], skip_special_tokens=True))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import time
 
 import openai
 
+from distillab import reasoning
 from distillab.cache import request_key
 from distillab.errors import UserError
 
@@ -63,8 +65,9 @@ class OpenAITeacher:
         self.urls = [u.rstrip("/") for u in cfg.urls]
         self.keyed_on_url = isinstance(cfg.base_url, str)  # a list: replicas, keyed without the URL
         self.endpoint = self.urls[0] if self.keyed_on_url else ",".join(sorted(self.urls))
-        self.endpoint_stats = {u: {"answered": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
-                               for u in self.urls}
+        self.endpoint_stats = {
+            u: {"answered": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0} for u in self.urls
+        }
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self._ask_token_ids = True  # until the server refuses return_tokens_as_token_ids
 
@@ -76,8 +79,14 @@ class OpenAITeacher:
         messages (a conversation): chat mode sends them as given; completions mode sends `prompt`, the
         conversation's plain text (chat.plain_text: the server applies no template to a completion)."""
         c = self.cfg
-        req = {"model": c.model, "mode": c.mode, "max_tokens": c.max_new_tokens,
-               "temperature": c.temperature, "top_p": c.top_p, "logprobs": c.top_k_logprobs}
+        req = {
+            "model": c.model,
+            "mode": c.mode,
+            "max_tokens": c.max_new_tokens,
+            "temperature": c.temperature,
+            "top_p": c.top_p,
+            "logprobs": c.top_k_logprobs,
+        }
         if self.keyed_on_url:
             req["endpoint"] = self.endpoint
         if sample:  # sample 0 has the key of samples_per_prompt = 1: those cached answers are reused
@@ -99,9 +108,14 @@ class OpenAITeacher:
         are cancelled and the exception propagates. What was already passed to on_done stays committed.
         """
         key = self._api_key()
-        endpoints = [_Endpoint(url, openai.AsyncOpenAI(base_url=url, api_key=key or "none", max_retries=0,
-                                                       timeout=self.cfg.timeout_s), self.endpoint_stats[url])
-                     for url in self.urls]
+        endpoints = [
+            _Endpoint(
+                url,
+                openai.AsyncOpenAI(base_url=url, api_key=key or "none", max_retries=0, timeout=self.cfg.timeout_s),
+                self.endpoint_stats[url],
+            )
+            for url in self.urls
+        ]
         pending = iter(requests)  # shared by the workers: each request is taken exactly once
         finished: asyncio.Queue = asyncio.Queue()
         n_workers = self.cfg.concurrency * len(endpoints)
@@ -150,7 +164,7 @@ class OpenAITeacher:
             asked_ids = self._ask_token_ids  # other requests may turn it off while this one is out
             ep.outstanding += 1
             try:
-                resp = parse_response(await self._call(ep.client, req), req)
+                resp = parse_response(await self._call(ep.client, req), req, self.cfg.think_tags)
             except openai.BadRequestError as err:
                 if asked_ids and "return_tokens_as_token_ids" in str(err):
                     self._ask_token_ids = False  # a server without vLLM's extension: ask again, not counted
@@ -190,8 +204,11 @@ class OpenAITeacher:
             up = [e for e in endpoints if e.is_up()]
             if up:
                 return min(up, key=lambda e: e.outstanding)
-            wake = min(e.down_until for e in endpoints if e.down_until > time.monotonic()) if any(
-                e.down_until > time.monotonic() for e in endpoints) else time.monotonic() + 0.01
+            wake = (
+                min(e.down_until for e in endpoints if e.down_until > time.monotonic())
+                if any(e.down_until > time.monotonic() for e in endpoints)
+                else time.monotonic() + 0.01
+            )
             await asyncio.sleep(max(0.0, wake - time.monotonic()) + 0.001)
 
     @staticmethod
@@ -217,8 +234,9 @@ class OpenAITeacher:
                 body["logprobs"] = k
         if k and self._ask_token_ids:
             body["return_tokens_as_token_ids"] = True
-        raw = await client.post(path, cast_to=bytes, body=body,
-                                options={"headers": {"Idempotency-Key": request_key(req)}})
+        raw = await client.post(
+            path, cast_to=bytes, body=body, options={"headers": {"Idempotency-Key": request_key(req)}}
+        )
         return json.loads(raw)  # a truncated body raises JSONDecodeError here: retried
 
     def _wait_s(self, err: Exception, attempt: int) -> float:
@@ -315,16 +333,18 @@ def _server_message(err: openai.APIStatusError) -> str | None:
 # Responses: JSON bodies -> the teacher response dict (see distillab.teachers).
 
 
-def parse_response(raw: dict, req: dict) -> dict:
-    """A completions or chat completions JSON body -> the teacher response dict."""
+def parse_response(raw: dict, req: dict, think_tags=()) -> dict:
+    """A completions or chat completions JSON body -> the teacher response dict, its reasoning trace (a chat
+    message's separate field, or inline between think_tags) cut off its answer by reasoning.capture."""
     choices = raw.get("choices") if isinstance(raw, dict) else None
     if not choices:
         raise MalformedResponse("response has no choices")
     choice = choices[0]
     k = req["logprobs"]
-    tokens = tops = None
+    tokens = tops = offsets = trace = None
     if req["mode"] == "chat":
-        text = (choice.get("message") or {}).get("content") or ""
+        message = choice.get("message") or {}
+        text, trace = message.get("content") or "", reasoning.field_reasoning(message)
         entries = (choice.get("logprobs") or {}).get("content") if k else None
         if entries:
             tokens = [e["token"] for e in entries]
@@ -333,25 +353,50 @@ def parse_response(raw: dict, req: dict) -> dict:
         text = choice.get("text") or ""
         lp = choice.get("logprobs") if k else None
         if lp and lp.get("tokens"):
-            tokens = lp["tokens"]
+            tokens, offsets = lp["tokens"], lp.get("text_offset")
             tops = [list((t or {}).items()) for t in lp.get("top_logprobs") or [{} for _ in tokens]]
     usage = raw.get("usage") or {}
-    resp = {"text": text, "finish_reason": choice.get("finish_reason") or "stop",
-            "prompt_tokens": usage.get("prompt_tokens", 0),
-            "completion_tokens": usage.get("completion_tokens", len(tokens or [])),
-            "token_ids": None, "top_ids": None, "top_logprobs": None, "top_tokens": None, "tokens": None}
-    if not tokens:
-        return resp
-    tops = [sorted(t, key=lambda x: -x[1])[:k] for t in tops]
-    if all(s.startswith(TOKEN_ID_PREFIX) for s in tokens):
-        resp["token_ids"] = [int(s[len(TOKEN_ID_PREFIX):]) for s in tokens]
-        ids = [[int(s[len(TOKEN_ID_PREFIX):]) for s, _ in t] for t in tops]
-        resp["top_ids"], resp["top_logprobs"] = pad_topk(ids, [[lp for _, lp in t] for t in tops], k)
-    else:
-        resp["tokens"] = tokens
-        resp["top_tokens"] = [[s for s, _ in t] for t in tops]
-        resp["top_logprobs"] = [[lp for _, lp in t] for t in tops]
-    return resp
+    resp = {
+        "text": text,
+        "finish_reason": choice.get("finish_reason") or "stop",
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", len(tokens or [])),
+        "token_ids": None,
+        "top_ids": None,
+        "top_logprobs": None,
+        "top_tokens": None,
+        "tokens": None,
+    }
+    if tokens:
+        tops = [sorted(t, key=lambda x: -x[1])[:k] for t in tops]
+        if all(s.startswith(TOKEN_ID_PREFIX) for s in tokens):
+            resp["token_ids"] = [int(s[len(TOKEN_ID_PREFIX) :]) for s in tokens]
+            ids = [[int(s[len(TOKEN_ID_PREFIX) :]) for s, _ in t] for t in tops]
+            resp["top_ids"], resp["top_logprobs"] = pad_topk(ids, [[lp for _, lp in t] for t in tops], k)
+        else:
+            resp["tokens"] = tokens
+            resp["top_tokens"] = [[s for s, _ in t] for t in tops]
+            resp["top_logprobs"] = [[lp for _, lp in t] for t in tops]
+    if trace:
+        resp["reasoning"] = trace
+    return reasoning.capture(
+        resp,
+        think_tags,
+        usage_count=reasoning.usage_reasoning_tokens(usage),
+        prefix_len=_prefix_len(text, resp["tokens"], offsets, len(tokens or [])),
+        n_tokens=len(tokens or []),
+    )
+
+
+def _prefix_len(text: str, strings: list[str] | None, offsets: list[int] | None, n: int):
+    """prefix_len(t) for reasoning.capture: the characters of the first t of the n completion tokens, from a
+    completions response's text_offset, else from token strings that spell the text; None when neither is known."""
+    if offsets and len(offsets) == n:
+        return lambda t: len(text) if t >= n else offsets[t] - offsets[0]
+    if strings and "".join(strings)[: len(text)] == text:
+        ends = list(itertools.accumulate(map(len, strings), initial=0))
+        return lambda t: ends[t]
+    return None
 
 
 def pad_topk(ids: list[list[int]], logprobs: list[list[float]], k: int) -> tuple[list[list[int]], list[list[float]]]:
@@ -410,8 +455,11 @@ def map_top_tokens(resp: dict, tokenizer, aligner=None) -> tuple[list | None, li
         aligned = aligner.from_strings(resp, text_ids) if aligner is not None else None
         if aligned is None:
             return None, None, text_ids
-        return ([ids if keep else None for ids, keep in zip(aligned.ids, aligned.mask)],
-                [lps if keep else None for lps, keep in zip(aligned.logprobs, aligned.mask)], text_ids)
+        return (
+            [ids if keep else None for ids, keep in zip(aligned.ids, aligned.mask)],
+            [lps if keep else None for lps, keep in zip(aligned.logprobs, aligned.mask)],
+            text_ids,
+        )
     k = max((len(t) for t in resp["top_tokens"]), default=0)
     top_ids, top_lps = [], []
     for strings, lps in zip(resp["top_tokens"], resp["top_logprobs"]):

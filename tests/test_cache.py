@@ -30,9 +30,13 @@ def make_response(i: int) -> tuple[dict, dict]:
     rng = random.Random(i)
     n = rng.randint(1, 40)
     request = {"endpoint": "http://x/v1", "model": "teacher", "temperature": 0.0, "prompt": f"describe thing {i}"}
-    response = {"text": " ".join(rng.choice(["alpha", "beta", "gamma", "δέλτα"]) for _ in range(n)),
-                "finish_reason": rng.choice(["stop", "length"]), "prompt_tokens": rng.randint(3, 30),
-                "completion_tokens": n, "token_ids": [rng.randrange(32000) for _ in range(n)]}
+    response = {
+        "text": " ".join(rng.choice(["alpha", "beta", "gamma", "δέλτα"]) for _ in range(n)),
+        "finish_reason": rng.choice(["stop", "length"]),
+        "prompt_tokens": rng.randint(3, 30),
+        "completion_tokens": n,
+        "token_ids": [rng.randrange(32000) for _ in range(n)],
+    }
     if i % 7 == 3:  # an endpoint that gives token strings, not ids: not codec-shaped
         response["top_tokens"] = [["a", "b"]] * n
         response["top_logprobs"] = [[-0.1, -2.5]] * n
@@ -101,7 +105,7 @@ KILLED_CHILD = """
 import sqlite3, sys, time
 from pathlib import Path
 from distillab import cache as cache_module
-from tests.test_cache_blocks import put_all
+from tests.test_cache import put_all
 path, arm, at = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 cache_module.PACK_ROWS = 40
 armed = []
@@ -128,8 +132,14 @@ def kill_inside(path: Path, arm: str, at: str) -> None:
     """A child opens the cache at `path` and commits 40 responses; SIGKILL where it stops: at the start of the
     statement `at`, once a statement `arm` has run (the sleep is in SQLite's trace hook)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
-    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(path), arm, at], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CHILD, str(path), arm, at],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = child.stdout.readline()
         assert line == "inside\n", (line, child.stderr.read())
@@ -152,8 +162,9 @@ def test_a_kill_at_any_point_of_a_repack_loses_nothing(tmp_path, at):
     cache = RequestCache(path)
     got = read_all(cache, 40)
     assert [g[2] for g in got] == [make_response(i)[0] for i in range(40)]
-    assert [(g[0]["text"], g[0]["token_ids"]) for g in got] == \
-           [(r["text"], r["token_ids"]) for _, r in map(make_response, range(40))]
+    assert [(g[0]["text"], g[0]["token_ids"]) for g in got] == [
+        (r["text"], r["token_ids"]) for _, r in map(make_response, range(40))
+    ]
     cache.close()  # the repack done this time
     assert count(path, "loose") == 0 and count(path, "packed") == 40
     cache = RequestCache(path)
@@ -203,13 +214,25 @@ def write_earlier_cache(path: Path, kind: str, n: int = 30) -> None:
         elif binary and raw:
             stored = b"DLR2" + struct.pack("<I", 1) + shared.compress(raw)
             text = b"DLR2" + struct.pack("<I", 1) + shared.compress(text.encode())
-        db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   (bytes.fromhex(key) if binary else key, text, stored, response["prompt_tokens"],
-                    response["completion_tokens"], 0.25 + i / 1000, 1 + i % 2, 1000.0 + i))
+        db.execute(
+            "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                bytes.fromhex(key) if binary else key,
+                text,
+                stored,
+                response["prompt_tokens"],
+                response["completion_tokens"],
+                0.25 + i / 1000,
+                1 + i % 2,
+                1000.0 + i,
+            ),
+        )
     if binary:
         db.execute("CREATE TABLE dictionaries (id INTEGER PRIMARY KEY, data BLOB NOT NULL, created_at REAL NOT NULL)")
         db.execute("INSERT INTO dictionaries VALUES (1, ?, 0)", (dictionary.as_bytes(),))
-    db.execute("INSERT INTO failures VALUES (?, '{}', ?, ?, 0)", (FAILURE["key"], FAILURE["error"], FAILURE["attempts"]))
+    db.execute(
+        "INSERT INTO failures VALUES (?, '{}', ?, ?, 0)", (FAILURE["key"], FAILURE["error"], FAILURE["attempts"])
+    )
     db.execute(f"PRAGMA user_version = {2 if binary else 0}")
     db.commit()
     db.close()
@@ -287,6 +310,8 @@ def test_a_missing_dictionary_is_one_line_naming_the_file(tmp_path):
     db.execute("DELETE FROM dictionaries")
     db.commit()
     db.close()
-    with pytest.raises(UserError, match=re.escape(f"{path}: unusable teacher cache (a response needs zstd dictionary 1")):
+    with pytest.raises(
+        UserError, match=re.escape(f"{path}: unusable teacher cache (a response needs zstd dictionary 1")
+    ):
         RequestCache(path)
     assert layout_of(path)[0] == 2  # left as it is

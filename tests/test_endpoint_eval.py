@@ -22,7 +22,7 @@ from distillab.scoring import evaluate_model, load_task_suite
 from distillab.testing import read_metrics as metrics
 from distillab.testing import server_thread
 from distillab.train import run_train
-from tests.test_report import fake_evals, fake_ledger
+from tests.helpers import fake_evals, fake_ledger, run_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::distillab.pricing.UnpricedTeacherWarning")
 quiet = dict(log=lambda *_: None)
@@ -32,19 +32,29 @@ def api_run(tmp_path, url, name="api", mode="completions", **eval_):
     """A run with the served lab teacher as its API teacher (priced, so the break-even is known); generate and
     two training steps done (the student is not what is tested here)."""
     task_file = tmp_path / "task.jsonl"
-    task_file.write_text('{"prompt": "upper abc\\n", "answer": "ABC", "skill": "mine"}\n'
-                         '{"prompt": "add 12 30\\n", "answer": "42", "scorer": "numeric", "skill": "mine"}\n'
-                         '{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": '
-                         '"upper xyz"}], "answer": "XYZ", "skill": "chat"}\n')
-    cfg = from_dict({
-        "name": name, "runs_dir": str(tmp_path / "runs"),
-        "teacher": {"model": "lab:teacher", "base_url": url, "mode": mode, "max_new_tokens": 12, "top_k_logprobs": 0,
-                    "usd_per_1m_input": 1.0, "usd_per_1m_output": 4.0, "max_retries": 0},
-        "data": {"skills": ["reverse"], "n_prompts": 8},
-        "train": {"max_steps": 2, "batch_size": 4},
-        "eval": {"n_per_skill": 6, "general": ["upper", "add"], "bootstrap": 50, "task_file": str(task_file),
-                 **eval_},
-    })
+    task_file.write_text(
+        '{"prompt": "upper abc\\n", "answer": "ABC", "skill": "mine"}\n'
+        '{"prompt": "add 12 30\\n", "answer": "42", "scorer": "numeric", "skill": "mine"}\n'
+        '{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": '
+        '"upper xyz"}], "answer": "XYZ", "skill": "chat"}\n'
+    )
+    cfg = run_config(
+        tmp_path,
+        name,
+        teacher={
+            "model": "lab:teacher",
+            "base_url": url,
+            "mode": mode,
+            "max_new_tokens": 12,
+            "top_k_logprobs": 0,
+            "usd_per_1m_input": 1.0,
+            "usd_per_1m_output": 4.0,
+            "max_retries": 0,
+        },
+        data={"skills": ["reverse"], "n_prompts": 8},
+        train={"max_steps": 2, "batch_size": 4},
+        eval={"n_per_skill": 6, "general": ["upper", "add"], "bootstrap": 50, "task_file": str(task_file), **eval_},
+    )
     run_generate(cfg, **quiet)
     run_train(cfg, **quiet)
     return cfg
@@ -52,8 +62,10 @@ def api_run(tmp_path, url, name="api", mode="completions", **eval_):
 
 def served_completions(url) -> float:
     """Completion requests serve has answered (its own count)."""
-    return sum(metrics(url).get(f'distillab_requests_total{{endpoint="/v1/{path}",code="200"}}', 0)
-               for path in ("completions", "chat/completions"))
+    return sum(
+        metrics(url).get(f'distillab_requests_total{{endpoint="/v1/{path}",code="200"}}', 0)
+        for path in ("completions", "chat/completions")
+    )
 
 
 @pytest.mark.slow
@@ -69,8 +81,9 @@ def test_api_teacher_is_scored_through_its_endpoint_once(tmp_path, mode):
         assert teacher.not_scored is None and teacher.label == "teacher"
 
         # the same greedy answers as the same model scored locally, example for example
-        local = evaluate_model("lab:teacher", ["reverse"], ["upper", "add"], 6, 50, 12,
-                               task_examples=load_task_suite(cfg.eval.task_file))
+        local = evaluate_model(
+            "lab:teacher", ["reverse"], ["upper", "add"], 6, 50, 12, task_examples=load_task_suite(cfg.eval.task_file)
+        )
         assert {s: v.scores for s, v in teacher.skills.items()} == {s: v.scores for s, v in local.skills.items()}
         assert teacher.task.score == local.task.score and teacher.general.score == local.general.score
         assert teacher.skills["reverse"].score > 0.5  # the lab teacher can reverse: the comparison is not of zeros
@@ -96,7 +109,8 @@ def test_api_teacher_is_scored_through_its_endpoint_once(tmp_path, mode):
     gen = ledger.teacher_generation  # the data generation's line is its own: not mixed with the evaluation
     assert gen.rows == 8 and gen.usd == pytest.approx((gen.prompt_tokens + 4 * gen.completion_tokens) / 1e6)
     assert ledger.quality["task"].teacher == teacher.task.score
-    assert ledger.break_even.status in ("pays_off", "immediately", "never")
+    # a tiny student trained 3 steps misses the quality floor: no break-even is claimed for it
+    assert ledger.quality_floor.meets is False and ledger.break_even.status == "below_floor"
     page = report.read_text()
     assert "teacher evaluation $" in page and "not scored" not in page
     assert "of the task gap" in page  # the verdict's gap closed, from the teacher's row
@@ -113,8 +127,13 @@ def test_score_teacher_false_and_max_usd_show_why(tmp_path):
         page = report.read_text()
 
         # teacher.max_usd bounds generation + the evaluation: a projected pass stops before any request
-        capped = from_dict(cfg.model_dump() | {"eval": cfg.eval.model_dump() | {"score_teacher": True},
-                                               "teacher": cfg.teacher.model_dump() | {"max_usd": 1e-6}})
+        capped = from_dict(
+            cfg.model_dump()
+            | {
+                "eval": cfg.eval.model_dump() | {"score_teacher": True},
+                "teacher": cfg.teacher.model_dump() | {"max_usd": 1e-6},
+            }
+        )
         stopped = run_evaluate(capped, **quiet)["teacher"]
         assert served_completions(server.url) == before
     assert teacher.not_scored == "eval.score_teacher = false" and teacher.task.score is None
@@ -136,14 +155,27 @@ def test_a_missing_teacher_row_says_why_the_gap_is_missing():
     rows = dict(ledger_rows(Ledger.model_validate(fake_ledger())))
     assert rows["teacher evaluation $"] == "not evaluated"  # an old ledger: no teacher_evaluation section
 
-    spent = fake_ledger() | {"teacher_evaluation": {
-        "status": "not_scored", "reason": "teacher.max_usd: stopped", "endpoint": "http://h/v1", "requests": 20,
-        "prompt_tokens": 100, "completion_tokens": 50, "price_status": "override", "usd": 0.0003}}
+    spent = fake_ledger() | {
+        "teacher_evaluation": {
+            "status": "not_scored",
+            "reason": "teacher.max_usd: stopped",
+            "endpoint": "http://h/v1",
+            "requests": 20,
+            "prompt_tokens": 100,
+            "completion_tokens": 50,
+            "price_status": "override",
+            "usd": 0.0003,
+        }
+    }
     assert dict(ledger_rows(Ledger.model_validate(spent)))["teacher evaluation $"] == (
-        "not scored: teacher.max_usd: stopped; spent 20 requests to http://h/v1, 100 in / 50 out = $0.0003 [override]")
+        "not scored: teacher.max_usd: stopped; spent 20 requests to http://h/v1, 100 in / 50 out = $0.0003 [override]"
+    )
     evals = fake_evals()
-    evals["teacher"] |= {"not_scored": "eval.score_teacher = false", "task": {"score": None},
-                         "general": {"score": None}}
+    evals["teacher"] |= {
+        "not_scored": "eval.score_teacher = false",
+        "task": {"score": None},
+        "general": {"score": None},
+    }
     table = scores_table(as_evals(evals), list(evals))
     assert "not scored: eval.score_teacher = false" in table
     assert "No gap closed: the teacher was not scored (eval.score_teacher = false)." in table

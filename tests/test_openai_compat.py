@@ -27,7 +27,7 @@ from distillab.serve import FaultConfig, ServeLimits
 from distillab.teachers.openai_compat import OpenAITeacher, _retry_after_s, map_top_tokens
 from distillab.testing import metric_sum, server_thread
 from distillab.testing import read_metrics as metrics
-from tests.serve_fixture import generate_config
+from tests.helpers import generate_config
 
 quiet = dict(log=lambda *_: None)
 # A teacher on 127.0.0.1 is unpriced, and says so; that warning is expected here.
@@ -38,8 +38,16 @@ def test_request_is_canonical_and_holds_no_key(monkeypatch):
     monkeypatch.setenv("TEACHER_KEY", "sk-secret-123")
     cfg = TeacherConfig(model="m", base_url="http://127.0.0.1:9/v1/", api_key_env="TEACHER_KEY", mode="chat")
     req = OpenAITeacher(cfg).request("hi\n")
-    assert req == {"endpoint": "http://127.0.0.1:9/v1", "model": "m", "mode": "chat", "max_tokens": 64,
-                   "temperature": 0.0, "top_p": 1.0, "logprobs": 20, "messages": [{"role": "user", "content": "hi\n"}]}
+    assert req == {
+        "endpoint": "http://127.0.0.1:9/v1",
+        "model": "m",
+        "mode": "chat",
+        "max_tokens": 64,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "logprobs": 20,
+        "messages": [{"role": "user", "content": "hi\n"}],
+    }
     assert "sk-secret" not in repr(req)
     assert OpenAITeacher(cfg.model_copy(update={"mode": "completions"})).request("hi\n")["prompt"] == "hi\n"
 
@@ -71,8 +79,10 @@ def test_retry_after_headers_are_read():
 def _ask_once_each(teacher: OpenAITeacher, prompts: list[str]) -> dict[str, tuple]:
     """prompt -> (response, error, attempts) through the teacher's whole answer path."""
     done = {}
-    teacher.answer([teacher.request(p) for p in prompts],
-                   lambda req, resp, error, latency, attempts: done.update({req["prompt"]: (resp, error, attempts)}))
+    teacher.answer(
+        [teacher.request(p) for p in prompts],
+        lambda req, resp, error, latency, attempts: done.update({req["prompt"]: (resp, error, attempts)}),
+    )
     return done
 
 
@@ -82,9 +92,18 @@ def test_requests_serve_refuses_are_sent_once_with_the_servers_message(tiny_teac
     text is serve's message."""
     limits = ServeLimits(max_request_work=200)  # 40 tokens x (1 + 5 logprobs) = 240 slots: over; 8 x 6 = 48: fine
     with server_thread(tiny_teacher, model_name="tiny", limits=limits) as server:
+
         def teacher(max_new_tokens):
-            return OpenAITeacher(TeacherConfig(model="tiny", base_url=server.base_url, max_new_tokens=max_new_tokens,
-                                               top_k_logprobs=5, max_retries=3), backoff_base_s=0.001)
+            return OpenAITeacher(
+                TeacherConfig(
+                    model="tiny",
+                    base_url=server.base_url,
+                    max_new_tokens=max_new_tokens,
+                    top_k_logprobs=5,
+                    max_retries=3,
+                ),
+                backoff_base_s=0.001,
+            )
 
         over_context = _ask_once_each(teacher(300), ["abc\n", "abcd\n"])
         over_work = _ask_once_each(teacher(40), ["abc\n"])
@@ -96,9 +115,9 @@ def test_requests_serve_refuses_are_sent_once_with_the_servers_message(tiny_teac
         assert resp is None and attempts == 1
         assert error.startswith("BadRequestError: HTTP 400 (not retried): prompt (")
         assert "+ max_tokens (300) is over the model's context of 256 tokens" in error
-    (resp, error, attempts), = over_work.values()
+    ((resp, error, attempts),) = over_work.values()
     assert resp is None and attempts == 1 and "request too large" in error and "limit of 200" in error
-    (resp, error, attempts), = fine.values()
+    ((resp, error, attempts),) = fine.values()
     assert resp is not None and error is None and attempts == 1
 
 
@@ -126,19 +145,39 @@ class _Refusing(BaseHTTPRequestHandler):
 OPENAI_BODY = json.dumps({"error": {"message": "the server's words", "type": "invalid_request_error"}}).encode()
 
 
-@pytest.mark.parametrize("status, content_type, body, sends, says", [
-    (400, "application/json", OPENAI_BODY, 1, "HTTP 400 (not retried): the server's words"),
-    (401, "application/json", OPENAI_BODY, 1, "HTTP 401 (not retried): the server's words"),
-    (404, "application/json", json.dumps({"object": "error", "message": "no model x"}).encode(), 1,  # vLLM
-     "HTTP 404 (not retried): no model x"),
-    (413, "text/html", b"<html><body>413 Request Entity Too Large</body></html>", 1, "413 Request Entity Too Large"),
-    (422, "application/json", json.dumps({"detail": [{"msg": "field required"}]}).encode(), 1,  # FastAPI
-     "HTTP 422 (not retried): [{\"msg\": \"field required\"}]"),
-    (408, "application/json", OPENAI_BODY, 3, "HTTP 408: the server's words"),
-    (409, "application/json", OPENAI_BODY, 3, "HTTP 409: the server's words"),
-    (429, "application/json", OPENAI_BODY, 3, "RateLimitError: HTTP 429: the server's words"),
-    (503, "text/plain", b"overloaded", 3, "HTTP 503: overloaded"),
-], ids=["400", "401", "404-vllm", "413-html", "422-fastapi", "408", "409", "429", "503-text"])
+@pytest.mark.parametrize(
+    "status, content_type, body, sends, says",
+    [
+        (400, "application/json", OPENAI_BODY, 1, "HTTP 400 (not retried): the server's words"),
+        (401, "application/json", OPENAI_BODY, 1, "HTTP 401 (not retried): the server's words"),
+        (
+            404,
+            "application/json",
+            json.dumps({"object": "error", "message": "no model x"}).encode(),
+            1,  # vLLM
+            "HTTP 404 (not retried): no model x",
+        ),
+        (
+            413,
+            "text/html",
+            b"<html><body>413 Request Entity Too Large</body></html>",
+            1,
+            "413 Request Entity Too Large",
+        ),
+        (
+            422,
+            "application/json",
+            json.dumps({"detail": [{"msg": "field required"}]}).encode(),
+            1,  # FastAPI
+            'HTTP 422 (not retried): [{"msg": "field required"}]',
+        ),
+        (408, "application/json", OPENAI_BODY, 3, "HTTP 408: the server's words"),
+        (409, "application/json", OPENAI_BODY, 3, "HTTP 409: the server's words"),
+        (429, "application/json", OPENAI_BODY, 3, "RateLimitError: HTTP 429: the server's words"),
+        (503, "text/plain", b"overloaded", 3, "HTTP 503: overloaded"),
+    ],
+    ids=["400", "401", "404-vllm", "413-html", "422-fastapi", "408", "409", "429", "503-text"],
+)
 def test_only_statuses_a_retry_can_fix_are_retried(status, content_type, body, sends, says):
     handler = type("Handler", (_Refusing,), {"reply": (status, content_type, body), "hits": 0})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -146,7 +185,7 @@ def test_only_statuses_a_retry_can_fix_are_retried(status, content_type, body, s
     thread.start()
     try:
         cfg = TeacherConfig(model="m", base_url=f"http://127.0.0.1:{server.server_port}/v1", max_retries=2)
-        (resp, error, attempts), = _ask_once_each(OpenAITeacher(cfg, backoff_base_s=0.001), ["x"]).values()
+        ((resp, error, attempts),) = _ask_once_each(OpenAITeacher(cfg, backoff_base_s=0.001), ["x"]).values()
     finally:
         server.shutdown()
         server.server_close()
@@ -161,9 +200,13 @@ def test_only_statuses_a_retry_can_fix_are_retried(status, content_type, body, s
 def test_map_top_tokens_maps_merges_drops_and_appends_stop():
     tok = build_tokenizer()
     a, b, c = (tok.convert_tokens_to_ids(x) for x in "abc")
-    resp = {"text": "ab", "finish_reason": "stop", "tokens": ["a", "b"],
-            "top_tokens": [["a", "xy", "b"], ["b", "b", "c"]],  # "xy" is two student tokens: dropped
-            "top_logprobs": [[-0.1, -2.0, -3.0], [-0.5, -0.5, -4.0]]}  # "b" twice: merged
+    resp = {
+        "text": "ab",
+        "finish_reason": "stop",
+        "tokens": ["a", "b"],
+        "top_tokens": [["a", "xy", "b"], ["b", "b", "c"]],  # "xy" is two student tokens: dropped
+        "top_logprobs": [[-0.1, -2.0, -3.0], [-0.5, -0.5, -4.0]],
+    }  # "b" twice: merged
     top_ids, top_lps, completion_ids = map_top_tokens(resp, tok)
     assert completion_ids == [a, b, tok.eos_token_id]  # stopped: end-of-sequence appended
     assert [len(row) for row in top_ids] == [3, 3, 3] and all(len(set(row)) == 3 for row in top_ids)
@@ -187,13 +230,15 @@ def test_map_top_tokens_without_alignment_keeps_only_the_text():
 def test_served_teacher_writes_the_same_dataset_as_the_local_one(tmp_path):
     local = run_generate(generate_config(tmp_path, {"model": "lab:base"}, name="local"), **quiet)
     with server_thread("lab:base", max_batch=8) as server:
-        served_cfg = generate_config(tmp_path, {"model": "lab:base", "base_url": server.base_url, "concurrency": 4},
-                                     name="served")
+        served_cfg = generate_config(
+            tmp_path, {"model": "lab:base", "base_url": server.base_url, "concurrency": 4}, name="served"
+        )
         served = run_generate(served_cfg, **quiet)
     assert local.rows == served.rows == 16 and served.failed == 0
     assert (local.prompt_tokens, local.completion_tokens) == (served.prompt_tokens, served.completion_tokens)
     assert pq.read_schema(tmp_path / "runs/local/data/train.parquet") == pq.read_schema(
-        tmp_path / "runs/served/data/train.parquet")
+        tmp_path / "runs/served/data/train.parquet"
+    )
     a = read_dataset(tmp_path / "runs/local/data/train.parquet")
     b = read_dataset(tmp_path / "runs/served/data/train.parquet")
     for x, y in zip(a, b):
@@ -215,8 +260,13 @@ def test_a_server_without_token_ids_gives_strings_that_map_to_the_same_dataset(t
     datasets = {}
     for ids in (True, False):
         with server_thread(tiny_teacher, model_name="tiny", token_ids_extension=ids) as server:
-            cfg = generate_config(tmp_path, {"model": "tiny", "base_url": server.base_url}, student=tiny_teacher,
-                                  name=f"ids_{ids}", n_prompts=8)
+            cfg = generate_config(
+                tmp_path,
+                {"model": "tiny", "base_url": server.base_url},
+                student=tiny_teacher,
+                name=f"ids_{ids}",
+                n_prompts=8,
+            )
             assert run_generate(cfg, **quiet).failed == 0
             requests_400 = metrics(server.url).get('distillab_requests_total{endpoint="/v1/completions",code="400"}', 0)
             # refused only for the requests already out (concurrency 8) when the first refusal came
@@ -233,10 +283,16 @@ def test_a_server_without_token_ids_gives_strings_that_map_to_the_same_dataset(t
 def test_faults_fail_exactly_without_retries_and_never_with_them(tmp_path, tiny_teacher):
     faults = FaultConfig(rate=0.2, seed=0, hang_s=5.0, retry_after_s=0.05)
     with server_thread(tiny_teacher, model_name="tiny", faults=faults, max_batch=16) as server:
-        teacher = {"model": "tiny", "base_url": server.base_url, "concurrency": 8, "timeout_s": 2.5,
-                   "max_new_tokens": 4}
-        cfg = generate_config(tmp_path, {**teacher, "max_retries": 0}, student=tiny_teacher, name="no_retries",
-                              n_prompts=40)
+        teacher = {
+            "model": "tiny",
+            "base_url": server.base_url,
+            "concurrency": 8,
+            "timeout_s": 2.5,
+            "max_new_tokens": 4,
+        }
+        cfg = generate_config(
+            tmp_path, {**teacher, "max_retries": 0}, student=tiny_teacher, name="no_retries", n_prompts=40
+        )
         summary = run_generate(cfg, **quiet)
         injected = metric_sum(metrics(server.url), "distillab_faults_injected_total")
         assert 0 < summary.failed == injected < 40  # every fault is exactly one failed request
@@ -248,8 +304,9 @@ def test_faults_fail_exactly_without_retries_and_never_with_them(tmp_path, tiny_
         assert kinds == {"RateLimitError", "InternalServerError", "APITimeoutError", "JSONDecodeError"}
         cache.close()
 
-        cfg = generate_config(tmp_path, {**teacher, "max_retries": 8}, student=tiny_teacher, name="retries",
-                              n_prompts=40)
+        cfg = generate_config(
+            tmp_path, {**teacher, "max_retries": 8}, student=tiny_teacher, name="retries", n_prompts=40
+        )
         summary = run_generate(cfg, **quiet)
         injected_here = metric_sum(metrics(server.url), "distillab_faults_injected_total") - injected
         assert summary.failed == 0 and summary.rows == 40 and injected_here > 0
@@ -261,12 +318,19 @@ def test_faults_fail_exactly_without_retries_and_never_with_them(tmp_path, tiny_
 def test_the_api_key_never_reaches_the_run_directory(tmp_path, tiny_teacher, monkeypatch):
     good, bad = "sk-FAKE-good-7f3a9c", "sk-FAKE-bad-1b2d4e"
     with server_thread(tiny_teacher, model_name="tiny", api_key=good) as server:
-        cfg = generate_config(tmp_path, {"model": "tiny", "base_url": server.base_url, "api_key_env": "DL_TEST_KEY",
-                                         "max_retries": 1}, student=tiny_teacher, n_prompts=6)
+        cfg = generate_config(
+            tmp_path,
+            {"model": "tiny", "base_url": server.base_url, "api_key_env": "DL_TEST_KEY", "max_retries": 1},
+            student=tiny_teacher,
+            n_prompts=6,
+        )
         write_atomic(cfg.run_dir / "run.toml", to_toml(cfg))
         monkeypatch.setenv("DL_TEST_KEY", bad)  # rejected with a 401: recorded failures, with their messages
-        with pytest.raises(UserError, match=r"every teacher request failed \(6x AuthenticationError: HTTP 401 "
-                                            r"\(not retried\): invalid or missing API key"):
+        with pytest.raises(
+            UserError,
+            match=r"every teacher request failed \(6x AuthenticationError: HTTP 401 "
+            r"\(not retried\): invalid or missing API key",
+        ):
             run_generate(cfg, **quiet)
         cache = RequestCache(cfg.run_dir / "teacher.sqlite")
         assert [f["attempts"] for f in cache.failures()] == [1] * 6  # max_retries = 1, but a 401 is sent once

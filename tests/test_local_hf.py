@@ -10,19 +10,16 @@ import shutil
 
 import pytest
 
-from distillab.config import from_dict
 from distillab.generate import run_generate
 from distillab.teachers import local_hf
-from tests.helpers import save_tiny_llama
+from tests.helpers import save_tiny_llama, tiny_config
 
 
 def _config(root, teacher):
-    return from_dict({
-        "name": "keys", "runs_dir": str(root / "runs"),
-        "teacher": {"model": str(teacher), "max_new_tokens": 3, "top_k_logprobs": 2, "batch_size": 8},
-        "data": {"skills": ["add"], "n_prompts": 5},
-        "train": {"student": str(teacher)},  # the same tokenizer, and one more path that moves
-    })
+    # the student is the teacher: the same tokenizer, and one more path that moves
+    return tiny_config(
+        root, teacher, teacher, name="keys", teacher={"max_new_tokens": 3, "top_k_logprobs": 2}, data={"n_prompts": 5}
+    )
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -11,9 +10,20 @@ import torch
 
 from distillab import models
 from distillab.errors import UserError
-from distillab.scoring import (TEXT_SCORERS, bootstrap_ci, choice_loglikelihoods, extract_number, load_task_suite, normalize_text,
-                               score_multiple_choice, score_normalized_exact, score_numeric,
-                               score_regex, score_task_suite)
+from distillab.scoring import (
+    TEXT_SCORERS,
+    bootstrap_ci,
+    choice_loglikelihoods,
+    extract_number,
+    load_task_suite,
+    normalize_text,
+    score_multiple_choice,
+    score_normalized_exact,
+    score_numeric,
+    score_regex,
+    score_task_suite,
+)
+from tests.helpers import write_jsonl
 
 # ----------------------------------------------------------------------------------------------------
 # Bootstrap coverage: simulate many suites whose true rate is known.
@@ -118,24 +128,22 @@ def test_choice_loglikelihoods_match_naive(lab_model):
 # The user JSONL task suite.
 
 
-def _write(path, rows):
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
-    return path
-
-
 def test_task_suite_scores_per_skill(tmp_path, lab_model):
     model, tok = lab_model
     from distillab.sampling import generate
 
     said = generate(model, tok, ["upper abc\n"], max_new_tokens=16)[0].text  # what the model writes
-    path = _write(tmp_path / "suite.jsonl", [
-        {"prompt": "upper abc\n", "answer": said, "skill": "gen"},
-        {"prompt": "upper abc\n", "answer": said + "zzz", "skill": "gen"},
-        {"prompt": "upper abc\n", "answer": ".*", "scorer": "regex", "skill": "gen"},
-        {"prompt": "upper abc\n", "answer": f" {said.upper()}. ", "scorer": "normalized_exact", "skill": "gen"},
-        {"prompt": "upper abc\n", "choices": ["ABC", "qqqq"], "answer": "ABC", "skill": "mc"},
-        "",
-    ])
+    path = write_jsonl(
+        tmp_path / "suite.jsonl",
+        [
+            {"prompt": "upper abc\n", "answer": said, "skill": "gen"},
+            {"prompt": "upper abc\n", "answer": said + "zzz", "skill": "gen"},
+            {"prompt": "upper abc\n", "answer": ".*", "scorer": "regex", "skill": "gen"},
+            {"prompt": "upper abc\n", "answer": f" {said.upper()}. ", "scorer": "normalized_exact", "skill": "gen"},
+            {"prompt": "upper abc\n", "choices": ["ABC", "qqqq"], "answer": "ABC", "skill": "mc"},
+            "",
+        ],
+    )
     examples = load_task_suite(path)
     assert [e["scorer"] for e in examples] == ["exact", "exact", "regex", "normalized_exact", "multiple_choice"]
     assert examples[-1]["answer"] == 0
@@ -146,18 +154,21 @@ def test_task_suite_scores_per_skill(tmp_path, lab_model):
     assert per_skill["mc"] == [float(lls[0] >= lls[1])]
 
 
-@pytest.mark.parametrize("row, message", [
-    ('{"prompt": "x"', "malformed JSON"),
-    ({"answer": "1"}, "non-empty string \"prompt\""),
-    ({"prompt": "x", "answer": "1", "scorer": "fuzzy"}, "unknown scorer 'fuzzy'"),
-    ({"prompt": "x", "answer": "(", "scorer": "regex"}, "bad regular expression"),
-    ({"prompt": "x", "answer": "n/a", "scorer": "numeric"}, "needs a number"),
-    ({"prompt": "x", "choices": ["a"], "answer": 0}, "at least two"),
-    ({"prompt": "x", "choices": ["a", "b"], "answer": 2}, "choice's index"),
-    ({"prompt": "x", "choices": ["a", "b"], "answer": "c"}, "choice's index"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ('{"prompt": "x"', "malformed JSON"),
+        ({"answer": "1"}, 'non-empty string "prompt"'),
+        ({"prompt": "x", "answer": "1", "scorer": "fuzzy"}, "unknown scorer 'fuzzy'"),
+        ({"prompt": "x", "answer": "(", "scorer": "regex"}, "bad regular expression"),
+        ({"prompt": "x", "answer": "n/a", "scorer": "numeric"}, "needs a number"),
+        ({"prompt": "x", "choices": ["a"], "answer": 0}, "at least two"),
+        ({"prompt": "x", "choices": ["a", "b"], "answer": 2}, "choice's index"),
+        ({"prompt": "x", "choices": ["a", "b"], "answer": "c"}, "choice's index"),
+    ],
+)
 def test_task_suite_errors_name_file_and_line(tmp_path, row, message):
-    path = _write(tmp_path / "bad.jsonl", [{"prompt": "ok", "answer": "1"}, row])
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "answer": "1"}, row])
     with pytest.raises(UserError, match=message) as err:
         load_task_suite(path)
     assert f"{path}:2:" in str(err.value)

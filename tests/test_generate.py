@@ -1,5 +1,6 @@
-"""Generate at scale: shards over many endpoints and machines, an endpoint lost mid-run, the cache's size,
-several samples a prompt, caches written before the codec."""
+"""The generate stage at scale: shards over many endpoints and machines, an endpoint lost mid-run, kill -9 at random
+moments and resume (nothing lost, nothing asked twice), the cache's size, several samples a prompt, caches written
+before the codec."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 import time
 
 import pytest
+from benchmarks.bench_kill_resume import kill_and_resume
 
 from distillab import cache as cache_module
 from distillab import generate
@@ -20,11 +22,12 @@ from distillab.config import to_toml
 from distillab.dataset import dataset_files, read_dataset
 from distillab.errors import UserError
 from distillab.generate import run_generate
-from distillab.shards import in_shard, parse_shard
-from distillab.testing import metric_sum, server_popen, server_thread
+from distillab.prompts import load_prompts
+from distillab.teachers import make_teacher
+from distillab.testing import metric_sum, server_popen, server_process, server_thread
 from distillab.testing import read_metrics as metrics
 from distillab.testing import subprocess_env as child_env
-from tests.serve_fixture import generate_config
+from tests.helpers import generate_config
 
 quiet = {"log": lambda *a: None}
 
@@ -44,8 +47,9 @@ def _rows(cfg):
     return read_dataset(cfg.run_dir / "data" / "train.parquet")
 
 
-def test_two_shard_processes_over_two_endpoints_make_the_rows_one_process_makes(tmp_path, tiny_teacher, two_servers,
-                                                                                small_chunks):
+def test_two_shard_processes_over_two_endpoints_make_the_rows_one_process_makes(
+    tmp_path, tiny_teacher, two_servers, small_chunks
+):
     urls = [s.base_url for s in two_servers]
     teacher = {"model": "teacher", "base_url": urls, "concurrency": 2, "max_new_tokens": 4, "top_k_logprobs": 3}
     one = generate_config(tmp_path / "one", teacher, student=tiny_teacher, n_prompts=40)
@@ -55,7 +59,9 @@ def test_two_shard_processes_over_two_endpoints_make_the_rows_one_process_makes(
 
     # Two "machines": each its own shard, side by side, into one shared run directory, the endpoints listed
     # in another order (the keys must not care).
-    shared = generate_config(tmp_path / "shared", teacher | {"base_url": urls[::-1]}, student=tiny_teacher, n_prompts=40)
+    shared = generate_config(
+        tmp_path / "shared", teacher | {"base_url": urls[::-1]}, student=tiny_teacher, n_prompts=40
+    )
     errors = []
 
     def shard(i):
@@ -80,9 +86,11 @@ def test_two_shard_processes_over_two_endpoints_make_the_rows_one_process_makes(
     assert sorted(keys_a) == sorted(keys_b)
     by_key = {r["request_hash"]: r for r in a}
     for r in b:  # the same rows (greedy: the same answers), whichever endpoint answered
-        assert (r["prompt"], r["completion_ids"], r["top_ids"]) == (by_key[r["request_hash"]]["prompt"],
-                                                                    by_key[r["request_hash"]]["completion_ids"],
-                                                                    by_key[r["request_hash"]]["top_ids"])
+        assert (r["prompt"], r["completion_ids"], r["top_ids"]) == (
+            by_key[r["request_hash"]]["prompt"],
+            by_key[r["request_hash"]]["completion_ids"],
+            by_key[r["request_hash"]]["top_ids"],
+        )
     combined = json.loads((shared.run_dir / "data" / "generate_summary.json").read_text())
     assert combined["rows"] == 40 and combined["of"] == 2 and sum(combined["shards"].values()) == 40
     assert sum(e["answered"] for e in combined["endpoints"].values()) == 40
@@ -95,10 +103,18 @@ def test_two_shard_processes_over_two_endpoints_make_the_rows_one_process_makes(
 
 
 def test_killing_one_endpoint_mid_run_loses_nothing(tmp_path, tiny_teacher, small_chunks):
-    with server_thread(tiny_teacher, model_name="teacher") as doomed, \
-            server_thread(tiny_teacher, model_name="teacher") as survivor:
-        teacher = {"model": "teacher", "base_url": [doomed.base_url, survivor.base_url], "concurrency": 2,
-                   "max_new_tokens": 4, "top_k_logprobs": 3, "max_retries": 2}
+    with (
+        server_thread(tiny_teacher, model_name="teacher") as doomed,
+        server_thread(tiny_teacher, model_name="teacher") as survivor,
+    ):
+        teacher = {
+            "model": "teacher",
+            "base_url": [doomed.base_url, survivor.base_url],
+            "concurrency": 2,
+            "max_new_tokens": 4,
+            "top_k_logprobs": 3,
+            "max_retries": 2,
+        }
         cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=48)
 
         def progress(done, total, budget):
@@ -115,20 +131,57 @@ def test_killing_one_endpoint_mid_run_loses_nothing(tmp_path, tiny_teacher, smal
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("chunk_rows", [2048, 7], ids=["one-shard", "many-shards"])
+def test_kill_nine_and_resume_answers_every_prompt_exactly_once(tmp_path, tiny_teacher, chunk_rows, monkeypatch):
+    monkeypatch.setattr(generate, "CHUNK_ROWS", chunk_rows)  # the forked children inherit it
+    with server_process(tiny_teacher, "--max-batch", "8") as base_url:
+        teacher = {"model": "teacher", "base_url": base_url, "concurrency": 4, "max_new_tokens": 4, "top_k_logprobs": 3}
+        cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=60)
+        outcome = kill_and_resume(cfg, kills=5, seed=1)
+        served = metrics(base_url)
+
+    assert len(outcome["kills"]) == 5
+    assert any(after > before for before, after in outcome["kills"])  # killed mid-run, with progress made
+    rows = read_dataset(cfg.run_dir / "data" / "train.parquet")
+    teacher_ = make_teacher(cfg.teacher)
+    keys = [request_key(teacher_.request(p["prompt"])) for p in load_prompts(cfg)]
+    assert [r["request_hash"] for r in rows] == keys  # every prompt has its row, in order, once
+    # the server's model answered each distinct request exactly once; re-sent ones were replayed
+    assert served["distillab_answers_total"] == len(set(keys))
+    ok = metric_sum({k: v for k, v in served.items() if 'code="200"' in k}, "distillab_requests_total")
+    assert ok == served["distillab_answers_total"] + served["distillab_idempotent_replays_total"]
+
+
+@pytest.mark.slow
 def test_two_shard_processes_over_two_serve_processes_one_killed_mid_run(tmp_path, tiny_teacher):
     """The acceptance check as a user runs it: two `distillab serve` processes, two `distillab generate --shard I/2`
     processes listing both; one server is SIGKILLed mid-run. Both shards finish over the other server, and their
     rows are exactly the rows one process makes (same keys, no duplicates, none missing)."""
-    with server_popen(tiny_teacher, "--max-batch", "4") as (doomed_url, doomed), \
-            server_popen(tiny_teacher, "--max-batch", "4") as (survivor_url, _):
-        teacher = {"model": "teacher", "base_url": [doomed_url, survivor_url], "concurrency": 2, "max_new_tokens": 6,
-                   "top_k_logprobs": 3, "max_retries": 2}
+    with (
+        server_popen(tiny_teacher, "--max-batch", "4") as (doomed_url, doomed),
+        server_popen(tiny_teacher, "--max-batch", "4") as (survivor_url, _),
+    ):
+        teacher = {
+            "model": "teacher",
+            "base_url": [doomed_url, survivor_url],
+            "concurrency": 2,
+            "max_new_tokens": 6,
+            "top_k_logprobs": 3,
+            "max_retries": 2,
+        }
         shared = generate_config(tmp_path / "shared", teacher, student=tiny_teacher, n_prompts=150)
         config = tmp_path / "shared.toml"
         config.write_text(to_toml(shared))
-        procs = [subprocess.Popen([sys.executable, "-m", "distillab", "generate", str(config), "--shard", f"{i}/2"],
-                                  env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "distillab", "generate", str(config), "--shard", f"{i}/2"],
+                env=child_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
 
         def answered(url):  # prompts the server's model answered
             return metric_sum(metrics(url), "distillab_answers_total")
@@ -147,8 +200,9 @@ def test_two_shard_processes_over_two_serve_processes_one_killed_mid_run(tmp_pat
                     p.kill()
         assert [p.returncode for p in procs] == [0, 0], errors
         # one process, afterwards, on the survivor alone (a list of one: keyed without the URL, like the shards)
-        one = generate_config(tmp_path / "one", teacher | {"base_url": [survivor_url]}, student=tiny_teacher,
-                              n_prompts=150)
+        one = generate_config(
+            tmp_path / "one", teacher | {"base_url": [survivor_url]}, student=tiny_teacher, n_prompts=150
+        )
         assert run_generate(one, **quiet).rows == 150
 
     assert not (shared.run_dir / "data" / "train.parquet").exists()  # the shard set is the dataset
@@ -170,8 +224,13 @@ def test_cache_bytes_per_completion_token_against_the_dataset(tmp_path, tiny_tea
     it is closed): the whole file, every page of it, is within 1.2x of the dataset file, and far below its old JSON.
     By answer length and at scale: benchmarks/bench_data_scale.py --part cache (BENCHMARKS.md G4)."""
     monkeypatch.setattr(cache_module, "PACK_ROWS", 64)  # two blocks of 64 while generating, the rest at close
-    teacher = {"model": "teacher", "base_url": two_servers[0].base_url, "concurrency": 4, "max_new_tokens": 48,
-               "top_k_logprobs": 20}
+    teacher = {
+        "model": "teacher",
+        "base_url": two_servers[0].base_url,
+        "concurrency": 4,
+        "max_new_tokens": 48,
+        "top_k_logprobs": 20,
+    }
     cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=200)
     run_generate(cfg, **quiet)
     data = cfg.run_dir / "data" / "train.parquet"
@@ -192,14 +251,21 @@ def test_cache_bytes_per_completion_token_against_the_dataset(tmp_path, tiny_tea
         assert cache.request(rows[0]["request_hash"])["prompt"] == rows[0]["prompt"]
     finally:
         cache.close()
-    assert size <= 1.2 * data.stat().st_size, f"cache {size / tokens:.1f} B/token vs dataset file " \
-                                              f"{data.stat().st_size / tokens:.1f}"
+    assert size <= 1.2 * data.stat().st_size, (
+        f"cache {size / tokens:.1f} B/token vs dataset file {data.stat().st_size / tokens:.1f}"
+    )
     assert size * 8 < as_json  # the old JSON rows were over 8x larger
 
 
 def test_samples_per_prompt_are_distinct_cached_requests(tmp_path, tiny_teacher, two_servers):
-    teacher = {"model": "teacher", "base_url": two_servers[0].base_url, "max_new_tokens": 6, "top_k_logprobs": 2,
-               "temperature": 1.0, "samples_per_prompt": 3}
+    teacher = {
+        "model": "teacher",
+        "base_url": two_servers[0].base_url,
+        "max_new_tokens": 6,
+        "top_k_logprobs": 2,
+        "temperature": 1.0,
+        "samples_per_prompt": 3,
+    }
     cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=6)
     first = run_generate(cfg, **quiet)
     rows = _rows(cfg)
@@ -246,13 +312,17 @@ def test_a_cache_of_an_earlier_layout_is_converted_and_grows(tmp_path, tiny_teac
     assert again.requests_sent == 0
     got = _rows(cfg)
     for a, b in zip(expected, got):  # the same codes (JSON: re-encoded from its decoded values)
-        assert (a["request_hash"], a["completion_ids"], a["top_ids"], a["top_logprobs"]) == \
-               (b["request_hash"], b["completion_ids"], b["top_ids"], b["top_logprobs"])
+        assert (a["request_hash"], a["completion_ids"], a["top_ids"], a["top_logprobs"]) == (
+            b["request_hash"],
+            b["completion_ids"],
+            b["top_ids"],
+            b["top_logprobs"],
+        )
 
     more = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=8)  # 3 new prompts, same cache
     assert run_generate(more, **quiet).requests_sent == 3
     db = sqlite3.connect(path)
-    keys = [k for k, in db.execute("SELECT key FROM responses")]
+    keys = [k for (k,) in db.execute("SELECT key FROM responses")]
     assert db.execute("PRAGMA user_version").fetchone()[0] == cache_module.LAYOUT and len(keys) == 8
     assert all(isinstance(k, bytes) and len(k) == 32 for k in keys)  # converted to binary keys
     db.close()
@@ -265,15 +335,3 @@ CREATE TABLE responses (key TEXT PRIMARY KEY, request TEXT NOT NULL, response TE
 CREATE TABLE failures (key TEXT PRIMARY KEY, request TEXT NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,
   failed_at REAL NOT NULL);
 """
-
-
-def test_shard_assignment_is_a_partition_and_bad_specs_are_one_line():
-    prompts = [f"prompt {i}" for i in range(300)]
-    owners = [[i for i in range(3) if in_shard(p, (i, 3))] for p in prompts]
-    assert all(len(o) == 1 for o in owners)
-    assert 60 < sum(o == [0] for o in owners) < 140
-    assert parse_shard("2/3") == (2, 3) and parse_shard(None) == (0, 1)
-    for bad in ("3/3", "x", "1/0", "-1/2"):
-        with pytest.raises(UserError, match="--shard"):
-            parse_shard(bad)
-    assert request_key({"a": 1}) == request_key({"a": 1})
