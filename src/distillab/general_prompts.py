@@ -80,10 +80,7 @@ class SampledPrompts:
         prompts = [{"prompt": p, "answer": None, "skill": "sampled"} for p in list(seen)[:want]]
         ctx.log(f"retain: the base model wrote {len(prompts)} general prompts in {time.time() - began:.0f}s")
         seconds = round(time.time() - began, 2)
-        write_atomic(
-            run.sampled_prompts,
-            json.dumps({"stamp": self.fingerprint(cfg, run), "seconds": seconds, "prompts": prompts}),
-        )
+        write_atomic(run.sampled_prompts, json.dumps({"seconds": seconds, "prompts": prompts}))
         return PromptSet(prompts=prompts, seconds=seconds)
 
     def load(self, cfg: RunConfig, run: RunDir) -> PromptSet:
