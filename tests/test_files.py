@@ -7,7 +7,16 @@ import pytest
 from filelock import FileLock, Timeout
 
 from distillab.errors import UserError
-from distillab.files import atomic_dir, atomic_path, fingerprint, lock, read_json, write_atomic, write_json
+from distillab.files import (
+    atomic_dir,
+    atomic_path,
+    fingerprint,
+    hold,
+    lock,
+    read_json,
+    write_atomic,
+    write_json,
+)
 
 
 class Boom(Exception):
@@ -110,3 +119,39 @@ def test_the_lock_excludes_another_holder_until_released(tmp_path):
     other = FileLock(str(path), timeout=0)
     other.acquire()
     other.release()
+
+
+def test_hold_refuses_a_second_holder_naming_the_first_and_releases(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / ".locks" / "stage.lock"
+    pid_file = path.with_name("stage.lock.pid")
+    with hold(path, lambda pid: f"held by {pid}"):
+        assert pid_file.read_text() == str(os.getpid())
+        with pytest.raises(UserError, match=f"^held by {os.getpid()}$"):  # another open of the file: excluded
+            with hold(path, lambda pid: f"held by {pid}"):
+                pass
+        # another process too, told who holds it
+        code = f"from distillab.files import hold\nwith hold(__import__('pathlib').Path({str(path)!r}), str): pass"
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert other.returncode != 0 and str(os.getpid()) in other.stderr
+        pid_file.unlink()  # the instant before the holder wrote it
+        with pytest.raises(UserError, match="^held by unknown$"):
+            with hold(path, lambda pid: f"held by {pid}"):
+                pass
+    assert not pid_file.exists()
+    with hold(path, str):  # released
+        pass
+
+
+def test_hold_leaves_nothing_new_when_the_block_raises(tmp_path):
+    path = tmp_path / "run" / ".locks" / "stage.lock"
+    with pytest.raises(UserError), hold(path, str):
+        raise UserError("refused before writing anything")
+    assert list(tmp_path.iterdir()) == []  # neither the lock file nor the directories it made
+    with pytest.raises(UserError), hold(path, str):
+        (tmp_path / "run" / "written").write_text("x")
+        raise UserError("refused after writing")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["written"]  # what the block wrote stays

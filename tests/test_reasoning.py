@@ -526,7 +526,8 @@ def test_export_carries_the_trace_in_both_formats(tmp_path):
         {"role": "assistant", "content": "ok", "reasoning_content": "hm"},
         {"role": "assistant", "content": "no"},
     ]
-    [plain] = export_run(run, "plain")
+    (run / "run.toml").write_text(f'name = "run"\nruns_dir = "{tmp_path}"\n')  # lab:base: the tokenizer plain saves
+    [plain, _tokenizer] = export_run(run, "plain")
     assert pq.read_table(plain).column("reasoning").to_pylist() == ["hm", None]
 
 

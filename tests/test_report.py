@@ -144,19 +144,24 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
     assert verdict_text.startswith("Distilled student closed")
 
 
-def fake_selection() -> dict:
-    cands = [
+def _candidates(steps, alphas, task, general) -> list[dict]:
+    """Retain's candidates, a checkpoint step and merge weight α each, scored task(step, α), general(step, α)."""
+    return [
         {
             "checkpoint": f"checkpoint-{s}",
             "step": s,
             "alpha": a,
-            "dev_task": 0.2 + 0.1 * a + s / 1000,
-            "dev_general": 0.6 - 0.3 * a,
+            "dev_task": task(s, a),
+            "dev_general": general(s, a),
             "label": f"step {s}, α={a:g}",
         }
-        for s in (100, 200)
-        for a in (0.5, 0.75, 1.0)
+        for s in steps
+        for a in alphas
     ]
+
+
+def fake_selection() -> dict:
+    cands = _candidates((100, 200), (0.5, 0.75, 1.0), lambda s, a: 0.2 + 0.1 * a + s / 1000, lambda s, a: 0.6 - 0.3 * a)
     chosen = cands[1]
     return {
         "rule": "highest dev task score (0.375) among the 2 of 6 candidates whose dev general score stayed >= "
@@ -210,3 +215,117 @@ def test_tradeoff_plot_renders_every_candidate_in_headless_chromium(retain_repor
     ids = {b["id"] for b in boxes}
     assert ids == {f"candidate-{i}" for i in range(6)} | {"chosen"}  # every candidate drawn, and the choice
     assert all(b["w"] > 0 and b["h"] > 0 for b in boxes)
+
+
+def _general_gap_of(evals: dict, points: float) -> dict:
+    """fake_evals with the teacher's general score `points` above the base's."""
+    teacher = evals["teacher"] | {"general": {"score": evals["base"]["general"]["score"] + points / 100, "ci": None}}
+    return evals | {"teacher": teacher}
+
+
+def _row(page: str, label: str) -> str:
+    start = page.index(f"<tr><td>{label}</td>")
+    return page[start : page.index("</tr>", start)]
+
+
+def test_a_gap_too_small_to_divide_by_shows_points_and_says_why(tmp_path):
+    from distillab.report.html import render_page
+
+    evals = _general_gap_of(fake_evals(), 0.2)  # the demo's case: a share of it printed -2550%
+    page = render_page("demo", evals, fake_ledger(), None, None)
+    base, distilled = evals["base"]["general"]["score"], evals["distilled"]["general"]["score"]
+    row = _row(page, "distilled")
+    assert f"{100 * (distilled - base):+.1f} pts*</td>" in row and row.count("%</td>") == 1  # the task's share
+    t, b, d = (evals[m]["task"]["score"] for m in ("teacher", "base", "distilled"))
+    assert f">{100 * (d - b) / (t - b):+.0f}%</td>" in row  # the task gap is wide: its share stays
+    assert (
+        "* general: teacher and base are 0.2 points apart, too close to divide by (distilled, zero_distill): "
+        "the change vs base in points instead." in page
+    )
+    # a gap of 10 points that the students' general scores moved away from: points again, for another reason
+    wide = render_page("demo", _general_gap_of(fake_evals(), 10.0), fake_ledger(), None, None)
+    assert f"{100 * (distilled - base):+.1f} pts*</td>" in _row(wide, "distilled")
+    assert "* general: it moved away from the teacher (distilled, zero_distill): the change vs base" in wide
+    assert page.count("gap-note") == wide.count("gap-note") == 1
+
+
+def test_verdict_gives_points_where_the_task_gap_is_too_small():
+    evals = fake_evals()
+    evals["teacher"] = evals["teacher"] | {"task": {"score": evals["base"]["task"]["score"] + 0.01, "ci": None}}
+    d, b = evals["distilled"]["task"]["score"], evals["base"]["task"]["score"]
+    assert verdict(evals, fake_ledger()).startswith(
+        f"Distilled student scored {100 * d:.1f}% on the task, {100 * (d - b):+.1f} points vs base (no gap closed: "
+        "teacher and base are 1.0 points apart, too close to divide by)"
+    )
+
+
+def test_perplexity_of_a_teacher_with_another_tokenizer_is_left_out_of_the_column():
+    from distillab.report.html import render_page
+
+    evals = fake_evals()
+    evals["teacher"] = evals["teacher"] | {"world_text_perplexity": 1.87}
+    same = render_page("r", evals, fake_ledger(), None, None)
+    assert "<td class='num'>1.87</td>" in _row(same, "teacher")  # one tokenizer: every perplexity compares
+    assert "per token of each model&#39;s own tokenizer" in same and "Left out" not in same
+    crossed = render_page("r", evals, fake_ledger(), None, {"cross_tokenizer": {"rows": 10}})
+    assert "1.87" not in _row(crossed, "teacher") and "<td class='num'>3.20</td>" in _row(crossed, "distilled")
+    assert "Left out of the column, tokenized differently from the student: teacher 1.87 per token" in crossed
+
+
+def crowded_selection() -> dict:
+    """Candidates a fraction of a point apart (200/α0.5 just above 400/α0.5, as the demo's are), twelve of them."""
+    cands = _candidates(
+        (200, 400, 600, 800),
+        (0.5, 0.75, 1.0),
+        lambda s, a: 0.30 + 0.05 * a + s / 100_000,
+        lambda s, a: 0.52 - 0.02 * a + s / 200_000,
+    )
+    return fake_selection() | {"chosen": cands[4], "candidates": cands, "base_dev": {"task": 0.30, "general": 0.53}}
+
+
+@pytest.fixture
+def crowded_report_path(tmp_path) -> Path:
+    """base and distilled a fraction of a point apart on both suites, and the crowded candidates."""
+    cfg = run_config(tmp_path, "demo")
+    evals = fake_evals()
+    evals["distilled"] = evals["distilled"] | {k: evals["base"][k] for k in ("task", "general")}
+    evals["distilled"]["task"] = {"score": evals["base"]["task"]["score"] + 0.002, "ci": None}
+    evals["retain"] = evals["zero_distill"] | {"model": "retain", "label": "retain"}
+    return build_report(cfg, evals, fake_ledger(), {"retain_selection": crowded_selection()})
+
+
+@pytest.mark.slow
+def test_no_two_text_labels_overlap_and_the_axes_agree_in_headless_chromium(crowded_report_path):
+    """Every text of every plot (point labels, ticks, axis labels, titles, legends) as Chromium lays it out: no two
+    boxes overlap; the task-vs-general and trade-off plots put the task on y and general on x."""
+    sync_playwright = _playwright()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(crowded_report_path.as_uri(), wait_until="load")
+        plots = page.evaluate("""() => [...document.querySelectorAll('figure.plot svg')].map(svg => {
+            const said = g => ([...g.childNodes].find(n => n.nodeType === 8) || {textContent: ''}).textContent.trim();
+            const texts = [...svg.querySelectorAll('g[id^="text_"], g[id^="label-"]')].map(g => {
+                const r = g.getBoundingClientRect();
+                return {id: g.id, text: said(g), x0: r.left, y0: r.top, x1: r.right, y1: r.bottom};
+            });
+            const axis = n => said([...svg.querySelectorAll(`g[id="matplotlib.axis_${n}"] g[id^="text_"]`)].pop());
+            return {plot: svg.closest('figure').id, texts, x: axis(1), y: axis(2)};
+        })""")
+        browser.close()
+    by_plot = {p["plot"]: p for p in plots}
+    assert set(by_plot) == {"plot-task-general", "plot-pareto", "plot-skills", "plot-tradeoff"}
+    for plot in plots:
+        texts = [t for t in plot["texts"] if t["x1"] - t["x0"] > 0]
+        for i, a in enumerate(texts):
+            for b in texts[i + 1 :]:
+                overlap = min(a["x1"], b["x1"]) - max(a["x0"], b["x0"]), min(a["y1"], b["y1"]) - max(a["y0"], b["y0"])
+                assert min(overlap) <= 0.5, (plot["plot"], a["text"], b["text"])
+    for name in ("plot-task-general", "plot-tradeoff"):
+        assert (by_plot[name]["x"], by_plot[name]["y"]) == ("general suite score (%)", "task suite score (%)")
+    labels = {t["text"] for t in by_plot["plot-tradeoff"]["texts"] if t["id"].startswith("label-")}
+    assert {"teacher", "base", "distilled", "retain", "200/α0.5", "400/α0.5"} <= labels  # the crowded ones placed
+    assert {"base", "distilled"} <= {t["text"] for t in by_plot["plot-task-general"]["texts"]}

@@ -15,6 +15,7 @@ from distillab.scoring import (
     bootstrap_ci,
     choice_loglikelihoods,
     extract_number,
+    gap_change,
     load_task_suite,
     normalize_text,
     score_multiple_choice,
@@ -67,6 +68,22 @@ def test_bootstrap_edge_cases():
     assert all(math.isnan(x) for x in bootstrap_ci({}, 100))
     assert bootstrap_ci({"a": [1.0] * 5}, 100) == [1.0, 1.0]
     assert bootstrap_ci({"a": [0.0, 1.0] * 20}, 200, seed=3) == bootstrap_ci({"a": [0.0, 1.0] * 20}, 200, seed=3)
+
+
+def test_gap_change_gives_a_share_only_where_it_means_something():
+    # a real gap, closed halfway: the share and the points
+    half = gap_change(0.5, 0.2, 0.8)
+    assert half.closed == pytest.approx(0.5) and half.points == pytest.approx(30.0) and half.why is None
+    # the demo's general suite: teacher 0.452 and base 0.450 (0.2 points apart), the student 5.1 points lower:
+    # gap_closed would say -2550%; gap_change gives the points and says why there is no share
+    flat = gap_change(0.399, 0.450, 0.452)
+    assert flat.closed is None and flat.points == pytest.approx(-5.1)
+    assert flat.why == "teacher and base are 0.2 points apart, too close to divide by"
+    assert gap_change(0.5, 0.5, 0.549).closed is None and gap_change(0.5, 0.5, 0.551).closed == 0.0  # MIN_GAP 0.05
+    away = gap_change(0.1, 0.2, 0.8)  # a wide gap, but the student went the other way
+    assert away.closed is None and away.points == pytest.approx(-10.0) and away.why == "it moved away from the teacher"
+    assert gap_change(0.5, 0.2, None).why == "the teacher has no score"
+    assert gap_change(None, 0.2, 0.8).points is None and gap_change(0.5, None, 0.8).why is None
 
 
 # ----------------------------------------------------------------------------------------------------

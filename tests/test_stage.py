@@ -148,3 +148,117 @@ def test_run_stages_runs_each_in_order_and_keeps_the_other_stamps(cfg):
     stamps = json.loads(RunDir(cfg.run_dir).stamps_file.read_text())
     assert set(stamps) == {"first", "second"}
     assert all(r.skipped for r in run_stages([first, second], cfg).values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# One process per run and stage (issue 23)
+
+
+def test_a_stage_already_running_on_the_run_is_refused_naming_its_process(cfg):
+    import os
+
+    inner = []
+
+    @dataclass
+    class Reentrant(CopyStage):  # while it runs, another run_stage of it on the same run: a second process's
+        def run(self, cfg, run, ctx):
+            with pytest.raises(UserError) as refused:
+                run_stage(CopyStage(), cfg)
+            inner.append(str(refused.value))
+            run_stage(CopyStage(name="other"), cfg)  # another stage of the run is not held
+            run_stage(CopyStage(sharded=True), cfg, StageContext(shard=(1, 2)))  # nor a shard of it
+            return super().run(cfg, run, ctx)
+
+    run_stage(Reentrant(), cfg)
+    run = RunDir(cfg.run_dir)
+    assert inner == [
+        f"another distillab process (pid {os.getpid()}) is running copy in {run.root}: wait for it or stop it"
+    ]
+    assert run.stage_lock("copy") == run.root / ".locks" / "copy.lock"
+    assert not run.stage_lock("copy").with_name("copy.lock.pid").exists()  # released: nobody holds it
+    assert run_stage(CopyStage(), cfg).skipped  # and the next process gets it
+    assert run.stage_lock("generate:train", (1, 2), rank=3).name == "generate-train.shard-1-of-2.rank-3.lock"
+
+
+def test_a_second_generate_on_the_run_exits_2_and_pays_nothing(tmp_path, tiny_teacher):
+    """Two `distillab generate` processes on one run: the second is refused in one line while the first waits on
+    its teacher (held at a gate), and the teacher answers each prompt once."""
+    import asyncio
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from distillab.config import to_toml
+    from distillab.dataset import read_dataset
+    from distillab.serve import create_app
+    from distillab.testing import ServerThread, read_metrics, subprocess_env
+    from tests.helpers import generate_config
+
+    app, gate = create_app(tiny_teacher, model_name="teacher"), threading.Event()
+
+    @app.middleware("http")
+    async def held_at_the_gate(request, call_next):  # the first process waits here, holding its stage
+        while request.url.path.startswith("/v1") and not gate.is_set():
+            await asyncio.sleep(0.02)
+        return await call_next(request)
+
+    with ServerThread(app) as server:
+        teacher = {"model": "teacher", "base_url": server.base_url, "max_new_tokens": 4, "top_k_logprobs": 3}
+        cfg = generate_config(tmp_path, teacher, student=tiny_teacher, n_prompts=12)
+        config = tmp_path / "run.toml"
+        config.write_text(to_toml(cfg))
+        command = [sys.executable, "-m", "distillab", "generate", str(config)]
+        first = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            holder = RunDir(cfg.run_dir).stage_lock("generate:train").with_name("generate-train.lock.pid")
+            deadline = time.time() + 120
+            while not (holder.is_file() and holder.read_text() == str(first.pid)):
+                assert first.poll() is None and time.time() < deadline, "the first generate never took its stage"
+                time.sleep(0.05)
+            opens = threading.Timer(60, gate.set)  # were the second not refused, it would wait at the gate too
+            opens.start()
+            second = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+            opens.cancel()
+            gate.set()
+            first_err = first.communicate(timeout=120)[1]
+        finally:
+            gate.set()
+            if first.poll() is None:
+                first.kill()
+        served = read_metrics(server.url)
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode == 2
+    assert (
+        f"another distillab process (pid {first.pid}) is running generate:train in {cfg.run_dir}: "
+        "wait for it or stop it"
+    ) in second.stderr
+    assert served["distillab_answers_total"] == 12  # each prompt answered once, all by the first process
+    assert len(read_dataset(RunDir(cfg.run_dir).dataset("train"))) == 12
+
+
+def test_a_shard_process_waits_its_turn_for_a_stage_not_divided_among_shards(cfg):
+    import threading
+
+    entered, release, records = threading.Event(), threading.Event(), []
+
+    @dataclass
+    class Slow(CopyStage):
+        def run(self, cfg, run, ctx):
+            entered.set()
+            release.wait(timeout=30)
+            return super().run(cfg, run, ctx)
+
+    first = Slow()
+    holder = threading.Thread(target=lambda: records.append(run_stage(first, cfg)))
+    holder.start()
+    assert entered.wait(timeout=30)
+    shard = CopyStage()  # `generate --shard 1/2` reaching the same unsharded stage: it waits, then finds it done
+    waiter = threading.Thread(target=lambda: records.append(run_stage(shard, cfg, StageContext(shard=(1, 2)))))
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive() and not shard.shards_run  # waiting, not refused and not running
+    release.set()
+    holder.join(timeout=30)
+    waiter.join(timeout=30)
+    assert [r.skipped for r in records] == [False, True] and first.shards_run == [WHOLE] and not shard.shards_run

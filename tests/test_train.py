@@ -275,3 +275,166 @@ def test_chunked_kd_refuses_an_unread_architecture_at_setup(tiny_student):
     cfg = from_dict({"train": {"student": str(tiny_student), "chunk_size": 64}})
     with pytest.raises(UserError, match="MysteryForCausalLM"):
         train.DistillSettings(cfg, model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints are resumed only under the config and data they were made from (issue 23)
+
+STARTING_OVER = "train: the config or data changed since checkpoints/ was written: starting over"
+
+
+def _student_weights(cfg) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(RunDir(cfg.run_dir).student_weights))
+
+
+@pytest.mark.parametrize("stop_after_steps", [3, None], ids=["interrupted", "finished"])
+def test_a_changed_loss_trains_again_from_scratch(tmp_path, tiny_teacher, tiny_student, stop_after_steps):
+    old = tiny_config(tmp_path / "b", tiny_teacher, tiny_student, max_steps=6, save_steps=3)
+    run_generate(old, log=lambda *_: None)
+    run_train(old, log=lambda *_: None, stop_after_steps=stop_after_steps)
+    old_weights = _student_weights(old) if stop_after_steps is None else None
+    run = RunDir(old.run_dir)
+
+    def made_from() -> str:
+        return json.loads(run.checkpoints_fingerprint.read_text())["fingerprint"]
+
+    assert made_from() == train.train_stage.fingerprint(old, run)
+
+    new = tiny_config(tmp_path / "b", tiny_teacher, tiny_student, max_steps=6, save_steps=3, loss="jsd")
+    said = []
+    changed = run_train(new, log=said.append)
+    assert [s for s in said if s.startswith(STARTING_OVER)] and not any("resuming" in s for s in said)
+    assert changed["loss"] == "jsd" and changed["steps"] == 6
+    assert (run.checkpoints_previous / "checkpoint-3" / "trainer_state.json").is_file()  # set aside, not resumed
+    assert made_from() == train.train_stage.fingerprint(new, run)
+
+    fresh = tiny_config(tmp_path / "c", tiny_teacher, tiny_student, max_steps=6, save_steps=3, loss="jsd")
+    run_generate(fresh, log=lambda *_: None)
+    reference = run_train(fresh, log=lambda *_: None)
+    got, want = _student_weights(new), _student_weights(fresh)
+    assert got.keys() == want.keys()
+    for name in want:  # the same weights as a run that only ever knew the new loss
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert changed["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-4)
+    if old_weights is not None:
+        assert any(not torch.equal(old_weights[name], got[name]) for name in got)
+
+
+def test_more_data_trains_again_from_scratch(tmp_path, tiny_teacher, tiny_student):
+    old = tiny_config(tmp_path, tiny_teacher, tiny_student, data={"n_prompts": 8})
+    run_generate(old, log=lambda *_: None)
+    assert run_train(old, log=lambda *_: None)["examples"] == 8
+    old_weights = _student_weights(old)
+
+    more = tiny_config(tmp_path, tiny_teacher, tiny_student, data={"n_prompts": 12})
+    run_generate(more, log=lambda *_: None)
+    said = []
+    summary = run_train(more, log=said.append)
+    assert [s for s in said if s.startswith(STARTING_OVER)] and summary["examples"] == 12 and summary["steps"] == 3
+    assert any(not torch.equal(old_weights[name], w) for name, w in _student_weights(more).items())
+
+
+@pytest.mark.parametrize("change", ["lora_to_full", "other_student"])
+def test_a_changed_student_or_lora_trains_again_from_scratch(tmp_path, tiny_teacher, tiny_student, change):
+    old_train = {"lora": True, "lora_r": 2} if change == "lora_to_full" else {}
+    old = tiny_config(tmp_path, tiny_teacher, tiny_student, max_steps=4, **old_train)
+    run_generate(old, log=lambda *_: None)
+    run_train(old, log=lambda *_: None, stop_after_steps=2)
+    assert (RunDir(old.run_dir).checkpoints / "checkpoint-2").is_dir()
+
+    student = tiny_student
+    if change == "other_student":  # the same tokenizer (the dataset stays valid), another model
+        student = save_tiny_llama(tmp_path / "other", hidden=24, layers=1, seed=5)
+    new = tiny_config(tmp_path, tiny_teacher, student, max_steps=4)
+    said = []
+    summary = run_train(new, log=said.append)  # was an internal error loading the old checkpoint into this model
+    assert [s for s in said if s.startswith(STARTING_OVER)]
+    assert summary["steps"] == 4 and summary["lora"] is False and summary["student"] == str(student)
+    hidden = models.load_model(RunDir(new.run_dir).student).config.hidden_size
+    assert hidden == (24 if change == "other_student" else 16)
+
+
+def test_checkpoints_without_a_fingerprint_are_not_resumed(tmp_path):
+    run, said = RunDir(tmp_path / "run"), []
+    (run.checkpoints / "checkpoint-2").mkdir(parents=True)  # an older distillab's: what made them is unknown
+    train.keep_checkpoints_made_from(run, "abc", said.append)
+    assert said and said[0].startswith(STARTING_OVER) and (run.checkpoints_previous / "checkpoint-2").is_dir()
+    assert not (run.checkpoints / "checkpoint-2").exists()
+    said.clear()
+    (run.checkpoints / "checkpoint-3").mkdir()  # made under "abc": kept
+    train.keep_checkpoints_made_from(run, "abc", said.append)
+    assert not said and (run.checkpoints / "checkpoint-3").is_dir()
+    run.checkpoints_fingerprint.write_text("{not json")  # damaged: unknown too
+    train.keep_checkpoints_made_from(run, "abc", said.append)
+    assert said and (run.checkpoints_previous / "checkpoint-3").is_dir()  # the older set aside is replaced
+    assert not (run.checkpoints_previous / "checkpoint-2").exists()
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, tiny_teacher, tiny_student):
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_student, max_steps=4)
+    run_generate(cfg, log=lambda *_: None)
+    run_train(cfg, log=lambda *_: None, stop_after_steps=2)
+    checkpoint = RunDir(cfg.run_dir).checkpoints / "checkpoint-2"
+    names = ["trainer_state.json", train.SECONDS_FILE, "model.safetensors", "optimizer.pt", "rng_state.pth"]
+    for name in names:
+        file = checkpoint / name
+        whole = file.read_bytes()
+        file.write_bytes(whole[: len(whole) // 2])  # cut short, as a full disk or a copy stopped midway leaves it
+        with pytest.raises(UserError) as refused:
+            run_train(cfg, log=lambda *_: None)
+        assert str(file) in str(refused.value) and f"delete {checkpoint}" in str(refused.value), name
+        file.write_bytes(whole)
+    assert run_train(cfg, log=lambda *_: None)["steps"] == 4  # whole again: resumed
+
+
+TRAIN_UNDER_TORCHRUN = textwrap.dedent("""
+    import sys
+    from distillab.config import load_config
+    from distillab.train import run_train
+
+    run_train(load_config(sys.argv[1]), log=lambda line: print(line, flush=True))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_of_one_torchrun_job_train_under_their_own_locks_and_start_over_together(
+    tmp_path, tiny_teacher, tiny_student
+):
+    """Every rank runs the train stage: each holds its own lock (rank 0 the one a lone process takes), rank 0
+    alone sets stale checkpoints aside before any rank looks for one."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_UNDER_TORCHRUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    outputs = []
+    for loss in ("forward_kl", "jsd"):
+        cfg = tiny_config(tmp_path, tiny_teacher, tiny_student, max_steps=2, loss=loss)
+        (tmp_path / "run.toml").write_text(to_toml(cfg))
+        if loss == "forward_kl":
+            run_generate(cfg, log=lambda *_: None)
+        job = subprocess.run(
+            [*torchrun, str(script), str(tmp_path / "run.toml")], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert job.returncode == 0, job.stderr[-3000:]
+        outputs.append(job.stdout)
+        summary = json.loads(RunDir(cfg.run_dir).train_summary.read_text())
+        assert summary["loss"] == loss and summary["steps"] == 2
+    assert STARTING_OVER not in outputs[0] and outputs[1].count(STARTING_OVER) == 1  # said once, by rank 0
+
+
+def test_a_second_train_on_the_run_is_refused_in_one_line(tmp_path, tiny_teacher, tiny_student):
+    from distillab.files import hold
+
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_student, max_steps=2)
+    run_generate(cfg, log=lambda *_: None)
+    run = RunDir(cfg.run_dir)
+    with hold(run.stage_lock("train"), str):  # the first train, still running
+        with pytest.raises(UserError) as refused:
+            run_train(cfg, log=lambda *_: None)
+    assert str(refused.value) == (
+        f"another distillab process (pid {os.getpid()}) is running train in {run.root}: wait for it or stop it"
+    )
+    assert not run.checkpoints.exists() and not run.student.exists()  # the second touched nothing
+    assert run_train(cfg, log=lambda *_: None)["steps"] == 2

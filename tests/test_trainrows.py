@@ -1,10 +1,11 @@
 """What training reads (trainrows.ArrowRows): streamed rows equal the whole-file read (one file or shards), a changed
-dataset is copied again, teacher ids past the vocabulary are refused from the copy, and memory does not follow the
-row count."""
+dataset is copied again (by content: one of the same size and mtime too), teacher ids past the vocabulary are refused
+from the copy, and memory does not follow the row count."""
 
 from __future__ import annotations
 
 import gc
+import os
 import tracemalloc
 
 import numpy as np
@@ -69,6 +70,42 @@ def test_a_changed_dataset_is_copied_again(tmp_path):
     streamed = ArrowRows(path)
     assert len(streamed) == 30
     _same_rows(streamed.fetch(range(30)), read_dataset(path))
+
+
+def test_a_dataset_rewritten_with_the_same_size_and_mtime_is_copied_again(tmp_path):
+    path = tmp_path / "data" / "train.parquet"
+    write_dataset(path, synthetic_rows(20))
+    table = pq.read_table(path)
+
+    def rewrite(prompt_ids: pa.Array) -> None:  # uncompressed, plain: the same shapes give the same bytes count
+        column = table.schema.get_field_index("prompt_ids")
+        changed = table.set_column(column, "prompt_ids", prompt_ids.cast(table.schema.field(column).type))
+        pq.write_table(changed, path, compression="none", use_dictionary=False, write_statistics=False)
+
+    rewrite(table.column("prompt_ids").combine_chunks())
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    before = ArrowRows(path).fetch(range(20))
+    plus_one = [[i + 1 for i in ids] for ids in table.column("prompt_ids").to_pylist()]  # other ids, same lengths
+    rewrite(pa.array(plus_one))
+    os.utime(path, ns=(mtime, mtime))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (size, mtime)
+    after = ArrowRows(path).fetch(range(20))
+    assert [list(r["prompt_ids"]) for r in after] == plus_one
+    assert [list(r["prompt_ids"]) for r in after] != [list(r["prompt_ids"]) for r in before]
+
+
+@pytest.mark.parametrize(
+    "suffix, damage",
+    [(".json", b"{"), (".json", b"\xff\xfe"), (".json", b"[]"), (".npz", b"PK\x03"), (".arrow", b"ARROW1\x00\x00")],
+)
+def test_a_damaged_copy_or_side_file_is_made_again(tmp_path, suffix, damage):
+    path = tmp_path / "data" / "train.parquet"
+    write_dataset(path, synthetic_rows(20))
+    ArrowRows(path)
+    (path.parent / ".arrow" / "train").with_suffix(suffix).write_bytes(damage)  # the copy's files are distillab's own
+    streamed = ArrowRows(path)
+    assert len(streamed) == 20 and streamed.stats["rows"] == 20
+    _same_rows(streamed.fetch(range(20)), read_dataset(path))
 
 
 def test_teacher_ids_past_the_vocabulary_are_refused_from_the_copy(tmp_path):

@@ -60,7 +60,9 @@ class TeacherConfig(_Strict):
     concurrency: int = Field(8, ge=1)  # requests in flight per endpoint
     batch_size: int = Field(64, ge=1)  # local backend: prompts per generate() call
     max_retries: int = Field(6, ge=0)
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0)  # one attempt, whole response included (a body that drips is cut here)
+    # the most one request may take, its retries and their waits included; unset: timeout_s x (max_retries + 1)
+    request_deadline_s: float | None = Field(None, gt=0)
     max_usd: float | None = None  # stop before projected spend passes this
     usd_per_1m_input: float | None = None  # price override; otherwise genai-prices; local models cost 0
     usd_per_1m_output: float | None = None

@@ -24,7 +24,7 @@ from distillab.files import write_atomic
 from distillab.generate import generate_stages
 from distillab.pipeline import records_by_label, report_stages
 from distillab.rundir import RunDir
-from distillab.scoring import gap_closed
+from distillab.scoring import GapChange, gap_change
 from distillab.select import select_stages
 from distillab.train import train_stage
 
@@ -133,17 +133,20 @@ def demo_summary(evals: dict[str, dict], seconds: float, selection: dict | None 
     labels = [m for m in ("teacher", "base", "distilled", "zero_distill", "retain") if m in evals]
     models = {label: {"task": evals[label].task.score, "general": evals[label].general.score} for label in labels}
     teacher, base, distilled = models["teacher"], models["base"], models["distilled"]
+    # a gap closed is None where the share means nothing (scoring.gap_change: teacher and base under 5 points
+    # apart, or a student that moved away from the teacher); the *_change keys are the score minus the base's
     summary = {
         "models": models,
-        "task_gap_closed": gap_closed(distilled["task"], base["task"], teacher["task"]),
-        "general_gap_closed": gap_closed(distilled["general"], base["general"], teacher["general"]),
+        "task_gap_closed": gap_change(distilled["task"], base["task"], teacher["task"]).closed,
+        "general_gap_closed": gap_change(distilled["general"], base["general"], teacher["general"]).closed,
+        "general_change": distilled["general"] - base["general"],
         "wall_seconds": round(seconds, 1),
         "task_skills": DEMO_SKILLS,
     }
     if "retain" in models:
         retained = models["retain"]
         summary |= {
-            "retain_task_gap_closed": gap_closed(retained["task"], base["task"], teacher["task"]),
+            "retain_task_gap_closed": gap_change(retained["task"], base["task"], teacher["task"]).closed,
             "retain_general_change": retained["general"] - base["general"],
         }
     if selection:
@@ -166,15 +169,29 @@ def print_summary(summary: dict, report_path) -> None:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.0f}%"
 
+    models = summary["models"]
+
+    def moved(label: str, suite: str) -> str:
+        return change_words(gap_change(*(models[m][suite] for m in (label, "base", "teacher"))), suite)
+
     console.print(
-        f"gap closed: task {pct(summary['task_gap_closed'])}, general {pct(summary['general_gap_closed'])}"
+        f"{moved('distilled', 'task')}, {moved('distilled', 'general')}"
         f"  |  {summary['wall_seconds']:.0f}s  |  {report_path}"
     )
-    if "retain_task_gap_closed" in summary:
+    if "retain" in models:
         recipe = summary.get("retain_recipe") or {}
         console.print(
-            f"distilled + retain: task gap closed {pct(summary['retain_task_gap_closed'])}, general "
-            f"{100 * summary['retain_general_change']:+.1f} points vs base  |  replay "
+            f"distilled + retain: {moved('retain', 'task')}, {moved('retain', 'general')}  |  replay "
             f"{recipe.get('replay_source')} {pct(recipe.get('replay_fraction'))}, chose step "
             f"{recipe.get('step')} at α={recipe.get('alpha')} on the dev split"
         )
+
+
+def change_words(gap: GapChange, suite: str) -> str:
+    """`task gap closed 85%`, or the points where a share means nothing: `general -5.1 points vs base (teacher and
+    base are 0.2 points apart, too close to divide by)`."""
+    if gap.closed is not None:
+        return f"{suite} gap closed {100 * gap.closed:.0f}%"
+    if gap.points is None:
+        return f"{suite} n/a"
+    return f"{suite} {gap.points:+.1f} points vs base" + (f" ({gap.why})" if gap.why else "")

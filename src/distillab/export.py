@@ -6,12 +6,19 @@ of the same name in the output directory; a dataset still in shards, data/<name>
 
   plain        <name>.parquet: every column of the dataset (text, token ids, provenance, ...) with the
                teacher's top-k as plain list columns instead of topk_codec bytes:
-                 top_ids       list<list<int32>>   per completion token, the top-k ids (ascending)
-                 top_logprobs  list<list<float32>> their log-probs, exactly what read_dataset decodes
+                 top_ids       list<list<int32>>   per completion token, the top-k ids by rank: [t][0] is the
+                                                   teacher's most likely token (ties: the lower id first)
+                 top_logprobs  list<list<float32>> their log-probs in the same order (read_dataset's values,
+                                                   which it orders by id)
+                 top_tokens    list<list<string>>  the ids as the student tokenizer's vocabulary strings
+                                                   (convert_ids_to_tokens; null for an id outside it)
                  top_tail      list<float32>       log of the teacher's mass outside the top-k
-               null where a row has no top-k. `datasets.load_dataset("parquet", data_files=...)`, pyarrow
-               and pandas read it as is (TRL / DistillKit-style pipelines). A reasoning teacher's trace is the
-               `reasoning` column (null: none), `completion` its answer alone.
+               null where a row has no top-k. The ids are the student's vocabulary (the tokenizer the dataset
+               was made for, the run config's train.student), so that tokenizer is saved beside the files, in
+               tokenizer/: `AutoTokenizer.from_pretrained(<out>/tokenizer)` reads it without distillab.
+               `datasets.load_dataset("parquet", data_files=...)`, pyarrow and pandas read the files as they are
+               (TRL / DistillKit-style pipelines). A reasoning teacher's trace is the `reasoning` column (null:
+               none), `completion` its answer alone.
   openai-chat  <name>.jsonl: one OpenAI fine-tuning example a row,
                {"messages": [system?, user, assistant]}: the row's `messages` (the turns before the
                teacher's, as {role, content}) when it has them, else a system turn when the row has a
@@ -29,12 +36,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillab.dataset import TOPK_PREFIX, conform, dataset_files, decode_row_topk, unified_schema
 from distillab.errors import UserError
-from distillab.files import atomic_path, check_creatable
+from distillab.files import atomic_dir, atomic_path, check_creatable
 from distillab.rundir import RunDir
 
 FORMATS = ("plain", "openai-chat")
@@ -43,8 +51,10 @@ BATCH_ROWS = 1024
 TOPK_SCHEMA = [
     pa.field("top_ids", pa.list_(pa.list_(pa.int32()))),
     pa.field("top_logprobs", pa.list_(pa.list_(pa.float32()))),
+    pa.field("top_tokens", pa.list_(pa.list_(pa.string()))),
     pa.field("top_tail", pa.list_(pa.float32())),
 ]
+TOKENIZER_DIR = "tokenizer"  # <out>/tokenizer/: the student's tokenizer files, beside a plain export
 
 
 def resolve_run_dir(path: Path) -> Path:
@@ -71,15 +81,35 @@ def export_run(run_or_config: Path, fmt: str, out: Path | None = None) -> list[P
     if not sources["train"]:
         raise UserError(f"no dataset at {run.dataset('train')}: run `distillab generate` first")
     out = Path(out) if out is not None else run.export(fmt)
+    if fmt == "openai-chat":
+        _check_writable(out)
+        return [export_openai_chat(files, out / (name + ".jsonl")) for name, files in sources.items() if files]
+    tok = _student_tokenizer(Path(run_or_config), run)  # before anything is written: a missing one is a UserError
     _check_writable(out)
-    write = export_plain if fmt == "plain" else export_openai_chat
-    suffix = ".parquet" if fmt == "plain" else ".jsonl"
-    return [write(files, out / (name + suffix)) for name, files in sources.items() if files]
+    written = [export_plain(files, out / (name + ".parquet"), tok) for name, files in sources.items() if files]
+    with atomic_dir(out / TOKENIZER_DIR) as staging:
+        tok.save_pretrained(str(staging))
+    return [*written, out / TOKENIZER_DIR]
 
 
-def export_plain(files: list[Path], dest: Path) -> Path:
-    """One dataset (its file, or its shards) -> Parquet with the top-k codec columns replaced by plain list columns
-    (module docstring)."""
+def _student_tokenizer(run_or_config: Path, run: RunDir):
+    """The tokenizer whose vocabulary the dataset's ids are: the student's, named by the config given, else by
+    the run's own run.toml."""
+    from distillab import models
+    from distillab.config import load_config
+
+    config = run_or_config if run_or_config.is_file() else run.config
+    if not config.is_file():
+        raise UserError(
+            f"{config}: not found, and the plain export needs the student's tokenizer (its top-k ids are that "
+            "vocabulary): pass the run config instead of the run directory"
+        )
+    return models.load_tokenizer(load_config(config).train.student)
+
+
+def export_plain(files: list[Path], dest: Path, tok) -> Path:
+    """One dataset (its file, or its shards) -> Parquet with the top-k codec columns replaced by plain list columns,
+    ranked, with `tok`'s strings for the ids (module docstring)."""
     from distillab.topk_codec import FIELDS
 
     schema_in = unified_schema([_open(f).schema_arrow for f in files])
@@ -87,18 +117,37 @@ def export_plain(files: list[Path], dest: Path) -> Path:
     kept = [f for f in schema_in if f.name not in codec]
     has_topk = all(name in schema_in.names for name in codec)
     schema = pa.schema(kept + TOPK_SCHEMA)
+    vocab = _vocabulary(tok)
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for batch in _batches(files, schema_in):
             columns = {f.name: batch.column(f.name) for f in kept}
             # read_dataset's decoding (tests hold the two equal), a batch at a time
             stored = batch.select(codec).to_pylist() if has_topk else [{}] * batch.num_rows
-            decoded = [decode_row_topk(row) for row in stored]
+            ranked = [_ranked(decode_row_topk(row), vocab) for row in stored]
             for field in TOPK_SCHEMA:
                 columns[field.name] = pa.array(
-                    [None if row[field.name] is None else row[field.name].tolist() for row in decoded], type=field.type
+                    [None if row[field.name] is None else row[field.name].tolist() for row in ranked], type=field.type
                 )
             writer.write_table(pa.table(columns, schema=schema))
     return dest
+
+
+def _vocabulary(tok) -> np.ndarray:
+    """id -> the tokenizer's string for it (None for an id it has no string for), as an object array."""
+    return np.array(tok.convert_ids_to_tokens(list(range(len(tok)))) + [None], dtype=object)
+
+
+def _ranked(row: dict, vocab: np.ndarray) -> dict:
+    """A decoded row's top-k (ids ascending, as the codec keeps them) ordered by rank, highest log-prob first
+    (a stable sort: ties keep the lower id first), with the ids' strings as top_tokens."""
+    if row["top_ids"] is None:
+        return row | {"top_tokens": None}
+    ids, logprobs = row["top_ids"].numpy(), row["top_logprobs"].numpy()  # (T, k) each
+    order = np.argsort(-logprobs, axis=1, kind="stable")
+    ids, logprobs = np.take_along_axis(ids, order, axis=1), np.take_along_axis(logprobs, order, axis=1)
+    unknown = len(vocab) - 1  # the None at the end: ids outside the vocabulary
+    tokens = vocab[np.where((ids >= 0) & (ids < unknown), ids, unknown)]
+    return row | {"top_ids": ids, "top_logprobs": logprobs, "top_tokens": tokens}
 
 
 def export_openai_chat(files: list[Path], dest: Path) -> Path:

@@ -10,10 +10,11 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from distillab.errors import UserError
 
@@ -73,6 +74,48 @@ def lock(path: Path) -> FileLock:
     """An exclusive lock on `path` (created beside the data it guards): `with lock(p): ...`."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path))
+
+
+@contextmanager
+def hold(path: Path, busy: Callable[[str], str], wait: bool = False):
+    """Hold the lock at `path` while the block runs. Without `wait`, while another process holds it: a UserError
+    `busy(pid)` naming that process (its pid is in <path>.pid, written once the lock is held; "unknown" in the
+    instant before); with `wait`, wait for it. The operating system releases the lock of a killed process.
+    A block that raises leaves neither the lock file nor a directory the lock made when they were new, so a refused
+    command changes nothing on disk (a directory the block wrote to is kept)."""
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
+    new = not path.exists()
+    held = lock(path)
+    pid_file = path.with_name(path.name + ".pid")
+    try:
+        try:
+            held.acquire(blocking=wait)
+        except Timeout:
+            raise UserError(busy(_holder(path))) from None
+        try:
+            write_atomic(pid_file, str(os.getpid()))
+            yield
+        except BaseException:
+            if new:
+                path.unlink(missing_ok=True)  # while still held: no other process holds this file
+            raise
+        finally:
+            pid_file.unlink(missing_ok=True)
+            held.release()
+    except BaseException:
+        for directory in made:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty: the block wrote there
+                break
+        raise
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.with_name(path.name + ".pid").read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def file_digest(path: Path) -> str:

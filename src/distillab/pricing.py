@@ -41,7 +41,7 @@ class TeacherPricing:
         if teacher_is_local:
             return cls(status="local", model=teacher_cfg.model, usd_per_1m_input=0.0, usd_per_1m_output=0.0)
         pricing = _from_genai_prices(teacher_cfg.model, (teacher_cfg.urls or [None])[0])  # one model: one price
-        if pricing.status == "unpriced":
+        if pricing.status == "unpriced" and teacher_cfg.max_usd is None:  # with a max_usd BudgetGuard refuses it
             warnings.warn(pricing.describe(), UnpricedTeacherWarning, stacklevel=2)
         return pricing
 
@@ -129,11 +129,16 @@ class BudgetGuard:
     spent      dollars on these requests so far: earlier runs' cached answers (prior_usage) plus this run's;
     projected  the earlier runs' spend + this run's requests x the cost per request (this run's average once
                there is one, else the earlier runs'), so a rerun after a stop stops before sending anything.
-    Both are None when the teacher is unpriced (then max_usd cannot be enforced; pricing warned about it).
-    Requests already in flight when it stops still land, are paid for and are cached.
+    Both are None when the teacher is unpriced; a max_usd is then refused before any request (a limit that
+    could never stop anything). Requests already in flight when it stops still land, are paid for and are cached.
     """
 
     def __init__(self, max_usd: float | None, pricing, total: int, prior_usage: dict | None = None):
+        if max_usd is not None and pricing.status == "unpriced":
+            raise UserError(
+                f"teacher.max_usd needs a price: set teacher.usd_per_1m_input and teacher.usd_per_1m_output "
+                f"(no known price for {pricing.model})"
+            )
         self.max_usd, self.pricing, self.total = max_usd, pricing, total  # total: requests this run sends
         self.prior = pricing.usd_for(prior_usage or {})
         self.prior_requests = (prior_usage or {}).get("requests", 0)

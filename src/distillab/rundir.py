@@ -4,13 +4,15 @@
 runs/<name>/
   run.toml              the resolved config, no secrets
   stages.json           stage name -> fingerprint of what it last finished with
+  .locks/<stage>.lock   held by the one process running that stage (<stage>.lock.pid: its pid)
   teacher.sqlite        the teacher request cache (teacher.shard-I-of-N.sqlite for `--shard I/N`)
   data/<name>.parquet   datasets: train, replay, dev (or their shards in data/<name>/)
   data/rejected.parquet the task samples [verify] rejected (for inspection, never trained on)
   data/<stem>_summary.json  generate_summary.json, replay_summary.json
   data/decontamination.json what [decontaminate] checked, dropped or flagged in the task prompts
   data/sampled_prompts.json general prompts the base wrote itself (retain)
-  checkpoints/          resumable training state
+  checkpoints/          resumable training state (fingerprint.json: the config and data it was made from)
+  checkpoints.previous/ the checkpoints of a run whose config or data changed since, set aside
   student/              the trained student (save_pretrained, train_summary.json, lineage, model card)
   retain.json           the retain rule's candidates and choice
   eval/<label>.json     scores per model; eval/lm_eval_<label>.json lm-eval's
@@ -82,6 +84,17 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def checkpoints_fingerprint(self) -> Path:
+        """checkpoints/fingerprint.json: the train stage's fingerprint the checkpoints were made under; a rerun
+        resumes them only under the same one."""
+        return self.checkpoints / "fingerprint.json"
+
+    @property
+    def checkpoints_previous(self) -> Path:
+        """checkpoints.previous/: the checkpoints of a train run whose config or data changed since, set aside."""
+        return self.root / "checkpoints.previous"
 
     @property
     def student(self) -> Path:
@@ -162,7 +175,16 @@ class RunDir:
         """The leaderboard shared by every run in the same runs directory."""
         return self.root.parent / "registry.sqlite"
 
-    # checks and stamps
+    # checks, locks and stamps
+    def stage_lock(self, stage: str, shard: tuple[int, int] = WHOLE, rank: int = 0) -> Path:
+        """.locks/<stage>.lock, held by the one process running `stage` on this run (stage.run_stage): per shard
+        of `generate --shard I/N` (.shard-I-of-N) and per process of a torchrun job (.rank-R, rank 0 as a lone
+        process), so the shards and ranks of one job run side by side and a second job is refused."""
+        name = stage.replace(":", "-")
+        name += "" if shard == WHOLE else f".shard-{shard[0]}-of-{shard[1]}"
+        name += f".rank-{rank}" if rank else ""
+        return self.root / ".locks" / f"{name}.lock"
+
     def check_creatable(self) -> None:
         """Refuse, before anything is written, a run directory that could not be created or written."""
         check_creatable(self.root, "run directory", "choose another runs_dir")

@@ -4,7 +4,9 @@ The task suite is the skills the student was distilled on (or the user's JSONL o
 general suite is every other lab skill plus perplexity on held-out world text. A suite's score is the mean
 of its skills' scores (each skill counts once, however many examples it has). "Gap closed" on a suite is
 (student - base) / (teacher - base): 1.0 means the student caught up with the teacher, 0 means no gain,
-negative means it lost ground.
+negative means it lost ground. What a report shows is gap_change: the share only where it means something (teacher
+and base at least MIN_GAP apart, a student that moved toward the teacher), else the change vs base in points and
+why there is no share.
 
 A model that thinks before it answers (a student trained on reasoning traces, a reasoning teacher) is scored on its
 answer: a text scorer reads what follows a `<think>...</think>` block (reasoning.final_answer); a text without one is
@@ -20,6 +22,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +211,35 @@ def gap_closed(student: float | None, base: float | None, teacher: float | None)
     if None in (student, base, teacher) or abs(teacher - base) < 1e-9:
         return None
     return (student - base) / (teacher - base)
+
+
+MIN_GAP = 0.05  # teacher and base closer than 5 points: a share of that gap divides sampling noise by noise
+
+
+@dataclass(frozen=True)
+class GapChange:
+    """How far a student moved from the base, toward the teacher or not, on one suite."""
+
+    points: float | None  # 100 * (student - base); None where either score is missing
+    closed: float | None  # the share of the teacher-base gap closed; None where a share means nothing
+    why: str | None  # why `closed` is None while `points` is known, in words
+
+
+def gap_change(student: float | None, base: float | None, teacher: float | None) -> GapChange:
+    """gap_closed where the share means something: never across a gap under MIN_GAP (-2550% of a 0.2-point gap
+    says nothing) nor for a student that moved away from the teacher; there the change in points stands alone."""
+    if None in (student, base):
+        return GapChange(points=None, closed=None, why=None)
+    points = 100 * (student - base)
+    if teacher is None:
+        return GapChange(points=points, closed=None, why="the teacher has no score")
+    if abs(teacher - base) < MIN_GAP:
+        apart = f"teacher and base are {100 * abs(teacher - base):.1f} points apart, too close to divide by"
+        return GapChange(points=points, closed=None, why=apart)
+    closed = (student - base) / (teacher - base)
+    if closed < 0:
+        return GapChange(points=points, closed=None, why="it moved away from the teacher")
+    return GapChange(points=points, closed=closed, why=None)
 
 
 # ----------------------------------------------------------------------------------------------------

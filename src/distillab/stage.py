@@ -13,17 +13,23 @@ returns `load()` with `skipped=True`; otherwise it runs the stage and stamps it,
 complete (`complete = False`: a budget stop, an interrupted training) so that a rerun continues it. A shard of a
 multi-machine run (`ctx.shard != WHOLE`, for a `sharded` stage) neither reads nor writes stamps: stages.json is
 shared by every shard; a stage that is not sharded runs whole in every process.
+One process at a time runs a stage on a run: run_stage holds its lock (RunDir.stage_lock: per shard, per torchrun
+rank) from the stamp check to the stamp, and a second process is refused in one line naming the holder's pid, so two
+processes never pay a teacher twice for the same prompts nor write the same files (the shards of one job wait their
+turn for a stage not divided among them instead).
 `run_stages` runs a list of them in order: `distillab run`, `demo` and every command are such lists.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from distillab.config import RunConfig
+from distillab.files import hold
 from distillab.rundir import WHOLE, RunDir
 
 
@@ -56,9 +62,23 @@ class Stage(Protocol):
 def run_stage(stage: Stage, cfg: RunConfig, ctx: StageContext | None = None) -> Any:
     """Run one stage unless it is up to date; stamp it when it finished (see the module docstring)."""
     ctx = ctx or StageContext()
+    # A shard process waits its turn for a stage not divided among shards (the first shard to get it runs and
+    # stamps it, the others then find it done); any other second process is refused.
+    shared = ctx.shard != WHOLE and not getattr(stage, "sharded", False)
     if not getattr(stage, "sharded", False):  # a stage not divided among shards runs as in a whole run
         ctx = dataclasses.replace(ctx, shard=WHOLE)
     run = RunDir(cfg.run_dir)
+    rank = os.environ.get("RANK", "0")  # torchrun / accelerate launch: every process runs the stage
+    rank = int(rank) if rank.isdigit() else 0
+
+    def busy(pid: str) -> str:
+        return f"another distillab process (pid {pid}) is running {stage.name} in {run.root}: wait for it or stop it"
+
+    with hold(run.stage_lock(stage.name, ctx.shard, rank), busy, wait=shared):
+        return _run_held(stage, cfg, run, ctx)
+
+
+def _run_held(stage: Stage, cfg: RunConfig, run: RunDir, ctx: StageContext) -> Any:
     whole = ctx.shard == WHOLE
     if whole:
         stamps = run.stamps()  # a corrupt stages.json is an error before the stage reads or writes anything

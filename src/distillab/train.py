@@ -38,7 +38,8 @@ row's answer_ids instead (batching.AnswersOnly, before max_length's cut).
 
 Checkpoints are written to checkpoints/.saving/ and renamed into place when complete; resume takes the last
 complete one and removes (and reports) any incomplete one. Each holds train_seconds.json: the training seconds of
-the whole run so far, so a resumed run's summary counts every part.
+the whole run so far, so a resumed run's summary counts every part. checkpoints/fingerprint.json names the train
+stage's fingerprint they were made under: checkpoints of another config or other data are set aside, never resumed.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from distillab.batching import (
 from distillab.config import RunConfig
 from distillab.dataset import check_files, dataset_files
 from distillab.errors import UserError
-from distillab.files import atomic_dir, fingerprint, read_json, write_atomic
+from distillab.files import atomic_dir, fingerprint, read_json, write_atomic, write_json
 from distillab.rundir import RunDir
 from distillab.stage import StageContext, run_stage
 from distillab.trainrows import ArrowRows
@@ -451,7 +452,67 @@ class DistillTrainer(Trainer):
 
 def checkpoint_seconds(path: str | Path) -> float:
     file = Path(path) / SECONDS_FILE
-    return float(json.loads(file.read_text())["train_seconds"]) if file.is_file() else 0.0
+    if not file.is_file():
+        return 0.0
+    record = read_json(file, _damaged_hint(Path(path)))
+    seconds = record.get("train_seconds") if isinstance(record, dict) else None
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        raise UserError(f"{file} is damaged (no train_seconds): {_damaged_hint(Path(path))}")
+    return float(seconds)
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """Refuse, in one line naming the file, a checkpoint to resume whose files are damaged (cut short, overwritten),
+    before the Trainer reads them: its state JSON parses, its safetensors headers read, its torch files are whole
+    zip archives (what torch.save writes; the end of a cut one is missing)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    hint = _damaged_hint(checkpoint)
+    for file in sorted(checkpoint.iterdir()):
+        if file.suffix == ".json" and not isinstance(read_json(file, hint), dict | list):
+            raise UserError(f"{file} is damaged (not a JSON object): {hint}")
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt") as tensors:
+                    tensors.keys()
+            except Exception:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+                raise UserError(f"{file} is damaged (not safetensors): {hint}") from None
+        if file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):
+            raise UserError(f"{file} is damaged (not a whole torch file): {hint}")
+
+
+def _damaged_hint(checkpoint: Path) -> str:
+    return (
+        f"delete {checkpoint} to resume from the checkpoint before it, or delete {checkpoint.parent} to train "
+        "from the start"
+    )
+
+
+def keep_checkpoints_made_from(run: RunDir, made_from: str, log=print) -> None:
+    """Keep checkpoints/ only when it was made under `made_from` (the train stage's fingerprint: the train config
+    and the datasets' contents), so a rerun never resumes onto changed inputs: otherwise it is renamed aside to
+    checkpoints.previous/ (one rename; an older one there is removed first) and training starts over. Checkpoints
+    without a readable fingerprint.json (an older distillab's, or damaged) count as changed: what they were made
+    from is unknown. Then checkpoints/fingerprint.json names `made_from`, before the first checkpoint is saved."""
+    ckpt = run.checkpoints
+    if ckpt.is_dir() and any(ckpt.iterdir()) and _checkpoints_made_from(run) != made_from:
+        log(
+            "train: the config or data changed since checkpoints/ was written: starting over "
+            f"(the old checkpoints moved to {run.checkpoints_previous})"
+        )
+        shutil.rmtree(run.checkpoints_previous, ignore_errors=True)
+        ckpt.rename(run.checkpoints_previous)
+    write_json(run.checkpoints_fingerprint, {"fingerprint": made_from})
+
+
+def _checkpoints_made_from(run: RunDir) -> str | None:
+    try:
+        made_from = json.loads(run.checkpoints_fingerprint.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON: unknown
+        return None
+    return made_from.get("fingerprint") if isinstance(made_from, dict) else None
 
 
 def last_complete_checkpoint(ckpt_dir: Path, log=print) -> Path | None:
@@ -632,8 +693,12 @@ class TrainStage:
         callbacks = [_Progress(ctx.progress)] if ctx.progress else []
         callbacks += [_StopAfter(stop_after_steps)] if stop_after_steps else []
         trainer = build_trainer(cfg, rows, model, tok, run.checkpoints, teacher_model, callbacks, replay=replay)
+        if trainer.is_world_process_zero():
+            keep_checkpoints_made_from(run, self.fingerprint(cfg, run), log)
+        trainer.accelerator.wait_for_everyone()  # no process looks for a checkpoint before stale ones are aside
         resume = last_complete_checkpoint(run.checkpoints, log) if run.checkpoints.is_dir() else None
         if resume:
+            check_checkpoint(resume)
             log(f"train: resuming from {resume.name}")
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if stop_after_steps and trainer.state.global_step < (trainer.state.max_steps or 0):

@@ -9,16 +9,19 @@ fingerprint cache. Not memory-mapped: a compressed file cannot be used in place,
 process's RSS page by page as batches touch it (here 2 MiB per fault: the kernel maps whole page-cache folios), until
 an epoch has made all of it resident.
 
-Beside the copy: <name>.json, its stats ({"files", "rows", "max_teacher_id"}; "files" names the Parquet files by name,
-size and mtime, so a changed dataset is copied again), and <name>.npz, the rows' prompt, completion and answer lengths
-(answer: a reasoning row's answer_ids, -1 where a row has none) and the record batches' first rows. Each is written to a temp file and renamed, the stats last, under a lock (<name>.lock),
-so the processes of one run make the copy once.
+Beside the copy: <name>.json, its stats ({"files", "rows", "max_teacher_id"}; "files" names the Parquet files by name
+and content digest, so a changed dataset is copied again, even one rewritten with the same size and mtime; the digest
+costs under a millisecond per MB, the copy ~1,000 times more), and <name>.npz, the rows' prompt, completion and
+answer lengths (answer: a reasoning row's answer_ids, -1 where a row has none) and the record batches' first rows.
+Each is written to a temp file and renamed, the stats last, under a lock (<name>.lock), so the processes of one run
+make the copy once.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,13 +40,15 @@ from distillab.dataset import (
     decode_row_topk,
 )
 from distillab.errors import UserError
-from distillab.files import atomic_path, lock, write_atomic
+from distillab.files import atomic_path, file_digest, lock, write_atomic
 from distillab.topk_codec import FIELDS
 
 ARROW_DIR = ".arrow"
 ARROW_FORMAT = 3  # bump when the copy's layout changes: copies of another format are then made again
 RECORD_BATCH_ROWS = 8  # a row costs reading and decompressing this many (~0.2 MB at 256 tokens, top-20)
 READ_CACHE_BYTES = 32 * 2**20  # recently read record batches kept (a small dataset ends up read once)
+# what opening a damaged copy or side file raises (truncated, overwritten, missing): numpy, zipfile, Arrow's errors
+DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 class ArrowRows:
@@ -57,7 +62,20 @@ class ArrowRows:
         if not check_files(files):  # before the copy: a bad dataset leaves nothing behind
             raise UserError(f"dataset {path} has no rows")
         arrow = path.parent / ARROW_DIR / (path.stem + ".arrow")
-        self.stats = arrow_copy(files, arrow)
+        self._open(files, arrow)
+        self.max_teacher_id, self.has_topk = self.stats["max_teacher_id"], self.stats["max_teacher_id"] >= 0
+
+    def _open(self, files: list[Path], arrow: Path, remake: bool = False) -> None:
+        self.stats = arrow_copy(files, arrow, remake)
+        try:
+            self._read(arrow)
+        except DAMAGED:  # the copy or a side file damaged since it was made: distillab's own, so made again
+            if remake:
+                raise
+            self._open(files, arrow, remake=True)
+
+    def _read(self, arrow: Path) -> None:
+        """The side file's arrays and the copy's footer."""
         with np.load(arrow.with_suffix(".npz")) as side:  # (N,) int32 each, and (record batches + 1,) row starts
             self.prompt_lengths, self.completion_lengths = side["prompt"], side["completion"]
             self.answer_lengths = side["answer"]
@@ -68,7 +86,6 @@ class ArrowRows:
         self.record_batch = functools.lru_cache(maxsize=max(16, int(READ_CACHE_BYTES / max(per_batch, 1.0))))(
             self.reader.get_batch
         )
-        self.max_teacher_id, self.has_topk = self.stats["max_teacher_id"], self.stats["max_teacher_id"] >= 0
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -82,12 +99,12 @@ class ArrowRows:
         ]
 
 
-def arrow_copy(files: list[Path], arrow: Path) -> dict:
-    """The Arrow copy of `files` at `arrow` (made unless one of the same files is there) and its stats (see the
-    module docstring)."""
-    key = [ARROW_FORMAT] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+def arrow_copy(files: list[Path], arrow: Path, remake: bool = False) -> dict:
+    """The Arrow copy of `files` at `arrow` (made unless one of the same files is there, or `remake`) and its stats
+    (see the module docstring)."""
+    key = [ARROW_FORMAT] + [[f.name, file_digest(f)] for f in files]
     with lock(arrow.with_suffix(".lock")):
-        return _current_stats(arrow, key) or _make_copy(files, arrow, key)
+        return (None if remake else _current_stats(arrow, key)) or _make_copy(files, arrow, key)
 
 
 def _current_stats(arrow: Path, key: list) -> dict | None:
@@ -95,8 +112,11 @@ def _current_stats(arrow: Path, key: list) -> dict | None:
     stats_path = arrow.with_suffix(".json")
     if not (stats_path.is_file() and arrow.is_file() and arrow.with_suffix(".npz").is_file()):
         return None
-    stats = json.loads(stats_path.read_text())
-    return stats if stats.get("files") == key else None
+    try:
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: made again
+        return None
+    return stats if isinstance(stats, dict) and stats.get("files") == key else None
 
 
 def _make_copy(files: list[Path], arrow: Path, key: list) -> dict:

@@ -23,7 +23,12 @@ def terminal_summary(evals: dict[str, EvalResult], ledger: Ledger, lm_evals: dic
 
     evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
     table = Table(
-        "model", "task % [95% CI]", "general % [95% CI]", "world-text ppl", title="scores", title_justify="left"
+        "model",
+        "task % [95% CI]",
+        "general % [95% CI]",
+        "world-text ppl (per token of its tokenizer)",
+        title="scores",
+        title_justify="left",
     )
     for label in ordered_labels(evals):
         res = evals[label]

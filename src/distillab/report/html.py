@@ -26,7 +26,7 @@ from distillab.files import write_atomic
 from distillab.provenance import LINEAGE_FILE
 from distillab.records import EvalResult, Ledger, RetainCost, TeacherEvaluation, as_evals, read_lm_evals, suite_score
 from distillab.rundir import RunDir
-from distillab.scoring import gap_closed
+from distillab.scoring import GapChange, gap_change
 from distillab.verify import counts_text
 
 MODEL_ORDER = ("teacher", "base", "distilled", "zero_distill", "retain")  # the rest follow in the evals' own order
@@ -88,6 +88,10 @@ def render_page(
         chosen_as = "retain" if "retain" in evals else "distilled"
         summary = {k: v for k, v in (summary or {}).items() if k != "retain_selection"} or None
     pareto, pareto_caption = pareto_svg(evals, ledger, labels)
+    scores = score_rows(evals, labels)
+    # a teacher of another tokenizer (its top-k aligned across tokenizers): its perplexity is per token of that
+    # tokenizer, not comparable with the students'
+    foreign = ["teacher"] if (summary or {}).get("cross_tokenizer") and "teacher" in evals else []
     return (
         _templates()
         .get_template("report.html.j2")
@@ -95,8 +99,11 @@ def render_page(
             name=name,
             ledger=ledger,
             verdict=verdict(evals, ledger),
-            scores=score_rows(evals, labels),
+            scores=scores,
             gap_missing=gap_missing_reason(evals),
+            gap_notes=gap_notes(scores),
+            perplexity_note=perplexity_note(evals, foreign),
+            foreign_tokenizer=foreign,
             plots={
                 "task_general": task_general_svg(evals, labels),
                 "pareto": pareto,
@@ -133,7 +140,8 @@ def lm_eval_rows(lm_evals: dict) -> dict:
 def scores_table(evals: dict[str, EvalResult], labels: list[str]) -> str:
     """The scores table alone, as the page shows it (its note on a missing gap included)."""
     sections = _templates().get_template("sections.html.j2").module
-    return str(sections.scores_table(score_rows(evals, labels), gap_missing_reason(evals)))
+    rows = score_rows(evals, labels)
+    return str(sections.scores_table(rows, gap_missing_reason(evals), gap_notes(rows), perplexity_note(evals, []), []))
 
 
 @cache
@@ -177,12 +185,15 @@ def verdict(evals: dict[str, EvalResult], ledger: Ledger) -> str:
     evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
     clauses = []
     d_task, b_task, t_task = (suite_score(evals, m, "task") for m in ("distilled", "base", "teacher"))
-    closed = gap_closed(d_task, b_task, t_task)
-    if closed is not None:
-        clauses.append(f"closed {100 * closed:.0f}% of the task gap")
+    task = gap_change(d_task, b_task, t_task)
+    if task.closed is not None:
+        clauses.append(f"closed {100 * task.closed:.0f}% of the task gap")
     elif d_task is not None:
-        missing = gap_missing_reason(evals)
-        clauses.append(f"scored {pct(d_task)}% on the task" + (f" (no gap closed: {missing})" if missing else ""))
+        moved = "" if task.points is None else f", {task.points:+.1f} points vs base"
+        missing = gap_missing_reason(evals) or task.why
+        clauses.append(
+            f"scored {pct(d_task)}% on the task{moved}" + (f" (no gap closed: {missing})" if missing else "")
+        )
     d_gen, b_gen = suite_score(evals, "distilled", "general"), suite_score(evals, "base", "general")
     if None not in (d_gen, b_gen):
         points = 100 * (d_gen - b_gen)
@@ -199,17 +210,47 @@ def verdict(evals: dict[str, EvalResult], ledger: Ledger) -> str:
 
 
 def score_rows(evals: dict[str, EvalResult], labels: list[str]) -> list[dict]:
-    """Per model: its label, its EvalResult, and the task and general gap it closed (None: not applicable)."""
+    """Per model: its label, its EvalResult, and its task and general GapChange (None: teacher and base)."""
     rows = []
     for m in labels:
         gaps = [None, None]
         if m not in ("teacher", "base"):
             gaps = [
-                gap_closed(*(suite_score(evals, label, suite) for label in (m, "base", "teacher")))
+                gap_change(*(suite_score(evals, label, suite) for label in (m, "base", "teacher")))
                 for suite in ("task", "general")
             ]
         rows.append({"label": m, "result": evals[m], "gaps": gaps})
     return rows
+
+
+def gap_notes(rows: list[dict]) -> list[str]:
+    """Why a gap-closed cell shows points instead of a share, once per reason and suite (score_rows' rows)."""
+    notes: dict[str, list[str]] = {}
+    for row in rows:
+        for suite, gap in zip(("task", "general"), row["gaps"]):
+            if isinstance(gap, GapChange) and gap.closed is None and gap.why and gap.points is not None:
+                notes.setdefault(f"{suite}: {gap.why}", []).append(row["label"])
+    return [f"{reason} ({', '.join(labels)}): the change vs base in points instead" for reason, labels in notes.items()]
+
+
+def perplexity_note(evals: dict[str, EvalResult], foreign: list[str]) -> str:
+    """What the perplexity column compares: each model's perplexity is per token of its own tokenizer, so only
+    models that share one (the base and the students trained from it) compare; `foreign` models are left out of the
+    column, their number given here with what it is per."""
+    if not any(res.world_text_perplexity is not None for res in evals.values()):
+        return ""
+    note = (
+        "World-text perplexity is per token of each model's own tokenizer: it compares models that share a "
+        "tokenizer (the base and the students trained from it), not a character-level model with a BPE one."
+    )
+    left_out = [
+        f"{label} {evals[label].world_text_perplexity:.2f} per token of its own tokenizer"
+        for label in foreign
+        if evals[label].world_text_perplexity is not None
+    ]
+    if left_out:
+        note += f" Left out of the column, tokenized differently from the student: {'; '.join(left_out)}."
+    return note
 
 
 def gap_missing_reason(evals: dict[str, EvalResult]) -> str | None:
@@ -415,13 +456,81 @@ def task_general_svg(evals: dict[str, EvalResult], labels: list[str]) -> str | N
             capsize=3,
             label=m,
         )
-        ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=9)
+    _task_general_axes(ax, "What the task gained, what general skill kept")
+    _outside_legend(ax, fontsize=8)
+    spots = [(m, 100 * suite_score(evals, m, "general"), 100 * suite_score(evals, m, "task")) for m in points]
+    place_labels(fig, ax, spots, fontsize=9)
+    return svg_text(fig, "task-general")
+
+
+def _task_general_axes(ax, title: str) -> None:
+    """Every plot of the two suites has the task on y and general skill on x (the Pareto plot's y is the task too)."""
     ax.set_xlabel("general suite score (%)")
     ax.set_ylabel("task suite score (%)")
-    ax.set_title("What the task gained, what general skill kept")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return svg_text(fig, "task-general")
+
+
+def _outside_legend(ax, fontsize: float) -> None:
+    """The legend right of the axes: inside, matplotlib's "best" spot moves with every draw and would sit where
+    place_labels found room."""
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+LABEL_RINGS = (8, 16, 26, 38)  # points from a point to its label's nearest corner; past the first, a leader line
+LABEL_DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))  # upper right first
+MARKER_HALF = 5.5  # points: half the side of the square a marker keeps clear
+LABEL_PAD = 1.5  # points kept clear around a label's text
+LEADER = {"arrowstyle": "-", "color": "#999", "lw": 0.6, "shrinkA": 1, "shrinkB": 4}  # a far label's line to its point
+
+
+def place_labels(fig, ax, labels: list[tuple], obstacles: list[tuple[float, float]] = (), **style) -> list[str]:
+    """Write each label (text, x, y[, style]) beside its point where its text covers no other label, no marker and
+    stays inside the axes: the first free spot going round the point, then further out with a leader line. A label
+    with no free spot is left out (its point keeps its legend entry or table row); returns those texts.
+
+    The layout is settled first and then fixed, so the positions measured here are the ones saved (every size is
+    in points: the SVG's other dpi scales it all alike). obstacles: more points (data coordinates) to keep clear."""
+    import itertools
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    canvas = FigureCanvasAgg(fig)
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    renderer = canvas.get_renderer()
+    px = fig.dpi / 72
+    frame = ax.get_window_extent(renderer)
+    half = MARKER_HALF * px
+    points = ax.transData.transform([(label[1], label[2]) for label in labels] + list(obstacles)) if labels else []
+    taken = [Bbox.from_extents(x - half, y - half, x + half, y + half) for x, y in points]
+    left_out = []
+    for i, (text, x, y, *own) in enumerate(labels):
+        for ring, (dx, dy) in itertools.product(LABEL_RINGS, LABEL_DIRECTIONS):
+            leader = {"arrowprops": LEADER} if ring > LABEL_RINGS[0] else {}
+            note = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx * ring, dy * ring),
+                textcoords="offset points",
+                ha={1: "left", -1: "right", 0: "center"}[dx],
+                va={1: "bottom", -1: "top", 0: "center"}[dy],
+                gid=f"label-{i}",
+                **leader,
+                **(style | (own[0] if own else {})),
+            )
+            note.update_positions(renderer)
+            box = Text.get_window_extent(note, renderer).padded(LABEL_PAD * px)  # the text alone, not its line
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                break
+            note.remove()
+        else:
+            left_out.append(text)
+    return left_out
 
 
 def model_costs(evals: dict[str, EvalResult], ledger: Ledger, labels: list[str]) -> tuple[dict[str, float], str]:
@@ -473,7 +582,6 @@ def pareto_svg(evals: dict[str, EvalResult], ledger: Ledger, labels: list[str]) 
     fig, ax = _new_figure()
     for cost, score, m in points:
         ax.scatter([cost], [score], s=70, color=color_of(m, labels), zorder=3, label=m)
-        ax.annotate(m, (cost, score), textcoords="offset points", xytext=(7, 6), fontsize=9)
     frontier = pareto_frontier(points)
     ax.step(
         [p[0] for p in frontier],
@@ -492,7 +600,8 @@ def pareto_svg(evals: dict[str, EvalResult], ledger: Ledger, labels: list[str]) 
     ax.set_ylabel("task suite score (%)")
     ax.set_title("Cost vs quality")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _outside_legend(ax, fontsize=8)
+    place_labels(fig, ax, [(m, cost, score) for cost, score, m in points], fontsize=9)
     return svg_text(fig, "pareto"), caption
 
 
@@ -538,16 +647,16 @@ def skill_delta_svg(evals: dict[str, EvalResult], labels: list[str], task: set[s
 
 
 def tradeoff_svg(evals: dict[str, EvalResult], labels: list[str], selection: dict, chosen_as: str) -> str | None:
-    """General (y) vs task (x): test-split models filled, dev-split candidates hollow, the chosen one starred.
-    Each candidate is its own SVG group (id candidate-N) so a browser test can count them."""
+    """Task (y) vs general (x), as the task-vs-general plot: test-split models filled, dev-split candidates hollow,
+    the chosen one starred. Each candidate is its own SVG group (id candidate-N) so a browser test can count them."""
     candidates = [c for c in selection.get("candidates") or [] if None not in (c.get("dev_task"), c.get("dev_general"))]
     if not candidates:
         return None
     fig, ax = _new_figure(width=6.8, height=4.8)
     for i, c in enumerate(candidates):
         ax.scatter(
-            [100 * c["dev_task"]],
             [100 * c["dev_general"]],
+            [100 * c["dev_task"]],
             s=40,
             facecolors="none",
             edgecolors=COLORS["retain"],
@@ -556,19 +665,11 @@ def tradeoff_svg(evals: dict[str, EvalResult], labels: list[str], selection: dic
             gid=f"candidate-{i}",
             label="candidates (dev)" if i == 0 else None,
         )
-        ax.annotate(
-            f"{c['step']}/α{c['alpha']:g}",
-            (100 * c["dev_task"], 100 * c["dev_general"]),
-            textcoords="offset points",
-            xytext=(4, -9),
-            fontsize=6.5,
-            color="#555",
-        )
     chosen = selection.get("chosen") or {}
     if chosen.get("dev_task") is not None:
         ax.scatter(
-            [100 * chosen["dev_task"]],
             [100 * chosen["dev_general"]],
+            [100 * chosen["dev_task"]],
             s=220,
             marker="*",
             color="#f2b600",
@@ -580,8 +681,8 @@ def tradeoff_svg(evals: dict[str, EvalResult], labels: list[str], selection: dic
     base = selection.get("base_dev") or {}
     if base.get("task") is not None:
         ax.scatter(
-            [100 * base["task"]],
             [100 * base["general"]],
+            [100 * base["task"]],
             s=60,
             facecolors="none",
             edgecolors=COLORS["base"],
@@ -589,17 +690,19 @@ def tradeoff_svg(evals: dict[str, EvalResult], labels: list[str], selection: dic
             zorder=3,
             label="base (dev)",
         )
-    for i, m in enumerate(labels):
+    spots = []  # the test-split models first: their labels get the nearest spots
+    for m in labels:
         task, general = suite_score(evals, m, "task"), suite_score(evals, m, "general")
         if None in (task, general):
             continue
-        ax.scatter([100 * task], [100 * general], s=70, color=color_of(m, labels), zorder=5, label=f"{m} (test)")
-        ax.annotate(
-            m, (100 * task, 100 * general), textcoords="offset points", xytext=(7, 5 if i % 2 else -13), fontsize=9
-        )  # alternate above/below: distilled and the control often sit side by side
-    ax.set_xlabel("task suite score (%)")
-    ax.set_ylabel("general suite score (%)")
-    ax.set_title(f"The retain trade-off: what {chosen_as} was chosen from")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+        ax.scatter([100 * general], [100 * task], s=70, color=color_of(m, labels), zorder=5, label=f"{m} (test)")
+        spots.append((m, 100 * general, 100 * task, {"fontsize": 9}))
+    small = {"fontsize": 6.5, "color": "#555"}
+    spots += [(f"{c['step']}/α{c['alpha']:g}", 100 * c["dev_general"], 100 * c["dev_task"], small) for c in candidates]
+    _task_general_axes(ax, f"The retain trade-off: what {chosen_as} was chosen from")
+    _outside_legend(ax, fontsize=7)
+    kept_clear = [(100 * p["general"], 100 * p["task"]) for p in (base,) if p.get("task") is not None]
+    if chosen.get("dev_task") is not None:
+        kept_clear.append((100 * chosen["dev_general"], 100 * chosen["dev_task"]))
+    place_labels(fig, ax, spots, kept_clear)
     return svg_text(fig, "tradeoff")

@@ -13,10 +13,18 @@
 - Retries are ours, not the SDK's (max_retries=0 there), so the attempt counts in the cache are true:
   408 / 409 / 425 / 429 / 5xx, timeouts, dropped connections and unparsable bodies are retried up to
   `teacher.max_retries` times with exponential backoff and jitter; a Retry-After (or retry-after-ms) header
-  is honoured instead. Every other 4xx is the server refusing the request itself (a prompt over its
+  is honoured instead, up to MAX_RETRY_AFTER_S (a longer ask is logged once per endpoint and waited only that
+  long). Every other 4xx is the server refusing the request itself (a prompt over its
   context, a bad parameter, a wrong key): the same request would be refused again, so it fails at once, sent
   once. A request that fails for good is reported to on_done with its error, never dropped; for an HTTP error
   that error text carries the status and the server's own message (`describe_error`).
+- Deadlines: `teacher.timeout_s` bounds one attempt, the whole response included (httpx's own timeouts are per
+  read, so a body dripped a byte at a time would pass them); `teacher.request_deadline_s` (default timeout_s x
+  (max_retries + 1)) bounds a request with its retries and waits: a retry that would end past it is not made.
+- The endpoint is untrusted input: a 200 whose logprobs are not finite numbers <= 0, whose top-k is not a
+  distribution (duplicate ids, mass over 1, a row per token) or whose usage is not a whole count >= 0 (a
+  numeric string is read as its number) is a MalformedResponse: retried like a 5xx and, failed for good,
+  reported with the endpoint, never passed on to be cached or paid for.
 - Logprobs: with `top_k_logprobs` > 0 we ask for them, and for vLLM's `return_tokens_as_token_ids`, which
   makes every token string "token_id:<id>": exact ids. A server that refuses that field (a 400 naming it)
   is asked again without it, and then token *strings* come back as `top_tokens`, mapped onto the student's
@@ -35,11 +43,13 @@ import asyncio
 import email.utils
 import itertools
 import json
+import logging
 import math
 import os
 import random
 import time
 
+import httpx
 import openai
 
 from distillab import reasoning
@@ -49,7 +59,12 @@ from distillab.errors import UserError
 TOKEN_ID_PREFIX = "token_id:"
 # and every 5xx. 425 Too Early asks for the same request later (RFC 8470), like 429 and 408.
 RETRY_STATUSES = {408, 409, 425, 429}
-MAX_RETRY_AFTER_S = 600.0
+MAX_RETRY_AFTER_S = 60.0  # a server asking for longer is waited this long (and the request deadline still holds)
+LOGPROB_ROUNDOFF = 1e-6  # a logprob this far above 0 is round-off of log 1; further is no probability
+TOPK_MASS_ROUNDOFF = 1e-2  # top-k probabilities summing past 1 + this are no distribution
+MAX_USAGE_TOKENS = 10**9  # more tokens than this in one request's usage is no real count
+
+log = logging.getLogger("distillab.teacher")
 
 
 class MalformedResponse(ValueError):
@@ -69,6 +84,8 @@ class OpenAITeacher:
             u: {"answered": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0} for u in self.urls
         }
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.deadline_s = cfg.request_deadline_s or cfg.timeout_s * (cfg.max_retries + 1)
+        self._told_retry_after: set[str] = set()  # endpoints whose over-long Retry-After was logged
         self._ask_token_ids = True  # until the server refuses return_tokens_as_token_ids
 
     # -- the Teacher protocol ------------------------------------------------------------------------
@@ -157,6 +174,7 @@ class OpenAITeacher:
     async def _ask(self, endpoints: list[_Endpoint], req: dict, key: str | None):
         """(response or None, error or None, latency_s, attempts)."""
         began = time.monotonic()
+        deadline = began + self.deadline_s
         attempt = retries = 0
         while True:
             ep = await self._pick(endpoints)
@@ -164,7 +182,8 @@ class OpenAITeacher:
             asked_ids = self._ask_token_ids  # other requests may turn it off while this one is out
             ep.outstanding += 1
             try:
-                resp = parse_response(await self._call(ep.client, req), req, self.cfg.think_tags)
+                raw = await self._call(ep, req, min(self.cfg.timeout_s, deadline - time.monotonic()))
+                resp = parse_response(raw, req, self.cfg.think_tags)
             except openai.BadRequestError as err:
                 if asked_ids and "return_tokens_as_token_ids" in str(err):
                     self._ask_token_ids = False  # a server without vLLM's extension: ask again, not counted
@@ -176,17 +195,24 @@ class OpenAITeacher:
                 ep.stats["errors"] += 1
                 if not _retryable(err):
                     return None, self._describe(err, key, ep, endpoints), time.monotonic() - began, attempt
+                if time.monotonic() >= deadline:
+                    return None, self._past_deadline(err, key, ep, endpoints), time.monotonic() - began, attempt
                 if len(endpoints) > 1:
                     ep.failures += 1
-                    ep.down_until = time.monotonic() + self._wait_s(err, ep.failures)
+                    ep.down_until = time.monotonic() + self._wait_s(err, ep.failures, ep.url)
                     if any(e.is_up() for e in endpoints):
                         continue  # moved to an endpoint that is up: not a retry of this request
                 retries += 1
                 if retries > self.cfg.max_retries:
                     return None, self._describe(err, key, ep, endpoints), time.monotonic() - began, attempt
-                if len(endpoints) == 1:
-                    await asyncio.sleep(self._wait_s(err, retries))
-                # several endpoints: _pick waits until one is up again
+                # the retry could not end in time (one endpoint: after its wait; several: once the first is up
+                # again, _pick waiting until then): fail now, not then
+                wait = self._wait_s(err, retries, ep.url) if len(endpoints) == 1 else None
+                up_at = time.monotonic() + wait if wait is not None else min(e.down_until for e in endpoints)
+                if up_at >= deadline:
+                    return None, self._past_deadline(err, key, ep, endpoints), time.monotonic() - began, attempt
+                if wait is not None:
+                    await asyncio.sleep(wait)
             else:
                 ep.failures = 0
                 ep.stats["answered"] += 1
@@ -214,12 +240,20 @@ class OpenAITeacher:
     @staticmethod
     def _describe(err: Exception, key: str | None, ep: _Endpoint, endpoints: list) -> str:
         text = describe_error(err, key)
-        return text if len(endpoints) == 1 else f"{text} [at {ep.url}]"
+        # a response refused here names its endpoint even when there is one: the problem is that server's
+        return text if len(endpoints) == 1 and not isinstance(err, MalformedResponse) else f"{text} [at {ep.url}]"
 
-    async def _call(self, client, req: dict) -> dict:
+    def _past_deadline(self, err: Exception, key: str | None, ep: _Endpoint, endpoints: list) -> str:
+        return (
+            f"{self._describe(err, key, ep, endpoints)} (not retried: past the request's deadline of "
+            f"{self.deadline_s:g}s, teacher.request_deadline_s)"
+        )
+
+    async def _call(self, ep: _Endpoint, req: dict, timeout_s: float) -> dict:
         """One HTTP request through the SDK's documented raw path (`client.post(path, cast_to=...)`): the
-        client's auth, base_url, timeout and error types, without building typed request and response
-        objects, which cost more CPU than everything else a request does here."""
+        client's auth, base_url and error types, without building typed request and response objects, which
+        cost more CPU than everything else a request does here. timeout_s bounds the whole of it (module
+        docstring): past it, the request is an APITimeoutError like the client's own timeouts."""
         k = req["logprobs"]
         body = {"model": req["model"], "temperature": req["temperature"], "top_p": req["top_p"]}
         if req["mode"] == "chat":
@@ -234,16 +268,30 @@ class OpenAITeacher:
                 body["logprobs"] = k
         if k and self._ask_token_ids:
             body["return_tokens_as_token_ids"] = True
-        raw = await client.post(
+        sent = ep.client.post(
             path, cast_to=bytes, body=body, options={"headers": {"Idempotency-Key": request_key(req)}}
         )
+        try:
+            raw = await asyncio.wait_for(sent, timeout=max(timeout_s, 0.0))
+        except TimeoutError:
+            raise openai.APITimeoutError(request=httpx.Request("POST", ep.url + path)) from None
         return json.loads(raw)  # a truncated body raises JSONDecodeError here: retried
 
-    def _wait_s(self, err: Exception, attempt: int) -> float:
-        """Retry-After when the server sent one (plus up to 10% jitter), else exponential backoff with jitter."""
+    def _wait_s(self, err: Exception, attempt: int, url: str) -> float:
+        """Retry-After when the server sent one, up to MAX_RETRY_AFTER_S (plus up to 10% jitter), else
+        exponential backoff with jitter."""
         retry_after = _retry_after_s(err)
         if retry_after is not None:
-            return retry_after * (1 + 0.1 * random.random())
+            if retry_after > MAX_RETRY_AFTER_S and url not in self._told_retry_after:
+                self._told_retry_after.add(url)
+                log.warning(
+                    "%s asks to retry after %.0fs: waiting %.0fs at most (and %gs a request in all)",
+                    url,
+                    retry_after,
+                    MAX_RETRY_AFTER_S,
+                    self.deadline_s,
+                )
+            return min(retry_after, MAX_RETRY_AFTER_S) * (1 + 0.1 * random.random())
         ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
         return ceiling / 2 + random.uniform(0, ceiling / 2)  # "equal jitter": spread out, never ~0
 
@@ -294,7 +342,7 @@ def _retry_after_s(err: Exception) -> float | None:
             when = email.utils.parsedate_to_datetime(value) if name == "retry-after" else None
             seconds = when.timestamp() - time.time() if when else math.nan
         if math.isfinite(seconds) and seconds >= 0:
-            return min(seconds, MAX_RETRY_AFTER_S)
+            return seconds  # as asked: _wait_s caps it
     return None
 
 
@@ -335,7 +383,17 @@ def _server_message(err: openai.APIStatusError) -> str | None:
 
 def parse_response(raw: dict, req: dict, think_tags=()) -> dict:
     """A completions or chat completions JSON body -> the teacher response dict, its reasoning trace (a chat
-    message's separate field, or inline between think_tags) cut off its answer by reasoning.capture."""
+    message's separate field, or inline between think_tags) cut off its answer by reasoning.capture.
+    MalformedResponse for a body that is no completion or not a sane one (module docstring)."""
+    try:
+        return _parse(raw, req, think_tags)
+    except MalformedResponse:
+        raise
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as err:  # a field of the wrong shape
+        raise MalformedResponse(f"response has an unexpected shape ({type(err).__name__}: {err})") from None
+
+
+def _parse(raw: dict, req: dict, think_tags) -> dict:
     choices = raw.get("choices") if isinstance(raw, dict) else None
     if not choices:
         raise MalformedResponse("response has no choices")
@@ -348,14 +406,17 @@ def parse_response(raw: dict, req: dict, think_tags=()) -> dict:
         entries = (choice.get("logprobs") or {}).get("content") if k else None
         if entries:
             tokens = [e["token"] for e in entries]
-            tops = [[(t["token"], t["logprob"]) for t in e.get("top_logprobs") or []] for e in entries]
+            tops = [[(t["token"], _logprob(t["logprob"])) for t in e.get("top_logprobs") or []] for e in entries]
     else:
         text = choice.get("text") or ""
         lp = choice.get("logprobs") if k else None
         if lp and lp.get("tokens"):
             tokens, offsets = lp["tokens"], lp.get("text_offset")
-            tops = [list((t or {}).items()) for t in lp.get("top_logprobs") or [{} for _ in tokens]]
-    usage = raw.get("usage") or {}
+            rows = lp.get("top_logprobs") or [{} for _ in tokens]
+            tops = [[(s, _logprob(v)) for s, v in (t or {}).items()] for t in rows]
+    if tokens:
+        _check_topk(tokens, tops)
+    usage = _usage(raw.get("usage"))
     resp = {
         "text": text,
         "finish_reason": choice.get("finish_reason") or "stop",
@@ -372,6 +433,10 @@ def parse_response(raw: dict, req: dict, think_tags=()) -> dict:
         if all(s.startswith(TOKEN_ID_PREFIX) for s in tokens):
             resp["token_ids"] = [int(s[len(TOKEN_ID_PREFIX) :]) for s in tokens]
             ids = [[int(s[len(TOKEN_ID_PREFIX) :]) for s, _ in t] for t in tops]
+            if min(resp["token_ids"] + [i for row in ids for i in row], default=0) < 0:
+                raise MalformedResponse("a negative token id")
+            if any(len(set(row)) < len(row) for row in ids):
+                raise MalformedResponse("a top-k row names one token id twice")
             resp["top_ids"], resp["top_logprobs"] = pad_topk(ids, [[lp for _, lp in t] for t in tops], k)
         else:
             resp["tokens"] = tokens
@@ -386,6 +451,60 @@ def parse_response(raw: dict, req: dict, think_tags=()) -> dict:
         prefix_len=_prefix_len(text, resp["tokens"], offsets, len(tokens or [])),
         n_tokens=len(tokens or []),
     )
+
+
+def _logprob(value) -> float:
+    """A logprob as the server gave it -> a float; MalformedResponse unless it is a finite number <= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MalformedResponse(f"a logprob is not a number ({value!r:.40})")
+    if not math.isfinite(value) or value > LOGPROB_ROUNDOFF:
+        raise MalformedResponse(f"a logprob of {value} (logprobs are finite and at most 0)")
+    return float(value)
+
+
+def _check_topk(tokens: list, tops: list[list[tuple]]) -> None:
+    """One top-k row per completion token, whose probabilities sum to at most 1. (Token *strings* may repeat
+    in a row, two byte tokens read as one string: map_top_tokens merges them; ids are checked distinct.)"""
+    if len(tops) != len(tokens):
+        raise MalformedResponse(f"{len(tokens)} completion tokens but {len(tops)} top-k rows")
+    for t, row in enumerate(tops):
+        mass = math.fsum(math.exp(lp) for _, lp in row)
+        if mass > 1 + TOPK_MASS_ROUNDOFF:
+            raise MalformedResponse(f"token {t}: the top-k probabilities sum to {mass:.3g}, over 1")
+
+
+def _usage(usage) -> dict:
+    """The body's usage with its counts as ints (a numeric string read as its number; missing ones left out);
+    MalformedResponse for a count that is not a whole number in [0, MAX_USAGE_TOKENS]: a bill it cannot be."""
+    if usage is None:
+        return {}
+    if not isinstance(usage, dict):
+        raise MalformedResponse(f"usage is not an object ({usage!r:.40})")
+    out = dict(usage)
+    for field in ("prompt_tokens", "completion_tokens"):
+        if usage.get(field) is not None:
+            out[field] = _token_count(usage[field], f"usage.{field}")
+    details = usage.get("completion_tokens_details")
+    if isinstance(details, dict) and details.get("reasoning_tokens") is not None:
+        count = _token_count(details["reasoning_tokens"], "usage.completion_tokens_details.reasoning_tokens")
+        out["completion_tokens_details"] = details | {"reasoning_tokens": count}
+    else:
+        out.pop("completion_tokens_details", None)
+    return out
+
+
+def _token_count(value, name: str) -> int:
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise MalformedResponse(f"{name} is not a number ({value!r:.40})") from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise MalformedResponse(f"{name} is not a number ({value!r:.40})")
+    if not (math.isfinite(number) and number == int(number) and 0 <= number <= MAX_USAGE_TOKENS):
+        raise MalformedResponse(f"{name} of {value!r:.40} is no token count (a whole number from 0 up)")
+    return int(number)
 
 
 def _prefix_len(text: str, strings: list[str] | None, offsets: list[int] | None, n: int):
