@@ -17,6 +17,11 @@ from distillab.config import RunConfig, from_dict
 # ----------------------------------------------------------------------------------------------------
 # Files
 
+# The smallest transformer shape the multi-family tests (logit transforms, the trainer matrix) build every family at.
+TINY_DIMS = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+)
+
 
 def write_jsonl(path: Path, records) -> Path:
     """One JSON object a line; a str record is written as the line itself (for malformed lines)."""

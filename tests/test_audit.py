@@ -229,6 +229,17 @@ def _teacher_texts(model_dir, n: int, seed: int, temperature: float = 1.0) -> li
     return [o.text.strip() or "x" for o in outs]
 
 
+def _audit_with_labels(tmp_path, corpus, labelled, observer, performer) -> dict:
+    return run_audit(
+        corpus,
+        tmp_path / "out",
+        observer=str(observer),
+        performer=str(performer),
+        labelled_path=labelled,
+        n_bootstrap=300,
+    )
+
+
 def test_near_chance_detector_gives_no_fraction(tmp_path, tiny_teacher, tiny_student):
     # The case: the "human" half of the labelled sample is word-for-word the teacher's own output,
     # so no detector can tell the classes apart; before, audit still printed a confident fraction.
@@ -240,14 +251,7 @@ def test_near_chance_detector_gives_no_fraction(tmp_path, tiny_teacher, tiny_stu
         [{"text": t, "label": "teacher" if i % 2 else "human"} for i, t in enumerate(texts[:80])],
     )
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in texts[80:]])
-    summary = run_audit(
-        corpus,
-        tmp_path / "out",
-        observer=str(tiny_teacher),
-        performer=str(tiny_student),
-        labelled_path=labelled,
-        n_bootstrap=300,
-    )
+    summary = _audit_with_labels(tmp_path, corpus, labelled, tiny_teacher, tiny_student)
     assert summary["estimated_teacher_fraction"] is None and summary["primary_score"] is None
     assert (
         "indistinguishable to this detector" in summary["note"] and "40 teacher-written and 40 other" in summary["note"]
@@ -272,14 +276,7 @@ def test_distinguishable_texts_still_get_a_fraction(tmp_path, tiny_teacher, tiny
         ],
     )
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in teacher[20:30] + other[20:40]])  # 1/3 teacher
-    summary = run_audit(
-        corpus,
-        tmp_path / "out",
-        observer=str(tiny_teacher),
-        performer=str(tiny_student),
-        labelled_path=labelled,
-        n_bootstrap=300,
-    )
+    summary = _audit_with_labels(tmp_path, corpus, labelled, tiny_teacher, tiny_student)
     est = summary["estimated_teacher_fraction"]
     assert est is not None and summary["note"] is None
     assert est["low"] <= 1 / 3 <= est["high"]

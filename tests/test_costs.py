@@ -89,19 +89,17 @@ def fake_throughput(monkeypatch):
     monkeypatch.setattr(costs, "serving_prompts", lambda cfg: ["1+1=\n"])
 
 
-def test_ledger_with_priced_override_teacher(tmp_path, fake_throughput):
+def _priced_run(tmp_path, floor: dict, queries_per_month: float = 1e6) -> RunConfig:
+    """A run whose teacher is priced by the config ($3 / $15 per 1M) on 100 rows of 1,000 + 500 tokens; `floor`: its
+    [eval] quality floor ({}: the defaults)."""
     summary = {"rows": 100, "prompt_tokens": 100_000, "completion_tokens": 50_000, "usd": 1.05, "priced": True}
-    cfg = _run(
-        tmp_path,
-        summary,
-        teacher={
-            "model": "big",
-            "base_url": "http://127.0.0.1:9/v1",
-            "usd_per_1m_input": 3.0,
-            "usd_per_1m_output": 15.0,
-        },
-        costs={"train_usd_per_hour": 1.0, "serve_usd_per_hour": 1.8, "queries_per_month": 1000},
-    )
+    teacher = {"model": "big", "base_url": "http://127.0.0.1:9/v1", "usd_per_1m_input": 3.0, "usd_per_1m_output": 15.0}
+    costs_cfg = {"train_usd_per_hour": 1.0, "serve_usd_per_hour": 1.8, "queries_per_month": queries_per_month}
+    return _run(tmp_path, summary, teacher=teacher, costs=costs_cfg, eval=floor)
+
+
+def test_ledger_with_priced_override_teacher(tmp_path, fake_throughput):
+    cfg = _priced_run(tmp_path, NO_FLOOR, queries_per_month=1000)
     ledger = costs.build_ledger(cfg, EVALS)
     assert json.loads(RunDir(cfg.run_dir).ledger.read_text()) == ledger.to_dict()
     assert read_ledger(RunDir(cfg.run_dir).ledger) == ledger
@@ -199,25 +197,9 @@ def test_measure_throughput_on_lab_model():
 # The quality floor: "pays off" is said only of a student good enough to replace the teacher.
 
 
-def _priced_run(tmp_path, **floor) -> RunConfig:
-    summary = {"rows": 100, "prompt_tokens": 100_000, "completion_tokens": 50_000, "usd": 1.05, "priced": True}
-    return _run(
-        tmp_path,
-        summary,
-        teacher={
-            "model": "big",
-            "base_url": "http://127.0.0.1:9/v1",
-            "usd_per_1m_input": 3.0,
-            "usd_per_1m_output": 15.0,
-        },
-        costs={"train_usd_per_hour": 1.0, "serve_usd_per_hour": 1.8},
-        eval=floor,
-    )
-
-
 def test_a_student_below_the_task_floor_never_pays_off(tmp_path, fake_throughput):
     # teacher task 0.9: the default floor is 90% of it, 0.81; the student scored 0.7
-    ledger = costs.build_ledger(_priced_run(tmp_path), EVALS)
+    ledger = costs.build_ledger(_priced_run(tmp_path, {}), EVALS)
     floor, be = ledger.quality_floor, ledger.break_even
     assert floor.meets is False and floor.required_task == pytest.approx(0.81)
     assert be.status == "below_floor" and be.queries is None
@@ -228,13 +210,13 @@ def test_a_student_below_the_task_floor_never_pays_off(tmp_path, fake_throughput
 
 def test_a_student_that_forgot_too_much_never_pays_off(tmp_path, fake_throughput):
     # task floor met (0.7 >= 0.6) but general fell 10 points below the base (0.5 vs 0.6), 5 allowed
-    ledger = costs.build_ledger(_priced_run(tmp_path, min_task_score=0.6, max_general_drop=0.05), EVALS)
+    ledger = costs.build_ledger(_priced_run(tmp_path, {"min_task_score": 0.6, "max_general_drop": 0.05}), EVALS)
     assert ledger.quality_floor.meets is False and ledger.break_even.status == "below_floor"
     assert "10.0 points below the base's 0.600" in costs.break_even_phrase(ledger.break_even)
 
 
 def test_a_student_that_meets_the_floor_gets_its_break_even(tmp_path, fake_throughput):
-    ledger = costs.build_ledger(_priced_run(tmp_path, min_task_share=0.75, max_general_drop=0.15), EVALS)
+    ledger = costs.build_ledger(_priced_run(tmp_path, {"min_task_share": 0.75, "max_general_drop": 0.15}), EVALS)
     assert ledger.quality_floor.meets is True and ledger.quality_floor.required_task == pytest.approx(0.675)
     assert ledger.break_even.status == "pays_off" and ledger.break_even.queries == 122
     assert costs.break_even_phrase(ledger.break_even).startswith("it pays off after 122 queries")
@@ -242,8 +224,10 @@ def test_a_student_that_meets_the_floor_gets_its_break_even(tmp_path, fake_throu
 
 def test_quality_unknown_without_a_teacher_score_or_a_floor(tmp_path, fake_throughput):
     evals = {label: e for label, e in EVALS.items() if label != "teacher"}
-    ledger = costs.build_ledger(_priced_run(tmp_path), evals)
+    ledger = costs.build_ledger(_priced_run(tmp_path, {}), evals)
     assert ledger.quality_floor.meets is None and ledger.break_even.status == "unknown"
     assert "min_task_score" in ledger.break_even.reason
-    ledger = costs.build_ledger(_priced_run(tmp_path / "floor", min_task_score=0.5, max_general_drop=0.2), evals)
+    ledger = costs.build_ledger(
+        _priced_run(tmp_path / "floor", {"min_task_score": 0.5, "max_general_drop": 0.2}), evals
+    )
     assert ledger.break_even.status == "pays_off"

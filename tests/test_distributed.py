@@ -37,6 +37,8 @@ ONE_SGD_STEP = textwrap.dedent("""
     trainer.train()
     if trainer.accelerator.is_main_process:
         torch.save({k: v.detach() for k, v in model.named_parameters()}, out / "params.pt")
+    if torch.distributed.is_initialized():  # gloo's threads end with the group, not at interpreter exit (an abort)
+        torch.distributed.destroy_process_group()
 """)
 
 
@@ -87,6 +89,8 @@ MATRIX_CELLS = textwrap.dedent("""
         params = m.one_sgd_step(family, teacher_kind, path, 4 // world, 1, out / cell.replace(":", "-"))
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(params, out / (cell.replace(":", "-") + ".pt"))
+    if torch.distributed.is_initialized():  # gloo's threads end with the group, not at interpreter exit (an abort)
+        torch.distributed.destroy_process_group()
 """)
 
 

@@ -265,6 +265,19 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys, cas
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("fmt", ["plain", "openai-chat"])
+def test_a_parquet_file_that_is_not_a_distillab_dataset_is_one_line_and_writes_nothing(run_dir, capsys, fmt):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", "b"]}), RunDir(run_dir).dataset("train"))  # some other tool's Parquet
+    before = sorted(p for p in run_dir.rglob("*"))
+    assert run_cli(["export", str(run_dir), "--format", fmt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a distillab dataset" in err and "train.parquet" in err
+    assert sorted(p for p in run_dir.rglob("*")) == before
+
+
 def test_export_run_raises_user_errors(run_dir):
     with pytest.raises(UserError, match="unknown export format"):
         export_run(run_dir, "csv")

@@ -10,18 +10,10 @@ import transformers
 from distillab.errors import UserError
 from distillab.logits import IDENTITY_ARCHITECTURES, KNOWN_ARCHITECTURES, logit_transform, text_config
 from distillab.losses import TeacherDist, chunked_kd_loss, kd_loss
+from tests.helpers import TINY_DIMS
 
 VOCAB = 48
-TINY = dict(
-    vocab_size=VOCAB,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=8,
-    max_position_embeddings=64,
-)
+TINY = dict(vocab_size=VOCAB, **TINY_DIMS, head_dim=8, max_position_embeddings=64)
 
 # family -> (config class, model class, the settings that make its transform matter at this size). Random tiny models
 # have logits near 0, where a softcap of 30 or a scale near 1 is invisible: the settings push them into the range

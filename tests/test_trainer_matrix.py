@@ -24,7 +24,7 @@ from distillab import train
 from distillab.batching import collate
 from distillab.config import from_dict
 from distillab.lab.tokenizer import build_tokenizer
-from tests.helpers import sgd_step
+from tests.helpers import TINY_DIMS, sgd_step
 
 REPO = Path(__file__).resolve().parents[1]
 TOK = build_tokenizer()
@@ -56,11 +56,7 @@ def _config(family: str):
     config_cls, _, extra = FAMILIES[family]
     common = dict(
         vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **TINY_DIMS,
         max_position_embeddings=128,
         bos_token_id=TOK.bos_token_id,
         eos_token_id=TOK.eos_token_id,

@@ -475,4 +475,15 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
-    sys.exit(run_cli())
+    code = run_cli()
+    _end_process_group()
+    sys.exit(code)
+
+
+def _end_process_group() -> None:
+    """Under torchrun every process of `distillab train` ends its process group before exiting: left to interpreter
+    shutdown, gloo's threads can abort the process after the work is done ("terminate called without an active
+    exception"), and torchrun then reports a failed job."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -80,6 +80,8 @@ def export_run(run_or_config: Path, fmt: str, out: Path | None = None) -> list[P
     sources = {name: dataset_files(run.dataset(name)) for name in DATASETS}
     if not sources["train"]:
         raise UserError(f"no dataset at {run.dataset('train')}: run `distillab generate` first")
+    for files in sources.values():  # a file that is not a distillab dataset is one line naming it, before writing
+        _check_exportable(files)
     out = Path(out) if out is not None else run.export(fmt)
     if fmt == "openai-chat":
         _check_writable(out)
@@ -90,6 +92,21 @@ def export_run(run_or_config: Path, fmt: str, out: Path | None = None) -> list[P
     with atomic_dir(out / TOKENIZER_DIR) as staging:
         tok.save_pretrained(str(staging))
     return [*written, out / TOKENIZER_DIR]
+
+
+def _check_exportable(files: list[Path]) -> None:
+    """Every file is a readable Parquet file with the columns both formats write from (prompt, completion)."""
+    for file in files:
+        try:
+            names = pq.ParquetFile(file).schema_arrow.names
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(f"{file}: not a readable Parquet file ({err}); rerun `distillab generate`") from None
+        missing = [c for c in ("prompt", "completion") if c not in names]
+        if missing:
+            raise UserError(
+                f"{file} is not a distillab dataset: column {missing[0]!r} is missing (it has "
+                f"{', '.join(names[:8]) or 'none'}); export reads what `distillab generate` wrote"
+            )
 
 
 def _student_tokenizer(run_or_config: Path, run: RunDir):
