@@ -33,15 +33,11 @@ from distillab.files import hold
 from distillab.rundir import WHOLE, RunDir
 
 
-def _print(*args, **kwargs) -> None:
-    print(*args, **kwargs)
-
-
 @dataclass
 class StageContext:
     """What a stage gets besides the config and the run directory, passed explicitly (no globals)."""
 
-    log: Callable[..., None] = _print
+    log: Callable[..., None] = print
     progress: Callable[..., None] | None = None  # the stage's own progress callback, if it reports progress
     shard: tuple[int, int] = WHOLE  # `generate --shard I/N`: this process answers shard I of N
     options: dict[str, Any] = field(default_factory=dict)  # a command's own switches (lm-eval tasks, step limits)
