@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-signal test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.test-installed: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/distillab demo
+
+demo-signal: $(VENV)/.installed
+	$(BIN)/distillab demo --signal
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q

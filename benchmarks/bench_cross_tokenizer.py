@@ -2,10 +2,11 @@
 (character-level), with the teacher's top-k aligned onto the student's tokens by text spans (distillab.crosstok),
 against SFT-only on the same teacher text at the same steps.
 
-1. A byte-level BPE (384 tokens) is trained with `tokenizers` on the train split of the nine general skills (what
-   the base student pretrains on; it never sees the knowledge base), and a student is pretrained like `lab:base`
-   (same preset: d=128, 4 layers, 2,000 steps of 64, recall and describe left out) with it, into --work (reused
-   when already there: pretrain.json says how long it took).
+1. The BPE student of `distillab lab bpe-student` (distillab.lab.bpe): a byte-level BPE (384 tokens) trained with
+   `tokenizers` on the train split of the nine general skills (what the base student pretrains on; it never sees
+   the knowledge base), and a student pretrained like `lab:base` (same preset: d=128, 4 layers, 2,000 steps of 64,
+   recall and describe left out) with it, into --work/base_bpe (kept when already there: pretrain.json says how
+   long it took).
 2. The demo's distillation: the teacher answers 1,500 train prompts each of recall and describe (top-20), the
    student trains 400 steps of 32 with forward KL on the aligned top-k (kd_weight 1, sft_weight 0: unaligned
    tokens train on their text), and, on the same teacher text, with cross-entropy only (SFT).
@@ -29,26 +30,6 @@ import time
 from pathlib import Path
 
 from distillab.config import from_dict
-
-
-def bpe_student(work: Path, pretrain_steps: int) -> Path:
-    """The BPE base student in work/base_bpe (pretrained once)."""
-    from distillab.lab.pretrain import pretrain
-    from distillab.lab.tokenizer import build_bpe_tokenizer
-    from distillab.lab.world import SKILLS
-
-    out = work / "base_bpe"
-    if (out / "pretrain.json").is_file() and json.loads((out / "pretrain.json").read_text())["history"][-1][
-        "step"
-    ] >= pretrain_steps:
-        return out
-    general = [s for s in SKILLS.values() if s.family != "knowledge"]
-    texts = [e.prompt + e.answer for s in general for e in s.examples("train", 2000)]
-    tok = build_bpe_tokenizer(texts, vocab_size=384)
-    began = time.time()
-    pretrain("base", out, steps=pretrain_steps, tokenizer=tok)
-    print(f"pretrained the BPE student in {time.time() - began:.0f} s ({pretrain_steps} steps)")
-    return out
 
 
 def reverse_alignment(bpe_model: Path, n: int = 300) -> dict:
@@ -82,7 +63,7 @@ def configs(work: Path, student: Path, steps: int):
             "kd_weight": 1.0,
             "sft_weight": 0.0,
             "max_steps": steps,
-            "batch_size": 32,
+            "per_device_batch_size": 32,
             "lr": 2e-3,
             "save_steps": steps,
         },
@@ -108,12 +89,13 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="rerun generate/train (the pretrained student is kept)")
     parser.add_argument("--pretrain-only", action="store_true", help="stop after pretraining the BPE student")
     args = parser.parse_args()
-    from distillab.demo import share_teacher_cache
     from distillab.evaluate import run_evaluate
     from distillab.generate import run_generate
+    from distillab.lab.bpe import build_bpe_student
+    from distillab.pipeline import share_teacher_cache
     from distillab.train import run_train
 
-    student = bpe_student(args.work, args.pretrain_steps)
+    student = build_bpe_student(args.work / "base_bpe", steps=args.pretrain_steps)
     pre = json.loads((student / "pretrain.json").read_text())
     print(
         f"BPE student: {pre['parameters'] / 1e6:.2f}M parameters, pretrained {pre['history'][-1]['step']} steps in "

@@ -247,7 +247,7 @@ def train_config(root: Path, name: str, student: Path, **train) -> dict:
         "teacher": {"model": str(student)},
         "train": {
             "student": str(student),
-            "batch_size": 8,
+            "per_device_batch_size": 8,
             "max_steps": 100,
             "save_steps": 10**6,
             "chunk_size": 512,
@@ -311,7 +311,7 @@ def padding_options(root: Path, student: Path, n: int, chunk_size: int = 0) -> l
             student,
             max_steps=-1,
             epochs=1.0,
-            batch_size=16,
+            per_device_batch_size=16,
             chunk_size=chunk_size,
             group_by_length=group,
             packing=pack,

@@ -94,7 +94,7 @@ def build(args, length: int, checkpointing: bool, out_dir: Path):
         {
             "train": {
                 "max_steps": 1,
-                "batch_size": 1,
+                "per_device_batch_size": 1,
                 "chunk_size": args.chunk_size,
                 "lr": 1e-4,
                 "gradient_checkpointing": checkpointing,

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from distillab.config import from_dict
-from distillab.demo import RETAIN, demo_config, share_teacher_cache
+from distillab.demo import RETAIN, demo_config
 from distillab.generate import run_generate
+from distillab.pipeline import share_teacher_cache
 from distillab.scoring import evaluate_model, gap_closed, suites
 from distillab.select import choose_student
 from distillab.train import run_train

@@ -58,7 +58,7 @@ def tiny_config(
         "train": {
             "student": str(student_model),
             "max_steps": 3,
-            "batch_size": 4,
+            "per_device_batch_size": 4,
             "sft_weight": 1.0,
             "save_steps": 2,
             "lr": 1e-2,

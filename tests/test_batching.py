@@ -178,3 +178,82 @@ def test_one_step_with_packing_or_grouping_equals_the_plain_step(tmp_path, optio
     assert any((start[n] - plain[n]).abs().max() > 0 for n in plain)
     for name in plain:
         torch.testing.assert_close(other[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One meaning of the batch size on any number of processes (TrainOrder, fillers)
+
+
+def _global_batches(data, per_device: int, processes: int, epoch: int = 0, grouped: bool = False) -> list[list[int]]:
+    """The micro-batch every process takes, step by step, joined in process order: each process's sampler as
+    accelerate shards it (BatchSamplerShard, as the Trainer prepares its DataLoader)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    from distillab.batching import TrainOrder
+
+    shards = []
+    for rank in range(processes):
+        order = TrainOrder(data, per_device, processes, seed=3, group_by_length=grouped)
+        order.set_epoch(epoch)
+        batches = torch.utils.data.BatchSampler(order, per_device, drop_last=False)
+        shards.append(list(BatchSamplerShard(batches, processes, rank) if processes > 1 else batches))
+    assert len({len(s) for s in shards}) == 1  # every process takes as many micro-batches
+    return [sum((shard[step] for shard in shards), []) for step in range(len(shards[0]))]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_processes_take_the_global_batches_one_process_takes_the_last_partial_one_too(grouped):
+    rng = np.random.default_rng(0)
+    data = DistillDataset(
+        ListRows([{"prompt_ids": [1], "completion_ids": [2] * int(n)} for n in rng.integers(1, 30, 11)]), 10
+    )
+    for epoch in (0, 1):
+        one = _global_batches(data, 4, 1, epoch, grouped)
+        for processes in (2, 4):
+            many = _global_batches(data, 4 // processes, processes, epoch, grouped)
+            assert [[i for i in b if i < len(data)] for b in many] == one  # the same rows, split as one takes them
+            assert all(i >= len(data) for i in many[-1][len(one[-1]) :])  # the rest of the last batch: fillers
+        assert sorted(sum(one, [])) == list(range(11))  # every row once an epoch, none twice
+
+
+def test_one_process_keeps_the_order_the_trainer_drew_before():
+    """TrainOrder's permutation is the one transformers' Trainer draws through accelerate (SeedableRandomSampler,
+    seeded with data_seed + epoch): a one-process run trains on the batches it always did."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    data = DistillDataset(ListRows([{"prompt_ids": [1], "completion_ids": [2]}] * 11), 10)
+    for epoch in (0, 1):
+        trainers = SeedableRandomSampler(data_source=data, data_seed=3)
+        trainers.set_epoch(epoch)
+        assert sum(_global_batches(data, 4, 1, epoch), []) == list(trainers)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_a_micro_batch_of_fillers_is_a_zero_loss_whose_gradient_reaches_every_weight(chunk_size):
+    """A process the epoch's last batch does not reach gets fillers: its loss is 0 and its backward runs (DDP's
+    all-reduce waits for every process's backward), with a zero gradient for every weight."""
+    from distillab.batching import Collator
+
+    model = tiny_llama(VOCAB)
+    cfg = from_dict({"train": {"student": "in-process", "loss": "forward_kl", "chunk_size": chunk_size}})
+    d = train.DistillSettings(cfg, model)
+    data = DistillDataset(ListRows(_rows_with_teacher()), VOCAB)
+    batch = Collator(data, pad_id=0)([len(data), len(data) + 1])
+    assert batch["filler"].tolist() == [True, True] and not (batch["labels"] != -100).any()
+    terms = train.loss_step(d.head(model, model, batch, d), batch, d)
+    assert float(terms.total) == 0.0 and int(terms.n_tokens) == 0
+    terms.total.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_batch_size_is_per_device_batch_size_under_its_old_name():
+    old = from_dict({"train": {"batch_size": 6, "grad_accum": 2}})
+    assert old.train.per_device_batch_size == 6 and old.train.old_batch_size_key
+    assert train.batch_line(old.train) == (
+        "train: global batch 12 rows a step = per_device_batch_size 6 x 1 process(es) x grad_accum 2 "
+        "(train.batch_size is now named per_device_batch_size, the same per-process meaning: rename it)"
+    )
+    new = from_dict({"train": {"per_device_batch_size": 6}})
+    assert not new.train.old_batch_size_key and "rename" not in train.batch_line(new.train)
+    with pytest.raises(ConfigError, match="old name: give one of them"):
+        from_dict({"train": {"batch_size": 6, "per_device_batch_size": 6}})

@@ -94,7 +94,7 @@ def config(tmp_path, teacher, student, prompts, name="chat", **data):
         data={"prompts_file": str(prompts), **data},
         eval={"n_per_skill": 2, "bootstrap": 10},
         max_steps=2,
-        batch_size=2,
+        per_device_batch_size=2,
     )
 
 
@@ -104,16 +104,58 @@ def config(tmp_path, teacher, student, prompts, name="chat", **data):
 
 def test_a_plain_prompt_without_a_template_keeps_todays_ids():
     """The lab demo's numbers must not move: a lab prompt renders and encodes exactly as before chat.py."""
-    from distillab import models
     from distillab.lab.world import get_skill
 
-    tok = models.load_tokenizer("lab:base")
+    tok = build_tokenizer()  # the lab's tokenizer without the shipped models' template
     assert not chat.has_template(tok)
     for ex in get_skill("add").examples("train", 5) + get_skill("describe").examples("train", 5):
         assert chat.render_prompt(tok, chat.as_turns(ex.prompt)) == ex.prompt
         assert chat.encode(tok, chat.as_turns(ex.prompt), ex.answer) == encode_example(tok, ex.prompt, ex.answer)
     turns = CONVERSATIONS[1]  # no template: the plain concatenation, as serve always joined messages
     assert chat.render_prompt(tok, turns) == "be brief.\nreverse abc\ncba\nreverse xyz"
+
+
+@pytest.mark.slow
+def test_the_lab_models_template_asks_the_last_question_and_keeps_a_lab_prompts_ids():
+    """The shipped lab models' chat template (lab.tokenizer.CHAT_TEMPLATE), on every shipped checkpoint: a lab prompt
+    of every skill renders and encodes exactly as without a template; a conversation is its last user turn,
+    newline-ended; and the teacher answers lab questions behind a system prompt and an earlier exchange (it scored
+    0.000 on them with the turns joined by newlines)."""
+    from distillab import models
+    from distillab.lab.tokenizer import CHAT_TEMPLATE
+    from distillab.lab.world import SKILLS, get_skill
+    from distillab.scoring import local_complete
+
+    shipped = sorted(p.parent for p in models.LAB_CHECKPOINTS.glob("*/config.json"))
+    assert {p.name for p in shipped} >= {"teacher", "base"}
+    for path in shipped:
+        assert models.load_tokenizer(path).chat_template == CHAT_TEMPLATE, path.name
+    tok, plain = models.load_tokenizer("lab:teacher"), build_tokenizer()
+    for skill in SKILLS.values():
+        for ex in skill.examples("train", 3) + skill.examples("test", 3):
+            assert chat.render_prompt(tok, chat.as_turns(ex.prompt)) == ex.prompt
+            assert chat.encode(tok, chat.as_turns(ex.prompt), ex.answer) == encode_example(plain, ex.prompt, ex.answer)
+    assert chat.render_prompt(tok, CONVERSATIONS[1]) == "reverse xyz\n"
+    prompt_ids, completion_ids = chat.encode(tok, CONVERSATIONS[1], "zyx")
+    assert (prompt_ids, completion_ids) == encode_example(plain, "reverse xyz\n", "zyx")
+    with pytest.raises(chat.TemplateRefused, match="user turn"):
+        chat.render_prompt(tok, [SYSTEM])
+
+    examples = [e for s in ("add", "reverse", "upper", "recall") for e in get_skill(s).examples("test", 6)]
+    earlier = get_skill("sort").examples("test", len(examples), seed=1)
+    conversations = [
+        [SYSTEM, {"role": "user", "content": p.prompt.strip()}, {"role": "assistant", "content": p.answer}]
+        + [{"role": "user", "content": e.prompt.strip()}]
+        for e, p in zip(examples, earlier)
+    ]
+    model = models.load_model("lab:teacher")
+
+    def score(prompts) -> float:
+        answers = local_complete(model, tok, 12)(prompts)  # the longest answer: 7 letters
+        return sum(get_skill(e.skill).score(a, e.answer) for e, a in zip(examples, answers)) / len(examples)
+
+    assert score(conversations) >= 0.75  # the teacher scores 0.962 on lab prompts alone
+    assert score([chat.plain_text(c) for c in conversations]) <= 0.25  # the turns joined: what it scored before
 
 
 def test_the_template_renders_the_history_and_the_assistant_turn():

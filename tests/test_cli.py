@@ -70,4 +70,4 @@ def test_lab_pretrain_checks_then_runs_every_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(distillab.lab.pretrain, "pretrain", lambda name, out, **kw: calls.append((name, out)))
     assert run_cli(["lab", "pretrain", "all", "--out", str(tmp_path / "ckpt")]) == 0
     assert calls == [(name, tmp_path / "ckpt" / name) for name in distillab.lab.pretrain.PRESETS]
-    assert len(calls) == 2
+    assert len(calls) == 3  # teacher, base, and signal-teacher (which continues the teacher beside it)

@@ -409,3 +409,157 @@ def test_kd_without_any_teacher_top_k_trains_sft_with_a_one_line_notice(tmp_path
     run_generate(cfg, **QUIET)
     assert run_train(cfg, log=said.append)["steps"] == 2
     assert [s for s in said if "logit KD impossible" in s] and all("\n" not in s for s in said)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A served teacher with another tokenizer: the ids it returns read with its own tokenizer (serve offers its files),
+# aligned as a local teacher's are; refused before any request where nothing would align.
+
+
+def _peaked_char_teacher(tmp_path):
+    """A tiny char-level teacher with sharp distributions (its final norm x 12): its greedy answers and top-k do not
+    hang on float noise, so a served and a local run pick the same tokens."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_llama(tmp_path / "teacher", hidden=32, layers=1, seed=1)
+    weights = load_file(str(path / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 12
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def _aligned_rows_agree(local: list[dict], served: list[dict]) -> None:
+    """The same texts and student tokens; at every position the same top token and the same ids up to a near-tie at
+    the k-th place, logprobs equal up to storage rounding (the server batches otherwise: float noise)."""
+    assert len(local) == len(served) > 0
+    for x, y in zip(local, served):
+        assert (x["completion"], x["completion_ids"]) == (y["completion"], y["completion_ids"])
+        assert x["top_ids"] is not None and y["top_ids"] is not None  # KD rows both (before: the served ones SFT)
+        for ids_x, lps_x, ids_y, lps_y in zip(x["top_ids"], x["top_logprobs"], y["top_ids"], y["top_logprobs"]):
+            top_x = {i: lp for i, lp in zip(ids_x, lps_x) if lp > -1e3}  # the aligned entries (fillers at -inf)
+            top_y = {i: lp for i, lp in zip(ids_y, lps_y) if lp > -1e3}
+            assert bool(top_x) == bool(top_y)  # aligned at the same positions
+            if top_x:
+                assert max(top_x, key=top_x.get) == max(top_y, key=top_y.get)
+                shared = set(top_x) & set(top_y)
+                assert len(shared) >= len(top_x) - 1
+                assert max(abs(top_x[i] - top_y[i]) for i in shared) <= 1 / 16 + 1e-3
+
+
+@pytest.mark.slow
+def test_a_served_teacher_of_another_tokenizer_is_aligned_as_the_local_teacher_is(tmp_path):
+    """Before, a served teacher's ids in its own vocabulary were dropped (SFT rows, cross_tokenizer null); now its
+    tokenizer comes from serve (GET /v1/tokenizer) and its top-k is aligned onto the BPE student's tokens as the
+    local teacher's is."""
+    from distillab.generate import run_generate
+    from distillab.testing import server_process
+
+    teacher, student = _peaked_char_teacher(tmp_path), _model(tmp_path, "bpe", 2, 16)
+    local = tiny_config(tmp_path / "local", teacher, student)
+    run_generate(local, **QUIET)
+    with server_process(teacher) as url:
+        served = tiny_config(tmp_path / "served", teacher, student, teacher={"model": teacher.name, "base_url": url})
+        said = []
+        run_generate(served, log=said.append)
+    summaries = [json.loads((c.run_dir / "data" / "generate_summary.json").read_text()) for c in (local, served)]
+    rows = [read_dataset(c.run_dir / "data" / "train.parquet") for c in (local, served)]
+    _aligned_rows_agree(*rows)
+    stats_local, stats_served = (s["cross_tokenizer"] for s in summaries)
+    assert stats_served["rows"] == stats_local["rows"] == len(rows[1])
+    assert stats_served["positions"] == stats_local["positions"]
+    assert stats_served["aligned_share"] == stats_local["aligned_share"] > 0
+    assert stats_served["mass_kept"] == pytest.approx(stats_local["mass_kept"], abs=0.02)
+    assert (served.run_dir / "teacher_tokenizer" / teacher.name / "tokenizer.json").is_file()
+    assert [s for s in said if "is not the student's: its top-k is aligned by text spans" in s]
+
+
+@pytest.mark.slow
+def test_a_teacher_tokenizer_that_cannot_be_aligned_is_refused_before_any_request(tmp_path):
+    """teacher.tokenizer names one whose decoding does not give its text back (no decoder: tokens joined by spaces):
+    no span past its first token could be read, so generate refuses in one line and serve answers no request."""
+    from distillab.errors import UserError
+    from distillab.generate import run_generate
+    from distillab.testing import metric_sum, read_metrics, server_thread
+
+    teacher, student = _model(tmp_path, "char", 1, 32), _model(tmp_path, "bpe", 2, 16)
+    spaced = build_tokenizer()
+    spaced.backend_tokenizer.decoder = None  # decode("ab") == "a b"
+    spaced.save_pretrained(tmp_path / "spaced")
+    with server_thread(teacher, model_name="teacher") as server:
+        cfg = tiny_config(
+            tmp_path,
+            teacher,
+            student,
+            teacher={"model": "teacher", "base_url": server.base_url, "tokenizer": str(tmp_path / "spaced")},
+        )
+        with pytest.raises(UserError, match="does not decode its own tokens back") as refused:
+            run_generate(cfg, **QUIET)
+        asked = metric_sum(read_metrics(server.url), "distillab_requests_total")
+    assert "\n" not in str(refused.value) and str(tmp_path / "spaced") in str(refused.value)
+    assert asked == 0 and not (cfg.run_dir / "data" / "train.parquet").exists()
+
+
+def test_serve_offers_its_tokenizer_behind_its_key_and_fetch_tokenizer_reads_it(tmp_path, monkeypatch):
+    """GET /v1/tokenizer lists the files (401 without the key), each one is served as it was saved (404 for a name it
+    does not have), and the client's fetch_tokenizer writes them into a directory that loads the served tokenizer."""
+    import httpx
+
+    from distillab.config import TeacherConfig
+    from distillab.teachers.openai_compat import OpenAITeacher, fetch_tokenizer
+    from distillab.testing import server_thread
+
+    teacher = _model(tmp_path, "bpe", 1, 32)
+    monkeypatch.setenv("SERVE_KEY", "sk-test")
+    with server_thread(teacher, model_name="teacher", api_key="sk-test") as server:
+        key = {"Authorization": "Bearer sk-test"}
+        assert httpx.get(server.base_url + "/tokenizer").status_code == 401
+        names = httpx.get(server.base_url + "/tokenizer", headers=key).json()["files"]
+        assert "tokenizer.json" in names
+        assert httpx.get(server.base_url + "/tokenizer/nope.json", headers=key).status_code == 404
+        cfg = TeacherConfig(model="teacher", base_url=server.base_url, api_key_env="SERVE_KEY")
+        assert fetch_tokenizer(OpenAITeacher(cfg), tmp_path / "fetched") == server.base_url
+    assert sorted(p.name for p in (tmp_path / "fetched").iterdir()) == sorted(names)
+    fetched = crosstok.load_tokenizer_dir(str(tmp_path / "fetched"), "teacher.tokenizer")
+    assert fetched.get_vocab() == TOKENIZERS["bpe"]().get_vocab()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token counts of a served run: the totals are the sum of the endpoints', and serve's own.
+
+
+def test_generate_summary_token_totals_are_the_sum_of_its_endpoints_and_of_what_serve_counted(tmp_path, monkeypatch):
+    """Two endpoints, a prompt repeated across chunks (asked once), then a rerun that reads every answer from the
+    cache: prompt and completion tokens are counted once a request, by the endpoint that answered (before: the
+    repeat counted twice in the totals and once at its endpoint, and a rerun's endpoints counted nothing)."""
+    from distillab import generate
+    from distillab.generate import run_generate
+    from distillab.testing import metric_sum, read_metrics, server_thread
+    from tests.helpers import write_jsonl
+
+    monkeypatch.setattr(generate, "CHUNK_ROWS", 4)
+    teacher = _model(tmp_path, "char", 1, 32)
+    texts = ["add 12 and 30", "reverse abc", "add 7 and 5", "count the a in banana", "upper hello"]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t} for t in texts + texts[:3]])  # 2 chunks
+    with server_thread(teacher, model_name="teacher") as a, server_thread(teacher, model_name="teacher") as b:
+        cfg = tiny_config(
+            tmp_path,
+            teacher,
+            teacher,
+            teacher={"model": "teacher", "base_url": [a.base_url, b.base_url], "concurrency": 2},
+            data={"prompts_file": str(prompts)},
+        )
+        summaries = []
+        for _ in range(2):
+            run_generate(cfg, **QUIET)
+            summaries.append(json.loads((cfg.run_dir / "data" / "generate_summary.json").read_text()))
+            (cfg.run_dir / "data" / "train.parquet").unlink()  # the rerun reads every answer from the cache
+        served = [read_metrics(s.url) for s in (a, b)]
+    counted = {
+        kind: sum(metric_sum(m, f"distillab_{kind}_total") for m in served)
+        for kind in ("prompt_tokens", "completion_tokens")
+    }
+    for summary in summaries:
+        assert summary["rows"] == 8
+        assert sum(e["answered"] for e in summary["endpoints"].values()) == len(texts)  # asked once a prompt
+        for kind, total in counted.items():
+            assert summary[kind] == sum(e[kind] for e in summary["endpoints"].values()) == total > 0

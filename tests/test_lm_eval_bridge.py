@@ -1,4 +1,6 @@
-"""The lm-eval bridge, offline: a local multiple-choice task (YAML + JSONL in tmp) on tiny local models."""
+"""The lm-eval bridge, offline: a local multiple-choice task (YAML + JSONL in tmp) on tiny local models; and
+lm-eval's own `local-completions` client against `distillab serve`, which matches distillab's log-likelihoods only
+with add_bos_token=True."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ import pytest
 
 from distillab import models
 from distillab.errors import UserError
-from distillab.scoring import score_multiple_choice
+from distillab.scoring import choice_loglikelihoods, score_multiple_choice
+from distillab.testing import server_thread
 from tests.helpers import run_config, save_tiny_llama, write_jsonl
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install lm-eval")
 
 from distillab.lm_eval_bridge import flat_scores, run_lm_eval  # noqa: E402
-from distillab.lm_eval_tasks import resolve_task_names  # noqa: E402
+from distillab.lm_eval_tasks import load_tasks, resolve_task_names, resolve_tasks  # noqa: E402
 
 DOCS = [
     {"question": "upper abc", "choices": ["ABC", "XYZ"], "label": 0},
@@ -87,6 +90,48 @@ def test_lm_eval_on_run_models_offline(tmp_path, task_yaml, monkeypatch):
     assert run_lm_eval(cfg, "", log=logs.append)["teacher"]["scores"] == results["teacher"]["scores"]
 
 
+@pytest.mark.slow
+def test_local_completions_against_serve_equal_distillabs_loglikelihoods_with_add_bos_token(
+    tmp_path, task_yaml, monkeypatch
+):
+    """lm-eval's `local-completions` model scoring the task through `distillab serve`: with add_bos_token=True (and the
+    model's tokenizer, requests sent as token ids) every choice's log-likelihood is distillab's own; without it the
+    context loses the <bos> every distillab model is trained and scored with, and the numbers move. lm-eval moves a
+    context's trailing whitespace (the prompts' newline) into the continuation, so the pair compared is
+    (question, newline + choice); the choice ranking is the same as after the newline."""
+    from lm_eval import simple_evaluate
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    path = models.resolve_model_path("lab:base")
+    model, tok = models.load("lab:base")
+    ours = [choice_loglikelihoods(model, tok, d["question"], ["\n" + c for c in d["choices"]]) for d in DOCS]
+    tasks = resolve_tasks(run_config(tmp_path, "r"), str(task_yaml))
+    scored = {}
+    with server_thread(path, model_name="lab:base") as server:
+        for add_bos_token in (True, False):
+            client = {
+                "model": "lab:base",
+                "base_url": server.base_url + "/completions",
+                "tokenizer": str(path),
+                "tokenizer_backend": "huggingface",
+                "add_bos_token": add_bos_token,
+                "max_length": 256,
+            }
+            out = simple_evaluate(
+                model="local-completions",
+                model_args=client,
+                tasks=load_tasks(tasks.manager, tasks.names),
+                task_manager=tasks.manager,
+                log_samples=True,
+            )
+            samples = sorted(out["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+            scored[add_bos_token] = [[ll for ll, _ in s["filtered_resps"]] for s in samples]
+    for theirs, mine in zip(scored[True], ours):
+        assert theirs == pytest.approx(mine, abs=1e-4)
+    for theirs, mine in zip(scored[False], ours):
+        assert all(abs(a - b) > 0.1 for a, b in zip(theirs, mine))  # no <bos>: another context
+
+
 def test_task_names_from_include_path(task_yaml):
     from lm_eval.tasks import TaskManager
 
@@ -103,6 +148,21 @@ def test_bad_specs_are_one_line_errors(tmp_path):
         run_lm_eval(cfg, str(tmp_path / "missing.yaml"))
     with pytest.raises(UserError, match="no lm-eval tasks given"):
         run_lm_eval(cfg, "")
+
+
+def test_a_hub_dataset_not_cached_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    """As hellaswag or arc_easy on a machine that never downloaded them: lm-eval runs offline here."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    (tmp_path / "hub_task.yaml").write_text(
+        TASK_YAML.replace("tiny_mc", "hub_mc").replace(
+            "dataset_path: json", "dataset_path: distillab-tests/never-cached"
+        )
+    )
+    tasks = resolve_tasks(run_config(tmp_path, "r"), str(tmp_path / "hub_task.yaml"))
+    with pytest.raises(
+        UserError, match="failed to load \\(offline\\).*not in this machine's `datasets` cache.*local task YAML"
+    ):
+        load_tasks(tasks.manager, tasks.names)
 
 
 def test_flat_scores_drop_the_default_filter():

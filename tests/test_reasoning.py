@@ -112,7 +112,7 @@ def config(tmp_path, teacher, student, name, **teacher_cfg):
         student,
         name=name,
         max_steps=1,
-        batch_size=2,
+        per_device_batch_size=2,
         data={"prompts_file": str(write_jsonl(tmp_path / "prompts.jsonl", PROMPTS))},
         eval={"n_per_skill": 2, "bootstrap": 10},
     )

@@ -352,3 +352,91 @@ def test_lm_eval_local_completions_loglikelihood(tmp_path, server, model_and_tok
             n_ctx = len(tok(context)["input_ids"])
             expected = direct_logprobs(model, whole)[n_ctx - 1 :].sum().item()
             assert math.isclose(ll, expected, abs_tol=1e-3), (context, continuation, ll, expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bounded under abuse: abandoned work, the idempotency store, one client's queue.
+
+
+def _send_and_hang_up(base_url: str, body: dict) -> None:
+    """A whole request written on a raw socket, then the connection closed: a client that gave up."""
+    import socket
+
+    host, port = base_url.split("//")[1].split("/")[0].split(":")
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+        )
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_abandoned_requests_are_not_computed_and_the_replay_store_stays_in_its_bytes(tiny_teacher):
+    """A real `distillab serve` process. 64 requests of 48 tokens whose clients hang up: at most the batch already
+    running is computed, and a 4-token request that comes next waits for that batch, not the other 15 (the server
+    before computed all 64 and the small one waited 3.5 s). Then 20 distinct Idempotency-Keys into a 24 KiB store:
+    it keeps the most recent answers that fit, and replays exactly those."""
+    budget_mb = 24 / 1024
+    with server_process(tiny_teacher, "--max-batch", "4", "--idempotency-max-mb", str(budget_mb)) as base_url:
+        url = base_url + "/completions"
+
+        def big(i):
+            return {"model": "teacher", "prompt": f"reverse abc {i}\n", "max_tokens": 48, "temperature": 0}
+
+        start = time.monotonic()
+        assert httpx.post(url, json=big(-1), timeout=60).status_code == 200
+        one_batch = time.monotonic() - start  # one request's 48 steps: what a batch of 4 costs, about
+        before = read_metrics(base_url)
+        for i in range(64):
+            _send_and_hang_up(base_url, big(i))
+        time.sleep(0.5)  # the server sees them all go
+        start = time.monotonic()
+        small = httpx.post(url, json={"model": "teacher", "prompt": "hi", "max_tokens": 4}, timeout=120)
+        waited = time.monotonic() - start
+        after = read_metrics(base_url)
+        computed = after["distillab_batched_prompts_total"] - before["distillab_batched_prompts_total"] - 1
+        gone = after['distillab_requests_total{code="499",endpoint="/v1/completions"}']
+        assert small.status_code == 200 and gone == 64
+        assert computed <= 8, computed  # the batch running when they hung up (and one more at most), of 64
+        assert waited < 4 * one_batch + 1.0, (waited, one_batch)  # all 64 would be 16 batches
+
+        sizes, headers = [], {"Idempotency-Key": ""}
+        for i in range(20):
+            body = {"model": "teacher", "prompt": f"upper k{i}\n", "max_tokens": 8, "logprobs": 5, "temperature": 0}
+            headers["Idempotency-Key"] = f"key-{i}"
+            sizes.append((body, len(httpx.post(url, json=body, headers=headers, timeout=60).content)))
+        kept = 0
+        for i in reversed(range(20)):  # newest first: a replay moves its answer to the end, evicting nothing
+            replays = read_metrics(base_url)["distillab_idempotent_replays_total"]
+            headers["Idempotency-Key"] = f"key-{i}"
+            assert httpx.post(url, json=sizes[i][0], headers=headers, timeout=60).status_code == 200
+            if read_metrics(base_url)["distillab_idempotent_replays_total"] == replays:
+                break  # recomputed: it had been dropped
+            kept += sizes[i][1]
+        budget = budget_mb * (1 << 20)
+        assert 0 < kept <= budget < kept + sizes[i][1]  # the most recent answers that fit, no more, no fewer
+
+
+def test_one_client_cannot_queue_more_than_its_share(tiny_teacher):
+    """Past max_client_work token slots queued from one address, a 429 with Retry-After; once answered, room again."""
+    body = {"model": "tiny", "prompt": "reverse abc\n", "max_tokens": 48, "temperature": 0}  # 48 token slots
+    with server_thread(tiny_teacher, model_name="tiny", limits=ServeLimits(max_client_work=100), max_batch=1) as s:
+        results = []
+
+        def ask():
+            r = httpx.post(s.base_url + "/completions", json=body, timeout=60)
+            results.append((r.status_code, r.headers.get("retry-after")))
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert s.app.state.server.queued == {}  # every slot given back
+        after = httpx.post(s.base_url + "/completions", json=body, timeout=60)
+    codes = sorted(code for code, _ in results)
+    assert codes.count(200) >= 2 and 429 in codes, codes  # two fit at once (96 <= 100), a third does not
+    assert all(retry == "1" for code, retry in results if code == 429)
+    assert after.status_code == 200

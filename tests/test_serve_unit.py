@@ -363,3 +363,78 @@ def test_serve_module_has_no_second_cli():
     import distillab.serve
 
     assert not hasattr(distillab.serve, "main")  # `distillab serve` (typer) is the only command line
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bounded: the idempotency store in bytes, a client's queued work, abandoned answers cancelled.
+
+
+def test_idempotency_store_keeps_the_most_recent_answers_that_fit_its_bytes():
+    from distillab.serve.server import _IdempotencyStore
+
+    store, metrics, computed = _IdempotencyStore(max_bytes=100), Metrics(), []
+
+    def answer(key: str, size: int):
+        async def compute() -> bytes:
+            computed.append(key)
+            return key.encode() * size
+
+        return store.run(key, compute, metrics)
+
+    async def scenario():
+        for key, size in [("a", 40), ("b", 30), ("c", 30), ("d", 20), ("e", 120)]:  # e: over the whole bound
+            await answer(key, size)
+        assert list(store.done) == ["b", "c", "d"] and store.size == 80 <= 100  # a dropped for d; e never kept
+        await answer("b", 30)  # a replay: b becomes the most recent
+        await answer("a", 40)  # recomputed; the least recently used (c) makes room
+        assert list(store.done) == ["d", "b", "a"] and store.size == 90
+
+    asyncio.run(scenario())
+    assert computed == ["a", "b", "c", "d", "e", "a"]
+    assert metrics.value("distillab_idempotent_replays_total") == 1
+
+
+def test_an_answer_is_cancelled_only_when_every_requester_has_gone():
+    from distillab.serve.server import _IdempotencyStore
+
+    store, metrics = _IdempotencyStore(max_bytes=1 << 20), Metrics()
+    started, cancelled = [], []
+
+    async def slow() -> bytes:
+        started.append(1)
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            cancelled.append(1)
+            raise
+        return b"done"
+
+    async def scenario():
+        first = asyncio.ensure_future(store.run("k", slow, metrics))
+        second = asyncio.ensure_future(store.run("k", slow, metrics))  # joins the first
+        await asyncio.sleep(0.05)
+        first.cancel()  # one requester leaves: the other still waits, so the work goes on
+        assert await second == b"done" and not cancelled
+        third = asyncio.ensure_future(store.run("other", slow, metrics))
+        await asyncio.sleep(0.05)
+        third.cancel()  # its only requester leaves: cancelled, and nothing is kept
+        await asyncio.gather(third, return_exceptions=True)
+        await asyncio.sleep(0)
+        assert cancelled and "other" not in store.done and "other" not in store.running
+
+    asyncio.run(scenario())
+    assert len(started) == 2
+
+
+def test_a_clients_queued_work_is_bounded_and_released(tokenizer):
+    server, _ = make_server(tokenizer, max_client_work=100)
+    with server.admitted("10.0.0.1", 60):
+        with server.admitted("10.0.0.2", 60):  # another client has its own share
+            pass
+        err = api_error(lambda: server.admitted("10.0.0.1", 60).__enter__())
+        assert err.status == 429 and "limit of 100 per client" in err.message
+        with server.admitted(None, 10**9):  # the Batch API's lines are not a client's
+            pass
+    assert server.queued == {}
+    with server.admitted("10.0.0.1", 500):  # a lone request always fits (max_request_work bounds it)
+        assert server.queued == {"10.0.0.1": 500}

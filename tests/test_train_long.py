@@ -167,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, tiny
         tiny_teacher,
         tiny_teacher,
         max_steps=1,
-        batch_size=4,
+        per_device_batch_size=4,
         kd_weight=1.0,
         sft_weight=0.5,
         chunk_size=chunk_size,
@@ -231,7 +231,7 @@ def test_bf16_on_cpu_runs_under_autocast(tmp_path, tiny_teacher, tiny_student, m
 @pytest.mark.parametrize("hidden_dtype", [None, torch.bfloat16])
 def test_bf16_with_chunked_kd_on_cpu_runs_close_to_fp32(tmp_path, tiny_teacher, hidden_dtype):
     rows = _rows(4, len(models.load_tokenizer(tiny_teacher)))
-    cfg = tiny_config(tmp_path, tiny_teacher, tiny_teacher, max_steps=1, batch_size=4, chunk_size=5)
+    cfg = tiny_config(tmp_path, tiny_teacher, tiny_teacher, max_steps=1, per_device_batch_size=4, chunk_size=5)
     fp32, fp32_loss, _ = _one_step(cfg, rows, tiny_teacher, tmp_path / "fp32")
     cfg.train.precision = "bf16"
     bf16, bf16_loss, _ = _one_step(cfg, rows, tiny_teacher, tmp_path / "bf16", hidden_dtype)

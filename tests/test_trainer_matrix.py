@@ -153,7 +153,7 @@ def cell_config(teacher_kind: str, path: str, batch_size: int = 4, grad_accum: i
                 "on_policy_fraction": 1.0 if teacher_kind == "on_policy" else 0.0,
                 "chunk_size": 3 if path == "chunked" else 0,
                 "max_steps": 1,
-                "batch_size": batch_size,
+                "per_device_batch_size": batch_size,
                 "grad_accum": grad_accum,
                 "warmup_ratio": 0.0,
                 "save_steps": 10**9,

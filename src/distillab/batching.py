@@ -1,5 +1,6 @@
 """Rows -> torch: the training set (task rows, with retain replay in a fixed batch-by-batch order), its order
-(length-grouped batches), its batches (collate, packing), and right padding for scoring.
+(TrainOrder: global batches, the same on any number of processes; length grouping), its batches (collate, packing),
+and right padding for scoring.
 
 Rows come from a RowSource: trainrows.ArrowRows (a dataset streamed from its Arrow copy) or ListRows (rows in memory),
 either seen through LengthLimit where train.max_length is set.
@@ -200,13 +201,16 @@ class DistillDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """DataLoader collate_fn: a batch of items -> their rows, fetched and decoded together -> collate."""
+    """DataLoader collate_fn: a batch of items -> their rows, fetched and decoded together -> collate. An item past
+    the dataset's end is a filler (TrainOrder): a one-token row with nothing to predict."""
 
     def __init__(self, data: DistillDataset, pad_id: int, pack: bool = False):
         self.data, self.pad_id, self.pack = data, pad_id, pack
 
     def __call__(self, items: list[int]) -> dict[str, torch.Tensor]:
-        return collate(self.data.fetch(items), self.pad_id, pack=self.pack)
+        rows = self.data.fetch([i for i in items if i < len(self.data)])  # fillers come last in an order
+        filler = {"prompt_ids": [self.pad_id], "completion_ids": [], "filler": True}
+        return collate(rows + [filler] * (len(items) - len(rows)), self.pad_id, pack=self.pack)
 
 
 def group_by_length(
@@ -236,24 +240,45 @@ def group_by_length(
     return out
 
 
-class LengthGroupedSampler(torch.utils.data.Sampler):
-    """train.group_by_length: the epoch's order (a permutation from the seed and epoch, or the retain layout as it
-    is) through group_by_length. Deterministic: the same seed gives the same batches, on every process and resume."""
+class TrainOrder(torch.utils.data.Sampler):
+    """The epoch's items, the same on every process (from the seed and the epoch), in global batches of
+    per_device x processes items: accelerate gives each process its per-device slice of every global batch, so P
+    processes of b rows see, micro-batch by micro-batch, the rows one process of P x b rows sees.
 
-    def __init__(self, data: DistillDataset, batch_size: int, seed: int):
-        self.data, self.batch_size, self.seed, self.epoch = data, batch_size, seed, 0
-        self.lengths = data.lengths()
+    The order: the retain layout as it is, or a permutation (torch.randperm seeded with seed + epoch: the one the
+    Trainer draws through accelerate's SeedableRandomSampler, so one process trains on what it always did); with
+    train.group_by_length, the layout or numpy's permutation through group_by_length over global batches.
+
+    Under P > 1 processes the order ends with filler items (past the dataset's end; Collator) up to a whole global
+    batch: the epoch's last, partial batch is split as one process would take it, the fillers predicting nothing
+    (the loss divides by the global token count), where accelerate would otherwise fill it up with rows from the
+    epoch's start, trained twice."""
+
+    def __init__(self, data: DistillDataset, per_device: int, processes: int, seed: int, group_by_length: bool):
+        self.data, self.seed, self.epoch = data, seed, 0
+        self.global_batch = per_device * processes
+        self.lengths = data.lengths() if group_by_length else None
+        whole_batches = -(-len(data) // self.global_batch)
+        self.size = len(data) if processes == 1 else whole_batches * self.global_batch
 
     def set_epoch(self, epoch: int) -> None:  # the Trainer (through accelerate) calls it before each epoch
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self.size
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = np.arange(len(self.data)) if self.data.layout is not None else rng.permutation(len(self.data))
-        yield from group_by_length(order, self.lengths, self.data.group, self.batch_size, rng).tolist()
+        n = len(self.data)
+        if self.lengths is not None:  # train.group_by_length: numpy's draws from (seed, epoch)
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = np.arange(n) if self.data.layout is not None else rng.permutation(n)
+            order = group_by_length(order, self.lengths, self.data.group, self.global_batch, rng)
+        elif self.data.layout is not None:
+            order = np.arange(n)
+        else:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).numpy()
+        yield from order.tolist()
+        yield from range(n, self.size)  # fillers
 
 
 def collate(rows: list[dict], pad_id: int, pack: bool | int = False) -> dict[str, torch.Tensor]:
@@ -309,6 +334,8 @@ def collate(rows: list[dict], pad_id: int, pack: bool | int = False) -> dict[str
         out["position_ids"] = position_ids
     else:
         out["prompt_len"] = prompt_len
+        if any(r.get("filler") for r in rows):  # TrainOrder's fillers: an on-policy step samples nothing for them
+            out["filler"] = torch.tensor([bool(r.get("filler")) for r in rows])
     if k:
         out.update(top_ids=top_ids, top_logprobs=top_logprobs, top_tail=top_tail, kd_mask=kd_mask)
     return out

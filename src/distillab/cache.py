@@ -22,7 +22,10 @@ open, in one transaction, into blocks (EarlierLayout, RequestCache._convert): a 
 file as it is, and the next open converts it. A cache of layout 3 gets layout 4's reasoning_tokens columns (a reasoning
 trace's share of completion_tokens, summed by usage() for the ledger; 0 for every response it already holds), in
 place, in one transaction: its blocks are not touched. The trace's text itself is a response field like the others
-(in the meta JSON part, absent when there is none), so a response without one reads back exactly as before.
+(in the meta JSON part, absent when there is none), so a response without one reads back exactly as before. Layout 5
+adds the billing columns (BILLING_COLUMNS: prompt tokens the endpoint's prompt cache served, and whether the Batch API
+answered) to loose and packed, by ALTER TABLE in every cache, a new one too (SCHEMA is layout 4's), in the open's
+transaction: 0 for every response an earlier cache holds. `billing(keys)` sums them for the ledger's prices.
 `get(key, raw_topk=True)` hands the codec bytes over without decoding: generate writes them to the
 dataset as they are, no decode/re-encode and no extra rounding.
 """
@@ -42,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from distillab.errors import UserError
+from distillab.files import cannot_write
 
 # Loose rows, blocks of packed ones, and `responses` as a view of both (key and counts, so a COUNT(*) or SUM(...) over
 # it counts every cached response, packed or not).
@@ -85,14 +89,27 @@ CREATE VIEW responses AS
   SELECT key, prompt_tokens, completion_tokens, latency_s, attempts, reasoning_tokens FROM loose
   UNION ALL SELECT key, prompt_tokens, completion_tokens, latency_ms / 1000.0, attempts, reasoning_tokens FROM packed;
 """
-LAYOUT = 4  # PRAGMA user_version of the layout above; a cache with a lower one is converted on open
+LAYOUT = 5  # PRAGMA user_version of the layout above + BILLING_COLUMNS; a cache with a lower one is converted on open
 # Layout 3 is layout 4 without the reasoning_tokens columns: it gets them in place (REASONING_UPGRADE), its blocks
 # as they are.
 REASONING_UPGRADE = SCHEMA[SCHEMA.index("CREATE VIEW") :]
+# Layout 5's columns of loose and packed, added in place (billing(): what is not billed at the plain rates)
+BILLING_COLUMNS = (
+    "cached_tokens",  # of prompt_tokens, those the endpoint's prompt cache served (the cached-input rate)
+    "batch",  # 1: answered through the Batch API (the batch rate)
+)
+# billing()'s sums: cached prompt tokens, and the Batch API's requests and their tokens
+BILLING_KEYS = (
+    "cached_tokens",
+    "batch_requests",
+    "batch_prompt_tokens",
+    "batch_cached_tokens",
+    "batch_completion_tokens",
+)
 LOOSE_COLUMNS = (
     "key, request, response, prompt_tokens, completion_tokens, latency_s, attempts, created_at, "
-    "reasoning_tokens"
-)  # named: a layout-3 cache upgraded in place has them in this order too
+    "reasoning_tokens, cached_tokens, batch"
+)  # named: a cache upgraded in place has them in this order too
 PACK_ROWS = 512  # loose rows that trigger a repack into one block
 BLOCKS_KEPT = 4  # decoded blocks kept for reads
 ZSTD_LEVEL = 9  # small blobs: a higher level costs little time, saves ~10%
@@ -300,7 +317,14 @@ class EarlierLayout:
         return self.decompressors[id].decompress(blob[8:])
 
 
+SQLITE_WRITE_FAILED = (10, 13)  # SQLITE_IOERR, SQLITE_FULL: a full disk or quota, a file-size limit
+
+
 def _corrupt(path: Path, err: sqlite3.Error) -> UserError:
+    """A cache that cannot be used: one that could not be written (a full disk) is kept, the answers committed before
+    the failure with it; a damaged one is moved away."""
+    if getattr(err, "sqlite_errorcode", 0) & 0xFF in SQLITE_WRITE_FAILED:
+        return cannot_write(path, err, "the answers it holds are kept, only the others are asked")
     return UserError(
         f"{path}: unusable teacher cache ({err}): move it away and rerun (its cached answers are then asked again)"
     )
@@ -363,6 +387,8 @@ class RequestCache:
                 for statement in filter(str.strip, SCHEMA.split(";")):
                     self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version = {LAYOUT}")
+            if fresh or version < LAYOUT:
+                self._add_billing_columns()
             if converting:
                 self._convert(tables)
             self.db.execute("COMMIT")
@@ -377,6 +403,15 @@ class RequestCache:
             self.db.execute(f"ALTER TABLE {table} ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0")
         self.db.execute("DROP VIEW responses")
         self.db.execute(REASONING_UPGRADE)
+        self.db.execute(f"PRAGMA user_version = {LAYOUT}")
+
+    def _add_billing_columns(self) -> None:
+        """Layout 5's BILLING_COLUMNS, inside _open_layout's transaction (a column already there is kept)."""
+        for table in ("loose", "packed"):
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for column in BILLING_COLUMNS:
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         self.db.execute(f"PRAGMA user_version = {LAYOUT}")
 
     def _convert(self, tables: set[str]) -> None:
@@ -505,10 +540,12 @@ class RequestCache:
             int(attempts),
             time.time(),
             int(response.get("reasoning_tokens") or 0),
+            int(response.get("cached_tokens") or 0),
+            int(bool(response.get("batch"))),
         )
         with self.db:  # one committed transaction per response: a loose row, unless another process packed it
             self.db.execute(
-                f"INSERT OR IGNORE INTO loose ({LOOSE_COLUMNS}) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 "
+                f"INSERT OR IGNORE INTO loose ({LOOSE_COLUMNS}) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 "
                 "WHERE NOT EXISTS (SELECT 1 FROM packed WHERE key = ?1)",
                 row,
             )
@@ -552,8 +589,8 @@ class RequestCache:
 
     def _write_block(self, rows: list[tuple]) -> None:
         """One block of rows (key, request JSON, response: response_raw's parts or JSON text, prompt_tokens,
-        completion_tokens, latency_s, attempts, created_at, and reasoning_tokens but from an earlier layout) and a
-        `packed` row a key, in the caller's transaction."""
+        completion_tokens, latency_s, attempts, created_at, and reasoning_tokens, cached_tokens, batch but from an
+        earlier layout) and a `packed` row a key, in the caller's transaction."""
         raw = pack_block([(request, response) for _, request, response, *_ in rows])
         data = BLOB_HEADER + _block_zstd().compress(raw)
         id = self.db.execute(
@@ -562,10 +599,10 @@ class RequestCache:
         ).lastrowid
         self.db.executemany(
             "INSERT INTO packed (key, block, pos, prompt_tokens, completion_tokens, latency_ms, attempts, "
-            "reasoning_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "reasoning_tokens, cached_tokens, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (key, id, pos, p, c, round(latency * 1000), attempts, reasoning[0] if reasoning else 0)
-                for pos, (key, _, _, p, c, latency, attempts, _, *reasoning) in enumerate(rows)
+                (key, id, pos, p, c, round(latency * 1000), attempts, *(*later, 0, 0, 0)[:3])
+                for pos, (key, _, _, p, c, latency, attempts, _, *later) in enumerate(rows)
             ],
         )
 
@@ -600,4 +637,28 @@ class RequestCache:
             totals["completion_tokens"] += c
             totals["latency_s"] += lat
             totals["reasoning_tokens"] += r
+        return totals
+
+    @_guarded
+    def billing(self, keys: list[str]) -> dict:
+        """What is not billed at the plain rates, over the given keys: cached_tokens (of prompt_tokens, served by the
+        endpoint's prompt cache) and, of them all, the requests the Batch API answered (batch_requests and their
+        batch_prompt_tokens, batch_cached_tokens, batch_completion_tokens). pricing.TeacherPricing.usd_for reads them
+        beside usage()'s totals."""
+        totals = dict.fromkeys(BILLING_KEYS, 0)
+        columns = "key, cached_tokens, batch, prompt_tokens, completion_tokens"
+        for start in range(0, len(keys), 250):  # twice in the statement: SQLite caps the bound parameters
+            chunk = [bytes.fromhex(k) for k in keys[start : start + 250]]
+            marks = ",".join("?" * len(chunk))
+            # loose and packed in one statement (one snapshot, whatever a repack does); not the responses view, which
+            # is layout 4's
+            row = self.db.execute(
+                "SELECT COALESCE(SUM(cached_tokens),0), COALESCE(SUM(batch),0), COALESCE(SUM(batch * prompt_tokens),0), "
+                "COALESCE(SUM(batch * cached_tokens),0), COALESCE(SUM(batch * completion_tokens),0) FROM "
+                f"(SELECT {columns} FROM loose WHERE key IN ({marks}) UNION ALL "
+                f"SELECT {columns} FROM packed WHERE key IN ({marks}))",
+                chunk + chunk,
+            ).fetchone()
+            for name, value in zip(BILLING_KEYS, row):
+                totals[name] += value
         return totals

@@ -242,15 +242,49 @@ def run(config: Path = ConfigArg):
 
 
 @app.command()
+def plan(
+    config: Path = ConfigArg,
+    teacher: list[str] = typer.Option(
+        [],
+        "--teacher",
+        help="another candidate teacher: [teacher] settings as key=value pairs over the config's "
+        '(e.g. "temperature=2.0", "model=gpt-4o-mini,base_url=https://api.openai.com/v1,label=mini"); repeatable',
+    ),
+):
+    """Pilots on nested shares of the prompts, scored on dev; the full run projected per size: score, $, break-even."""
+    from distillab.plan import print_plan, run_plan, with_teacher_options
+
+    cfg = with_teacher_options(_config(config), teacher)
+    record = run_plan(cfg, runner=run_shown, log=console.print)
+    from distillab.rundir import RunDir
+
+    print_plan(record, RunDir(cfg.run_dir).plan_record, console=Console())
+
+
+@app.command()
 def demo(
     runs_dir: Path = typer.Option(Path("runs"), help="where runs/demo goes"),
-    fresh: bool = typer.Option(False, help="delete runs/demo first"),
+    fresh: bool = typer.Option(False, help="delete runs/demo (runs/signal with --signal) first"),
+    signal: bool = typer.Option(
+        False, "--signal", help="where the teacher's signal pays: distributions and verified traces, over 3 seeds"
+    ),
 ):
-    """The lab demo: distill the base student on a task, with a zero-distillation control; ~2 minutes on 2 cores."""
-    from distillab.demo import run_demo
+    """The lab demo: distill the base student on a task, with a zero-distillation control; ~4 minutes on 2 cores.
+    --signal: the signal demo (distillab.signal_demo), ~8 minutes."""
     from distillab.files import check_creatable
 
     check_creatable(runs_dir, "runs directory", "choose another --runs-dir")
+    if signal:
+        import shutil
+
+        from distillab.signal_demo import run_signal_demo
+
+        if fresh:
+            shutil.rmtree(runs_dir / "signal", ignore_errors=True)
+        run_signal_demo(runs_dir, runner=run_shown, log=console.print)
+        return
+    from distillab.demo import run_demo
+
     run_demo(runs_dir, fresh=fresh, runner=run_shown, log=console.print)
 
 
@@ -266,8 +300,21 @@ def serve(
         help="most token slots one request may fill: (prompts x max_tokens + echoed prompt tokens) "
         "x (1 + top logprobs); default 262144",
     ),
+    max_client_work: int | None = typer.Option(
+        None,
+        help="most token slots (counted as for --max-request-work) one client address may have queued or running; "
+        "past it a 429 with Retry-After; default 4194304",
+    ),
+    idempotency_max_mb: float | None = typer.Option(
+        None,
+        help="memory for answers kept to replay a repeated Idempotency-Key, least recently used dropped past it; "
+        "default 256",
+    ),
     fault_rate: float = typer.Option(0.0, help="inject faults (429/500/hang/truncated) at this rate: for tests"),
     fault_seed: int = typer.Option(0, help="seed of the fault schedule"),
+    batch_delay: float = typer.Option(
+        0.0, help="seconds a Batch API batch waits before it runs (a provider's queue): for tests and demos"
+    ),
     reasoning_parser: str | None = typer.Option(
         None,
         help="think (or vLLM's deepseek_r1 / qwen3): a chat answer's inline <think> trace is returned in "
@@ -287,9 +334,12 @@ def serve(
         api_key=api_key,
         max_batch=max_batch,
         max_request_work=max_request_work,
+        max_client_work=max_client_work,
+        idempotency_max_mb=idempotency_max_mb,
         fault_rate=fault_rate,
         fault_seed=fault_seed,
         reasoning_parser=reasoning_parser,
+        batch_delay_s=batch_delay,
     )
 
 
@@ -318,6 +368,19 @@ def export(
 
     for path in export_run(run, fmt, out):
         print(path)  # one written file a line, on stdout: easy to pipe
+
+
+@app.command()
+def inspect(
+    run: Path = typer.Argument(..., help="a run directory, or the run config (TOML) that names it"),
+    row: int = typer.Option(0, min=0, help="the row's index in the dataset (0: the first)"),
+    dataset: str = typer.Option("train", help="train (the teacher's answers) or replay (retain's)"),
+    top: int = typer.Option(3, min=1, help="the teacher's most likely tokens shown at each label"),
+):
+    """One training row as the trainer sees it: its tokens, which carry labels and loss, the teacher's top-k."""
+    from distillab.inspect import render, row_view
+
+    Console(width=max(console.width, 100)).print(render(row_view(run, row, dataset, top)))
 
 
 @app.command()
@@ -379,16 +442,31 @@ def lab_pretrain(
         pretrain(name, (out or LAB_CHECKPOINTS) / name, steps=steps, log=console.print, from_phase=from_phase)
 
 
+@lab_app.command("bpe-student")
+def lab_bpe_student(
+    out: Path = typer.Argument(..., help="directory for the student (kept when it is already pretrained as asked)"),
+    steps: int = typer.Option(2000, min=1, help="pretraining steps of 64 examples (lab:base had 2,000)"),
+    vocab_size: int = typer.Option(384, min=260, help="BPE vocabulary size (the 256 bytes and 4 specials at least)"),
+):
+    """A base student with its own byte-level BPE tokenizer, for cross-tokenizer KD from lab:teacher."""
+    from distillab.files import check_creatable
+    from distillab.lab.bpe import build_bpe_student
+
+    check_creatable(out, "student directory", "choose another directory")
+    build_bpe_student(out, steps=steps, vocab_size=vocab_size, log=console.print)
+
+
 @lab_app.command("skills")
 def lab_skills():
     """List the lab's skills."""
     from rich.table import Table
 
-    from distillab.lab.world import SKILLS
+    from distillab.lab.world import ALL_SKILLS, SIGNAL_SKILLS
 
     table = Table("skill", "family", "metric", "what")
-    for s in SKILLS.values():
-        table.add_row(s.name, s.family, s.metric, s.description)
+    for s in ALL_SKILLS.values():
+        signal = " (signal demo; lab:signal-teacher)" if s.name in SIGNAL_SKILLS else ""
+        table.add_row(s.name, s.family, s.metric, s.description + signal)
     Console().print(table)
 
 

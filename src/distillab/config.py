@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -56,6 +56,10 @@ class TeacherConfig(_Strict):
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k_logprobs: int = Field(20, ge=0, le=20)  # 0: text only
+    # a served teacher's tokenizer, which reads the token ids it returns (aligned onto a student of another
+    # tokenizer, distillab.crosstok): a directory of its files (or lab:NAME), or "served" to fetch it from the
+    # endpoint (GET <base_url>/tokenizer, which `distillab serve` offers); unset: fetched when the endpoint offers it
+    tokenizer: str | None = None
     samples_per_prompt: int = Field(1, ge=1)  # > 1 (needs temperature > 0): that many answers a prompt, each a row
     concurrency: int = Field(8, ge=1)  # requests in flight per endpoint
     batch_size: int = Field(64, ge=1)  # local backend: prompts per generate() call
@@ -66,6 +70,19 @@ class TeacherConfig(_Strict):
     max_usd: float | None = None  # stop before projected spend passes this
     usd_per_1m_input: float | None = None  # price override; otherwise genai-prices; local models cost 0
     usd_per_1m_output: float | None = None
+    # with the override: prompt tokens the endpoint's prompt cache served (usage.prompt_tokens_details.cached_tokens);
+    # unset: the input price. genai-prices' cache-read rate otherwise
+    usd_per_1m_cached_input: float | None = None
+    # the OpenAI Batch API (distillab.teachers.batch): uncached requests go as JSONL through /v1/files + /v1/batches,
+    # answered within the provider's 24 h window at its batch price (genai-prices', else batch_discount x the price)
+    batch: bool = False
+    batch_max_requests: int = Field(50_000, ge=1)  # requests a batch holds (OpenAI's limit: 50,000 and 200 MB)
+    batch_poll_s: float = Field(10.0, gt=0)  # the first wait between polls of a batch; x1.5 a poll, up to ...
+    batch_poll_max_s: float = Field(300.0, gt=0)
+    # waited for the batches in flight before generate stops (they stay submitted: a rerun collects them); 25 h,
+    # past the providers' 24 h window
+    batch_wait_s: float = Field(90_000.0, gt=0)
+    batch_discount: float = Field(0.5, gt=0, le=1)  # the batch price where genai-prices has none: this x the price
     # a reasoning teacher's inline trace: [opening, closing] tags cut off its answer as answers arrive (a separate
     # reasoning_content / reasoning field needs none); [] keeps the text whole (distillab.reasoning)
     think_tags: list[str] = list(THINK_TAGS)
@@ -82,6 +99,11 @@ class TeacherConfig(_Strict):
             raise ValueError("base_url lists the same endpoint twice")
         if self.think_tags and (len(self.think_tags) != 2 or not all(t.strip() for t in self.think_tags)):
             raise ValueError(f"think_tags must be [opening, closing] non-empty tags, or [] (got {self.think_tags})")
+        if self.batch and not isinstance(self.base_url, str):
+            raise ValueError(
+                "batch = true needs one endpoint: set base_url to the URL of an API with /v1/batches "
+                "(a list of replicas is for requests sent one by one)"
+            )
         if self.samples_per_prompt > 1 and self.temperature == 0:
             raise ValueError(
                 f"samples_per_prompt = {self.samples_per_prompt} needs temperature > 0 "
@@ -141,7 +163,9 @@ class TrainConfig(_Strict):
     on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)  # λ of GKD: share of steps on student samples
     epochs: float = Field(3.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = Field(32, ge=1)
+    # rows each process takes per micro-batch, as transformers and TRL name it: a step takes per_device_batch_size x
+    # processes x grad_accum rows (the global batch, printed at start); `batch_size` is its old name, still read
+    per_device_batch_size: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
@@ -165,6 +189,31 @@ class TrainConfig(_Strict):
     # trace_format: how trace and answer are written for a student whose chat template has no thinking format
     traces: bool = True
     trace_format: str = TRACE_FORMAT
+    # the config gave the batch size under its old name, batch_size (train notes the new one); not a field, so a
+    # config read from the old key equals one read from the new
+    old_batch_size_key: ClassVar[bool] = False
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _read_old_batch_size(cls, data, handler) -> TrainConfig:
+        old = isinstance(data, dict) and "batch_size" in data
+        if old:
+            if "per_device_batch_size" in data:
+                raise ValueError("batch_size is per_device_batch_size's old name: give one of them, not both")
+            data = {("per_device_batch_size" if k == "batch_size" else k): v for k, v in data.items()}
+        config = handler(data)
+        if old:
+            object.__setattr__(config, "old_batch_size_key", True)
+        return config
+
+    @property
+    def batch_size(self) -> int:
+        """per_device_batch_size under its old name (code and configs written before the rename)."""
+        return self.per_device_batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.per_device_batch_size = value
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -330,6 +379,47 @@ class VerifyConfig(_Strict):
         return {self.method, *self.by_skill.values()}
 
 
+class PlanTeacher(TeacherConfig):
+    """A candidate teacher of `distillab plan` ([[plan.teachers]]): settings over [teacher]'s (what it does not set is
+    [teacher]'s), and the name its pilots go by."""
+
+    label: str | None = None  # its pilots' directory and its row; None: the model name and temperature
+
+
+class PlanConfig(_Strict):
+    """[plan]: `distillab plan` trains pilots on nested subsets of the train prompts, scores them on the dev split
+    and projects the full run from their learning curve, before the bill (distillab.plan)."""
+
+    # shares of the train prompts a pilot trains on; each smaller pilot's prompts are inside every larger one's
+    fractions: list[float] = [0.02, 0.05, 0.10]
+    # what the pilots may spend on teacher tokens, every candidate teacher together: the largest fractions are left
+    # out until the projected spend fits (refused when even the smallest does not); None: no limit
+    max_usd: float | None = Field(None, ge=0)
+    sizes: list[float] = [0.1, 0.25, 0.5, 1.0]  # shares of the train prompts to project a full run at
+    seed: int = 0  # which prompts a pilot holds (a seeded hash of each prompt)
+    # a pilot trains max_steps x its share of the prompts (the full run's epochs), so its cost follows its data
+    scale_steps: bool = True
+    bootstrap: int = Field(300, ge=0)  # resamples of the dev items for the projection's interval
+    teachers: list[PlanTeacher] = []  # more candidate teachers beside [teacher], a pilot each on the same prompts
+
+    @model_validator(mode="after")
+    def _check(self) -> PlanConfig:
+        for key, shares in (("fractions", self.fractions), ("sizes", self.sizes)):
+            if not shares:
+                raise ValueError(f"plan.{key} is empty: give one share of the train prompts or more")
+            bad = [f for f in shares if not 0.0 < f <= 1.0]
+            if bad:
+                raise ValueError(f"plan.{key} are shares of the train prompts, in (0, 1] (got {bad[0]})")
+            if len(set(shares)) < len(shares):
+                raise ValueError(f"plan.{key} names one share twice")
+        if len(self.fractions) < 2:
+            raise ValueError("plan.fractions needs two pilots or more: a curve is not fitted to one point")
+        labels = [t.label for t in self.teachers if t.label]
+        if len(set(labels)) < len(labels):
+            raise ValueError("plan.teachers: two teachers have the same label")
+        return self
+
+
 class RunConfig(_Strict):
     name: str = "run"
     runs_dir: str = "runs"
@@ -341,6 +431,7 @@ class RunConfig(_Strict):
     costs: CostConfig = CostConfig()
     decontaminate: DecontaminateConfig = DecontaminateConfig()
     verify: VerifyConfig | None = None  # absent: the teacher's samples are kept unchecked
+    plan: PlanConfig = PlanConfig()  # `distillab plan`: pilots and the projection of the full run
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -348,6 +439,12 @@ class RunConfig(_Strict):
             raise ValueError(f"run name {self.name!r} must be a plain directory name")
         if self.verify is not None:
             self._check_verify(self.verify)
+        if any(t.model_fields_set - {"label"} != set(TeacherConfig.model_fields) for t in self.plan.teachers):
+            # a candidate teacher is the settings it gives over [teacher]'s, written out whole (run.toml says it all)
+            base = self.teacher.model_dump()
+            self.plan.teachers = [
+                PlanTeacher.model_validate(base | t.model_dump(include=t.model_fields_set)) for t in self.plan.teachers
+            ]
         return self
 
     def _check_verify(self, v: VerifyConfig) -> None:
@@ -409,11 +506,15 @@ def did_you_mean(key: str, known: list[str]) -> str | None:
     return min(close, key=lambda k: (_edit_distance(key, k), abs(len(k) - len(key)), close.index(k))) if close else None
 
 
+OLD_KEYS = {"train.batch_size": "train.per_device_batch_size"}  # old names still read: a typo of one hints the new
+
+
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        hint = did_you_mean(where, _known_keys(RunConfig))
+        hint = did_you_mean(where, _known_keys(RunConfig) + list(OLD_KEYS))
+        hint = OLD_KEYS.get(hint, hint)
         return f"unknown config key {where!r}" + (f" (did you mean {hint!r}?)" if hint else "")
     return f"config {where or 'value'}: {first['msg'].removeprefix('Value error, ')}"
 

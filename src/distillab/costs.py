@@ -7,6 +7,8 @@ run_dir/ledger.json is a distillab.records.Ledger (each field's docstring there)
                       unpriced (nobody knows: usd is null, never a silent $0) | not_used (ground-truth data).
                       With [verify], its `verification` block: yield, prompts left without a verified sample,
                       tokens and $ per kept example, per skill (every sample paid for, rejected ones included).
+                      cached_tokens (the endpoint's prompt cache, at the cached rate) and `billing`: the requests
+                      sent one by one and those through the Batch API (teacher.batch), at the batch rate.
   training            the FLOP estimate and the measured wall seconds x costs.train_usd_per_hour.
   serving             the student's measured tokens/s here (batched greedy generation on the task's prompts)
                       and costs.serve_usd_per_hour -> $ per 1M tokens, beside the teacher API's $ per 1M
@@ -36,7 +38,7 @@ import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
-from distillab.config import RunConfig
+from distillab.config import EvalConfig, RunConfig
 from distillab.files import fingerprint, read_json
 from distillab.records import (
     LEDGER_FORMAT,
@@ -233,6 +235,8 @@ def teacher_generation(cfg: RunConfig, pricing) -> TeacherGeneration:
     usd = summary.get("usd")
     status = pricing.status if usd is not None else "unpriced"
     checked = {"verification": summary["verification"]} if summary.get("verification") else {}  # [verify]'s yield, $
+    # cached prompt tokens and the Batch API's share, as generate priced them (absent from an earlier run's summary)
+    billed = {k: summary[k] for k in ("cached_tokens", "billing") if summary.get(k) is not None}
     return TeacherGeneration(
         **base,
         price_status=status,
@@ -242,6 +246,7 @@ def teacher_generation(cfg: RunConfig, pricing) -> TeacherGeneration:
         rows=summary.get("rows"),
         usd=usd,
         **checked,
+        **billed,
     )
 
 
@@ -498,11 +503,28 @@ def break_even_section(
 
 def quality_floor(cfg: RunConfig, evals: dict[str, EvalResult]) -> QualityFloor:
     """Whether the distilled student is good enough to replace the teacher: its task score at least
-    [eval] min_task_score (else min_task_share of the teacher's), its general score at most max_general_drop
-    below the base's."""
-    e, evals = cfg.eval, as_evals(evals)
-    task, teacher_task = suite_score(evals, "distilled", "task"), suite_score(evals, "teacher", "task")
-    base_general, general = suite_score(evals, "base", "general"), suite_score(evals, "distilled", "general")
+    [eval] min_task_score (else min_task_share of the teacher's task score), its general score at most
+    max_general_drop below the base's."""
+    evals = as_evals(evals)
+    return floor_verdict(
+        cfg.eval,
+        task=suite_score(evals, "distilled", "task"),
+        teacher_task=suite_score(evals, "teacher", "task"),
+        general_change=_change(suite_score(evals, "distilled", "general"), suite_score(evals, "base", "general")),
+        base_general=suite_score(evals, "base", "general"),
+    )
+
+
+def floor_verdict(
+    e: EvalConfig,
+    task: float | None,
+    teacher_task: float | None,
+    general_change: float | None,
+    base_general: float | None = None,
+    projected: bool = False,
+) -> QualityFloor:
+    """quality_floor from the scores themselves: a run's (quality_floor) or a plan's projection of one
+    (projected=True: the reasons say "projected")."""
     if e.min_task_score is not None:
         required, basis = e.min_task_score, "[eval] min_task_score"
     elif teacher_task is not None:
@@ -510,23 +532,34 @@ def quality_floor(cfg: RunConfig, evals: dict[str, EvalResult]) -> QualityFloor:
         basis = f"{e.min_task_share:.0%} of the teacher's {teacher_task:.3f}"
     else:
         required, basis = None, None
-    change = None if None in (base_general, general) else general - base_general
-    out = {"required_task": required, "task": task, "max_general_drop": e.max_general_drop, "general_change": change}
+    out = {
+        "required_task": required,
+        "task": task,
+        "max_general_drop": e.max_general_drop,
+        "general_change": general_change,
+    }
+    said = "projected " if projected else ""
     if required is None or task is None:
-        missing = "the teacher's task score (set [eval] min_task_score)" if required is None else "the task score"
-        return QualityFloor(**out, meets=None, reason=f"quality unknown: no {missing}")
+        missing = "no teacher task score to take a share of (set [eval] min_task_score)" if required is None else (
+            "no task score"
+        )
+        return QualityFloor(**out, meets=None, reason=f"quality unknown: {missing}")
     if task < required:
-        return QualityFloor(**out, meets=False, reason=f"task {task:.3f} < {required:.3f} required ({basis})")
+        return QualityFloor(**out, meets=False, reason=f"{said}task {task:.3f} < {required:.3f} required ({basis})")
+    change = general_change
     if e.max_general_drop is not None and change is not None and -change > e.max_general_drop:
+        below = f"the base's {base_general:.3f}" if base_general is not None else "the base's"
+        general = f"{said}general {base_general + change:.3f}" if base_general is not None else f"{said}general"
         return QualityFloor(
             **out,
             meets=False,
-            reason=(
-                f"general {general:.3f} is {-change * 100:.1f} points below the "
-                f"base's {base_general:.3f} (at most {e.max_general_drop * 100:.1f} allowed)"
-            ),
+            reason=f"{general} is {-change * 100:.1f} points below {below} (at most {e.max_general_drop * 100:.1f} allowed)",
         )
-    return QualityFloor(**out, meets=True, reason=f"task {task:.3f} >= {required:.3f} required ({basis})")
+    return QualityFloor(**out, meets=True, reason=f"{said}task {task:.3f} >= {required:.3f} required ({basis})")
+
+
+def _change(score: float | None, base: float | None) -> float | None:
+    return None if None in (score, base) else score - base
 
 
 def held_to_floor(be: BreakEven, floor: QualityFloor) -> BreakEven:

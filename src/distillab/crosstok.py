@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 END = "\x00<end-of-sequence>"  # a candidate that is the teacher's end-of-sequence (never a real piece of text)
 NEG_INF = float("-inf")
@@ -348,6 +349,42 @@ def fill_rows(top_ids: list, top_lps: list, k: int) -> tuple[list[list[int]], li
     from distillab.teachers.openai_compat import pad_topk
 
     return pad_topk([row or [] for row in top_ids], [row or [] for row in top_lps], k)
+
+
+def load_tokenizer_dir(name: str, what: str):
+    """A tokenizer from a directory of its files (a model directory, or the files alone) or lab:NAME; a one-line
+    UserError naming `what` (the config key it came from) when there is none."""
+    from transformers import AutoTokenizer
+
+    from distillab import models
+    from distillab.errors import UserError
+
+    path = models.LAB_CHECKPOINTS / name[len("lab:") :] if name.startswith("lab:") else Path(name).expanduser()
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        detail = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise UserError(
+            f"{what} = {name!r}: no tokenizer there ({detail}); give a directory of tokenizer files"
+        ) from None
+
+
+def probe(teacher_tok, student_tok, texts: list[str]) -> tuple[float, float]:
+    """What generate checks before a teacher of another tokenizer is paid, on sample texts: (the share of texts the
+    teacher's tokenizer gives back when it decodes its own tokens of them, the share of the student's tokens of those
+    texts that get a teacher distribution when the teacher's tokens are aligned onto them, its tokenization as the
+    sampled path, certain). Spans are read from decoded prefixes (prefix_offsets): a tokenizer that does not give
+    its text back (a normalizer that lowercases, a decoder that joins tokens with spaces) has none past its first
+    difference, and its top-k cannot be aligned."""
+    aligner, given_back = Aligner(student_tok, teacher_tok=teacher_tok), 0
+    for text in texts:
+        ids = teacher_tok(text, add_special_tokens=False)["input_ids"]
+        if teacher_tok.decode(ids, skip_special_tokens=True) != text:
+            continue
+        given_back += 1
+        completion_ids = student_tok(text, add_special_tokens=False)["input_ids"]
+        aligner.from_ids({"token_ids": ids, "text": text}, [[i] for i in ids], [[0.0]] * len(ids), None, completion_ids)
+    return given_back / max(len(texts), 1), aligner.stats.to_dict()["aligned_share"]
 
 
 class Aligner:

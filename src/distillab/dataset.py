@@ -110,14 +110,29 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     )
 
 
+MERGED_PARTS = b"distillab.parts"  # a merged file's schema metadata: the names of the part files it holds, in order
+
+
 def write_merged(path: Path, files: list[Path]) -> None:
     """Several dataset files (shards) -> one, a batch at a time (memory follows the batch), atomically, with
-    column types unified (unified_schema)."""
+    column types unified (unified_schema). The file names it holds go into its metadata (merged_parts): a rerun that
+    would write the same parts knows they are there."""
     schema = unified_schema([pq.read_schema(f) for f in files])
+    schema = schema.with_metadata({MERGED_PARTS: json.dumps([f.name for f in files])})
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for f in files:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=COPY_BATCH_ROWS):
                 writer.write_batch(conform(batch, schema))
+
+
+def merged_parts(path: Path) -> list[str]:
+    """The part file names a merged dataset file holds (write_merged), [] for any other file, or none, or one that
+    cannot be read (it is then written again)."""
+    try:
+        names = json.loads((pq.read_schema(path).metadata or {}).get(MERGED_PARTS, b"[]"))
+    except (pa.ArrowException, OSError, ValueError):
+        return []
+    return names if isinstance(names, list) else []
 
 
 def read_dataset(path: Path) -> list[dict]:

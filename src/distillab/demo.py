@@ -22,7 +22,7 @@ from distillab.config import RunConfig, from_dict
 from distillab.evaluate import evaluate_stages
 from distillab.files import write_atomic
 from distillab.generate import generate_stages
-from distillab.pipeline import records_by_label, report_stages
+from distillab.pipeline import records_by_label, report_stages, share_teacher_cache
 from distillab.rundir import RunDir
 from distillab.scoring import GapChange, gap_change
 from distillab.select import select_stages
@@ -53,7 +53,7 @@ def demo_config(runs_dir: Path) -> RunConfig:
                 "kd_weight": 1.0,
                 "sft_weight": 0.0,
                 "max_steps": 400,
-                "batch_size": 32,
+                "per_device_batch_size": 32,
                 "lr": 2e-3,
                 "save_steps": 200,
             },
@@ -78,17 +78,6 @@ def retain_config(cfg: RunConfig) -> RunConfig:
     data["train"].update(save_steps=200)  # checkpoints to choose from
     data["retain"] = dict(RETAIN)
     return from_dict(data)
-
-
-def share_teacher_cache(cfg: RunConfig, other: RunConfig) -> None:
-    """The retain run asks the teacher the same requests: give it the demo's cache so nothing is asked twice."""
-    import sqlite3
-
-    src, dst = RunDir(cfg.run_dir).cache(), RunDir(other.run_dir).cache()
-    if src.is_file() and not dst.is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
-            a.backup(b)
 
 
 def run_demo(runs_dir: Path, fresh: bool = False, runner=None, log=print) -> dict:

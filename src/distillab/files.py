@@ -70,6 +70,41 @@ def read_json(path: Path, hint: str = "delete it and rerun"):
         raise UserError(f"{path} is corrupt (not JSON): {hint}") from None
 
 
+def cannot_write(path: Path, err: BaseException, then: str) -> UserError:
+    """The one-line error for a write to `path` that failed for want of room or rights (a full disk or quota, a
+    file-size limit, a read-only or forbidden place), saying what a rerun does once there is room (`then`). The
+    writers are atomic, so what was whole before the failure is still whole."""
+    detail = getattr(err, "strerror", None) or str(err)
+    return UserError(
+        f"cannot write {path} ({detail}): make room on its disk (or fix its permissions), then rerun: {then}"
+    )
+
+
+@contextmanager
+def writing(path: Path, then: str):
+    """A block that writes `path`: an OSError in it is cannot_write's one line."""
+    try:
+        yield
+    except OSError as err:
+        raise cannot_write(path, err, then) from None
+
+
+def set_aside_if_corrupt(path: Path) -> Path | None:
+    """A JSON file distillab wrote and makes again (a summary, a record) found not UTF-8 JSON: renamed to
+    <name>.corrupt beside it (an older one there replaced), so it reads as absent and is rebuilt, and the damaged
+    one is kept for a look. Returns where it went, or None when the file is absent or sound."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        aside = path.with_name(path.name + ".corrupt")
+        path.replace(aside)
+        return aside
+
+
 def lock(path: Path) -> FileLock:
     """An exclusive lock on `path` (created beside the data it guards): `with lock(p): ...`."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -23,14 +23,22 @@ Killing this stage at any moment and rerunning it skips every chunk whose part e
 for what the cache does not hold.
 
 The dataset is the part set: dataset.read_dataset(data/<name>.parquet) reads the file, else every part in
-data/<name>/. A single process (shard 0/1) merges its parts into data/<name>.parquet at the end.
+data/<name>/. A single process (shard 0/1) merges its parts into data/<name>.parquet at the end; the merged file names
+the parts it holds, so a rerun that would write the same ones writes nothing (a lost summary or stamp is made again
+without touching the rows training fingerprints).
 
 Many machines: `--shard I/N` takes the prompts whose hash is I mod N (shards.in_shard), with every sample of a
 prompt; each process writes only its own part-I-of-N files, its own request cache (RunDir.cache(shard): SQLite's
 WAL must not be shared over a network filesystem) and its own summary; data/generate_summary.json sums every
 shard's summary so far. A merge is just reading all parts. Shard runs stamp no dataset in stages.json (a shared
 file) and leave no merged file; the sampled general prompts, the same for every shard, run as in a whole run
-(stamped), so a shard process that finds them done reads them back.
+(stamped), so a shard process that finds them done reads them back. Every process reads the other splits' caches
+(shards.RunCaches), one split runs a stage at a time, and a shard run that finds a whole run's merged file up to date
+has nothing to do (one made from other prompts is refused, never removed): see distillab.shards.
+
+Before the first request: every prompt is checked while planning (PromptChecks: empty user turns, the student's
+template against each form), and what later stages would refuse is checked before the first stage asks anything
+(_check_before_asking: the dev share's and train share's prompts, retain's general prompts file and its forms).
 
 samples_per_prompt (temperature > 0): each sample is its own request (keyed with "sample": s from the second
 on) and its own row, with a `sample` column.
@@ -46,6 +54,7 @@ cache; a chunk written by an earlier run is counted again from the cache (its ve
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -55,16 +64,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distillab import chat, models, provenance, reasoning, retain, verify
-from distillab.cache import RequestCache, request_key
+from distillab.cache import BILLING_KEYS, RequestCache, request_key
 from distillab.config import THINK_TAGS, TRACE_FORMAT, RunConfig, TeacherConfig, VerifyConfig
 from distillab.decontaminate import decontaminate
 from distillab.errors import UserError
-from distillab.files import fingerprint, read_json, write_json
+from distillab.files import fingerprint, read_json, set_aside_if_corrupt, write_json
 from distillab.general_prompts import SampledPrompts, general_prompts
 from distillab.pricing import BudgetGuard
 from distillab.prompts import prompt_stream
 from distillab.rundir import WHOLE, RunDir
-from distillab.shards import ShardFiles, in_shard
+from distillab.shards import RunCaches, ShardFiles, in_shard, refuse_other_splits
 from distillab.stage import Stage, StageContext, run_stages
 from distillab.teachers import failure_digest
 
@@ -82,7 +91,9 @@ class GenerateSummary:
     reasoning_tokens: int = 0  # of completion_tokens: a reasoning teacher's traces (distillab.reasoning)
     usd: float | None = 0.0  # None: the teacher is unpriced
     skipped: bool = False
-    endpoints: dict = field(default_factory=dict)  # url -> this run's {answered, errors, prompt/completion tokens}
+    # url -> {answered, prompt/completion tokens} of the dataset's requests it answered (now or in an earlier run),
+    # and this run's errors: the tokens add up to prompt_tokens / completion_tokens (PendingChunks.count)
+    endpoints: dict = field(default_factory=dict)
     # False: a request failed for good, or no row was this shard's: not stamped, so a rerun asks again
     complete: bool = True
     verification: dict | None = None  # [verify]: records.Verification's JSON (yield, re-draws, $ per kept example)
@@ -148,6 +159,7 @@ class DatasetPlan:
     missing: int = 0  # ... and that it lacks
     prior: dict = field(default_factory=lambda: _zero_usage())  # what the cached answers cost
     verifiers: verify.Verifiers | None = None  # [verify] (built while planning: a bad module:function costs nothing)
+    checks: PromptChecks | None = None  # every prompt checked while planning (empty turns, the student's template)
     decontamination: dict | None = None  # [decontaminate]'s record of the prompts (the task dataset's)
 
     def keys(self, chunk) -> list[str]:
@@ -164,6 +176,7 @@ class AnsweredDataset:
 
     def __init__(self):
         self._planned: tuple | None = None  # (cfg, shard, plan) of the last fingerprint(), not yet used
+        self._set_aside: list[tuple[Path, Path]] = []  # corrupt outputs outputs() renamed, for run() to say so
 
     def prompts(self, cfg: RunConfig, run: RunDir) -> Iterable[dict]:
         raise NotImplementedError
@@ -171,16 +184,42 @@ class AnsweredDataset:
     def answerer(self, cfg: RunConfig) -> Answerer:
         raise NotImplementedError
 
+    def prompts_file(self, cfg: RunConfig) -> str:
+        """Where the prompts come from, as errors name it: their file, or the lab's skills."""
+        return cfg.data.prompts_file or "data.skills"
+
     def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
+        # run_stage holds this whole run's lock: no other split may run beside it (its caches are read while planning)
+        refuse_other_splits(run, self.name, WHOLE)
+        return self.planned_fingerprint(cfg, run)
+
+    def planned_fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
+        """The whole prompt set's plan (pass 1) as a stamp; the plan kept for the run() or load() after it."""
         plan = self._plan(cfg, run, WHOLE)
         self._planned = (cfg, WHOLE, plan)
         return plan.fingerprint
 
     def outputs(self, cfg: RunConfig, run: RunDir) -> list[Path]:
         summary = [run.generate_summary(self.dataset)] if self.answerer(cfg).by_teacher else []
-        return [run.dataset(self.dataset), *summary]
+        return [run.dataset(self.dataset), *self._records(summary)]
+
+    def _records(self, paths: list[Path]) -> list[Path]:
+        """The JSON records among the outputs, each set aside when corrupt (files.set_aside_if_corrupt): then absent,
+        the stage runs again and writes it anew from the cache and the dataset as they are (nothing asked, the
+        dataset kept: shards.ShardFiles.merged_current)."""
+        for path in paths:
+            aside = set_aside_if_corrupt(path)
+            if aside:
+                self._set_aside.append((path, aside))
+        return paths
 
     def run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> GenerateSummary:
+        for path, aside in self._set_aside:
+            ctx.log(f"generate: {path} was corrupt: set aside as {aside.name}, written again now")
+        self._set_aside.clear()
+        refuse_other_splits(run, self.name, ctx.shard)
+        if ctx.shard != WHOLE and run.dataset(self.dataset).is_file():
+            return self._made_by_whole_run(cfg, run, ctx)
         plan = self._take_plan(cfg, run, ctx.shard)
         if plan.answerer.by_teacher:
             return _answer_by_teacher(cfg, run, plan, ctx)
@@ -204,6 +243,23 @@ class AnsweredDataset:
             decontamination=plan.decontamination,
         )
 
+    def _made_by_whole_run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> GenerateSummary:
+        """A shard run finding data/<dataset>.parquet, a whole run's rows: when that run finished under these prompts
+        and settings (its stamp), they hold this shard's rows too, and nothing is asked or written; otherwise
+        refused. Never removed: they are another run's rows."""
+        path = run.dataset(self.dataset)
+        if run.stamps().get(self.name) != self.planned_fingerprint(cfg, run):
+            raise UserError(
+                f"{path} holds the rows of a whole run made from other prompts or settings, or not finished: rerun "
+                "without --shard to bring it up to date, or move it away to split the run (cached answers are "
+                "read, not asked again)"
+            )
+        ctx.log(
+            f"generate {self.dataset}: {path} (a whole run's, up to date) holds shard {ctx.shard[0]}/{ctx.shard[1]}'s "
+            "rows: nothing to ask"
+        )
+        return dataclasses.replace(self.load(cfg, run), skipped=True)
+
     def _take_plan(self, cfg: RunConfig, run: RunDir, shard: tuple[int, int]) -> DatasetPlan:
         planned, self._planned = self._planned, None
         if planned is not None and planned[0] is cfg and planned[1] == shard:
@@ -223,12 +279,14 @@ class AnsweredDataset:
             rows = ((p, s) for p in prompts if in_shard(p["prompt"], shard) for s in range(samples))
             return iter(lambda: list(itertools.islice(rows, size)), [])
 
+        student_tok = models.load_tokenizer(cfg.train.student)
         plan = DatasetPlan(
             files=files,
             answerer=answerer,
             chunks=chunks,
-            student_tok=models.load_tokenizer(cfg.train.student),
+            student_tok=student_tok,
             verifiers=verify.Verifiers(answerer.verify, answerer.teacher.think_tags) if verifying else None,
+            checks=PromptChecks(student_tok, cfg.train.student, self.prompts_file(cfg)),
         )
         if answerer.by_teacher:
             _plan_teacher(cfg, run, plan, shard, samples)
@@ -249,6 +307,7 @@ class TaskPrompts:
     def split(self, cfg: RunConfig) -> tuple[Iterable[dict], list[dict]]:
         if self._split is None or self._split[0] is not cfg:
             train, dev = _task_prompts(cfg)
+            _check_before_asking(cfg, train, dev)
             kept, record = decontaminate(cfg, train, held_out=dev)
             if record is not None and record.checked and record.dropped == record.checked:
                 found = ", ".join(f"{suite} {n}" for suite, n in record.contaminated.items() if n)
@@ -283,13 +342,13 @@ class TaskDataset(AnsweredDataset):
     def decontamination(self, cfg: RunConfig) -> dict | None:
         return self.task.decontamination(cfg)
 
-    def fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
-        planned, record = super().fingerprint(cfg, run), self.decontamination(cfg)
+    def planned_fingerprint(self, cfg: RunConfig, run: RunDir) -> str:
+        planned, record = super().planned_fingerprint(cfg, run), self.decontamination(cfg)
         return planned if record is None else fingerprint(planned, record)
 
     def outputs(self, cfg: RunConfig, run: RunDir) -> list[Path]:
         record = [run.decontamination] if self.decontamination(cfg) is not None else []
-        return [*super().outputs(cfg, run), *record]
+        return [*super().outputs(cfg, run), *self._records(record)]
 
     def run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> GenerateSummary:
         summary = super().run(cfg, run, ctx)
@@ -328,17 +387,11 @@ class ReplayDataset(AnsweredDataset):
     name, dataset = "generate:replay", "replay"
 
     def prompts(self, cfg: RunConfig, run: RunDir) -> list[dict]:
-        r = cfg.retain
-        retain.check_retain(cfg)
-        prompts = general_prompts(cfg, run)
-        if r.replay_source == "dataset":
-            missing = [i for i, p in enumerate(prompts) if p.get("answer") is None]
-            if missing:
-                raise UserError(
-                    f'{r.general_prompts_file}: line {missing[0] + 1} has no "answer" '
-                    '(retain.replay_source = "dataset" trains on the answers you bring)'
-                )
-        return prompts
+        retain.check_retain(cfg)  # a general prompts file's lines read and checked (their answers, for "dataset")
+        return general_prompts(cfg, run)
+
+    def prompts_file(self, cfg: RunConfig) -> str:
+        return cfg.retain.general_prompts_file or f"retain's general prompts ({retain.general_prompt_source(cfg)})"
 
     def answerer(self, cfg: RunConfig) -> Answerer:
         if cfg.retain.replay_source == "dataset":
@@ -432,15 +485,17 @@ def _plan_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, shard: tuple[i
 
     plan.teacher = make_teacher(plan.answerer.teacher)
     plan.salt = f"{cfg.train.student}|{plan.answerer.label}|{samples}" + _trace_salt(cfg, plan.answerer)
+    if plan.answerer.teacher.base_url and plan.answerer.teacher.tokenizer:  # it reads the ids: it makes the rows
+        plan.salt += f"|teacher_tokenizer:{plan.answerer.teacher.tokenizer}"
     if plan.verifiers:  # what is kept depends on the verifiers (a user's function's source included)
         plan.salt += f"|verify:{plan.verifiers.fingerprint()}"
     stamp = hashlib.sha256(plan.salt.encode())
-    path = run.cache(shard)
-    cache = RequestCache(path) if path.exists() else None  # planning creates nothing: an absent cache holds nothing
+    caches = RunCaches(run, shard, create=False)  # planning creates nothing: an absent cache holds nothing
+    cache = caches if caches.all else None
     try:
         for chunk in plan.chunks():
             for p, _ in chunk:
-                _check_student_renders(plan.student_tok, p)
+                plan.checks.check(p)
                 if plan.verifiers:
                     plan.verifiers.check_prompt(p)
             keys = plan.keys(chunk)
@@ -451,11 +506,64 @@ def _plan_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, shard: tuple[i
             plan.cached += len(held)
             plan.missing += len(unique) - len(held)
             if cache:
-                _add_usage(plan.prior, cache.usage(unique))
+                _add_usage(plan.prior, _billed(cache, unique))
     finally:
-        if cache:
-            cache.close()
+        caches.close()
     plan.fingerprint = stamp.hexdigest()[:16]
+
+
+def _served_teacher_tokenizer(run: RunDir, plan: DatasetPlan, log):
+    """The preflight of a served teacher asked for top-k, before any request: the tokenizer that reads the token ids
+    it returns (teacher.tokenizer's directory; else the endpoint's own, fetched once into the run directory), and
+    whether its top-k can be aligned onto the student's tokens (crosstok.probe on the first prompts): a refusal in one
+    line when it cannot (a tokenizer that does not give its text back, or no span shared); a line saying what to
+    expect otherwise. None: a teacher asked for
+    no top-k, a local one (crosstok.Aligner loads its own), or a tokenizer unknown (said in one line: ids that are not
+    the student's would then be left out)."""
+    from distillab import crosstok
+    from distillab.teachers.openai_compat import fetch_tokenizer
+
+    teacher_cfg = plan.answerer.teacher
+    if not teacher_cfg.base_url or not teacher_cfg.top_k_logprobs:
+        return None
+    fetched = run.teacher_tokenizer(teacher_cfg.model)
+    where = teacher_cfg.tokenizer
+    if where in (None, "served"):
+        came_from = str(fetched) if fetched.is_dir() else fetch_tokenizer(plan.teacher, fetched)
+        if came_from is None and where == "served":
+            raise UserError(
+                'teacher.tokenizer = "served": no endpoint of teacher.base_url offers its tokenizer (GET '
+                "<base_url>/tokenizer); give the served model's tokenizer directory instead"
+            )
+        if came_from is None:
+            log(
+                "generate: the served teacher's tokenizer is unknown (teacher.tokenizer is unset and the endpoint "
+                "offers none at /tokenizer): token ids it returns that are not the student's cannot be aligned, and "
+                "their rows would train on text only; set teacher.tokenizer to its tokenizer directory"
+            )
+            return None
+        where = str(fetched)
+    tok = crosstok.load_tokenizer_dir(where, "teacher.tokenizer")
+    if tok.get_vocab() == plan.student_tok.get_vocab():  # the student's: its ids are used as they are
+        return tok
+    texts = [p["prompt"] for p, _ in next(iter(plan.chunks()), [])[:32]]
+    given_back, share = crosstok.probe(tok, plan.student_tok, texts)
+    if given_back < 0.5 or share == 0:
+        why = (
+            f"does not decode its own tokens back to the text ({given_back:.0%} of the first prompts)"
+            if given_back < 0.5
+            else "shares no token span with the student's on the first prompts"
+        )
+        raise UserError(
+            f"the teacher's tokenizer ({where}) {why}, so its top-k cannot be aligned onto the student's tokens "
+            "(distillab.crosstok): set teacher.top_k_logprobs = 0 to train on its text, or give teacher.tokenizer "
+            "the served model's own tokenizer"
+        )
+    log(
+        f"generate: the teacher's tokenizer ({where}) is not the student's: its top-k is aligned by text spans "
+        f"({share:.0%} of the student's tokens of the first prompts start and end on the teacher's token bounds)"
+    )
+    return tok
 
 
 def _trace_salt(cfg: RunConfig, answerer: Answerer) -> str:
@@ -476,6 +584,7 @@ def _plan_given_answers(cfg: RunConfig, plan: DatasetPlan) -> None:
     for i, chunk in enumerate(plan.chunks()):
         plan.rows += len(chunk)
         for j, (p, _) in enumerate(chunk):
+            plan.checks.check(p)
             if p["answer"] is None:
                 raise UserError(
                     f'data.source = {source!r} needs an "answer" for every prompt '
@@ -486,16 +595,65 @@ def _plan_given_answers(cfg: RunConfig, plan: DatasetPlan) -> None:
     plan.fingerprint = stamp.hexdigest()[:16]
 
 
-def _check_student_renders(student_tok, p: dict) -> None:
-    """A conversation the student's chat template refuses (roles it does not know, out of order) is an error
-    naming its line, found while planning: the teacher is not paid for rows that could never be trained on."""
-    if p.get("messages") and chat.has_template(student_tok):
+class PromptChecks:
+    """What refuses a prompt while planning, before the teacher is paid for rows that could never be trained on: a
+    user turn with no text (never sent, never a row), and a prompt the student's chat template refuses (roles it does
+    not know, out of order, a system turn it demands). Each conversation is rendered as training renders it (with the
+    generation prompt, then with an assistant turn after it); plain prompts (one user turn) once, the template
+    treating them all alike. Errors name the prompts file and line (`source`: the file, or what the prompts are)."""
+
+    def __init__(self, student_tok, student: str, source: str):
+        self.tok, self.student, self.source = student_tok, student, source
+        self.plain_checked = False
+
+    def where(self, p: dict) -> str:
+        if p.get("line") is None:  # the lab's prompts
+            return self.source
+        table = Path(self.source).suffix == ".parquet" or Path(self.source).is_dir()
+        return f"{self.source}: {'row' if table else 'prompt line'} {p['line']}"
+
+    def check(self, p: dict) -> None:
+        turns = chat.turns_of(p)
+        for i, turn in enumerate(turns, 1):
+            if turn["role"] == "user" and not turn["content"].strip():
+                raise UserError(
+                    f"{self.where(p)}: turn {i} (user) is empty: write its text or drop the line (nothing was asked)"
+                )
+        plain = not p.get("messages")
+        if not chat.has_template(self.tok) or (plain and self.plain_checked):
+            return
+        self.plain_checked |= plain
         try:
-            chat.render_prompt(student_tok, p["messages"])
+            chat.assistant_turn(self.tok, turns, {"role": "assistant", "content": "ok"})
         except chat.TemplateRefused as err:
-            where = f"prompt line {p['line']}" if p.get("line") else "a prompt"
-            detail = str(err).replace("the model's", "the student's", 1)
-            raise UserError(f"{where}: {detail}") from None
+            detail = str(err).split(": ", 1)[-1]
+            if plain:
+                raise UserError(
+                    f"{self.where(p)}: the student's chat template ({self.student}) refuses a plain prompt (one user "
+                    f"turn): {detail}; give prompts as conversations it takes, or a student whose template takes "
+                    "them (nothing was asked)"
+                ) from None
+            raise UserError(f"{self.where(p)}: the student's chat template refused these messages: {detail}") from None
+
+
+def _check_before_asking(cfg: RunConfig, train: Iterable[dict], dev: list[dict]) -> None:
+    """What the stages after the first would refuse, checked before the first asks anything: with a dev share
+    (answered first) every task prompt; with replay (answered last) its general prompts. Each dataset's plan checks
+    its own prompts again (PromptChecks): a stage run alone is covered too."""
+    if not dev and cfg.retain.replay_fraction <= 0:
+        return
+    student_tok = models.load_tokenizer(cfg.train.student)
+    if dev:
+        checks = PromptChecks(student_tok, cfg.train.student, cfg.data.prompts_file)  # a dev share: a user's file
+        for p in itertools.chain(train, dev):
+            checks.check(p)
+    if cfg.retain.replay_fraction > 0:
+        replay = ReplayDataset()
+        checks = PromptChecks(student_tok, cfg.train.student, replay.prompts_file(cfg))
+        # the lab's general prompts and the ones the base writes itself are plain prompts
+        general = retain.general_prompts_file(cfg) if cfg.retain.general_prompts_file else [{"prompt": "hello"}]
+        for p in general:
+            checks.check(p)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -512,7 +670,8 @@ def _answer_by_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, ctx: Stag
     if not plan.digests:  # every prompt hashed to other shards: nothing written, nothing for a stamp to vouch for
         ctx.log(f"generate {name}: no prompt falls in shard {shard[0]}/{shard[1]}")
         return GenerateSummary(complete=False)
-    cache = RequestCache(run.cache(shard))
+    teacher_tok = _served_teacher_tokenizer(run, plan, ctx.log)  # before any request: refused here, not paid for
+    cache = RunCaches(run, shard)  # its own, and every other cache of the run read too: nothing is asked twice
     try:
         files.remove_stale(plan.digests)
         pricing = TeacherPricing.from_config(
@@ -527,12 +686,12 @@ def _answer_by_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, ctx: Stag
             if plan.verifiers
             else None
         )
-        if name == "train" and files.whole:
+        if name == "train" and files.whole and not files.merged_current:
             run.rejected.unlink(missing_ok=True)  # an earlier run's rejections: this run writes its own, or none
         if verifying:
             verifying.rejected.remove_stale(plan.digests)
         pending = PendingChunks(
-            cache, teacher, plan.student_tok, files, plan.answerer.label, verifying, cfg.train.trace_format
+            cache, teacher, plan.student_tok, files, plan.answerer.label, verifying, cfg.train.trace_format, teacher_tok
         )
         began = time.time()
         if plan.missing:
@@ -558,11 +717,17 @@ def _answer_by_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, ctx: Stag
             budget.total = plan.missing + pending.redrawn  # [verify]'s re-draws are requests this run sends too
             budget.check()
 
+        asker = teacher  # [teacher] batch: through the Batch API, into the same cache (distillab.teachers.batch)
+        if teacher_cfg.batch and teacher_cfg.base_url:
+            from distillab.teachers.batch import BatchTeacher
+
+            asker = BatchTeacher(teacher, run.batches(shard), cache.cached_keys, log=ctx.log)
+
         def send(stream) -> None:
             if teacher_cfg.base_url:  # an endpoint: one stream, read as its workers free up (no stall between chunks)
                 first = next(stream, None)  # a fully cached run sends nothing and needs no API key
                 if first is not None:
-                    teacher.answer(itertools.chain([first], stream), on_done)
+                    asker.answer(itertools.chain([first], stream), on_done)
             else:  # the local backend works a batch at a time anyway: a list per chunk's worth of requests
                 for window in iter(lambda: list(itertools.islice(stream, CHUNK_ROWS)), []):
                     teacher.answer(window, on_done)
@@ -603,8 +768,10 @@ def _answer_by_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, ctx: Stag
         files.merge()
     spent = pricing.usd_for(pending.usage)
     checked = verifying.record(pricing, run, files.whole) if verifying else None
+    if set_aside_if_corrupt(files.summary):  # this process's own summary (a shard's): made again below
+        ctx.log(f"generate: {files.summary} was corrupt: set aside, written again now")
     previous = read_json(files.summary).get("answer_seconds", 0.0) if files.summary.is_file() else 0.0
-    endpoints = {url: dict(stats) for url, stats in teacher.endpoint_stats.items()}
+    endpoints = pending.endpoints()
     write_json(
         files.summary,
         {
@@ -614,12 +781,14 @@ def _answer_by_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, ctx: Stag
             "prompt_tokens": pending.usage["prompt_tokens"],
             "completion_tokens": pending.usage["completion_tokens"],
             "reasoning_tokens": pending.usage["reasoning_tokens"],  # of completion_tokens: the teacher's traces
+            "cached_tokens": pending.usage["cached_tokens"],  # of prompt_tokens: the endpoint's prompt cache served
+            "billing": pricing.billing(pending.usage),  # sent one by one / through the Batch API: requests, tokens, $
             **({"traces": dict(pending.traces)} if pending.traces else {}),  # this run's rows with a trace
             "usd": spent,
             "priced": spent is not None,
             "pricing": pricing.to_dict(),
             "answer_seconds": round(previous + time.time() - began, 2),  # wall time asking, over every resume
-            "endpoints": endpoints,  # this run's requests per endpoint: answered, errors, tokens
+            "endpoints": endpoints,  # the requests above by endpoint that answered them; this run's errors
             "failures": pending.failures[:20],
             **({"cross_tokenizer": pending.aligner.stats.to_dict()} if pending.aligner.stats.rows else {}),
             **({"verification": checked} if checked else {}),
@@ -627,7 +796,7 @@ def _answer_by_teacher(cfg: RunConfig, run: RunDir, plan: DatasetPlan, ctx: Stag
         },
     )
     if not files.whole:
-        files.combine_summaries()
+        files.combine_summaries(ctx.log)
     return GenerateSummary(
         rows=pending.rows,
         requests_sent=pending.sent,
@@ -735,6 +904,7 @@ class PendingChunks:
         teacher_label: str | None,
         verifying: Verifying | None = None,
         trace_format: str = TRACE_FORMAT,
+        teacher_tok=None,  # a served teacher's tokenizer (_served_teacher_tokenizer); a local one's is loaded
     ):
         self.cache, self.teacher, self.tokenizer, self.files = cache, teacher, tokenizer, files
         self.trace_format, self.traces = trace_format, collections.Counter()  # reasoning traces: how rendered, counts
@@ -743,11 +913,13 @@ class PendingChunks:
         self.redrawn = 0  # re-draws queued
         from distillab.crosstok import Aligner  # a teacher with another tokenizer: its top-k aligned by text spans
 
-        self.aligner = Aligner(tokenizer, None if teacher.cfg.base_url else teacher.cfg.model)
+        self.aligner = Aligner(tokenizer, None if teacher.cfg.base_url else teacher.cfg.model, teacher_tok)
         self.open: dict[int, dict] = {}  # chunk -> {chunk, keys, digest, waiting, failed}
         self.waiters: dict[str, list[int]] = {}  # key in flight -> chunks waiting for it
         self.rows = self.sent = self.n_failed = self.dropped_topk = 0
         self.usage, self.failures = _zero_usage(), []
+        self.counted: set[int] = set()  # the requests in usage (a key's first 64 bits): each counted once
+        self.by_endpoint: dict[str, dict] = {}  # usage's requests by the endpoint that answered them
 
     def requests(self, chunks, keyed, digests):
         """The requests to send, chunk by chunk, read only as the teacher takes them ([verify]'s re-draws between
@@ -759,11 +931,11 @@ class PendingChunks:
             if self.files.done(i, digests[i]) and self.verifying:  # its rows: the verified samples, counted again
                 kept, drawn = self.verifying.replay(chunk, keys, self.cache, self.teacher)
                 self.rows += kept
-                _add_usage(self.usage, self.cache.usage(list(dict.fromkeys(drawn))))
+                self.count(drawn)
                 continue
             if self.files.done(i, digests[i]):
                 self.rows += len(chunk)
-                _add_usage(self.usage, self.cache.usage(unique))
+                self.count(unique)
                 continue
             cached = self.cache.cached_keys(unique)
             waiting = {k for k in unique if k not in cached}
@@ -826,7 +998,30 @@ class PendingChunks:
         self.dropped_topk += dropped
         self.n_failed += len(failures)
         self.failures += failures[: max(0, 20 - len(self.failures))]
-        _add_usage(self.usage, self.cache.usage(list(dict.fromkeys(state["keys"]))))
+        self.count(state["keys"])
+
+    def count(self, keys: list[str]) -> None:
+        """Add to usage the cached requests among keys not counted yet (a prompt in two chunks is one request, asked
+        once), and each to the endpoint that answered it (the response's served_by, in this run or an earlier one):
+        the summary's token totals are then the sum of its endpoints' (31,799 once stood beside 31,476)."""
+        new = [k for k in dict.fromkeys(keys) if int(k[:16], 16) not in self.counted]
+        self.counted.update(int(k[:16], 16) for k in new)
+        _add_usage(self.usage, _billed(self.cache, new))
+        for key in new:
+            resp = self.cache.get(key, raw_topk=True)
+            if resp is None:  # failed for good: no usage
+                continue
+            into = self.by_endpoint.setdefault(resp.get("served_by") or self.teacher.endpoint, _zero_endpoint())
+            into["answered"] += 1
+            into["prompt_tokens"] += int(resp.get("prompt_tokens") or 0)
+            into["completion_tokens"] += int(resp.get("completion_tokens") or 0)
+
+    def endpoints(self) -> dict[str, dict]:
+        """generate_summary.json's "endpoints": by_endpoint, with this run's errors at each endpoint."""
+        out = {url: dict(stats) for url, stats in self.by_endpoint.items()}
+        for url, stats in self.teacher.endpoint_stats.items():
+            out.setdefault(url, _zero_endpoint())["errors"] = stats["errors"]
+        return out
 
     def close_all(self) -> None:
         for i in sorted(self.open):  # none, unless the teacher dropped a request: written as they are
@@ -1090,7 +1285,17 @@ def _digest(salt: str, keys: list[str]) -> str:
 
 
 def _zero_usage() -> dict:
-    return {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "reasoning_tokens": 0}
+    counts = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "reasoning_tokens": 0}
+    return counts | dict.fromkeys(BILLING_KEYS, 0)
+
+
+def _zero_endpoint() -> dict:
+    return {"answered": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+
+def _billed(cache: RequestCache, keys: list[str]) -> dict:
+    """The cache's usage of these keys with its billing split (cached prompt tokens, the Batch API's share)."""
+    return cache.usage(keys) | cache.billing(keys)
 
 
 def _add_usage(total: dict, more: dict) -> None:

@@ -152,8 +152,7 @@ def load_tasks(task_manager, names: list[str]) -> list:
             with contextlib.chdir(folder) if folder is not None else contextlib.nullcontext():
                 loaded = task_manager.load([name])
         except Exception as err:  # lm-eval and datasets raise many types; the user needs one line
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"lm-eval task {name!r} failed to load (offline): {first}") from None
+            raise load_error(name, err) from None
         objects += _top_level(loaded)
     return objects
 
@@ -200,8 +199,19 @@ def _leaf_tasks(task_manager, name: str, folder: Path) -> dict:
         with contextlib.chdir(folder):
             return dict(task_manager.load([name])["tasks"])
     except Exception as err:  # lm-eval and datasets raise many types; the user needs one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"lm-eval task {name!r} failed to load (offline): {first}") from None
+        raise load_error(name, err) from None
+
+
+def load_error(name: str, err: Exception) -> UserError:
+    """One line for a task that failed to build; one whose dataset is on the Hub and not cached says what to do."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    hint = ""
+    if "Hub" in first or "OfflineMode" in first:
+        hint = (
+            ": its dataset is not in this machine's `datasets` cache. Load the task once where the Hub is reachable "
+            "and copy the cache (HF_HOME) here, or give a local task YAML (dataset_path: json, data_files beside it)"
+        )
+    return UserError(f"lm-eval task {name!r} failed to load (offline): {first}{hint}")
 
 
 def _texts(value) -> list[str]:

@@ -16,6 +16,7 @@ from distillab.evaluate import evaluate_stages
 from distillab.generate import generate_stages
 from distillab.lm_eval_bridge import lm_eval_stages
 from distillab.report.finish import ReportStage
+from distillab.rundir import RunDir
 from distillab.select import select_stages
 from distillab.stage import Stage, StageContext, run_stages
 from distillab.train import train_stage
@@ -51,3 +52,15 @@ def finish_run(cfg: RunConfig, summary: dict | None = None, log=print) -> Path:
 def records_by_label(records: dict, prefix: str) -> dict:
     """{"evaluate:base": record, ...} -> {"base": record, ...} for the stages whose name starts with prefix + ":"."""
     return {name.split(":", 1)[1]: record for name, record in records.items() if name.startswith(prefix + ":")}
+
+
+def share_teacher_cache(cfg: RunConfig, other: RunConfig) -> None:
+    """Give `other` a copy of `cfg`'s request cache (when it has none yet): a run that asks the teacher the same
+    requests (the demo's retain run, an arm of the signal demo) then asks nothing twice."""
+    import sqlite3
+
+    src, dst = RunDir(cfg.run_dir).cache(), RunDir(other.run_dir).cache()
+    if src.is_file() and not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+            a.backup(b)

@@ -109,12 +109,21 @@ def iter_parquet_prompts(path: Path, columns: Columns = Columns()):
 
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
-    reader = pq.ParquetFile(path)
+    import pyarrow as pa
+
     lineno = 0
-    for batch in reader.iter_batches(batch_size=4096, columns=_columns_read(reader.schema_arrow.names, columns, path)):
-        for obj in batch.to_pylist():
-            lineno += 1
-            yield _prompt_record(obj, f"{path}: row {lineno}", lineno, columns)
+    try:  # a damaged file may fail at its footer or at any page
+        reader = pq.ParquetFile(path)
+        wanted = _columns_read(reader.schema_arrow.names, columns, path)
+        for batch in reader.iter_batches(batch_size=4096, columns=wanted):
+            for obj in batch.to_pylist():
+                lineno += 1
+                yield _prompt_record(obj, f"{path}: row {lineno}", lineno, columns)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(
+            f"prompt file {path} is not a readable Parquet file (after row {lineno}: {err}): write it again, or "
+            "give JSONL (a file not named .parquet) or a datasets save_to_disk directory"
+        ) from None
     if not lineno:
         raise UserError(f"prompt file is empty: {path}")
 
@@ -123,13 +132,28 @@ def iter_hf_prompts(path: Path, columns: Columns = Columns()):
     """The same records from a Hugging Face `datasets` directory (Dataset.save_to_disk; of a DatasetDict, its
     "train" split or its only one), memory-mapped and read a row at a time."""
     import datasets
+    import pyarrow as pa
 
+    for record in ("state.json", "dataset_info.json", "dataset_dict.json"):  # their errors would not name them
+        if (path / record).is_file():
+            try:
+                json.loads((path / record).read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise UserError(
+                    f"prompt file {path}: {path / record} is corrupt ({err}): save the dataset again (save_to_disk)"
+                ) from None
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError:
         raise UserError(
             f"prompt file {path} is a directory without a saved Hugging Face dataset (save_to_disk): "
             "give a JSONL or Parquet file, or such a directory"
+        ) from None
+    except (pa.ArrowException, OSError, ValueError, KeyError) as err:
+        data = ", ".join(p.name for p in sorted(path.glob("*.arrow"))) or "none"
+        raise UserError(
+            f"prompt file {path}: its saved dataset cannot be read (data files: {data}; {type(err).__name__}: "
+            f"{err}): save the dataset again (save_to_disk)"
         ) from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds and len(ds) != 1:

@@ -214,6 +214,12 @@ class TeacherGeneration(Record):
     reasoning_tokens: int | None = None
     """Of completion_tokens, the teacher's reasoning traces (priced as the output tokens they are; distillab.reasoning
     says how they are counted); 0 without traces, None for a run from before they were counted."""
+    cached_tokens: int | None = None
+    """Of prompt_tokens, those the endpoint's prompt cache served (usage.prompt_tokens_details.cached_tokens), priced
+    at the cached-input rate; absent for a run from before they were counted."""
+    billing: dict[str, Any] | None = None
+    """pricing.TeacherPricing.billing: the requests sent one by one ("sync") and through the Batch API ("batch",
+    priced at the batch rate), each {requests, prompt_tokens, cached_tokens, completion_tokens, usd}."""
     rows: int | None = None
     """Dataset rows the teacher answered."""
     usd: float | None = None

@@ -32,6 +32,7 @@ import torch
 
 from distillab.config import RunConfig
 from distillab.errors import UserError
+from distillab.prompts import read_jsonl_prompts
 from distillab.rundir import RunDir
 from distillab.scoring import load_task_suite, score_model, suite_result, suites
 
@@ -77,7 +78,7 @@ def lab_general_skills(cfg: RunConfig) -> list[str]:
 
 
 def check_retain(cfg: RunConfig) -> None:
-    """What can be refused before anything is written."""
+    """What can be refused before anything is written or asked: the settings, and the files they name, read."""
     r = cfg.retain
     if r.replay_fraction > 0:
         general_prompt_source(cfg)
@@ -87,8 +88,26 @@ def check_retain(cfg: RunConfig) -> None:
             )
         if r.replay_source == "teacher" and cfg.data.source != "teacher":
             raise UserError('retain.replay_source = "teacher" needs data.source = "teacher"')
+        if r.general_prompts_file:
+            general_prompts_file(cfg)
     if r.general_dev_file:
         load_task_suite(r.general_dev_file)  # a bad line is an error now, not after training
+
+
+def general_prompts_file(cfg: RunConfig) -> list[dict]:
+    """The prompt records replay uses from retain.general_prompts_file (its first n_general_prompts), each with an
+    answer when replay_source = "dataset" trains on them; a missing or malformed file, or a line without its answer,
+    is a one-line error naming the file and line."""
+    r = cfg.retain
+    records = read_jsonl_prompts(Path(r.general_prompts_file))[: r.n_general_prompts]
+    if r.replay_source == "dataset":
+        missing = [p for p in records if p.get("answer") is None]
+        if missing:
+            raise UserError(
+                f'{r.general_prompts_file}: line {missing[0]["line"]} has no "answer" '
+                '(retain.replay_source = "dataset" trains on the answers you bring)'
+            )
+    return records
 
 
 # ----------------------------------------------------------------------------------------------------

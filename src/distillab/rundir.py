@@ -6,6 +6,8 @@ runs/<name>/
   stages.json           stage name -> fingerprint of what it last finished with
   .locks/<stage>.lock   held by the one process running that stage (<stage>.lock.pid: its pid)
   teacher.sqlite        the teacher request cache (teacher.shard-I-of-N.sqlite for `--shard I/N`)
+  teacher.batches/      [teacher] batch = true: the batches in flight, one JSON file each (per shard, as the cache)
+  teacher_tokenizer/<model>/  a served teacher's tokenizer, fetched from its endpoint (to read its token ids)
   data/<name>.parquet   datasets: train, replay, dev (or their shards in data/<name>/)
   data/rejected.parquet the task samples [verify] rejected (for inspection, never trained on)
   data/<stem>_summary.json  generate_summary.json, replay_summary.json
@@ -19,6 +21,7 @@ runs/<name>/
   throughput.json       the student's measured serving speed
   ledger.json, report.html, summary.json
   export/<format>/      `distillab export`
+  plan/<teacher>/pilot_<share>/  `distillab plan`'s pilots (each a run directory); plan.json its projection
 <runs_dir>/registry.sqlite  the leaderboard of every run beside this one
 ```
 Nothing else in distillab joins a run-directory path from strings: it asks a RunDir.
@@ -52,6 +55,27 @@ class RunDir:
     def cache(self, shard: tuple[int, int] = WHOLE) -> Path:
         name = "teacher.sqlite" if shard == WHOLE else f"teacher.shard-{shard[0]}-of-{shard[1]}.sqlite"
         return self.root / name
+
+    def caches(self) -> dict[Path, int]:
+        """Every request cache of the run that exists -> the N of the split that wrote it (1: a whole run). A process
+        writes only its own (cache(shard)) and reads the other splits' (shards.RunCaches): no answer is paid twice."""
+        found = {self.cache(): 1} if self.cache().is_file() else {}
+        for path in sorted(self.root.glob("teacher.shard-*-of-*.sqlite")):
+            n = path.name[: -len(".sqlite")].rpartition("-of-")[2]
+            if n.isdigit():
+                found[path] = int(n)
+        return found
+
+    def batches(self, shard: tuple[int, int] = WHOLE) -> Path:
+        """teacher.batches/ beside the cache (per shard, as it is): the Batch API's batches in flight, one JSON file
+        each (distillab.teachers.batch), so a rerun polls them instead of submitting their requests again."""
+        return self.cache(shard).with_suffix(".batches")
+
+    def teacher_tokenizer(self, model: str) -> Path:
+        """teacher_tokenizer/<model>/: a served teacher's tokenizer files as its endpoint gave them (generate's
+        preflight), kept so that a rerun reads its token ids without asking the endpoint again."""
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+        return self.root / "teacher_tokenizer" / ("_" + name if name.startswith(".") else name)
 
     @property
     def data(self) -> Path:
@@ -170,6 +194,43 @@ class RunDir:
     def export(self, fmt: str) -> Path:
         return self.root / "export" / fmt
 
+    # plan (distillab.plan): pilots on nested subsets of the train prompts, the projection of the full run
+    @property
+    def plan(self) -> Path:
+        """plan/: the pilots, each a run directory of its own (plan/<teacher>/pilot_<share>/), and what the plan
+        scores once for all of them."""
+        return self.root / "plan"
+
+    def pilot(self, teacher: str, fraction: float) -> Path:
+        """plan/<teacher>/pilot_<share>/: the pilot of one candidate teacher on that share of the train prompts."""
+        return self.plan / teacher / f"pilot_{fraction:g}"
+
+    @property
+    def dev_eval(self) -> Path:
+        """dev_eval.json: a pilot's student scored on the dev split, every item's score kept (for the bootstrap)."""
+        return self.root / "dev_eval.json"
+
+    @property
+    def plan_base_dev(self) -> Path:
+        """plan/base_dev_eval.json: the base student on the dev split, what a pilot's general change is against."""
+        return self.plan / "base_dev_eval.json"
+
+    @property
+    def plan_teacher_task(self) -> Path:
+        """plan/teacher_task.json: the teacher's test task score, the quality floor's share is of (when the run has
+        no eval/teacher.json yet)."""
+        return self.plan / "teacher_task.json"
+
+    @property
+    def plan_throughput(self) -> Path:
+        """plan/throughput.json: a pilot student's serving speed, for the projected break-even."""
+        return self.plan / "throughput.json"
+
+    @property
+    def plan_record(self) -> Path:
+        """plan.json: the pilots, the fitted curves and the projection at each size (distillab.plan_curve)."""
+        return self.root / "plan.json"
+
     @property
     def registry(self) -> Path:
         """The leaderboard shared by every run in the same runs directory."""
@@ -184,6 +245,19 @@ class RunDir:
         name += "" if shard == WHOLE else f".shard-{shard[0]}-of-{shard[1]}"
         name += f".rank-{rank}" if rank else ""
         return self.root / ".locks" / f"{name}.lock"
+
+    def split_locks(self, stage: str) -> dict[Path, int]:
+        """The lock files of `stage` that exist (every shard's, every rank's: stage_lock) -> the N of the split that
+        holds them (1: a whole run)."""
+        name = stage.replace(":", "-")
+        found = {}
+        for path in (self.root / ".locks").glob(f"{name}*.lock"):
+            rest = path.name[len(name) : -len(".lock")].split(".rank-")[0]
+            if rest == "":
+                found[path] = 1
+            elif rest.startswith(".shard-") and rest.rpartition("-of-")[2].isdigit():
+                found[path] = int(rest.rpartition("-of-")[2])
+        return found
 
     def check_creatable(self) -> None:
         """Refuse, before anything is written, a run directory that could not be created or written."""

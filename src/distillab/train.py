@@ -19,7 +19,9 @@ accumulation window on all processes (counted once the window's batches are know
 and summed across processes), then multiplied by the process count because DDP/FSDP average gradients. So
 4 micro-batches of 1 give the gradient of 1 batch of 4, P processes the gradient of one, whatever the model's
 `accepts_loss_kwargs` says (the Trainer's own count and scaling are replaced: _get_num_items_in_batch,
-loss_is_scaled_for_ga).
+loss_is_scaled_for_ga). P processes of per_device_batch_size rows take the global batches one process of P times
+as many takes (batching.TrainOrder), an epoch's last, partial one included: a process it does not reach gets filler
+rows, whose zero loss still reaches every weight (DDP's all-reduce waits for every process's backward).
 
 The student's path is chosen once at setup: dense (model(...).logits) or chunked (losses.chunked_kd_loss from the
 final hidden states, with the family's final logit transform, distillab.logits; never B x T x V logits, an
@@ -65,9 +67,9 @@ from distillab import logits as logit_paths
 from distillab.batching import (
     Collator,
     DistillDataset,
-    LengthGroupedSampler,
     LengthLimit,
     RowSource,
+    TrainOrder,
     answers_only,
     collate,
     limit_length,
@@ -75,7 +77,7 @@ from distillab.batching import (
 from distillab.config import RunConfig
 from distillab.dataset import check_files, dataset_files
 from distillab.errors import UserError
-from distillab.files import atomic_dir, fingerprint, read_json, write_atomic, write_json
+from distillab.files import atomic_dir, cannot_write, fingerprint, read_json, write_atomic, write_json
 from distillab.rundir import RunDir
 from distillab.stage import StageContext, run_stage
 from distillab.trainrows import ArrowRows
@@ -114,6 +116,11 @@ def loss_step(head: Head, batch: dict, settings: DistillSettings) -> LossTerms:
     teacher, has_teacher = _teacher_of(batch, predicts, settings)  # has_teacher (B, T) bool
     sft = 0.0 if batch.get("student_written") else settings.sft_weight
     zero = predicts.new_zeros((), dtype=torch.float32)
+    if not predicts.any():  # fillers only (batching.TrainOrder): a zero that reaches every weight, so that this
+        # process's backward still joins DDP's gradient all-reduce
+        somewhere = torch.zeros_like(predicts)
+        somewhere[0, 0] = True
+        return LossTerms(ce=0.0 * head("ce", targets, somewhere), kd=zero, n_tokens=predicts.sum())
     ce = zero
     # Disjoint masks, so each token's logits are used once: sft on tokens with a teacher, sft + kd on the rest
     for weight, mask in ((sft, predicts & has_teacher), (sft + settings.kd_weight, predicts & ~has_teacher)):
@@ -328,10 +335,11 @@ def on_policy_batch(student, batch: dict, settings: DistillSettings) -> dict:
         prompts[b, width - length :] = input_ids[b, :length]
         prompt_mask[b, width - length :] = 1
     sampled = _sample(student, prompts, prompt_mask, settings)  # (B, new)
+    filler = batch.get("filler", torch.zeros(n, dtype=torch.bool))  # batching.TrainOrder's: they predict nothing
     rows = [
         {
             "prompt_ids": input_ids[b, : int(prompt_len[b])].tolist(),
-            "completion_ids": cut_at_eos(sampled[b].tolist(), settings.eos_id),
+            "completion_ids": [] if filler[b] else cut_at_eos(sampled[b].tolist(), settings.eos_id),
         }
         for b in range(n)
     ]
@@ -361,6 +369,8 @@ def score_with_teacher(settings: DistillSettings, batch: dict):
 # The Trainer: windows of batches (on-policy sampled first), their global token count, the loss, atomic checkpoints.
 
 SAVING = ".saving"  # checkpoints are written under checkpoints/.saving/ and renamed into place when complete
+# torch.save's errors when a write fails (its C++ stream writer's words)
+TORCH_WRITE_FAILED = ("inline_container", "PytorchStreamWriter", "file write failed", "iostream error")
 SECONDS_FILE = "train_seconds.json"
 
 
@@ -373,11 +383,9 @@ class DistillTrainer(Trainer):
         self.seconds_before, self._clock, self.train_seconds = 0.0, None, 0.0
 
     def _get_train_sampler(self, *args, **kwargs):
-        if self.group_by_length:
-            return LengthGroupedSampler(self.train_dataset, self.args.per_device_train_batch_size, self.args.seed)
-        if getattr(self.train_dataset, "layout", None) is not None:  # the order is the batch composition: keep it
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-        return super()._get_train_sampler(*args, **kwargs)
+        """The same global batches on any number of processes, the last partial one too (batching.TrainOrder)."""
+        per_device, processes, seed = self.args.per_device_train_batch_size, self.args.world_size, self.args.seed
+        return TrainOrder(self.train_dataset, per_device, processes, seed, self.group_by_length)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The window's micro-batches, on an on-policy step replaced by the student's samples, and their global
@@ -436,6 +444,13 @@ class DistillTrainer(Trainer):
         self.args.output_dir = staging  # every file of the checkpoint (all processes' RNG states too) goes here
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as err:
+            # a full disk: torch.save reports it as a RuntimeError of its stream writer
+            if not isinstance(err, OSError) and not any(w in str(err) for w in TORCH_WRITE_FAILED):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # the half-written checkpoint: its room back
+            then = "training resumes from the last whole checkpoint (from the start when there is none)"
+            raise cannot_write(Path(staging, name), err, then) from None
         finally:
             self.args.output_dir = final_root
         if self.args.should_save:
@@ -496,11 +511,12 @@ def keep_checkpoints_made_from(run: RunDir, made_from: str, log=print) -> None:
     checkpoints.previous/ (one rename; an older one there is removed first) and training starts over. Checkpoints
     without a readable fingerprint.json (an older distillab's, or damaged) count as changed: what they were made
     from is unknown. Then checkpoints/fingerprint.json names `made_from`, before the first checkpoint is saved."""
-    ckpt = run.checkpoints
-    if ckpt.is_dir() and any(ckpt.iterdir()) and _checkpoints_made_from(run) != made_from:
+    ckpt, found = run.checkpoints, _checkpoints_made_from(run)
+    if ckpt.is_dir() and any(ckpt.iterdir()) and found != made_from:
+        unknown = f"; {run.checkpoints_fingerprint} is missing or corrupt: what they were made from is unknown"
         log(
             "train: the config or data changed since checkpoints/ was written: starting over "
-            f"(the old checkpoints moved to {run.checkpoints_previous})"
+            f"(the old checkpoints moved to {run.checkpoints_previous}{unknown if found is None else ''})"
         )
         shutil.rmtree(run.checkpoints_previous, ignore_errors=True)
         ckpt.rename(run.checkpoints_previous)
@@ -605,6 +621,8 @@ class TrainSummary:
     # rows with a reasoning trace trained on trace + answer (True) or their answers alone (False, [train] traces =
     # false); None, not in the file: the dataset holds no trace
     traces: bool | None = None
+    processes: int = 1  # training processes (torchrun, accelerate launch)
+    global_batch: int = 0  # rows a step: per_device_batch_size x processes x grad_accum (0: not recorded)
     complete: bool = True  # False on a process other than world process zero: it writes and stamps nothing
     skipped: bool = False  # read back from student/: up to date, not trained now
 
@@ -660,6 +678,7 @@ class TrainStage:
         if t.on_policy_fraction > 0 and cfg.teacher.base_url:  # refusals first: a failed start writes nothing
             raise UserError("on-policy distillation needs a local teacher (teacher.base_url must be unset)")
         check_device_options(t)
+        check_launcher()
         torch.manual_seed(t.seed)
         model, tok = models.load(t.student, attn_implementation=t.attn_implementation)
         check_tokenized_for(tok, t.student, run.dataset("train"))
@@ -694,6 +713,7 @@ class TrainStage:
         callbacks += [_StopAfter(stop_after_steps)] if stop_after_steps else []
         trainer = build_trainer(cfg, rows, model, tok, run.checkpoints, teacher_model, callbacks, replay=replay)
         if trainer.is_world_process_zero():
+            log(batch_line(t))
             keep_checkpoints_made_from(run, self.fingerprint(cfg, run), log)
         trainer.accelerator.wait_for_everyone()  # no process looks for a checkpoint before stale ones are aside
         resume = last_complete_checkpoint(run.checkpoints, log) if run.checkpoints.is_dir() else None
@@ -712,7 +732,7 @@ class TrainStage:
                 "fraction": cfg.retain.replay_fraction,
                 "source": cfg.retain.replay_source,
                 "rows": len(replay),
-                "per_batch": retain.replay_per_batch(t.batch_size, cfg.retain.replay_fraction),
+                "per_batch": retain.replay_per_batch(global_batch(t), cfg.retain.replay_fraction),
             }
         writes = trainer.is_world_process_zero()  # under torchrun/accelerate every process gets here; one writes
         summary = TrainSummary(
@@ -734,6 +754,8 @@ class TrainStage:
             replay=replay_set,
             **length_counts(trainer.train_dataset, t.max_length),
             traces=t.traces if (rows.answer_lengths >= 0).any() else None,
+            processes=processes(),
+            global_batch=global_batch(t, t.grad_accum),
             complete=writes,
         )
         if writes:
@@ -782,19 +804,15 @@ def build_trainer(
     distill = DistillSettings(cfg, model, teacher_model, tok.pad_token_id, tok.eos_token_id)  # refuses early
     dataset = DistillDataset(rows, vocab)
     epochs = t.epochs
-    if replay:  # a fixed order that puts the replay share in every batch, long enough for the whole run
-        per_batch = t.batch_size - retain.replay_per_batch(t.batch_size, cfg.retain.replay_fraction)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        n_batches = (
-            t.max_steps * t.grad_accum * world if t.max_steps > 0 else math.ceil(t.epochs * len(rows) / per_batch)
-        )
-        layout = retain.batch_layout(
-            len(rows), len(replay), t.batch_size, cfg.retain.replay_fraction, n_batches, t.seed
-        )
+    if replay:  # a fixed order that puts the replay share in every global batch, long enough for the whole run
+        batch = global_batch(t)  # one micro-batch on every process: split among them as it is (TrainOrder)
+        per_batch = batch - retain.replay_per_batch(batch, cfg.retain.replay_fraction)
+        n_batches = t.max_steps * t.grad_accum if t.max_steps > 0 else math.ceil(t.epochs * len(rows) / per_batch)
+        layout = retain.batch_layout(len(rows), len(replay), batch, cfg.retain.replay_fraction, n_batches, t.seed)
         dataset, epochs = DistillDataset(dataset.task, vocab, replay, layout), 1.0
     args = TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         num_train_epochs=epochs,
@@ -880,6 +898,54 @@ def length_counts(data: DistillDataset, max_length: int | None) -> dict:
     }
 
 
+def processes() -> int:
+    """The training processes: WORLD_SIZE, as torchrun and `accelerate launch` set it (1 without either)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def global_batch(train_cfg, grad_accum: int = 1) -> int:
+    """Rows of one micro-batch on every process (x grad_accum: of one optimizer step)."""
+    return train_cfg.per_device_batch_size * processes() * grad_accum
+
+
+def batch_line(train_cfg) -> str:
+    """The start-up line that says what a step takes, and the batch size's new name when the config used the old."""
+    t = train_cfg
+    line = (
+        f"train: global batch {global_batch(t, t.grad_accum)} rows a step = per_device_batch_size "
+        f"{t.per_device_batch_size} x {processes()} process(es) x grad_accum {t.grad_accum}"
+    )
+    if t.old_batch_size_key:
+        line += " (train.batch_size is now named per_device_batch_size, the same per-process meaning: rename it)"
+    return line
+
+
+def check_launcher() -> None:
+    """Refuse, in one line, a launcher that was asked for several processes and started one: `accelerate launch
+    --num_processes N` without --multi_gpu on a machine without N GPUs runs its simple launcher, one process that is
+    told nothing of N (no WORLD_SIZE); accelerate's command line, this process's parent, still says N."""
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ:  # not accelerate's one process
+        return
+    import psutil
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        argv = psutil.Process(os.getppid()).cmdline()
+    except psutil.Error:
+        return
+    launch = next((i for i, arg in enumerate(argv) if Path(arg).name.endswith("launch")), None)
+    if launch is None:  # `accelerate launch`, `accelerate-launch`, `python -m accelerate.commands.launch`
+        return
+    asked, _ = launch_command_parser().parse_known_args(argv[launch + 1 :])
+    n = asked.num_processes or 1
+    if n > 1:
+        raise UserError(
+            f"accelerate launch --num_processes {n} started one process (accelerate runs one without --multi_gpu "
+            f"on a machine without {n} GPUs): add --multi_gpu, which on CPU starts {n} gloo processes as "
+            f"`torchrun --nproc-per-node {n} -m distillab train CONFIG` does"
+        )
+
+
 def check_parallelism(train_cfg, fsdp: bool) -> None:
     """Refuse FSDP: chunked KD reads the lm_head weight outside the forward, and on-policy generates with the bare
     module, both of which FSDP has resharded by then; the rest is untested (see README)."""
@@ -908,8 +974,9 @@ class _StopAfter(TrainerCallback):
 def n_tokens_seen(trainer) -> int:
     """Prompt + completion tokens trained on: one pass's tokens (task and replay rows, each once) times passes made."""
     n_rows, per_pass = trainer.train_dataset.pass_tokens()
+    args = trainer.args
     steps_per_pass = max(
-        1, -(-n_rows // (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps))
+        1, -(-n_rows // (args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps))
     )
     return int(per_pass * trainer.state.global_step / steps_per_pass)
 

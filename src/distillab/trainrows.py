@@ -40,7 +40,7 @@ from distillab.dataset import (
     decode_row_topk,
 )
 from distillab.errors import UserError
-from distillab.files import atomic_path, file_digest, lock, write_atomic
+from distillab.files import atomic_path, file_digest, lock, write_atomic, writing
 from distillab.topk_codec import FIELDS
 
 ARROW_DIR = ".arrow"
@@ -121,11 +121,12 @@ def _current_stats(arrow: Path, key: list) -> dict | None:
 
 def _make_copy(files: list[Path], arrow: Path, key: list) -> dict:
     """Write the copy and its side file, then its stats (last: they say the other two are whole)."""
-    with atomic_path(arrow) as arrow_tmp, atomic_path(arrow.with_suffix(".npz"), suffix=".npz") as side_tmp:
-        index = _write_record_batches(files, arrow_tmp)
-        np.savez(side_tmp, **index.arrays())
-    stats = {"files": key, "rows": int(sum(index.batch_rows)), "max_teacher_id": index.max_teacher_id}
-    write_atomic(arrow.with_suffix(".json"), json.dumps(stats))
+    with writing(arrow, "the copy is made again from the dataset"):
+        with atomic_path(arrow) as arrow_tmp, atomic_path(arrow.with_suffix(".npz"), suffix=".npz") as side_tmp:
+            index = _write_record_batches(files, arrow_tmp)
+            np.savez(side_tmp, **index.arrays())
+        stats = {"files": key, "rows": int(sum(index.batch_rows)), "max_teacher_id": index.max_teacher_id}
+        write_atomic(arrow.with_suffix(".json"), json.dumps(stats))
     return stats
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from distillab import reasoning
 from distillab.config import THINK_TAGS, VERIFIERS, VerifyConfig
 from distillab.errors import UserError
-from distillab.lab.world import SKILLS, get_skill
+from distillab.lab.world import ALL_SKILLS, get_skill
 from distillab.records import Verification, VerificationCounts
 
 UNVERIFIED_EXAMPLES = 5  # prompts left without a verified sample, shown by name in the summary and report
@@ -86,7 +86,7 @@ class Verifiers:
                 f"{where}: [verify] {method!r} compares the teacher's answer with the reference, and this "
                 "prompt has none (data.answer_column, or a conversation's final assistant turn)"
             )
-        if method == "lab" and skill_of(record) not in SKILLS:
+        if method == "lab" and skill_of(record) not in ALL_SKILLS:
             raise UserError(
                 f'{where}: [verify] "lab" scores lab skills, and this prompt\'s skill is '
                 f"{skill_of(record)!r}: set verify.method (or verify.by_skill) to exact, normalized, "

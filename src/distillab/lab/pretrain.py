@@ -20,8 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillab.batching import collate
 from distillab.files import atomic_dir
-from distillab.lab.tokenizer import build_tokenizer
-from distillab.lab.world import SKILLS
+from distillab.lab.tokenizer import CHAT_TEMPLATE, build_tokenizer
+from distillab.lab.world import ALL_SKILLS, SIGNAL_SKILLS, SKILLS
 from distillab.sampling import encode_example
 
 
@@ -37,8 +37,9 @@ class PretrainSpec:
     batch: int = 64
     warmup: int = 200
     seed: int = 0
-    skill_weights: dict[str, float] | None = None  # default: uniform, knowledge skills doubled
+    skill_weights: dict[str, float] | None = None  # default: uniform, knowledge skills doubled, signal skills 0
     then: PretrainSpec | None = None
+    init: str | None = None  # a shipped checkpoint to continue from (its architecture wins): None, from scratch
 
 
 # The teacher's second phase spends its steps where the first left it weakest (arithmetic, counting,
@@ -60,7 +61,22 @@ PRESETS = {
     "base": PretrainSpec(
         hidden=128, layers=4, heads=4, steps=2000, lr=2e-3, skill_weights={"recall": 0.0, "describe": 0.0}
     ),
+    # The shipped teacher, taught the signal skills on their teacher region only (world.SIGNAL_SKILLS): habits as
+    # draws from each entity's distribution, column addition with its trace; the classic skills are replayed so
+    # none is forgotten. `distillab demo --signal` distils from it.
+    "signal-teacher": PretrainSpec(
+        hidden=192,
+        layers=6,
+        heads=6,
+        steps=1500,
+        lr=5e-4,
+        warmup=100,
+        seed=2,
+        skill_weights={"habit": 3.0, "carry": 4.0},
+        init="teacher",
+    ),
 }
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
 
 def llama_config(spec: PretrainSpec, tokenizer) -> LlamaConfig:
@@ -79,29 +95,36 @@ def llama_config(spec: PretrainSpec, tokenizer) -> LlamaConfig:
     )
 
 
-def training_pool(tokenizer, spec: PretrainSpec, per_skill: int = 20000) -> list[list[tuple[list[int], list[int]]]]:
-    weights = {name: 2.0 if SKILLS[name].family == "knowledge" else 1.0 for name in SKILLS}
+def skill_weights(spec: PretrainSpec) -> dict[str, float]:
+    weights = {name: 2.0 if skill.family == "knowledge" else 1.0 for name, skill in SKILLS.items()}
+    weights.update({name: 0.0 for name in SIGNAL_SKILLS})
     weights.update(spec.skill_weights or {})
+    return weights
+
+
+def training_pool(tokenizer, spec: PretrainSpec, per_skill: int = 20000) -> list[list[tuple[list[int], list[int]]]]:
     pools = []
-    for name, skill in SKILLS.items():
-        weight = weights[name]
+    for name, weight in skill_weights(spec).items():
         if weight > 0:
+            split = "teacher" if name in SIGNAL_SKILLS else "train"  # signal skills keep the student's half unseen
             ids = [
-                encode_example(tokenizer, ex.prompt, ex.answer)
-                for ex in skill.examples("train", per_skill, seed=spec.seed)
+                encode_example(tokenizer, ex.prompt, ex.completion)
+                for ex in ALL_SKILLS[name].examples(split, per_skill, seed=spec.seed)
             ]
             pools.append((weight, ids))
     return pools
 
 
-def quick_eval(model, tokenizer, n: int = 40) -> dict[str, float]:
+def quick_eval(model, tokenizer, n: int = 40, skills=SKILLS) -> dict[str, float]:
+    from distillab.reasoning import final_answer
     from distillab.sampling import generate
 
     scores = {}
-    for name, skill in SKILLS.items():
+    for name in skills:
+        skill = ALL_SKILLS[name]
         exs = skill.examples("test", n)
-        outs = generate(model, tokenizer, [e.prompt for e in exs], max_new_tokens=64)
-        scores[name] = sum(skill.score(o.text, e.answer) for o, e in zip(outs, exs)) / len(exs)
+        outs = generate(model, tokenizer, [e.prompt for e in exs], max_new_tokens=96)
+        scores[name] = sum(skill.score(final_answer(o.text), e.answer) for o, e in zip(outs, exs)) / len(exs)
     return scores
 
 
@@ -130,6 +153,10 @@ def pretrain(
     torch.manual_seed(phases[0].seed)
     model = LlamaForCausalLM(llama_config(phases[0], tokenizer))
     history: list[dict] = []
+    if phases[0].init:  # the checkpoint beside out_dir when there is one (`lab pretrain all --out`), else shipped
+        beside = out_dir.parent / phases[0].init
+        init = beside if (beside / "model.safetensors").is_file() else CHECKPOINTS / phases[0].init
+        model = LlamaForCausalLM.from_pretrained(str(init), use_safetensors=True)
     if from_phase:
         model = LlamaForCausalLM.from_pretrained(str(out_dir), use_safetensors=True)
         history = json.loads((out_dir / "pretrain.json").read_text())["history"]
@@ -190,7 +217,8 @@ def _train_phase(
         if step % 100 == 0:
             log(f"[{name}] step {done_before + step} loss {loss.item():.4f} {time.time() - started:.0f}s")
         if (step + 1) % eval_every == 0 or step + 1 == spec.steps:
-            scores = quick_eval(model, tokenizer)
+            trained = [name for name, weight in skill_weights(spec).items() if weight > 0 or name in SKILLS]
+            scores = quick_eval(model, tokenizer, skills=trained)
             mean = sum(scores.values()) / len(scores)
             history.append({"step": done_before + step + 1, "phase": index + 1, "mean": mean, **scores})
             log(
@@ -201,6 +229,7 @@ def _train_phase(
 
 
 def _save(model, tokenizer, out_dir: Path, phases, n_params, history, seconds) -> None:
+    tokenizer.chat_template = tokenizer.chat_template or CHAT_TEMPLATE  # chat data on the lab: its last user turn
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

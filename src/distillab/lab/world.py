@@ -26,7 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-Split = Literal["train", "dev", "test"]
+from distillab.config import TRACE_FORMAT
+
+Split = Literal["train", "dev", "test", "teacher"]
 TEST_FRACTION = 0.2
 DEV_FRACTION = 0.15
 WORLD_SEED = 20261128
@@ -37,6 +39,15 @@ class Example:
     skill: str
     prompt: str  # ends with "\n"; the model continues with the answer
     answer: str
+    trace: str | None = None  # the worked steps a reasoning skill writes before its answer
+
+    @property
+    def completion(self) -> str:
+        """What a model that knows the skill writes: the trace in think tags (the pipeline's default trace format,
+        which distillab.reasoning splits), then the answer; the answer alone for a skill without traces."""
+        if self.trace is None:
+            return self.answer
+        return TRACE_FORMAT.format(reasoning=self.trace, answer=self.answer)
 
 
 def _stable_unit(text: str) -> float:
@@ -102,21 +113,33 @@ class Skill:
     draw: Draw | None = None  # open-ended skills: rejection-sample from the split by prompt hash
     enumerate_items: Callable[[], list[tuple[str, str, str]]] | None = None  # closed skills: (key, q, a)
     metric: str = "exact"
+    # the splits a question belongs to (default: one, by its hash; see _split_of and _knowledge_splits)
+    splits_of: Callable[[str], frozenset[str]] | None = None
+    # closed skills whose answer is a draw: (question, rng) -> a fresh answer for every example
+    resample: Callable[[str, random.Random], str] | None = None
 
     def examples(self, split: Split, n: int, seed: int = 0) -> list[Example]:
         """n examples from `split`, the same for the same (split, n, seed)."""
         rng = random.Random(f"{self.name}/{split}/{seed}")
         if self.enumerate_items is not None:
-            items = [(q, a) for key, q, a in self.enumerate_items() if _split_of_item(self, key) == split]
+            items = [
+                (q, a)
+                for key, q, a in self.enumerate_items()
+                if (split in self.splits_of(q) if self.splits_of else _split_of_item(self, key) == split)
+            ]
             rng.shuffle(items)
             if n > len(items):  # closed skills repeat their items rather than invent new ones
                 items = [items[i % len(items)] for i in range(n)]
-            return [Example(skill=self.name, prompt=q + "\n", answer=a) for q, a in items[:n]]
+            return [
+                Example(skill=self.name, prompt=q + "\n", answer=self.resample(q, rng) if self.resample else a)
+                for q, a in items[:n]
+            ]
         out: list[Example] = []
         while len(out) < n:
-            q, a = self.draw(rng)
-            if _split_of(f"{self.name}|{q}") == split:
-                out.append(Example(skill=self.name, prompt=q + "\n", answer=a))
+            q, a, *trace = self.draw(rng)
+            in_split = split in self.splits_of(q) if self.splits_of else _split_of(f"{self.name}|{q}") == split
+            if in_split:
+                out.append(Example(skill=self.name, prompt=q + "\n", answer=a, trace=trace[0] if trace else None))
         return out
 
     def score(self, prediction: str, answer: str) -> float:
@@ -272,14 +295,118 @@ SKILLS: dict[str, Skill] = {
 }
 
 
+# ----------------------------------------------------------------------------------------------------
+# The signal skills: where a teacher's signal carries more than its greedy text (`distillab demo --signal`).
+# Both distil on prompts the teacher never saw: each carves a "teacher" region that only pretraining draws
+# from, and the student's train / dev / test come from the rest. They are not part of SKILLS, so the
+# classic demo's general suite (every classic skill not in the task) stays what it is.
+
+HABITS = ["swims", "sings", "digs", "naps"]
+# Each entity's habits follow one of these shapes, in an order of its own: a mode worth ~half the mass and a
+# tail a greedy answer never shows.
+HABIT_SHAPES = [(0.5, 0.3, 0.15, 0.05), (0.45, 0.35, 0.2, 0.0), (0.6, 0.25, 0.1, 0.05), (0.4, 0.3, 0.2, 0.1)]
+HABIT_TEMPLATES = ["habit of {ent}?", "{ent} habit?", "what does {ent} do?"]
+
+
+def _make_habits() -> dict[str, dict[str, float]]:
+    rng = random.Random(WORLD_SEED + 1)
+    table = {}
+    for ent in KNOWLEDGE:
+        shape, order = rng.choice(HABIT_SHAPES), rng.sample(HABITS, len(HABITS))
+        table[ent] = dict(zip(order, shape))
+    return table
+
+
+HABIT_DISTRIBUTION: dict[str, dict[str, float]] = _make_habits()
+
+
+def _student_template(ent: str) -> int:
+    """The one habit question template the teacher never sees for `ent` (it learns the entity in the other two)."""
+    return int(_stable_unit(f"habit|{ent}") * len(HABIT_TEMPLATES))
+
+
+def habit_entity(prompt: str) -> str:
+    """The entity a habit question asks about."""
+    return next(w for w in re.findall(r"[a-z]+", prompt) if w in HABIT_DISTRIBUTION)
+
+
+def _habit_splits(question: str) -> frozenset[str]:
+    ent = habit_entity(question)
+    template = next(t for t, text in enumerate(HABIT_TEMPLATES) if text.format(ent=ent) == question)
+    # The knowledge is the distribution itself: the student is taught and scored on the same questions, scored
+    # against the world's distribution (habit_scores), never against the teacher's samples.
+    return frozenset({"train", "dev", "test"}) if template == _student_template(ent) else frozenset({"teacher"})
+
+
+def _habit_items() -> list[tuple[str, str, str]]:
+    """Every (entity, template) question, with the entity's most likely habit as its reference answer."""
+    return [
+        (f"{ent}|{t}", template.format(ent=ent), max(habits, key=habits.get))
+        for ent, habits in HABIT_DISTRIBUTION.items()
+        for t, template in enumerate(HABIT_TEMPLATES)
+    ]
+
+
+def draw_habit(question: str, rng: random.Random) -> str:
+    habits = HABIT_DISTRIBUTION[habit_entity(question)]
+    return rng.choices(list(habits), weights=list(habits.values()))[0]
+
+
+def _carry_splits(question: str) -> frozenset[str]:
+    """Half the problems are the teacher's; the student's train / dev / test are carved from the other half."""
+    u = _stable_unit(f"carry|{question}")
+    return frozenset({"teacher" if u < 0.5 else "test" if u < 0.65 else "dev" if u < 0.75 else "train"})
+
+
+def carry_trace(a: int, b: int) -> str:
+    """Column addition, right to left: each line adds a column and its carry, then the answer so far."""
+    lines, carry, so_far = [], 0, ""
+    for x, y in zip(reversed(str(a)), reversed(str(b)), strict=True):
+        total = int(x) + int(y) + carry
+        so_far = str(total % 10) + so_far
+        lines.append(f"{x}+{y}{'+1' if carry else ''}={total} {so_far}")
+        carry = total // 10
+    if carry:
+        lines.append(f"carry 1 {'1' + so_far}")
+    return "\n".join(lines)
+
+
+def _draw_carry(rng):
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    return f"sum {a} {b}", str(a + b), carry_trace(a, b)
+
+
+SIGNAL_SKILLS: dict[str, Skill] = {
+    s.name: s
+    for s in [
+        Skill(
+            name="habit",
+            family="distribution",
+            description="what an invented entity does: each answer a draw from its own distribution over four habits",
+            enumerate_items=_habit_items,
+            splits_of=_habit_splits,
+            resample=draw_habit,
+        ),
+        Skill(
+            name="carry",
+            family="reasoning",
+            description="the sum of two 3-digit numbers, with a column-by-column trace before the answer",
+            draw=_draw_carry,
+            splits_of=_carry_splits,
+        ),
+    ]
+}
+ALL_SKILLS: dict[str, Skill] = {**SKILLS, **SIGNAL_SKILLS}
+
+
 def get_skill(name: str) -> Skill:
-    if name not in SKILLS:
+    if name not in ALL_SKILLS:
         import difflib
 
-        hint = difflib.get_close_matches(name, SKILLS, n=1)
+        hint = difflib.get_close_matches(name, ALL_SKILLS, n=1)
         raise ValueError(
             f"unknown lab skill {name!r}"
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + f"; skills: {', '.join(SKILLS)}"
+            + f"; skills: {', '.join(ALL_SKILLS)}"
         )
-    return SKILLS[name]
+    return ALL_SKILLS[name]

@@ -46,6 +46,7 @@ class ReportStage:
             run.train_summary,
             run.retain_record,
             run.decontamination,
+            run.plan_record,  # `distillab plan`'s projection: the report's Plan section
             *run.student_model_files(),
         ]
         return fingerprint(

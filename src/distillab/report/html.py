@@ -23,6 +23,7 @@ from distillab.config import RunConfig
 from distillab.costs import break_even_phrase, human_count
 from distillab.decontaminate import summary_line
 from distillab.files import write_atomic
+from distillab.plan_curve import PlanRecord, read_plan
 from distillab.provenance import LINEAGE_FILE
 from distillab.records import EvalResult, Ledger, RetainCost, TeacherEvaluation, as_evals, read_lm_evals, suite_score
 from distillab.rundir import RunDir
@@ -64,6 +65,7 @@ def build_report(cfg: RunConfig, evals: dict[str, EvalResult], ledger: Ledger, s
         selection,
         read_lm_evals(run.lm_eval_files()),
         decontaminated,
+        plan=read_plan(run.plan_record) if run.plan_record.is_file() else None,
     )
     write_atomic(run.report, page)
     return run.report
@@ -79,8 +81,10 @@ def render_page(
     selection: dict | None = None,
     lm_evals: dict | None = None,
     decontamination: dict | None = None,
+    plan: PlanRecord | None = None,
 ) -> str:
-    """The page. decontamination: [decontaminate]'s record (distillab.decontaminate), shown when given."""
+    """The page. decontamination: [decontaminate]'s record (distillab.decontaminate), shown when given; plan:
+    `distillab plan`'s plan.json (distillab.plan_curve), its section shown when given."""
     evals, ledger = as_evals(evals), Ledger.model_validate(ledger)
     labels = ordered_labels(evals)
     chosen_as = None
@@ -109,7 +113,9 @@ def render_page(
                 "pareto": pareto,
                 "skills": skill_delta_svg(evals, labels, task),
                 "tradeoff": tradeoff_svg(evals, labels, selection, chosen_as) if selection else None,
+                "plan": plan_svg(plan, evals) if plan else None,
             },
+            plan=plan,
             pareto_caption=pareto_caption,
             selection=selection,
             chosen_as=chosen_as,
@@ -159,6 +165,7 @@ def _templates():
     env.filters.update(
         pct=pct, signed_pct=lambda x: format(x, "+.0%"), count=lambda n: f"{n:,}", g=lambda x: f"{x:g}", scalar=_scalar
     )
+    env.filters["money"] = _money  # plan.json's dollars (unpriced: its own word)
     env.tests.update(list=lambda value: isinstance(value, list), few_scalars=_few_scalars)
     return env
 
@@ -706,3 +713,52 @@ def tradeoff_svg(evals: dict[str, EvalResult], labels: list[str], selection: dic
         kept_clear.append((100 * chosen["dev_general"], 100 * chosen["dev_task"]))
     place_labels(fig, ax, spots, kept_clear)
     return svg_text(fig, "tradeoff")
+
+
+def plan_svg(plan: PlanRecord, evals: dict[str, EvalResult]) -> str | None:
+    """The plan's curves: each candidate teacher's pilots (dev split), its fitted curve and the projection's band, for
+    the task score and the general change; the run's own student at its size (test split), when it was scored."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    teachers = [t for t in plan.teachers if t.task_curve is not None and t.general_curve is not None]
+    if not teachers:
+        return None
+    fig = Figure(figsize=(9.6, 4.2), dpi=100, layout="constrained")
+    task_ax, general_ax = fig.subplots(1, 2)
+    palette = [COLORS["distilled"], COLORS["teacher"], *EXTRA_COLORS]
+    base = plan.base_dev_general or 0.0
+    for i, t in enumerate(teachers):
+        style = {"color": palette[i % len(palette)]}
+        shares = np.linspace(min(p.share for p in t.pilots), 1.0, 120)
+        sizes = [100 * p.share for p in t.projections]
+        changes = [p.general_change for p in t.pilots]
+        panels = (
+            (task_ax, t.task_curve, [p.dev_task for p in t.pilots], [p.task_band for p in t.projections], 0.0),
+            (general_ax, t.general_curve, changes, [p.general_change_band for p in t.projections], base),
+        )
+        for ax, curve, points, bands, offset in panels:
+            ax.plot(100 * shares, 100 * (curve.at(shares) - offset), lw=1.6, label=f"{t.label}: curve", **style)
+            pilots = ([100 * p.share for p in t.pilots], [100 * (v or 0.0) for v in points])
+            ax.scatter(*pilots, s=36, zorder=3, label=f"{t.label}: pilots (dev)", **style)
+            lows, highs = (np.array(side, dtype=float) * 100 for side in zip(*bands))
+            if not np.isnan([*lows, *highs]).any():
+                ax.fill_between(sizes, lows, highs, alpha=0.15, label=f"{t.label}: 95% band", **style)
+    star = {"marker": "*", "s": 140, "color": "#222", "zorder": 4, "label": "this run (test)"}
+    task, general = (suite_score(evals, "distilled", suite) for suite in ("task", "general"))
+    base_test = suite_score(evals, "base", "general")
+    if task is not None:
+        task_ax.scatter([100 * plan.target_share], [100 * task], **star)
+    if None not in (general, base_test):
+        general_ax.scatter([100 * plan.target_share], [100 * (general - base_test)], **star)
+    for ax, title, ylabel in (
+        (task_ax, "Task score by prompts", "task score (%)"),
+        (general_ax, "General change by prompts", "general change vs base (points)"),
+    ):
+        ax.set_xscale("log")
+        ax.set_xlabel("share of the train prompts (%, log scale)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    general_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    return svg_text(fig, "plan")

@@ -4,6 +4,9 @@ endpoint in tests and benchmarks. `distillab serve MODEL` runs it; `create_app` 
     GET  /v1/models
     POST /v1/completions        prompt: str | [str] | [int] | [[int]]; logprobs (top-k, legacy format); echo
     POST /v1/chat/completions   messages; logprobs + top_logprobs (chat format)
+    POST /v1/files, POST /v1/batches, GET /v1/batches/{id}, GET /v1/files/{id}/content, ...
+                                the OpenAI Batch API: each JSONL line answered like the endpoints above (`batches`)
+    GET  /v1/tokenizer          the model's tokenizer files (GET /v1/tokenizer/{name}: one), to read returned ids
     GET  /metrics               Prometheus text
     GET  /health                {"status": "ok"}, without auth; touches neither the model, its queue nor a request
 
@@ -37,6 +40,8 @@ The modules, in the order a request meets them:
     server     Server: auth, limits, validation, idempotency, batching groups, response shapes; needs no HTTP
                and no model (its unit tests give it a fake engine)
     faults     FaultConfig: seeded injected 429s, 500s, hangs and truncated bodies, for tests and benchmarks
+    batches    BatchService: files and batches in memory, each line through the Server in the background
+    tokenizer_files  the model's tokenizer files, for clients that read the ids it returns
     protocol   OpenAI's wire format: request schemas, the error object, logprobs and usage shapes
     engine     Engine: the batching loop and the model thread; score_prompts for echo
     metrics    Metrics: the counters, in a prometheus_client registry per app

@@ -1,6 +1,8 @@
 """The batching engine: handlers submit jobs to a queue; one loop collects them for a few milliseconds (until
 none came for `batch_wait_ms`, at most 4 x that), groups the ones with compatible sampling parameters and runs
-one `sampling.generate` call per group in a worker thread. While a batch runs, the next one fills up."""
+one `sampling.generate` call per group in a worker thread. While a batch runs, the next one fills up. A job whose
+requester gave up (its future cancelled: the client disconnected) is dropped when it is taken off the queue, and a
+group is checked again just before it runs: abandoned prompts are not computed (but for those already running)."""
 
 from __future__ import annotations
 
@@ -49,19 +51,26 @@ class Engine:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self.queue.get()]
+            if jobs[0].future.done():  # abandoned while it waited
+                continue
             # Collect until no request came for batch_wait (clients answered together send their next
             # requests a little apart: wait for the stragglers), but never longer than 4 x batch_wait.
             cap = loop.time() + 4 * self.batch_wait_s
             while len(jobs) < self.max_batch:
                 wait = min(self.batch_wait_s, cap - loop.time())
                 try:
-                    jobs.append(await asyncio.wait_for(self.queue.get(), max(0.0, wait)))
+                    job = await asyncio.wait_for(self.queue.get(), max(0.0, wait))
                 except TimeoutError:
                     break
+                if not job.future.done():
+                    jobs.append(job)
             groups: dict[tuple, list[_Job]] = {}
             for job in jobs:
                 groups.setdefault(job.group, []).append(job)
-            for group in groups.values():
+            for gathered in groups.values():
+                group = [job for job in gathered if not job.future.done()]  # abandoned while an earlier group ran
+                if not group:
+                    continue
                 self.metrics.batches.inc()
                 self.metrics.batched_prompts.inc(len(group))
                 try:

@@ -5,6 +5,7 @@ HTTP and no model: its unit tests give it a fake engine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from distillab import chat, reasoning
 from distillab.sampling import Generation
@@ -48,7 +50,8 @@ REASONING_PARSERS = {
 
 @dataclass
 class ServeLimits:
-    """What one request may ask for; past any of them it gets a 4xx that says which limit and its value."""
+    """What one request, one client and the replay store may hold; past a request's or a client's limit the request
+    gets a 4xx that says which limit and its value."""
 
     max_request_bytes: int = 1 << 20  # a bigger body is a 413
     max_json_depth: int = 64  # nesting of the body's JSON (an OpenAI request nests about 5 deep)
@@ -58,6 +61,11 @@ class ServeLimits:
     # Token slots one request may fill: tokens it may return (prompts x max_tokens, plus the prompts when
     # echoed) x (1 + top logprobs). The model's time and the response's size both grow with it.
     max_request_work: int = 1 << 18
+    # Token slots (counted as above) one client (its address) may have queued or running at once; a request past it
+    # is a 429 with Retry-After, so one client cannot fill the queue for all. 16 requests of the largest size.
+    max_client_work: int = 1 << 22
+    # Bytes of answers kept for Idempotency-Key replays; the least recently used are dropped past it.
+    idempotency_max_bytes: int = 256 << 20
 
 
 @dataclass
@@ -70,6 +78,7 @@ class CompletionPlan:
     max_tokens: int
     k: int  # top logprobs per token
     stops: list[str]
+    work: int  # token slots (Server.check_work)
 
 
 @dataclass
@@ -79,6 +88,7 @@ class ChatPlan:
     max_tokens: int
     k: int
     stops: list[str]
+    work: int
 
 
 class Server:
@@ -114,7 +124,8 @@ class Server:
         self.api_key = api_key
         # False answers `return_tokens_as_token_ids` with OpenAI's 400 for an unknown argument.
         self.token_ids_extension = token_ids_extension
-        self.idem = _IdempotencyStore()
+        self.idem = _IdempotencyStore(self.limits.idempotency_max_bytes)
+        self.queued: dict[str, int] = {}  # client -> token slots it has queued or running (max_client_work)
         self.cpu_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distillab-http")
         self.token_strings: dict = {}  # shared TokenStrings cache
 
@@ -144,7 +155,8 @@ class Server:
         return body, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     async def handle(self, request: Request, endpoint: str, answer) -> Response:
-        """Auth, size limit, JSON, faults, idempotency; then `await answer(body)`. Counts every outcome."""
+        """Auth, size limit, JSON, faults, idempotency; then `await answer(body, client)`, given up (its prompts
+        taken off the queue) when the client disconnects first. Counts every outcome (a client gone: 499)."""
         try:
             if not self.authorized(request.headers.get("authorization")):  # the message never echoes what was sent
                 raise APIError(
@@ -158,12 +170,19 @@ class Server:
                 response = await fault_response(kind, self.faults, request)
             else:
                 key = request.headers.get("idempotency-key")
-                payload = await (
-                    self.idem.run(f"{key}:{digest}", lambda: answer(body), self.metrics) if key else answer(body)
-                )
-                response = Response(await self._on_cpu(json_bytes, payload), media_type="application/json")
+                client = request.client.host if request.client else None
+
+                async def encoded() -> bytes:
+                    return await self._on_cpu(json_bytes, await answer(body, client))
+
+                work = self.idem.run(f"{key}:{digest}", encoded, self.metrics) if key else encoded()
+                response = Response(await _unless_disconnected(request, work), media_type="application/json")
         except APIError as err:
             response = err.response()
+            if err.status == 429:
+                response.headers["Retry-After"] = "1"
+        except (ClientGone, ClientDisconnect):
+            response = Response(status_code=499)  # nobody reads it: counted, as nginx counts a closed request
         except Exception:
             log.exception("request failed")
             response = APIError(500, "internal server error", "server_error").response()
@@ -218,8 +237,8 @@ class Server:
                 param="max_tokens",
             )
 
-    def check_work(self, n_prompts: int, max_tokens: int, echoed_tokens: int, k: int) -> None:
-        """Refuse a request that may fill more than max_request_work token slots (see ServeLimits)."""
+    def check_work(self, n_prompts: int, max_tokens: int, echoed_tokens: int, k: int) -> int:
+        """The token slots a request may fill; over max_request_work (see ServeLimits) it is refused."""
         work = (n_prompts * max_tokens + echoed_tokens) * (1 + k)
         limit = self.limits.max_request_work
         if work > limit:
@@ -231,6 +250,30 @@ class Server:
                 f"{limit:,} per request; ask for fewer prompts, tokens or logprobs",
                 param="max_tokens",
             )
+        return work
+
+    @contextlib.contextmanager
+    def admitted(self, client: str | None, work: int):
+        """A request's token slots counted against its client while it is queued or running; past max_client_work
+        a 429 (with Retry-After). client None (the Batch API's own lines): not counted."""
+        if client is None:
+            yield
+            return
+        held, limit = self.queued.get(client, 0), self.limits.max_client_work
+        if held and held + work > limit:  # a lone request always fits: max_request_work bounds it
+            raise APIError(
+                429,
+                f"too much work queued from this client: {held:,} token slots waiting + {work:,} is over this "
+                f"server's limit of {limit:,} per client; retry when earlier requests are answered",
+                "rate_limit_error",
+            )
+        self.queued[client] = held + work
+        try:
+            yield
+        finally:
+            self.queued[client] -= work
+            if not self.queued[client]:
+                del self.queued[client]
 
     @staticmethod
     def group(req: BaseRequest, max_tokens: int) -> tuple:
@@ -258,21 +301,24 @@ class Server:
             if any(not 0 <= t < len(tokenizer) for t in p):
                 raise APIError(400, "prompt token id out of the vocabulary", param="prompt")
             self.check_length(len(p), max_tokens)
-        self.check_work(len(ids), max_tokens, sum(map(len, ids)) if req.echo else 0, k)
+        work = self.check_work(len(ids), max_tokens, sum(map(len, ids)) if req.echo else 0, k)
         # Token-id prompts are decoded for generation (generate() takes text): exact for tokenizers that
         # round-trip, as the lab's does; echo scoring always uses the ids as given.
         texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-        return CompletionPlan(req=req, ids=ids, texts=texts, max_tokens=max_tokens, k=k, stops=stop_strings(req))
+        return CompletionPlan(
+            req=req, ids=ids, texts=texts, max_tokens=max_tokens, k=k, stops=stop_strings(req), work=work
+        )
 
-    async def complete(self, body: dict) -> dict:
+    async def complete(self, body: dict, client: str | None = None) -> dict:
         plan = await self._on_cpu(self.plan_completion, body)
         submit, tasks = self.engine.submit, []
-        if plan.max_tokens > 0:
-            group = self.group(plan.req, plan.max_tokens)
-            tasks.append(asyncio.gather(*[submit("generate", t, plan.k, group) for t in plan.texts]))
-        if plan.req.echo:
-            tasks.append(asyncio.gather(*[submit("score", p, plan.k, ("score",)) for p in plan.ids]))
-        results = await asyncio.gather(*tasks)
+        with self.admitted(client, plan.work):
+            if plan.max_tokens > 0:
+                group = self.group(plan.req, plan.max_tokens)
+                tasks.append(asyncio.gather(*[submit("generate", t, plan.k, group) for t in plan.texts]))
+            if plan.req.echo:
+                tasks.append(asyncio.gather(*[submit("score", p, plan.k, ("score",)) for p in plan.ids]))
+            results = await asyncio.gather(*tasks)
         gens = results[0] if plan.max_tokens > 0 else None
         scores = results[-1] if plan.req.echo else None
         return await self._on_cpu(self.completion_response, plan, gens, scores)
@@ -325,12 +371,13 @@ class Server:
                 )
             max_tokens = max(1, min(room, self.limits.max_tokens, self.limits.max_request_work // (1 + k)))
         self.check_length(prompt_len, max_tokens)
-        self.check_work(1, max_tokens, 0, k)
-        return ChatPlan(req=req, prompt=prompt, max_tokens=max_tokens, k=k, stops=stop_strings(req))
+        work = self.check_work(1, max_tokens, 0, k)
+        return ChatPlan(req=req, prompt=prompt, max_tokens=max_tokens, k=k, stops=stop_strings(req), work=work)
 
-    async def chat(self, body: dict) -> dict:
+    async def chat(self, body: dict, client: str | None = None) -> dict:
         plan = await self._on_cpu(self.plan_chat, body)
-        gen = await self.engine.submit("generate", plan.prompt, plan.k, self.group(plan.req, plan.max_tokens))
+        with self.admitted(client, plan.work):
+            gen = await self.engine.submit("generate", plan.prompt, plan.k, self.group(plan.req, plan.max_tokens))
         return await self._on_cpu(self.chat_response, plan, gen)
 
     def chat_response(self, plan: ChatPlan, gen: Generation) -> dict:
@@ -427,37 +474,80 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready: the work is given up."""
+
+
+async def _unless_disconnected(request: Request, work):
+    """`await work`, unless the client disconnects first: then the work is cancelled (its prompts still queued are
+    dropped by the engine, never computed) and ClientGone raised. uvicorn's receive() answers http.disconnect once
+    the connection is lost (the body is read by then)."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientGone
+
+
+@dataclass
+class _Running:
+    task: asyncio.Task  # the answer being computed, shared by every request with its key
+    waiters: int = 0  # the requests waiting for it; the last to leave before it is done cancels it
+
+
 class _IdempotencyStore:
-    """Answers by Idempotency-Key (+ body digest): done ones are replayed, running ones are joined. Bounded LRU."""
+    """Answers (their JSON bytes) by Idempotency-Key (+ body digest): done ones are replayed, running ones joined.
+    Bounded in bytes (ServeLimits.idempotency_max_bytes): the least recently used are dropped past the bound, and an
+    answer larger than the whole bound is not kept. An answer every requester of which has disconnected is cancelled,
+    and nothing is kept of it."""
 
-    def __init__(self, size: int = 100_000):
-        self.size = size
-        self.done: OrderedDict[str, dict] = OrderedDict()
-        self.running: dict[str, asyncio.Future] = {}
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.size = max_bytes, 0
+        self.done: OrderedDict[str, bytes] = OrderedDict()
+        self.running: dict[str, _Running] = {}
 
-    async def run(self, key: str, answer, metrics: Metrics) -> dict:
+    async def run(self, key: str, answer, metrics: Metrics) -> bytes:
         if key in self.done:
             self.done.move_to_end(key)
             metrics.replays.inc()
             return self.done[key]
         if key in self.running:
             metrics.replays.inc()
-            return await asyncio.shield(self.running[key])
-        future = asyncio.get_running_loop().create_future()
-        self.running[key] = future
+        else:
+            task = asyncio.ensure_future(self._compute(key, answer))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: its requesters may be gone
+            self.running[key] = _Running(task=task)
+        running = self.running[key]
+        running.waiters += 1
+        try:
+            return await asyncio.shield(running.task)
+        finally:
+            running.waiters -= 1
+            if not running.waiters and not running.task.done():
+                running.task.cancel()
+
+    async def _compute(self, key: str, answer) -> bytes:
         try:
             payload = await answer()
-        except Exception as err:
-            future.set_exception(err)
-            future.exception()  # mark it retrieved: nobody may be waiting
-            raise
-        except BaseException:  # cancelled: whoever joined must not wait forever
-            future.cancel()
-            raise
         finally:
             self.running.pop(key, None)
-        future.set_result(payload)
-        self.done[key] = payload
-        if len(self.done) > self.size:
-            self.done.popitem(last=False)
+        self.keep(key, payload)
         return payload
+
+    def keep(self, key: str, payload: bytes) -> None:
+        if len(payload) > self.max_bytes:
+            return
+        self.done[key] = payload
+        self.size += len(payload)
+        while self.size > self.max_bytes:
+            _, dropped = self.done.popitem(last=False)
+            self.size -= len(dropped)

@@ -24,11 +24,14 @@
 - The endpoint is untrusted input: a 200 whose logprobs are not finite numbers <= 0, whose top-k is not a
   distribution (duplicate ids, mass over 1, a row per token) or whose usage is not a whole count >= 0 (a
   numeric string is read as its number) is a MalformedResponse: retried like a 5xx and, failed for good,
-  reported with the endpoint, never passed on to be cached or paid for.
+  reported with the endpoint, never passed on to be cached or paid for. The prompt tokens the endpoint's prompt
+  cache served (usage.prompt_tokens_details.cached_tokens: at most prompt_tokens) are the response's
+  `cached_tokens`, billed at the cached rate (distillab.pricing).
 - Logprobs: with `top_k_logprobs` > 0 we ask for them, and for vLLM's `return_tokens_as_token_ids`, which
   makes every token string "token_id:<id>": exact ids. A server that refuses that field (a 400 naming it)
   is asked again without it, and then token *strings* come back as `top_tokens`, mapped onto the student's
-  tokenizer later by `map_top_tokens`.
+  tokenizer later by `map_top_tokens`. Ids in the teacher's own vocabulary are read with its tokenizer, which
+  `fetch_tokenizer` gets from an endpoint that offers it (GET /tokenizer: `distillab serve` does).
 - Requests go through the SDK's documented raw path (`client.post(path, cast_to=bytes)`) and the JSON is
   read here: same client, auth, timeouts and exceptions, without the typed request/response objects.
 - Each request carries `Idempotency-Key: <request hash>`: a server that honours it (distillab serve does)
@@ -254,6 +257,19 @@ class OpenAITeacher:
         client's auth, base_url and error types, without building typed request and response objects, which
         cost more CPU than everything else a request does here. timeout_s bounds the whole of it (module
         docstring): past it, the request is an APITimeoutError like the client's own timeouts."""
+        path, body = self.body(req)
+        sent = ep.client.post(
+            path, cast_to=bytes, body=body, options={"headers": {"Idempotency-Key": request_key(req)}}
+        )
+        try:
+            raw = await asyncio.wait_for(sent, timeout=max(timeout_s, 0.0))
+        except TimeoutError:
+            raise openai.APITimeoutError(request=httpx.Request("POST", ep.url + path)) from None
+        return json.loads(raw)  # a truncated body raises JSONDecodeError here: retried
+
+    def body(self, req: dict) -> tuple[str, dict]:
+        """(the path under base_url, the JSON body) of a canonical request: what _call posts, and what a Batch API
+        line holds (distillab.teachers.batch)."""
         k = req["logprobs"]
         body = {"model": req["model"], "temperature": req["temperature"], "top_p": req["top_p"]}
         if req["mode"] == "chat":
@@ -268,14 +284,7 @@ class OpenAITeacher:
                 body["logprobs"] = k
         if k and self._ask_token_ids:
             body["return_tokens_as_token_ids"] = True
-        sent = ep.client.post(
-            path, cast_to=bytes, body=body, options={"headers": {"Idempotency-Key": request_key(req)}}
-        )
-        try:
-            raw = await asyncio.wait_for(sent, timeout=max(timeout_s, 0.0))
-        except TimeoutError:
-            raise openai.APITimeoutError(request=httpx.Request("POST", ep.url + path)) from None
-        return json.loads(raw)  # a truncated body raises JSONDecodeError here: retried
+        return path, body
 
     def _wait_s(self, err: Exception, attempt: int, url: str) -> float:
         """Retry-After when the server sent one, up to MAX_RETRY_AFTER_S (plus up to 10% jitter), else
@@ -321,10 +330,15 @@ class _Endpoint:
 def _retryable(err: Exception) -> bool:
     """Whether sending the same request again may succeed (module docstring)."""
     if isinstance(err, openai.APIStatusError):
-        return err.status_code in RETRY_STATUSES or err.status_code >= 500
+        return retryable_status(err.status_code)
     # Timeouts and dropped connections (APIConnectionError), and bodies that do not parse or hold no
     # completion (JSONDecodeError, MalformedResponse: both ValueErrors).
     return isinstance(err, (openai.APIConnectionError, openai.APIResponseValidationError, ValueError))
+
+
+def retryable_status(status: int) -> bool:
+    """Whether an HTTP status asks for the same request again (module docstring): 408/409/425/429 and every 5xx."""
+    return status in RETRY_STATUSES or status >= 500
 
 
 def _retry_after_s(err: Exception) -> float | None:
@@ -355,16 +369,15 @@ def describe_error(err: Exception, key: str | None = None) -> str:
     """
     if isinstance(err, openai.APIStatusError):
         status = f"HTTP {err.status_code}" + ("" if _retryable(err) else " (not retried)")
-        text = f"{type(err).__name__}: {status}: {_server_message(err) or err.message}"
+        text = f"{type(err).__name__}: {status}: {server_message(err.body) or err.message}"
     else:
         text = f"{type(err).__name__}: {err}"
     text = " ".join(text.split())[:400]
     return text.replace(key, "***") if key else text
 
 
-def _server_message(err: openai.APIStatusError) -> str | None:
-    """What the server said in its error body, whatever the dialect."""
-    body = err.body
+def server_message(body) -> str | None:
+    """What the server said in its error body (an HTTP error's, a Batch API line's), whatever the dialect."""
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, str):
@@ -422,6 +435,7 @@ def _parse(raw: dict, req: dict, think_tags) -> dict:
         "finish_reason": choice.get("finish_reason") or "stop",
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "completion_tokens": usage.get("completion_tokens", len(tokens or [])),
+        **({"cached_tokens": usage["cached_tokens"]} if usage.get("cached_tokens") else {}),
         "token_ids": None,
         "top_ids": None,
         "top_logprobs": None,
@@ -474,8 +488,9 @@ def _check_topk(tokens: list, tops: list[list[tuple]]) -> None:
 
 
 def _usage(usage) -> dict:
-    """The body's usage with its counts as ints (a numeric string read as its number; missing ones left out);
-    MalformedResponse for a count that is not a whole number in [0, MAX_USAGE_TOKENS]: a bill it cannot be."""
+    """The body's usage with its counts as ints (a numeric string read as its number; missing ones left out), and
+    `cached_tokens` from prompt_tokens_details; MalformedResponse for a count that is not a whole number in
+    [0, MAX_USAGE_TOKENS], or cached tokens over the prompt's: a bill it cannot be."""
     if usage is None:
         return {}
     if not isinstance(usage, dict):
@@ -484,6 +499,15 @@ def _usage(usage) -> dict:
     for field in ("prompt_tokens", "completion_tokens"):
         if usage.get(field) is not None:
             out[field] = _token_count(usage[field], f"usage.{field}")
+    cached = usage.get("prompt_tokens_details")
+    if isinstance(cached, dict) and cached.get("cached_tokens") is not None:
+        # prompt tokens the endpoint's prompt cache served (billed at the cached rate): part of prompt_tokens
+        out["cached_tokens"] = _token_count(cached["cached_tokens"], "usage.prompt_tokens_details.cached_tokens")
+        if out["cached_tokens"] > out.get("prompt_tokens", 0):
+            raise MalformedResponse(
+                f"usage.prompt_tokens_details.cached_tokens {out['cached_tokens']} is over prompt_tokens "
+                f"{out.get('prompt_tokens', 0)}"
+            )
     details = usage.get("completion_tokens_details")
     if isinstance(details, dict) and details.get("reasoning_tokens") is not None:
         count = _token_count(details["reasoning_tokens"], "usage.completion_tokens_details.reasoning_tokens")
@@ -601,3 +625,39 @@ def map_top_tokens(resp: dict, tokenizer, aligner=None) -> tuple[list | None, li
 def _logaddexp(a: float, b: float) -> float:
     hi, lo = max(a, b), min(a, b)
     return hi if lo == float("-inf") else hi + math.log1p(math.exp(lo - hi))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The endpoint's tokenizer: to read the token ids it returns (distillab serve offers it at /tokenizer).
+
+
+def fetch_tokenizer(teacher: OpenAITeacher, into) -> str | None:
+    """The served model's tokenizer files (GET {base_url}/tokenizer lists them, GET {base_url}/tokenizer/{name} gives
+    each; `distillab serve` offers them) written into the directory `into`, whole or not at all: the URL they came
+    from, or None when no endpoint offers them (an HTTP error, a listing that is no list of plain file names) or the
+    key's environment variable is unset. The endpoint is untrusted: a name with a path in it is refused."""
+    from pathlib import Path
+
+    from distillab.files import atomic_dir
+
+    try:
+        key = teacher._api_key()
+    except UserError:
+        return None
+    for url in teacher.urls:
+        client = openai.OpenAI(base_url=url, api_key=key or "none", max_retries=0, timeout=teacher.cfg.timeout_s)
+        try:
+            names = json.loads(client.get("/tokenizer", cast_to=bytes))["files"]
+            if not names or not all(isinstance(n, str) and n == Path(n).name and n[:1] not in ("", ".") for n in names):
+                continue
+            files = {name: client.get(f"/tokenizer/{name}", cast_to=bytes) for name in names}
+        except (openai.OpenAIError, ValueError, KeyError, TypeError):  # no such route, or not the listing it should be
+            continue
+        finally:
+            client.close()
+        with atomic_dir(Path(into), tag=f"tmp{os.getpid()}") as tmp:  # shard processes may fetch side by side
+            tmp.mkdir(parents=True)
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+        return url
+    return None

@@ -1,0 +1,136 @@
+"""The signal demo: its two lab skills (teacher-unseen splits, a distribution, a trace), its scores against naive
+references, and its intervals over seeds and prompts."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from distillab import signal_demo
+from distillab.lab import world
+from distillab.lab.pretrain import PRESETS, training_pool
+from distillab.lab.tokenizer import build_tokenizer
+from distillab.reasoning import final_answer
+from tests.helpers import tiny_llama
+
+
+def test_carry_trace_is_column_addition():
+    rng = random.Random(0)
+    for _ in range(300):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        lines = world.carry_trace(a, b).split("\n")
+        assert lines[-1].split()[-1] == str(a + b)  # the last line holds the whole answer
+        carry = 0
+        for column, line in enumerate(lines[:3]):  # each line: digit + digit (+1) = their sum, as a column is added
+            expression, total, so_far = line.replace("=", " ").split()
+            digits = [int(d) for d in expression.split("+")]
+            assert digits[:2] == [int(str(a)[2 - column]), int(str(b)[2 - column])]
+            assert digits[2:] == ([1] if carry else [])
+            assert int(total) == sum(digits) and so_far == str(a + b)[-(column + 1) :]
+            carry = int(total) // 10
+        assert (len(lines) == 4) == (a + b >= 1000)
+
+
+def test_carry_completion_is_read_back_as_its_answer():
+    for example in world.get_skill("carry").examples("train", 20):
+        assert final_answer(example.completion) == example.answer == str(sum(map(int, example.prompt.split()[1:])))
+
+
+def test_carry_student_splits_are_disjoint_and_unseen_by_the_teacher():
+    skill = world.get_skill("carry")
+    regions = {split: {e.prompt for e in skill.examples(split, 2000)} for split in ("teacher", "train", "dev", "test")}
+    for one in regions:
+        for other in regions:
+            if one < other:
+                assert not regions[one] & regions[other], (one, other)
+
+
+def test_habit_teacher_never_sees_the_students_questions_and_knows_every_entity():
+    skill = world.get_skill("habit")
+    student = {e.prompt for e in skill.examples("train", 100)}
+    teacher = {e.prompt for e in skill.examples("teacher", 200)}
+    assert len(student) == 100 and len(teacher) == 200 and not student & teacher
+    assert {world.habit_entity(q) for q in student} == set(world.HABIT_DISTRIBUTION)  # one question each
+    assert {world.habit_entity(q) for q in teacher} == set(world.HABIT_DISTRIBUTION)  # taught in two others
+    assert {e.prompt for e in skill.examples("test", 100)} == student  # scored against the world's distribution
+
+
+def test_habit_answers_are_draws_from_the_entitys_distribution():
+    examples = world.get_skill("habit").examples("teacher", 20_000, seed=5)
+    counts: dict[str, dict[str, int]] = {}
+    for e in examples:
+        counts.setdefault(world.habit_entity(e.prompt), {}).setdefault(e.answer, 0)
+        counts[world.habit_entity(e.prompt)][e.answer] += 1
+    worst = max(
+        abs(n / sum(seen.values()) - world.HABIT_DISTRIBUTION[ent][habit])
+        for ent, seen in counts.items()
+        for habit, n in seen.items()
+    )
+    assert worst < 0.12  # ~200 draws an entity: within a few standard errors of the world's probabilities
+    for habits in world.HABIT_DISTRIBUTION.values():
+        assert abs(sum(habits.values()) - 1) < 1e-9 and sorted(habits.values())[-1] > sorted(habits.values())[-2]
+
+
+def test_signal_skills_stay_out_of_the_classic_general_suite():
+    assert not set(world.SIGNAL_SKILLS) & set(world.SKILLS)
+    assert world.get_skill("habit") is world.SIGNAL_SKILLS["habit"]
+
+
+def test_signal_teacher_pretrains_on_the_teacher_region_only():
+    tok = build_tokenizer()
+    pools = training_pool(tok, PRESETS["signal-teacher"], per_skill=300)
+    decoded = {tok.decode(p, skip_special_tokens=True) for _, pool in pools for p, _ in pool}
+    student = {e.prompt for name in world.SIGNAL_SKILLS for e in world.get_skill(name).examples("train", 300)}
+    assert decoded and not decoded & student
+    assert any(q.startswith("sum ") for q in decoded) and any(world.habit_entity(q) for q in decoded if "habit" in q)
+
+
+def _naive_probability(model, tok, prompt: str, answer: str) -> float:
+    """p(answer + end of sequence | prompt), one token at a time."""
+    ids = tok(prompt)["input_ids"]
+    target = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    logp = 0.0
+    with torch.no_grad():
+        for token in target:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logp += float(logits.log_softmax(-1)[token])
+            ids = ids + [token]
+    return float(np.exp(logp))
+
+
+def test_habit_scores_match_a_naive_reference():
+    tok = build_tokenizer()
+    model = tiny_llama(len(tok), seed=3).eval()
+    scores = signal_demo.habit_scores(model, tok)
+    questions = [e.prompt for e in world.get_skill("habit").examples("test", 100)]
+    for i in (0, 57):
+        truth = world.HABIT_DISTRIBUTION[world.habit_entity(questions[i])]
+        p = {h: _naive_probability(model, tok, questions[i], h) for h in world.HABITS}
+        assert scores["sample_accuracy"][i] == pytest.approx(sum(p[h] * truth[h] for h in p), rel=1e-4)
+        tv = 0.5 * (sum(abs(p[h] - truth[h]) for h in p) + 1 - sum(p.values()))
+        assert scores["tv"][i] == pytest.approx(tv, rel=1e-4)
+        assert scores["mode"][i] == float(max(p, key=p.get) == max(truth, key=truth.get))
+
+
+def test_seeds_and_prompts_interval_against_a_loop():
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(3, 40)).tolist()
+    lo, hi = signal_demo.seeds_and_prompts_ci(values, n_boot=400, seed=7)
+    draws = np.random.default_rng(7)
+    seed_draws, prompt_draws = draws.integers(0, 3, size=(400, 3)), draws.integers(0, 40, size=(400, 40))
+    means = sorted(
+        sum(values[s][p] for s in seed_draws[b] for p in prompt_draws[b]) / (3 * 40) for b in range(400)
+    )
+    assert lo == pytest.approx(np.quantile(means, 0.025)) and hi == pytest.approx(np.quantile(means, 0.975))
+    assert signal_demo.seeds_and_prompts_ci([[0.5] * 10] * 3, n_boot=50) == [0.5, 0.5]
+
+
+def test_a_win_holds_in_every_seed():
+    better = [[1.0] * 30, [1.0] * 30, [1.0] * 30]
+    base = [[0.0] * 30, [0.0] * 30, [0.0] * 30]
+    assert signal_demo.compare(better, base)["win"]
+    assert not signal_demo.compare(base, better)["win"]
+    assert signal_demo.compare(base, better, higher_is_better=False)["win"]  # lower is better: a distance
+    one_seed_against = [[1.0] * 30, [1.0] * 30, [-0.5] * 30]  # the mean is up, one seed is down
+    assert not signal_demo.compare(one_seed_against, base)["win"]
