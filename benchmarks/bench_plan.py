@@ -14,6 +14,10 @@
 4. With --compare-temperature T: the config's teacher against the same teacher at temperature T (pilots on the same
    prompts, in the same plan), and a full run with each, to check the plan's ranking against the full runs'.
 
+--api-teacher instead: the plan alone, its teacher the config's behind `distillab serve` on 127.0.0.1 (a real
+OpenAI-compatible endpoint, one process), priced by --usd-per-1m (input, output) and held to --max-usd: what a plan
+on an API teacher prints, the budget's trim, and the requests serve answered (each pilot prompt once).
+
 The lab's prompts repeat (a closed skill's items are drawn again to fill n_prompts), so a pilot's prompts are its
 share of the distinct prompts, each with its repeats (the seeded hash is of the prompt's text).
 """
@@ -93,8 +97,14 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05, 0.10])
     ap.add_argument("--compare-temperature", type=float, default=None)
     ap.add_argument("--keep", action="store_true", help="reuse the runs already in --out (times then mean nothing)")
+    ap.add_argument("--api-teacher", action="store_true")
+    ap.add_argument("--usd-per-1m", type=float, nargs=2, default=[0.15, 0.60], metavar=("INPUT", "OUTPUT"))
+    ap.add_argument("--max-usd", type=float, default=0.01)
     args = ap.parse_args()
     base = load_config(args.config)
+    if args.api_teacher:
+        api_plan(base, args)
+        return
     fractions = sorted(args.fractions)
     load = os.getloadavg()[0]
 
@@ -147,6 +157,36 @@ def main() -> None:
             actual, key=lambda k: actual[k]["task"] / actual[k]["usd"] if actual[k]["usd"] else actual[k]["task"]
         )
         print(f"the full runs rank first: {best}; the plan ranks first: {compared.teachers[0].label}")
+
+
+def api_plan(base: RunConfig, args) -> None:
+    """The plan with the teacher behind `distillab serve`, priced and under a budget; its table, and serve's count."""
+    from rich.console import Console
+
+    from distillab.plan import print_plan
+    from distillab.testing import metric_sum, read_metrics, server_process
+
+    with server_process(base.teacher.model) as url:  # it serves the model under its own name (lab:teacher)
+        teacher = base.teacher.model_dump() | {
+            "base_url": url,
+            "usd_per_1m_input": args.usd_per_1m[0],
+            "usd_per_1m_output": args.usd_per_1m[1],
+        }
+        cfg = renamed(from_dict(base.model_dump() | {"teacher": teacher}), "api_plan", args.out, max_usd=args.max_usd)
+        if not args.keep:
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        wall, cpu, record = timed(lambda: run_plan(cfg, log=lambda *a, **k: None))
+        answered = metric_sum(read_metrics(url.removesuffix("/v1")), "distillab_answers_total")
+    print_plan(record, RunDir(cfg.run_dir).plan_record, console=Console(width=200))
+    from distillab.cache import RequestCache
+
+    cache = RequestCache(RunDir(cfg.run_dir).cache())
+    held = cache.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    cache.close()
+    print(
+        f"{wall:.0f} s wall, {cpu:.0f} s CPU; serve answered {answered:.0f} requests, the run's cache holds {held} "
+        "(the pilots' prompts and the teacher's test task prompts, each asked once)"
+    )
 
 
 if __name__ == "__main__":

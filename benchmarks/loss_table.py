@@ -51,7 +51,13 @@ def main() -> None:
                 "runs_dir": str(args.out),
                 "teacher": {"model": "lab:teacher", "top_k_logprobs": 20},
                 "data": {"skills": args.skills, "n_prompts": args.n_prompts},
-                "train": {"student": "lab:base", "max_steps": args.steps, "per_device_batch_size": 32, "lr": 2e-3, **train},
+                "train": {
+                    "student": "lab:base",
+                    "max_steps": args.steps,
+                    "per_device_batch_size": 32,
+                    "lr": 2e-3,
+                    **train,
+                },
                 "eval": {"n_per_skill": args.n_eval, "bootstrap": 200},
             }
         )

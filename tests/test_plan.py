@@ -35,7 +35,7 @@ from distillab.plan_curve import (
 )
 from distillab.records import Throughput, read_eval
 from distillab.rundir import RunDir
-from tests.helpers import run_config, tiny_config
+from tests.helpers import run_config, tiny_config, write_config
 
 # ----------------------------------------------------------------------------------------------------
 # The curve
@@ -306,13 +306,14 @@ def tiny_plan(tmp_path_factory, tiny_teacher, tiny_student):
     return cfg, record, calls, first
 
 
+@pytest.mark.slow
 def test_a_tiny_plan_resumes_and_projects_every_size(tiny_plan):
     cfg, record, calls, first = tiny_plan
     run = RunDir(cfg.run_dir)
     assert first == 1  # the first pilot's stages ran before the interruption
     resumed = calls[first][1]  # the first pilot again: every stage read back, nothing redone
     assert all(getattr(r, "skipped", True) for r in resumed.values())
-    assert read_plan(run.plan_record) == record
+    assert read_plan(run.plan_record).model_dump() == record.model_dump()
     (teacher,) = record.teachers
     assert [p.fraction for p in teacher.pilots] == [0.2, 0.4, 0.6] and [
         p.share for p in record.teachers[0].projections
@@ -325,6 +326,7 @@ def test_a_tiny_plan_resumes_and_projects_every_size(tiny_plan):
         assert scored.task.score == pytest.approx(pilot.dev_task) and len(scored.skills["add"].scores) == 4
 
 
+@pytest.mark.slow
 def test_pilots_are_nested_run_directories_sharing_the_run_cache(tiny_plan):
     import pyarrow.parquet as pq
 
@@ -350,6 +352,7 @@ def test_pilots_are_nested_run_directories_sharing_the_run_cache(tiny_plan):
     assert summary.requests_sent == 40 - len(prompts[2]) and summary.cached == len(prompts[2])
 
 
+@pytest.mark.slow
 def test_plan_json_is_written_whole(tiny_plan, monkeypatch):
     cfg, record, _, _ = tiny_plan
     run = RunDir(cfg.run_dir)
@@ -365,6 +368,7 @@ def test_plan_json_is_written_whole(tiny_plan, monkeypatch):
     assert [p.name for p in run.root.iterdir() if "plan" in p.name and p.name != "plan.json" and p.name != "plan"] == []
 
 
+@pytest.mark.slow
 def test_the_cli_prints_the_plan_table(tiny_plan, capsys, monkeypatch):
     from distillab.cli import run_cli
 
@@ -384,6 +388,7 @@ def test_the_cli_prints_the_plan_table(tiny_plan, capsys, monkeypatch):
     assert "--teacher 'nonsense'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_report_draws_the_plan_section(tiny_plan):
     from distillab.report.html import render_page
     from tests.helpers import fake_evals, fake_ledger
@@ -396,6 +401,7 @@ def test_the_report_draws_the_plan_section(tiny_plan):
     assert "id='plan'" not in without and "id='plot-plan'" not in without
 
 
+@pytest.mark.slow
 def test_a_plan_on_your_own_prompts_holds_a_dev_share_out_of_every_pilot(tmp_path, tiny_teacher, tiny_student):
     import pyarrow.parquet as pq
 
@@ -419,3 +425,22 @@ def test_a_plan_on_your_own_prompts_holds_a_dev_share_out_of_every_pilot(tmp_pat
     assert record.prompts == 30 - len(held)
     scored = read_eval(RunDir(run.pilot(label, 0.6)).dev_eval)
     assert scored.suites.task == ["dev:task"] and len(scored.skills["dev:task"].scores) == len(held)
+
+
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        ("fractions = [0.1]", "config plan: plan.fractions needs two pilots or more"),
+        ("fractions = [0.0, 0.1]", "plan.fractions are shares of the train prompts, in (0, 1] (got 0.0)"),
+        ("sizes = [1.5]", "plan.sizes are shares of the train prompts, in (0, 1] (got 1.5)"),
+        ("fractions = [0.0001, 0.0002]", "plan: a 0% pilot holds none of the 1500 train prompts"),
+    ],
+)
+def test_a_refused_plan_is_one_line_and_writes_nothing(tmp_path, capsys, plan, message):
+    from distillab.cli import run_cli
+
+    path = write_config(tmp_path, f'[data]\nskills = ["add"]\nn_prompts = 1500\n[plan]\n{plan}\n')
+    assert run_cli(["plan", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in " ".join(err.split()) and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

@@ -119,9 +119,7 @@ def test_seeds_and_prompts_interval_against_a_loop():
     lo, hi = signal_demo.seeds_and_prompts_ci(values, n_boot=400, seed=7)
     draws = np.random.default_rng(7)
     seed_draws, prompt_draws = draws.integers(0, 3, size=(400, 3)), draws.integers(0, 40, size=(400, 40))
-    means = sorted(
-        sum(values[s][p] for s in seed_draws[b] for p in prompt_draws[b]) / (3 * 40) for b in range(400)
-    )
+    means = sorted(sum(values[s][p] for s in seed_draws[b] for p in prompt_draws[b]) / (3 * 40) for b in range(400))
     assert lo == pytest.approx(np.quantile(means, 0.025)) and hi == pytest.approx(np.quantile(means, 0.975))
     assert signal_demo.seeds_and_prompts_ci([[0.5] * 10] * 3, n_boot=50) == [0.5, 0.5]
 

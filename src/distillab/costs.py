@@ -540,8 +540,10 @@ def floor_verdict(
     }
     said = "projected " if projected else ""
     if required is None or task is None:
-        missing = "no teacher task score to take a share of (set [eval] min_task_score)" if required is None else (
-            "no task score"
+        missing = (
+            "no teacher task score to take a share of (set [eval] min_task_score)"
+            if required is None
+            else ("no task score")
         )
         return QualityFloor(**out, meets=None, reason=f"quality unknown: {missing}")
     if task < required:

@@ -249,7 +249,8 @@ class TeacherPlan(Record):
     """Projected task score per dollar (teacher + training) at the target size: the teachers' ranking."""
     caution: str = ""
     """Why to trust the task projection less, in words ("" when nothing says so)."""
-    _target_tasks: np.ndarray | None = PrivateAttr(None)  # the projected task at the target, per dev resample
+    # the projected task at the target, per dev resample (not in plan.json: the ranking reads it when it is made)
+    _target_tasks: tuple[float, ...] | None = PrivateAttr(None)
 
 
 class PlanRecord(Record):
@@ -481,7 +482,7 @@ def teacher_plan(
         caution=caution(proj["speeding_up"]),
     )
     if "task_resampled" in proj:
-        plan._target_tasks = proj["task_resampled"][:, -1]
+        plan._target_tasks = tuple(proj["task_resampled"][:, -1].tolist())
     return plan
 
 
@@ -570,9 +571,9 @@ def rank_teachers(plans: list[TeacherPlan]) -> tuple[list[TeacherPlan], str]:
 def _apart(first: TeacherPlan, second: TeacherPlan) -> str:
     """How often the dev resamples put `first` ahead of `second` (the same items resampled for both: a paired
     comparison); under SURE of them the two are not told apart. One training run a pilot: a seed's noise is not in it."""
-    a, b = first._target_tasks, second._target_tasks
-    if a is None or b is None or first.task_per_usd is None or second.task_per_usd is None:
+    if first._target_tasks is None or second._target_tasks is None or None in (first.task_per_usd, second.task_per_usd):
         return ""
+    a, b = np.array(first._target_tasks), np.array(second._target_tasks)
     cost_a, cost_b = (p.projections[-1].task / p.task_per_usd if p.task_per_usd else math.inf for p in (first, second))
     ahead = float(np.mean(a / cost_a > b / cost_b)) if math.isfinite(cost_a) and math.isfinite(cost_b) else math.nan
     if math.isnan(ahead):

@@ -728,6 +728,7 @@ def plan_svg(plan: PlanRecord, evals: dict[str, EvalResult]) -> str | None:
     task_ax, general_ax = fig.subplots(1, 2)
     palette = [COLORS["distilled"], COLORS["teacher"], *EXTRA_COLORS]
     base = plan.base_dev_general or 0.0
+    smallest = min(p.share for t in teachers for p in t.pilots)
     for i, t in enumerate(teachers):
         style = {"color": palette[i % len(palette)]}
         shares = np.linspace(min(p.share for p in t.pilots), 1.0, 120)
@@ -756,7 +757,9 @@ def plan_svg(plan: PlanRecord, evals: dict[str, EvalResult]) -> str | None:
         (general_ax, "General change by prompts", "general change vs base (points)"),
     ):
         ax.set_xscale("log")
-        ax.set_xlabel("share of the train prompts (%, log scale)")
+        ticks = [t for t in (1, 2, 5, 10, 25, 50, 100) if t >= 50 * smallest]
+        ax.set_xticks(ticks, [f"{t}%" for t in ticks])
+        ax.set_xlabel("share of the train prompts (log scale)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
