@@ -146,7 +146,53 @@ def render_demo(record: dict) -> str:
     return "\n".join([*rows, "", "; ".join(reading) + ".", source])
 
 
-RENDER = {"demo": render_demo}  # table name -> its renderer; its record is benchmarks/results/<name>.json
+SIGNAL_COLUMNS = {  # signal_summary.json's metrics -> the table's column names
+    "mode": "mode right",
+    "tv": "total variation ↓",
+    "cross_entropy": "cross-entropy of the world's draws ↓",
+    "sample_accuracy": "P(T=1 sample = a fresh draw)",
+    "accuracy": "accuracy",
+    "general": "general",
+}
+
+
+def render_signal_family(family_name: str):
+    """A renderer of one family's table of `distillab demo --signal`'s summary (benchmarks/results/signal.json is the
+    summary the command writes, copied), its comparisons and where its numbers came from."""
+
+    def render(record: dict) -> str:
+        family = record["families"][family_name]
+        metrics = [m for m in SIGNAL_COLUMNS if m in next(iter(family["rows"].values()))]
+        rows = [
+            "| model | " + " | ".join(SIGNAL_COLUMNS[m] for m in metrics) + " | teacher rows (3 seeds) |",
+            "|---|" + "---|" * (len(metrics) + 1),
+        ]
+        for label, row in family["rows"].items():
+            cells = [f"{row[m]['mean']:.3f} [{row[m]['ci'][0]:.3f}, {row[m]['ci'][1]:.3f}]" for m in metrics]
+            taught = f"{row['teacher_data']['rows']:,}" if "teacher_data" in row else ""
+            rows.append(f"| {label} | " + " | ".join(cells) + f" | {taught} |")
+        comparisons = [
+            f"{c['arm']} vs {c['against']}, {SIGNAL_COLUMNS[c['metric']]}: {c['diff']:+.3f} "
+            f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}], per seed {', '.join(f'{d:+.3f}' for d in c['per_seed'])}: "
+            + ("**win**" if c["win"] else "no win")
+            for c in family["comparisons"]
+        ]
+        source = (
+            f"From `runs/signal/signal_summary.json` of `distillab demo --signal` (seeds {record['seeds']}, "
+            f"{record['wall_seconds']:.0f} s); written by `benchmarks/tables.py` from `benchmarks/results/signal.json` "
+            "(edit neither by hand)."
+        )
+        return "\n".join([*rows, "", *(f"- {line}" for line in comparisons), "", source])
+
+    return render
+
+
+# table name -> (its renderer, its record: benchmarks/results/<record>.json)
+RENDER = {
+    "demo": (render_demo, "demo"),
+    "signal-distribution": (render_signal_family("distribution"), "signal"),
+    "signal-reasoning": (render_signal_family("reasoning"), "signal"),
+}
 
 
 def block(name: str) -> re.Pattern:
@@ -165,11 +211,21 @@ def shipped(text: str, name: str) -> str | None:
     return found.group(2).strip("\n") if found else None
 
 
+def rendered(documents, results: Path) -> dict[str, str]:
+    """Each table some document holds -> its body rendered from its record (a table no document holds is skipped, so
+    a record it needs may be absent)."""
+    texts = [doc.read_text() for doc in documents]
+    out = {}
+    for name, (render, record) in RENDER.items():
+        if any(shipped(text, name) is not None for text in texts):
+            out[name] = render(json.loads((results / f"{record}.json").read_text()))
+    return out
+
+
 def stale(documents=DOCUMENTS, results: Path = RESULTS) -> list[str]:
     """Every (document, table) whose block is not what the table's record renders, as 'README.md: table demo'."""
     out = []
-    for name, render in RENDER.items():
-        body = render(json.loads((results / f"{name}.json").read_text()))
+    for name, body in rendered(documents, results).items():
         out += [f"{doc.name}: table {name}" for doc in documents if shipped(doc.read_text(), name) not in (None, body)]
     return out
 
@@ -193,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.results.mkdir(parents=True, exist_ok=True)
         write_atomic(args.results / "demo.json", json.dumps(record_demo(args.run), indent=1) + "\n")
-    for name, render in RENDER.items():
-        body = render(json.loads((args.results / f"{name}.json").read_text()))
+    bodies = rendered(args.documents, args.results)
+    for name, body in bodies.items():
         for doc in args.documents:
             write_atomic(doc, rewrite(doc.read_text(), name, body))
-    print(f"tables written from {args.results}: {', '.join(RENDER)} in {', '.join(d.name for d in args.documents)}")
+    print(f"tables written from {args.results}: {', '.join(bodies)} in {', '.join(d.name for d in args.documents)}")
     return 0
 
 
