@@ -315,3 +315,30 @@ def test_a_missing_dictionary_is_one_line_naming_the_file(tmp_path):
     ):
         RequestCache(path)
     assert layout_of(path)[0] == 2  # left as it is
+
+
+def test_threads_compress_and_decompress_at_once():
+    """Shard runs in threads of one process read each other's caches: zstandard's objects are not thread-safe, so
+    each thread has its own (a shared decompressor failed with "Destination buffer is too small")."""
+    import threading
+
+    from distillab.cache import decode_response, encode_response
+
+    texts = ["".join(random.Random(i).choices("abc ", k=random.Random(i).randint(10, 5000))) for i in range(32)]
+    failures: list[Exception] = []
+
+    def round_trips(offset: int) -> None:
+        try:
+            for i in range(150):
+                text = texts[(offset + i) % len(texts)]
+                response = {"text": text, "finish_reason": "stop", "prompt_tokens": i, "completion_tokens": len(text)}
+                assert decode_response(encode_response(response))["text"] == text
+        except Exception as err:  # reported below, with every thread's
+            failures.append(err)
+
+    threads = [threading.Thread(target=round_trips, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]

@@ -39,6 +39,7 @@ import hashlib
 import json
 import sqlite3
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -134,18 +135,25 @@ def unpack(blob: bytes) -> bytes:
     return _zstd_decompressor().decompress(blob[len(BLOB_HEADER) :])
 
 
-@functools.cache
+# One compressor and decompressor per thread: zstandard's objects are not thread-safe, and shard runs in threads of
+# one process read each other's caches (a shared decompressor fails with "Destination buffer is too small").
+_PER_THREAD = threading.local()
+
+
 def _zstd_compressor():
-    import zstandard as zstd
+    if not hasattr(_PER_THREAD, "compressor"):
+        import zstandard as zstd
 
-    return zstd.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_dict_id=False)
+        _PER_THREAD.compressor = zstd.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_dict_id=False)
+    return _PER_THREAD.compressor
 
 
-@functools.cache
 def _zstd_decompressor():
-    import zstandard as zstd
+    if not hasattr(_PER_THREAD, "decompressor"):
+        import zstandard as zstd
 
-    return zstd.ZstdDecompressor()
+        _PER_THREAD.decompressor = zstd.ZstdDecompressor()
+    return _PER_THREAD.decompressor
 
 
 def response_raw(response: dict) -> bytes:
@@ -272,11 +280,12 @@ class Block:
         return parts[0].decode(), parts[1].decode() if parts[1] else parts[2:]
 
 
-@functools.cache
 def _block_zstd():
-    import zstandard as zstd
+    if not hasattr(_PER_THREAD, "block_compressor"):  # per thread, as _zstd_compressor
+        import zstandard as zstd
 
-    return zstd.ZstdCompressor(level=BLOCK_LEVEL, write_checksum=False)
+        _PER_THREAD.block_compressor = zstd.ZstdCompressor(level=BLOCK_LEVEL, write_checksum=False)
+    return _PER_THREAD.block_compressor
 
 
 class EarlierLayout:
@@ -291,7 +300,7 @@ class EarlierLayout:
         import zstandard as zstd
 
         stored = db.execute("SELECT id, data FROM dictionaries").fetchall() if "dictionaries" in tables else []
-        self.decompressors = {0: _zstd_decompressor()} | {
+        self.decompressors = {0: zstd.ZstdDecompressor()} | {
             id: zstd.ZstdDecompressor(dict_data=zstd.ZstdCompressionDict(data)) for id, data in stored
         }
 

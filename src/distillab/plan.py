@@ -44,12 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillab import models
-from distillab.config import RunConfig, TeacherConfig, from_dict
+from distillab.config import RunConfig, TeacherConfig, from_dict, to_toml
 from distillab.costs import human_count, measure_throughput, serving_prompts
 from distillab.endpoint_eval import EndpointCompletions
 from distillab.errors import UserError
 from distillab.evaluate import suite_inputs
-from distillab.files import fingerprint, read_json
+from distillab.files import fingerprint, read_json, write_atomic
 from distillab.generate import Answerer, DevDataset, TaskDataset, TaskPrompts, generate_stages
 from distillab.plan_curve import PilotPoint, PilotScores, PlanRecord, plan_record, scaled_steps, teacher_plan
 from distillab.pricing import TeacherPricing
@@ -455,6 +455,7 @@ def run_plan(cfg: RunConfig, runner=None, log=print) -> PlanRecord:
                 f"{'steps' if pilot.train.max_steps > 0 else 'epochs'})"
             )
             runner(pilot, pilot_stages(pilot, PilotPrompts(subset, dev, decontaminated), reference))
+            write_atomic(RunDir(pilot.run_dir).config, to_toml(pilot))  # a pilot's directory says how it was made
             pilots.setdefault(cand.label, []).append(Pilot(cand, fraction, len(subset), pilot))
     first = pilots[cands[0].label]
     teacher_task = scored_teacher_task(cfg)
