@@ -350,6 +350,12 @@ def test_pilots_are_nested_run_directories_sharing_the_run_cache(tiny_plan):
     # the full run asks the teacher only for the prompts no pilot held
     summary = run_stages(generate_stages(cfg), cfg, StageContext(log=lambda *a, **k: None))["generate:train"]
     assert summary.requests_sent == 40 - len(prompts[2]) and summary.cached == len(prompts[2])
+    # the rest of the full run: its report draws the plan, with the run's own student beside the projection
+    from distillab.pipeline import run_all_stages
+
+    report = run_stages(run_all_stages(cfg), cfg, StageContext(log=lambda *a, **k: None))["report"].report
+    page = report.read_text()
+    assert "id='plan'" in page and "id='plot-plan'" in page and "this run (test)" in page
 
 
 @pytest.mark.slow
@@ -444,3 +450,31 @@ def test_a_refused_plan_is_one_line_and_writes_nothing(tmp_path, capsys, plan, m
     err = capsys.readouterr().err.strip()
     assert message in " ".join(err.split()) and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_plan_on_an_api_teacher_asks_each_request_once_within_its_budget(tmp_path, tiny_teacher, tiny_student):
+    from distillab.cache import RequestCache
+    from distillab.testing import metric_sum, read_metrics, server_thread
+
+    with server_thread(tiny_teacher, model_name="teacher") as server:
+        priced = {"model": "teacher", "base_url": server.base_url, "usd_per_1m_input": 1.0, "usd_per_1m_output": 2.0}
+        cfg = tiny_config(
+            tmp_path, tiny_teacher, tiny_student, teacher=priced, data={"skills": ["add"], "n_prompts": 40}
+        )
+        cfg = from_dict(cfg.model_dump() | {"plan": {"fractions": [0.2, 0.4], "sizes": [1.0], "max_usd": 1.0}})
+        record = run_plan(cfg, log=lambda *a, **k: None)
+        asked = metric_sum(read_metrics(server.url), "distillab_answers_total")
+        assert run_plan(cfg, log=lambda *a, **k: None).model_dump()["teachers"] == record.model_dump()["teachers"]
+        assert metric_sum(read_metrics(server.url), "distillab_answers_total") == asked  # the rerun asked nothing
+    cache = RequestCache(RunDir(cfg.run_dir).cache())
+    held = cache.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    cache.close()
+    assert asked == held  # the pilots' prompts and the teacher's test task prompts, each asked once
+    (teacher,) = record.teachers
+    largest = teacher.pilots[-1]
+    assert largest.usd == pytest.approx((largest.prompt_tokens * 1.0 + largest.completion_tokens * 2.0) / 1e6)
+    assert record.budget.startswith("max_usd $1: the pilots' teacher spend is at most $")
+    whole = teacher.projections[-1]
+    per_row = (largest.prompt_tokens * 1.0 + largest.completion_tokens * 2.0) / 1e6 / largest.rows
+    assert whole.teacher_usd == pytest.approx(per_row * 40) and whole.teacher_usd_batch == pytest.approx(per_row * 20)
