@@ -69,6 +69,7 @@ from distillab.config import THINK_TAGS, TRACE_FORMAT, RunConfig, TeacherConfig,
 from distillab.decontaminate import decontaminate
 from distillab.errors import UserError
 from distillab.files import fingerprint, read_json, set_aside_if_corrupt, write_json
+from distillab.files import lock as files_lock
 from distillab.general_prompts import SampledPrompts, general_prompts
 from distillab.pricing import BudgetGuard
 from distillab.prompts import prompt_stream
@@ -529,7 +530,8 @@ def _served_teacher_tokenizer(run: RunDir, plan: DatasetPlan, log):
     fetched = run.teacher_tokenizer(teacher_cfg.model)
     where = teacher_cfg.tokenizer
     if where in (None, "served"):
-        came_from = str(fetched) if fetched.is_dir() else fetch_tokenizer(plan.teacher, fetched)
+        with files_lock(fetched.parent / f"{fetched.name}.lock"):  # shard runs in one run fetch it once, not at once
+            came_from = str(fetched) if fetched.is_dir() else fetch_tokenizer(plan.teacher, fetched)
         if came_from is None and where == "served":
             raise UserError(
                 'teacher.tokenizer = "served": no endpoint of teacher.base_url offers its tokenizer (GET '
