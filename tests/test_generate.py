@@ -146,10 +146,11 @@ def test_kill_nine_and_resume_answers_every_prompt_exactly_once(tmp_path, tiny_t
     teacher_ = make_teacher(cfg.teacher)
     keys = [request_key(teacher_.request(p["prompt"])) for p in load_prompts(cfg)]
     assert [r["request_hash"] for r in rows] == keys  # every prompt has its row, in order, once
-    # the server's model answered each distinct request exactly once; re-sent ones were replayed
+    # the server's model answered each distinct request exactly once; re-sent ones were replayed. An answer whose
+    # requester was killed after its batch began is kept for the retry: computed once, delivered (200) once, later.
     assert served["distillab_answers_total"] == len(set(keys))
     ok = metric_sum({k: v for k, v in served.items() if 'code="200"' in k}, "distillab_requests_total")
-    assert ok == served["distillab_answers_total"] + served["distillab_idempotent_replays_total"]
+    assert len(set(keys)) <= ok <= served["distillab_answers_total"] + served["distillab_idempotent_replays_total"]
 
 
 @pytest.mark.slow

@@ -419,6 +419,36 @@ def test_abandoned_requests_are_not_computed_and_the_replay_store_stays_in_its_b
         assert 0 < kept <= budget < kept + sizes[i][1]  # the most recent answers that fit, no more, no fewer
 
 
+def test_a_keyed_request_whose_batch_began_is_replayed_to_the_retry_not_computed_twice(tiny_teacher):
+    """A client killed while its keyed request runs (a kill -9 of `generate`) and its retry after the resume with the
+    same Idempotency-Key: the prompt is computed once (the engine's own count) and the retry replayed."""
+    import socket
+
+    body = {"model": "tiny", "prompt": "reverse abcdef\n", "max_tokens": 48, "temperature": 0}
+    data = json.dumps(body).encode()
+    with server_thread(tiny_teacher, model_name="tiny", max_batch=1) as s:
+        host, port = s.base_url.split("//")[1].split("/")[0].split(":")
+        before = read_metrics(s.base_url)
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Idempotency-Key: once\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+            )
+            deadline = time.monotonic() + 30
+            while read_metrics(s.base_url)["distillab_batched_prompts_total"] == before.get(
+                "distillab_batched_prompts_total", 0
+            ):  # hang up only once its batch has begun
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+        time.sleep(0.3)  # the server sees it go
+        retry = httpx.post(s.base_url + "/completions", json=body, headers={"Idempotency-Key": "once"}, timeout=60)
+        after = read_metrics(s.base_url)
+    assert retry.status_code == 200 and retry.json()["choices"][0]["text"]
+    computed = after["distillab_batched_prompts_total"] - before.get("distillab_batched_prompts_total", 0)
+    assert computed == 1 and after["distillab_idempotent_replays_total"] == 1
+    assert after['distillab_requests_total{code="499",endpoint="/v1/completions"}'] == 1
+
+
 def test_one_client_cannot_queue_more_than_its_share(tiny_teacher):
     """Past max_client_work token slots queued from one address, a 429 with Retry-After; once answered, room again."""
     body = {"model": "tiny", "prompt": "reverse abc\n", "max_tokens": 48, "temperature": 0}  # 48 token slots

@@ -426,6 +426,34 @@ def test_an_answer_is_cancelled_only_when_every_requester_has_gone():
     assert len(started) == 2
 
 
+def test_an_answer_whose_batch_has_begun_is_finished_and_kept_when_its_requester_leaves():
+    """A killed `generate` retries with the same Idempotency-Key: an answer the engine has begun computing must be
+    there to replay (cancelled, it was computed, lost and computed again: 61 answers for 60 prompts)."""
+    from distillab.serve.engine import on_start
+    from distillab.serve.server import _IdempotencyStore
+
+    store, metrics = _IdempotencyStore(max_bytes=1 << 20), Metrics()
+    computed = []
+
+    async def begun() -> bytes:
+        on_start.get()()  # what the engine does when a batch holding this answer's prompts starts
+        await asyncio.sleep(0.1)
+        computed.append(1)
+        return b"answer"
+
+    async def scenario():
+        first = asyncio.ensure_future(store.run("k", begun, metrics))
+        await asyncio.sleep(0.02)
+        first.cancel()  # the only requester leaves after the batch began
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.sleep(0.15)
+        assert store.done == {"k": b"answer"} and not store.running
+        assert await store.run("k", begun, metrics) == b"answer"  # the retry: replayed, not computed again
+
+    asyncio.run(scenario())
+    assert computed == [1] and metrics.value("distillab_idempotent_replays_total") == 1
+
+
 def test_a_clients_queued_work_is_bounded_and_released(tokenizer):
     server, _ = make_server(tokenizer, max_client_work=100)
     with server.admitted("10.0.0.1", 60):

@@ -2,12 +2,16 @@
 none came for `batch_wait_ms`, at most 4 x that), groups the ones with compatible sampling parameters and runs
 one `sampling.generate` call per group in a worker thread. While a batch runs, the next one fills up. A job whose
 requester gave up (its future cancelled: the client disconnected) is dropped when it is taken off the queue, and a
-group is checked again just before it runs: abandoned prompts are not computed (but for those already running)."""
+group is checked again just before it runs: abandoned prompts are not computed (but for those already running).
+Work that must be kept once it costs something (an answer under an Idempotency-Key, replayed to the client's retry)
+sets `on_start` around its submits: the engine calls it when a batch holding one of its jobs begins."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +24,10 @@ from distillab.serve.metrics import Metrics
 
 log = logging.getLogger("distillab.serve")
 
+# Called (in the event loop) when a batch holding a job submitted under it starts: a context variable, so that it
+# reaches the engine through the handlers (and the tasks asyncio.gather makes of them) without a parameter each.
+on_start: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("on_start", default=None)
+
 
 @dataclass
 class _Job:
@@ -28,6 +36,7 @@ class _Job:
     k: int  # top-k logprobs wanted
     group: tuple  # jobs with equal groups run in one model call
     future: asyncio.Future
+    started: Callable[[], None] | None = None  # on_start as it was when the job was submitted
 
 
 class Engine:
@@ -42,7 +51,8 @@ class Engine:
         self._sample_seed = 0
 
     async def submit(self, kind, prompt, k, group):
-        job = _Job(kind=kind, prompt=prompt, k=k, group=group, future=asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        job = _Job(kind=kind, prompt=prompt, k=k, group=group, future=future, started=on_start.get())
         await self.queue.put(job)
         return await job.future
 
@@ -73,6 +83,9 @@ class Engine:
                     continue
                 self.metrics.batches.inc()
                 self.metrics.batched_prompts.inc(len(group))
+                for job in group:
+                    if job.started is not None:
+                        job.started()
                 try:
                     results = await loop.run_in_executor(self.worker, self._run_group, group)
                 except Exception as err:  # the model failed: every job in the batch gets the error

@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from distillab import chat, reasoning
 from distillab.sampling import Generation
+from distillab.serve.engine import on_start
 from distillab.serve.faults import FaultConfig, fault_response
 from distillab.serve.metrics import Metrics
 from distillab.serve.protocol import (
@@ -500,15 +501,21 @@ async def _unless_disconnected(request: Request, work):
 
 @dataclass
 class _Running:
-    task: asyncio.Task  # the answer being computed, shared by every request with its key
-    waiters: int = 0  # the requests waiting for it; the last to leave before it is done cancels it
+    task: asyncio.Task | None = None  # the answer being computed, shared by every request with its key
+    waiters: int = 0  # the requests waiting for it; the last to leave before it is done cancels it...
+    started: bool = False  # ...unless the engine has begun computing it: then it is finished and kept
+
+    def start(self) -> None:
+        self.started = True
 
 
 class _IdempotencyStore:
     """Answers (their JSON bytes) by Idempotency-Key (+ body digest): done ones are replayed, running ones joined.
     Bounded in bytes (ServeLimits.idempotency_max_bytes): the least recently used are dropped past the bound, and an
-    answer larger than the whole bound is not kept. An answer every requester of which has disconnected is cancelled,
-    and nothing is kept of it."""
+    answer larger than the whole bound is not kept. An answer every requester of which has disconnected is cancelled
+    while it is still queued (nothing is computed or kept of it); once a batch holding any of its prompts has begun
+    it is finished and kept, because a client that sent a key retries with it (a killed `generate`, resumed) and must
+    be replayed the answer already computed, not pay for it twice."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.size = max_bytes, 0
@@ -520,22 +527,25 @@ class _IdempotencyStore:
             self.done.move_to_end(key)
             metrics.replays.inc()
             return self.done[key]
-        if key in self.running:
-            metrics.replays.inc()
-        else:
-            task = asyncio.ensure_future(self._compute(key, answer))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: its requesters may be gone
-            self.running[key] = _Running(task=task)
+        joined = key in self.running
+        if not joined:
+            running = self.running[key] = _Running()
+            running.task = asyncio.ensure_future(self._compute(key, answer, running))
+            running.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: may be unwaited
         running = self.running[key]
         running.waiters += 1
         try:
-            return await asyncio.shield(running.task)
+            payload = await asyncio.shield(running.task)
         finally:
             running.waiters -= 1
-            if not running.waiters and not running.task.done():
+            if not running.waiters and not running.started and not running.task.done():
                 running.task.cancel()
+        if joined:  # counted when delivered: a joiner that leaves first was replayed nothing
+            metrics.replays.inc()
+        return payload
 
-    async def _compute(self, key: str, answer) -> bytes:
+    async def _compute(self, key: str, answer, running: _Running) -> bytes:
+        on_start.set(running.start)  # this task's context: the engine marks it started
         try:
             payload = await answer()
         finally:
