@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from distillab.cli import run_cli
+from distillab.dataset import read_dataset
 from tests.helpers import save_tiny_llama, write_config, write_jsonl
 
 
@@ -311,7 +312,7 @@ def _tiny_generate_config(tmp_path, tiny_teacher) -> Path:
     )
 
 
-@pytest.mark.parametrize("damage", ["garbage", "other-program", "directory", "not-utf8-stages", "garbage-stages"])
+@pytest.mark.parametrize("damage", ["garbage", "other-program", "directory"])
 def test_damaged_run_directory_for_generate(bad, tmp_path, tiny_teacher, damage):
     config = _tiny_generate_config(tmp_path, tiny_teacher)
     run_dir = _existing_run(tmp_path, config)
@@ -325,16 +326,29 @@ def test_damaged_run_directory_for_generate(bad, tmp_path, tiny_teacher, damage)
         db.commit()
         db.close()
         expect = ("teacher.sqlite", "another program")
-    elif damage == "directory":
+    else:
         cache.mkdir()
         expect = ("teacher.sqlite",)
-    elif damage == "not-utf8-stages":
-        (run_dir / "stages.json").write_bytes(b'{"generate": "\xff"}')
-        expect = ("stages.json", "corrupt")
-    else:
-        (run_dir / "stages.json").write_text('{"generate": ')
-        expect = ("stages.json", "corrupt")
     bad("generate", config, expect=expect)
+
+
+@pytest.mark.parametrize("damage", [b'{"generate": "\xff"}', b'{"generate": ', b"[]"])
+def test_a_damaged_stages_json_is_set_aside_and_made_again(tmp_path, tiny_teacher, capfd, damage):
+    """stages.json is distillab's own record of what is done: a damaged one is set aside (kept for a look), said,
+    and the stages run again, nothing paid twice (the answers are in the cache)."""
+    config = _tiny_generate_config(tmp_path, tiny_teacher)
+    assert run_cli(["generate", str(config)]) == 0
+    run_dir = tmp_path / "runs" / "run"
+    stamps, rows = (run_dir / "stages.json").read_text(), read_dataset(run_dir / "data" / "train.parquet")
+    (run_dir / "stages.json").write_bytes(damage)
+    capfd.readouterr()
+    assert run_cli(["generate", str(config)]) == 0
+    out, err = capfd.readouterr()
+    said = "".join((out + err).split())  # the console wraps long lines
+    assert "stages.jsonwascorrupt:setasideasstages.json.corrupt" in said and "Traceback" not in out + err
+    assert (run_dir / "stages.json").read_text() == stamps and (run_dir / "stages.json.corrupt").read_bytes() == damage
+    assert read_dataset(run_dir / "data" / "train.parquet") == rows
+    assert "(0sent,2cached,0failed)" in said  # nothing asked again
 
 
 def test_empty_skill_list(bad, tmp_path):
@@ -431,12 +445,6 @@ def test_train_parquet_missing_column(bad, lab_run):
     bad("train", config, expect=("train.parquet", "completion_ids"))
 
 
-def test_train_corrupt_stages(bad, lab_run):
-    config, run_dir = lab_run()
-    (run_dir / "stages.json").write_text("{oops")
-    bad("train", config, expect=("stages.json",))
-
-
 @pytest.mark.parametrize("how", ["garbage-config", "no-tokenizer", "no-safetensors"])
 def test_train_broken_student(bad, tmp_path, lab_run, how, tiny_teacher):
     config, run_dir = lab_run()
@@ -513,13 +521,6 @@ def _task_file(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...]]:
 def test_bad_task_file(bad, tmp_path, case):
     path, expect = _task_file(tmp_path, case)
     bad("evaluate", write_config(tmp_path, f'[eval]\ntask_file = "{path}"'), expect=expect)
-
-
-def test_evaluate_corrupt_stages(bad, tmp_path):
-    config = write_config(tmp_path, "[eval]\nn_per_skill = 1")
-    run_dir = _existing_run(tmp_path, config)
-    (run_dir / "stages.json").write_text("[]")  # valid JSON, not a stamps object
-    bad("evaluate", config, expect=("stages.json",))
 
 
 def test_unknown_general_skill(bad, tmp_path):

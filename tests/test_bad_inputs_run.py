@@ -284,7 +284,9 @@ def test_every_damaged_file_of_a_finished_run_is_rebuilt_or_named(finished_run, 
     broken, codes = _damage_each_file(finished_run, capfd, "run", files)
     assert broken == []
     rebuilt = {f for f, exits in codes.items() if exits == {0}}  # the copy, the records distillab makes again
-    assert {"runs/run/data/generate_summary.json", "runs/run/data/.arrow/train.arrow"} <= rebuilt
+    records = ["stages.json", "ledger.json", "throughput.json", "eval/teacher.json", "eval/distilled.json"]
+    records += ["data/generate_summary.json", "student/train_summary.json", "data/.arrow/train.arrow"]
+    assert {f"runs/run/{name}" for name in records} <= rebuilt  # set aside and made again by their stages
     assert "runs/run/data/train.parquet" not in rebuilt and "runs/run/teacher.sqlite" not in rebuilt
 
 

@@ -1,6 +1,7 @@
 """The stage contract (stage.py): run_stage skips a stage whose stamp matches and whose outputs exist, reruns it when
 an input's content, its config or an output changes, stamps only a complete record, leaves stages.json alone for a
-shard of a sharded stage, and refuses a corrupt stages.json before the stage runs."""
+shard of a sharded stage, and sets aside a corrupt stages.json or JSON output (distillab's own records) and makes it
+again by running the stage."""
 
 from __future__ import annotations
 
@@ -129,16 +130,50 @@ def test_a_stage_that_is_not_sharded_runs_whole_under_a_shard(cfg):
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", b"\xff\xfe"])
-def test_a_corrupt_stamps_file_is_one_line_naming_it_before_the_stage_runs(cfg, content):
-    stamps = RunDir(cfg.run_dir).stamps_file
-    stamps.parent.mkdir(parents=True)
-    stamps.write_bytes(content if isinstance(content, bytes) else content.encode())
-    stage = CopyStage()
-    with pytest.raises(UserError) as err:
-        run_stage(stage, cfg)
-    message = str(err.value)
-    assert str(stamps) in message and "corrupt" in message and "\n" not in message
-    assert stage.shards_run == [] and not (cfg.run_dir / "output.txt").exists()
+def test_a_corrupt_stamps_file_is_set_aside_said_and_the_stages_run_again(cfg, content):
+    first, second = CopyStage(name="first"), CopyStage(name="second")
+    run_stages([first, second], cfg)
+    run = RunDir(cfg.run_dir)
+    stamps = run.stamps()
+    run.stamps_file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    said = []
+    records = run_stages([first, second], cfg, StageContext(log=said.append))
+    assert [r.skipped for r in records.values()] == [False, False]  # no stamp to trust: each runs again
+    assert first.shards_run == second.shards_run == [WHOLE, WHOLE]
+    assert run.stamps() == stamps  # made again, the same
+    aside = run.stamps_file.with_name("stages.json.corrupt")
+    assert aside.read_bytes() == (content if isinstance(content, bytes) else content.encode())  # kept for a look
+    assert len(said) == 1 and str(run.stamps_file) in said[0] and "set aside" in said[0]
+
+
+@dataclass
+class RecordStage(CopyStage):
+    """CopyStage whose output is a JSON record: {"text": ...}."""
+
+    def outputs(self, cfg, run: RunDir) -> list:
+        return [run.root / "record.json"]
+
+    def run(self, cfg, run: RunDir, ctx: StageContext) -> Copied:
+        record = super().run(cfg, run, ctx)
+        (run.root / "record.json").write_text(json.dumps({"text": record.text}))
+        return record
+
+    def load(self, cfg, run: RunDir) -> Copied:
+        return Copied(text=json.loads((run.root / "record.json").read_text())["text"])
+
+
+def test_a_corrupt_json_output_is_set_aside_and_made_again(cfg):
+    stage = RecordStage()
+    run_stage(stage, cfg)
+    record = cfg.run_dir / "record.json"
+    record.write_text('{"text": ')  # torn
+    said = []
+    again = run_stage(stage, cfg, StageContext(log=said.append))
+    assert again == Copied(text="hello") and len(stage.shards_run) == 2  # ran again, not loaded from the damage
+    assert json.loads(record.read_text()) == {"text": "hello"}
+    assert (cfg.run_dir / "record.json.corrupt").read_text() == '{"text": '
+    assert len(said) == 1 and "record.json was corrupt" in said[0]
+    assert run_stage(stage, cfg).skipped  # and then up to date
 
 
 def test_run_stages_runs_each_in_order_and_keeps_the_other_stamps(cfg):

@@ -90,19 +90,20 @@ def writing(path: Path, then: str):
 
 
 def set_aside_if_corrupt(path: Path) -> Path | None:
-    """A JSON file distillab wrote and makes again (a summary, a record) found not UTF-8 JSON: renamed to
-    <name>.corrupt beside it (an older one there replaced), so it reads as absent and is rebuilt, and the damaged
-    one is kept for a look. Returns where it went, or None when the file is absent or sound."""
+    """A JSON file distillab wrote and makes again (a summary, a record: each a JSON object) found not UTF-8 JSON, or
+    not an object: renamed to <name>.corrupt beside it (an older one there replaced), so it reads as absent and is
+    rebuilt, and the damaged one is kept for a look. Returns where it went, or None when the file is absent or sound."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        json.loads(path.read_text(encoding="utf-8"))
-        return None
+        if isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+            return None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        aside = path.with_name(path.name + ".corrupt")
-        path.replace(aside)
-        return aside
+        pass
+    aside = path.with_name(path.name + ".corrupt")
+    path.replace(aside)
+    return aside
 
 
 def lock(path: Path) -> FileLock:

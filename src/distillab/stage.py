@@ -10,7 +10,11 @@ A stage is a small object with
 
 `run_stage` is the only code that reads or writes a stamp: when the stamp matches and every output exists it
 returns `load()` with `skipped=True`; otherwise it runs the stage and stamps it, unless the record says it is not
-complete (`complete = False`: a budget stop, an interrupted training) so that a rerun continues it. A shard of a
+complete (`complete = False`: a budget stop, an interrupted training) so that a rerun continues it. A damaged JSON
+record that distillab wrote and can make again (stages.json, a stage's JSON outputs: summaries, eval results, the
+ledger) is set aside as <name>.corrupt, said, and made again by running the stage; nothing is paid twice for it (the
+teacher's answers are in the cache, a training's checkpoints are kept). Inputs it cannot make again (the cache,
+checkpoints, the user's files) are refused by their readers with the path. A shard of a
 multi-machine run (`ctx.shard != WHOLE`, for a `sharded` stage) neither reads nor writes stamps: stages.json is
 shared by every shard; a stage that is not sharded runs whole in every process.
 One process at a time runs a stage on a run: run_stage holds its lock (RunDir.stage_lock: per shard, per torchrun
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from distillab.config import RunConfig
-from distillab.files import hold
+from distillab.files import hold, set_aside_if_corrupt
 from distillab.rundir import WHOLE, RunDir
 
 
@@ -77,7 +81,15 @@ def run_stage(stage: Stage, cfg: RunConfig, ctx: StageContext | None = None) -> 
 def _run_held(stage: Stage, cfg: RunConfig, run: RunDir, ctx: StageContext) -> Any:
     whole = ctx.shard == WHOLE
     if whole:
-        stamps = run.stamps()  # a corrupt stages.json is an error before the stage reads or writes anything
+        if aside := set_aside_if_corrupt(run.stamps_file):
+            ctx.log(
+                f"{run.stamps_file} was corrupt: set aside as {aside.name}; the stages run again (teacher answers "
+                "are cached and checkpoints kept: nothing is paid twice)"
+            )
+        for path in stage.outputs(cfg, run):
+            if path.suffix == ".json" and (aside := set_aside_if_corrupt(path)):
+                ctx.log(f"{path} was corrupt: set aside as {aside.name}; {stage.name} makes it again")
+        stamps = run.stamps()
         fingerprint = stage.fingerprint(cfg, run)  # what the stage reads, before it runs
         if stamps.get(stage.name) == fingerprint and all(p.exists() for p in stage.outputs(cfg, run)):
             return _skipped(stage.load(cfg, run))
