@@ -1,7 +1,7 @@
 """`distillab plan` against the full run it projects, on the lab (configs/lab.toml: the demo's task and run).
 
     .venv/bin/python benchmarks/bench_plan.py [--config configs/lab.toml] [--out runs/bench_plan]
-        [--fractions 0.02 0.05 0.10] [--compare-temperature 2.0] [--keep]
+        [--fractions 0.02 0.05 0.10] [--compare-temperature 2.0] [--seeds 1 2 3] [--keep]
 
 1. The plan: pilots at --fractions of the train prompts (one teacher: the config's), timed from a fresh directory.
 2. The full run (generate, train, evaluate, report: `distillab run`), the same config and seeds, timed from another
@@ -11,7 +11,10 @@
 3. The projection error at each pilot size: the plan refitted on the pilots up to that size (two pilots at least;
    every pilot's stages are stamped, so only the fit runs again) against the full run's TEST task and general
    scores; and the plan's time and teacher tokens against the full run's.
-4. With --compare-temperature T: the config's teacher against the same teacher at temperature T (pilots on the same
+4. With --seeds S...: the same plan again with each training seed S (train.seed: the order the pilots read their
+   rows in; the same prompts, the same teacher answers), against the full run of seed 0: how far one training seed's
+   noise moves the projection, which the band (the dev items resampled) does not hold.
+5. With --compare-temperature T: the config's teacher against the same teacher at temperature T (pilots on the same
    prompts, in the same plan), and a full run with each, to check the plan's ranking against the full runs'.
 
 --api-teacher instead: the plan alone, its teacher the config's behind `distillab serve` on 127.0.0.1 (a real
@@ -28,6 +31,7 @@ import argparse
 import os
 import resource
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -96,6 +100,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench_plan"))
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05, 0.10])
     ap.add_argument("--compare-temperature", type=float, default=None)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[], help="rerun the plan with these training seeds")
     ap.add_argument("--keep", action="store_true", help="reuse the runs already in --out (times then mean nothing)")
     ap.add_argument("--api-teacher", action="store_true")
     ap.add_argument("--usd-per-1m", type=float, nargs=2, default=[0.15, 0.60], metavar=("INPUT", "OUTPUT"))
@@ -135,6 +140,8 @@ def main() -> None:
     )
     for teacher in record.teachers:
         print(f"{teacher.label}: {teacher.flattens}; {teacher.meets}")
+    if args.seeds:
+        seed_spread(plan_cfg, args, full, whole(record)[1])
 
     if args.compare_temperature is not None:
         option = f"temperature={args.compare_temperature:g}"
@@ -157,6 +164,31 @@ def main() -> None:
             actual, key=lambda k: actual[k]["task"] / actual[k]["usd"] if actual[k]["usd"] else actual[k]["task"]
         )
         print(f"the full runs rank first: {best}; the plan ranks first: {compared.teachers[0].label}")
+
+
+def seed_spread(plan_cfg: RunConfig, args, full: dict, seed0) -> None:
+    """The plan again with each of --seeds as train.seed; each projection's error against the full run (seed 0)."""
+    tasks, generals = [seed0.task], [seed0.general]
+    for seed in args.seeds:
+        data = plan_cfg.model_dump()
+        data.update(name=f"plan_seed{seed}")
+        data["train"]["seed"] = seed
+        cfg = from_dict(data)
+        if not args.keep:
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        teacher, p = whole(run_plan(cfg, log=lambda *a, **k: None))
+        pilots = ", ".join(f"{q.dev_task:.3f}" for q in teacher.pilots)
+        print(
+            f"train seed {seed}: pilots (dev task) {pilots}; projected task {p.task:.3f} "
+            f"({(p.task - full['task']) * 100:+.1f} pts), general {p.general:.3f} ({(p.general - full['general']) * 100:+.1f} pts)"
+        )
+        tasks.append(p.task)
+        generals.append(p.general)
+    sd = statistics.stdev(tasks) if len(tasks) > 1 else float("nan")
+    print(
+        f"projected task over {len(tasks)} training seeds: {min(tasks):.3f} to {max(tasks):.3f}, sd {sd * 100:.1f} pts; "
+        f"general {min(generals):.3f} to {max(generals):.3f}"
+    )
 
 
 def api_plan(base: RunConfig, args) -> None:

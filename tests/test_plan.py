@@ -223,6 +223,10 @@ def test_a_projection_below_the_floor_never_pays_off(tmp_path):
     assert plan.meets_share is None and plan.caution == ""  # a curve that bends: nothing to warn of
     rising = _teacher_plan(tmp_path, [0.0, 0.04, 0.15], min_task_score=0.9)  # each doubling adds more than the last
     assert rising.task_curve.c == 0 and rising.caution.startswith("the pilots still speed up")
+    # the other side: the line in log x through the two largest pilots (0.05: 0.04, 0.1: 0.15) at the whole set
+    steepest = 0.15 + (0.15 - 0.04) / math.log(0.1 / 0.05) * math.log(1.0 / 0.1)
+    assert f"the two largest alone says {steepest:.3f} at 100% of the prompts" in rising.caution
+    assert rising.projections[-1].task < steepest
 
 
 def test_a_projection_above_the_floor_pays_off_after_its_queries(tmp_path):

@@ -335,6 +335,7 @@ def projected_scores(scores: PilotScores, shares: list[float], resamples: int, s
         "general_change_band": [[math.nan, math.nan]] * len(at),
         "base_general": base_general,
         "speeding_up": speeding_up(scores.shares, task[None]),
+        "steepest": steepest_line(scores.shares, task, at),
     }
     if resamples:
         r_task, r_general, r_base = scores.resampled(resamples, seed)
@@ -357,6 +358,15 @@ def speeding_up(shares: np.ndarray, task: np.ndarray) -> float:
     first = (task[:, 1] - task[:, 0]) / (lx[1] - lx[0])
     last = (task[:, -1] - task[:, -2]) / (lx[-1] - lx[-2])
     return float(np.mean(last > first))
+
+
+def steepest_line(shares: np.ndarray, task: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The straight line in log x through the two largest pilots alone, at shares `at` (clipped to [0, 1]): for pilots
+    that still speed up, the other side of the fit's line (which also weighs the smaller, slower pilots); the curve
+    bends over somewhere, so where the truth falls between the two is not in the pilots."""
+    lx = np.log(np.asarray(shares, dtype=float))
+    slope = (task[-1] - task[-2]) / (lx[-1] - lx[-2])
+    return np.clip(task[-1] + slope * (np.log(at) - lx[-1]), 0.0, 1.0)
 
 
 def _transform_rows(x: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -479,7 +489,7 @@ def teacher_plan(
         meets=meets_sentence(projections, proj["task_curve"]),
         meets_share=meeting[0].share if meeting else None,
         task_per_usd=None if not spent or whole.task is None else whole.task / spent,
-        caution=caution(proj["speeding_up"]),
+        caution=caution(proj["speeding_up"], float(proj["steepest"][-1]), shares[-1]),
     )
     if "task_resampled" in proj:
         plan._target_tasks = tuple(proj["task_resampled"][:, -1].tolist())
@@ -489,15 +499,18 @@ def teacher_plan(
 SURE = 0.95  # a caution is said when this share of the dev resamples (or the pilots as measured, without any) agree
 
 
-def caution(speeding_up: float) -> str:
-    """Pilots still speeding up: the fit is the straight line in log n, the least a saturating curve can be, and where
-    the real curve bends is not in the data."""
+def caution(speeding_up: float, steepest: float, target: float) -> str:
+    """Pilots still speeding up: the fit is the straight line in log n, the least a saturating curve can be, the line
+    through the two largest pilots alone is the most a curve that has not yet bent can be, and where the real curve
+    bends is not in the data. One training run a pilot: a seed's noise is in neither."""
     if speeding_up < SURE:
         return ""
     return (
         "the pilots still speed up (the larger ones gain more per doubling of the prompts than the smaller, in "
-        f"{speeding_up:.0%} of the dev resamples): the projection is the straight line in log n through them, and "
-        "where the curve bends over is not in the data; larger pilots would tell"
+        f"{speeding_up:.0%} of the dev resamples): the projection is the straight line in log n through them, the "
+        f"line through the two largest alone says {steepest:.3f} at {target:.0%} of the prompts, and where the curve "
+        "bends over between the two is not in the data (nor a training seed's noise, one run a pilot); larger pilots "
+        "would tell"
     )
 
 
