@@ -132,3 +132,17 @@ def test_a_win_holds_in_every_seed():
     assert signal_demo.compare(base, better, higher_is_better=False)["win"]  # lower is better: a distance
     one_seed_against = [[1.0] * 30, [1.0] * 30, [-0.5] * 30]  # the mean is up, one seed is down
     assert not signal_demo.compare(one_seed_against, base)["win"]
+
+
+def test_every_arm_of_a_family_trains_the_same_student_alike(tmp_path):
+    """Arms differ only in their data and loss: a difference between two arms is then theirs, not a budget's."""
+    for family in signal_demo.FAMILIES:
+        configs = [signal_demo.arm_config(tmp_path, family, arm, seed=1) for arm in family.arms]
+        budgets = {
+            (c.train.student, c.train.max_steps, c.train.per_device_batch_size, c.train.lr, c.train.seed)
+            for c in configs
+        }
+        prompts = {(c.data.skills[0], c.data.n_prompts, c.data.seed) for c in configs}
+        assert len(budgets) == 1 and len(prompts) == 1, family.name
+        assert budgets.pop()[1:3] == (family.max_steps, family.batch)
+        assert len({c.name for c in configs}) == len(family.arms)  # one run directory an arm

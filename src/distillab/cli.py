@@ -270,7 +270,7 @@ def demo(
     ),
 ):
     """The lab demo: distill the base student on a task, with a zero-distillation control; ~4 minutes on 2 cores.
-    --signal: the signal demo (distillab.signal_demo), ~8 minutes."""
+    --signal: the signal demo (distillab.signal_demo), about 25 minutes on one thread."""
     from distillab.files import check_creatable
 
     check_creatable(runs_dir, "runs directory", "choose another --runs-dir")
