@@ -86,12 +86,13 @@ def _run_held(stage: Stage, cfg: RunConfig, run: RunDir, ctx: StageContext) -> A
                 f"{run.stamps_file} was corrupt: set aside as {aside.name}; the stages run again (teacher answers "
                 "are cached and checkpoints kept: nothing is paid twice)"
             )
-        for path in stage.outputs(cfg, run):
+        outputs = stage.outputs(cfg, run)  # asked once: a stage may read its records to name them
+        for path in outputs:
             if path.suffix == ".json" and (aside := set_aside_if_corrupt(path)):
                 ctx.log(f"{path} was corrupt: set aside as {aside.name}; {stage.name} makes it again")
         stamps = run.stamps()
         fingerprint = stage.fingerprint(cfg, run)  # what the stage reads, before it runs
-        if stamps.get(stage.name) == fingerprint and all(p.exists() for p in stage.outputs(cfg, run)):
+        if stamps.get(stage.name) == fingerprint and all(p.exists() for p in outputs):
             return _skipped(stage.load(cfg, run))
     record = stage.run(cfg, run, ctx)
     if whole and getattr(record, "complete", True):
