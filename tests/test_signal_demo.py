@@ -146,3 +146,51 @@ def test_every_arm_of_a_family_trains_the_same_student_alike(tmp_path):
         assert len(budgets) == 1 and len(prompts) == 1, family.name
         assert budgets.pop()[1:3] == (family.max_steps, family.batch)
         assert len({c.name for c in configs}) == len(family.arms)  # one run directory an arm
+
+
+def test_every_teacher_setting_is_asked_once_a_seed_before_its_arms_train():
+    jobs = signal_demo.demo_jobs(seeds=(0, 1))
+    asks = [j for j in jobs if j.kind == "ask"]
+    for family in signal_demo.FAMILIES:
+        settings = {repr(sorted(a.teacher.items())) for a in family.arms}
+        assert len([j for j in asks if j.family is family]) == 2 * len(settings)  # once per setting and seed
+        for arm in family.arms:  # every arm's asker asks what the arm needs
+            assert signal_demo.asker(family, arm).teacher == arm.teacher
+    assert len([j for j in jobs if j.kind == "arm"]) == 2 * sum(len(f.arms) for f in signal_demo.FAMILIES)
+    # the longest go first: the reasoning family's traces before the distribution's greedy text
+    by_cost = sorted(jobs, key=signal_demo.Job.cost, reverse=True)
+    assert by_cost[0].family.name == "reasoning" and by_cost[-1].kind == "fixed"
+
+
+@pytest.mark.slow
+def test_the_signal_demo_gives_the_same_numbers_on_any_number_of_workers_and_on_a_rerun(tmp_path):
+    """Each job computes on one thread in its own process from its own seeds: two workers, one worker and a rerun
+    over finished runs (nothing trained again) give the same table."""
+    family = signal_demo.Family(
+        name="distribution",
+        skill="habit",
+        n_prompts=6,
+        max_steps=2,
+        batch=4,
+        decontaminate=False,
+        arms=[
+            signal_demo.Arm("SFT on greedy text", signal_demo.GREEDY, signal_demo.SFT),
+            signal_demo.Arm("off-policy KD", signal_demo.SAMPLED, signal_demo.KD),
+        ],
+    )
+
+    def table(runs_dir, workers):
+        summary = signal_demo.run_signal_demo(
+            runs_dir, log=lambda *a: None, seeds=(0, 1), families=[family], workers=workers
+        )
+        rows = summary["families"]["distribution"]["rows"]
+        return {label: {k: v for k, v in row.items() if k != "train_seconds"} for label, row in rows.items()}
+
+    two = table(tmp_path / "a", 2)
+    assert table(tmp_path / "b", 1) == two
+    student = tmp_path / "a" / "signal" / "distribution-off-policy-kd-s1" / "student" / "model.safetensors"
+    trained_at = student.stat().st_mtime_ns
+    assert table(tmp_path / "a", 2) == two
+    assert student.stat().st_mtime_ns == trained_at  # the rerun scored the finished student, trained nothing
+    assert two["off-policy KD"]["teacher_data"]["rows"] == 2 * 6 * 4  # seeds x prompts x samples
+    assert two["SFT on greedy text"]["teacher_data"]["rows"] == 2 * 6

@@ -39,6 +39,7 @@ from distillab.lab.world import HABIT_DISTRIBUTION, HABITS, SKILLS, get_skill, h
 from distillab.pipeline import share_teacher_cache
 from distillab.rundir import RunDir
 from distillab.scoring import choice_loglikelihoods, score_model
+from distillab.select import select_stages
 from distillab.train import train_stage
 
 SIGNAL_TEACHER = "lab:signal-teacher"
@@ -61,6 +62,7 @@ class Arm:
     teacher: dict  # [teacher] fields over the family's
     train: dict  # [train] fields over the family's
     verify: dict | None = None  # [verify]; None: every sample kept
+    retain: dict | None = None  # [retain]; None: no replay, no selection
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Family:
     # habit is taught and scored on the same questions (its test is the world's distribution), so checking its
     # prompts against its own test suite would drop them all
     decontaminate: bool = True
+    comparisons: list[tuple[str, str, str]] = field(default_factory=list)  # (arm, against, metric): the claims
 
 
 FAMILIES = [
@@ -89,6 +92,12 @@ FAMILIES = [
             Arm("off-policy KD", SAMPLED, KD),
             Arm("on-policy KD", SAMPLED, KD | {"on_policy_fraction": 0.5}),
         ],
+        comparisons=[
+            ("off-policy KD", "SFT on sampled text", "tv"),
+            ("off-policy KD", "SFT on greedy text", "tv"),
+            ("on-policy KD", "off-policy KD", "tv"),
+            ("SFT on greedy text", "SFT on sampled text", "mode"),
+        ],
     ),
     Family(
         name="reasoning",
@@ -103,6 +112,11 @@ FAMILIES = [
             Arm("traces, unverified", TRACES, SFT),
             Arm("traces, verified", TRACES, SFT, VERIFIED),
             Arm("traces, verified + KD", TRACES, KD, VERIFIED),
+        ],
+        comparisons=[
+            ("traces, verified", "answers only (verified)", "accuracy"),
+            ("traces, verified", "traces, unverified", "accuracy"),
+            ("traces, verified + KD", "traces, verified", "accuracy"),
         ],
     ),
 ]
@@ -129,6 +143,7 @@ def arm_config(runs_dir: Path, family: Family, arm: Arm, seed: int) -> RunConfig
                 **arm.train,
             },
             "verify": arm.verify,
+            "retain": arm.retain or {},
             "decontaminate": {"enabled": family.decontaminate},
         }
     )
@@ -193,43 +208,161 @@ def compare(a: list[list[float]], b: list[list[float]], higher_is_better: bool =
 
 
 # ----------------------------------------------------------------------------------------------------
-# The demo.
+# The demo: jobs over worker processes of one thread each. Two cores run two arms at once (a thread more in one
+# training buys about 1.5x; a process more, about 2x), and the numbers do not depend on how many workers ran them:
+# every job computes on one thread, in its own process, from its own seeds.
 
 
-def run_signal_demo(runs_dir: Path, runner=None, log=print, seeds=SEEDS) -> dict:
+@dataclass(frozen=True)
+class Job:
+    """One unit of work. "ask": the generate stages of the first arm asking the teacher a (settings, seed); the
+    other arms of those settings copy its cache (the same requests, answered once). "arm": generate (from that
+    cache), train and score one arm on one seed. "fixed": score a shipped model (base, teacher), once."""
+
+    kind: str
+    family: Family
+    arm: Arm | None = None
+    seed: int | None = None
+    model: str | None = None  # "fixed": the model scored; its row label is `label`
+    label: str = ""
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.family.name, self.arm.label if self.arm else self.label, self.seed)
+
+    def cost(self) -> float:
+        """Rough relative work, to start the longest first (the last job then ends near the others)."""
+        if self.kind == "fixed":
+            return 1.0
+        tokens = self.arm.teacher.get("max_new_tokens", 32)
+        if self.kind == "ask":
+            return self.family.n_prompts * self.arm.teacher.get("samples_per_prompt", 1) * tokens / 50
+        traced = tokens if self.arm.train.get("traces", True) else 32
+        on_policy = 2 if self.arm.train.get("on_policy_fraction") else 1
+        return self.family.max_steps * self.family.batch * traced * on_policy / 100
+
+
+def asker(family: Family, arm: Arm) -> Arm:
+    """The first arm of the family with the same teacher settings: the one whose run asks the teacher."""
+    return next(a for a in family.arms if a.teacher == arm.teacher)
+
+
+def demo_jobs(seeds=SEEDS, families=FAMILIES) -> list[Job]:
+    jobs = []
+    for family in families:
+        jobs += [Job("fixed", family, model=name, label=label) for label, name in FIXED.items()]
+        jobs += [Job("ask", family, arm, seed) for arm in family.arms if asker(family, arm) is arm for seed in seeds]
+        jobs += [Job("arm", family, arm, seed) for arm in family.arms for seed in seeds]
+    return jobs
+
+
+FIXED = {"base": STUDENT, "teacher": SIGNAL_TEACHER}  # no seed: scored once, repeated over the seeds
+
+
+def task_size(family: Family) -> int:
+    return len(HABIT_DISTRIBUTION) if family.skill == "habit" else 200
+
+
+def run_job(job: Job, root: Path) -> dict:
+    """What a worker does with one job; a plain dict back (it crosses a process boundary)."""
+    if job.kind == "fixed":
+        return {"scores": model_scores(job.model, job.family, task_size(job.family))}
+    cfg = arm_config(root, job.family, job.arm, job.seed)
+    ctx = stage.StageContext(log=_worker_log(cfg.name))
+    if job.kind == "ask":
+        stage.run_stages(generate_stages(cfg), cfg, ctx)
+        return {}
+    share_teacher_cache(arm_config(root, job.family, asker(job.family, job.arm), job.seed), cfg)
+    records = stage.run_stages([*generate_stages(cfg), train_stage, *select_stages(cfg)], cfg, ctx)
+    generated = records["generate:train"]
+    return {
+        "scores": model_scores(str(RunDir(cfg.run_dir).student), job.family, task_size(job.family)),
+        "data": {k: getattr(generated, k) for k in ("rows", "prompt_tokens", "completion_tokens", "usd")},
+        "train_seconds": records["train"].train_seconds,
+        "steps": records["train"].steps,
+    }
+
+
+def _worker_log(name: str):
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=True, highlight=False)
+    return lambda line, **kw: console.print(f"[dim]{escape(name)}[/dim] {line}", **kw)
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_jobs(jobs: list[Job], root: Path, workers: int, log=print) -> dict[tuple, dict]:
+    """Every job on `workers` processes, an arm's job after its teacher's; the ready job of most work first.
+    {job.key: its result}."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    def needs(job: Job) -> tuple | None:
+        return Job("ask", job.family, asker(job.family, job.arm), job.seed).key if job.kind == "arm" else None
+
+    done: dict[tuple, dict] = {}
+    running: dict = {}  # future -> job
+    began = time.time()
+    context = multiprocessing.get_context("spawn")  # a forked torch can hang in its thread pool
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+        while len(done) < len(jobs):
+            started = {j.key for j in running.values()}
+            waiting = [j for j in jobs if j.key not in done and j.key not in started]
+            ready = sorted((j for j in waiting if needs(j) is None or needs(j) in done), key=Job.cost, reverse=True)
+            for job in ready[: workers - len(running)]:
+                running[pool.submit(run_job, job, root)] = job
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                done[job.key] = future.result()  # a worker's error is raised here, and the pool shut down
+                line = _job_line(job, done[job.key])
+                log(f"signal demo: {line} ({len(done)}/{len(jobs)}, {time.time() - began:.0f}s)")
+    return done
+
+
+def _job_line(job: Job, result: dict) -> str:
+    if job.kind == "fixed":
+        return f"{job.family.name}: {job.label} scored"
+    if job.kind == "ask":
+        return f"{job.family.name}: teacher asked for seed {job.seed} ({job.arm.label})"
+    return f"{job.family.name}: {job.arm.label}, seed {job.seed}: {result['steps']} steps in {result['train_seconds']:.0f}s"
+
+
+def default_workers() -> int:
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def run_signal_demo(runs_dir: Path, log=print, seeds=SEEDS, families=FAMILIES, workers: int | None = None) -> dict:
     """Every family's arms over `seeds`, scored; runs/signal/signal_summary.json and the tables."""
     began = time.time()
     root = Path(runs_dir) / "signal"
-    runner = runner or (lambda c, stages: stage.run_stages(stages, c, stage.StageContext(log=log)))
+    jobs = demo_jobs(seeds, families)
+    workers = min(workers or default_workers(), len(jobs))
+    log(f"signal demo: {len(jobs)} jobs on {workers} worker process(es) of one thread")
+    results = run_jobs(jobs, root, workers, log)
     summary: dict = {"teacher": SIGNAL_TEACHER, "student": STUDENT, "seeds": list(seeds), "families": {}}
-    for family in FAMILIES:
-        n_task = len(HABIT_DISTRIBUTION) if family.skill == "habit" else 200
+    for family in families:
         rows: dict[str, dict] = {}
-        fixed = {"base": STUDENT, "teacher": SIGNAL_TEACHER}  # no seed: scored once, repeated over the seeds
-        for label, name in fixed.items():
-            scores = model_scores(name, family, n_task)
+        for label in FIXED:
+            scores = results[Job("fixed", family, label=label).key]["scores"]
             rows[label] = {"scores": {k: [v] * len(seeds) for k, v in scores.items()}}
-        first_asked: dict[tuple, RunConfig] = {}  # (teacher settings, seed) -> the arm that asked the teacher
         for arm in family.arms:
-            per_seed: dict[str, list[list[float]]] = {}
-            data = {"rows": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0}
-            train_seconds = []  # per seed: what each arm costs, for the demo's time budget
-            for seed in seeds:
-                cfg = arm_config(root, family, arm, seed)
-                asked = first_asked.setdefault((json.dumps(arm.teacher, sort_keys=True), seed), cfg)
-                share_teacher_cache(asked, cfg)  # the same requests: answered once, for every arm that asks them
-                records = runner(cfg, [*generate_stages(cfg), train_stage])
-                train_seconds.append(records["train"].train_seconds)
-                generated = records["generate:train"]
-                data["rows"] += generated.rows
-                data["prompt_tokens"] += generated.prompt_tokens
-                data["completion_tokens"] += generated.completion_tokens
-                data["usd"] += generated.usd
-                for key, values in model_scores(str(RunDir(cfg.run_dir).student), family, n_task).items():
-                    per_seed.setdefault(key, []).append(values)
-            rows[arm.label] = {"scores": per_seed, "teacher_data": data, "train_seconds": train_seconds}
+            per_seed = [results[Job("arm", family, arm, seed).key] for seed in seeds]
+            rows[arm.label] = {
+                "scores": {key: [r["scores"][key] for r in per_seed] for key in per_seed[0]["scores"]},
+                "teacher_data": {k: sum(r["data"][k] for r in per_seed) for k in per_seed[0]["data"]},
+                "train_seconds": [r["train_seconds"] for r in per_seed],  # what each arm costs, for the time budget
+            }
         summary["families"][family.name] = family_table(family, rows)
-        log(f"signal demo: {family.name} done ({time.time() - began:.0f}s)")
+    summary["workers"] = workers
     summary["wall_seconds"] = round(time.time() - began, 1)
     write_atomic(root / "signal_summary.json", json.dumps(summary, indent=1))
     print_signal(summary)
@@ -244,19 +377,6 @@ METRICS = {  # metric -> higher is better
     "accuracy": True,
     "general": True,
 }
-COMPARISONS = {  # family -> (arm, against, metric): the claims the table checks
-    "distribution": [
-        ("off-policy KD", "SFT on sampled text", "tv"),
-        ("off-policy KD", "SFT on greedy text", "tv"),
-        ("on-policy KD", "off-policy KD", "tv"),
-        ("SFT on greedy text", "SFT on sampled text", "mode"),
-    ],
-    "reasoning": [
-        ("traces, verified", "answers only (verified)", "accuracy"),
-        ("traces, verified", "traces, unverified", "accuracy"),
-        ("traces, verified + KD", "traces, verified", "accuracy"),
-    ],
-}
 
 
 def family_table(family: Family, rows: dict[str, dict]) -> dict:
@@ -268,7 +388,7 @@ def family_table(family: Family, rows: dict[str, dict]) -> dict:
         } | {key: row[key] for key in ("teacher_data", "train_seconds") if key in row}
     comparisons = [
         {"arm": a, "against": b, "metric": m} | compare(rows[a]["scores"][m], rows[b]["scores"][m], METRICS[m])
-        for a, b, m in COMPARISONS[family.name]
+        for a, b, m in family.comparisons
         if a in rows and b in rows
     ]
     return {"skill": family.skill, "rows": table, "comparisons": comparisons}
