@@ -43,16 +43,21 @@ LABELS = {  # summary.json's labels -> the table's names (another label is shown
 # Recording a demo run.
 
 
-def record_demo(run: Path) -> dict:
+def record_demo(run: Path, previous: dict | None = None) -> dict:
     """The demo run in `run` (runs/demo) as a record: its scores and parameter counts, where and when it ran, and the
-    demo inputs it ran on."""
-    summary = json.loads((run / "summary.json").read_text())
+    demo inputs it ran on. Where and when are read now, when the run is new; a run already recorded (`previous`, the
+    record it made: the same summary.json, by digest) keeps them, since the checkout may have moved on since it ran."""
+    raw = (run / "summary.json").read_bytes()
+    summary = json.loads(raw)
     evals = {label: json.loads((run / "eval" / f"{label}.json").read_text()) for label in summary["models"]}
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    recorded = previous if previous and previous.get("run_digest") == digest else None
     return {
         "command": "make demo",
         "run": "runs/demo/summary.json",
-        "commit": checkout_commit(run),
-        "machine": machine(),
+        "run_digest": digest,
+        "commit": recorded["commit"] if recorded else checkout_commit(run),
+        "machine": recorded["machine"] if recorded else machine(),
         "wall_seconds": summary["wall_seconds"],
         "task_skills": summary["task_skills"],
         "general_skills": evals["teacher"]["suites"]["general"],
@@ -156,15 +161,18 @@ SIGNAL_COLUMNS = {  # signal_summary.json's metrics -> the table's column names
 }
 
 
-def render_signal_family(family_name: str):
+def render_signal_family(family_name: str, record_name: str = "signal"):
     """A renderer of one family's table of `distillab demo --signal`'s summary (benchmarks/results/signal.json is the
-    summary the command writes, copied), its comparisons and where its numbers came from."""
+    summary the command writes, copied; unseen.json, benchmarks/unseen_tables.py's, has the same form), its
+    comparisons and where its numbers came from."""
 
     def render(record: dict) -> str:
         family = record["families"][family_name]
         metrics = [m for m in SIGNAL_COLUMNS if m in next(iter(family["rows"].values()))]
         rows = [
-            "| model | " + " | ".join(SIGNAL_COLUMNS[m] for m in metrics) + " | teacher rows (3 seeds) |",
+            "| model | "
+            + " | ".join(SIGNAL_COLUMNS[m] for m in metrics)
+            + f" | teacher rows ({len(record['seeds'])} seeds) |",
             "|---|" + "---|" * (len(metrics) + 1),
         ]
         for label, row in family["rows"].items():
@@ -177,10 +185,11 @@ def render_signal_family(family_name: str):
             + ("**win**" if c["win"] else "no win")
             for c in family["comparisons"]
         ]
+        command = record.get("command", "distillab demo --signal")
+        workers = f", {record['workers']} worker processes" if "workers" in record else ""
         source = (
-            f"From `runs/signal/signal_summary.json` of `distillab demo --signal` (seeds {record['seeds']}, "
-            f"{record['wall_seconds']:.0f} s); written by `benchmarks/tables.py` from `benchmarks/results/signal.json` "
-            "(edit neither by hand)."
+            f"From `{command}` (seeds {record['seeds']}, {record['wall_seconds']:.0f} s{workers}); written by "
+            f"`benchmarks/tables.py` from `benchmarks/results/{record_name}.json` (edit neither by hand)."
         )
         return "\n".join([*rows, "", *(f"- {line}" for line in comparisons), "", source])
 
@@ -192,6 +201,8 @@ RENDER = {
     "demo": (render_demo, "demo"),
     "signal-distribution": (render_signal_family("distribution"), "signal"),
     "signal-reasoning": (render_signal_family("reasoning"), "signal"),
+    "unseen-losses": (render_signal_family("losses", "unseen"), "unseen"),
+    "unseen-retain": (render_signal_family("retain", "unseen"), "unseen"),
 }
 
 
@@ -248,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no {args.run / 'summary.json'}: run `make demo` first (or pass --run, or --no-record)")
             return 2
         args.results.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.results / "demo.json", json.dumps(record_demo(args.run), indent=1) + "\n")
+        previous = args.results / "demo.json"
+        previous = json.loads(previous.read_text()) if previous.is_file() else None
+        write_atomic(args.results / "demo.json", json.dumps(record_demo(args.run, previous), indent=1) + "\n")
     bodies = rendered(args.documents, args.results)
     for name, body in bodies.items():
         for doc in args.documents:

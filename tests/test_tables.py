@@ -36,7 +36,7 @@ def test_the_record_was_made_on_todays_demo_inputs():
 
 def _demo_run(path, scores: dict[str, tuple[float, float]]):
     """A run directory as `distillab demo` leaves it, as far as the record reads it: summary.json and eval files."""
-    (path / "eval").mkdir(parents=True)
+    (path / "eval").mkdir(parents=True, exist_ok=True)
     models = {label: {"task": task, "general": general} for label, (task, general) in scores.items()}
     summary = {"models": models, "wall_seconds": 200.4, "task_skills": ["recall", "describe"]}
     (path / "summary.json").write_text(json.dumps(summary))
@@ -79,6 +79,8 @@ def test_recording_a_run_rewrites_the_blocks_and_nothing_else(tmp_path):
     readme.write_text(text.replace("| 0.300 |", "| 0.301 |"))  # a number typed by hand
     assert tables.main(check) == 1
     (tmp_path / "tracked.txt").write_text("two\n")
+    assert tables.main(args) == 0 and readme.read_text() == text  # the same run: where it ran is not restamped
+    _demo_run(run, scores | {"retain": (0.31, 0.5)})  # a new run, made in the changed checkout
     assert tables.main(args) == 0 and f"at commit {commit} + uncommitted changes on" in readme.read_text()
 
 
