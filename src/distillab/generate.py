@@ -177,7 +177,6 @@ class AnsweredDataset:
 
     def __init__(self):
         self._planned: tuple | None = None  # (cfg, shard, plan) of the last fingerprint(), not yet used
-        self._set_aside: list[tuple[Path, Path]] = []  # corrupt outputs outputs() renamed, for run() to say so
 
     def prompts(self, cfg: RunConfig, run: RunDir) -> Iterable[dict]:
         raise NotImplementedError
@@ -202,22 +201,11 @@ class AnsweredDataset:
 
     def outputs(self, cfg: RunConfig, run: RunDir) -> list[Path]:
         summary = [run.generate_summary(self.dataset)] if self.answerer(cfg).by_teacher else []
-        return [run.dataset(self.dataset), *self._records(summary)]
-
-    def _records(self, paths: list[Path]) -> list[Path]:
-        """The JSON records among the outputs, each set aside when corrupt (files.set_aside_if_corrupt): then absent,
-        the stage runs again and writes it anew from the cache and the dataset as they are (nothing asked, the
-        dataset kept: shards.ShardFiles.merged_current)."""
-        for path in paths:
-            aside = set_aside_if_corrupt(path)
-            if aside:
-                self._set_aside.append((path, aside))
-        return paths
+        # a corrupt summary is set aside by the stage contract (stage.run_stage); the stage then runs again and
+        # writes it anew from the cache and the dataset as they are (nothing asked: shards.ShardFiles.merged_current)
+        return [run.dataset(self.dataset), *summary]
 
     def run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> GenerateSummary:
-        for path, aside in self._set_aside:
-            ctx.log(f"generate: {path} was corrupt: set aside as {aside.name}, written again now")
-        self._set_aside.clear()
         refuse_other_splits(run, self.name, ctx.shard)
         if ctx.shard != WHOLE and run.dataset(self.dataset).is_file():
             return self._made_by_whole_run(cfg, run, ctx)
@@ -349,7 +337,7 @@ class TaskDataset(AnsweredDataset):
 
     def outputs(self, cfg: RunConfig, run: RunDir) -> list[Path]:
         record = [run.decontamination] if self.decontamination(cfg) is not None else []
-        return [*super().outputs(cfg, run), *self._records(record)]
+        return [*super().outputs(cfg, run), *record]
 
     def run(self, cfg: RunConfig, run: RunDir, ctx: StageContext) -> GenerateSummary:
         summary = super().run(cfg, run, ctx)
