@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from distillab.files import write_atomic
+from distillab.signal_demo import comparison_verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -182,7 +183,7 @@ def render_signal_family(family_name: str, record_name: str = "signal"):
         comparisons = [
             f"{c['arm']} vs {c['against']}, {SIGNAL_COLUMNS[c['metric']]}: {c['diff']:+.3f} "
             f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}], per seed {', '.join(f'{d:+.3f}' for d in c['per_seed'])}: "
-            + ("**win**" if c["win"] else "no win")
+            + ("**win**" if c["win"] else comparison_verdict(c))
             for c in family["comparisons"]
         ]
         command = record.get("command", "distillab demo --signal")

@@ -132,6 +132,10 @@ def test_a_win_holds_in_every_seed():
     assert signal_demo.compare(base, better, higher_is_better=False)["win"]  # lower is better: a distance
     one_seed_against = [[1.0] * 30, [1.0] * 30, [-0.5] * 30]  # the mean is up, one seed is down
     assert not signal_demo.compare(one_seed_against, base)["win"]
+    verdict = signal_demo.comparison_verdict
+    assert verdict(signal_demo.compare(better, base)) == "win"
+    assert verdict(signal_demo.compare(base, better)) == "the other way, every seed"
+    assert verdict(signal_demo.compare(one_seed_against, base)) == "no win"
 
 
 def test_every_arm_of_a_family_trains_the_same_student_alike(tmp_path):

@@ -379,6 +379,17 @@ METRICS = {  # metric -> higher is better
 }
 
 
+def comparison_verdict(c: dict) -> str:
+    """A comparison in words: a win for the arm; the other way round (its interval excludes 0 against the arm and
+    every seed agrees); or no win (the interval holds 0, or the seeds disagree)."""
+    if c["win"]:
+        return "win"
+    lo, hi = c["ci"]
+    if (lo > 0 or hi < 0) and all((d > 0) == (c["diff"] > 0) for d in c["per_seed"]):
+        return "the other way, every seed"
+    return "no win"
+
+
 def family_table(family: Family, rows: dict[str, dict]) -> dict:
     table = {}
     for label, row in rows.items():
@@ -409,7 +420,7 @@ def print_signal(summary: dict) -> None:
             table.add_row(label, *cells, tokens)
         console.print(table)
         for c in family["comparisons"]:
-            verdict = "win" if c["win"] else "no win"
+            verdict = comparison_verdict(c)
             console.print(
                 f"  {c['arm']} vs {c['against']}, {c['metric']}: {c['diff']:+.3f} "
                 f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}], per seed "
