@@ -173,12 +173,14 @@ def render_signal_family(family_name: str, record_name: str = "signal"):
         rows = [
             "| model | "
             + " | ".join(SIGNAL_COLUMNS[m] for m in metrics)
-            + f" | teacher rows ({len(record['seeds'])} seeds) |",
+            + f" | teacher rows / tokens / $ ({len(record['seeds'])} seeds) |",
             "|---|" + "---|" * (len(metrics) + 1),
         ]
         for label, row in family["rows"].items():
             cells = [f"{row[m]['mean']:.3f} [{row[m]['ci'][0]:.3f}, {row[m]['ci'][1]:.3f}]" for m in metrics]
-            taught = f"{row['teacher_data']['rows']:,}" if "teacher_data" in row else ""
+            data = row.get("teacher_data")
+            tokens = data and data["prompt_tokens"] + data["completion_tokens"]
+            taught = f"{data['rows']:,} / {tokens:,} / ${data['usd']:.2f}" if data else ""
             rows.append(f"| {label} | " + " | ".join(cells) + f" | {taught} |")
         comparisons = [
             f"{c['arm']} vs {c['against']}, {SIGNAL_COLUMNS[c['metric']]}: {c['diff']:+.3f} "
