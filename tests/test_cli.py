@@ -71,3 +71,9 @@ def test_lab_pretrain_checks_then_runs_every_checkpoint(tmp_path, monkeypatch):
     assert run_cli(["lab", "pretrain", "all", "--out", str(tmp_path / "ckpt")]) == 0
     assert calls == [(name, tmp_path / "ckpt" / name) for name in distillab.lab.pretrain.PRESETS]
     assert len(calls) == 3  # teacher, base, and signal-teacher (which continues the teacher beside it)
+
+
+def test_an_unknown_signal_demo_family_is_one_line_and_runs_nothing(tmp_path):
+    result = distillab("demo", "--signal", "--family", "carry", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_error(result, "--family 'carry'", "distribution, reasoning")
+    assert not (tmp_path / "runs" / "signal").exists()

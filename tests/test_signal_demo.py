@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from distillab import signal_demo
+from distillab.errors import UserError
 from distillab.lab import world
 from distillab.lab.pretrain import PRESETS, training_pool
 from distillab.lab.tokenizer import build_tokenizer
@@ -198,3 +199,10 @@ def test_the_signal_demo_gives_the_same_numbers_on_any_number_of_workers_and_on_
     assert student.stat().st_mtime_ns == trained_at  # the rerun scored the finished student, trained nothing
     assert two["off-policy KD"]["teacher_data"]["rows"] == 2 * 6 * 4  # seeds x prompts x samples
     assert two["SFT on greedy text"]["teacher_data"]["rows"] == 2 * 6
+
+
+def test_one_family_is_chosen_by_name_and_an_unknown_one_refused():
+    assert [f.name for f in signal_demo.chosen_families([])] == ["distribution", "reasoning"]
+    assert [f.name for f in signal_demo.chosen_families(["reasoning"])] == ["reasoning"]
+    with pytest.raises(UserError, match="'carry': the signal demo's families are distribution, reasoning"):
+        signal_demo.chosen_families(["reasoning", "carry"])

@@ -271,6 +271,9 @@ def demo(
     workers: int | None = typer.Option(
         None, min=1, help="--signal: worker processes of one thread each (default: one per core); numbers do not change"
     ),
+    family: list[str] = typer.Option(
+        [], "--family", help="--signal: only this family (distribution: 2 min on 2 cores; reasoning: about 10); repeatable"
+    ),
 ):
     """The lab demo: distill the base student on a task, with a zero-distillation control; ~4 minutes on 2 cores.
     --signal: the signal demo (distillab.signal_demo), about 12 minutes on 2 cores."""
@@ -280,11 +283,12 @@ def demo(
     if signal:
         import shutil
 
-        from distillab.signal_demo import run_signal_demo
+        from distillab.signal_demo import chosen_families, run_signal_demo
 
+        families = chosen_families(family)
         if fresh:
             shutil.rmtree(runs_dir / "signal", ignore_errors=True)
-        run_signal_demo(runs_dir, log=console.print, workers=workers)
+        run_signal_demo(runs_dir, log=console.print, families=families, workers=workers)
         return
     from distillab.demo import run_demo
 

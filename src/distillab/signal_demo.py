@@ -33,6 +33,7 @@ import numpy as np
 
 from distillab import models, stage
 from distillab.config import RunConfig, from_dict
+from distillab.errors import UserError
 from distillab.files import write_atomic
 from distillab.generate import generate_stages
 from distillab.lab.world import HABIT_DISTRIBUTION, HABITS, SKILLS, get_skill, habit_entity
@@ -120,6 +121,15 @@ FAMILIES = [
         ],
     ),
 ]
+
+
+def chosen_families(names: list[str]) -> list[Family]:
+    """FAMILIES by name, in their order (every one when `names` is empty); an unknown name is a UserError."""
+    known = [f.name for f in FAMILIES]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"--family {unknown[0]!r}: the signal demo's families are {', '.join(known)}")
+    return [f for f in FAMILIES if not names or f.name in names]
 
 
 def slug(label: str) -> str:
