@@ -272,7 +272,9 @@ def demo(
         None, min=1, help="--signal: worker processes of one thread each (default: one per core); numbers do not change"
     ),
     family: list[str] = typer.Option(
-        [], "--family", help="--signal: only this family (distribution: 2 min on 2 cores; reasoning: about 10); repeatable"
+        [],
+        "--family",
+        help="--signal: only this family (distribution: 2 min on 2 cores; reasoning: about 10); repeatable",
     ),
 ):
     """The lab demo: distill the base student on a task, with a zero-distillation control; ~4 minutes on 2 cores.
