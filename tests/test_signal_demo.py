@@ -168,9 +168,9 @@ def test_every_teacher_setting_is_asked_once_a_seed_before_its_arms_train():
 
 
 @pytest.mark.slow
-def test_the_signal_demo_gives_the_same_numbers_on_any_number_of_workers_and_on_a_rerun(tmp_path):
-    """Each job computes on one thread in its own process from its own seeds: two workers, one worker and a rerun
-    over finished runs (nothing trained again) give the same table."""
+def test_the_signal_demo_gives_the_same_numbers_on_any_number_of_workers(tmp_path):
+    """Each job computes on one thread in its own process from its own seeds: two workers and one worker give the
+    same table, to the last digit."""
     family = signal_demo.Family(
         name="distribution",
         skill="habit",
@@ -178,6 +178,7 @@ def test_the_signal_demo_gives_the_same_numbers_on_any_number_of_workers_and_on_
         max_steps=2,
         batch=4,
         decontaminate=False,
+        general_n=2,
         arms=[
             signal_demo.Arm("SFT on greedy text", signal_demo.GREEDY, signal_demo.SFT),
             signal_demo.Arm("off-policy KD", signal_demo.SAMPLED, signal_demo.KD),
@@ -193,10 +194,6 @@ def test_the_signal_demo_gives_the_same_numbers_on_any_number_of_workers_and_on_
 
     two = table(tmp_path / "a", 2)
     assert table(tmp_path / "b", 1) == two
-    student = tmp_path / "a" / "signal" / "distribution-off-policy-kd-s1" / "student" / "model.safetensors"
-    trained_at = student.stat().st_mtime_ns
-    assert table(tmp_path / "a", 2) == two
-    assert student.stat().st_mtime_ns == trained_at  # the rerun scored the finished student, trained nothing
     assert two["off-policy KD"]["teacher_data"]["rows"] == 2 * 6 * 4  # seeds x prompts x samples
     assert two["SFT on greedy text"]["teacher_data"]["rows"] == 2 * 6
 

@@ -47,7 +47,6 @@ SIGNAL_TEACHER = "lab:signal-teacher"
 STUDENT = "lab:base"
 SEEDS = (0, 1, 2)
 N_BOOT = 2000
-GENERAL_N = 20  # general-suite prompts per classic skill: enough to see forgetting, cheap enough for every arm
 
 SFT = {"loss": "ce", "kd_weight": 0.0, "sft_weight": 1.0}
 KD = {"loss": "forward_kl", "kd_weight": 1.0, "sft_weight": 0.0}
@@ -78,6 +77,7 @@ class Family:
     # prompts against its own test suite would drop them all
     decontaminate: bool = True
     comparisons: list[tuple[str, str, str]] = field(default_factory=list)  # (arm, against, metric): the claims
+    general_n: int = 20  # general-suite prompts per classic skill: enough to see forgetting, cheap for every arm
 
 
 FAMILIES = [
@@ -181,7 +181,7 @@ def habit_scores(model, tok) -> dict[str, list[float]]:
 
 def model_scores(model_name: str, family: Family, n_task: int) -> dict[str, list[float]]:
     model, tok = models.load(model_name)
-    general = score_model(model, tok, list(SKILLS), GENERAL_N, 32)
+    general = score_model(model, tok, list(SKILLS), family.general_n, 32)
     out = {"general": [float(np.mean(v)) for v in zip(*general.values())]}  # per row of the suite: skills averaged
     if family.skill == "habit":
         return out | habit_scores(model, tok)
