@@ -1,7 +1,12 @@
 """The signal demo: its two lab skills (teacher-unseen splits, a distribution, a trace), its scores against naive
 references, and its intervals over seeds and prompts."""
 
+import os
 import random
+import signal
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +208,38 @@ def test_one_family_is_chosen_by_name_and_an_unknown_one_refused():
     assert [f.name for f in signal_demo.chosen_families(["reasoning"])] == ["reasoning"]
     with pytest.raises(UserError, match="'carry': the signal demo's families are distribution, reasoning"):
         signal_demo.chosen_families(["reasoning", "carry"])
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_job_is_one_clear_error(tmp_path):
+    """A worker that dies (the OOM killer, a kill -9) is named as such, not a BrokenProcessPool traceback."""
+    family = signal_demo.Family(
+        name="distribution",
+        skill="habit",
+        n_prompts=4,
+        max_steps=2,
+        batch=4,
+        decontaminate=False,
+        general_n=2,
+        arms=[signal_demo.Arm("SFT on greedy text", signal_demo.GREEDY, signal_demo.SFT)],
+    )
+
+    def kill_the_worker():
+        for _ in range(600):  # the spawned worker: a child of this process running multiprocessing's spawn_main
+            for pid in os.listdir("/proc"):
+                try:
+                    cmdline = (Path("/proc") / pid / "cmdline").read_bytes()
+                    stat = (Path("/proc") / pid / "stat").read_text()
+                except OSError:
+                    continue
+                if b"spawn_main" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    time.sleep(1.0)  # inside its first job
+                    os.kill(int(pid), signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_worker)
+    killer.start()
+    with pytest.raises(UserError, match="a worker process died during distribution .* rerun the same command"):
+        signal_demo.run_signal_demo(tmp_path, log=lambda *a: None, seeds=(0,), families=[family], workers=1)
+    killer.join()

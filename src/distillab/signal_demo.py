@@ -312,6 +312,7 @@ def run_jobs(jobs: list[Job], root: Path, workers: int, log=print) -> dict[tuple
     {job.key: its result}."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     def needs(job: Job) -> tuple | None:
         return Job("ask", job.family, asker(job.family, job.arm), job.seed).key if job.kind == "arm" else None
@@ -330,7 +331,14 @@ def run_jobs(jobs: list[Job], root: Path, workers: int, log=print) -> dict[tuple
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 job = running.pop(future)
-                done[job.key] = future.result()  # a worker's error is raised here, and the pool shut down
+                try:
+                    done[job.key] = future.result()  # a worker's error is raised here, and the pool shut down
+                except BrokenProcessPool as err:
+                    raise UserError(
+                        f"signal demo: a worker process died during {job.family.name} {job.kind} "
+                        f"{job.arm.label if job.arm else job.label} (killed, or out of memory: fewer --workers use "
+                        "less); the finished arms are kept: rerun the same command to resume"
+                    ) from err
                 line = _job_line(job, done[job.key])
                 log(f"signal demo: {line} ({len(done)}/{len(jobs)}, {time.time() - began:.0f}s)")
     return done
