@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -68,8 +67,9 @@ def main() -> None:
     summary = sd.run_signal_demo(args.out, seeds=tuple(args.seeds), families=families(), workers=args.workers)
     summary["command"] = "benchmarks/unseen_tables.py"
     if args.record:
-        write_atomic(RESULTS / "unseen.json", json.dumps(summary, indent=1) + "\n")
-        shutil.copy(RESULTS / "unseen.json", args.out / "signal" / "unseen.json")  # beside the runs it describes
+        record = json.dumps(summary, indent=1) + "\n"
+        for path in (RESULTS / "unseen.json", args.out / "signal" / "unseen.json"):  # and beside the runs it describes
+            write_atomic(path, record)
 
 
 if __name__ == "__main__":

@@ -172,22 +172,28 @@ def test_every_teacher_setting_is_asked_once_a_seed_before_its_arms_train():
     assert by_cost[0].family.name == "reasoning" and by_cost[-1].kind == "fixed"
 
 
-@pytest.mark.slow
-def test_the_signal_demo_gives_the_same_numbers_on_any_number_of_workers(tmp_path):
-    """Each job computes on one thread in its own process from its own seeds: two workers and one worker give the
-    same table, to the last digit."""
-    family = signal_demo.Family(
+def _tiny_habit_family(n_prompts: int, *arms) -> signal_demo.Family:
+    """The distribution family in miniature: seconds of work a job, so the runner is what a test measures."""
+    return signal_demo.Family(
         name="distribution",
         skill="habit",
-        n_prompts=6,
+        n_prompts=n_prompts,
         max_steps=2,
         batch=4,
         decontaminate=False,
         general_n=2,
-        arms=[
-            signal_demo.Arm("SFT on greedy text", signal_demo.GREEDY, signal_demo.SFT),
-            signal_demo.Arm("off-policy KD", signal_demo.SAMPLED, signal_demo.KD),
-        ],
+        arms=list(arms),
+    )
+
+
+@pytest.mark.slow
+def test_the_signal_demo_gives_the_same_numbers_on_any_number_of_workers(tmp_path):
+    """Each job computes on one thread in its own process from its own seeds: two workers and one worker give the
+    same table, to the last digit."""
+    family = _tiny_habit_family(
+        6,
+        signal_demo.Arm("SFT on greedy text", signal_demo.GREEDY, signal_demo.SFT),
+        signal_demo.Arm("off-policy KD", signal_demo.SAMPLED, signal_demo.KD),
     )
 
     def table(runs_dir, workers):
@@ -213,16 +219,7 @@ def test_one_family_is_chosen_by_name_and_an_unknown_one_refused():
 @pytest.mark.slow
 def test_a_worker_killed_mid_job_is_one_clear_error(tmp_path):
     """A worker that dies (the OOM killer, a kill -9) is named as such, not a BrokenProcessPool traceback."""
-    family = signal_demo.Family(
-        name="distribution",
-        skill="habit",
-        n_prompts=4,
-        max_steps=2,
-        batch=4,
-        decontaminate=False,
-        general_n=2,
-        arms=[signal_demo.Arm("SFT on greedy text", signal_demo.GREEDY, signal_demo.SFT)],
-    )
+    family = _tiny_habit_family(4, signal_demo.Arm("SFT on greedy text", signal_demo.GREEDY, signal_demo.SFT))
 
     def kill_the_worker():
         for _ in range(600):  # the spawned worker: a child of this process running multiprocessing's spawn_main

@@ -257,6 +257,9 @@ def asker(family: Family, arm: Arm) -> Arm:
     return next(a for a in family.arms if a.teacher == arm.teacher)
 
 
+FIXED = {"base": STUDENT, "teacher": SIGNAL_TEACHER}  # no seed: scored once, repeated over the seeds
+
+
 def demo_jobs(seeds=SEEDS, families=FAMILIES) -> list[Job]:
     jobs = []
     for family in families:
@@ -264,9 +267,6 @@ def demo_jobs(seeds=SEEDS, families=FAMILIES) -> list[Job]:
         jobs += [Job("ask", family, arm, seed) for arm in family.arms if asker(family, arm) is arm for seed in seeds]
         jobs += [Job("arm", family, arm, seed) for arm in family.arms for seed in seeds]
     return jobs
-
-
-FIXED = {"base": STUDENT, "teacher": SIGNAL_TEACHER}  # no seed: scored once, repeated over the seeds
 
 
 def task_size(family: Family) -> int:
@@ -325,7 +325,8 @@ def run_jobs(jobs: list[Job], root: Path, workers: int, log=print) -> dict[tuple
         while len(done) < len(jobs):
             started = {j.key for j in running.values()}
             waiting = [j for j in jobs if j.key not in done and j.key not in started]
-            ready = sorted((j for j in waiting if needs(j) is None or needs(j) in done), key=Job.cost, reverse=True)
+            ready = [j for j in waiting if (need := needs(j)) is None or need in done]
+            ready.sort(key=Job.cost, reverse=True)
             for job in ready[: workers - len(running)]:
                 running[pool.submit(run_job, job, root)] = job
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
